@@ -1,0 +1,5 @@
+"""`python -m featcache` runs the command line, as `torchrun -m featcache` will."""
+
+from featcache.cli import main
+
+main()

@@ -1,0 +1,164 @@
+"""Command line: each command parses flags into a config and calls one stage.
+
+User errors (:class:`~featcache.errors.FeatcacheError`) become one ``Error: ...`` line on
+stderr and exit status 2; an interrupted extraction says how to resume.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from featcache import __version__
+from featcache.errors import FeatcacheError
+
+
+class UserError(click.ClickException):
+    exit_code = 2
+
+
+class FeatcacheGroup(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except FeatcacheError as exc:
+            raise UserError(str(exc)) from None
+
+
+@click.group(cls=FeatcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="featcache")
+def cli():
+    """Extract every layer of frozen CNN backbones once, then fuse and compare heads fast.
+
+    \b
+    featcache backbones                      list backbones, taps and aliases
+    featcache extract --backbone resnet50    cache every tap of a frozen backbone
+    featcache info CACHE.h5                  show what a cache file holds
+    """
+
+
+@cli.command()
+def backbones():
+    """List the registered backbones with their taps, aliases and dimensions."""
+    from featcache.backbones import BACKBONES
+
+    for name in sorted(BACKBONES):
+        spec = BACKBONES[name]
+        pretrained = "imagenet weights" if spec.weights_name else "no pretrained weights"
+        click.echo(f"{name}  ({pretrained})")
+        alias_of = {node: alias for alias, node in spec.aliases.items()}
+        for tap in spec.taps:
+            alias = f"  = {alias_of[tap.node]}" if tap.node in alias_of else ""
+            click.echo(f"  {tap.node:<14} {tap.channels:>5} channels  stride {tap.stride:>2}{alias}")
+
+
+def data_options(f):
+    """The flags that choose a dataset, shared by every command that reads one."""
+    options = [
+        click.option("--dataset", default="digits", show_default=True,
+                     help="cifar10, folder, or digits (scikit-learn's bundled 8x8 digits, offline)."),
+        click.option("--data-dir", type=click.Path(path_type=Path),
+                     help="Where the data lives (cifar10: holds cifar-10-batches-py/; folder: one sub-folder per class, optionally under train/ and test/)."),
+        click.option("--download", is_flag=True, help="cifar10: download the data into --data-dir if missing."),
+        click.option("--limit-train", type=int, help="Stratified subset of N training images."),
+        click.option("--limit-test", type=int, help="Stratified subset of M test images."),
+        click.option("--test-fraction", type=float, default=0.2, show_default=True,
+                     help="digits and folders without train/test: share of images held out for test."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, subsets and random weights."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def feature_options(f):
+    """The flags that pick a cache file: weights and preprocessing."""
+    options = [
+        click.option("--weights", default="imagenet", show_default=True,
+                     help="imagenet (torchvision's weights API), random, or the path of a local state dict."),
+        click.option("--image-size", type=int, default=224, show_default=True, help="Input size in pixels (square)."),
+        click.option("--resize", default="center-crop", show_default=True,
+                     help="center-crop: shorter side to --image-size, then centre crop; stretch: resize to a square."),
+        click.option("--pooling", default="avg", show_default=True, help="Global pooling of each tap: avg, max or avgmax."),
+        click.option("--precision", default="auto", show_default=True,
+                     help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+        click.option("--dtype", default="float16", show_default=True, help="Storage dtype: float16 or float32."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def data_request(opts: dict):
+    from featcache.datasets import DataRequest
+
+    return DataRequest(
+        name=opts["dataset"], data_dir=opts["data_dir"], download=opts["download"],
+        limit_train=opts["limit_train"], limit_test=opts["limit_test"],
+        test_fraction=opts["test_fraction"], seed=opts["seed"],
+    )
+
+
+@cli.command()
+@click.option("--backbone", "backbone_names", multiple=True, default=("resnet50",), show_default=True,
+              help="Backbone to extract; repeat for several (see featcache backbones).")
+@data_options
+@feature_options
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers decoding image files.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def extract(backbone_names, quiet, compile_, **opts):
+    """Run frozen backbones once and cache every tap's pooled features in HDF5.
+
+    An identical request is served from the cache; an interrupted one resumes.
+    """
+    from featcache.config import ExtractConfig, PreprocessConfig
+    from featcache.extract import extract as run_extract
+
+    cfg = ExtractConfig(
+        data=data_request(opts),
+        backbones=tuple(backbone_names),
+        weights=opts["weights"],
+        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
+        pooling=opts["pooling"],
+        precision=opts["precision"],
+        dtype=opts["dtype"],
+        device=opts["device"],
+        batch_size=opts["batch_size"],
+        num_workers=opts["num_workers"],
+        cache_dir=opts["cache_dir"],
+        compile=compile_,
+    )
+    started = time.perf_counter()
+    try:
+        results = run_extract(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume where it stopped", err=True)
+        sys.exit(130)
+    for r in results:
+        if r.status == "cached":
+            click.echo(f"{r.backbone}: already cached at {r.path} (served in {r.seconds:.2f} s)")
+        else:
+            rate = r.images / r.seconds if r.seconds else 0.0
+            click.echo(f"{r.backbone}: {r.status} {r.images} images into {r.path} in {r.seconds:.1f} s ({rate:.1f} img/s)")
+    click.echo(f"done in {time.perf_counter() - started:.1f} s; inspect with: featcache info {results[-1].path}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def info(path):
+    """Show a cache file's splits, taps, shapes, dtype and fingerprint."""
+    from featcache.store import FeatureCache
+
+    with FeatureCache(path, allow_partial=True) as cache:
+        click.echo(cache.describe())
+
+
+def main():
+    cli(prog_name="featcache")

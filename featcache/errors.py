@@ -1,0 +1,56 @@
+"""One exception type for user errors, and the one message shape for unknown names.
+
+Every stage raises :class:`FeatcacheError` for bad input; the CLI prints it as a single
+line and exits with status 2. Nothing here imports torch, so the CLI starts fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FeatcacheError(Exception):
+    """A problem with the user's input or environment, with the fix in the message."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The known name closest to ``name``, or None when nothing is close."""
+    matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown(option: str, name: str, known: Iterable[str]) -> FeatcacheError:
+    """The error for a name that is not one of ``known``.
+
+    Example: ``The '--backbone' option must be one of {mobilenet_v2, resnet18}. Got
+    'resnt18' instead; did you mean 'resnet18'?``
+    """
+    known = sorted(known)
+    message = f"The '{option}' option must be one of {{{', '.join(known)}}}. Got '{name}' instead"
+    guess = closest(name, known)
+    return FeatcacheError(message + (f"; did you mean '{guess}'?" if guess else "."))
+
+
+class Registry(dict):
+    """A name -> object mapping filled by a decorator, whose lookups fail helpfully."""
+
+    def __init__(self, option: str):
+        super().__init__()
+        self.option = option
+
+    def register(self, name: str):
+        """Decorator: ``@REGISTRY.register("name")`` stores the decorated object."""
+
+        def decorate(obj):
+            self[name] = obj
+            return obj
+
+        return decorate
+
+    def lookup(self, name: str):
+        """The entry called ``name``; unknown names raise :class:`FeatcacheError`."""
+        try:
+            return self[name]
+        except KeyError:
+            raise unknown(self.option, name, self) from None

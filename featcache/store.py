@@ -1,0 +1,265 @@
+"""The HDF5 feature store: layout, fingerprint, locked resumable writes, reads.
+
+Between extraction and fusion in the flow (extract -> **store** -> fusion). One file per
+(dataset, backbone, weights, preprocessing)::
+
+    cache/<dataset>/<backbone>-<fingerprint hash[:12]>.h5
+      attrs        fingerprint (canonical JSON), featcache_version, format, classes, complete
+      /<split>/labels       int64 (N,)
+      /<split>/index        int64 (N,)  position in the source dataset
+      /<split>/taps/<tap>   float16 (N, C) by default, chunked by rows
+      /<split> attrs        rows_done
+
+Writes go to ``<file>.partial``; every dataset is allocated when the file is created, so
+a resumed run rewrites the same bytes in place and a full disk fails at once. ``rows_done``
+is flushed after each batch's features; the file is renamed into place only once every
+split is complete. A file at the final name is therefore always finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__
+from featcache.errors import FeatcacheError
+
+FORMAT = 1
+CHUNK_BYTES = 1 << 20
+
+
+def canonical(fingerprint: dict) -> str:
+    return json.dumps(fingerprint, sort_keys=True, separators=(",", ":"))
+
+
+def fingerprint_hash(fingerprint: dict) -> str:
+    return hashlib.sha256(canonical(fingerprint).encode()).hexdigest()
+
+
+def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: dict) -> Path:
+    return Path(cache_dir) / dataset_key / f"{backbone}-{fingerprint_hash(fingerprint)[:12]}.h5"
+
+
+def partial_file(path: Path) -> Path:
+    return path.with_name(path.name + ".partial")
+
+
+@contextlib.contextmanager
+def locked(path: Path, on_wait=None):
+    """Hold an exclusive lock for writing ``path``; a second writer waits here."""
+    lock_path = path.with_name(path.name + ".lock")
+    with open(lock_path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _no_times_group(parent, name: str):
+    """A group without modification times, so equal content gives equal bytes."""
+    import h5py
+
+    gcpl = h5py.h5p.create(h5py.h5p.GROUP_CREATE)
+    gcpl.set_obj_track_times(False)
+    return h5py.Group(h5py.h5g.create(parent.id, name.encode(), gcpl=gcpl))
+
+
+def _preallocated(group, name: str, shape: tuple[int, int], dtype) -> None:
+    import h5py
+
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    rows = max(1, min(shape[0], CHUNK_BYTES // max(1, shape[1] * np.dtype(dtype).itemsize)))
+    group.create_dataset(name, shape=shape, dtype=dtype, chunks=(rows, shape[1]), dcpl=dcpl, track_times=False)
+
+
+class CacheWriter:
+    """Writes one cache file, resuming an earlier ``.partial`` of the same fingerprint.
+
+    Args:
+        path: the final file name; the writer works on ``path.partial``.
+        fingerprint: everything that changes the numbers (stored as canonical JSON).
+        splits: split name -> (labels, index) arrays; they fix the number of rows.
+        tap_dims: tap name -> feature dimension after pooling.
+        dtype: storage dtype, ``float16`` or ``float32``.
+        classes: class names, stored for the stages that follow.
+        run_attrs: settings a resume must reuse to write identical numbers
+            (batch size, compile), read back through :attr:`run_attrs`.
+    """
+
+    def __init__(self, path, fingerprint, splits, tap_dims, dtype, classes, run_attrs):
+        import h5py
+
+        self.path = Path(path)
+        self.partial = partial_file(self.path)
+        self.resumed = False
+        self._h5 = h5py
+        self.file = None
+        try:
+            if self.partial.exists():
+                self.file = self._resume(fingerprint, splits, tap_dims, dtype)
+            if self.file is None:
+                self.file = self._create(fingerprint, splits, tap_dims, dtype, classes, run_attrs)
+        except OSError as exc:
+            self.partial.unlink(missing_ok=True)
+            raise FeatcacheError(f"cannot write cache {self.partial}: {exc}") from exc
+
+    def _create(self, fingerprint, splits, tap_dims, dtype, classes, run_attrs):
+        self.partial.unlink(missing_ok=True)
+        f = self._h5.File(self.partial, "w", track_order=False)
+        f.attrs["fingerprint"] = canonical(fingerprint)
+        f.attrs["format"] = FORMAT
+        f.attrs["featcache_version"] = __version__
+        f.attrs["classes"] = json.dumps(list(classes))
+        f.attrs["run"] = json.dumps(run_attrs, sort_keys=True)
+        f.attrs["complete"] = False
+        for name, (labels, index) in splits.items():
+            group = _no_times_group(f, name)
+            group.attrs["rows_done"] = 0
+            group.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
+            group.create_dataset("index", data=np.asarray(index, np.int64), track_times=False)
+            taps = _no_times_group(group, "taps")
+            for tap, dim in tap_dims.items():
+                _preallocated(taps, tap, (len(labels), dim), dtype)
+        f.flush()
+        return f
+
+    def _resume(self, fingerprint, splits, tap_dims, dtype):
+        """The open partial file if it matches this request exactly, else None."""
+        try:
+            f = self._h5.File(self.partial, "r+")
+        except OSError:  # killed while HDF5 metadata was half written: start again
+            return None
+        try:
+            ok = f.attrs.get("fingerprint") == canonical(fingerprint) and f.attrs.get("format") == FORMAT
+            for name, (labels, _) in splits.items():
+                ok = ok and name in f and np.array_equal(f[name]["labels"][:], labels)
+                ok = ok and all(f[name]["taps"][t].shape == (len(labels), d) for t, d in tap_dims.items())
+                ok = ok and 0 <= int(f[name].attrs["rows_done"]) <= len(labels)
+            ok = ok and all(f[n]["taps"][t].dtype == np.dtype(dtype) for n in splits for t in tap_dims)
+        except (KeyError, OSError, ValueError):
+            ok = False
+        if not ok:
+            f.close()
+            return None
+        self.resumed = any(int(f[name].attrs["rows_done"]) > 0 for name in splits)
+        return f
+
+    @property
+    def run_attrs(self) -> dict:
+        return json.loads(self.file.attrs["run"])
+
+    def rows_done(self, split: str) -> int:
+        return int(self.file[split].attrs["rows_done"])
+
+    def write(self, split: str, start: int, features: dict[str, np.ndarray]) -> None:
+        """Store one batch of features at rows ``start:...`` and record the progress."""
+        taps = self.file[split]["taps"]
+        stop = start
+        for tap, values in features.items():
+            stop = start + len(values)
+            taps[tap][start:stop] = values
+        self.file.flush()  # features reach the disk before rows_done says so
+        self.file[split].attrs["rows_done"] = stop
+        self.file.flush()
+
+    def finish(self) -> Path:
+        """Mark complete and move into place atomically."""
+        self.file.attrs["complete"] = True
+        self.file.close()
+        self.file = None
+        os.replace(self.partial, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close without finishing: the partial file stays for a later resume."""
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class FeatureCache:
+    """Read access to a finished cache file (or, with ``allow_partial``, a partial one)."""
+
+    def __init__(self, path, allow_partial: bool = False):
+        import h5py
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FeatcacheError(f"no cache file at {self.path}")
+        try:
+            self.file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise FeatcacheError(f"{self.path} is not a readable HDF5 feature cache ({exc})") from exc
+        if "fingerprint" not in self.file.attrs:
+            self.file.close()
+            raise FeatcacheError(f"{self.path} is an HDF5 file but not a featcache cache (no fingerprint)")
+        if not (allow_partial or bool(self.file.attrs["complete"])):
+            self.file.close()
+            raise FeatcacheError(f"{self.path} is not finished: re-run the featcache extract command that made it")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def fingerprint(self) -> dict:
+        return json.loads(self.file.attrs["fingerprint"])
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.file.attrs["classes"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.file.attrs["complete"])
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.file.keys())
+
+    def taps(self, split: str) -> dict[str, tuple[int, ...]]:
+        return {name: ds.shape for name, ds in self.file[split]["taps"].items()}
+
+    def rows_done(self, split: str) -> int:
+        return int(self.file[split].attrs["rows_done"])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self.file[split]["labels"][:]
+
+    def index(self, split: str) -> np.ndarray:
+        return self.file[split]["index"][:]
+
+    def read(self, split: str, tap: str) -> np.ndarray:
+        return self.file[split]["taps"][tap][:]
+
+    def describe(self) -> str:
+        """A human summary: state, classes, per split rows and taps, fingerprint."""
+        lines = [f"{self.path}", f"  state: {'complete' if self.complete else 'partial (re-run extract to resume)'}"]
+        lines.append(f"  classes ({len(self.classes)}): {', '.join(self.classes)}")
+        for split in self.splits:
+            taps = self.taps(split)
+            n = len(self.file[split]["labels"])
+            dtype = next(iter(self.file[split]["taps"].values())).dtype if taps else "-"
+            lines.append(f"  {split}: {self.rows_done(split)}/{n} rows, dtype {dtype}")
+            lines.extend(f"    {tap:<14} {shape[0]} x {shape[1]}" for tap, shape in taps.items())
+        lines.append("  fingerprint:")
+        lines.extend("    " + line for line in json.dumps(self.fingerprint, indent=2, sort_keys=True).splitlines())
+        return "\n".join(lines)
