@@ -153,11 +153,19 @@ def extract(backbone_names, quiet, compile_, **opts):
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
 def info(path):
-    """Show a cache file's splits, taps, shapes, dtype and fingerprint."""
+    """Show a cache file's splits, taps, shapes, dtype and fingerprint.
+
+    PATH may be a folder: every cache file in it (and below) is shown.
+    """
+    from featcache.errors import FeatcacheError
     from featcache.store import FeatureCache
 
-    with FeatureCache(path, allow_partial=True) as cache:
-        click.echo(cache.describe())
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
+    if not files:
+        raise FeatcacheError(f"no cache files in {path}: run featcache extract first")
+    for file in files:
+        with FeatureCache(file, allow_partial=True) as cache:
+            click.echo(cache.describe())
 
 
 def main():

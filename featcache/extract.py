@@ -191,7 +191,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
         if _finished(path):
             results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
             continue
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FeatcacheError(f"cannot create cache folder {path.parent}: {exc.strerror}; choose another --cache-dir") from exc
         with locked(path, on_wait=lambda: log(f"waiting for another featcache process writing {path} ...")):
             if _finished(path):  # the other writer finished it while we waited
                 results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))

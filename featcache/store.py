@@ -54,7 +54,11 @@ def partial_file(path: Path) -> Path:
 def locked(path: Path, on_wait=None):
     """Hold an exclusive lock for writing ``path``; a second writer waits here."""
     lock_path = path.with_name(path.name + ".lock")
-    with open(lock_path, "a") as handle:
+    try:
+        handle = open(lock_path, "a")
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write in cache folder {path.parent}: {exc.strerror}; choose another --cache-dir") from exc
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

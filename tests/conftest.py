@@ -1,0 +1,46 @@
+"""Shared fixtures: the tiny backbone, generated datasets, CLI runner."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny  # noqa: E402,F401  registers the "tiny" backbone
+
+from featcache.config import ExtractConfig, PreprocessConfig  # noqa: E402
+from featcache.datasets import DataRequest  # noqa: E402
+
+TESTS_DIR = Path(__file__).parent
+
+
+def tiny_config(tmp_path, **overrides) -> ExtractConfig:
+    """A fast extraction: tiny backbone, random weights, 32 px digits on the CPU."""
+    data = overrides.pop("data", DataRequest(name="digits", limit_train=120, limit_test=40))
+    pre = overrides.pop("preprocess", PreprocessConfig(image_size=32))
+    settings = dict(
+        data=data, backbones=("tiny",), weights="random", preprocess=pre, device="cpu",
+        batch_size=16, num_workers=0, cache_dir=tmp_path / "cache",
+    )
+    settings.update(overrides)
+    return ExtractConfig(**settings)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40, 30), seed=0) -> Path:
+    """Generated photos: one sub-folder per class, each class a different mean colour."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for k, name in enumerate(classes):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.full((size[1], size[0], 3), 60 + 120 * k, dtype=np.int16)
+            pixels = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "photos")

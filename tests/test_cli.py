@@ -1,0 +1,78 @@
+"""The command line, driven with click's CliRunner (the tiny backbone is registered)."""
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.cli import cli
+
+FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu",
+        "--limit-train", "60", "--limit-test", "20", "-q"]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def one_line_error(result, pattern):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    import re
+
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_extract_then_info(tmp_path):
+    first = run("extract", *FAST, "--cache-dir", str(tmp_path))
+    assert first.exit_code == 0, first.output
+    assert "tiny: extracted 80 images into" in first.output and "featcache info" in first.output
+    again = run("extract", *FAST, "--cache-dir", str(tmp_path))
+    assert "tiny: already cached at" in again.output
+    [path] = (tmp_path / "digits").glob("tiny-*.h5")
+    info = run("info", str(path))
+    assert info.exit_code == 0
+    for text in ("state: complete", "train: 60/60 rows, dtype float16", "stage3", "60 x 16", '"pooling": "avg"'):
+        assert text in info.output
+
+
+def test_backbones_lists_taps_aliases_and_dimensions():
+    result = run("backbones")
+    assert result.exit_code == 0
+    for text in ("resnet50", "mobilenet_v2", "vgg16", "resnet18", "features.18", "1280 channels", "= late", "layer4"):
+        assert text in result.output
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["extract", "--backbone", "resnet05"], r"one of \{.*\}\. Got 'resnet05' instead; did you mean 'resnet50'\?"),
+        (["extract", "--dataset", "cifar"], r"Got 'cifar' instead; did you mean 'cifar10'\?"),
+        (["extract", *FAST, "--pooling", "mean"], r"'--pooling' option must be one of \{avg, avgmax, max\}"),
+        (["extract", *FAST, "--dataset", "folder", "--data-dir", "/no/such/dir"], "data directory /no/such/dir does not exist"),
+        (["extract", *FAST, "--weights", "/no/such/weights.pt"], "--weights must be imagenet, random or the path"),
+        (["extract", *FAST, "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["info", "/no/such/cache.h5"], "no cache file at /no/such/cache.h5"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_status_2(args, pattern):
+    one_line_error(run(*args), pattern)
+
+
+def test_bad_weights_file_is_named(tmp_path):
+    state = {"stem.0.weight": torch.zeros(1)}
+    torch.save(state, tmp_path / "w.pt")
+    one_line_error(run("extract", *FAST, "--weights", str(tmp_path / "w.pt"), "--cache-dir", str(tmp_path)),
+                   r"weights file .*w.pt does not fit tiny")
+
+
+def test_corrupt_image_is_named_and_nothing_is_left_behind(tmp_path, image_folder):
+    bad = image_folder / "dog" / "dog_3.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    cache = tmp_path / "cache"
+    result = run("extract", *FAST, "--dataset", "folder", "--data-dir", str(image_folder), "--cache-dir", str(cache),
+                 "--num-workers", "0", "--batch-size", "2")
+    one_line_error(result, r"cannot read image .*dog_3.png: ")
+    leftovers = [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert leftovers == []

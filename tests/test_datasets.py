@@ -1,0 +1,100 @@
+import pickle
+
+import numpy as np
+import pytest
+from cifar_fixture import CLASSES, use_generated_cifar10
+
+from featcache.datasets import DataRequest, dataset_identity, dataset_key, load_dataset
+from featcache.errors import FeatcacheError
+
+
+def test_digits_is_offline_rgb_uint8_with_a_stratified_split():
+    data = load_dataset(DataRequest(name="digits"))
+    train, test = data.splits["train"], data.splits["test"]
+    assert data.classes == tuple(str(i) for i in range(10))
+    assert train.images.dtype == np.uint8 and train.images.shape[1:] == (8, 8, 3)
+    assert len(train) + len(test) == 1797 and abs(len(test) / 1797 - 0.2) < 0.01
+    assert not set(train.index) & set(test.index)
+    assert np.ptp(np.bincount(test.labels)) <= 2  # stratified
+    assert train.images.max() == 255
+
+
+def test_limits_take_stratified_subsets_in_source_order():
+    data = load_dataset(DataRequest(name="digits", limit_train=100, limit_test=50, seed=3))
+    train = data.splits["train"]
+    assert len(train) == 100 and len(data.splits["test"]) == 50
+    assert np.all(np.diff(train.index) > 0)
+    assert set(np.bincount(train.labels)) <= {9, 10, 11}
+    again = load_dataset(DataRequest(name="digits", limit_train=100, limit_test=50, seed=3))
+    assert np.array_equal(again.splits["train"].index, train.index)
+
+
+def test_bad_limits_are_refused():
+    with pytest.raises(FeatcacheError, match="--limit-train must be a positive number"):
+        DataRequest(limit_train=0)
+
+
+def test_cifar10_reads_the_real_python_format_through_torchvision(tmp_path, monkeypatch):
+    root = use_generated_cifar10(monkeypatch, tmp_path / "data")
+    data = load_dataset(DataRequest(name="cifar10", data_dir=root))
+    train, test = data.splits["train"], data.splits["test"]
+    assert data.classes == tuple(CLASSES) and dataset_key(DataRequest(name="cifar10")) == "cifar10"
+    assert train.images.shape == (100, 32, 32, 3) and len(test) == 30
+    with open(root / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        first = pickle.load(f)
+    # CHW rows in the file -> HWC images, in file order
+    assert np.array_equal(train.images[0], first["data"][0].reshape(3, 32, 32).transpose(1, 2, 0))
+    assert list(train.labels[:20]) == first["labels"]
+
+
+def test_cifar10_with_a_changed_file_is_refused(tmp_path, monkeypatch):
+    root = use_generated_cifar10(monkeypatch, tmp_path / "data")
+    with open(root / "cifar-10-batches-py" / "test_batch", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(FeatcacheError, match="CIFAR-10 not found or corrupted in .*pass --download"):
+        load_dataset(DataRequest(name="cifar10", data_dir=root))
+
+
+def test_cifar10_missing_directory_says_how_to_fix(tmp_path):
+    with pytest.raises(FeatcacheError, match=r"CIFAR-10 not found .*--data-dir"):
+        load_dataset(DataRequest(name="cifar10", data_dir=tmp_path / "nothing"))
+
+
+def test_folder_without_train_test_is_split_stratified(image_folder):
+    data = load_dataset(DataRequest(name="folder", data_dir=image_folder, test_fraction=0.34, seed=1))
+    assert data.classes == ("cat", "dog") and data.key == "folder-photos"
+    test = data.splits["test"]
+    assert len(test) == 4 and list(np.bincount(test.labels)) == [2, 2]
+    assert all(p.suffix == ".png" for p in test.files)
+
+
+def test_folder_with_train_and_test_subfolders(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "shoes" / "train", classes=("sapatos", "tsinelas"), per_class=3)
+    write_image_folder(tmp_path / "shoes" / "test", classes=("sapatos", "tsinelas"), per_class=2)
+    data = load_dataset(DataRequest(name="folder", data_dir=tmp_path / "shoes"))
+    assert len(data.splits["train"]) == 6 and len(data.splits["test"]) == 4
+    assert list(data.splits["test"].labels) == [0, 0, 1, 1]
+
+
+def test_folder_errors(tmp_path, image_folder):
+    with pytest.raises(FeatcacheError, match="needs --data-dir"):
+        load_dataset(DataRequest(name="folder"))
+    with pytest.raises(FeatcacheError, match="does not exist: check --data-dir"):
+        load_dataset(DataRequest(name="folder", data_dir=tmp_path / "missing"))
+    (image_folder / "empty").mkdir()
+    with pytest.raises(FeatcacheError, match="class folder .*empty holds no images"):
+        load_dataset(DataRequest(name="folder", data_dir=image_folder))
+
+
+def test_folder_identity_follows_the_files(image_folder):
+    request = DataRequest(name="folder", data_dir=image_folder)
+    before = dataset_identity(request)
+    (image_folder / "cat" / "cat_0.png").write_bytes((image_folder / "cat" / "cat_1.png").read_bytes() + b"\0")
+    assert dataset_identity(request) != before
+
+
+def test_unknown_dataset_names_the_closest():
+    with pytest.raises(FeatcacheError, match="did you mean 'cifar10'"):
+        load_dataset(DataRequest(name="cifar-10"))

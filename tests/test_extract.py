@@ -1,0 +1,153 @@
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+
+from featcache import extract as extract_module
+from featcache.backbones import BACKBONES
+from featcache.config import PreprocessConfig, fingerprint
+from featcache.datasets import DataRequest, dataset_key, load_dataset
+from featcache.errors import FeatcacheError
+from featcache.extract import extract, load_image, to_input
+from featcache.store import FeatureCache, cache_file
+
+
+def read_all(path):
+    with FeatureCache(path) as cache:
+        return {
+            (split, tap): cache.read(split, tap) for split in cache.splits for tap in cache.taps(split)
+        } | {(split, "labels"): cache.labels(split) for split in cache.splits}
+
+
+def test_extract_writes_every_tap_of_every_split(tmp_path):
+    cfg = tiny_config(tmp_path)
+    [result] = extract(cfg, progress=False)
+    assert result.status == "extracted" and result.images == 160
+    assert result.path.parent == tmp_path / "cache" / "digits" and result.path.name.startswith("tiny-")
+    with FeatureCache(result.path) as cache:
+        assert cache.complete and sorted(cache.splits) == ["test", "train"]
+        assert cache.taps("train") == {"stage1": (120, 8), "stage2": (120, 12), "stage3": (120, 16)}
+        assert cache.read("train", "stage3").dtype == np.float16
+        assert cache.fingerprint["backbone"] == "tiny" and cache.classes[0] == "0"
+        data = load_dataset(cfg.data)
+        assert np.array_equal(cache.labels("test"), data.splits["test"].labels)
+        assert np.array_equal(cache.index("test"), data.splits["test"].index)
+
+
+def test_stored_features_equal_a_plain_forward_pass(tmp_path):
+    """The cache holds exactly what the unfused network computes (up to float16)."""
+    cfg = tiny_config(tmp_path, dtype="float32", pooling="avgmax")
+    [result] = extract(cfg, progress=False)
+    from featcache.backbones import build_backbone
+
+    net = build_backbone(BACKBONES["tiny"], "random", 0)
+    images = torch.from_numpy(load_dataset(cfg.data).splits["test"].images[:5])
+    x = to_input(images, cfg.preprocess)
+    with torch.inference_mode():
+        stage1 = net.stage1(net.stem(x))
+    expected = torch.cat([stage1.mean((2, 3)), stage1.amax((2, 3))], 1).numpy()
+    with FeatureCache(result.path) as cache:
+        got = cache.read("test", "stage1")[:5]
+        assert cache.taps("test")["stage1"] == (40, 16)  # avg and max side by side
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_identical_request_is_served_from_the_cache(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    [first] = extract(cfg, progress=False)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the backbone ran on a cache hit")
+
+    monkeypatch.setattr(extract_module, "tap_model", no_forward)
+    monkeypatch.setattr(extract_module, "load_dataset", no_forward)
+    [second] = extract(cfg, progress=False)
+    assert second.status == "cached" and second.path == first.path
+
+
+CHANGES = {
+    "weights seed": dict(data=DataRequest(name="digits", limit_train=120, limit_test=40, seed=1)),
+    "image size": dict(preprocess=PreprocessConfig(image_size=40)),
+    "resize rule": dict(preprocess=PreprocessConfig(image_size=32, resize="stretch")),
+    "mean/std": dict(preprocess=PreprocessConfig(image_size=32, mean=(0.5, 0.5, 0.5))),
+    "pooling": dict(pooling="max"),
+    "precision": dict(precision="bf16"),
+    "dtype": dict(dtype="float32"),
+    "limits": dict(data=DataRequest(name="digits", limit_train=100, limit_test=40)),
+    "dataset": dict(data=DataRequest(name="digits", limit_train=120, limit_test=40, test_fraction=0.3)),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_any_numeric_change_is_a_different_cache(tmp_path, change):
+    base = tiny_config(tmp_path)
+    other = tiny_config(tmp_path, **CHANGES[change])
+    spec = BACKBONES["tiny"]
+    paths = {cache_file(c.cache_dir, dataset_key(c.data), "tiny", fingerprint(c, spec, c.precision)) for c in (base, other)}
+    assert len(paths) == 2
+
+
+def test_speed_settings_share_a_cache(tmp_path):
+    base = tiny_config(tmp_path)
+    faster = dataclasses.replace(base, batch_size=64, num_workers=2, compile=True)
+    spec = BACKBONES["tiny"]
+    assert fingerprint(base, spec, "fp32") == fingerprint(faster, spec, "fp32")
+
+
+def test_a_changed_request_recomputes_rather_than_reusing(tmp_path):
+    [a] = extract(tiny_config(tmp_path), progress=False)
+    [b] = extract(tiny_config(tmp_path, pooling="max"), progress=False)
+    assert b.status == "extracted" and b.path != a.path
+    assert not np.array_equal(read_all(a.path)[("test", "stage3")], read_all(b.path)[("test", "stage3")])
+
+
+def test_several_backbones_in_one_command(tmp_path):
+    cfg = tiny_config(tmp_path, backbones=("tiny", "resnet18"), preprocess=PreprocessConfig(image_size=32),
+                      data=DataRequest(name="digits", limit_train=20, limit_test=10))
+    results = extract(cfg, progress=False)
+    assert [r.backbone for r in results] == ["tiny", "resnet18"]
+    with FeatureCache(results[1].path) as cache:
+        assert cache.taps("train")["layer4"] == (20, 512)
+
+
+def test_folder_images_are_decoded_by_workers(tmp_path, image_folder):
+    cfg = tiny_config(tmp_path, data=DataRequest(name="folder", data_dir=image_folder), num_workers=2, batch_size=4)
+    [result] = extract(cfg, progress=False)
+    assert result.path.parent.name == "folder-photos"
+    feats = read_all(result.path)
+    assert feats[("train", "stage3")].shape[0] + feats[("test", "stage3")].shape[0] == 12
+
+
+def test_device_resize_matches_pil_resize_closely():
+    """In-memory images are resized on the device; files by PIL. Both give the same picture."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    small = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    pre = PreprocessConfig(image_size=64)
+    device = to_input(torch.from_numpy(small[None]), pre)[0]
+    pil = Image.fromarray(small).resize((64, 64), Image.BILINEAR)
+    via_pil = to_input(torch.from_numpy(np.asarray(pil).copy()[None]), pre)[0]
+    assert (device - via_pil).abs().mean() < 0.05
+
+
+def test_center_crop_keeps_the_middle(tmp_path):
+    from PIL import Image
+
+    pixels = np.zeros((20, 60, 3), np.uint8)
+    pixels[:, 20:40] = 255  # white middle third
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    pre = PreprocessConfig(image_size=20)
+    assert load_image(tmp_path / "wide.png", pre).min() > 200
+    stretched = load_image(tmp_path / "wide.png", PreprocessConfig(image_size=20, resize="stretch"))
+    assert stretched.min() == 0
+    device = to_input(torch.from_numpy(pixels[None]), pre)
+    assert device.min() > 1.5  # white after ImageNet normalisation
+
+
+def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(FeatcacheError, match="--device cuda was asked for but torch sees no CUDA GPU"):
+        extract(tiny_config(tmp_path, device="cuda"), progress=False)

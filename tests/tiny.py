@@ -1,0 +1,44 @@
+"""A tiny registered backbone so the whole suite runs on two CPU cores in minutes.
+
+Importable on its own (``import tiny``) so subprocesses in the tests can register it too.
+"""
+
+import torch
+from torch import nn
+
+from featcache.backbones import BACKBONES, BackboneSpec, Tap, register_backbone
+
+
+def _stage(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = _stage(3, 4)  # stride 2
+        self.stage1 = _stage(4, 8)  # stride 4
+        self.stage2 = _stage(8, 12)  # stride 8
+        self.stage3 = _stage(12, 16)  # stride 16
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        x = self.stage3(self.stage2(self.stage1(self.stem(x))))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def build_tiny(weights):
+    return TinyNet()
+
+
+TINY = BackboneSpec(
+    name="tiny",
+    build=build_tiny,
+    taps=(Tap("stage1", 8, 4), Tap("stage2", 12, 8), Tap("stage3", 16, 16)),
+    aliases={"early": "stage1", "mid": "stage2", "late": "stage3"},
+    weights_name=None,
+    head_prefixes=("fc.",),
+)
+
+if "tiny" not in BACKBONES:
+    register_backbone(TINY)
