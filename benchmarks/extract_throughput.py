@@ -1,0 +1,160 @@
+"""Extraction throughput, side by side in one run on the same images.
+
+(a) featcache extract      the real stage: data, preprocessing on the device, forward of
+                           every tap, pooling, HDF5 writes; wall time including model set-up
+(b) bare forward           the same prepared network on already-preprocessed batches at the
+                           same batch size and precision: the ceiling for (a)
+(c) usual recipe           what the studies do: per-image PIL resize to the input size in a
+                           DataLoader (2 workers), ToTensor + Normalize, fp32, plain eager
+                           torchvision model with its classifier removed, one backbone at a time
+(d) plain eager forward    (c)'s network on preprocessed batches, for reference
+
+Prints images/s for each and the ratios a/b and a/c. Targets (issue 2, 2-core CPU,
+resnet50 at 224): a/b >= 0.85 and a/c >= 2.5.
+
+    python benchmarks/extract_throughput.py                        # resnet50, 224 px, 1024 digits
+    python benchmarks/extract_throughput.py --backbone all --images 2048 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from featcache.backbones import BACKBONES, build_backbone
+from featcache.config import ExtractConfig, PreprocessConfig, resolve_device, resolve_precision
+from featcache.datasets import DataRequest, load_dataset
+from featcache.extract import AUTOCAST, extract, tap_model, to_input
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_featcache(cfg: ExtractConfig) -> float:
+    start = time.perf_counter()
+    [result] = extract(cfg, progress=False)
+    assert result.status == "extracted"
+    return time.perf_counter() - start
+
+
+def run_bare(model, images, cfg, device, precision) -> float:
+    """Forward only, on batches preprocessed and moved to the device beforehand."""
+    batches = [to_input(torch.from_numpy(images[i : i + cfg.batch_size]).to(device), cfg.preprocess)
+               for i in range(0, len(images), cfg.batch_size)]
+    dtype = getattr(torch, AUTOCAST.get(precision, "float32"))
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST):
+        model(batches[0])  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            model(x)
+        sync(device)
+    return time.perf_counter() - start
+
+
+class PilImages(torch.utils.data.Dataset):
+    """The studies' dataset: PIL image per item, torchvision transforms per image."""
+
+    def __init__(self, images, size):
+        from torchvision import transforms
+
+        self.images = images
+        self.transform = transforms.Compose([
+            transforms.Resize((size, size)),
+            transforms.ToTensor(),
+            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ])
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i]))
+
+
+def plain_model(name, device):
+    net = build_backbone(BACKBONES[name], "random", 0)
+    if hasattr(net, "fc"):
+        net.fc = torch.nn.Identity()
+    else:
+        net.classifier = torch.nn.Identity()
+    return net.to(device).eval()
+
+
+def run_usual(name, images, size, batch_size, device) -> float:
+    start = time.perf_counter()
+    net = plain_model(name, device)
+    loader = torch.utils.data.DataLoader(PilImages(images, size), batch_size=batch_size, num_workers=2)
+    features = []
+    with torch.no_grad():
+        for x in loader:
+            features.append(net(x.to(device)).cpu().numpy())
+    return time.perf_counter() - start
+
+
+def run_plain_forward(name, images, cfg, device) -> float:
+    net = plain_model(name, device)
+    batches = [to_input(torch.from_numpy(images[i : i + cfg.batch_size]).to(device), cfg.preprocess).contiguous()
+               for i in range(0, len(images), cfg.batch_size)]
+    with torch.no_grad():
+        net(batches[0])
+        sync(device)
+        start = time.perf_counter()
+        for x in batches:
+            net(x)
+        sync(device)
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="resnet50", help="a registered backbone, or 'all' for the four torchvision ones")
+    parser.add_argument("--images", type=int, default=1024)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--compile", action="store_true", help="also time featcache extract --compile")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision, device)
+    names = ["resnet18", "resnet50", "mobilenet_v2", "vgg16"] if args.backbone == "all" else [args.backbone]
+    request = DataRequest(name="digits", limit_train=args.images, limit_test=10)
+    images = load_dataset(request).splits["train"].images
+    n = len(images) + 10  # featcache also extracts the 10 test images
+    print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "
+          f"{args.image_size} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")
+    rows = []
+    for name in names:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ExtractConfig(data=request, backbones=(name,), weights="random",
+                                preprocess=PreprocessConfig(image_size=args.image_size), precision=args.precision,
+                                device=args.device, batch_size=args.batch_size, num_workers=2, cache_dir=Path(tmp))
+            a = n / run_featcache(cfg)
+            model = tap_model(BACKBONES[name], "random", 0, "avg", device)
+            b = len(images) / run_bare(model, images, cfg, device, precision)
+            c = len(images) / run_usual(name, images, args.image_size, args.batch_size, device)
+            d = len(images) / run_plain_forward(name, images, cfg, device)
+            compiled = None
+            if args.compile:
+                import dataclasses
+
+                compiled = n / run_featcache(dataclasses.replace(cfg, compile=True, cache_dir=Path(tmp) / "c"))
+        rows.append((name, a, b, c, d, compiled))
+        extra = f"  (a') with --compile {compiled:7.1f} img/s  a'/c {compiled / c:4.2f}" if compiled else ""
+        print(f"{name:13s} (a) featcache {a:7.1f} img/s  (b) bare forward {b:7.1f}  (c) usual recipe {c:7.1f}  "
+              f"(d) plain eager forward {d:7.1f}  |  a/b {a / b:4.2f}  a/c {a / c:4.2f}{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

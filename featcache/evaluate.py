@@ -1,0 +1,100 @@
+"""Honest evaluation: stratified validation carved from train, choices made there, test once.
+
+Flow: heads -> **evaluate** -> runs. :func:`fit_select` never sees the test split: every
+hyper-parameter candidate (and, for torch heads, the epoch kept by early stopping) is
+judged on the validation rows, and :func:`score` is called once on test with the chosen,
+already fitted head.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.base import clone
+
+from featcache.errors import FeatcacheError
+
+
+def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train rows, validation rows) of the training split, each in order."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < fraction < 1:
+        raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {fraction} instead.")
+    rows = np.arange(len(labels))
+    n_val = max(1, int(round(fraction * len(labels))))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
+    train, val = train_test_split(rows, test_size=n_val, random_state=seed, stratify=stratify)
+    return np.sort(train), np.sort(val)
+
+
+@dataclass
+class Selection:
+    head: object  # fitted on the training rows with the chosen parameters
+    params: dict
+    val_accuracy: float
+    candidates: list  # [{"params": ..., "val_accuracy": ...}] in the order tried
+    fit_seconds: float
+
+
+def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
+    """Fit every candidate on train, keep the best by validation accuracy (first wins ties)."""
+    started = time.perf_counter()
+    best, tried = None, []
+    for params in entry.candidates(options, len(X_train)):
+        head = entry.make(options, **params)
+        if entry.torch:
+            head.fit(X_train, y_train, eval_set=(X_val, y_val))
+        else:
+            head.fit(X_train, y_train)
+        acc = float(np.mean(head.predict(X_val) == y_val))
+        tried.append({"params": params, "val_accuracy": acc})
+        if best is None or acc > best[2]:
+            best = (head, params, acc)
+    head, params, acc = best
+    return Selection(head, params, acc, tried, time.perf_counter() - started)
+
+
+def score(head, X_test, y_test, classes) -> dict:
+    """All test metrics of a fitted head, computed once."""
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        top_k_accuracy_score,
+    )
+
+    started = time.perf_counter()
+    proba = head.predict_proba(X_test)
+    predict_seconds = time.perf_counter() - started
+    labels = np.arange(len(classes))
+    pred = np.asarray(head.classes_)[proba.argmax(axis=1)]
+    precision, recall, _, support = precision_recall_fscore_support(
+        y_test, pred, labels=labels, zero_division=0
+    )
+    metrics = {
+        "accuracy": float(accuracy_score(y_test, pred)),
+        "macro_f1": float(f1_score(y_test, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_test, pred)),
+        "per_class": {
+            str(c): {"precision": float(p), "recall": float(r), "support": int(s)}
+            for c, p, r, s in zip(classes, precision, recall, support)
+        },
+        "confusion_matrix": confusion_matrix(y_test, pred, labels=labels).tolist(),
+        "predict_seconds": predict_seconds,
+    }
+    if len(classes) >= 5:
+        full = np.zeros((len(proba), len(classes)))
+        full[:, np.asarray(head.classes_)] = proba
+        metrics["top5_accuracy"] = float(top_k_accuracy_score(y_test, full, k=5, labels=labels))
+    return metrics
+
+
+def refit_clone(head):
+    """An unfitted copy with the same parameters (used by the estimator checks and tests)."""
+    return clone(head)

@@ -1,0 +1,173 @@
+"""Stage 2 driver: load cached taps once, then fuse and train every (taps, head) combination.
+
+Flow: store -> fusion -> heads -> evaluate -> runs. The caches are found by the same
+fingerprint ``extract`` writes, so the same weights, image size and pooling flags pick
+the same files; a missing one names the ``featcache extract`` command that makes it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones import BACKBONES
+from featcache.config import ExtractConfig, fingerprint, resolve_device, resolve_precision
+from featcache.datasets import DataRequest, dataset_key
+from featcache.errors import FeatcacheError
+from featcache.evaluate import fit_select, score, validation_split
+from featcache.fusion import TapNormalizer, TapRef, parse_taps
+from featcache.heads import HEADS, HeadOptions
+from featcache.runs import library_versions, save_run
+from featcache.store import FeatureCache, cache_file
+
+
+@dataclass(frozen=True)
+class FuseTrainConfig:
+    """Flags of ``featcache fuse-train``."""
+
+    features: ExtractConfig = field(default_factory=ExtractConfig)
+    taps: tuple[str, ...] = ("late",)  # each entry is one fusion, e.g. "early,late"
+    heads: tuple[str, ...] = ("logreg",)
+    tap_norm: str = "standard"
+    val_fraction: float = 0.1
+    options: HeadOptions = field(default_factory=HeadOptions)
+    runs_dir: Path = Path("runs")
+    run_extract: bool = False
+
+    def __post_init__(self):
+        for head in self.heads:
+            HEADS.lookup(head)
+        TapNormalizer(self.tap_norm)
+        if not 0 < self.val_fraction < 1:
+            raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {self.val_fraction} instead.")
+
+
+def extract_command(cfg: ExtractConfig, backbone: str) -> str:
+    """The ``featcache extract`` command that makes ``backbone``'s cache for ``cfg``."""
+    parts = ["featcache extract", f"--backbone {backbone}", f"--dataset {cfg.data.name}"]
+    defaults = DataRequest()
+    for f in fields(DataRequest):
+        value = getattr(cfg.data, f.name)
+        if f.name != "name" and value != getattr(defaults, f.name):
+            flag = "--" + f.name.replace("_", "-")
+            parts.append(flag if value is True else f"{flag} {value}")
+    base = ExtractConfig()
+    for name in ("weights", "pooling", "precision", "dtype", "device", "cache_dir"):
+        if getattr(cfg, name) != getattr(base, name):
+            parts.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}")
+    for name in ("image_size", "resize"):
+        if getattr(cfg.preprocess, name) != getattr(base.preprocess, name):
+            parts.append(f"--{name.replace('_', '-')} {getattr(cfg.preprocess, name)}")
+    return " ".join(parts)
+
+
+def locate_caches(cfg: ExtractConfig) -> dict[str, Path]:
+    """backbone -> finished cache file for this request; a missing one is an error."""
+    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    key = dataset_key(cfg.data)
+    found = {}
+    for name in cfg.backbones:
+        path = cache_file(cfg.cache_dir, key, name, fingerprint(cfg, BACKBONES.lookup(name), precision))
+        if not path.exists():
+            raise FeatcacheError(
+                f"no cached features for {name} in {path.parent} with these settings: run "
+                f"{extract_command(cfg, name)} (or add --extract)"
+            )
+        found[name] = path
+    return found
+
+
+@dataclass
+class Features:
+    """Every needed tap of both splits, loaded once."""
+
+    classes: list[str]
+    labels: dict[str, np.ndarray]  # split -> labels
+    taps: dict[tuple[str, TapRef], np.ndarray]  # (split, ref) -> (N, C) float32
+    fingerprints: dict[str, dict]
+    load_seconds: float
+
+
+def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
+    started = time.perf_counter()
+    labels, taps, fps, classes = {}, {}, {}, None
+    for backbone, path in paths.items():
+        with FeatureCache(path) as cache:
+            fps[backbone] = cache.fingerprint
+            classes = classes or cache.classes
+            for split in ("train", "test"):
+                y = cache.labels(split)
+                if split in labels and not np.array_equal(labels[split], y):
+                    raise FeatcacheError(f"{path} holds other {split} rows than the other backbones' caches")
+                labels[split] = y
+                for ref in refs:
+                    if ref.backbone != backbone:
+                        continue
+                    if ref.tap not in cache.taps(split):
+                        raise FeatcacheError(f"tap {ref} is not in {path}: re-run featcache extract --backbone {backbone}")
+                    taps[(split, ref)] = cache.read(split, ref.tap).astype(np.float32)
+    return Features(classes, labels, taps, fps, time.perf_counter() - started)
+
+
+def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
+    """Train every (taps, head) combination; return the run folders written."""
+    feat_cfg = cfg.features
+    if cfg.run_extract:
+        from featcache.extract import extract
+
+        extract(feat_cfg, log=log)
+    paths = locate_caches(feat_cfg)
+    tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]
+    data = load_features(paths, {ref for refs in tapsets for ref in refs})
+    y_all, y_test = data.labels["train"], data.labels["test"]
+    fit_rows, val_rows = validation_split(y_all, cfg.val_fraction, feat_cfg.data.seed)
+    written = []
+    for refs in tapsets:
+        train_blocks = [data.taps[("train", r)] for r in refs]
+        normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
+        X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
+        X_val = normalizer.transform([b[val_rows] for b in train_blocks])
+        X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
+        for head_name in cfg.heads:
+            selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
+            metrics = score(selection.head, X_test, y_test, data.classes)
+            record = _record(cfg, refs, head_name, selection, metrics, data, X_fit.shape[1], paths,
+                             n_rows=(len(fit_rows), len(val_rows), len(y_test)))
+            run = save_run(cfg.runs_dir, f"{'+'.join(map(str, refs))}-{head_name}", record, normalizer, selection.head)
+            log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
+                f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
+            written.append(run)
+    return written
+
+
+def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) -> dict:
+    feat = cfg.features
+    history = getattr(selection.head, "history_", None)
+    return {
+        "kind": "frozen",
+        "taps": [str(r) for r in refs],
+        "head": head_name,
+        "dim": dim,
+        "classes": data.classes,
+        "config": {
+            "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
+            "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
+            "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
+            "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
+            "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
+            "head_options": {k: v for k, v in vars(cfg.options).items()},
+        },
+        "caches": {b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
+        "rows": {"train": n_rows[0], "val": n_rows[1], "test": n_rows[2]},
+        "selection": {"params": selection.params, "val_accuracy": selection.val_accuracy,
+                      "candidates": selection.candidates,
+                      "best_epoch": getattr(selection.head, "best_epoch_", None)},
+        "curves": history,
+        "metrics": metrics,
+        "timings": {"load_seconds": data.load_seconds, "fit_seconds": selection.fit_seconds,
+                    "predict_seconds": metrics["predict_seconds"]},
+        "versions": library_versions(),
+    }

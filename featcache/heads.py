@@ -1,0 +1,261 @@
+"""Heads: interchangeable classifiers on fused features, all scikit-learn estimators.
+
+Flow: fusion -> **heads** -> evaluate -> runs. ``logreg`` and ``svm`` are scikit-learn's
+own; ``linear`` and ``mlp`` are :class:`TorchClassifier`, a PyTorch softmax regression or
+Linear -> ReLU -> Dropout -> Linear network that follows the estimator contract
+(keyword-only ``__init__`` that only stores, ``fit`` returns self, learned state in
+``name_`` attributes), so every head works in ``Pipeline`` and ``GridSearchCV``.
+
+Each registry entry pairs a factory with the hyper-parameter candidates that
+:mod:`featcache.evaluate` compares on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from featcache.errors import FeatcacheError, Registry
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+class TorchClassifier(ClassifierMixin, BaseEstimator):
+    """A PyTorch classifier head with the scikit-learn estimator contract.
+
+    Args:
+        hidden: hidden layer widths; ``()`` is softmax regression (the ``linear`` head),
+            ``(512,)`` the studies' Linear(3328 -> 512) -> ReLU -> Dropout -> Linear head.
+        dropout: dropout after each hidden layer.
+        optimizer: ``adam``, ``adamw`` or ``sgd``.
+        lr: learning rate.
+        weight_decay: L2 penalty (decoupled for AdamW).
+        epochs: maximum number of epochs.
+        batch_size: rows per step.
+        patience: with an ``eval_set``, stop after this many epochs without a better
+            validation loss and keep the best epoch's weights; None trains all epochs.
+        device: ``cpu`` or ``cuda``.
+        random_state: seed for initialisation, shuffling and dropout.
+
+    Attributes:
+        classes_: the class labels seen in ``fit``.
+        module_: the trained ``torch.nn.Sequential``.
+        history_: per epoch ``train_loss``, ``train_acc`` and, with an ``eval_set``,
+            ``val_loss`` and ``val_acc``.
+        best_epoch_: the epoch (1-based) whose weights were kept.
+    """
+
+    def __init__(self, *, hidden=(512,), dropout=0.2, optimizer="adam", lr=1e-3, weight_decay=0.0,
+                 epochs=30, batch_size=128, patience=5, device="cpu", random_state=0):
+        self.hidden = hidden
+        self.dropout = dropout
+        self.optimizer = optimizer
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.patience = patience
+        self.device = device
+        self.random_state = random_state
+
+    def _build(self, n_in: int, n_out: int):
+        import torch
+
+        layers, width = [], n_in
+        for h in self.hidden:
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+            width = h
+        layers.append(torch.nn.Linear(width, n_out))
+        return torch.nn.Sequential(*layers)
+
+    def _optimizer(self, params):
+        import torch
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"The 'optimizer' parameter must be one of {OPTIMIZERS}. Got {self.optimizer!r} instead.")
+        cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[self.optimizer]
+        return cls(params, lr=self.lr, weight_decay=self.weight_decay)
+
+    def fit(self, X, y, eval_set=None):
+        """Train on (X, y); ``eval_set=(X_val, y_val)`` enables per-epoch validation and early stopping."""
+        import torch
+
+        X, y = validate_data(self, X, y, dtype=np.float32)
+        check_classification_targets(y)
+        self.classes_, codes = np.unique(y, return_inverse=True)
+        generator = torch.Generator().manual_seed(self.random_state)
+        torch.manual_seed(self.random_state)
+        device = torch.device(self.device)
+        self.module_ = self._build(X.shape[1], len(self.classes_)).to(device)
+        opt = self._optimizer(self.module_.parameters())
+        Xt = torch.from_numpy(X).to(device)
+        yt = torch.from_numpy(codes.astype(np.int64)).to(device)
+        val = None
+        if eval_set is not None:
+            Xv = validate_data(self, eval_set[0], dtype=np.float32, reset=False)
+            val = (torch.from_numpy(Xv).to(device), torch.from_numpy(self._encode(eval_set[1])).to(device))
+        self.history_ = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
+        best, best_loss, since = None, np.inf, 0
+        loss_fn = torch.nn.CrossEntropyLoss()
+        for epoch in range(1, self.epochs + 1):
+            self.module_.train()
+            order = torch.randperm(len(Xt), generator=generator).to(device)
+            total, correct = 0.0, 0
+            for start in range(0, len(Xt), self.batch_size):
+                rows = order[start : start + self.batch_size]
+                logits = self.module_(Xt[rows])
+                loss = loss_fn(logits, yt[rows])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(rows)
+                correct += (logits.argmax(1) == yt[rows]).sum().item()
+            self.history_["train_loss"].append(total / len(Xt))
+            self.history_["train_acc"].append(correct / len(Xt))
+            if val is None:
+                continue
+            val_loss, val_acc = self._loss_acc(*val)
+            self.history_["val_loss"].append(val_loss)
+            self.history_["val_acc"].append(val_acc)
+            if val_loss < best_loss:
+                best, best_loss, since, self.best_epoch_ = copy.deepcopy(self.module_.state_dict()), val_loss, 0, epoch
+            else:
+                since += 1
+                if self.patience is not None and since >= self.patience:
+                    break
+        if best is not None:
+            self.module_.load_state_dict(best)
+        else:
+            self.best_epoch_ = len(self.history_["train_loss"])
+        self.module_.eval()
+        return self
+
+    def _encode(self, y) -> np.ndarray:
+        index = {c: i for i, c in enumerate(self.classes_)}
+        try:
+            return np.asarray([index[v] for v in np.asarray(y)], dtype=np.int64)
+        except KeyError as exc:
+            raise ValueError(f"validation label {exc.args[0]!r} was not seen in training") from None
+
+    def _loss_acc(self, X, y) -> tuple[float, float]:
+        import torch
+
+        self.module_.eval()
+        with torch.inference_mode():
+            logits = self.module_(X)
+            return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+
+    def _logits(self, X) -> np.ndarray:
+        import torch
+
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float32, reset=False)
+        self.module_.eval()
+        with torch.inference_mode():
+            device = next(self.module_.parameters()).device
+            return self.module_(torch.from_numpy(X).to(device)).float().cpu().numpy()
+
+    def decision_function(self, X) -> np.ndarray:
+        """Logits; for two classes the single margin of the second, as scikit-learn expects."""
+        logits = self._logits(X)
+        return logits[:, 1] - logits[:, 0] if logits.shape[1] == 2 else logits
+
+    def predict_proba(self, X) -> np.ndarray:
+        logits = self._logits(X)
+        logits -= logits.max(axis=1, keepdims=True)
+        p = np.exp(logits)
+        return p / p.sum(axis=1, keepdims=True)
+
+    def predict(self, X) -> np.ndarray:
+        codes = self._logits(X).argmax(axis=1)
+        return self.classes_[codes]
+
+
+# --- the registry ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadOptions:
+    """Head flags of ``fuse-train``: what the torch heads use, and the seed."""
+
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.2
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 30
+    batch_size: int = 128
+    patience: int | None = 5
+    device: str = "cpu"
+    seed: int = 0
+    grid: dict = field(default_factory=dict)  # name -> candidates, overriding the defaults
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            from featcache.errors import unknown
+
+            raise unknown("--optimizer", self.optimizer, OPTIMIZERS)
+        if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.dropout < 1 or self.lr <= 0:
+            raise FeatcacheError("--epochs and --batch-size must be at least 1, --dropout in [0, 1) and --lr positive")
+
+
+@dataclass(frozen=True)
+class HeadEntry:
+    """A head: ``make(options, **params)`` builds it; ``candidates(options, n_rows)`` lists
+    the hyper-parameters compared on validation."""
+
+    make: Callable
+    candidates: Callable
+    torch: bool = False
+
+
+HEADS = Registry("--head")
+C_GRID = (0.01, 0.1, 1.0, 10.0)
+
+
+def _logreg(o: HeadOptions, C=1.0):
+    from sklearn.linear_model import LogisticRegression
+
+    return LogisticRegression(C=C, max_iter=2000, random_state=o.seed)
+
+
+def _svm(o: HeadOptions, C=1.0, kernel="linear"):
+    """LinearSVC (calibrated for probabilities); RBF SVC on small data, where it is affordable."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.svm import SVC, LinearSVC
+
+    if kernel == "rbf":
+        return SVC(C=C, kernel="rbf", probability=True, random_state=o.seed)
+    return CalibratedClassifierCV(LinearSVC(C=C, random_state=o.seed), cv=3)
+
+
+def _torch(o: HeadOptions, hidden, **params):
+    settings = dict(hidden=hidden, dropout=o.dropout if hidden else 0.0, optimizer=o.optimizer, lr=o.lr,
+                    epochs=o.epochs, batch_size=o.batch_size, patience=o.patience, device=o.device,
+                    random_state=o.seed)
+    return TorchClassifier(**{**settings, **params})
+
+
+SMALL_DATA = 2000  # rows below which the RBF SVM joins the svm candidates
+
+HEADS.register("logreg")(HeadEntry(_logreg, lambda o, n: [{"C": c} for c in o.grid.get("C", C_GRID)]))
+HEADS.register("svm")(HeadEntry(
+    _svm,
+    lambda o, n: [{"C": c, "kernel": k} for k in (("linear", "rbf") if n < SMALL_DATA else ("linear",))
+                  for c in o.grid.get("C", C_GRID)],
+))
+HEADS.register("linear")(HeadEntry(
+    lambda o, **p: _torch(o, (), **p),
+    lambda o, n: [{"weight_decay": w} for w in o.grid.get("weight_decay", (0.0, 1e-4, 1e-2))],
+    torch=True,
+))
+HEADS.register("mlp")(HeadEntry(
+    lambda o, **p: _torch(o, o.hidden, **p),
+    lambda o, n: [{"weight_decay": w} for w in o.grid.get("weight_decay", (0.0, 1e-2))],
+    torch=True,
+))

@@ -1,0 +1,52 @@
+"""Classify new image files with a run: its backbones, preprocessing, tap fusion and head.
+
+Flow: image files -> backbones (as extracted) -> fusion (the run's fitted normaliser) ->
+head. Features are rounded to the cache's storage dtype, so a file that is also in the
+cache gets exactly the prediction it got in evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones import BACKBONES
+from featcache.config import PreprocessConfig, resolve_device
+from featcache.errors import FeatcacheError
+from featcache.extract import load_image, tap_model, to_input
+from featcache.runs import load_head, load_record
+
+
+def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_size: int = 32):
+    """[(file, label, probability)] for each image file."""
+    import torch
+
+    record = load_record(run_dir)
+    cfg = record["config"]
+    normalizer, head = load_head(run_dir)
+    pre = PreprocessConfig(image_size=cfg["image_size"], resize=cfg["resize"])
+    dev = resolve_device(device)
+    images = []
+    for file in files:
+        try:
+            images.append(load_image(file, pre))
+        except Exception as exc:
+            raise FeatcacheError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from exc
+    refs = [tuple(t.split(":", 1)) for t in record["taps"]]
+    storage = np.float16 if cfg["dtype"] == "float16" else np.float32
+    pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
+    for backbone in dict.fromkeys(b for b, _ in refs):
+        model = tap_model(BACKBONES.lookup(backbone), cfg["weights"], cfg["seed"], cfg["pooling"], dev)
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.stack(images[start : start + batch_size])).to(dev)
+                out = model(to_input(batch, pre))
+                for b, tap in refs:
+                    if b == backbone:
+                        pooled[(b, tap)].append(out[tap].float().cpu().numpy().astype(storage))
+    X = normalizer.transform([np.concatenate(pooled[ref]) for ref in refs])
+    proba = head.predict_proba(X)
+    classes = record["classes"]
+    best = proba.argmax(axis=1)
+    return [(f, classes[int(head.classes_[k])], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, best))]

@@ -1,0 +1,161 @@
+"""Run records: one folder per trained head, and the table that compares them.
+
+Flow: evaluate -> **runs** -> report. A run folder holds ``record.json`` (config, cache
+fingerprints, chosen hyper-parameters, metrics, per-epoch curves, timings, library
+versions) and the trained head: ``head.joblib`` for scikit-learn heads, ``head.pt`` (a
+torch state file) for torch heads, each with the fitted tap normaliser. A folder is
+written under a temporary name and renamed when complete, so a run folder is never
+half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shutil
+import time
+from pathlib import Path
+
+from featcache import __version__
+from featcache.errors import FeatcacheError
+
+RECORD = "record.json"
+TABLE_COLUMNS = ["run", "taps", "head", "tap_norm", "val_acc", "test_acc", "macro_f1", "fit_s"]
+
+
+def library_versions() -> dict:
+    import h5py
+    import numpy
+    import sklearn
+    import torch
+    import torchvision
+
+    return {"featcache": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "scikit-learn": sklearn.__version__,
+            "numpy": numpy.__version__, "h5py": h5py.__version__}
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:80]
+
+
+def save_run(runs_dir: Path, label: str, record: dict, normalizer, head) -> Path:
+    """Write a complete run folder ``runs_dir/<time>-<label>`` and return its path."""
+    runs_dir = Path(runs_dir)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    name = f"{stamp}-{_slug(label)}"
+    final, n = runs_dir / name, 1
+    while final.exists():
+        n += 1
+        final = runs_dir / f"{name}-{n}"
+    tmp = runs_dir / f".{final.name}.tmp"
+    try:
+        tmp.mkdir(parents=True)
+        record = {**record, "run": final.name}
+        save_head(tmp, normalizer, head)
+        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default))
+        os.replace(tmp, final)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FeatcacheError(f"cannot write run folder in {runs_dir}: {exc.strerror or exc}; choose another --runs-dir") from exc
+    return final
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a run record")
+
+
+def save_head(folder: Path, normalizer, head) -> None:
+    import joblib
+
+    from featcache.heads import TorchClassifier
+
+    if isinstance(head, TorchClassifier):
+        import torch
+
+        torch.save({"params": head.get_params(), "state": head.module_.state_dict(), "classes": head.classes_,
+                    "n_features_in": head.n_features_in_, "best_epoch": head.best_epoch_,
+                    "history": head.history_}, folder / "head.pt")
+        joblib.dump({"normalizer": normalizer}, folder / "fusion.joblib")
+    else:
+        joblib.dump({"normalizer": normalizer, "head": head}, folder / "head.joblib")
+
+
+def load_head(folder: Path):
+    """(normalizer, fitted head) of a run folder."""
+    import joblib
+
+    folder = Path(folder)
+    if (folder / "head.pt").exists():
+        import torch
+
+        from featcache.heads import TorchClassifier
+
+        saved = torch.load(folder / "head.pt", map_location="cpu", weights_only=False)
+        head = TorchClassifier(**{**saved["params"], "device": "cpu"})
+        head.classes_ = saved["classes"]
+        head.n_features_in_ = saved["n_features_in"]
+        head.best_epoch_ = saved["best_epoch"]
+        head.history_ = saved["history"]
+        head.module_ = head._build(head.n_features_in_, len(head.classes_))
+        head.module_.load_state_dict(saved["state"])
+        head.module_.eval()
+        return joblib.load(folder / "fusion.joblib")["normalizer"], head
+    saved = joblib.load(folder / "head.joblib")
+    return saved["normalizer"], saved["head"]
+
+
+def load_record(folder: Path) -> dict:
+    folder = Path(folder)
+    path = folder / RECORD
+    if not path.is_file():
+        raise FeatcacheError(f"{folder} is not a run folder (no {RECORD}): list runs with featcache runs")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FeatcacheError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+
+
+def resolve_run(run: str, runs_dir: Path) -> Path:
+    """A run given as a folder path or as a name inside ``runs_dir``."""
+    path = Path(run)
+    if not path.exists() and (Path(runs_dir) / run).exists():
+        path = Path(runs_dir) / run
+    load_record(path)
+    return path
+
+
+def list_records(runs_dir: Path) -> list[dict]:
+    runs_dir = Path(runs_dir)
+    if not runs_dir.is_dir():
+        return []
+    return [load_record(p) for p in sorted(runs_dir.iterdir()) if (p / RECORD).is_file()]
+
+
+def runs_table(runs_dir: Path):
+    """The comparison table (one row per run), like the studies' results tables."""
+    import pandas as pd
+
+    rows = []
+    for r in list_records(runs_dir):
+        rows.append({
+            "run": r["run"],
+            "taps": "+".join(r["taps"]),
+            "head": r["head"],
+            "tap_norm": r["config"]["tap_norm"],
+            "val_acc": r["selection"]["val_accuracy"],
+            "test_acc": r["metrics"]["accuracy"],
+            "macro_f1": r["metrics"]["macro_f1"],
+            "fit_s": r["timings"]["fit_seconds"],
+        })
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)

@@ -1,0 +1,172 @@
+"""fuse-train end to end on digits with the tiny backbone and random weights (fast)."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import tiny_config
+
+from featcache import fusetrain
+from featcache.cli import cli
+from featcache.config import PreprocessConfig
+from featcache.datasets import DataRequest
+from featcache.errors import FeatcacheError
+from featcache.extract import extract
+from featcache.fusetrain import FuseTrainConfig, fuse_train
+from featcache.heads import HeadOptions
+from featcache.runs import load_head, load_record, runs_table
+
+DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
+OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)
+
+
+def train_cfg(tmp_path, **kw):
+    features = tiny_config(tmp_path, data=DATA, backbones=kw.pop("backbones", ("tiny",)))
+    settings = dict(features=features, taps=("late",), heads=("logreg",), options=OPTIONS, runs_dir=tmp_path / "runs")
+    settings.update(kw)
+    return FuseTrainConfig(**settings)
+
+
+@pytest.fixture
+def cached(tmp_path):
+    extract(tiny_config(tmp_path, data=DATA), progress=False)
+    return tmp_path
+
+
+def test_every_taps_head_combination_from_one_load(cached, monkeypatch):
+    loads = []
+    real = fusetrain.load_features
+    monkeypatch.setattr(fusetrain, "load_features", lambda *a: loads.append(a) or real(*a))
+    cfg = train_cfg(cached, taps=("late", "early,late"), heads=("logreg", "mlp"))
+    runs = fuse_train(cfg, log=lambda m: None)
+    assert len(runs) == 4 and len(loads) == 1
+    table = runs_table(cached / "runs")
+    assert sorted(zip(table.taps, table["head"])) == sorted(
+        [("tiny:stage3", "logreg"), ("tiny:stage3", "mlp"), ("tiny:stage1+tiny:stage3", "logreg"),
+         ("tiny:stage1+tiny:stage3", "mlp")])
+    record = load_record(runs[1])
+    assert record["dim"] == 16 and record["rows"] == {"train": 360, "val": 40, "test": 150}
+    assert record["caches"]["tiny"]["fingerprint"]["backbone"] == "tiny"
+    assert len(record["curves"]["val_acc"]) >= 1 and record["selection"]["best_epoch"] >= 1
+    for key in ("accuracy", "macro_f1", "balanced_accuracy", "top5_accuracy", "per_class", "confusion_matrix"):
+        assert key in record["metrics"]
+    assert np.sum(record["metrics"]["confusion_matrix"]) == 150
+    assert {"torch", "scikit-learn", "featcache"} <= set(record["versions"])
+    assert record["metrics"]["accuracy"] > 0.5  # random tiny features still carry the digits
+
+
+def test_choices_never_see_the_test_labels(cached, monkeypatch):
+    """Permuting the test labels changes the test score and nothing that was chosen."""
+    cfg = train_cfg(cached, heads=("logreg", "mlp"))
+    honest = [load_record(r) for r in fuse_train(cfg, log=lambda m: None)]
+    real = fusetrain.load_features
+
+    def permuted(*args):
+        data = real(*args)
+        data.labels["test"] = np.random.default_rng(0).permutation(data.labels["test"])
+        return data
+
+    monkeypatch.setattr(fusetrain, "load_features", permuted)
+    shuffled = [load_record(r) for r in fuse_train(cfg, log=lambda m: None)]
+    for a, b in zip(honest, shuffled):
+        assert a["selection"] == b["selection"]
+        assert a["curves"] == b["curves"]
+        assert a["metrics"]["accuracy"] != b["metrics"]["accuracy"]
+
+
+def test_same_seed_same_numbers(cached):
+    cfg = train_cfg(cached, heads=("mlp",))
+    a, b = (load_record(fuse_train(cfg, log=lambda m: None)[0]) for _ in range(2))
+    assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"] and a["curves"] == b["curves"]
+
+
+def test_fusion_across_backbones(tmp_path):
+    cfg = train_cfg(tmp_path, backbones=("tiny", "resnet18"), run_extract=True, taps=("late",))
+    [run] = fuse_train(cfg, log=lambda m: None)
+    record = load_record(run)
+    assert record["taps"] == ["tiny:stage3", "resnet18:layer4"] and record["dim"] == 16 + 512
+
+
+def test_missing_cache_names_the_extract_command(tmp_path):
+    with pytest.raises(FeatcacheError, match=r"no cached features for tiny in .* run featcache extract "
+                                             r"--backbone tiny --dataset digits --limit-train 400 --limit-test 150 "
+                                             r"--weights random .*--image-size 32 \(or add --extract\)"):
+        fuse_train(train_cfg(tmp_path), log=lambda m: None)
+
+
+def test_saved_heads_reload_with_the_same_predictions(cached):
+    for head in ("logreg", "mlp"):
+        [run] = fuse_train(train_cfg(cached, heads=(head,)), log=lambda m: None)
+        normalizer, model = load_head(run)
+        X = normalizer.transform([np.ones((3, 16), np.float32)])
+        assert model.predict_proba(X).shape == (3, 10)
+    assert (run / "head.pt").exists() and (run / "fusion.joblib").exists()
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu",
+         "--limit-train", "400", "--limit-test", "150"]
+
+
+def test_cli_fuse_train_runs_and_csv(cached):
+    runs_dir = cached / "runs"
+    result = run_cli("fuse-train", *FLAGS, "--cache-dir", cached / "cache", "--runs-dir", runs_dir,
+                     "--taps", "late", "--taps", "early,late", "--head", "logreg,linear", "--epochs", "5")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("val acc") == 4
+    table = run_cli("runs", "--runs-dir", runs_dir, "--csv", cached / "runs.csv")
+    assert table.exit_code == 0
+    header = table.output.splitlines()[0].split()
+    assert header == ["run", "taps", "head", "tap_norm", "val_acc", "test_acc", "macro_f1", "fit_s"]
+    assert len((cached / "runs.csv").read_text().splitlines()) == 5
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--taps", "lat"], "Got 'lat' instead; did you mean 'late'"),
+    (["--head", "mlpp"], "did you mean 'mlp'"),
+    (["--tap-norm", "zscore"], "'--tap-norm' option must be one of"),
+    (["--hidden", "big"], "--hidden takes comma-separated widths"),
+    (["--val-fraction", "1.5"], "--val-fraction must lie between 0 and 1"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(cached, args, pattern):
+    result = run_cli("fuse-train", *FLAGS, "--cache-dir", cached / "cache", "--runs-dir", cached / "runs", *args)
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert pattern in result.output
+
+
+def test_taps_missing_from_the_cache(cached):
+    import h5py
+
+    [path] = (cached / "cache" / "digits").glob("tiny-*.h5")
+    with h5py.File(path, "r+") as f:
+        del f["train/taps/stage3"]
+    result = run_cli("fuse-train", *FLAGS, "--cache-dir", cached / "cache", "--runs-dir", cached / "runs")
+    assert result.exit_code == 2 and "tap tiny:stage3 is not in" in result.output
+
+
+def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
+    data = ["--dataset", "folder", "--data-dir", image_folder, "--backbone", "tiny", "--weights", "random",
+            "--image-size", "32", "--device", "cpu", "--cache-dir", tmp_path / "cache"]
+    assert run_cli("extract", *data, "-q", "--num-workers", "0").exit_code == 0
+    trained = run_cli("fuse-train", *data, "--runs-dir", tmp_path / "runs", "--head", "logreg", "--val-fraction", "0.25")
+    assert trained.exit_code == 0, trained.output
+    [run] = (tmp_path / "runs").iterdir()
+    files = sorted(image_folder.rglob("*.png"))
+    result = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", *files)
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.output.strip().splitlines()]
+    assert [line[0] for line in lines] == [str(f) for f in files]
+    assert {line[1] for line in lines} <= {"cat", "dog"}
+    correct = sum(line[1] == f.parent.name for line, f in zip(lines, files))
+    assert correct >= 10  # the two generated classes differ in colour
+    record = json.loads((run / "record.json").read_text())
+    assert record["classes"] == ["cat", "dog"]
+
+
+def test_predict_errors(tmp_path):
+    result = run_cli("predict", "--run", tmp_path, str(tmp_path / "x.png"))
+    assert result.exit_code == 2 and "is not a run folder" in result.output

@@ -1,0 +1,63 @@
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+
+from featcache.backbones import BACKBONES
+from featcache.errors import FeatcacheError
+from featcache.fusion import TapNormalizer, TapRef, parse_taps
+
+
+def dim(refs):
+    return sum(BACKBONES[r.backbone].tap(r.tap).channels for r in refs)
+
+
+def test_late_of_two_backbones_is_the_studies_3328_vector():
+    refs = parse_taps("late", ("resnet50", "mobilenet_v2"))
+    assert refs == (TapRef("resnet50", "layer4"), TapRef("mobilenet_v2", "features.18"))
+    assert dim(refs) == 3328
+
+
+def test_two_layers_of_one_backbone_and_qualified_taps():
+    assert dim(parse_taps("early,late", ("mobilenet_v2",))) == 32 + 1280
+    refs = parse_taps("resnet50:late,mobilenet_v2:early", ("resnet50", "mobilenet_v2"))
+    assert [str(r) for r in refs] == ["resnet50:layer4", "mobilenet_v2:features.6"]
+    assert dim(refs) == 2048 + 32
+    assert parse_taps("layer3,mid", ("resnet18",)) == (TapRef("resnet18", "layer3"),)  # same tap once
+
+
+def test_bad_taps_name_the_closest():
+    with pytest.raises(FeatcacheError, match="Got 'erly' instead; did you mean 'early'"):
+        parse_taps("erly", ("resnet18",))
+    with pytest.raises(FeatcacheError, match="did you mean 'resnet50'"):
+        parse_taps("resnet05:late", ("resnet50",))
+    with pytest.raises(FeatcacheError, match="empty entry"):
+        parse_taps("late,", ("resnet50",))
+
+
+def test_standard_norm_uses_train_statistics_only():
+    train = [np.array([[0.0], [2.0]]), np.array([[10.0, 1], [30.0, 1]])]
+    norm = TapNormalizer("standard").fit(train)
+    out = norm.transform([np.array([[1.0]]), np.array([[20.0, 1]])])
+    np.testing.assert_allclose(out, [[0.0, 0.0, 0.0]])
+    l2 = TapNormalizer("l2").fit(train).transform(train)
+    np.testing.assert_allclose(np.linalg.norm(l2[:, 1:], axis=1), 1.0, rtol=1e-6)
+    with pytest.raises(FeatcacheError, match="'--tap-norm' option must be one of"):
+        TapNormalizer("zscore")
+
+
+def test_per_tap_normalisation_recovers_what_plain_concatenation_loses():
+    """Two taps of very different scale: a small informative one, a loud uninformative one."""
+    rng = np.random.default_rng(0)
+    n, classes = 900, 3
+    y = rng.integers(0, classes, n)
+    centres = rng.normal(0, 1, (classes, 16))
+    quiet = (centres[y] + rng.normal(0, 1.0, (n, 16))) * 1e-3  # informative, tiny scale
+    loud = rng.normal(0, 1, (n, 64)) * 1e3  # noise, huge scale
+    train, test = slice(0, 600), slice(600, None)
+    scores = {}
+    for method in ("none", "standard"):
+        norm = TapNormalizer(method).fit([quiet[train], loud[train]])
+        head = LogisticRegression(C=1.0, max_iter=500).fit(norm.transform([quiet[train], loud[train]]), y[train])
+        scores[method] = head.score(norm.transform([quiet[test], loud[test]]), y[test])
+    assert scores["standard"] > 0.8
+    assert scores["standard"] - scores["none"] > 0.3, scores

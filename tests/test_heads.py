@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from featcache.heads import HEADS, HeadOptions, TorchClassifier
+
+# Checks the torch heads are marked to fail, each with the reason (documented in the README).
+EXPECTED_FAILURES = {}
+
+
+@parametrize_with_checks(
+    [TorchClassifier(hidden=(), epochs=20, batch_size=32, patience=None, lr=0.05),
+     TorchClassifier(hidden=(16,), dropout=0.1, epochs=20, batch_size=32, patience=None, lr=0.01)],
+    expected_failed_checks=lambda est: EXPECTED_FAILURES,
+)
+def test_torch_heads_pass_scikit_learn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def blobs(n=300, classes=3, dim=6, seed=0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    X = rng.normal(0, 1, (classes, dim))[y] * 3 + rng.normal(0, 1, (n, dim))
+    return X.astype(np.float32), y
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_fits_predicts_and_scores(name):
+    X, y = blobs()
+    entry = HEADS[name]
+    options = HeadOptions(epochs=60, hidden=(32,), lr=1e-2)
+    for params in entry.candidates(options, len(X))[:1]:
+        head = entry.make(options, **params)
+        assert head.fit(X[:200], y[:200]) is head
+        proba = head.predict_proba(X[200:])
+        assert proba.shape == (100, 3) and np.allclose(proba.sum(1), 1, atol=1e-5)
+        assert head.score(X[200:], y[200:]) > 0.9
+        assert set(head.get_params()) >= set(clone(head).get_params())
+
+
+def test_studies_heads_are_one_flag_each():
+    big = HEADS["mlp"].make(HeadOptions(hidden=(512,), dropout=0.2, optimizer="adamw", lr=1e-4))
+    big.fit(np.zeros((4, 3328), np.float32), [0, 1, 2, 3])
+    assert [type(m).__name__ for m in big.module_] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert big.module_[0].in_features == 3328 and big.module_[0].out_features == 512 and big.module_[2].p == 0.2
+    small = HEADS["mlp"].make(HeadOptions(hidden=(256,), dropout=0.5))
+    assert small.hidden == (256,) and small.dropout == 0.5
+
+
+def test_torch_head_records_curves_and_stops_early_on_validation():
+    X, y = blobs(n=400)
+    head = TorchClassifier(hidden=(16,), epochs=200, patience=3, lr=0.05, random_state=1)
+    head.fit(X[:300], y[:300], eval_set=(X[300:], y[300:]))
+    epochs = len(head.history_["train_loss"])
+    assert epochs < 200 and len(head.history_["val_acc"]) == epochs
+    assert head.best_epoch_ == int(np.argmin(head.history_["val_loss"])) + 1
+
+
+def test_same_seed_same_numbers():
+    X, y = blobs()
+    a = TorchClassifier(hidden=(8,), epochs=5, random_state=3).fit(X, y).predict_proba(X)
+    b = TorchClassifier(hidden=(8,), epochs=5, random_state=3).fit(X, y).predict_proba(X)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_heads_work_in_pipeline_and_grid_search():
+    X, y = blobs()
+    search = GridSearchCV(make_pipeline(StandardScaler(), TorchClassifier(hidden=(), epochs=10)),
+                          {"torchclassifier__lr": [0.01, 0.1]}, cv=2).fit(X, y)
+    assert search.best_score_ > 0.9
