@@ -4,8 +4,14 @@ studies' way   two frozen backbones run in every epoch (per-image PIL resize in 
                DataLoader, fp32 eager models), their late features concatenated and fed to
                Linear(C -> 512) -> ReLU -> Dropout(0.2) -> Linear, Adam, E epochs
 featcache      `featcache extract` of both backbones once, then the same head, optimizer,
-               epochs and batch size on the cached features (plain concatenation, as the
-               studies do); wall time includes the extraction
+               epochs and batch size on the cached features; wall time includes the
+               extraction
+
+Both ways fuse the same way (--tap-norm, default standard: each backbone's features
+standardised with the training statistics of the cache, then concatenated), so they train
+the same head on the same features and their accuracies can be compared. With random
+weights the studies' plain concatenation (--tap-norm none) learns next to nothing in
+5 epochs (benchmarks/RESULTS.md), which would make any accuracy comparison empty.
 
 Prints both wall times, their ratio and both test accuracies (target: ratio >= 4 at E = 5,
 accuracies within one point). Second figure: the time to train logreg, svm and mlp on
@@ -66,10 +72,13 @@ def trunk(name, device):
     return net.to(device).eval()
 
 
-def studies_way(names, data, args, device) -> tuple[float, float]:
+def studies_way(names, data, args, device, norm) -> tuple[float, float]:
+    from featcache.finetune import TapNorm
+
     started = time.perf_counter()
     train, test = data.splits["train"], data.splits["test"]
     nets = [trunk(n, device) for n in names]
+    fuse = TapNorm(norm).to(device)  # a fixed affine per backbone: same fusion as the featcache side
     dim = sum(BACKBONES[n].tap("late").channels for n in names)
     torch.manual_seed(args.seed)
     head = torch.nn.Sequential(torch.nn.Linear(dim, 512), torch.nn.ReLU(), torch.nn.Dropout(0.2),
@@ -83,7 +92,7 @@ def studies_way(names, data, args, device) -> tuple[float, float]:
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             with torch.no_grad():
-                feats = torch.cat([net(x) for net in nets], dim=1)  # recomputed every epoch
+                feats = fuse([net(x) for net in nets])  # recomputed every epoch
             loss = torch.nn.functional.cross_entropy(head(feats), y)
             opt.zero_grad()
             loss.backward()
@@ -95,7 +104,7 @@ def studies_way(names, data, args, device) -> tuple[float, float]:
     with torch.no_grad():
         for x, y in test_loader:
             x = x.to(device)
-            pred = head(torch.cat([net(x) for net in nets], dim=1)).argmax(1).cpu()
+            pred = head(fuse([net(x) for net in nets])).argmax(1).cpu()
             correct += (pred == y).sum().item()
     return time.perf_counter() - started, correct / len(test)
 
@@ -108,13 +117,13 @@ def featcache_way(names, request, args, cache_dir) -> tuple[float, float]:
     extract(cfg, progress=False)
     refs = parse_taps("late", cfg.backbones)
     data = load_features(locate_caches(cfg), set(refs))
-    norm = TapNormalizer("none").fit([data.taps[("train", r)] for r in refs])
+    norm = TapNormalizer(args.tap_norm).fit([data.taps[("train", r)] for r in refs])
     head = TorchClassifier(hidden=(512,), dropout=0.2, optimizer="adam", lr=args.lr, epochs=args.epochs,
                            batch_size=args.batch_size, patience=None, device=cfg.device if cfg.device != "auto" else
                            ("cuda" if torch.cuda.is_available() else "cpu"), random_state=args.seed)
     head.fit(norm.transform([data.taps[("train", r)] for r in refs]), data.labels["train"])
     acc = head.score(norm.transform([data.taps[("test", r)] for r in refs]), data.labels["test"])
-    return time.perf_counter() - started, acc, cfg
+    return time.perf_counter() - started, acc, cfg, norm
 
 
 def all_pairs(names, cfg, args, runs_dir) -> tuple[float, int]:
@@ -139,6 +148,7 @@ def main():
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--tap-norm", default="standard", help="fusion of both ways: standard, l2 or none")
     parser.add_argument("--skip-pairs", action="store_true", help="only the first figure")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
@@ -147,10 +157,10 @@ def main():
     data = load_dataset(request)
     print(f"{'+'.join(names)}, {args.image_size} px, {len(data.splits['train'])} train / {len(data.splits['test'])} "
           f"test digits, E = {args.epochs}, Adam lr {args.lr}, batch {args.batch_size}, device {device} "
-          f"({torch.get_num_threads()} threads), random weights", flush=True)
-    slow, slow_acc = studies_way(names, data, args, device)
+          f"({torch.get_num_threads()} threads), random weights, tap norm {args.tap_norm}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
-        fast, fast_acc, cfg = featcache_way(names, request, args, Path(tmp) / "cache")
+        fast, fast_acc, cfg, norm = featcache_way(names, request, args, Path(tmp) / "cache")
+        slow, slow_acc = studies_way(names, data, args, device, norm)
         print(f"studies' way {slow:8.1f} s  test acc {slow_acc:.4f}\n"
               f"featcache    {fast:8.1f} s  test acc {fast_acc:.4f}  (extraction included)\n"
               f"ratio {slow / fast:.2f}x  accuracy difference {100 * (fast_acc - slow_acc):+.2f} points", flush=True)

@@ -44,6 +44,9 @@ class BackboneSpec:
             when no pretrained weights exist.
         head_prefixes: state-dict prefixes of the classifier, ignored when loading a
             local state dict (a fine-tuned classifier may have any number of classes).
+        blocks: module-name prefixes of the trainable blocks in forward order, the units
+            of ``--unfreeze last-N``.
+        last_block: the modules ``--unfreeze last-block`` makes trainable.
     """
 
     name: str
@@ -52,6 +55,8 @@ class BackboneSpec:
     aliases: dict[str, str]
     weights_name: str | None = None
     head_prefixes: tuple[str, ...] = field(default_factory=tuple)
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+    last_block: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def tap_names(self) -> tuple[str, ...]:
@@ -74,6 +79,8 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     missing = set(ALIASES) - set(spec.aliases)
     if missing or not set(spec.aliases.values()) <= set(spec.tap_names):
         raise ValueError(f"backbone {spec.name}: aliases must map {ALIASES} to declared taps")
+    if not set(spec.last_block) <= set(spec.blocks):
+        raise ValueError(f"backbone {spec.name}: last_block must be among its blocks")
     return BACKBONES.register(spec.name)(spec)
 
 
@@ -95,6 +102,8 @@ def _resnet(name: str, widths: tuple[int, int, int, int]) -> BackboneSpec:
         aliases={"early": "layer2", "mid": "layer3", "late": "layer4"},
         weights_name=name,
         head_prefixes=("fc.",),
+        blocks=("layer1", "layer2", "layer3", "layer4"),
+        last_block=("layer4",),
     )
 
 
@@ -115,6 +124,8 @@ register_backbone(
         aliases={"early": "features.6", "mid": "features.13", "late": "features.18"},
         weights_name="mobilenet_v2",
         head_prefixes=("classifier.",),
+        blocks=tuple(f"features.{i}" for i in range(19)),
+        last_block=("features.17", "features.18"),  # the last inverted residual and the 1x1 conv to 1280
     )
 )
 register_backbone(
@@ -131,6 +142,8 @@ register_backbone(
         aliases={"early": "features.16", "mid": "features.23", "late": "features.30"},
         weights_name="vgg16",
         head_prefixes=("classifier.",),
+        blocks=tuple(f"features.{i}" for i in (0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28)),  # the convolutions
+        last_block=("features.24", "features.26", "features.28"),  # conv block 5
     )
 )
 

@@ -38,6 +38,7 @@ def cli():
     featcache extract --backbone resnet50    cache every tap of a frozen backbone
     featcache info CACHE.h5                  show what a cache file holds
     featcache fuse-train --taps late --head logreg,mlp    fuse cached taps, train heads
+    featcache finetune --unfreeze last-block   train unfrozen variants end to end
     featcache runs                           compare every run
     featcache predict --run RUN IMAGE...     classify new images with a run
     """
@@ -233,6 +234,70 @@ def fuse_train(backbone_names, taps, heads, tap_norm, val_fraction, hidden, drop
                           val_fraction=val_fraction, options=options, runs_dir=runs_dir, run_extract=run_extract)
     written = run(cfg, log=click.echo)
     click.echo(f"{len(written)} runs written to {runs_dir}; compare them with: featcache runs --runs-dir {runs_dir}")
+
+
+@cli.command()
+@click.option("--backbone", "backbone_names", multiple=True, default=("resnet50",), show_default=True,
+              help="Backbone to fine-tune; repeat to fuse several.")
+@click.option("--taps", default="late", show_default=True, help="Taps to fuse (as in fuse-train), e.g. late or early,late.")
+@click.option("--head", default="mlp", show_default=True,
+              help="mlp, linear, or resblocks (trainable residual blocks on one backbone's feature map, then an MLP).")
+@click.option("--hidden", default="512", show_default=True, help="Head hidden widths, e.g. 512 or 512,256.")
+@click.option("--dropout", type=float, default=0.2, show_default=True)
+@click.option("--res-blocks", type=int, default=2, show_default=True, help="Residual blocks of --head resblocks.")
+@click.option("--tap-norm", default="standard", show_default=True, help="standard, l2 or none (fitted on train).")
+@click.option("--unfreeze", default="last-block", show_default=True,
+              help="Phase 2 trainable backbone part: none, last-block, last-N (blocks) or all.")
+@click.option("--head-epochs", type=int, default=0, show_default=True, help="Phase 1: epochs training only the head.")
+@click.option("--epochs", type=int, default=6, show_default=True, help="Phase 2: epochs with the unfreeze policy.")
+@click.option("--optimizer", default="adamw", show_default=True, help="adam, adamw or sgd.")
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Head learning rate.")
+@click.option("--backbone-lr-scale", type=float, default=0.1, show_default=True,
+              help="Backbone learning rate = --lr x this, in phase 2.")
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--augment", default="none", show_default=True,
+              help="none; basic (resize, random crop, flip); heavy (rotation 20, flip, RandomResizedCrop, affine 20).")
+@click.option("--val-fraction", type=float, default=0.1, show_default=True)
+@click.option("--patience", type=int, default=None, help="Early stopping after N epochs without a better val loss.")
+@click.option("--init-head", type=click.Path(path_type=Path), help="A fuse-train run whose head is phase 1.")
+@data_options
+@feature_options
+@click.option("--device", default="auto", show_default=True)
+@click.option("--num-workers", type=int, default=2, show_default=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command from its last epoch.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def finetune(backbone_names, taps, head, hidden, dropout, res_blocks, tap_norm, unfreeze, head_epochs, epochs,
+             optimizer, lr, backbone_lr_scale, batch_size, augment, val_fraction, patience, init_head, num_workers,
+             runs_dir, resume, quiet, **opts):
+    """Train unfrozen variants end to end: backbones -> taps -> pooling -> normalisation -> head.
+
+    Writes the same run record as fuse-train, so featcache runs lists both side by side.
+    """
+    from featcache.config import ExtractConfig, PreprocessConfig
+    from featcache.finetune import FinetuneConfig
+    from featcache.finetune import finetune as run
+    from featcache.runs import resolve_run
+
+    features = ExtractConfig(
+        data=data_request(opts), backbones=tuple(backbone_names), weights=opts["weights"],
+        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
+        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
+        cache_dir=opts["cache_dir"],
+    )
+    cfg = FinetuneConfig(
+        features=features, taps=taps, head=head, hidden=_hidden(hidden), dropout=dropout, res_blocks=res_blocks,
+        tap_norm=tap_norm, unfreeze=unfreeze, head_epochs=head_epochs, epochs=epochs, optimizer=optimizer, lr=lr,
+        backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, augment=augment, val_fraction=val_fraction,
+        patience=patience, init_head=resolve_run(str(init_head), runs_dir) if init_head else None,
+        runs_dir=runs_dir, resume=resume, num_workers=num_workers,
+    )
+    try:
+        path = run(cfg, log=click.echo, progress=not quiet)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command with --resume to continue from the last epoch", err=True)
+        sys.exit(130)
+    click.echo(f"run written to {path}")
 
 
 @cli.command()

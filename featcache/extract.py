@@ -22,6 +22,7 @@ from featcache.errors import FeatcacheError
 from featcache.store import CacheWriter, FeatureCache, cache_file, locked
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
+FLOAT16_TINY = 2.0**-14  # smallest normal float16
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,14 @@ class FileImages:
             return torch.zeros((size, size, 3), dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
 
 
-def load_image(path, pre: PreprocessConfig) -> np.ndarray:
-    """Decode one file to RGB and resize it with PIL as ``pre`` says."""
+def load_image(path, pre: PreprocessConfig, resize: bool = True) -> np.ndarray:
+    """Decode one file to RGB uint8 (H, W, 3) and, unless told not to, resize it as ``pre`` says."""
     from PIL import Image
 
     with Image.open(path) as image:
         image = image.convert("RGB")
+    if not resize:
+        return np.asarray(image, dtype=np.uint8).copy()
     size = pre.image_size
     if pre.resize == "stretch":
         image = image.resize((size, size), Image.BILINEAR)
@@ -225,6 +228,7 @@ def _write_cache(cfg, spec, fp, path, dataset, device, precision, progress, log)
         log(f"resuming {writer.partial} with its original settings {writer.run_attrs} so the numbers match")
     run = writer.run_attrs
     storage = torch.float16 if cfg.dtype == "float16" else torch.float32
+    warned: set[str] = set()
     try:
         model = tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device, run["compile"])
         todo = {s: len(d) - writer.rows_done(s) for s, d in dataset.splits.items()}
@@ -238,6 +242,12 @@ def _write_cache(cfg, spec, fp, path, dataset, device, precision, progress, log)
                         pooled = model(to_input(images, cfg.preprocess))
                     features = {}
                     for tap, values in pooled.items():
+                        if storage == torch.float16 and tap not in warned:
+                            largest = float(values.abs().max())
+                            if 0 < largest < FLOAT16_TINY:
+                                warned.add(tap)
+                                log(f"warning: {spec.name}/{tap} values are below float16's normal range (largest "
+                                    f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")
                         values = values.to(storage)
                         if not torch.isfinite(values).all():
                             raise FeatcacheError(

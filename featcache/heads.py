@@ -229,9 +229,8 @@ def _svm(o: HeadOptions, C=1.0, kernel="linear"):
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.svm import SVC, LinearSVC
 
-    if kernel == "rbf":
-        return SVC(C=C, kernel="rbf", probability=True, random_state=o.seed)
-    return CalibratedClassifierCV(LinearSVC(C=C, random_state=o.seed), cv=3)
+    svc = SVC(C=C, kernel="rbf") if kernel == "rbf" else LinearSVC(C=C, max_iter=10000, random_state=o.seed)
+    return CalibratedClassifierCV(svc, cv=3, ensemble=False)
 
 
 def _torch(o: HeadOptions, hidden, **params):

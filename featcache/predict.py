@@ -1,8 +1,8 @@
 """Classify new image files with a run: its backbones, preprocessing, tap fusion and head.
 
 Flow: image files -> backbones (as extracted) -> fusion (the run's fitted normaliser) ->
-head. Features are rounded to the cache's storage dtype, so a file that is also in the
-cache gets exactly the prediction it got in evaluation.
+head. Features are rounded to the cache's storage dtype, as they were for training. A
+fine-tuned run is rebuilt from its record and ``model.pt``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
 
     record = load_record(run_dir)
     cfg = record["config"]
-    normalizer, head = load_head(run_dir)
     pre = PreprocessConfig(image_size=cfg["image_size"], resize=cfg["resize"])
     dev = resolve_device(device)
     images = []
@@ -33,6 +32,11 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
             images.append(load_image(file, pre))
         except Exception as exc:
             raise FeatcacheError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from exc
+    if record["kind"] == "finetuned":
+        proba = _finetuned_proba(run_dir, record, images, pre, dev, batch_size)
+        classes = record["classes"]
+        return [(f, classes[int(k)], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, proba.argmax(1)))]
+    normalizer, head = load_head(run_dir)
     refs = [tuple(t.split(":", 1)) for t in record["taps"]]
     storage = np.float16 if cfg["dtype"] == "float16" else np.float32
     pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
@@ -50,3 +54,17 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
     classes = record["classes"]
     best = proba.argmax(axis=1)
     return [(f, classes[int(head.classes_[k])], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, best))]
+
+
+def _finetuned_proba(run_dir, record, images, pre, device, batch_size) -> np.ndarray:
+    import torch
+
+    from featcache.finetune import load_finetuned
+
+    net, _ = load_finetuned(run_dir, record, device)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.stack(images[start : start + batch_size])).to(device)
+            out.append(torch.softmax(net(to_input(batch, pre)).float(), 1).cpu().numpy())
+    return np.concatenate(out)

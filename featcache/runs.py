@@ -80,7 +80,12 @@ def save_head(folder: Path, normalizer, head) -> None:
 
     from featcache.heads import TorchClassifier
 
-    if isinstance(head, TorchClassifier):
+    if isinstance(head, dict):  # a fine-tuned model's state dict
+        import torch
+
+        torch.save(head, folder / "model.pt")
+        joblib.dump({"normalizer": normalizer}, folder / "fusion.joblib")
+    elif isinstance(head, TorchClassifier):
         import torch
 
         torch.save({"params": head.get_params(), "state": head.module_.state_dict(), "classes": head.classes_,
@@ -92,10 +97,15 @@ def save_head(folder: Path, normalizer, head) -> None:
 
 
 def load_head(folder: Path):
-    """(normalizer, fitted head) of a run folder."""
+    """(normalizer, fitted head) of a run folder; for a fine-tuned run, (normalizer, model state dict)."""
     import joblib
 
     folder = Path(folder)
+    if (folder / "model.pt").exists():
+        import torch
+
+        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+        return joblib.load(folder / "fusion.joblib")["normalizer"], state
     if (folder / "head.pt").exists():
         import torch
 

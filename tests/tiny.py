@@ -38,6 +38,8 @@ TINY = BackboneSpec(
     aliases={"early": "stage1", "mid": "stage2", "late": "stage3"},
     weights_name=None,
     head_prefixes=("fc.",),
+    blocks=("stem", "stage1", "stage2", "stage3"),
+    last_block=("stage3",),
 )
 
 if "tiny" not in BACKBONES:

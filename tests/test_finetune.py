@@ -1,0 +1,203 @@
+"""finetune on the CPU with the tiny backbone and small images."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import TESTS_DIR, tiny_config
+
+from featcache.backbones import BACKBONES, build_backbone
+from featcache.cli import cli
+from featcache.datasets import DataRequest
+from featcache.errors import FeatcacheError
+from featcache.extract import extract
+from featcache.finetune import (
+    FinetuneConfig,
+    apply_unfreeze,
+    augmentation,
+    build_net,
+    evaluate_rows,
+    finetune,
+    init_from_run,
+    partial_dir,
+)
+from featcache.fusetrain import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.fusion import TapRef
+from featcache.heads import HeadOptions
+from featcache.runs import load_head, load_record, runs_table
+
+DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
+
+
+def ft_config(tmp_path, **kw):
+    features = tiny_config(tmp_path, data=kw.pop("data", DATA), dtype="float32")
+    settings = dict(features=features, taps="late", head="mlp", hidden=(16,), epochs=2, lr=1e-3, batch_size=16,
+                    runs_dir=tmp_path / "runs", num_workers=0)
+    settings.update(kw)
+    return FinetuneConfig(**settings)
+
+
+def extractor(name):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    spec = BACKBONES[name]
+    return spec, create_feature_extractor(build_backbone(spec, "random", 0), {spec.tap_names[-1]: spec.tap_names[-1]})
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+def test_unfreeze_policies_train_exactly_the_declared_blocks(name):
+    spec, ext = extractor(name)
+    every = [n for n, _ in ext.named_parameters()]
+    assert apply_unfreeze(ext, spec, "none") == []
+    assert not any(p.requires_grad for p in ext.parameters())
+    last = apply_unfreeze(ext, spec, "last-block")
+    assert last and all(any(n.startswith(b + ".") for b in spec.last_block) for n in last)
+    assert set(last) == {n for n in every if any(n.startswith(b + ".") for b in spec.last_block)}
+    assert [n for n, p in ext.named_parameters() if p.requires_grad] == last
+    two = apply_unfreeze(ext, spec, "last-2")
+    assert set(two) == {n for n in every if any(n.startswith(b + ".") for b in spec.blocks[-2:])}
+    assert apply_unfreeze(ext, spec, "all") == every
+
+
+def test_resnet50_last_block_is_layer4():
+    spec, ext = extractor("resnet50")
+    names = apply_unfreeze(ext, spec, "last-block")
+    assert {n.split(".")[0] for n in names} == {"layer4"}
+
+
+def test_bad_policies(tmp_path):
+    with pytest.raises(FeatcacheError, match="none, last-block, last-N"):
+        ft_config(tmp_path, unfreeze="last-two")
+    with pytest.raises(FeatcacheError, match="tiny declares 4 blocks; --unfreeze last-9 asks for more"):
+        finetune(ft_config(tmp_path, unfreeze="last-9"), log=lambda m: None)
+
+
+@pytest.fixture
+def frozen_run(tmp_path):
+    cfg = tiny_config(tmp_path, data=DATA, dtype="float32")
+    extract(cfg, progress=False)
+    train = FuseTrainConfig(features=cfg, taps=("late",), heads=("mlp",), runs_dir=tmp_path / "runs",
+                            options=HeadOptions(hidden=(16,), epochs=10))
+    [run] = fuse_train(train, log=lambda m: None)
+    return run, cfg
+
+
+def test_init_head_starts_where_the_frozen_run_ended(tmp_path, frozen_run):
+    run, feat_cfg = frozen_run
+    cfg = ft_config(tmp_path, init_head=run)
+    refs = [TapRef("tiny", "stage3")]
+    normalizer, state = init_from_run(run, refs, cfg)
+    net = build_net(cfg, refs, normalizer, 10, torch.device("cpu"))
+    net.head.load_state_dict(state)
+    from featcache.datasets import load_dataset
+
+    test = load_dataset(DATA).splits["test"]
+    _, _, proba = evaluate_rows(net, test, np.arange(len(test)), cfg, torch.device("cpu"), "fp32")
+    cached = load_features(locate_caches(feat_cfg), set(refs))
+    norm, head = load_head(run)
+    frozen = head.predict_proba(norm.transform([cached.taps[("test", refs[0])]]))
+    assert np.array_equal(proba.argmax(1), frozen.argmax(1))
+    np.testing.assert_allclose(proba, frozen, atol=1e-4)  # the cache's BatchNorm is folded: rounding only
+
+
+def test_init_head_with_other_taps_is_refused(tmp_path, frozen_run):
+    run, _ = frozen_run
+    result = CliRunner().invoke(cli, ["finetune", "--backbone", "tiny", "--weights", "random", "--taps", "early",
+                                      "--init-head", str(run), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "was trained on taps tiny:stage3, not tiny:stage1: pass the same --backbone and --taps" in result.output
+
+
+def test_finetune_writes_a_run_like_fuse_train(tmp_path, frozen_run):
+    run, _ = frozen_run
+    cfg = ft_config(tmp_path, init_head=run, unfreeze="last-block", epochs=2)
+    out = finetune(cfg, log=lambda m: None, progress=False)
+    record = load_record(out)
+    assert record["kind"] == "finetuned" and record["taps"] == ["tiny:stage3"]
+    assert record["config"]["trainable_parameters"] == {"tiny": 3}  # stage3: conv weight, BN weight and bias
+    assert len(record["curves"]["val_acc"]) == 2 and record["curves"]["phase"] == ["finetune", "finetune"]
+    assert np.sum(record["metrics"]["confusion_matrix"]) == 60 and "macro_f1" in record["metrics"]
+    assert (out / "model.pt").exists() and not partial_dir(cfg).exists()
+    table = runs_table(tmp_path / "runs")
+    assert len(table) == 2
+
+
+def test_two_phases_and_all_policy(tmp_path):
+    cfg = ft_config(tmp_path, head_epochs=1, epochs=1, unfreeze="all", backbone_lr_scale=0.5)
+    record = load_record(finetune(cfg, log=lambda m: None, progress=False))
+    assert record["curves"]["phase"] == ["head", "finetune"]
+    assert record["config"]["trainable_parameters"]["tiny"] == len(list(build_backbone(BACKBONES["tiny"], "random", 0)
+                                                                        .named_parameters())) - 2  # all but fc
+
+
+ARGS = ["finetune", "--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu",
+        "--limit-train", "600", "--limit-test", "60", "--hidden", "16", "--epochs", "4", "--batch-size", "8",
+        "--num-workers", "0", "--unfreeze", "last-2", "--augment", "basic", "--lr", "1e-3", "-q"]
+
+
+def cli_cmd(runs_dir, *extra):
+    return [sys.executable, str(TESTS_DIR / "run_cli.py"), *ARGS, "--runs-dir", str(runs_dir), *extra]
+
+
+def final_weights(runs_dir):
+    [run] = [p for p in runs_dir.iterdir() if not p.name.startswith(".")]
+    return torch.load(run / "model.pt", weights_only=True), load_record(run)
+
+
+def test_killed_fine_tune_resumes_exactly(tmp_path):
+    ref = subprocess.run(cli_cmd(tmp_path / "ref"), capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr
+    runs = tmp_path / "killed"
+    proc = subprocess.Popen(cli_cmd(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while proc.poll() is None and not list(runs.glob(".finetune-*.partial/checkpoint.pt")):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    [partial] = runs.glob(".finetune-*.partial")
+    assert (partial / "checkpoint.pt").exists(), "the kill came before the first checkpoint"
+    assert not [p for p in runs.iterdir() if not p.name.startswith(".")]  # no finished-looking run
+    done = subprocess.run(cli_cmd(runs, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "resuming" in done.stdout
+    (a, rec_a), (b, rec_b) = final_weights(tmp_path / "ref"), final_weights(runs)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert rec_a["curves"]["val_loss"] == rec_b["curves"]["val_loss"]
+
+
+def test_resblocks_batch_size_one_heavy_augmentation_and_predict(tmp_path, image_folder):
+    data = DataRequest(name="folder", data_dir=image_folder, test_fraction=0.34)
+    cfg = ft_config(tmp_path, data=data, head="resblocks", res_blocks=2, hidden=(16,), dropout=0.5, unfreeze="none",
+                    epochs=2, batch_size=1, augment="heavy", lr=1e-3)
+    record = load_record(run := finetune(cfg, log=lambda m: None, progress=False))
+    assert record["head"] == "resblocks" and record["rows"]["test"] == 4
+    assert record["config"]["trainable_parameters"] == {"tiny": 0}
+    files = sorted(image_folder.rglob("*.png"))[:3]
+    result = CliRunner().invoke(cli, ["predict", "--run", str(run), "--device", "cpu", *map(str, files)])
+    assert result.exit_code == 0, result.output
+    assert all(line.split("\t")[1] in ("cat", "dog") for line in result.output.strip().splitlines())
+
+
+def test_frozen_backbone_maps_are_computed_once(tmp_path, monkeypatch):
+    from featcache import finetune as module
+
+    calls = []
+    real = module._frozen_maps
+    monkeypatch.setattr(module, "_frozen_maps", lambda *a: calls.append(1) or real(*a))
+    messages = []
+    cfg = ft_config(tmp_path, head="resblocks", unfreeze="none", epochs=3, augment="none")
+    finetune(cfg, log=messages.append, progress=False)
+    assert len(calls) == 2  # train and validation rows, once for all three epochs
+    assert any("computed once" in m for m in messages)
+
+
+def test_augmentations_give_the_input_size():
+    image = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8)
+    assert augmentation("none", 24, "center-crop") is None  # the extraction path
+    for name in ("basic", "heavy"):
+        out = augmentation(name, 24, "center-crop")(image)
+        assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
