@@ -23,13 +23,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from featcache.backbones import BACKBONES, build_backbone
+from featcache.backbones import BACKBONES
 from featcache.config import ExtractConfig, PreprocessConfig, resolve_device, resolve_precision
 from featcache.datasets import DataRequest, load_dataset
 from featcache.extract import AUTOCAST, extract, tap_model, to_input
+from usual_recipe import PilImages, trunk
 
 
 def sync(device):
@@ -44,10 +44,10 @@ def run_featcache(cfg: ExtractConfig) -> float:
     return time.perf_counter() - start
 
 
-def run_bare(model, images, cfg, device, precision) -> float:
-    """Forward only, on batches preprocessed and moved to the device beforehand."""
+def timed_forward(model, images, cfg, device, precision="fp32", layout=torch.channels_last) -> float:
+    """Seconds of the forward passes alone, on batches preprocessed on the device beforehand."""
     batches = [to_input(torch.from_numpy(images[i : i + cfg.batch_size]).to(device), cfg.preprocess)
-               for i in range(0, len(images), cfg.batch_size)]
+               .contiguous(memory_format=layout) for i in range(0, len(images), cfg.batch_size)]
     dtype = getattr(torch, AUTOCAST.get(precision, "float32"))
     with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST):
         model(batches[0])  # warm-up
@@ -59,59 +59,14 @@ def run_bare(model, images, cfg, device, precision) -> float:
     return time.perf_counter() - start
 
 
-class PilImages(torch.utils.data.Dataset):
-    """The studies' dataset: PIL image per item, torchvision transforms per image."""
-
-    def __init__(self, images, size):
-        from torchvision import transforms
-
-        self.images = images
-        self.transform = transforms.Compose([
-            transforms.Resize((size, size)),
-            transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i]))
-
-
-def plain_model(name, device):
-    net = build_backbone(BACKBONES[name], "random", 0)
-    if hasattr(net, "fc"):
-        net.fc = torch.nn.Identity()
-    else:
-        net.classifier = torch.nn.Identity()
-    return net.to(device).eval()
-
-
 def run_usual(name, images, size, batch_size, device) -> float:
     start = time.perf_counter()
-    net = plain_model(name, device)
+    net = trunk(name, device)
     loader = torch.utils.data.DataLoader(PilImages(images, size), batch_size=batch_size, num_workers=2)
     features = []
     with torch.no_grad():
         for x in loader:
             features.append(net(x.to(device)).cpu().numpy())
-    return time.perf_counter() - start
-
-
-def run_plain_forward(name, images, cfg, device) -> float:
-    net = plain_model(name, device)
-    batches = [to_input(torch.from_numpy(images[i : i + cfg.batch_size]).to(device), cfg.preprocess).contiguous()
-               for i in range(0, len(images), cfg.batch_size)]
-    with torch.no_grad():
-        net(batches[0])
-        sync(device)
-        start = time.perf_counter()
-        for x in batches:
-            net(x)
-        sync(device)
     return time.perf_counter() - start
 
 
@@ -142,9 +97,9 @@ def main():
                                 device=args.device, batch_size=args.batch_size, num_workers=2, cache_dir=Path(tmp))
             a = n / run_featcache(cfg)
             model = tap_model(BACKBONES[name], "random", 0, "avg", device)
-            b = len(images) / run_bare(model, images, cfg, device, precision)
+            b = len(images) / timed_forward(model, images, cfg, device, precision)
             c = len(images) / run_usual(name, images, args.image_size, args.batch_size, device)
-            d = len(images) / run_plain_forward(name, images, cfg, device)
+            d = len(images) / timed_forward(trunk(name, device), images, cfg, device, layout=torch.contiguous_format)
             compiled = None
             if args.compile:
                 import dataclasses

@@ -31,49 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from featcache.backbones import BACKBONES, build_backbone
+from featcache.backbones import BACKBONES
 from featcache.config import ExtractConfig, PreprocessConfig
 from featcache.datasets import DataRequest, load_dataset
 from featcache.extract import extract
 from featcache.fusetrain import FuseTrainConfig, fuse_train, load_features, locate_caches
 from featcache.fusion import TapNormalizer, parse_taps
 from featcache.heads import HeadOptions, TorchClassifier
-
-
-class PilImages(torch.utils.data.Dataset):
-    def __init__(self, images, labels, size):
-        from torchvision import transforms
-
-        self.images, self.labels = images, labels
-        self.transform = transforms.Compose([
-            transforms.Resize((size, size)), transforms.ToTensor(),
-            transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-        ])
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        from PIL import Image
-
-        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
-
-
-def trunk(name, device):
-    """The backbone without its classifier, as the studies build it."""
-    net = build_backbone(BACKBONES[name], "random", 0)
-    if hasattr(net, "fc"):
-        net.fc = torch.nn.Identity()
-    else:
-        net.classifier = torch.nn.Identity()
-    return net.to(device).eval()
+from usual_recipe import PilImages, trunk
 
 
 def studies_way(names, data, args, device, norm) -> tuple[float, float]:
-    from featcache.finetune import TapNorm
+    from featcache.model import TapNorm
 
     started = time.perf_counter()
     train, test = data.splits["train"], data.splits["test"]
@@ -84,7 +55,7 @@ def studies_way(names, data, args, device, norm) -> tuple[float, float]:
     head = torch.nn.Sequential(torch.nn.Linear(dim, 512), torch.nn.ReLU(), torch.nn.Dropout(0.2),
                                torch.nn.Linear(512, len(data.classes))).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=args.lr)
-    loader = torch.utils.data.DataLoader(PilImages(train.images, train.labels, args.image_size),
+    loader = torch.utils.data.DataLoader(PilImages(train.images, args.image_size, train.labels),
                                          batch_size=args.batch_size, shuffle=True, num_workers=2,
                                          generator=torch.Generator().manual_seed(args.seed))
     for _ in range(args.epochs):
@@ -99,7 +70,7 @@ def studies_way(names, data, args, device, norm) -> tuple[float, float]:
             opt.step()
     head.eval()
     correct = 0
-    test_loader = torch.utils.data.DataLoader(PilImages(test.images, test.labels, args.image_size),
+    test_loader = torch.utils.data.DataLoader(PilImages(test.images, args.image_size, test.labels),
                                               batch_size=args.batch_size, num_workers=2)
     with torch.no_grad():
         for x, y in test_loader:
@@ -150,6 +121,7 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--tap-norm", default="standard", help="fusion of both ways: standard, l2 or none")
     parser.add_argument("--skip-pairs", action="store_true", help="only the first figure")
+    parser.add_argument("--skip-speed", action="store_true", help="only the second figure")
     args = parser.parse_args()
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     names = args.backbones.split(",")
@@ -160,10 +132,12 @@ def main():
           f"({torch.get_num_threads()} threads), random weights, tap norm {args.tap_norm}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         fast, fast_acc, cfg, norm = featcache_way(names, request, args, Path(tmp) / "cache")
-        slow, slow_acc = studies_way(names, data, args, device, norm)
-        print(f"studies' way {slow:8.1f} s  test acc {slow_acc:.4f}\n"
-              f"featcache    {fast:8.1f} s  test acc {fast_acc:.4f}  (extraction included)\n"
-              f"ratio {slow / fast:.2f}x  accuracy difference {100 * (fast_acc - slow_acc):+.2f} points", flush=True)
+        if not args.skip_speed:
+            slow, slow_acc = studies_way(names, data, args, device, norm)
+            print(f"studies' way {slow:8.1f} s  test acc {slow_acc:.4f}\n"
+                  f"featcache    {fast:8.1f} s  test acc {fast_acc:.4f}  (extraction included)\n"
+                  f"ratio {slow / fast:.2f}x  accuracy difference {100 * (fast_acc - slow_acc):+.2f} points",
+                  flush=True)
         if not args.skip_pairs:
             seconds, n = all_pairs(names, cfg, args, Path(tmp) / "runs")
             print(f"all tap pairs: {n} runs (logreg, svm, mlp on every pair of taps, validation-selected) "

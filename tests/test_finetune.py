@@ -16,16 +16,10 @@ from featcache.cli import cli
 from featcache.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extract import extract
-from featcache.finetune import (
-    FinetuneConfig,
-    apply_unfreeze,
-    augmentation,
-    build_net,
-    evaluate_rows,
-    finetune,
-    init_from_run,
-    partial_dir,
-)
+from featcache.augment import augmentation
+from featcache.finetune import FinetuneConfig, finetune, init_from_run, partial_dir
+from featcache.loop import evaluate_rows
+from featcache.model import apply_unfreeze, build_net
 from featcache.fusetrain import FuseTrainConfig, fuse_train, load_features, locate_caches
 from featcache.fusion import TapRef
 from featcache.heads import HeadOptions
@@ -35,7 +29,7 @@ DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
 
 
 def ft_config(tmp_path, **kw):
-    features = tiny_config(tmp_path, data=kw.pop("data", DATA), dtype="float32")
+    features = kw.pop("features", None) or tiny_config(tmp_path, data=kw.pop("data", DATA), dtype="float32")
     settings = dict(features=features, taps="late", head="mlp", hidden=(16,), epochs=2, lr=1e-3, batch_size=16,
                     runs_dir=tmp_path / "runs", num_workers=0)
     settings.update(kw)
@@ -91,7 +85,8 @@ def test_init_head_starts_where_the_frozen_run_ended(tmp_path, frozen_run):
     run, feat_cfg = frozen_run
     cfg = ft_config(tmp_path, init_head=run)
     refs = [TapRef("tiny", "stage3")]
-    normalizer, state = init_from_run(run, refs, cfg)
+    normalizer, state, classes = init_from_run(run, refs, cfg)
+    assert classes == [str(i) for i in range(10)]
     net = build_net(cfg, refs, normalizer, 10, torch.device("cpu"))
     net.head.load_state_dict(state)
     from featcache.datasets import load_dataset
@@ -186,8 +181,8 @@ def test_frozen_backbone_maps_are_computed_once(tmp_path, monkeypatch):
     from featcache import finetune as module
 
     calls = []
-    real = module._frozen_maps
-    monkeypatch.setattr(module, "_frozen_maps", lambda *a: calls.append(1) or real(*a))
+    real = module.frozen_maps
+    monkeypatch.setattr(module, "frozen_maps", lambda *a: calls.append(1) or real(*a))
     messages = []
     cfg = ft_config(tmp_path, head="resblocks", unfreeze="none", epochs=3, augment="none")
     finetune(cfg, log=messages.append, progress=False)
@@ -201,3 +196,60 @@ def test_augmentations_give_the_input_size():
     for name in ("basic", "heavy"):
         out = augmentation(name, 24, "center-crop")(image)
         assert out.shape == (3, 24, 24) and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_logreg_run_warm_starts_a_linear_head(classes):
+    from sklearn.linear_model import LogisticRegression
+
+    from featcache.finetune import head_state
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(80, 5)).astype(np.float32)
+    y = rng.integers(0, classes, 80)
+    logreg = LogisticRegression().fit(X, y)
+    cfg = FinetuneConfig(head="linear", epochs=1)
+    state = head_state(logreg, {"classes": [str(c) for c in range(classes)], "head": "logreg"}, cfg)
+    linear = torch.nn.Sequential(torch.nn.Linear(5, classes))
+    linear.load_state_dict(state)
+    with torch.no_grad():
+        proba = torch.softmax(linear(torch.from_numpy(X)), 1).numpy()
+    np.testing.assert_allclose(proba, logreg.predict_proba(X), atol=1e-5)
+
+
+def test_patience_stops_early_and_keeps_the_best_epoch(tmp_path, monkeypatch):
+    from featcache import finetune as module
+
+    losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
+    real = module.evaluate_rows
+
+    def scripted(net, split, rows, cfg, device, precision):
+        loss, acc, proba = real(net, split, rows, cfg, device, precision)
+        return (next(losses), acc, proba) if len(rows) < 60 else (loss, acc, proba)  # validation rows only
+
+    monkeypatch.setattr(module, "evaluate_rows", scripted)
+    cfg = ft_config(tmp_path, epochs=8, patience=2, augment="basic")
+    record = load_record(finetune(cfg, log=lambda m: None, progress=False))
+    assert record["curves"]["val_loss"] == [1.0, 0.5, 0.6, 0.7]
+    assert record["selection"]["best_epoch"] == 2
+
+
+def test_policy_the_backbone_does_not_declare_is_exit_2(monkeypatch):
+    import dataclasses
+
+    import tiny
+
+    flat = dataclasses.replace(tiny.TINY, name="flat", blocks=(), last_block=())
+    monkeypatch.setitem(BACKBONES, "flat", flat)
+    result = CliRunner().invoke(cli, ["finetune", "--backbone", "flat", "--weights", "random", "--device", "cpu",
+                                      "--unfreeze", "last-block"])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert "backbone flat declares no last block: use --unfreeze last-N or all" in result.output
+
+
+def test_autocast_training_path_runs_in_bf16_on_the_cpu(tmp_path):
+    """The mixed-precision path (autocast around the forward) exercised where no GPU is."""
+    cfg = ft_config(tmp_path, epochs=1, augment="basic",
+                    features=tiny_config(tmp_path, data=DATA, precision="bf16"))
+    record = load_record(finetune(cfg, log=lambda m: None, progress=False))
+    assert np.isfinite(record["curves"]["train_loss"][0])

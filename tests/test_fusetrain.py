@@ -9,7 +9,6 @@ from conftest import tiny_config
 
 from featcache import fusetrain
 from featcache.cli import cli
-from featcache.config import PreprocessConfig
 from featcache.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extract import extract

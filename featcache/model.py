@@ -1,0 +1,189 @@
+"""The end-to-end model of the fine-tune path, and which of its parameters train.
+
+Flow: backbones (blocks unfrozen by policy) -> taps -> pooling -> :class:`TapNorm` ->
+concatenation -> head, built from the frozen path's own pieces
+(:func:`featcache.extract.pool`, a fitted :class:`~featcache.fusion.TapNormalizer`, the
+head layout of :class:`~featcache.heads.TorchClassifier`). Used by
+:mod:`featcache.finetune`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from featcache.backbones import BACKBONES, BackboneSpec, build_backbone
+from featcache.errors import FeatcacheError
+from featcache.fusion import TapNormalizer, TapRef
+
+
+# --- unfreeze policies ------------------------------------------------------------------
+
+
+def parse_policy(policy: str) -> tuple[str, int]:
+    """``none``, ``last-block``, ``all`` or ``last-N`` -> (kind, N)."""
+    if policy in ("none", "last-block", "all"):
+        return policy, 0
+    match = re.fullmatch(r"last-(\d+)", policy)
+    if match and int(match.group(1)) >= 1:
+        return "last-n", int(match.group(1))
+    raise FeatcacheError(f"The '--unfreeze' option must be none, last-block, last-N (N >= 1) or all. Got '{policy}' instead.")
+
+
+def trainable_prefixes(spec: BackboneSpec, policy: str) -> tuple[str, ...] | None:
+    """Module prefixes made trainable; None means every parameter."""
+    kind, n = parse_policy(policy)
+    if kind == "none":
+        return ()
+    if kind == "all":
+        return None
+    if kind == "last-block":
+        if not spec.last_block:
+            raise FeatcacheError(f"backbone {spec.name} declares no last block: use --unfreeze last-N or all")
+        return spec.last_block
+    if n > len(spec.blocks):
+        raise FeatcacheError(f"backbone {spec.name} declares {len(spec.blocks)} blocks; --unfreeze last-{n} asks for more")
+    return spec.blocks[-n:]
+
+
+def apply_unfreeze(extractor, spec: BackboneSpec, policy: str) -> list[str]:
+    """Set requires_grad per the policy; return the trainable parameter names."""
+    prefixes = trainable_prefixes(spec, policy)
+    names = []
+    for name, param in extractor.named_parameters():
+        on = prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
+        param.requires_grad_(on)
+        if on:
+            names.append(name)
+    return names
+
+
+# --- the model -------------------------------------------------------------------------
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+class ResBlock(_torch().nn.Module):
+    """A ResNet basic block at constant width: x + BN(conv(ReLU(BN(conv(x)))))."""
+
+    def __init__(self, channels: int):
+        nn = _torch().nn
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x):
+        return _torch().relu(x + self.body(x))
+
+
+class TapNorm(_torch().nn.Module):
+    """A fitted TapNormalizer as a layer: fixed per-tap affine (standard) or l2, then concat."""
+
+    def __init__(self, normalizer: TapNormalizer):
+        torch = _torch()
+        super().__init__()
+        self.method = normalizer.method
+        n = len(normalizer.dims_)
+        for i in range(n):
+            mean = normalizer.mean_[i] if self.method == "standard" else np.zeros(normalizer.dims_[i], np.float32)
+            scale = normalizer.scale_[i] if self.method == "standard" else np.ones(normalizer.dims_[i], np.float32)
+            self.register_buffer(f"mean{i}", torch.from_numpy(np.asarray(mean, np.float32)))
+            self.register_buffer(f"scale{i}", torch.from_numpy(np.asarray(scale, np.float32)))
+        self.n = n
+
+    def forward(self, blocks):
+        torch = _torch()
+        out = []
+        for i, block in enumerate(blocks):
+            block = block.float()
+            if self.method == "standard":
+                block = (block - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
+            elif self.method == "l2":
+                block = torch.nn.functional.normalize(block, dim=1, eps=1e-12)
+            out.append(block)
+        return torch.cat(out, dim=1)
+
+
+class FusedNet(_torch().nn.Module):
+    """Backbones -> taps -> pooling -> per-tap normalisation -> concatenation -> head.
+
+    With ``refine`` (the resblocks head) the single tap's feature map passes through
+    residual blocks before pooling.
+    """
+
+    def __init__(self, extractors: dict, refs: list[TapRef], pooling: str, norm: TapNorm, head, refine=None):
+        nn = _torch().nn
+        super().__init__()
+        self.extractors = nn.ModuleDict({k.replace(".", "_"): v for k, v in extractors.items()})
+        self.names = list(extractors)
+        self.refs = [(r.backbone, r.tap) for r in refs]
+        self.pooling = pooling
+        self.norm = norm
+        self.head = head
+        self.refine = refine
+
+    def backbone_maps(self, x) -> dict:
+        torch = _torch()
+        maps = {}
+        for name in self.names:
+            ext = self.extractors[name.replace(".", "_")]
+            frozen = not any(p.requires_grad for p in ext.parameters())
+            with torch.no_grad() if frozen else torch.enable_grad():  # frozen: store no activations
+                out = ext(x)
+            maps.update({(name, tap): out[tap] for n, tap in self.refs if n == name})
+        return maps
+
+    def forward_maps(self, maps):
+        from featcache.extract import pool
+
+        blocks = []
+        for ref in self.refs:
+            fmap = maps[ref]
+            if self.refine is not None:
+                fmap = self.refine(fmap.float())
+            blocks.append(pool(fmap, self.pooling))
+        return self.head(self.norm(blocks))
+
+    def forward(self, x):
+        return self.forward_maps(self.backbone_maps(x))
+
+    def train(self, mode: bool = True):
+        """Train mode everywhere except BatchNorm in the backbones (running statistics kept)."""
+        super().train(mode)
+        for module in self.extractors.modules():
+            if isinstance(module, _torch().nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+
+def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int, device):
+    """The untrained model (backbone weights as requested, head freshly initialised)."""
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    from featcache.heads import TorchClassifier
+
+    feat = cfg.features
+    extractors = {}
+    for name in feat.backbones:
+        spec = BACKBONES.lookup(name)
+        nodes = [r.tap for r in refs if r.backbone == name]
+        backbone = build_backbone(spec, feat.weights, feat.data.seed)
+        extractors[name] = create_feature_extractor(backbone, return_nodes={n: n for n in nodes})
+    refine = None
+    if cfg.head == "resblocks":
+        channels = BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).channels
+        refine = _torch().nn.Sequential(*[ResBlock(channels) for _ in range(cfg.res_blocks)])
+    dim = sum(normalizer.dims_)
+    hidden = () if cfg.head == "linear" else cfg.hidden
+    head = TorchClassifier(hidden=hidden, dropout=cfg.dropout)._build(dim, n_classes)
+    net = FusedNet(extractors, refs, feat.pooling, TapNorm(normalizer), head, refine)
+    import torch
+
+    return net.to(device, memory_format=torch.channels_last)
