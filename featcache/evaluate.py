@@ -41,7 +41,11 @@ class Selection:
 
 
 def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
-    """Fit every candidate on train, keep the best by validation accuracy (first wins ties)."""
+    """Fit every candidate on train, keep the best by validation accuracy (first wins ties).
+
+    The validation accuracy recorded is the candidate's; an entry with ``final`` (the
+    SVM) is then refitted on the same training rows with probabilities.
+    """
     started = time.perf_counter()
     best, tried = None, []
     for params in entry.candidates(options, len(X_train)):
@@ -55,6 +59,8 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
         if best is None or acc > best[2]:
             best = (head, params, acc)
     head, params, acc = best
+    if entry.final is not None:  # refit only the chosen parameters in their final form
+        head = entry.final(options, **params).fit(X_train, y_train)
     return Selection(head, params, acc, tried, time.perf_counter() - started)
 
 

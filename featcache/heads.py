@@ -207,11 +207,15 @@ class HeadOptions:
 @dataclass(frozen=True)
 class HeadEntry:
     """A head: ``make(options, **params)`` builds it; ``candidates(options, n_rows)`` lists
-    the hyper-parameters compared on validation."""
+    the hyper-parameters compared on validation. With ``final``, candidates are compared
+    as ``make`` builds them and only the chosen parameters are refitted as
+    ``final(options, **params)`` (the SVM: calibrating every candidate would fit each four
+    times)."""
 
     make: Callable
     candidates: Callable
     torch: bool = False
+    final: Callable | None = None
 
 
 HEADS = Registry("--head")
@@ -226,12 +230,17 @@ def _logreg(o: HeadOptions, C=1.0):
 
 
 def _svm(o: HeadOptions, C=1.0, kernel="linear"):
-    """LinearSVC (calibrated for probabilities); RBF SVC on small data, where it is affordable."""
-    from sklearn.calibration import CalibratedClassifierCV
+    """LinearSVC; RBF SVC on small data, where it is affordable. No probabilities."""
     from sklearn.svm import SVC, LinearSVC
 
-    svc = SVC(C=C, kernel="rbf") if kernel == "rbf" else LinearSVC(C=C, max_iter=2000, random_state=o.seed)
-    return CalibratedClassifierCV(svc, cv=3, ensemble=False)
+    return SVC(C=C, kernel="rbf") if kernel == "rbf" else LinearSVC(C=C, max_iter=2000, random_state=o.seed)
+
+
+def _calibrated_svm(o: HeadOptions, **params):
+    """The chosen SVM with probabilities calibrated by 3-fold cross-validation."""
+    from sklearn.calibration import CalibratedClassifierCV
+
+    return CalibratedClassifierCV(_svm(o, **params), cv=3, ensemble=False)
 
 
 def _torch(o: HeadOptions, hidden, **params):
@@ -248,6 +257,7 @@ HEADS.register("svm")(HeadEntry(
     _svm,
     lambda o, n: [{"C": c, "kernel": k} for k in (("linear", "rbf") if n < SMALL_DATA else ("linear",))
                   for c in o.grid.get("C", SVM_C_GRID)],
+    final=_calibrated_svm,
 ))
 HEADS.register("linear")(HeadEntry(
     lambda o, **p: _torch(o, (), **p),
