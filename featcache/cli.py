@@ -97,6 +97,18 @@ def feature_options(f):
     return f
 
 
+def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
+    """The ExtractConfig that the shared data and feature flags describe."""
+    from featcache.config import ExtractConfig, PreprocessConfig
+
+    return ExtractConfig(
+        data=data_request(opts), backbones=backbones, weights=opts["weights"],
+        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
+        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
+        cache_dir=opts["cache_dir"], **speed,
+    )
+
+
 def data_request(opts: dict):
     from featcache.datasets import DataRequest
 
@@ -122,23 +134,10 @@ def extract(backbone_names, quiet, compile_, **opts):
 
     An identical request is served from the cache; an interrupted one resumes.
     """
-    from featcache.config import ExtractConfig, PreprocessConfig
     from featcache.extract import extract as run_extract
 
-    cfg = ExtractConfig(
-        data=data_request(opts),
-        backbones=tuple(backbone_names),
-        weights=opts["weights"],
-        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
-        pooling=opts["pooling"],
-        precision=opts["precision"],
-        dtype=opts["dtype"],
-        device=opts["device"],
-        batch_size=opts["batch_size"],
-        num_workers=opts["num_workers"],
-        cache_dir=opts["cache_dir"],
-        compile=compile_,
-    )
+    cfg = feature_config(opts, tuple(backbone_names), batch_size=opts["batch_size"],
+                         num_workers=opts["num_workers"], compile=compile_)
     started = time.perf_counter()
     try:
         results = run_extract(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -216,17 +215,12 @@ def fuse_train(backbone_names, taps, heads, tap_norm, val_fraction, hidden, drop
     Every --taps value x every --head is trained from one load of the caches, and each
     writes a run folder with its record and trained head.
     """
-    from featcache.config import ExtractConfig, PreprocessConfig, resolve_device
+    from featcache.config import resolve_device
     from featcache.fusetrain import FuseTrainConfig
     from featcache.fusetrain import fuse_train as run
     from featcache.heads import HeadOptions
 
-    features = ExtractConfig(
-        data=data_request(opts), backbones=tuple(backbone_names), weights=opts["weights"],
-        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
-        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
-        cache_dir=opts["cache_dir"],
-    )
+    features = feature_config(opts, tuple(backbone_names))
     options = HeadOptions(hidden=_hidden(hidden), dropout=dropout, optimizer=optimizer, lr=lr, epochs=epochs,
                           batch_size=batch_size, patience=patience, device=resolve_device(opts["device"]).type,
                           seed=opts["seed"])
@@ -274,17 +268,11 @@ def finetune(backbone_names, taps, head, hidden, dropout, res_blocks, tap_norm, 
 
     Writes the same run record as fuse-train, so featcache runs lists both side by side.
     """
-    from featcache.config import ExtractConfig, PreprocessConfig
     from featcache.finetune import FinetuneConfig
     from featcache.finetune import finetune as run
     from featcache.runs import resolve_run
 
-    features = ExtractConfig(
-        data=data_request(opts), backbones=tuple(backbone_names), weights=opts["weights"],
-        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
-        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
-        cache_dir=opts["cache_dir"],
-    )
+    features = feature_config(opts, tuple(backbone_names))
     cfg = FinetuneConfig(
         features=features, taps=taps, head=head, hidden=_hidden(hidden), dropout=dropout, res_blocks=res_blocks,
         tap_norm=tap_norm, unfreeze=unfreeze, head_epochs=head_epochs, epochs=epochs, optimizer=optimizer, lr=lr,

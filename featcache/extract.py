@@ -49,7 +49,7 @@ def pool(x, pooling: str):
     return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
 
 
-def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device, compile: bool = False):
+def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device):
     """The backbone cut at its taps, returning ``{tap: pooled (N, C)}`` in one pass."""
     import torch
     from torch.fx.experimental.optimization import fuse
@@ -71,13 +71,16 @@ def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device,
             maps = self.extractor(x)
             return {n: pool(maps[n], pooling) for n in nodes}
 
-    model = TapModel().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
-    if compile:
-        import torch._inductor.config as inductor_config
+    return TapModel().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 
-        inductor_config.freezing = True  # constant-fold weights into the compiled graph
-        model = torch.compile(model, dynamic=False)
-    return model
+
+def compiled(model):
+    """``torch.compile`` with weights frozen into the graph (pays off on large datasets)."""
+    import torch
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant-fold weights into the compiled graph
+    return torch.compile(model, dynamic=False)
 
 
 def to_input(images, pre: PreprocessConfig):
@@ -194,6 +197,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
         if _finished(path):
             results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
             continue
+        # Data and weights are loaded before anything is written, so their errors leave nothing behind.
+        dataset = dataset or load_dataset(cfg.data)
+        model = tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -202,8 +208,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
             if _finished(path):  # the other writer finished it while we waited
                 results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
                 continue
-            dataset = dataset or load_dataset(cfg.data)
-            status, images = _write_cache(cfg, spec, fp, path, dataset, device, precision, progress, log)
+            status, images = _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progress, log)
         results.append(ExtractResult(name, path, status, time.perf_counter() - started, images))
     return results
 
@@ -215,7 +220,7 @@ def _finished(path: Path) -> bool:
         return True
 
 
-def _write_cache(cfg, spec, fp, path, dataset, device, precision, progress, log) -> tuple[str, int]:
+def _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progress, log) -> tuple[str, int]:
     import torch
     from tqdm import tqdm
 
@@ -230,7 +235,8 @@ def _write_cache(cfg, spec, fp, path, dataset, device, precision, progress, log)
     storage = torch.float16 if cfg.dtype == "float16" else torch.float32
     warned: set[str] = set()
     try:
-        model = tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device, run["compile"])
+        if run["compile"]:
+            model = compiled(model)
         todo = {s: len(d) - writer.rows_done(s) for s, d in dataset.splits.items()}
         bar = tqdm(total=sum(todo.values()), unit="img", desc=spec.name, disable=not progress, leave=False)
         with bar, torch.inference_mode():

@@ -63,8 +63,9 @@ def test_bad_input_is_one_line_and_exit_status_2(args, pattern):
 def test_bad_weights_file_is_named(tmp_path):
     state = {"stem.0.weight": torch.zeros(1)}
     torch.save(state, tmp_path / "w.pt")
-    one_line_error(run("extract", *FAST, "--weights", str(tmp_path / "w.pt"), "--cache-dir", str(tmp_path)),
+    one_line_error(run("extract", *FAST, "--weights", str(tmp_path / "w.pt"), "--cache-dir", str(tmp_path / "cache")),
                    r"weights file .*w.pt does not fit tiny")
+    assert not (tmp_path / "cache").exists()  # weights are checked before anything is written
 
 
 def test_corrupt_image_is_named_and_nothing_is_left_behind(tmp_path, image_folder):
@@ -76,3 +77,17 @@ def test_corrupt_image_is_named_and_nothing_is_left_behind(tmp_path, image_folde
     one_line_error(result, r"cannot read image .*dog_3.png: ")
     leftovers = [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
     assert leftovers == []
+
+
+def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path):
+    from featcache.backbones import BACKBONES, build_backbone
+
+    state = build_backbone(BACKBONES["tiny"], "random", 0).state_dict()
+    state["stage3.0.weight"] = state["stage3.0.weight"] * 1e6  # features far beyond float16's 65504
+    torch.save(state, tmp_path / "loud.pt")
+    cache = tmp_path / "cache"
+    result = run("extract", *FAST, "--weights", str(tmp_path / "loud.pt"), "--cache-dir", str(cache))
+    one_line_error(result, r"features of tiny/stage3 overflow float16: use --dtype float32")
+    assert [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
+    ok = run("extract", *FAST, "--weights", str(tmp_path / "loud.pt"), "--cache-dir", str(cache), "--dtype", "float32")
+    assert ok.exit_code == 0, ok.output

@@ -151,3 +151,13 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(FeatcacheError, match="--device cuda was asked for but torch sees no CUDA GPU"):
         extract(tiny_config(tmp_path, device="cuda"), progress=False)
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
+def test_auto_precision_is_half_autocast_on_a_gpu_and_fp32_on_the_cpu(monkeypatch, bf16, expected):
+    from featcache.config import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_precision("auto", torch.device("cuda")) == expected
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
