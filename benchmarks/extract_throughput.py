@@ -28,7 +28,7 @@ import torch
 from featcache.backbones import BACKBONES
 from featcache.config import ExtractConfig, PreprocessConfig, resolve_device, resolve_precision
 from featcache.datasets import DataRequest, load_dataset
-from featcache.extract import AUTOCAST, extract, tap_model, to_input
+from featcache.extract import autocast, extract, tap_model, to_input
 from usual_recipe import PilImages, trunk
 
 
@@ -48,8 +48,7 @@ def timed_forward(model, images, cfg, device, precision="fp32", layout=torch.cha
     """Seconds of the forward passes alone, on batches preprocessed on the device beforehand."""
     batches = [to_input(torch.from_numpy(images[i : i + cfg.batch_size]).to(device), cfg.preprocess)
                .contiguous(memory_format=layout) for i in range(0, len(images), cfg.batch_size)]
-    dtype = getattr(torch, AUTOCAST.get(precision, "float32"))
-    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=precision in AUTOCAST):
+    with torch.inference_mode(), autocast(device, precision):
         model(batches[0])  # warm-up
         sync(device)
         start = time.perf_counter()

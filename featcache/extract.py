@@ -25,6 +25,14 @@ AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
 
 
+def autocast(device, precision: str):
+    """torch.autocast for a resolved precision; a no-op for fp32."""
+    import torch
+
+    return torch.autocast(device.type, dtype=getattr(torch, AUTOCAST.get(precision, "float32")),
+                          enabled=precision in AUTOCAST)
+
+
 @dataclass(frozen=True)
 class ExtractResult:
     backbone: str
@@ -243,8 +251,7 @@ def _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progres
             for split_name, split in dataset.splits.items():
                 batches = uint8_batches(split, writer.rows_done(split_name), cfg, run["batch_size"], device)
                 for row, images in batches:
-                    with torch.autocast(device.type, dtype=getattr(torch, AUTOCAST.get(precision, "float32")),
-                                        enabled=precision in AUTOCAST):
+                    with autocast(device, precision):
                         pooled = model(to_input(images, cfg.preprocess))
                     features = {}
                     for tap, values in pooled.items():

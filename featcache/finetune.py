@@ -132,10 +132,9 @@ def fit_normalizer(net, split, rows, cfg: FinetuneConfig, device) -> TapNormaliz
     from featcache.extract import pool
 
     blocks = {ref: [] for ref in net.refs}
-    transform = augmentation("none", cfg.features.preprocess.image_size, cfg.features.preprocess.resize)
     net.eval()
     with torch.inference_mode():
-        for images, _ in loader(split, rows, cfg, transform, False, 0, device):
+        for images, _ in loader(split, rows, cfg, None, False, 0, device):  # no augmentation
             maps = net.backbone_maps(normalise(images.to(device), cfg.features.preprocess))
             for ref in net.refs:
                 blocks[ref].append(pool(maps[ref], cfg.features.pooling).float().cpu().numpy())
@@ -172,7 +171,7 @@ def _configure(net, cfg: FinetuneConfig, phase: str):
     trainable = {}
     for name in net.names:
         policy = "none" if phase == "head" else cfg.unfreeze
-        trainable[name] = apply_unfreeze(net.extractors[name.replace(".", "_")], BACKBONES.lookup(name), policy)
+        trainable[name] = apply_unfreeze(net.extractor(name), BACKBONES.lookup(name), policy)
     head_params = list(net.head.parameters()) + (list(net.refine.parameters()) if net.refine is not None else [])
     groups = [{"params": head_params, "lr": cfg.lr}]
     backbone = [p for ext in net.extractors.values() for p in ext.parameters() if p.requires_grad]

@@ -10,18 +10,18 @@ import time
 
 import numpy as np
 
-from featcache.augment import augmentation, loader, normalise
+from featcache.augment import loader, normalise
+from featcache.extract import autocast
 
 
 def evaluate_rows(net, split, rows, cfg, device, precision):
     """(mean loss, accuracy, probabilities) of the model on some rows, no augmentation."""
     import torch
 
-    transform = augmentation("none", cfg.features.preprocess.image_size, cfg.features.preprocess.resize)
     net.eval()
     losses, probs = [], []
     with torch.inference_mode(), autocast(device, precision):
-        for images, labels in loader(split, rows, cfg, transform, False, 0, device):
+        for images, labels in loader(split, rows, cfg, None, False, 0, device):  # no augmentation
             logits = net(normalise(images.to(device), cfg.features.preprocess)).float()
             losses.append(torch.nn.functional.cross_entropy(logits, labels.to(device), reduction="sum").item())
             probs.append(torch.softmax(logits, 1).cpu().numpy())
@@ -29,24 +29,14 @@ def evaluate_rows(net, split, rows, cfg, device, precision):
     return sum(losses) / len(rows), float(np.mean(proba.argmax(1) == split.labels[rows])), proba
 
 
-def autocast(device, precision):
-    import torch
-
-    from featcache.extract import AUTOCAST
-
-    return torch.autocast(device.type, dtype=getattr(torch, AUTOCAST.get(precision, "float32")),
-                          enabled=precision in AUTOCAST)
-
-
 def frozen_maps(net, split, rows, cfg, device, precision) -> dict:
     """The frozen backbones' tap maps of ``rows`` (no augmentation), kept for every epoch."""
     import torch
 
-    transform = augmentation("none", cfg.features.preprocess.image_size, cfg.features.preprocess.resize)
     out = {ref: [] for ref in net.refs}
     net.eval()
     with torch.no_grad(), autocast(device, precision):  # no_grad, not inference_mode: reused in training
-        for images, _ in loader(split, rows, cfg, transform, False, 0, device):
+        for images, _ in loader(split, rows, cfg, None, False, 0, device):  # no augmentation
             maps = net.backbone_maps(normalise(images.to(device), cfg.features.preprocess))
             for ref in net.refs:
                 out[ref].append(maps[ref].float())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 
 from featcache.backbones import BACKBONES, BackboneSpec, build_backbone
 from featcache.errors import FeatcacheError
@@ -62,17 +63,11 @@ def apply_unfreeze(extractor, spec: BackboneSpec, policy: str) -> list[str]:
 # --- the model -------------------------------------------------------------------------
 
 
-def _torch():
-    import torch
-
-    return torch
-
-
-class ResBlock(_torch().nn.Module):
+class ResBlock(torch.nn.Module):
     """A ResNet basic block at constant width: x + BN(conv(ReLU(BN(conv(x)))))."""
 
     def __init__(self, channels: int):
-        nn = _torch().nn
+        nn = torch.nn
         super().__init__()
         self.body = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU(inplace=True),
@@ -80,26 +75,22 @@ class ResBlock(_torch().nn.Module):
         )
 
     def forward(self, x):
-        return _torch().relu(x + self.body(x))
+        return torch.relu(x + self.body(x))
 
 
-class TapNorm(_torch().nn.Module):
+class TapNorm(torch.nn.Module):
     """A fitted TapNormalizer as a layer: fixed per-tap affine (standard) or l2, then concat."""
 
     def __init__(self, normalizer: TapNormalizer):
-        torch = _torch()
         super().__init__()
         self.method = normalizer.method
-        n = len(normalizer.dims_)
-        for i in range(n):
+        for i in range(len(normalizer.dims_)):
             mean = normalizer.mean_[i] if self.method == "standard" else np.zeros(normalizer.dims_[i], np.float32)
             scale = normalizer.scale_[i] if self.method == "standard" else np.ones(normalizer.dims_[i], np.float32)
             self.register_buffer(f"mean{i}", torch.from_numpy(np.asarray(mean, np.float32)))
             self.register_buffer(f"scale{i}", torch.from_numpy(np.asarray(scale, np.float32)))
-        self.n = n
 
     def forward(self, blocks):
-        torch = _torch()
         out = []
         for i, block in enumerate(blocks):
             block = block.float()
@@ -111,7 +102,7 @@ class TapNorm(_torch().nn.Module):
         return torch.cat(out, dim=1)
 
 
-class FusedNet(_torch().nn.Module):
+class FusedNet(torch.nn.Module):
     """Backbones -> taps -> pooling -> per-tap normalisation -> concatenation -> head.
 
     With ``refine`` (the resblocks head) the single tap's feature map passes through
@@ -119,9 +110,8 @@ class FusedNet(_torch().nn.Module):
     """
 
     def __init__(self, extractors: dict, refs: list[TapRef], pooling: str, norm: TapNorm, head, refine=None):
-        nn = _torch().nn
         super().__init__()
-        self.extractors = nn.ModuleDict({k.replace(".", "_"): v for k, v in extractors.items()})
+        self.extractors = torch.nn.ModuleDict({_key(k): v for k, v in extractors.items()})
         self.names = list(extractors)
         self.refs = [(r.backbone, r.tap) for r in refs]
         self.pooling = pooling
@@ -129,11 +119,14 @@ class FusedNet(_torch().nn.Module):
         self.head = head
         self.refine = refine
 
+    def extractor(self, name: str):
+        """The feature extractor of backbone ``name``."""
+        return self.extractors[_key(name)]
+
     def backbone_maps(self, x) -> dict:
-        torch = _torch()
         maps = {}
         for name in self.names:
-            ext = self.extractors[name.replace(".", "_")]
+            ext = self.extractor(name)
             frozen = not any(p.requires_grad for p in ext.parameters())
             with torch.no_grad() if frozen else torch.enable_grad():  # frozen: store no activations
                 out = ext(x)
@@ -158,9 +151,13 @@ class FusedNet(_torch().nn.Module):
         """Train mode everywhere except BatchNorm in the backbones (running statistics kept)."""
         super().train(mode)
         for module in self.extractors.modules():
-            if isinstance(module, _torch().nn.modules.batchnorm._BatchNorm):
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                 module.eval()
         return self
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "_")  # ModuleDict keys cannot hold dots
 
 
 def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int, device):
@@ -179,11 +176,9 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
     refine = None
     if cfg.head == "resblocks":
         channels = BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).channels
-        refine = _torch().nn.Sequential(*[ResBlock(channels) for _ in range(cfg.res_blocks)])
+        refine = torch.nn.Sequential(*[ResBlock(channels) for _ in range(cfg.res_blocks)])
     dim = sum(normalizer.dims_)
     hidden = () if cfg.head == "linear" else cfg.hidden
     head = TorchClassifier(hidden=hidden, dropout=cfg.dropout)._build(dim, n_classes)
     net = FusedNet(extractors, refs, feat.pooling, TapNorm(normalizer), head, refine)
-    import torch
-
     return net.to(device, memory_format=torch.channels_last)
