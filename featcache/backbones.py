@@ -224,7 +224,7 @@ def load_state_dict_file(model, path: Path, spec: BackboneSpec) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise FeatcacheError(f"cannot read weights file {path}: it is not a torch state dict ({type(exc).__name__})") from exc
+        raise FeatcacheError(f"cannot read weights file {path}: it is not a torch state dict") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -115,12 +115,12 @@ def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
 def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
     """Train every (taps, head) combination; return the run folders written."""
     feat_cfg = cfg.features
+    tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]  # bad names fail before any long work
     if cfg.run_extract:
         from featcache.extract import extract
 
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)
-    tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]
     data = load_features(paths, {ref for refs in tapsets for ref in refs})
     y_all, y_test = data.labels["train"], data.labels["test"]
     fit_rows, val_rows = validation_split(y_all, cfg.val_fraction, feat_cfg.data.seed)

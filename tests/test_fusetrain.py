@@ -169,3 +169,11 @@ def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
 def test_predict_errors(tmp_path):
     result = run_cli("predict", "--run", tmp_path, str(tmp_path / "x.png"))
     assert result.exit_code == 2 and "is not a run folder" in result.output
+
+
+def test_bad_tap_names_fail_before_looking_for_or_making_a_cache(tmp_path, monkeypatch):
+    import featcache.extract
+
+    monkeypatch.setattr(featcache.extract, "extract", lambda *a, **k: pytest.fail("extraction ran"))
+    with pytest.raises(FeatcacheError, match="Got 'erly' instead; did you mean 'early'"):
+        fuse_train(train_cfg(tmp_path, taps=("erly",), run_extract=True), log=lambda m: None)
