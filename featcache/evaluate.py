@@ -92,6 +92,7 @@ def score(head, X_test, y_test, classes) -> dict:
         },
         "confusion_matrix": confusion_matrix(y_test, pred, labels=labels).tolist(),
         "predict_seconds": predict_seconds,
+        "predictions": pred.tolist(),  # per test row, for the report's prediction grid
     }
     if len(classes) >= 5:
         full = np.zeros((len(proba), len(classes)))

@@ -19,7 +19,7 @@ from featcache.backbones import BACKBONES, BackboneSpec, build_backbone
 from featcache.config import ExtractConfig, PreprocessConfig, fingerprint, resolve_device, resolve_precision
 from featcache.datasets import Dataset, Split, dataset_key, load_dataset
 from featcache.errors import FeatcacheError
-from featcache.store import CacheWriter, FeatureCache, cache_file, locked
+from featcache.store import CacheWriter, FeatureCache, cache_file, locked, write_timing
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
@@ -94,6 +94,15 @@ def compiled(model):
 def to_input(images, pre: PreprocessConfig):
     """uint8 (N, H, W, 3) on the device -> normalised float (N, 3, S, S), channels_last."""
     import torch
+
+    x = resized(images, pre)
+    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def resized(images, pre: PreprocessConfig):
+    """uint8 (N, H, W, 3) -> float (N, 3, S, S) in [0, 1], resized as ``pre`` says (what the backbone sees)."""
     import torch.nn.functional as F
 
     x = images.permute(0, 3, 1, 2).float().div_(255.0)  # NHWC memory is channels_last
@@ -108,9 +117,7 @@ def to_input(images, pre: PreprocessConfig):
             x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
             top, left = (nh - size) // 2, (nw - size) // 2
             x = x[..., top : top + size, left : left + size]
-    mean = torch.tensor(pre.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(pre.std, device=x.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    return x
 
 
 class FileImages:
@@ -217,7 +224,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
                 results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
                 continue
             status, images = _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progress, log)
-        results.append(ExtractResult(name, path, status, time.perf_counter() - started, images))
+        seconds = time.perf_counter() - started
+        write_timing(path, {"seconds": seconds, "images": images, "status": status, "device": str(device),
+                            "precision": precision, "batch_size": cfg.batch_size})
+        results.append(ExtractResult(name, path, status, seconds, images))
     return results
 
 

@@ -299,7 +299,7 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
                     "images_per_s": float(np.mean(history["images_per_s"])) if history["images_per_s"] else None},
         "versions": library_versions(),
     }
-    run = save_run(cfg.runs_dir, f"finetune-{'+'.join(map(str, refs))}-{cfg.head}-{cfg.unfreeze}", record,
+    run = save_run(cfg.runs_dir, f"finetune-{cfg.head}-{cfg.unfreeze}-{'+'.join(map(str, refs))}", record,
                    normalizer, net.state_dict())
     shutil.rmtree(folder, ignore_errors=True)
     return run
@@ -350,17 +350,9 @@ def load_finetuned(run_dir: Path, record: dict, device):
 
 
 def finetune_config_from_record(record: dict) -> FinetuneConfig:
-    from featcache.config import PreprocessConfig
-    from featcache.datasets import DataRequest
+    from featcache.runs import record_features
 
     c = record["config"]
-    feat = ExtractConfig(
-        data=DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
-                         limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"]),
-        backbones=tuple(c["backbones"]), weights=c["weights"],
-        preprocess=PreprocessConfig(image_size=c["image_size"], resize=c["resize"]), pooling=c["pooling"],
-        device="cpu",
-    )
-    return FinetuneConfig(features=feat, taps=",".join(record["taps"]), head=c["head"], hidden=tuple(c["hidden"]),
-                          dropout=c["dropout"], res_blocks=c["res_blocks"], tap_norm=c["tap_norm"],
-                          unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))
+    return FinetuneConfig(features=record_features(record), taps=",".join(record["taps"]), head=c["head"],
+                          hidden=tuple(c["hidden"]), dropout=c["dropout"], res_blocks=c["res_blocks"],
+                          tap_norm=c["tap_norm"], unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))

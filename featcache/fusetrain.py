@@ -136,7 +136,7 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
             metrics = score(selection.head, X_test, y_test, data.classes)
             record = _record(cfg, refs, head_name, selection, metrics, data, X_fit.shape[1], paths,
                              n_rows=(len(fit_rows), len(val_rows), len(y_test)))
-            run = save_run(cfg.runs_dir, f"{'+'.join(map(str, refs))}-{head_name}", record, normalizer, selection.head)
+            run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, normalizer, selection.head)
             log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
                 f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
             written.append(run)

@@ -136,6 +136,21 @@ def load_record(folder: Path) -> dict:
         raise FeatcacheError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
+def record_features(record: dict, device: str = "cpu"):
+    """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
+    from featcache.config import ExtractConfig, PreprocessConfig
+    from featcache.datasets import DataRequest
+
+    c = record["config"]
+    return ExtractConfig(
+        data=DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
+                         limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"]),
+        backbones=tuple(c["backbones"]), weights=c["weights"],
+        preprocess=PreprocessConfig(image_size=c["image_size"], resize=c["resize"]), pooling=c["pooling"],
+        device=device,
+    )
+
+
 def resolve_run(run: str, runs_dir: Path) -> Path:
     """A run given as a folder path or as a name inside ``runs_dir``."""
     path = Path(run)

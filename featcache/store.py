@@ -14,6 +14,10 @@ Writes go to ``<file>.partial``; every dataset is allocated when the file is cre
 a resumed run rewrites the same bytes in place and a full disk fails at once. ``rows_done``
 is flushed after each batch's features; the file is renamed into place only once every
 split is complete. A file at the final name is therefore always finished.
+
+How long the extraction took lives beside the cache in ``<file>.timing.json`` (for the
+report), not in the file: a resumed run must end with the same bytes as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -48,6 +52,28 @@ def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: di
 
 def partial_file(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def timing_file(path: Path) -> Path:
+    return Path(path).with_name(Path(path).name + ".timing.json")
+
+
+def write_timing(path: Path, timing: dict) -> None:
+    """Record how the cache at ``path`` was made; a failure here never fails the extraction."""
+    target = timing_file(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(timing, indent=2, sort_keys=True))
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def read_timing(path: Path) -> dict | None:
+    try:
+        return json.loads(timing_file(path).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @contextlib.contextmanager
