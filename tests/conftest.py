@@ -44,3 +44,24 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "photos")
+
+
+@pytest.fixture(scope="session")
+def report_runs(tmp_path_factory):
+    """Runs of every kind on the tiny backbone: logreg, mlp, RBF svm (frozen) and a two-phase fine-tune."""
+    from featcache.extract import extract
+    from featcache.finetune import FinetuneConfig, finetune
+    from featcache.fusetrain import FuseTrainConfig, fuse_train
+    from featcache.heads import HeadOptions
+
+    tmp = tmp_path_factory.mktemp("report")
+    data = DataRequest(name="digits", limit_train=200, limit_test=60)
+    cfg = tiny_config(tmp, data=data, dtype="float32")
+    extract(cfg, progress=False, log=lambda m: None)
+    runs = fuse_train(FuseTrainConfig(features=cfg, taps=("late", "early,late"), heads=("logreg", "mlp", "svm"),
+                                      runs_dir=tmp / "runs", options=HeadOptions(hidden=(16,), epochs=5)),
+                      log=lambda m: None)
+    tuned = finetune(FinetuneConfig(features=cfg, taps="late", head="mlp", hidden=(16,), head_epochs=1, epochs=1,
+                                    unfreeze="last-block", lr=1e-3, batch_size=32, runs_dir=tmp / "runs",
+                                    num_workers=0), log=lambda m: None, progress=False)
+    return tmp, runs + [tuned]

@@ -1,0 +1,285 @@
+"""Run records -> one self-contained HTML page comparing every run, and its table as CSV.
+
+Flow: runs (+ explain for Grad-CAM, figures for the plots) -> **report**. Everything the
+page shows comes from the run records, the caches' timing files and the dataset itself;
+figures are embedded as PNG data URIs, so the file opens anywhere without a network.
+Sections that cannot be drawn (a dataset that is not on this machine, a head Grad-CAM
+cannot differentiate) say why in place of the figure.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from featcache import __version__, figures
+from featcache.errors import FeatcacheError
+from featcache.runs import list_records, load_record, record_features, resolve_run
+from featcache.store import read_timing
+
+COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "variant", "val_acc", "test_acc",
+           "macro_f1", "fit_s"]
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """Flags of ``featcache report``."""
+
+    runs: tuple[str, ...] = ()  # run folders or names; empty: every run in runs_dir
+    runs_dir: Path = Path("runs")
+    out: Path = Path("reports/report.html")
+    title: str = "featcache report"
+    grid_images: int = 12
+    gradcam_images: int = 4
+    device: str = "cpu"
+
+
+def variant(record: dict) -> str:
+    if record["kind"] == "finetuned":
+        return f"fine-tuned ({record['config']['unfreeze']})"
+    return "frozen"
+
+
+def head_text(record: dict) -> str:
+    params = record["selection"]["params"]
+    if record["kind"] == "finetuned":
+        return record["head"]
+    chosen = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{record['head']} ({chosen})" if chosen else record["head"]
+
+
+def comparison_table(records: list[dict]):
+    """One row per run: the studies' results table, with how each variant was built."""
+    import pandas as pd
+
+    rows = [{
+        "run": r["run"], "dataset": r["config"]["dataset"], "backbones": "+".join(r["config"]["backbones"]),
+        "weights": r["config"]["weights"], "taps": "+".join(r["taps"]),
+        "fusion": f"concat, {r['config']['tap_norm']} per tap" if len(r["taps"]) > 1 else r["config"]["tap_norm"],
+        "head": head_text(r), "variant": variant(r), "val_acc": r["selection"]["val_accuracy"],
+        "test_acc": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"],
+        "fit_s": r["timings"]["fit_seconds"],
+    } for r in records]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class _Images:
+    """Datasets loaded once per request; images of test rows as the backbone sees them."""
+
+    def __init__(self):
+        self.loaded: dict = {}
+
+    def dataset(self, record: dict):
+        request = record_features(record).data
+        if request not in self.loaded:
+            from featcache.datasets import load_dataset
+
+            try:
+                self.loaded[request] = load_dataset(request)
+            except FeatcacheError as exc:
+                self.loaded[request] = FeatcacheError(f"images unavailable: {exc}")
+        if isinstance(self.loaded[request], FeatcacheError):
+            raise self.loaded[request]
+        return self.loaded[request]
+
+    def rows(self, record: dict, split: str, rows) -> np.ndarray:
+        from featcache.extract import load_image
+
+        part = self.dataset(record).splits[split]
+        if part.images is not None:
+            return part.images[rows]
+        pre = record_features(record).preprocess
+        return np.stack([load_image(part.files[i], pre) for i in rows])
+
+    def test_sample(self, record: dict, n: int):
+        """(rows, true labels, predicted labels) of up to n test images, a third of them mistakes if any."""
+        true = np.asarray(self.dataset(record).splits["test"].labels)
+        predicted = np.asarray(record["metrics"]["predictions"])
+        wrong = np.flatnonzero(true != predicted)[: n // 3]
+        right = np.flatnonzero(true == predicted)[: n - len(wrong)]
+        rows = np.sort(np.concatenate([right, wrong]))
+        return rows, true[rows], predicted[rows]
+
+
+def _architecture(record: dict) -> bytes:
+    from featcache.backbones import BACKBONES
+    from featcache.extract import pooled_dim
+
+    c = record["config"]
+    backbones = []
+    for name in c["backbones"]:
+        taps = []
+        for ref in record["taps"]:
+            backbone, tap = ref.split(":", 1)
+            if backbone != name:
+                continue
+            try:
+                t = BACKBONES.lookup(name).tap(tap)
+                taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {pooled_dim(t.channels, c['pooling'])}"))
+            except FeatcacheError:
+                taps.append((tap, "(backbone not registered here)"))
+        trainable = "frozen" if record["kind"] == "frozen" else f"unfreeze {c['unfreeze']}"
+        backbones.append({"name": name, "note": f"{c['weights']} weights, {trainable}", "taps": taps})
+    k = len(record["classes"])
+    if record["kind"] == "finetuned":
+        hidden = [] if c["head"] == "linear" else list(c["hidden"])
+        dropout = c["dropout"]
+    elif record["head"] in ("mlp", "linear"):
+        options = c["head_options"]
+        hidden = [] if record["head"] == "linear" else list(options["hidden"])
+        dropout = options["dropout"]
+    else:
+        hidden, dropout = [], 0
+        params = ", ".join(f"{k2}={v}" for k2, v in record["selection"]["params"].items())
+        head = [f"{record['head']} ({params})", f"-> {k} classes"]
+    if record["kind"] == "finetuned" or record["head"] in ("mlp", "linear"):
+        head, width = [], record["dim"]
+        for h in hidden:
+            head += [f"Linear {width} -> {h}", "ReLU"] + ([f"Dropout {dropout}"] if dropout else [])
+            width = h
+        head.append(f"Linear {width} -> {k}")
+    refine = f"{c['res_blocks']} residual blocks" if c.get("head") == "resblocks" else None
+    return figures.architecture(backbones, c["pooling"], c["tap_norm"], record["dim"], refine, head)
+
+
+def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str) -> bytes:
+    from featcache.explain import gradcam, overlay
+
+    rows, true, _ = images.test_sample(record, n)
+    out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device)
+    overlays = {tap: [overlay(img, heat) for img, heat in zip(out["images"], maps)]
+                for tap, maps in out["heatmaps"].items()}
+    return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record["classes"])
+
+
+def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig) -> dict:
+    """One run's figures (data URIs), or for each one that cannot be drawn, why."""
+    out = {"record": record, "variant": variant(record), "head": head_text(record), "figures": {}, "notes": {}}
+
+    def attempt(key, draw):
+        try:
+            out["figures"][key] = _uri(draw())
+        except FeatcacheError as exc:
+            out["notes"][key] = str(exc)
+
+    classes = record["classes"]
+    metrics = record["metrics"]
+    attempt("architecture", lambda: _architecture(record))
+    if record.get("curves"):
+        attempt("curves", lambda: figures.curves(record["curves"]))
+    else:
+        out["notes"]["curves"] = f"{record['head']} is fitted in one go (no epochs); its hyper-parameters were " \
+                                 f"chosen on validation: {record['selection']['params']}"
+    attempt("confusion", lambda: figures.confusion(metrics["confusion_matrix"], classes))
+    attempt("per_class", lambda: figures.per_class(metrics["per_class"]))
+    if "predictions" not in metrics:
+        out["notes"]["predictions"] = "this run's record holds no test predictions (made by an older featcache)"
+        out["notes"]["gradcam"] = out["notes"]["predictions"]
+        return out
+
+    def prediction_grid():
+        rows, true, predicted = images.test_sample(record, cfg.grid_images)
+        return figures.predictions(images.rows(record, "test", rows), true, predicted, classes)
+
+    attempt("predictions", prediction_grid)
+    if cfg.gradcam_images > 0:
+        attempt("gradcam", lambda: _gradcam(run_dir, record, images, cfg.gradcam_images, cfg.device))
+    return out
+
+
+def _samples(record: dict, images: _Images, per_class: int = 3) -> bytes:
+    data = images.dataset(record)
+    labels = np.asarray(data.splits["train"].labels)
+    rows = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(data.classes))])
+    return figures.image_grid(images.rows(record, "train", rows), [data.classes[k] for k in labels[rows]],
+                              columns=per_class * min(4, len(data.classes)), cell=1.1)
+
+
+def _time_spent(records: list[dict]) -> tuple[dict, list[dict]]:
+    caches = {}
+    for r in records:
+        for backbone, cache in r.get("caches", {}).items():
+            caches[cache["path"]] = backbone
+    rows = []
+    for path, backbone in caches.items():
+        timing = read_timing(Path(path))
+        rows.append({"cache": path, "backbone": backbone,
+                     "seconds": timing["seconds"] if timing else None,
+                     "images": timing["images"] if timing else None})
+    parts = {
+        "extraction (each cache once)": sum(r["seconds"] or 0.0 for r in rows),
+        "head training (frozen runs)": sum(r["timings"]["fit_seconds"] for r in records if r["kind"] == "frozen"),
+        "fine-tuning": sum(r["timings"]["fit_seconds"] for r in records if r["kind"] == "finetuned"),
+    }
+    return parts, rows
+
+
+def write_report(cfg: ReportConfig, log=print) -> Path:
+    """Write the HTML page and the CSV beside it; return the HTML path."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    if cfg.runs:
+        folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
+    else:
+        folders = [Path(cfg.runs_dir) / r["run"] for r in list_records(cfg.runs_dir)]
+    if not folders:
+        raise FeatcacheError(f"no runs in {cfg.runs_dir}: train some with featcache fuse-train or featcache finetune")
+    records = [load_record(f) for f in folders]
+    out = Path(cfg.out)
+    try:  # fail before the drawing, not after
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write {out}: {exc.strerror or exc}; choose another -o") from exc
+    started = time.perf_counter()
+    images = _Images()
+    sections = []
+    for folder, record in zip(folders, records):
+        log(f"report: drawing {record['run']}")
+        sections.append(_section(folder, record, images, cfg))
+    samples = {}
+    for record in records:
+        c = record["config"]
+        key = tuple(c.get(k) for k in ("dataset", "data_dir", "limit_train", "limit_test", "test_fraction", "seed"))
+        if key not in samples:
+            try:
+                samples[key] = {"title": c["dataset"], "uri": _uri(_samples(record, images))}
+            except FeatcacheError as exc:
+                samples[key] = {"title": c["dataset"], "note": str(exc)}
+    parts, cache_rows = _time_spent(records)
+    table = comparison_table(records)
+    random_runs = [r["run"] for r in records if r["config"]["weights"] == "random"]
+    env = Environment(loader=PackageLoader("featcache"), autoescape=select_autoescape())
+    page = env.get_template("report.html.j2").render(
+        title=cfg.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M"),
+        table=table.to_dict("records"), columns=COLUMNS, csv_name=Path(cfg.out).with_suffix(".csv").name,
+        random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
+        time_uri=_uri(figures.time_spent(parts)), parts=parts, cache_rows=cache_rows,
+        escape=html.escape,
+    )
+    _write_atomic(out, page)
+    _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
+    log(f"report written to {out} and {out.with_suffix('.csv')} in {time.perf_counter() - started:.1f} s")
+    return out
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}; choose another -o") from exc

@@ -1,0 +1,54 @@
+"""Grad-CAM through pytorch-grad-cam, for frozen heads put back on their backbones and fine-tuned runs."""
+
+import numpy as np
+import pytest
+import torch
+
+from featcache.datasets import DataRequest, load_dataset
+from featcache.errors import FeatcacheError
+from featcache.explain import gradcam, head_module
+from featcache.heads import HEADS, HeadOptions
+from featcache.runs import load_record
+
+TEST = load_dataset(DataRequest(name="digits", limit_train=200, limit_test=60)).splits["test"]
+
+
+def test_gradcam_explains_the_recorded_prediction_of_every_differentiable_run(report_runs):
+    _, runs = report_runs
+    explained = 0
+    for run in runs:
+        record = load_record(run)
+        if record["head"] == "svm" and record["selection"]["params"]["kernel"] == "rbf":
+            with pytest.raises(FeatcacheError, match="Grad-CAM needs a differentiable head; this SVC"):
+                gradcam(run, record, TEST.images[:4])
+            continue
+        out = gradcam(run, record, TEST.images[:8])
+        # The rebuilt network predicts what the run recorded: the head really sits on its backbones.
+        assert list(out["predicted"]) == record["metrics"]["predictions"][:8], record["run"]
+        assert set(out["heatmaps"]) == set(record["taps"])
+        for heat in out["heatmaps"].values():
+            assert heat.shape == (8, 32, 32) and heat.min() >= 0 and heat.max() <= 1
+            assert heat.reshape(8, -1).std(axis=1).max() > 0  # a map, not a constant
+        assert out["images"].shape == (8, 32, 32, 3)
+        explained += 1
+    assert explained >= 4
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+@pytest.mark.parametrize("head", ["logreg", "svm"])
+def test_linear_heads_become_their_decision_function(head, n_classes):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6)).astype(np.float32)
+    y = rng.integers(0, n_classes, 120)
+    entry = HEADS[head]
+    options = HeadOptions()
+    model = (entry.final or entry.make)(options, C=1.0)
+    model.fit(X, y)
+    module = head_module(model, n_classes)
+    scores = module(torch.from_numpy(X)).detach().numpy()
+    inner = model.calibrated_classifiers_[0].estimator if head == "svm" else model
+    decision = inner.decision_function(X)
+    if n_classes == 2:
+        decision = np.stack([-decision, decision], axis=1)
+    np.testing.assert_allclose(scores, decision, rtol=1e-4, atol=1e-4)
+    assert np.array_equal(scores.argmax(1), inner.predict(X))

@@ -1,0 +1,97 @@
+"""The HTML report: one self-contained page and its CSV, drawn from run records."""
+
+import csv
+import json
+import re
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli import cli
+from featcache.report import COLUMNS, ReportConfig, write_report
+from featcache.runs import load_record
+
+
+@pytest.fixture(scope="module")
+def report(report_runs):
+    tmp, runs = report_runs
+    out = write_report(ReportConfig(runs_dir=tmp / "runs", out=tmp / "reports" / "study.html", gradcam_images=2),
+                       log=lambda m: None)
+    return out, out.read_text(encoding="utf-8"), [load_record(r) for r in runs]
+
+
+def test_report_is_one_self_contained_file_with_every_section(report):
+    out, page, records = report
+    # No network: nothing is fetched from elsewhere; every figure is an embedded PNG.
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+    for heading in ("Comparison", "Where time went", "Data"):
+        assert f">{heading}</h2>" in page
+    for record in records:
+        assert re.search(rf'<section class="run" id="run-\d+-{re.escape(record["run"])}">', page)
+    n = len(records)
+    for kind in ("architecture", "confusion", "per_class", "predictions"):
+        assert page.count(f'<figure class="{kind}">') == n, kind
+    # Grad-CAM for every differentiable head; the RBF SVM says why it has none.
+    rbf = sum(r["head"] == "svm" and r["selection"]["params"]["kernel"] == "rbf" for r in records)
+    assert page.count('<figure class="gradcam">') == n - rbf
+    assert page.count("Grad-CAM needs a differentiable head") == rbf
+    # Curves for the epoch-trained runs; a note for heads fitted in one go.
+    epoch_runs = sum(bool(r["curves"]) for r in records)
+    assert page.count('<figure class="curves">') == epoch_runs
+    assert page.count("is fitted in one go (no epochs)") == n - epoch_runs
+    assert "fine-tuned (last-block)" in page and "Backbone weights are random" in page
+
+
+def test_csv_next_to_the_html_holds_the_comparison_table(report):
+    out, _, records = report
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == COLUMNS
+    by_run = {r["run"]: r for r in rows}
+    assert set(by_run) == {r["run"] for r in records}
+    for record in records:
+        row = by_run[record["run"]]
+        assert float(row["test_acc"]) == pytest.approx(record["metrics"]["accuracy"])
+        assert float(row["macro_f1"]) == pytest.approx(record["metrics"]["macro_f1"])
+        assert row["variant"] == ("frozen" if record["kind"] == "frozen" else "fine-tuned (last-block)")
+
+
+def test_time_section_uses_the_extraction_timing(report, report_runs):
+    tmp, _ = report_runs
+    _, page, _ = report
+    [timing] = (tmp / "cache" / "digits").glob("*.timing.json")
+    seconds = json.loads(timing.read_text())["seconds"]
+    assert f"{seconds:.1f}</td>" in page
+
+
+def test_pretrained_runs_get_no_random_weights_warning_and_missing_parts_say_why(report_runs, tmp_path):
+    tmp, runs = report_runs
+    copy = tmp_path / "runs" / runs[0].name
+    shutil.copytree(runs[0], copy)
+    record = json.loads((copy / "record.json").read_text())
+    record["config"].update(weights="imagenet", dataset="folder", data_dir=str(tmp_path / "gone"))
+    (copy / "record.json").write_text(json.dumps(record))
+    out = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html"), log=lambda m: None)
+    page = out.read_text()
+    assert "Backbone weights are random" not in page
+    assert page.count("images unavailable: data directory") >= 2  # prediction grid and Grad-CAM say why
+    assert '<figure class="confusion">' in page  # what the record alone can show is still drawn
+
+
+def test_report_command_and_its_errors(report_runs, tmp_path):
+    tmp, runs = report_runs
+    ok = CliRunner().invoke(cli, ["report", str(runs[0]), "--runs-dir", str(tmp / "runs"), "-o",
+                                  str(tmp_path / "one.html"), "--gradcam-images", "0"])
+    assert ok.exit_code == 0, ok.output
+    assert (tmp_path / "one.html").exists() and (tmp_path / "one.csv").exists()
+    assert '<figure class="gradcam">' not in (tmp_path / "one.html").read_text()
+    empty = CliRunner().invoke(cli, ["report", "--runs-dir", str(tmp_path / "none")])
+    assert empty.exit_code == 2 and "Error: no runs in" in empty.output
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    bad = CliRunner().invoke(cli, ["report", str(runs[0]), "-o", str(blocker / "r.html"), "--gradcam-images", "0"])
+    assert bad.exit_code == 2 and f"Error: cannot write {blocker / 'r.html'}" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1

@@ -1,0 +1,86 @@
+"""The report in a real headless browser (Debian's chromium, driven by Selenium).
+
+The page must load with no console error and every figure decoded; a screenshot is kept
+in reports/ (or $FEATCACHE_SCREENSHOT_DIR). The fixture installs chromium and its driver
+with apt-get when they are missing, as CI's clean machine needs.
+"""
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from featcache.report import ReportConfig, write_report
+
+ROOT = Path(__file__).resolve().parent.parent
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1280,900"]
+
+
+def _install_chromium():
+    if shutil.which("chromium") and shutil.which("chromedriver"):
+        return
+    if shutil.which("apt-get") is None:
+        pytest.fail("the browser test needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
+    sudo = [] if os.geteuid() == 0 else ["sudo", "-n"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    install = sudo + ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(sudo + ["apt-get", "update", "-q"], env=env, capture_output=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"could not install chromium: {done.stderr[-500:]}")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    _install_chromium()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium")
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    yield driver
+    driver.quit()
+
+
+def open_page(driver, path: Path) -> dict:
+    """Load a file and return what went wrong: console errors and figures that did not render."""
+    driver.get(path.resolve().as_uri())
+    images = driver.execute_script(
+        "return Array.from(document.images).map(i => ({alt: i.alt, ok: i.complete && i.naturalWidth > 0}))")
+    errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    return {"images": images, "broken": [i["alt"] for i in images if not i["ok"]], "errors": errors}
+
+
+def test_report_renders_in_chromium_without_errors(browser, report_runs, tmp_path):
+    tmp, _ = report_runs
+    out = write_report(ReportConfig(runs_dir=tmp / "runs", out=tmp_path / "study.html", gradcam_images=2),
+                       log=lambda m: None)
+    seen = open_page(browser, out)
+    assert seen["errors"] == []
+    assert seen["broken"] == []
+    assert len(seen["images"]) == out.read_text().count("<img ")
+    assert len(seen["images"]) >= 20  # 7 runs x (architecture, confusion, per-class, predictions) and more
+    height = browser.execute_script("return document.body.scrollHeight")
+    browser.set_window_size(1280, min(height, 16000))
+    shots = Path(os.environ.get("FEATCACHE_SCREENSHOT_DIR", ROOT / "reports"))
+    shots.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(shots / "browser-test-report.png"))
+    browser.set_window_size(1280, 900)
+
+
+def test_the_check_catches_a_broken_figure_and_a_console_error(browser, tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'
+                    '<img alt="fig" src="data:image/png;base64,bm90IGEgcG5n">'
+                    '<script>console.error("boom")</script></body></html>')
+    seen = open_page(browser, page)
+    assert seen["broken"] == ["fig"]
+    assert any("boom" in e for e in seen["errors"])
