@@ -41,6 +41,8 @@ def cli():
     featcache finetune --unfreeze last-block   train unfrozen variants end to end
     featcache runs                           compare every run
     featcache predict --run RUN IMAGE...     classify new images with a run
+    featcache report -o reports/study.html   one HTML page comparing every run
+    featcache run pipelines/quickstart.toml  a whole study, stage by stage
     """
 
 
@@ -119,6 +121,12 @@ def data_request(opts: dict):
     )
 
 
+def extract_config(params: dict):
+    """The ExtractConfig of ``featcache extract``'s parsed flags."""
+    return feature_config(params, tuple(params["backbone_names"]), batch_size=params["batch_size"],
+                          num_workers=params["num_workers"], compile=params["compile_"])
+
+
 @cli.command()
 @click.option("--backbone", "backbone_names", multiple=True, default=("resnet50",), show_default=True,
               help="Backbone to extract; repeat for several (see featcache backbones).")
@@ -129,15 +137,14 @@ def data_request(opts: dict):
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers decoding image files.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def extract(backbone_names, quiet, compile_, **opts):
+def extract(quiet, **params):
     """Run frozen backbones once and cache every tap's pooled features in HDF5.
 
     An identical request is served from the cache; an interrupted one resumes.
     """
     from featcache.extract import extract as run_extract
 
-    cfg = feature_config(opts, tuple(backbone_names), batch_size=opts["batch_size"],
-                         num_workers=opts["num_workers"], compile=compile_)
+    cfg = extract_config(params)
     started = time.perf_counter()
     try:
         results = run_extract(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -184,6 +191,21 @@ def _hidden(text: str) -> tuple[int, ...]:
         raise FeatcacheError(f"--hidden takes comma-separated widths such as 512 or 512,256. Got {text!r} instead.") from None
 
 
+def fuse_train_config(params: dict):
+    """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
+    from featcache.config import resolve_device
+    from featcache.fusetrain import FuseTrainConfig
+    from featcache.heads import HeadOptions
+
+    p = params
+    options = HeadOptions(hidden=_hidden(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
+                          epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
+                          device=resolve_device(p["device"]).type, seed=p["seed"])
+    return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
+                           heads=_csv(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
+                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"])
+
+
 @cli.command("fuse-train")
 @click.option("--backbone", "backbone_names", multiple=True, default=("resnet50",), show_default=True,
               help="Backbone whose cache to read; repeat to fuse across backbones.")
@@ -208,26 +230,35 @@ def _hidden(text: str) -> tuple[int, ...]:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
-def fuse_train(backbone_names, taps, heads, tap_norm, val_fraction, hidden, dropout, optimizer, lr, epochs,
-               batch_size, patience, runs_dir, run_extract, **opts):
+def fuse_train(**params):
     """Fuse cached taps and train heads; hyper-parameters are chosen on validation, test is scored once.
 
     Every --taps value x every --head is trained from one load of the caches, and each
     writes a run folder with its record and trained head.
     """
-    from featcache.config import resolve_device
-    from featcache.fusetrain import FuseTrainConfig
     from featcache.fusetrain import fuse_train as run
-    from featcache.heads import HeadOptions
 
-    features = feature_config(opts, tuple(backbone_names))
-    options = HeadOptions(hidden=_hidden(hidden), dropout=dropout, optimizer=optimizer, lr=lr, epochs=epochs,
-                          batch_size=batch_size, patience=patience, device=resolve_device(opts["device"]).type,
-                          seed=opts["seed"])
-    cfg = FuseTrainConfig(features=features, taps=taps, heads=_csv(heads), tap_norm=tap_norm,
-                          val_fraction=val_fraction, options=options, runs_dir=runs_dir, run_extract=run_extract)
+    cfg = fuse_train_config(params)
+    runs_dir = cfg.runs_dir
     written = run(cfg, log=click.echo)
     click.echo(f"{len(written)} runs written to {runs_dir}; compare them with: featcache runs --runs-dir {runs_dir}")
+
+
+def finetune_config(params: dict):
+    """The FinetuneConfig of ``featcache finetune``'s parsed flags."""
+    from featcache.finetune import FinetuneConfig
+    from featcache.runs import resolve_run
+
+    p = params
+    return FinetuneConfig(
+        features=feature_config(p, tuple(p["backbone_names"])), taps=p["taps"], head=p["head"],
+        hidden=_hidden(p["hidden"]), dropout=p["dropout"], res_blocks=p["res_blocks"], tap_norm=p["tap_norm"],
+        unfreeze=p["unfreeze"], head_epochs=p["head_epochs"], epochs=p["epochs"], optimizer=p["optimizer"],
+        lr=p["lr"], backbone_lr_scale=p["backbone_lr_scale"], batch_size=p["batch_size"], augment=p["augment"],
+        val_fraction=p["val_fraction"], patience=p["patience"],
+        init_head=resolve_run(str(p["init_head"]), p["runs_dir"]) if p["init_head"] else None,
+        runs_dir=p["runs_dir"], resume=p["resume"], num_workers=p["num_workers"],
+    )
 
 
 @cli.command()
@@ -261,25 +292,14 @@ def fuse_train(backbone_names, taps, heads, tap_norm, val_fraction, hidden, drop
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command from its last epoch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def finetune(backbone_names, taps, head, hidden, dropout, res_blocks, tap_norm, unfreeze, head_epochs, epochs,
-             optimizer, lr, backbone_lr_scale, batch_size, augment, val_fraction, patience, init_head, num_workers,
-             runs_dir, resume, quiet, **opts):
+def finetune(quiet, **params):
     """Train unfrozen variants end to end: backbones -> taps -> pooling -> normalisation -> head.
 
     Writes the same run record as fuse-train, so featcache runs lists both side by side.
     """
-    from featcache.finetune import FinetuneConfig
     from featcache.finetune import finetune as run
-    from featcache.runs import resolve_run
 
-    features = feature_config(opts, tuple(backbone_names))
-    cfg = FinetuneConfig(
-        features=features, taps=taps, head=head, hidden=_hidden(hidden), dropout=dropout, res_blocks=res_blocks,
-        tap_norm=tap_norm, unfreeze=unfreeze, head_epochs=head_epochs, epochs=epochs, optimizer=optimizer, lr=lr,
-        backbone_lr_scale=backbone_lr_scale, batch_size=batch_size, augment=augment, val_fraction=val_fraction,
-        patience=patience, init_head=resolve_run(str(init_head), runs_dir) if init_head else None,
-        runs_dir=runs_dir, resume=resume, num_workers=num_workers,
-    )
+    cfg = finetune_config(params)
     try:
         path = run(cfg, log=click.echo, progress=not quiet)
     except KeyboardInterrupt:
@@ -316,6 +336,55 @@ def predict(run_name, images, runs_dir, device):
 
     for file, label, prob in predict_files(resolve_run(run_name, runs_dir), list(images), device=device):
         click.echo(f"{file}\t{label}\t{prob:.4f}")
+
+
+@cli.command()
+@click.argument("run_names", nargs=-1, metavar="[RUN]...")
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
+              help="Where runs live; without RUN arguments every run in it is reported.")
+@click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("reports/report.html"), show_default=True,
+              help="The HTML file; the table is also written beside it as .csv.")
+@click.option("--title", default="featcache report", show_default=True)
+@click.option("--grid-images", type=int, default=12, show_default=True, help="Test images in each prediction grid.")
+@click.option("--gradcam-images", type=int, default=4, show_default=True, help="Images per Grad-CAM grid; 0: none.")
+@click.option("--device", default="cpu", show_default=True, help="Where Grad-CAM runs: cpu or cuda.")
+def report(**params):
+    """Write one self-contained HTML page comparing runs: table, curves, confusion matrices,
+    per-class scores, predictions, Grad-CAM, architecture and where time went."""
+    from featcache.report import write_report
+
+    write_report(report_config(params), log=lambda m: click.echo(m, err=True))
+
+
+def report_config(params: dict):
+    """The ReportConfig of ``featcache report``'s parsed flags."""
+    from featcache.report import ReportConfig
+
+    p = params
+    return ReportConfig(runs=tuple(p["run_names"]), runs_dir=p["runs_dir"], out=p["out"], title=p["title"],
+                        grid_images=p["grid_images"], gradcam_images=p["gradcam_images"], device=p["device"])
+
+
+@cli.command("run")
+@click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Check the file and list its stages without running them.")
+def run_command(pipeline_file, dry_run):
+    """Run a study's pipeline file (TOML) stage by stage: extract, fuse-train, finetune, report.
+
+    Caches and runs that already exist are reused; a summary says what ran and what was
+    reused. Each stage table holds its command's flags, e.g. image-size = 128.
+    """
+    from featcache.pipeline import load_pipeline, run_pipeline, summary
+
+    pipeline = load_pipeline(pipeline_file)
+    for key, text in pipeline.info.items():
+        click.echo(f"{key}: {text}")
+    if dry_run:
+        for stage, index, _ in pipeline.stages:
+            click.echo(f"{stage} #{index}")
+        return
+    results = run_pipeline(pipeline, log=lambda m: click.echo(m, err=True))
+    click.echo(summary(results))
 
 
 def main():

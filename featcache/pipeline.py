@@ -1,0 +1,284 @@
+"""A study as one declarative TOML file, run stage by stage: extract, fuse-train, finetune, report.
+
+Flow: pipelines/*.toml -> **pipeline** -> the stages, through the CLI's own flag parsing.
+A stage table holds its command's options under their flag names (``image-size = 128``
+is ``--image-size 128``; lists repeat a flag; ``true`` sets a switch), so defaults, types
+and checks are the command's own and cannot drift. ``[defaults]`` applies to every stage
+whose command takes the option. Stages run in flow order, each table in file order.
+
+Nothing is done twice: extraction reuses caches by their fingerprint; a training stage
+is looked up in ``<runs-dir>/pipeline-ledger.json`` by a hash of all its resolved
+options, and reused when its run folders are still there. An interrupted fine-tune
+resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from featcache.errors import FeatcacheError, closest
+
+STAGES = ("extract", "fuse-train", "finetune", "report")
+SECTIONS = ("pipeline", "defaults", *STAGES)
+PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
+UI_ONLY = ("quiet", "resume")  # options that do not change a stage's result
+LEDGER = "pipeline-ledger.json"
+
+
+@dataclass
+class StageResult:
+    stage: str
+    index: int
+    status: str  # "ran" or "reused"
+    seconds: float
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    path: Path
+    name: str
+    info: dict  # description, reproduces, reported
+    runs_dir: Path
+    stages: list[tuple[str, int, dict]]  # (stage, index, parsed click params)
+
+
+def _command(stage: str) -> click.Command:
+    from featcache.cli import cli
+
+    return cli.commands[stage]
+
+
+def _options(command: click.Command) -> dict[str, click.Option]:
+    """Flag name without dashes -> option, e.g. "image-size"."""
+    out = {}
+    for param in command.params:
+        if isinstance(param, click.Option):
+            long = [o for o in param.opts if o.startswith("--")]
+            if long:
+                out[long[0][2:]] = param
+        elif isinstance(param, click.Argument):
+            out[param.name.replace("_", "-")] = param
+    return out
+
+
+def _fail(path: Path, where: str, message: str) -> FeatcacheError:
+    return FeatcacheError(f"{path}: {where}: {message}")
+
+
+def _args(path: Path, where: str, table: dict, options: dict) -> list[str]:
+    """The command line that a stage table stands for; bad keys and types name the key."""
+    args, positional = [], []
+    for raw_key, value in table.items():
+        key = raw_key.replace("_", "-")
+        if key not in options:
+            guess = closest(key, options)
+            hint = f"; did you mean '{guess}'?" if guess else f" (known: {', '.join(sorted(options))})"
+            raise _fail(path, where, f"unknown key '{raw_key}'{hint}")
+        option = options[key]
+        if isinstance(option, click.Argument):
+            values = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, str) for v in values):
+                raise _fail(path, where, f"{raw_key} takes a string or a list of strings. Got {value!r} instead")
+            positional += values
+            continue
+        flag = option.opts[0] if option.opts[0].startswith("--") else f"--{key}"
+        if option.is_flag:
+            if not isinstance(value, bool):
+                raise _fail(path, where, f"{raw_key} is a switch: true or false. Got {value!r} instead")
+            if value:
+                args.append(flag)
+            continue
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not option.multiple and len(value) != 1:
+            raise _fail(path, where, f"{raw_key} takes one value. Got a list of {len(value)} instead")
+        for v in values:
+            if isinstance(v, (dict, list, bool)) or v is None:
+                raise _fail(path, where, f"{raw_key} takes a number or a string. Got {v!r} instead")
+            args += [flag, str(v)]
+    return args + positional
+
+
+def _parse(path: Path, where: str, stage: str, table: dict) -> dict:
+    """Parse a stage table with the command's own option parser; return its params."""
+    command = _command(stage)
+    options = _options(command)
+    args = _args(path, where, table, options)
+    try:
+        ctx = command.make_context(stage, args)
+    except click.BadParameter as exc:
+        key = (exc.param.opts[0].lstrip("-") if exc.param is not None and exc.param.opts else "value")
+        raise _fail(path, f"{where} {key}", exc.format_message()) from None
+    except click.UsageError as exc:
+        raise _fail(path, where, exc.format_message()) from None
+    return dict(ctx.params)
+
+
+def _config(stage: str, params: dict):
+    """The config object a stage runs with, built by the CLI's own builders."""
+    from featcache import cli
+
+    builders = {"extract": cli.extract_config, "fuse-train": cli.fuse_train_config,
+                "finetune": cli.finetune_config, "report": cli.report_config}
+    return builders[stage](params)
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read and check a pipeline file: every stage is parsed before anything runs."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FeatcacheError(f"no pipeline file {path}: see pipelines/ for examples") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise FeatcacheError(f"cannot read {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise FeatcacheError(f"{path}: not valid TOML: {exc}") from None
+    for section, value in data.items():
+        if section not in SECTIONS:
+            guess = closest(section, SECTIONS)
+            hint = f"; did you mean [{guess}]?" if guess else f" (known: {', '.join(SECTIONS)})"
+            raise _fail(path, f"[{section}]", f"unknown section{hint}")
+        stage_list = section in ("extract", "fuse-train", "finetune")
+        ok = isinstance(value, dict) or (stage_list and isinstance(value, list)
+                                         and all(isinstance(v, dict) for v in value))
+        if not ok:
+            raise _fail(path, f"[{section}]", f"must be a table{' or an array of tables' if stage_list else ''}. "
+                                              f"Got {type(value).__name__} instead")
+    if "pipeline" not in data:
+        raise _fail(path, "[pipeline]", "missing section: start the file with [pipeline] and name = \"...\"")
+    head = data["pipeline"]
+    for key in head:
+        if key not in PIPELINE_KEYS:
+            guess = closest(key, PIPELINE_KEYS)
+            raise _fail(path, "[pipeline]", f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else
+                                                                      f" (known: {', '.join(PIPELINE_KEYS)})"))
+        if not isinstance(head[key], str):
+            raise _fail(path, f"[pipeline] {key}", f"must be a string. Got {head[key]!r} instead")
+    if "name" not in head:
+        raise _fail(path, "[pipeline]", "missing key 'name'")
+    if not any(s in data for s in STAGES):
+        raise _fail(path, "stages", "none found: add [[extract]], [[fuse-train]], [[finetune]] or [report]")
+    runs_dir = Path(head.get("runs-dir", f"runs/{head['name']}"))
+    defaults = data.get("defaults", {})
+    known = set().union(*(_options(_command(s)) for s in STAGES))
+    for key in defaults:
+        if key.replace("_", "-") not in known:
+            guess = closest(key.replace("_", "-"), known)
+            raise _fail(path, "[defaults]", f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else ""))
+    stages = []
+    for stage in STAGES:
+        tables = data.get(stage, [])
+        for index, table in enumerate(tables if isinstance(tables, list) else [tables], start=1):
+            options = _options(_command(stage))
+            merged = {k: v for k, v in defaults.items() if k.replace("_", "-") in options}
+            if "runs-dir" in options:
+                merged["runs-dir"] = str(runs_dir)
+            if stage == "finetune":
+                merged["resume"] = True  # an interrupted pipeline continues where it stopped
+            if stage == "report":
+                merged.update({"out": f"reports/{head['name']}.html", "title": head.get("reproduces", head["name"])})
+            merged.update(table)
+            where = f"[{stage}]" if not isinstance(tables, list) else f"[[{stage}]] #{index}"
+            params = _parse(path, where, stage, merged)
+            try:  # the stage's own config checks, before anything runs
+                _config(stage, params)
+            except FeatcacheError as exc:
+                raise _fail(path, where, str(exc)) from None
+            stages.append((stage, index, params))
+    info = {k: head[k] for k in ("description", "reproduces", "reported") if k in head}
+    return Pipeline(path, head["name"], info, runs_dir, stages)
+
+
+def stage_key(stage: str, params: dict) -> str:
+    settled = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k not in UI_ONLY}
+    text = json.dumps([stage, settled], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _ledger(runs_dir: Path) -> dict:
+    try:
+        return json.loads((runs_dir / LEDGER).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _remember(runs_dir: Path, key: str, entry: dict) -> None:
+    ledger = _ledger(runs_dir)
+    ledger[key] = entry
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    tmp = runs_dir / f".{LEDGER}.tmp"
+    tmp.write_text(json.dumps(ledger, indent=2, sort_keys=True))
+    os.replace(tmp, runs_dir / LEDGER)
+
+
+def _recorded(runs_dir: Path, key: str) -> list[str] | None:
+    entry = _ledger(runs_dir).get(key)
+    if entry and all((runs_dir / name / "record.json").is_file() for name in entry["runs"]):
+        return entry["runs"]
+    return None
+
+
+def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
+    """Run every stage, reusing what exists; return what each stage did."""
+    results: list[StageResult] = []
+    runs: list[str] = []  # this pipeline's run folders, in stage order
+    for stage, index, params in pipeline.stages:
+        log(f"== {stage} #{index}")
+        started = time.perf_counter()
+        if stage == "extract":
+            from featcache.extract import extract
+
+            done = extract(_config(stage, params), progress=not params["quiet"], log=log)
+            status = "reused" if all(r.status == "cached" for r in done) else "ran"
+            outputs = [f"{r.backbone}: {r.status} {r.path}" for r in done]
+        elif stage == "report":
+            from featcache.report import write_report
+
+            if not params["run_names"]:
+                params = {**params, "run_names": tuple(runs), "runs_dir": pipeline.runs_dir}
+            if not params["run_names"]:
+                raise FeatcacheError(f"{pipeline.path}: [report]: no runs to report: add a fuse-train or finetune stage")
+            out = write_report(_config(stage, params), log=log)
+            status, outputs = "ran", [str(out), str(Path(out).with_suffix(".csv"))]
+        else:
+            key = stage_key(stage, params)
+            runs_dir = Path(params["runs_dir"])
+            names = _recorded(runs_dir, key)
+            if names is not None:
+                status = "reused"
+            else:
+                if stage == "fuse-train":
+                    from featcache.fusetrain import fuse_train
+
+                    written = fuse_train(_config(stage, params), log=log)
+                else:
+                    from featcache.finetune import finetune
+
+                    written = [finetune(_config(stage, params), log=log, progress=not params["quiet"])]
+                names = [p.name for p in written]
+                _remember(runs_dir, key, {"stage": stage, "pipeline": pipeline.name, "runs": names})
+                status = "ran"
+            runs += [str(runs_dir / n) for n in names]
+            outputs = [str(runs_dir / n) for n in names]
+        results.append(StageResult(stage, index, status, time.perf_counter() - started, outputs))
+    return results
+
+
+def summary(results: list[StageResult]) -> str:
+    lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  outputs"]
+    for r in results:
+        first, *rest = r.outputs or ["-"]
+        lines.append(f"{r.stage + ' #' + str(r.index):<14}{r.status:<8}{r.seconds:>9.1f}  {first}")
+        lines += [f"{'':<31}{o}" for o in rest]
+    ran = sum(r.status == "ran" for r in results)
+    lines.append(f"{ran} stage{'s' if ran != 1 else ''} ran, {len(results) - ran} reused")
+    return "\n".join(lines)
