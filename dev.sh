@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up and run featcache on a fresh machine with only Python 3.10+:
-#   bash dev.sh demo    offline demo: extract two backbones on the bundled digits, show the cache
+# Set up and run featcache on a fresh machine with only Python 3.11+:
+#   bash dev.sh demo    offline demo: pipelines/quickstart.toml, every stage on the bundled digits, then a report
 #   bash dev.sh test    the test suite (what CI runs)
 #   bash dev.sh bench   the extraction throughput benchmark (slow on a CPU)
 # The first call creates .venv and installs featcache with its dependencies (PyTorch is
@@ -20,11 +20,8 @@ export PATH="$PWD/$VENV/bin:$PATH"
 
 case "${1:-}" in
     demo)
-        # Random weights and 64 px keep the demo offline and about a minute long on 2 CPU cores;
-        # float32 because a randomly initialised MobileNetV2's late taps are below float16's range.
-        featcache extract --dataset digits --backbone resnet18 --backbone mobilenet_v2 \
-            --weights random --image-size 64 --dtype float32 --cache-dir cache
-        featcache info cache/digits
+        # Every stage offline (random weights, bundled digits), ending with reports/quickstart.html.
+        featcache run pipelines/quickstart.toml
         ;;
     test)
         shift
