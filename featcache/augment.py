@@ -48,9 +48,10 @@ class SplitImages:
         return len(self.rows)
 
     def __getitem__(self, i):
+        """(uint8 HWC image, label, error): an unreadable file gives zeros and its one-line error."""
         import torch
 
-        from featcache.extract import load_image
+        from featcache.images import BadImage, load_image
 
         row = self.rows[i]
         label = int(self.split.labels[row])
@@ -58,23 +59,41 @@ class SplitImages:
             if self.transform is None:
                 image = self.split.images[row] if self.split.images is not None else \
                     load_image(self.split.files[row], self.pre)
-                return torch.from_numpy(np.ascontiguousarray(image)), label
+                return torch.from_numpy(np.ascontiguousarray(image)), label, ""
             image = self.split.images[row] if self.split.images is not None else \
                 load_image(self.split.files[row], self.pre, resize=False)
-        except OSError as exc:
-            raise FeatcacheError(f"cannot read image {self.split.files[row]}: {exc}") from exc
+        except BadImage as exc:
+            size = self.pre.image_size
+            return torch.zeros((size, size, 3), dtype=torch.uint8), label, str(exc)
         chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return self.transform(chw).permute(1, 2, 0).contiguous(), label
+        return self.transform(chw).permute(1, 2, 0).contiguous(), label, ""
 
 
-def loader(split, rows, cfg, transform, shuffle: bool, seed: int, device):
+class Batches:
+    """A DataLoader of :class:`SplitImages` yielding (images, labels); an unreadable file stops it in one line."""
+
+    def __init__(self, data_loader):
+        self.data_loader = data_loader
+
+    def __len__(self):
+        return len(self.data_loader)
+
+    def __iter__(self):
+        for images, labels, errors in self.data_loader:
+            bad = [e for e in errors if e]
+            if bad:
+                raise FeatcacheError(f"{bad[0]}: fix or remove the file (fine-tuning reads every image)")
+            yield images, labels
+
+
+def loader(split, rows, cfg, transform, shuffle: bool, seed: int, device) -> Batches:
     import torch
 
-    return torch.utils.data.DataLoader(
+    return Batches(torch.utils.data.DataLoader(
         SplitImages(split, rows, transform, cfg.features.preprocess), batch_size=cfg.batch_size, shuffle=shuffle,
         num_workers=cfg.num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(seed), drop_last=False,
-    )
+    ))
 
 
 def normalise(images, pre):

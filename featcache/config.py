@@ -61,6 +61,7 @@ class ExtractConfig:
     num_workers: int = 2
     cache_dir: Path = Path("cache")
     compile: bool = False
+    skip_bad_images: bool = False  # leave unreadable files out (recorded in the cache) instead of stopping
 
     def __post_init__(self):
         if not self.backbones:

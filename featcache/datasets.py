@@ -249,12 +249,14 @@ def _folder_load(request: DataRequest) -> Dataset:
     key = f"folder-{_folder_root(request).resolve().name}"
     if set(layout) == set(SPLITS):  # explicit train/ and test/
         classes = sorted(set(layout["train"]) | set(layout["test"]))
+        _two_classes(classes, _folder_root(request))
         splits = {}
         for name in SPLITS:
             files, labels = _flatten(layout[name], classes)
             splits[name] = Split(labels=labels, index=np.arange(len(labels), dtype=np.int64), files=files)
         return Dataset(key, tuple(classes), splits)
     classes = sorted(layout)
+    _two_classes(classes, _folder_root(request))
     files, labels = _flatten(layout, classes)
     train, test = _split_train_test(labels, request.test_fraction, request.seed)
     splits = {
@@ -262,6 +264,12 @@ def _folder_load(request: DataRequest) -> Dataset:
         for name, rows in (("train", train), ("test", test))
     }
     return Dataset(key, tuple(classes), splits)
+
+
+def _two_classes(classes: list[str], root: Path) -> None:
+    if len(classes) < 2:
+        raise FeatcacheError(f"{root} holds one class folder ({classes[0]}): a classifier needs at least two, "
+                             f"one sub-folder of images per class")
 
 
 def _flatten(by_class: dict[str, list[Path]], classes: list[str]) -> tuple[tuple[Path, ...], np.ndarray]:

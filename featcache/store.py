@@ -160,6 +160,7 @@ class CacheWriter:
             group.attrs["rows_done"] = 0
             group.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
             group.create_dataset("index", data=np.asarray(index, np.int64), track_times=False)
+            group.create_dataset("skipped", shape=(len(labels),), dtype=np.uint8, fillvalue=0, track_times=False)
             taps = _no_times_group(group, "taps")
             for tap, dim in tap_dims.items():
                 _preallocated(taps, tap, (len(labels), dim), dtype)
@@ -194,19 +195,29 @@ class CacheWriter:
     def rows_done(self, split: str) -> int:
         return int(self.file[split].attrs["rows_done"])
 
-    def write(self, split: str, start: int, features: dict[str, np.ndarray]) -> None:
-        """Store one batch of features at rows ``start:...`` and record the progress."""
+    def write(self, split: str, start: int, features: dict[str, np.ndarray], skipped=None) -> None:
+        """Store one batch of features at rows ``start:...`` and record the progress.
+
+        ``skipped`` marks rows whose image could not be read (their features are not used).
+        """
         taps = self.file[split]["taps"]
         stop = start
         for tap, values in features.items():
             stop = start + len(values)
             taps[tap][start:stop] = values
+        if skipped is not None and np.any(skipped):
+            self.file[split]["skipped"][start:stop] = np.asarray(skipped, np.uint8)
         self.file.flush()  # features reach the disk before rows_done says so
         self.file[split].attrs["rows_done"] = stop
         self.file.flush()
 
-    def finish(self) -> Path:
-        """Mark complete and move into place atomically."""
+    def skipped_rows(self, split: str) -> np.ndarray:
+        return np.flatnonzero(self.file[split]["skipped"][:])
+
+    def finish(self, skipped: list[dict] | None = None) -> Path:
+        """Mark complete and move into place atomically; ``skipped`` lists the unreadable images."""
+        if skipped:
+            self.file.attrs["skipped_images"] = json.dumps(skipped)
         self.file.attrs["complete"] = True
         self.file.close()
         self.file = None
@@ -271,14 +282,40 @@ class FeatureCache:
     def rows_done(self, split: str) -> int:
         return int(self.file[split].attrs["rows_done"])
 
+    def _kept(self, split: str) -> np.ndarray | slice:
+        """Rows to serve: all but the images skipped as unreadable (``--skip-bad-images``)."""
+        group = self.file[split]
+        if "skipped" not in group:
+            return slice(None)
+        skipped = group["skipped"][:]
+        return slice(None) if not skipped.any() else np.flatnonzero(skipped == 0)
+
+    @property
+    def skipped(self) -> list[dict]:
+        """The images skipped as unreadable: split, index, file, error."""
+        return json.loads(self.file.attrs.get("skipped_images", "[]"))
+
+    def n_rows(self, split: str) -> int:
+        """Rows served (skipped images excluded)."""
+        kept = self._kept(split)
+        return len(self.file[split]["labels"]) if isinstance(kept, slice) else len(kept)
+
     def labels(self, split: str) -> np.ndarray:
-        return self.file[split]["labels"][:]
+        return self.file[split]["labels"][:][self._kept(split)]
 
     def index(self, split: str) -> np.ndarray:
-        return self.file[split]["index"][:]
+        return self.file[split]["index"][:][self._kept(split)]
 
-    def read(self, split: str, tap: str) -> np.ndarray:
-        return self.file[split]["taps"][tap][:]
+    def read(self, split: str, tap: str, rows=None) -> np.ndarray:
+        """A tap's features (N, C); ``rows`` (a slice of served rows) reads a chunk only."""
+        kept = self._kept(split)
+        data = self.file[split]["taps"][tap]
+        if isinstance(kept, slice):
+            return data[rows if rows is not None else slice(None)]
+        wanted = kept if rows is None else kept[rows]
+        if rows is None or len(wanted) == 0:
+            return data[:][wanted]
+        return data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
 
     def describe(self) -> str:
         """A human summary: state, classes, per split rows and taps, fingerprint."""
@@ -290,6 +327,9 @@ class FeatureCache:
             dtype = next(iter(self.file[split]["taps"].values())).dtype if taps else "-"
             lines.append(f"  {split}: {self.rows_done(split)}/{n} rows, dtype {dtype}")
             lines.extend(f"    {tap:<14} {shape[0]} x {shape[1]}" for tap, shape in taps.items())
+        if self.skipped:
+            lines.append(f"  skipped as unreadable ({len(self.skipped)}):")
+            lines.extend(f"    {s['split']} row {s['index']}: {s['error']}" for s in self.skipped)
         lines.append("  fingerprint:")
         lines.extend("    " + line for line in json.dumps(self.fingerprint, indent=2, sort_keys=True).splitlines())
         return "\n".join(lines)

@@ -1,0 +1,175 @@
+"""Messy photo folders: every odd or broken file is converted to RGB or reported in one line naming it."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from featcache.cli import cli
+from featcache.config import PreprocessConfig
+from featcache.images import BadImage, load_image
+from featcache.store import FeatureCache
+
+PRE = PreprocessConfig(image_size=32)
+FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--num-workers", "0",
+        "-q", "--dataset", "folder"]
+
+
+def photo(size=(40, 30), value=128, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.clip(value + rng.integers(-30, 30, (size[1], size[0], 3)), 0, 255).astype(np.uint8)
+
+
+def odd_images(folder):
+    """Files that are odd but valid: each must load as RGB uint8 of the requested size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rgba = np.dstack([photo(), np.full((30, 40), 128, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(folder / "alpha.png")
+    Image.fromarray(photo()[..., 0], "L").save(folder / "gray.png")
+    Image.fromarray(photo()).convert("P", palette=Image.ADAPTIVE).save(folder / "palette.png", transparency=0)
+    Image.fromarray(photo()).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((photo()[..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
+    Image.fromarray(photo((1, 1))).save(folder / "tiny1x1.png")
+    Image.fromarray(photo((4000, 3000))).save(folder / "large.jpg", quality=90)
+    Image.fromarray(photo()).save(folder / "фото-ü.png")
+    return folder
+
+
+def bad_images(folder):
+    """Files that cannot be read: truncated JPEG, empty file, a text file named .jpg."""
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(photo((200, 150))).save(folder / "whole.jpg")
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "whole.jpg").unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.jpg").write_text("not an image")
+    return folder
+
+
+@pytest.fixture
+def odd(tmp_path):
+    return odd_images(tmp_path / "odd")
+
+
+@pytest.mark.parametrize("name", ["alpha.png", "gray.png", "palette.png", "cmyk.jpg", "deep16.png", "tiny1x1.png",
+                                  "large.jpg", "фото-ü.png"])
+def test_each_odd_image_loads_as_rgb(odd, name):
+    image = load_image(odd / name, PRE)
+    assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
+    if name == "deep16.png":  # scaled to 8 bits, not clipped to white
+        assert 90 < image.mean() < 170
+    if name == "cmyk.jpg":
+        assert abs(float(image.mean()) - 128) < 20
+
+
+def test_an_image_over_pillows_bomb_limit_is_reported_not_crashed(tmp_path, monkeypatch):
+    Image.fromarray(photo((100, 100))).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 10,000 pixels > 2 x the limit: Pillow refuses
+    with pytest.raises(BadImage, match=r"cannot read image .*bomb.png: DecompressionBombError"):
+        load_image(tmp_path / "bomb.png", PRE)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)  # above the limit but under twice it: loads, no warning
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(tmp_path / "bomb.png", PRE).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("name, reason", [("truncated.jpg", "OSError: image file is truncated"),
+                                          ("empty.png", "empty file"),
+                                          ("notes.jpg", "UnidentifiedImageError")])
+def test_each_unreadable_file_is_named(tmp_path, name, reason):
+    folder = bad_images(tmp_path / "bad")
+    with pytest.raises(BadImage, match=re.escape(f"cannot read image {folder / name}: ") + ".*" + re.escape(reason)):
+        load_image(folder / name, PRE)
+
+
+def messy_folder(root):
+    for k, cls in enumerate(("boots", "sandals")):
+        folder = root / cls
+        folder.mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(photo(value=60 + 120 * k, seed=i)).save(folder / f"{cls}{i}.png")
+    odd_images(root / "boots")
+    bad_images(root / "sandals")
+    return root
+
+
+def test_extract_stops_at_a_bad_image_in_one_line_and_leaves_nothing(tmp_path):
+    root = messy_folder(tmp_path / "photos")
+    result = CliRunner().invoke(cli, ["extract", *FAST, "--data-dir", str(root), "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert re.fullmatch(r"Error: cannot read image .*photos/sandals/(empty.png|notes.jpg|truncated.jpg): .*"
+                        r"fix or remove the file, or pass --skip-bad-images to leave unreadable images out", line)
+    assert not [p for p in (tmp_path / "c").rglob("*") if p.suffix in (".h5", ".partial")]
+
+
+def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
+    root = messy_folder(tmp_path / "photos")
+    args = ["extract", *FAST, "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"), "--skip-bad-images",
+            "--test-fraction", "0.3"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "skipped 3 unreadable image(s), recorded in the cache" in result.output
+    for name in ("truncated.jpg", "empty.png", "notes.jpg"):
+        assert name in result.output
+    [path] = (tmp_path / "c").rglob("*.h5")
+    with FeatureCache(path) as cache:
+        skipped = cache.skipped
+        assert sorted(s["file"].rsplit("/", 1)[1] for s in skipped) == ["empty.png", "notes.jpg", "truncated.jpg"]
+        assert json.loads(cache.file.attrs["skipped_images"]) == skipped
+        total = sum(len(cache.file[s]["labels"]) for s in cache.splits)
+        served = sum(len(cache.labels(s)) for s in cache.splits)
+        assert served == total - 3 == 12 + 8  # 12 plain photos and 8 odd ones served; the 3 bad left out
+        for split in cache.splits:
+            assert len(cache.read(split, "stage3")) == len(cache.labels(split)) == len(cache.index(split))
+    again = CliRunner().invoke(cli, args)  # a cache hit still says what was left out
+    assert "already cached" in again.output and "skipped 3 unreadable image(s)" in again.output
+    info = CliRunner().invoke(cli, ["info", str(path)])
+    assert "skipped as unreadable (3):" in info.output and "truncated.jpg" in info.output
+
+
+def test_a_cache_with_skipped_images_trains_and_reports(tmp_path):
+    from featcache.report import ReportConfig, write_report
+
+    root = messy_folder(tmp_path / "photos")
+    common = [*FAST, "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"), "--test-fraction", "0.3"]
+    assert CliRunner().invoke(cli, ["extract", *common, "--skip-bad-images"]).exit_code == 0
+    common = [c for c in common if c not in ("-q", "--num-workers", "0")]
+    trained = CliRunner().invoke(cli, ["fuse-train", *common, "--head", "logreg", "--runs-dir", str(tmp_path / "r")])
+    assert trained.exit_code == 0, trained.output
+    page = write_report(ReportConfig(runs_dir=tmp_path / "r", out=tmp_path / "r.html", gradcam_images=2),
+                        log=lambda m: None).read_text()
+    assert '<figure class="predictions">' in page and '<figure class="gradcam">' in page
+    assert "images unavailable" not in page
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"boots": 3, "sandals": 0}, r"class folder .*sandals holds no images"),
+    ({"boots": 4}, r"holds one class folder \(boots\): a classifier needs at least two"),
+])
+def test_empty_class_folder_and_single_class_dataset_are_one_line(tmp_path, layout, message):
+    for cls, n in layout.items():
+        (tmp_path / "p" / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(photo(seed=i)).save(tmp_path / "p" / cls / f"{i}.png")
+    result = CliRunner().invoke(cli, ["extract", *FAST, "--data-dir", str(tmp_path / "p"),
+                                      "--cache-dir", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert re.search(message, line), line
+
+
+def test_fine_tuning_names_an_unreadable_image_in_one_line(tmp_path):
+    root = messy_folder(tmp_path / "photos")
+    result = CliRunner().invoke(cli, ["finetune", "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                                      "--device", "cpu", "--num-workers", "0", "-q", "--dataset", "folder",
+                                      "--data-dir", str(root), "--epochs", "1", "--runs-dir", str(tmp_path / "r")])
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    assert re.match(r"Error: cannot read image .*: .*fix or remove the file \(fine-tuning reads every image\)", line)
