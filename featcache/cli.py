@@ -124,7 +124,8 @@ def data_request(opts: dict):
 def extract_config(params: dict):
     """The ExtractConfig of ``featcache extract``'s parsed flags."""
     return feature_config(params, tuple(params["backbone_names"]), batch_size=params["batch_size"],
-                          num_workers=params["num_workers"], compile=params["compile_"])
+                          num_workers=params["num_workers"], compile=params["compile_"],
+                          skip_bad_images=params["skip_bad_images"])
 
 
 @cli.command()
@@ -136,6 +137,8 @@ def extract_config(params: dict):
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers decoding image files.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
+@click.option("--skip-bad-images", is_flag=True,
+              help="Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(quiet, **params):
     """Run frozen backbones once and cache every tap's pooled features in HDF5.
@@ -151,7 +154,16 @@ def extract(quiet, **params):
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to resume where it stopped", err=True)
         sys.exit(130)
+    from featcache.distributed import ranks
+
+    if not ranks().main:  # under torchrun, rank 0 speaks for the job
+        return
     for r in results:
+        if r.skipped:
+            click.echo(f"{r.backbone}: skipped {len(r.skipped)} unreadable image(s), recorded in the cache "
+                       f"(featcache info lists them):")
+            for item in r.skipped:
+                click.echo(f"  {item['error']}")
         if r.status == "cached":
             click.echo(f"{r.backbone}: already cached at {r.path} (served in {r.seconds:.2f} s)")
         else:

@@ -10,15 +10,17 @@ inference (conv+BN folded, channels_last, optional ``torch.compile``) and runs u
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from featcache.backbones import BACKBONES, BackboneSpec, build_backbone
-from featcache.config import ExtractConfig, PreprocessConfig, fingerprint, resolve_device, resolve_precision
+from featcache import distributed
+from featcache.config import ExtractConfig, PreprocessConfig, fingerprint, resolve_precision
 from featcache.datasets import Dataset, Split, dataset_key, load_dataset
 from featcache.errors import FeatcacheError
+from featcache.images import BadImage, FileImages, load_image, open_rgb  # noqa: F401  (load_image: re-exported)
 from featcache.store import CacheWriter, FeatureCache, cache_file, locked, write_timing
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
@@ -40,6 +42,7 @@ class ExtractResult:
     status: str  # "cached", "extracted" or "resumed"
     seconds: float
     images: int
+    skipped: tuple[dict, ...] = ()  # unreadable images left out (--skip-bad-images)
 
 
 def pooled_dim(channels: int, pooling: str) -> int:
@@ -120,69 +123,27 @@ def resized(images, pre: PreprocessConfig):
     return x
 
 
-class FileImages:
-    """Map-style dataset of image files -> uint8 (S, S, 3), decoded in DataLoader workers.
-
-    A file that cannot be decoded yields an error message instead of raising, so the main
-    process can name it in one line rather than print a worker traceback.
-    """
-
-    def __init__(self, files, pre: PreprocessConfig):
-        self.files = files
-        self.pre = pre
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        import torch
-
-        try:
-            return torch.from_numpy(load_image(self.files[i], self.pre)), ""
-        except Exception as exc:  # PIL raises many types for bad files
-            size = self.pre.image_size
-            return torch.zeros((size, size, 3), dtype=torch.uint8), f"{type(exc).__name__}: {exc}"
-
-
-def load_image(path, pre: PreprocessConfig, resize: bool = True) -> np.ndarray:
-    """Decode one file to RGB uint8 (H, W, 3) and, unless told not to, resize it as ``pre`` says."""
-    from PIL import Image
-
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-    if not resize:
-        return np.asarray(image, dtype=np.uint8).copy()
-    size = pre.image_size
-    if pre.resize == "stretch":
-        image = image.resize((size, size), Image.BILINEAR)
-    else:
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image, dtype=np.uint8).copy()
-
-
 def _collate(batch):
     import torch
 
     return torch.stack([img for img, _ in batch]), [err for _, err in batch]
 
 
-def uint8_batches(split: Split, start: int, cfg: ExtractConfig, batch_size: int, device):
-    """Yield ``(row, uint8 NHWC batch on device)`` from row ``start`` to the end."""
+def uint8_batches(split: Split, start: int, stop: int, cfg: ExtractConfig, batch_size: int, device):
+    """Yield ``(row, uint8 NHWC batch on device, errors)`` for rows ``start:stop``.
+
+    ``errors`` holds one message per image, empty for those that decoded.
+    """
     import torch
 
     pin = device.type == "cuda"
     if split.images is not None:
-        for row in range(start, len(split), batch_size):
-            batch = torch.from_numpy(split.images[row : row + batch_size])
-            yield row, (batch.pin_memory() if pin else batch).to(device, non_blocking=pin)
+        for row in range(start, stop, batch_size):
+            batch = torch.from_numpy(split.images[row : min(row + batch_size, stop)])
+            yield row, (batch.pin_memory() if pin else batch).to(device, non_blocking=pin), [""] * len(batch)
         return
     loader = torch.utils.data.DataLoader(
-        FileImages(split.files[start:], cfg.preprocess),
+        FileImages(split.files[start:stop], cfg.preprocess),
         batch_size=batch_size,
         num_workers=cfg.num_workers,
         collate_fn=_collate,
@@ -190,18 +151,21 @@ def uint8_batches(split: Split, start: int, cfg: ExtractConfig, batch_size: int,
     )
     row = start
     for batch, errors in loader:
-        for offset, err in enumerate(errors):
-            if err:
-                raise FeatcacheError(f"cannot read image {split.files[row + offset]}: {err}")
-        yield row, batch.to(device, non_blocking=pin)
+        yield row, batch.to(device, non_blocking=pin), errors
         row += len(batch)
 
 
 def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[ExtractResult]:
-    """Make sure a finished cache exists for every requested backbone; return where."""
-    device = resolve_device(cfg.device)
+    """Make sure a finished cache exists for every requested backbone; return where.
+
+    Under ``torchrun`` every rank extracts its shard and rank 0 assembles the cache.
+    """
+    r = distributed.ranks()
+    distributed.init(r)
+    device = distributed.device_for(r, cfg.device)
     precision = resolve_precision(cfg.precision, device)
     key = dataset_key(cfg.data)
+    say = log if r.main else (lambda message: None)
     dataset: Dataset | None = None
     results = []
     for name in cfg.backbones:
@@ -209,26 +173,48 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
         started = time.perf_counter()
         fp = fingerprint(cfg, spec, precision)
         path = cache_file(cfg.cache_dir, key, name, fp)
-        if _finished(path):
-            results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
+        if distributed.agree(r, _finished(path)):
+            results.append(_cached(name, path, started))
             continue
         # Data and weights are loaded before anything is written, so their errors leave nothing behind.
-        dataset = dataset or load_dataset(cfg.data)
+        if dataset is None:
+            dataset = _load_once(cfg, r)
         model = tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise FeatcacheError(f"cannot create cache folder {path.parent}: {exc.strerror}; choose another --cache-dir") from exc
-        with locked(path, on_wait=lambda: log(f"waiting for another featcache process writing {path} ...")):
-            if _finished(path):  # the other writer finished it while we waited
-                results.append(ExtractResult(name, path, "cached", time.perf_counter() - started, 0))
-                continue
-            status, images = _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progress, log)
+        job = _Job(cfg, spec, fp, path, dataset, model, device, precision, progress and r.main, say)
+        if r.world > 1:
+            status, images, skipped = _extract_sharded(job, r)
+        else:
+            with locked(path, on_wait=lambda p=path: say(f"waiting for another featcache process writing {p} ...")):
+                if _finished(path):  # the other writer finished it while we waited
+                    results.append(_cached(name, path, started))
+                    continue
+                status, images, skipped = _write_cache(job, path)
         seconds = time.perf_counter() - started
-        write_timing(path, {"seconds": seconds, "images": images, "status": status, "device": str(device),
-                            "precision": precision, "batch_size": cfg.batch_size})
-        results.append(ExtractResult(name, path, status, seconds, images))
+        if r.main:
+            write_timing(path, {"seconds": seconds, "images": images, "status": status, "device": str(device),
+                                "precision": precision, "batch_size": cfg.batch_size, "processes": r.world})
+        results.append(ExtractResult(name, path, status, seconds, images, tuple(skipped)))
     return results
+
+
+def _load_once(cfg: ExtractConfig, r) -> Dataset:
+    """The dataset; under torchrun rank 0 loads (and downloads) first, then the others."""
+    if r.world > 1 and not r.main:
+        distributed.barrier(r)
+    dataset = load_dataset(cfg.data)
+    if r.world > 1 and r.main:
+        distributed.barrier(r)
+    return dataset
+
+
+def _cached(name: str, path: Path, started: float) -> ExtractResult:
+    with FeatureCache(path) as cache:
+        skipped = tuple(cache.skipped)
+    return ExtractResult(name, path, "cached", time.perf_counter() - started, 0, skipped)
 
 
 def _finished(path: Path) -> bool:
@@ -238,46 +224,81 @@ def _finished(path: Path) -> bool:
         return True
 
 
-def _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progress, log) -> tuple[str, int]:
+@dataclass(frozen=True)
+class _Job:
+    """One backbone's extraction: everything the writing loop needs."""
+
+    cfg: ExtractConfig
+    spec: BackboneSpec
+    fp: dict
+    path: Path
+    dataset: Dataset
+    model: object
+    device: object
+    precision: str
+    progress: bool
+    log: object
+    warned: set = field(default_factory=set)  # taps already warned about float16 underflow
+
+    @property
+    def tap_dims(self) -> dict[str, int]:
+        return {t.node: pooled_dim(t.channels, self.cfg.pooling) for t in self.spec.taps}
+
+    @property
+    def run(self) -> dict:
+        return {"batch_size": self.cfg.batch_size, "compile": self.cfg.compile}
+
+
+def _extract_sharded(job: _Job, r) -> tuple[str, int, list[dict]]:
+    """This rank's shard into its own file; then rank 0 copies every shard into the cache."""
+    shard_paths = [distributed.shard_file(job.path, distributed.Ranks(k, r.world)) for k in range(r.world)]
+    rows_of = [{s: distributed.shard_rows(len(d), job.cfg.batch_size, distributed.Ranks(k, r.world))
+                for s, d in job.dataset.splits.items()} for k in range(r.world)]
+    _, images, _ = _write_cache(job, shard_paths[r.rank], rows_of[r.rank])
+    images = distributed.total(r, images)  # also the barrier: every shard is finished
+    skipped: list[dict] = []
+    if r.main:
+        with locked(job.path):
+            writer = CacheWriter(job.path, job.fp, {s: (d.labels, d.index) for s, d in job.dataset.splits.items()},
+                                 job.tap_dims, job.cfg.dtype, job.dataset.classes, job.run)
+            distributed.merge(writer, list(zip(shard_paths, rows_of)), job.cfg.batch_size)
+            skipped = _skipped(writer, job.dataset)
+            writer.finish(skipped)
+        distributed.remove_shards(shard_paths)
+    distributed.barrier(r)  # the cache is in place
+    return "extracted", images, skipped
+
+
+def _write_cache(job: _Job, path: Path, rows: dict[str, tuple[int, int]] | None = None) -> tuple[str, int, list[dict]]:
+    """Extract rows ``rows[split] = (start, stop)`` (default: all) into the file at ``path``."""
     import torch
     from tqdm import tqdm
 
-    tap_dims = {t.node: pooled_dim(t.channels, cfg.pooling) for t in spec.taps}
-    run = {"batch_size": cfg.batch_size, "compile": cfg.compile}
+    cfg, dataset = job.cfg, job.dataset
+    rows = rows or {s: (0, len(d)) for s, d in dataset.splits.items()}
     writer = CacheWriter(
-        path, fp, {s: (d.labels, d.index) for s, d in dataset.splits.items()}, tap_dims, cfg.dtype, dataset.classes, run
+        path, job.fp, {s: (d.labels[slice(*rows[s])], d.index[slice(*rows[s])]) for s, d in dataset.splits.items()},
+        job.tap_dims, cfg.dtype, dataset.classes, job.run,
     )
-    if writer.resumed and writer.run_attrs != run:
-        log(f"resuming {writer.partial} with its original settings {writer.run_attrs} so the numbers match")
+    if writer.resumed and writer.run_attrs != job.run:
+        job.log(f"resuming {writer.partial} with its original settings {writer.run_attrs} so the numbers match")
     run = writer.run_attrs
-    storage = torch.float16 if cfg.dtype == "float16" else torch.float32
-    warned: set[str] = set()
+    model = job.model
     try:
         if run["compile"]:
             model = compiled(model)
-        todo = {s: len(d) - writer.rows_done(s) for s, d in dataset.splits.items()}
-        bar = tqdm(total=sum(todo.values()), unit="img", desc=spec.name, disable=not progress, leave=False)
+        todo = {s: stop - start - writer.rows_done(s) for s, (start, stop) in rows.items()}
+        bar = tqdm(total=sum(todo.values()), unit="img", desc=job.spec.name, disable=not job.progress, leave=False)
         with bar, torch.inference_mode():
             for split_name, split in dataset.splits.items():
-                batches = uint8_batches(split, writer.rows_done(split_name), cfg, run["batch_size"], device)
-                for row, images in batches:
-                    with autocast(device, precision):
-                        pooled = model(to_input(images, cfg.preprocess))
-                    features = {}
-                    for tap, values in pooled.items():
-                        if storage == torch.float16 and tap not in warned:
-                            largest = float(values.abs().max())
-                            if 0 < largest < FLOAT16_TINY:
-                                warned.add(tap)
-                                log(f"warning: {spec.name}/{tap} values are below float16's normal range (largest "
-                                    f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")
-                        values = values.to(storage)
-                        if not torch.isfinite(values).all():
-                            raise FeatcacheError(
-                                f"features of {spec.name}/{tap} overflow {cfg.dtype}: use --dtype float32"
-                            )
-                        features[tap] = values.cpu().numpy()
-                    writer.write(split_name, row, features)
+                start, stop = rows[split_name]
+                first = start + writer.rows_done(split_name)
+                for row, images, errors in uint8_batches(split, first, stop, cfg, run["batch_size"], job.device):
+                    bad = np.array([bool(e) for e in errors])
+                    if bad.any() and not cfg.skip_bad_images:
+                        raise FeatcacheError(f"{errors[int(np.argmax(bad))]}: fix or remove the file, or pass "
+                                             f"--skip-bad-images to leave unreadable images out")
+                    writer.write(split_name, row - start, _features(job, model, images), skipped=bad)
                     bar.update(len(images))
     except FeatcacheError:
         writer.close()  # the same input would fail again: leave nothing behind
@@ -287,5 +308,44 @@ def _write_cache(cfg, spec, fp, path, dataset, model, device, precision, progres
         writer.close()  # interrupted: keep the partial file for a resume
         raise
     status = "resumed" if writer.resumed else "extracted"
-    writer.finish()
-    return status, sum(todo.values())
+    skipped = _skipped(writer, dataset, rows)
+    writer.finish(skipped)
+    return status, sum(todo.values()), skipped
+
+
+def _features(job: _Job, model, images) -> dict[str, np.ndarray]:
+    """One batch through the backbone: every tap pooled, in the storage dtype."""
+    import torch
+
+    storage = torch.float16 if job.cfg.dtype == "float16" else torch.float32
+    with autocast(job.device, job.precision):
+        pooled = model(to_input(images, job.cfg.preprocess))
+    features = {}
+    for tap, values in pooled.items():
+        if storage == torch.float16:
+            largest = float(values.abs().max())
+            if 0 < largest < FLOAT16_TINY and tap not in job.warned:
+                job.warned.add(tap)
+                job.log(f"warning: {job.spec.name}/{tap} values are below float16's normal range (largest "
+                        f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")
+        values = values.to(storage)
+        if not torch.isfinite(values).all():
+            raise FeatcacheError(f"features of {job.spec.name}/{tap} overflow {job.cfg.dtype}: use --dtype float32")
+        features[tap] = values.cpu().numpy()
+    return features
+
+
+def _skipped(writer, dataset: Dataset, rows: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """The unreadable images marked in the writer's file, each with the reason read again from the file."""
+    out = []
+    for name, split in dataset.splits.items():
+        start = rows[name][0] if rows else 0
+        for row in writer.skipped_rows(name):
+            file = split.files[start + row]
+            try:
+                open_rgb(file)
+                reason = "unreadable when extracted"
+            except BadImage as exc:
+                reason = str(exc)
+            out.append({"split": name, "index": int(split.index[start + row]), "file": str(file), "error": reason})
+    return out

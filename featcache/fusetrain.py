@@ -86,6 +86,7 @@ class Features:
 
     classes: list[str]
     labels: dict[str, np.ndarray]  # split -> labels
+    index: dict[str, np.ndarray]  # split -> position of each row in the source dataset
     taps: dict[tuple[str, TapRef], np.ndarray]  # (split, ref) -> (N, C) float32
     fingerprints: dict[str, dict]
     load_seconds: float
@@ -93,7 +94,7 @@ class Features:
 
 def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
     started = time.perf_counter()
-    labels, taps, fps, classes = {}, {}, {}, None
+    labels, index, taps, fps, classes = {}, {}, {}, {}, None
     for backbone, path in paths.items():
         with FeatureCache(path) as cache:
             fps[backbone] = cache.fingerprint
@@ -103,13 +104,14 @@ def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
                 if split in labels and not np.array_equal(labels[split], y):
                     raise FeatcacheError(f"{path} holds other {split} rows than the other backbones' caches")
                 labels[split] = y
+                index[split] = cache.index(split)
                 for ref in refs:
                     if ref.backbone != backbone:
                         continue
                     if ref.tap not in cache.taps(split):
                         raise FeatcacheError(f"tap {ref} is not in {path}: re-run featcache extract --backbone {backbone}")
                     taps[(split, ref)] = cache.read(split, ref.tap).astype(np.float32)
-    return Features(classes, labels, taps, fps, time.perf_counter() - started)
+    return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
 
 
 def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
@@ -167,6 +169,7 @@ def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) 
                       "best_epoch": getattr(selection.head, "best_epoch_", None)},
         "curves": history,
         "metrics": metrics,
+        "test_index": data.index["test"],  # source positions of the scored test rows (skipped images are not)
         "timings": {"load_seconds": data.load_seconds, "fit_seconds": selection.fit_seconds,
                     "predict_seconds": metrics["predict_seconds"]},
         "versions": library_versions(),

@@ -104,12 +104,18 @@ class _Images:
 
     def test_sample(self, record: dict, n: int):
         """(rows, true labels, predicted labels) of up to n test images, a third of them mistakes if any."""
-        true = np.asarray(self.dataset(record).splits["test"].labels)
+        split = self.dataset(record).splits["test"]
         predicted = np.asarray(record["metrics"]["predictions"])
+        if "test_index" in record:  # the scored rows, by source position (unreadable images were left out)
+            position = {int(v): row for row, v in enumerate(split.index)}
+            scored = np.asarray([position[int(v)] for v in record["test_index"]], dtype=np.int64)
+        else:
+            scored = np.arange(len(predicted))
+        true = split.labels[scored]
         wrong = np.flatnonzero(true != predicted)[: n // 3]
         right = np.flatnonzero(true == predicted)[: n - len(wrong)]
-        rows = np.sort(np.concatenate([right, wrong]))
-        return rows, true[rows], predicted[rows]
+        picked = np.sort(np.concatenate([right, wrong]))
+        return scored[picked], true[picked], predicted[picked]
 
 
 def _architecture(record: dict) -> bytes:

@@ -1,0 +1,122 @@
+"""Extraction across processes started by ``torchrun``: one contiguous shard per rank, one cache.
+
+Flow: extract -> **distributed** -> store. ``torchrun --nproc-per-node N -m featcache
+extract ...`` (and across nodes with ``--nnodes``) starts N processes with ``RANK``,
+``WORLD_SIZE`` and ``LOCAL_RANK`` set. Each rank runs the backbone on whole batches
+``[first, last)`` of every split, the batches a single process would run, and writes
+them to its own resumable shard file beside the cache. Rank 0 then copies the shards,
+in order and in the same batches, into the cache file a single process writes, so the
+result is the same file. The cache folder must be visible to every rank (one machine,
+or shared storage across nodes). A gloo process group only synchronises the ranks;
+no features travel over it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract
+
+
+@dataclass(frozen=True)
+class Ranks:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def ranks() -> Ranks:
+    """This process's place in a torchrun job (a single process is rank 0 of 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Ranks()
+    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(r: Ranks) -> None:
+    """Join the torchrun job's process group (gloo: barriers and small decisions only)."""
+    import torch.distributed as dist
+
+    if r.world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+
+
+def barrier(r: Ranks) -> None:
+    if r.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def agree(r: Ranks, value):
+    """Rank 0's value, on every rank."""
+    if r.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def total(r: Ranks, value: int) -> int:
+    """The sum of ``value`` over every rank."""
+    if r.world <= 1:
+        return value
+    import torch.distributed as dist
+
+    values = [None] * r.world
+    dist.all_gather_object(values, value)
+    return sum(values)
+
+
+def device_for(r: Ranks, requested: str):
+    """cuda:LOCAL_RANK where a GPU is wanted and present, else the CPU."""
+    import torch
+
+    from featcache.config import resolve_device
+
+    device = resolve_device(requested)
+    if r.world > 1 and device.type == "cuda":
+        torch.cuda.set_device(r.local_rank)
+        return torch.device("cuda", r.local_rank)
+    return device
+
+
+def shard_rows(n_rows: int, batch_size: int, r: Ranks) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of this rank: a contiguous run of whole batches."""
+    batches = -(-n_rows // batch_size)
+    first, last = batches * r.rank // r.world, batches * (r.rank + 1) // r.world
+    return min(first * batch_size, n_rows), min(last * batch_size, n_rows)
+
+
+def shard_file(path: Path, r: Ranks) -> Path:
+    return Path(path).with_name(f"{Path(path).name}.rank{r.rank}of{r.world}")
+
+
+def merge(writer, shards: list[tuple[Path, dict[str, tuple[int, int]]]], batch_size: int) -> None:
+    """Copy finished shard files into the cache writer, batch by batch, in row order."""
+    import h5py
+
+    for path, rows in shards:
+        with h5py.File(path, "r") as shard:
+            for split, (start, stop) in rows.items():
+                group = shard[split]
+                for offset in range(0, stop - start, batch_size):
+                    chunk = slice(offset, min(offset + batch_size, stop - start))
+                    features = {tap: group["taps"][tap][chunk] for tap in group["taps"]}
+                    writer.write(split, start + offset, features, skipped=group["skipped"][chunk])
+
+
+def remove_shards(paths: list[Path]) -> None:
+    for path in paths:
+        for candidate in (path, path.with_name(path.name + ".partial"), path.with_name(path.name + ".lock")):
+            candidate.unlink(missing_ok=True)
+
