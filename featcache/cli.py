@@ -215,7 +215,8 @@ def fuse_train_config(params: dict):
                           device=resolve_device(p["device"]).type, seed=p["seed"])
     return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
                            heads=_csv(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
-                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"])
+                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
+                           out_of_core=p["out_of_core"])
 
 
 @cli.command("fuse-train")
@@ -242,6 +243,8 @@ def fuse_train_config(params: dict):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
+@click.option("--out-of-core", is_flag=True,
+              help="Stream row chunks from the caches instead of loading them (torch heads: linear, mlp).")
 def fuse_train(**params):
     """Fuse cached taps and train heads; hyper-parameters are chosen on validation, test is scored once.
 

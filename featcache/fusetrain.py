@@ -7,6 +7,7 @@ the same files; a missing one names the ``featcache extract`` command that makes
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -36,10 +37,13 @@ class FuseTrainConfig:
     options: HeadOptions = field(default_factory=HeadOptions)
     runs_dir: Path = Path("runs")
     run_extract: bool = False
+    out_of_core: bool = False  # stream row chunks from HDF5 instead of loading the taps
 
     def __post_init__(self):
         for head in self.heads:
-            HEADS.lookup(head)
+            if not HEADS.lookup(head).torch and self.out_of_core:
+                raise FeatcacheError(f"--out-of-core streams features to the torch heads (linear, mlp); {head} needs "
+                                     f"them in memory: use --head linear or mlp, or drop --out-of-core")
         TapNormalizer(self.tap_norm)
         if not 0 < self.val_fraction < 1:
             raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {self.val_fraction} instead.")
@@ -92,25 +96,37 @@ class Features:
     load_seconds: float
 
 
+def _rows(caches: dict, path_of: dict) -> tuple[list[str], dict, dict]:
+    """(classes, split -> labels, split -> source index), the same in every backbone's cache."""
+    labels, index, classes = {}, {}, None
+    for backbone, cache in caches.items():
+        classes = classes or cache.classes
+        for split in ("train", "test"):
+            y = cache.labels(split)
+            if split in labels and not np.array_equal(labels[split], y):
+                raise FeatcacheError(f"{path_of[backbone]} holds other {split} rows than the other backbones' caches")
+            labels[split], index[split] = y, cache.index(split)
+    return classes, labels, index
+
+
+def _check_taps(caches: dict, path_of: dict, refs) -> None:
+    for ref in refs:
+        if ref.tap not in caches[ref.backbone].taps("train"):
+            raise FeatcacheError(f"tap {ref} is not in {path_of[ref.backbone]}: re-run featcache extract "
+                                 f"--backbone {ref.backbone}")
+
+
 def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
     started = time.perf_counter()
-    labels, index, taps, fps, classes = {}, {}, {}, {}, None
-    for backbone, path in paths.items():
-        with FeatureCache(path) as cache:
-            fps[backbone] = cache.fingerprint
-            classes = classes or cache.classes
-            for split in ("train", "test"):
-                y = cache.labels(split)
-                if split in labels and not np.array_equal(labels[split], y):
-                    raise FeatcacheError(f"{path} holds other {split} rows than the other backbones' caches")
-                labels[split] = y
-                index[split] = cache.index(split)
-                for ref in refs:
-                    if ref.backbone != backbone:
-                        continue
-                    if ref.tap not in cache.taps(split):
-                        raise FeatcacheError(f"tap {ref} is not in {path}: re-run featcache extract --backbone {backbone}")
-                    taps[(split, ref)] = cache.read(split, ref.tap).astype(np.float32)
+    taps = {}
+    with contextlib.ExitStack() as stack:
+        caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
+        classes, labels, index = _rows(caches, paths)
+        fps = {b: c.fingerprint for b, c in caches.items()}
+        _check_taps(caches, paths, refs)
+        for split in ("train", "test"):
+            for ref in refs:
+                taps[(split, ref)] = caches[ref.backbone].read(split, ref.tap).astype(np.float32)
     return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
 
 
@@ -123,25 +139,76 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
 
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)
-    data = load_features(paths, {ref for refs in tapsets for ref in refs})
-    y_all, y_test = data.labels["train"], data.labels["test"]
-    fit_rows, val_rows = validation_split(y_all, cfg.val_fraction, feat_cfg.data.seed)
+    if cfg.out_of_core:
+        return _fuse_train_streaming(cfg, tapsets, paths, log)
+    refs_needed = {ref for refs in tapsets for ref in refs}
     written = []
-    for refs in tapsets:
-        train_blocks = [data.taps[("train", r)] for r in refs]
-        normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
-        X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
-        X_val = normalizer.transform([b[val_rows] for b in train_blocks])
-        X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
-        for head_name in cfg.heads:
-            selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
-            metrics = score(selection.head, X_test, y_test, data.classes)
-            record = _record(cfg, refs, head_name, selection, metrics, data, X_fit.shape[1], paths,
-                             n_rows=(len(fit_rows), len(val_rows), len(y_test)))
-            run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, normalizer, selection.head)
-            log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
-                f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
-            written.append(run)
+    try:
+        data = load_features(paths, refs_needed)
+        fit_rows, val_rows = validation_split(data.labels["train"], cfg.val_fraction, feat_cfg.data.seed)
+        for refs in tapsets:
+            train_blocks = [data.taps[("train", r)] for r in refs]
+            normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
+            X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
+            X_val = normalizer.transform([b[val_rows] for b in train_blocks])
+            X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
+            written += _train_heads(cfg, refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows), data, paths,
+                                    log)
+    except (MemoryError, OSError) as exc:
+        if isinstance(exc, OSError) and "memory allocation failed" not in str(exc):
+            raise
+        raise FeatcacheError(f"the cached taps do not fit in memory ({_float32_bytes(paths, refs_needed) / 2**30:.1f} "
+                             f"GiB as float32): add --out-of-core to stream them to a linear or mlp head") from None
+    return written
+
+
+def _float32_bytes(paths: dict[str, Path], refs) -> int:
+    total = 0
+    for backbone, path in paths.items():
+        with FeatureCache(path) as cache:
+            for split in ("train", "test"):
+                shapes = cache.taps(split)
+                total += sum(4 * shapes[r.tap][0] * shapes[r.tap][1] for r in refs if r.backbone == backbone)
+    return total
+
+
+def _fuse_train_streaming(cfg: FuseTrainConfig, tapsets, paths, log) -> list[Path]:
+    """fuse-train with features streamed from the caches in row chunks (torch heads only)."""
+    from featcache.stream import FusedRows, fit_normalizer
+
+    started = time.perf_counter()
+    written = []
+    with contextlib.ExitStack() as stack:
+        caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
+        classes, labels, index = _rows(caches, paths)
+        data = Features(classes, labels, index, {}, {b: c.fingerprint for b, c in caches.items()},
+                        time.perf_counter() - started)
+        fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, cfg.features.data.seed)
+        for refs in tapsets:
+            _check_taps(caches, paths, refs)
+            normalizer = fit_normalizer(cfg.tap_norm, FusedRows(caches, refs, "train", fit_rows))
+            streams = (FusedRows(caches, refs, "train", fit_rows, normalizer),
+                       FusedRows(caches, refs, "train", val_rows, normalizer),
+                       FusedRows(caches, refs, "test", np.arange(len(labels["test"])), normalizer))
+            written += _train_heads(cfg, refs, normalizer, streams, (fit_rows, val_rows), data, paths, log)
+    return written
+
+
+def _train_heads(cfg, refs, normalizer, X, rows, data: Features, paths, log) -> list[Path]:
+    """Every head of cfg on one fusion: selected on validation, scored once on test, saved as a run."""
+    X_fit, X_val, X_test = X
+    fit_rows, val_rows = rows
+    y_all, y_test = data.labels["train"], data.labels["test"]
+    written = []
+    for head_name in cfg.heads:
+        selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
+        metrics = score(selection.head, X_test, y_test, data.classes)
+        record = _record(cfg, refs, head_name, selection, metrics, data, X_fit.shape[1], paths,
+                         n_rows=(len(fit_rows), len(val_rows), len(y_test)))
+        run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, normalizer, selection.head)
+        log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
+            f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
+        written.append(run)
     return written
 
 
@@ -160,6 +227,7 @@ def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) 
             "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
             "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
             "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
+            "out_of_core": cfg.out_of_core,
             "head_options": {k: v for k, v in vars(cfg.options).items()},
         },
         "caches": {b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},

@@ -83,44 +83,79 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         return cls(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def fit(self, X, y, eval_set=None):
-        """Train on (X, y); ``eval_set=(X_val, y_val)`` enables per-epoch validation and early stopping."""
+        """Train on (X, y); ``eval_set=(X_val, y_val)`` enables per-epoch validation and early stopping.
+
+        ``X`` (and ``X_val``) may also be a :class:`~featcache.stream.FusedRows`, which
+        streams row chunks from the caches (``fuse-train --out-of-core``): each epoch
+        visits the chunks in a random order and the rows of a chunk in a random order.
+        """
         import torch
 
-        X, y = validate_data(self, X, y, dtype=np.float32)
+        streaming = hasattr(X, "chunks")
+        if streaming:
+            y = np.asarray(y)
+            self.n_features_in_ = X.n_features
+        else:
+            X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         generator = torch.Generator().manual_seed(self.random_state)
         torch.manual_seed(self.random_state)
         device = torch.device(self.device)
-        self.module_ = self._build(X.shape[1], len(self.classes_)).to(device)
-        opt = self._optimizer(self.module_.parameters())
-        Xt = torch.from_numpy(X).to(device)
-        yt = torch.from_numpy(codes.astype(np.int64)).to(device)
-        val = None
+        self.module_ = self._build(self.n_features_in_, len(self.classes_)).to(device)
+        codes = torch.from_numpy(codes.astype(np.int64))
+        if streaming:
+            def batches():
+                for X_chunk, rows in X.chunks(generator):
+                    yield from self._batches(torch.from_numpy(X_chunk).to(device), codes[rows].to(device), generator)
+        else:
+            Xt, yt = torch.from_numpy(X).to(device), codes.to(device)
+
+            def batches():
+                return self._batches(Xt, yt, generator)
+        validate = None
         if eval_set is not None:
-            Xv = validate_data(self, eval_set[0], dtype=np.float32, reset=False)
-            val = (torch.from_numpy(Xv).to(device), torch.from_numpy(self._encode(eval_set[1])).to(device))
+            X_val, y_val = eval_set[0], torch.from_numpy(self._encode(eval_set[1])).to(device)
+            if not hasattr(X_val, "chunks"):
+                X_val = torch.from_numpy(validate_data(self, X_val, dtype=np.float32, reset=False)).to(device)
+
+            def validate():
+                return self._loss_acc(X_val, y_val)
+        return self._train(batches, validate)
+
+    def _batches(self, Xt, yt, generator):
+        import torch
+
+        order = torch.randperm(len(Xt), generator=generator).to(Xt.device)
+        for start in range(0, len(Xt), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield Xt[rows], yt[rows]
+
+    def _train(self, batches, validate):
+        """The epoch loop: ``batches()`` yields one epoch's (X, y) steps; ``validate()`` gives (loss, accuracy)."""
+        import torch
+
+        opt = self._optimizer(self.module_.parameters())
         self.history_ = {"train_loss": [], "train_acc": [], "val_loss": [], "val_acc": []}
         best, best_loss, since = None, np.inf, 0
         loss_fn = torch.nn.CrossEntropyLoss()
         for epoch in range(1, self.epochs + 1):
             self.module_.train()
-            order = torch.randperm(len(Xt), generator=generator).to(device)
-            total, correct = 0.0, 0
-            for start in range(0, len(Xt), self.batch_size):
-                rows = order[start : start + self.batch_size]
-                logits = self.module_(Xt[rows])
-                loss = loss_fn(logits, yt[rows])
+            total, correct, seen = 0.0, 0, 0
+            for X_step, y_step in batches():
+                logits = self.module_(X_step)
+                loss = loss_fn(logits, y_step)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(rows)
-                correct += (logits.argmax(1) == yt[rows]).sum().item()
-            self.history_["train_loss"].append(total / len(Xt))
-            self.history_["train_acc"].append(correct / len(Xt))
-            if val is None:
+                total += loss.item() * len(y_step)
+                correct += (logits.argmax(1) == y_step).sum().item()
+                seen += len(y_step)
+            self.history_["train_loss"].append(total / seen)
+            self.history_["train_acc"].append(correct / seen)
+            if validate is None:
                 continue
-            val_loss, val_acc = self._loss_acc(*val)
+            val_loss, val_acc = validate()
             self.history_["val_loss"].append(val_loss)
             self.history_["val_acc"].append(val_acc)
             if val_loss < best_loss:
@@ -144,21 +179,33 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"validation label {exc.args[0]!r} was not seen in training") from None
 
     def _loss_acc(self, X, y) -> tuple[float, float]:
+        """Mean cross-entropy and accuracy on a tensor, or on a row stream chunk by chunk."""
         import torch
 
         self.module_.eval()
         with torch.inference_mode():
-            logits = self.module_(X)
-            return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+            if not hasattr(X, "chunks"):
+                logits = self.module_(X)
+                return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
+            device = next(self.module_.parameters()).device
+            total, correct = 0.0, 0
+            for X_chunk, rows in X.chunks():
+                logits = self.module_(torch.from_numpy(X_chunk).to(device))
+                total += torch.nn.functional.cross_entropy(logits, y[rows], reduction="sum").item()
+                correct += (logits.argmax(1) == y[rows]).sum().item()
+            return total / len(X), correct / len(X)
 
     def _logits(self, X) -> np.ndarray:
         import torch
 
         check_is_fitted(self)
-        X = validate_data(self, X, dtype=np.float32, reset=False)
         self.module_.eval()
+        device = next(self.module_.parameters()).device
         with torch.inference_mode():
-            device = next(self.module_.parameters()).device
+            if hasattr(X, "chunks"):  # streamed in row order
+                return np.concatenate([self.module_(torch.from_numpy(c).to(device)).float().cpu().numpy()
+                                       for c, _ in X.chunks()])
+            X = validate_data(self, X, dtype=np.float32, reset=False)
             return self.module_(torch.from_numpy(X).to(device)).float().cpu().numpy()
 
     def decision_function(self, X) -> np.ndarray:
