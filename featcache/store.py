@@ -23,6 +23,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -52,6 +53,18 @@ def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: di
 
 def partial_file(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+def write_error(path: Path, exc: BaseException) -> FeatcacheError:
+    """One line for a failed write: a full disk and a read-only folder say so and name the fix."""
+    text = str(exc)
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "errno = 28" in text or "No space left" in text:
+        return FeatcacheError(f"the disk is full: cannot write {path}; free some space or choose another "
+                              f"--cache-dir, then run the same command again")
+    if code in (errno.EROFS, errno.EACCES) or "errno = 30" in text or "errno = 13" in text:
+        return FeatcacheError(f"cannot write {path}: the folder is read-only or not yours; choose another --cache-dir")
+    return FeatcacheError(f"cannot write {path}: {text.splitlines()[0] if text else type(exc).__name__}")
 
 
 def timing_file(path: Path) -> Path:
@@ -142,13 +155,14 @@ class CacheWriter:
                 self.file = self._resume(fingerprint, splits, tap_dims, dtype)
             if self.file is None:
                 self.file = self._create(fingerprint, splits, tap_dims, dtype, classes, run_attrs)
-        except OSError as exc:
+        except (OSError, ValueError, RuntimeError) as exc:  # h5py reports a full disk as ValueError
+            self.close()
             self.partial.unlink(missing_ok=True)
-            raise FeatcacheError(f"cannot write cache {self.partial}: {exc}") from exc
+            raise write_error(self.partial, exc) from None
 
     def _create(self, fingerprint, splits, tap_dims, dtype, classes, run_attrs):
         self.partial.unlink(missing_ok=True)
-        f = self._h5.File(self.partial, "w", track_order=False)
+        self.file = f = self._h5.File(self.partial, "w", track_order=False)
         f.attrs["fingerprint"] = canonical(fingerprint)
         f.attrs["format"] = FORMAT
         f.attrs["featcache_version"] = __version__
@@ -200,34 +214,41 @@ class CacheWriter:
 
         ``skipped`` marks rows whose image could not be read (their features are not used).
         """
-        taps = self.file[split]["taps"]
-        stop = start
-        for tap, values in features.items():
-            stop = start + len(values)
-            taps[tap][start:stop] = values
-        if skipped is not None and np.any(skipped):
-            self.file[split]["skipped"][start:stop] = np.asarray(skipped, np.uint8)
-        self.file.flush()  # features reach the disk before rows_done says so
-        self.file[split].attrs["rows_done"] = stop
-        self.file.flush()
+        try:
+            taps = self.file[split]["taps"]
+            stop = start
+            for tap, values in features.items():
+                stop = start + len(values)
+                taps[tap][start:stop] = values
+            if skipped is not None and np.any(skipped):
+                self.file[split]["skipped"][start:stop] = np.asarray(skipped, np.uint8)
+            self.file.flush()  # features reach the disk before rows_done says so
+            self.file[split].attrs["rows_done"] = stop
+            self.file.flush()
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise write_error(self.partial, exc) from None
 
     def skipped_rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.file[split]["skipped"][:])
 
     def finish(self, skipped: list[dict] | None = None) -> Path:
         """Mark complete and move into place atomically; ``skipped`` lists the unreadable images."""
-        if skipped:
-            self.file.attrs["skipped_images"] = json.dumps(skipped)
-        self.file.attrs["complete"] = True
-        self.file.close()
-        self.file = None
-        os.replace(self.partial, self.path)
+        try:
+            if skipped:
+                self.file.attrs["skipped_images"] = json.dumps(skipped)
+            self.file.attrs["complete"] = True
+            self.file.close()
+            self.file = None
+            os.replace(self.partial, self.path)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise write_error(self.partial, exc) from None
         return self.path
 
     def close(self) -> None:
         """Close without finishing: the partial file stays for a later resume."""
         if self.file is not None:
-            self.file.close()
+            with contextlib.suppress(OSError, ValueError, RuntimeError):  # a full disk can fail the close too
+                self.file.close()
             self.file = None
 
 

@@ -1,5 +1,3 @@
-import random
-import signal
 import subprocess
 import sys
 import time
@@ -39,37 +37,6 @@ def reference(tmp_path):
     return ref.path
 
 
-def test_sigkill_then_resume_gives_the_uninterrupted_arrays_and_bytes(tmp_path):
-    ref = reference(tmp_path)
-    rng = random.Random(0)
-    kills = 0
-    cache = tmp_path / "killed"
-    final = cache / "digits" / ref.name
-    for attempt in range(6):
-        if final.exists():
-            break
-        proc = subprocess.Popen(cli(cache), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while not partial_file(final).exists() and proc.poll() is None:
-            time.sleep(0.02)
-        time.sleep(rng.uniform(0.0, 0.8))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if not final.exists():
-            kills += 1
-            assert partial_file(final).exists()
-            with pytest.raises(FeatcacheError, match="is not finished"):
-                FeatureCache(partial_file(final))
-        if kills >= 3:
-            break
-    assert kills >= 1, "no kill landed mid-extraction"
-    done = subprocess.run(cli(cache), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "resumed" in done.stdout or "extracted" in done.stdout
-    assert not partial_file(final).exists()
-    equal_caches(ref, final)
-    assert final.read_bytes() == ref.read_bytes()
-
-
 def test_two_concurrent_extractions_do_not_corrupt_the_cache(tmp_path):
     ref = reference(tmp_path)
     cache = tmp_path / "shared"
@@ -78,6 +45,32 @@ def test_two_concurrent_extractions_do_not_corrupt_the_cache(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], outs
     assert sum("already cached" in out for out, _ in outs) == 1
     equal_caches(ref, cache / "digits" / ref.name)
+
+
+def test_different_backbones_extract_concurrently_into_one_folder_and_readers_see_only_finished_files(tmp_path):
+    def command(cache_dir, name):
+        return [sys.executable, str(TESTS_DIR / "run_cli.py"), "extract", "--backbone", name, "--weights", "random",
+                "--image-size", "32", "--limit-train", "400", "--limit-test", "100", "--batch-size", "16",
+                "--device", "cpu", "-q", "--cache-dir", str(cache_dir)]
+
+    cache = tmp_path / "shared"
+    procs = [subprocess.Popen(command(cache, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("resnet18", "mobilenet_v2")]
+    seen = 0
+    while any(p.poll() is None for p in procs):  # a reader polling the final names meanwhile
+        for path in (cache / "digits").glob("*.h5") if (cache / "digits").exists() else []:
+            with FeatureCache(path) as reader:  # never a partly written file under a final name
+                assert reader.complete and reader.rows_done("train") == 400
+                seen += 1
+        time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    finished = sorted(p.name.split("-")[0] for p in (cache / "digits").glob("*.h5"))
+    assert finished == ["mobilenet_v2", "resnet18"] and seen > 0
+    alone = tiny_config(tmp_path / "alone", data=DataRequest(name="digits", limit_train=400, limit_test=100),
+                        backbones=("resnet18", "mobilenet_v2"), batch_size=16)
+    for result in extract(alone, progress=False):  # each equals the same backbone extracted on its own
+        assert (cache / "digits" / result.path.name).read_bytes() == result.path.read_bytes()
 
 
 def test_a_partial_file_of_another_request_is_discarded(tmp_path):
