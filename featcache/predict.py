@@ -13,7 +13,6 @@ import numpy as np
 
 from featcache.backbones import BACKBONES
 from featcache.config import PreprocessConfig, resolve_device
-from featcache.errors import FeatcacheError
 from featcache.extract import load_image, tap_model, to_input
 from featcache.runs import load_head, load_record
 
@@ -26,12 +25,7 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
     cfg = record["config"]
     pre = PreprocessConfig(image_size=cfg["image_size"], resize=cfg["resize"])
     dev = resolve_device(device)
-    images = []
-    for file in files:
-        try:
-            images.append(load_image(file, pre))
-        except Exception as exc:
-            raise FeatcacheError(f"cannot read image {file}: {type(exc).__name__}: {exc}") from exc
+    images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
     if record["kind"] == "finetuned":
         proba = _finetuned_proba(run_dir, record, images, pre, dev, batch_size)
         classes = record["classes"]

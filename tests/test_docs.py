@@ -1,0 +1,43 @@
+"""The README's troubleshooting section lists every error message a user can reach."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RAISERS = {"FeatcacheError": 0, "BadImage": 0, "_fail": 2}  # callable -> position of the message argument
+
+
+def literal_parts(node) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, ast.JoinedStr):
+        return [v.value for v in node.values if isinstance(v, ast.Constant)]
+    if isinstance(node, ast.BinOp):  # "..." + "..."
+        return literal_parts(node.left) + literal_parts(node.right)
+    return []
+
+
+def messages():
+    """(file:line, the longest literal piece) of every user-facing error message in featcache/."""
+    found = []
+    for path in sorted((ROOT / "featcache").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+            if name not in RAISERS or len(node.args) <= RAISERS[name]:
+                continue
+            parts = [p.strip(" :;.,'\"") for p in literal_parts(node.args[RAISERS[name]])]
+            parts = [p for p in parts if len(p) >= 6]
+            if parts:
+                found.append((f"{path.name}:{node.lineno}", max(parts, key=len)))
+    return found
+
+
+def test_every_error_message_is_in_the_troubleshooting_section():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    found = messages()
+    assert len(found) > 60  # the scan sees the messages at all
+    missing = [f"{where}: {text!r}" for where, text in found if text not in section]
+    assert not missing, "add these to README.md's troubleshooting section:\n" + "\n".join(missing)
