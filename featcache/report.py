@@ -242,6 +242,10 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if not folders:
         raise FeatcacheError(f"no runs in {cfg.runs_dir}: train some with featcache fuse-train or featcache finetune")
     records = [load_record(f) for f in folders]
+    if cfg.gradcam_images > 0:
+        from featcache.config import resolve_device
+
+        resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
     try:  # fail before the drawing, not after
         out.parent.mkdir(parents=True, exist_ok=True)
