@@ -64,7 +64,7 @@ def forker():
     f.close()
 
 
-def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=8, per_round=5, seed=0):
+def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=12, per_round=5, seed=0):
     """Kill runs at random moments until ``KILLS`` kills landed mid-run; finish every round.
 
     ``args_for(round)`` gives a round's command; ``started(round)`` says its work file
