@@ -199,8 +199,21 @@ def load_pipeline(path: Path) -> Pipeline:
 
 
 def stage_key(stage: str, params: dict) -> str:
+    """What a training stage's result depends on: every resolved option, and the inputs' fingerprints.
+
+    The fingerprints (dataset files, weights, preprocessing) make a changed photo folder or
+    weights file a new stage even when the options read the same.
+    """
+    from featcache.backbones import BACKBONES
+    from featcache.config import fingerprint, resolve_device, resolve_precision
+    from featcache.store import fingerprint_hash
+
+    features = _config(stage, params).features
+    precision = resolve_precision(features.precision, resolve_device(features.device))
+    inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision))
+              for name in features.backbones}
     settled = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k not in UI_ONLY}
-    text = json.dumps([stage, settled], sort_keys=True, default=str)
+    text = json.dumps([stage, settled, inputs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -155,3 +155,31 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     page = (tmp_path / "reports" / "quickstart.html").read_text()
     assert "Backbone weights are random" in page
     assert page.count('<figure class="gradcam">') >= 6 and page.count('<figure class="curves">') >= 4
+
+
+def test_changed_photos_retrain_even_with_the_same_options(tmp_path, monkeypatch, image_folder):
+    monkeypatch.chdir(tmp_path)
+    from PIL import Image
+
+    path = write(tmp_path, f"""
+[pipeline]
+name = "photos"
+reproduces = "a test"
+[defaults]
+dataset = "folder"
+data-dir = "{image_folder}"
+test-fraction = 0.34
+weights = "random"
+image-size = 32
+device = "cpu"
+backbone = ["tiny"]
+[[extract]]
+quiet = true
+num-workers = 0
+[[fuse-train]]
+head = ["logreg"]
+""")
+    assert statuses(run(path).output) == {"extract#1": "ran", "fuse-train#1": "ran"}
+    assert statuses(run(path).output) == {"extract#1": "reused", "fuse-train#1": "reused"}
+    Image.new("RGB", (40, 30), (200, 200, 200)).save(image_folder / "dog" / "dog_new.png")
+    assert statuses(run(path).output) == {"extract#1": "ran", "fuse-train#1": "ran"}
