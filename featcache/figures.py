@@ -151,8 +151,8 @@ def architecture(backbones: list[dict], pooling: str, tap_norm: str, fused_dim: 
     ax.set_ylim(-0.7, height - 0.3)
     ax.axis("off")
 
-    def box(x, y, text, color, width=1.9):
-        ax.add_patch(FancyBboxPatch((x - width / 2, y - 0.28), width, 0.56, boxstyle="round,pad=0.04",
+    def box(x, y, text, color, width=1.9, height=0.56):
+        ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.04",
                                     facecolor=color, edgecolor="0.3"))
         ax.text(x, y, text, ha="center", va="center", fontsize=7.5)
 
@@ -164,7 +164,7 @@ def architecture(backbones: list[dict], pooling: str, tap_norm: str, fused_dim: 
     for b in backbones:
         own = [y for (name, _, _), y in zip(rows, ys) if name == b["name"]]
         yb = float(np.mean(own))
-        box(1.0, yb, f"{b['name']}\n{b['note']}", "#dbe9f6")
+        box(1.0, yb, f"{b['name']}\n{b['note']}", "#dbe9f6", height=0.7)
         for y in own:
             arrow(1.95, yb, 2.55, y)
     for (name, tap, text), y in zip(rows, ys):

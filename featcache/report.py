@@ -136,27 +136,23 @@ def _architecture(record: dict) -> bytes:
             except FeatcacheError:
                 taps.append((tap, "(backbone not registered here)"))
         trainable = "frozen" if record["kind"] == "frozen" else f"unfreeze {c['unfreeze']}"
-        backbones.append({"name": name, "note": f"{c['weights']} weights, {trainable}", "taps": taps})
+        backbones.append({"name": name, "note": f"{c['weights']} weights\n{trainable}", "taps": taps})
     k = len(record["classes"])
-    if record["kind"] == "finetuned":
-        hidden = [] if c["head"] == "linear" else list(c["hidden"])
-        dropout = c["dropout"]
-    elif record["head"] in ("mlp", "linear"):
-        options = c["head_options"]
-        hidden = [] if record["head"] == "linear" else list(options["hidden"])
-        dropout = options["dropout"]
-    else:
-        hidden, dropout = [], 0
-        params = ", ".join(f"{k2}={v}" for k2, v in record["selection"]["params"].items())
-        head = [f"{record['head']} ({params})", f"-> {k} classes"]
-    if record["kind"] == "finetuned" or record["head"] in ("mlp", "linear"):
+    tuned = record["kind"] == "finetuned"
+    if tuned or record["head"] in ("mlp", "linear"):  # torch heads: their layers
+        options = c if tuned else c["head_options"]
+        hidden = [] if (c["head"] if tuned else record["head"]) == "linear" else list(options["hidden"])
         head, width = [], record["dim"]
         for h in hidden:
-            head += [f"Linear {width} -> {h}", "ReLU"] + ([f"Dropout {dropout}"] if dropout else [])
+            head += [f"Linear {width} -> {h}", "ReLU"] + ([f"Dropout {options['dropout']}"] if options["dropout"] else [])
             width = h
         head.append(f"Linear {width} -> {k}")
+    else:  # scikit-learn heads: the estimator and its chosen parameters
+        params = ", ".join(f"{name}={value}" for name, value in record["selection"]["params"].items())
+        head = [f"{record['head']} ({params})", f"-> {k} classes"]
     refine = f"{c['res_blocks']} residual blocks" if c.get("head") == "resblocks" else None
-    return figures.architecture(backbones, c["pooling"], c["tap_norm"], record["dim"], refine, head)
+    norm = "no normalisation" if refine else c["tap_norm"]  # fine-tune uses none for one refined map
+    return figures.architecture(backbones, c["pooling"], norm, record["dim"], refine, head)
 
 
 def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str) -> bytes:
