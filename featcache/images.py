@@ -30,7 +30,10 @@ def _to_rgb(image):
 
     if image.mode in WIDE_MODES:  # 16-bit or 32-bit grayscale: convert("RGB") would clip it to white
         values = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
+        if image.mode == "F" and values.max() <= 1.0:
+            top = 1.0  # float images in [0, 1]
+        else:
+            top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
         gray = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(gray).convert("RGB")
     if image.mode == "P" and "transparency" in image.info:

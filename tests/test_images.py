@@ -35,6 +35,7 @@ def odd_images(folder):
     Image.fromarray(photo((1, 1))).save(folder / "tiny1x1.png")
     Image.fromarray(photo((4000, 3000))).save(folder / "large.jpg", quality=90)
     Image.fromarray(photo()).save(folder / "фото-ü.png")
+    Image.fromarray(photo()[..., 0].astype(np.float32) / 255, "F").save(folder / "float.tif")
     return folder
 
 
@@ -56,11 +57,11 @@ def odd(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["alpha.png", "gray.png", "palette.png", "cmyk.jpg", "deep16.png", "tiny1x1.png",
-                                  "large.jpg", "фото-ü.png"])
+                                  "large.jpg", "фото-ü.png", "float.tif"])
 def test_each_odd_image_loads_as_rgb(odd, name):
     image = load_image(odd / name, PRE)
     assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
-    if name == "deep16.png":  # scaled to 8 bits, not clipped to white
+    if name in ("deep16.png", "float.tif"):  # scaled to 8 bits, not clipped to white or black
         assert 90 < image.mean() < 170
     if name == "cmyk.jpg":
         assert abs(float(image.mean()) - 128) < 20
@@ -125,7 +126,7 @@ def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
         assert json.loads(cache.file.attrs["skipped_images"]) == skipped
         total = sum(len(cache.file[s]["labels"]) for s in cache.splits)
         served = sum(len(cache.labels(s)) for s in cache.splits)
-        assert served == total - 3 == 12 + 8  # 12 plain photos and 8 odd ones served; the 3 bad left out
+        assert served == total - 3 == 12 + 9  # 12 plain photos and 9 odd ones served; the 3 bad left out
         for split in cache.splits:
             assert len(cache.read(split, "stage3")) == len(cache.labels(split)) == len(cache.index(split))
     again = CliRunner().invoke(cli, args)  # a cache hit still says what was left out
