@@ -327,7 +327,7 @@ def finetune(quiet, **params):
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
 def runs(runs_dir, csv_path):
-    """Print the comparison table of every run (run, taps, head, val acc, test acc, macro-F1, fit s)."""
+    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s."""
     from featcache.runs import runs_table
 
     table = runs_table(runs_dir)

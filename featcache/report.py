@@ -21,12 +21,17 @@ import numpy as np
 
 from featcache import __version__, figures
 from featcache.errors import FeatcacheError
-from featcache.runs import list_records, load_record, record_features, resolve_run
+from featcache.runs import (
+    COLUMNS,
+    chosen_text,
+    comparison_table,
+    list_records,
+    load_record,
+    record_features,
+    resolve_run,
+    variant,
+)
 from featcache.store import read_timing
-
-COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "variant", "val_acc", "test_acc",
-           "macro_f1", "fit_s"]
-
 
 @dataclass(frozen=True)
 class ReportConfig:
@@ -41,33 +46,9 @@ class ReportConfig:
     device: str = "cpu"
 
 
-def variant(record: dict) -> str:
-    if record["kind"] == "finetuned":
-        return f"fine-tuned ({record['config']['unfreeze']})"
-    return "frozen"
-
-
 def head_text(record: dict) -> str:
-    params = record["selection"]["params"]
-    if record["kind"] == "finetuned":
-        return record["head"]
-    chosen = ", ".join(f"{k}={v}" for k, v in params.items())
+    chosen = chosen_text(record)
     return f"{record['head']} ({chosen})" if chosen else record["head"]
-
-
-def comparison_table(records: list[dict]):
-    """One row per run: the studies' results table, with how each variant was built."""
-    import pandas as pd
-
-    rows = [{
-        "run": r["run"], "dataset": r["config"]["dataset"], "backbones": "+".join(r["config"]["backbones"]),
-        "weights": r["config"]["weights"], "taps": "+".join(r["taps"]),
-        "fusion": f"concat, {r['config']['tap_norm']} per tap" if len(r["taps"]) > 1 else r["config"]["tap_norm"],
-        "head": head_text(r), "variant": variant(r), "val_acc": r["selection"]["val_accuracy"],
-        "test_acc": r["metrics"]["accuracy"], "macro_f1": r["metrics"]["macro_f1"],
-        "fit_s": r["timings"]["fit_seconds"],
-    } for r in records]
-    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def _uri(png: bytes) -> str:

@@ -22,7 +22,8 @@ from featcache import __version__
 from featcache.errors import FeatcacheError
 
 RECORD = "record.json"
-TABLE_COLUMNS = ["run", "taps", "head", "tap_norm", "val_acc", "test_acc", "macro_f1", "fit_s"]
+COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "chosen", "variant", "val_acc",
+           "test_acc", "macro_f1", "fit_s"]
 
 
 def library_versions() -> dict:
@@ -167,20 +168,42 @@ def list_records(runs_dir: Path) -> list[dict]:
     return [load_record(p) for p in sorted(runs_dir.iterdir()) if (p / RECORD).is_file()]
 
 
-def runs_table(runs_dir: Path):
-    """The comparison table (one row per run), like the studies' results tables."""
+def variant(record: dict) -> str:
+    """frozen, or fine-tuned with its unfreeze policy."""
+    if record["kind"] == "finetuned":
+        return f"fine-tuned ({record['config']['unfreeze']})"
+    return "frozen"
+
+
+def chosen_text(record: dict) -> str:
+    """The hyper-parameters validation chose for a frozen head, e.g. ``C=0.1``."""
+    if record["kind"] == "finetuned":
+        return ""
+    return ", ".join(f"{k}={v}" for k, v in record["selection"]["params"].items())
+
+
+def _fusion_text(record: dict) -> str:
+    norm = record["config"]["tap_norm"]
+    if record["config"].get("head") == "resblocks":
+        norm = "none"  # one refined feature map: the fine-tune applies no normalisation
+    return f"concat, {norm} per tap" if len(record["taps"]) > 1 else norm
+
+
+def comparison_table(records: list[dict]):
+    """One row per run, like the studies' results tables, with how each variant was built."""
     import pandas as pd
 
-    rows = []
-    for r in list_records(runs_dir):
-        rows.append({
-            "run": r["run"],
-            "taps": "+".join(r["taps"]),
-            "head": r["head"],
-            "tap_norm": r["config"]["tap_norm"],
-            "val_acc": r["selection"]["val_accuracy"],
-            "test_acc": r["metrics"]["accuracy"],
-            "macro_f1": r["metrics"]["macro_f1"],
-            "fit_s": r["timings"]["fit_seconds"],
-        })
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    rows = [{
+        "run": r["run"], "dataset": r["config"]["dataset"], "backbones": "+".join(r["config"]["backbones"]),
+        "weights": r["config"]["weights"], "taps": "+".join(r["taps"]),
+        "fusion": _fusion_text(r),
+        "head": r["head"], "chosen": chosen_text(r), "variant": variant(r),
+        "val_acc": r["selection"]["val_accuracy"], "test_acc": r["metrics"]["accuracy"],
+        "macro_f1": r["metrics"]["macro_f1"], "fit_s": r["timings"]["fit_seconds"],
+    } for r in records]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def runs_table(runs_dir: Path):
+    """The comparison table of every run in ``runs_dir``."""
+    return comparison_table(list_records(runs_dir))

@@ -14,7 +14,7 @@ from featcache.errors import FeatcacheError
 from featcache.extract import extract
 from featcache.fusetrain import FuseTrainConfig, fuse_train
 from featcache.heads import HeadOptions
-from featcache.runs import load_head, load_record, runs_table
+from featcache.runs import COLUMNS, load_head, load_record, runs_table
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
 OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)
@@ -120,7 +120,8 @@ def test_cli_fuse_train_runs_and_csv(cached):
     table = run_cli("runs", "--runs-dir", runs_dir, "--csv", cached / "runs.csv")
     assert table.exit_code == 0
     header = table.output.splitlines()[0].split()
-    assert header == ["run", "taps", "head", "tap_norm", "val_acc", "test_acc", "macro_f1", "fit_s"]
+    assert header == COLUMNS  # the report's comparison table
+    assert "frozen" in table.output and "C=" in table.output
     assert len((cached / "runs.csv").read_text().splitlines()) == 5
 
 

@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli import cli
-from featcache.report import COLUMNS, ReportConfig, write_report
-from featcache.runs import load_record
+from featcache.report import ReportConfig, write_report
+from featcache.runs import COLUMNS, load_record
 
 
 @pytest.fixture(scope="module")
