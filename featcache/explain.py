@@ -84,7 +84,11 @@ def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu"
     Returns ``{"images": float (N, S, S, 3) in [0, 1] as the backbone sees them,
     "predicted": class indices, "heatmaps": {tap: float (N, S, S) in [0, 1]}}``.
     """
-    from pytorch_grad_cam import GradCAM
+    try:
+        from pytorch_grad_cam import GradCAM
+    except ImportError as exc:  # grad-cam imports OpenCV, which needs libGL on some machines
+        raise FeatcacheError(f"Grad-CAM unavailable: cannot import pytorch_grad_cam ({exc}); install libgl1, or "
+                             f"replace opencv-python with opencv-python-headless") from None
 
     from featcache.config import PreprocessConfig
     from featcache.extract import resized, to_input
