@@ -95,3 +95,15 @@ def test_report_command_and_its_errors(report_runs, tmp_path):
     bad = CliRunner().invoke(cli, ["report", str(runs[0]), "-o", str(blocker / "r.html"), "--gradcam-images", "0"])
     assert bad.exit_code == 2 and f"Error: cannot write {blocker / 'r.html'}" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+
+
+def test_a_missing_grad_cam_import_is_a_note_not_a_crash(report_runs, tmp_path, monkeypatch):
+    import sys
+
+    tmp, runs = report_runs
+    monkeypatch.setitem(sys.modules, "pytorch_grad_cam", None)  # import fails, as without libGL
+    out = write_report(ReportConfig(runs=(str(runs[0]),), runs_dir=tmp / "runs", out=tmp_path / "r.html"),
+                       log=lambda m: None)
+    page = out.read_text()
+    assert "Grad-CAM unavailable: cannot import pytorch_grad_cam" in page and '<figure class="gradcam">' not in page
+    assert '<figure class="predictions">' in page
