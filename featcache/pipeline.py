@@ -259,7 +259,7 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
             if not params["run_names"]:
                 params = {**params, "run_names": tuple(runs), "runs_dir": pipeline.runs_dir}
             if not params["run_names"]:
-                raise FeatcacheError(f"{pipeline.path}: [report]: no runs to report: add a fuse-train or finetune stage")
+                raise _fail(pipeline.path, "[report]", "no runs to report: add a fuse-train or finetune stage")
             out = write_report(_config(stage, params), log=log)
             status, outputs = "ran", [str(out), str(Path(out).with_suffix(".csv"))]
         else:

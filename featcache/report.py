@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import html
 import os
 import time
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from featcache.runs import (
     variant,
 )
 from featcache.store import read_timing
+
 
 @dataclass(frozen=True)
 class ReportConfig:
@@ -124,8 +124,9 @@ def _architecture(record: dict) -> bytes:
         options = c if tuned else c["head_options"]
         hidden = [] if (c["head"] if tuned else record["head"]) == "linear" else list(options["hidden"])
         head, width = [], record["dim"]
+        dropout = [f"Dropout {options['dropout']}"] if options["dropout"] else []
         for h in hidden:
-            head += [f"Linear {width} -> {h}", "ReLU"] + ([f"Dropout {options['dropout']}"] if options["dropout"] else [])
+            head += [f"Linear {width} -> {h}", "ReLU", *dropout]
             width = h
         head.append(f"Linear {width} -> {k}")
     else:  # scikit-learn heads: the estimator and its chosen parameters
@@ -252,7 +253,6 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         table=table.to_dict("records"), columns=COLUMNS, csv_name=Path(cfg.out).with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), parts=parts, cache_rows=cache_rows,
-        escape=html.escape,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
