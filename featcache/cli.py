@@ -1,4 +1,4 @@
-"""Command line: each command parses flags into a config and calls one stage.
+"""Command line: each command declares its flags (click), builds its config with featcache.flags, and calls one stage.
 
 User errors (:class:`~featcache.errors.FeatcacheError`) become one ``Error: ...`` line on
 stderr and exit status 2; an interrupted extraction says how to resume.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from featcache import __version__
+from featcache import __version__, flags
 from featcache.errors import FeatcacheError
 
 
@@ -99,35 +99,6 @@ def feature_options(f):
     return f
 
 
-def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
-    """The ExtractConfig that the shared data and feature flags describe."""
-    from featcache.config import ExtractConfig, PreprocessConfig
-
-    return ExtractConfig(
-        data=data_request(opts), backbones=backbones, weights=opts["weights"],
-        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
-        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
-        cache_dir=opts["cache_dir"], **speed,
-    )
-
-
-def data_request(opts: dict):
-    from featcache.datasets import DataRequest
-
-    return DataRequest(
-        name=opts["dataset"], data_dir=opts["data_dir"], download=opts["download"],
-        limit_train=opts["limit_train"], limit_test=opts["limit_test"],
-        test_fraction=opts["test_fraction"], seed=opts["seed"],
-    )
-
-
-def extract_config(params: dict):
-    """The ExtractConfig of ``featcache extract``'s parsed flags."""
-    return feature_config(params, tuple(params["backbone_names"]), batch_size=params["batch_size"],
-                          num_workers=params["num_workers"], compile=params["compile_"],
-                          skip_bad_images=params["skip_bad_images"])
-
-
 @cli.command()
 @click.option("--backbone", "backbone_names", multiple=True, default=("resnet50",), show_default=True,
               help="Backbone to extract; repeat for several (see featcache backbones).")
@@ -147,7 +118,7 @@ def extract(quiet, **params):
     """
     from featcache.extract import extract as run_extract
 
-    cfg = extract_config(params)
+    cfg = flags.extract_config(params)
     started = time.perf_counter()
     try:
         results = run_extract(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
@@ -179,7 +150,6 @@ def info(path):
 
     PATH may be a folder: every cache file in it (and below) is shown.
     """
-    from featcache.errors import FeatcacheError
     from featcache.store import FeatureCache
 
     files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
@@ -188,35 +158,6 @@ def info(path):
     for file in files:
         with FeatureCache(file, allow_partial=True) as cache:
             click.echo(cache.describe())
-
-
-def _csv(values: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
-
-
-def _hidden(text: str) -> tuple[int, ...]:
-    if text.strip().lower() in ("", "none", "0"):
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise FeatcacheError(f"--hidden takes comma-separated widths such as 512 or 512,256. Got {text!r} instead.") from None
-
-
-def fuse_train_config(params: dict):
-    """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
-    from featcache.config import resolve_device
-    from featcache.fusetrain import FuseTrainConfig
-    from featcache.heads import HeadOptions
-
-    p = params
-    options = HeadOptions(hidden=_hidden(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
-                          epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
-                          device=resolve_device(p["device"]).type, seed=p["seed"])
-    return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
-                           heads=_csv(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
-                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
-                           out_of_core=p["out_of_core"])
 
 
 @cli.command("fuse-train")
@@ -253,27 +194,10 @@ def fuse_train(**params):
     """
     from featcache.fusetrain import fuse_train as run
 
-    cfg = fuse_train_config(params)
+    cfg = flags.fuse_train_config(params)
     runs_dir = cfg.runs_dir
     written = run(cfg, log=click.echo)
     click.echo(f"{len(written)} runs written to {runs_dir}; compare them with: featcache runs --runs-dir {runs_dir}")
-
-
-def finetune_config(params: dict):
-    """The FinetuneConfig of ``featcache finetune``'s parsed flags."""
-    from featcache.finetune import FinetuneConfig
-    from featcache.runs import resolve_run
-
-    p = params
-    return FinetuneConfig(
-        features=feature_config(p, tuple(p["backbone_names"])), taps=p["taps"], head=p["head"],
-        hidden=_hidden(p["hidden"]), dropout=p["dropout"], res_blocks=p["res_blocks"], tap_norm=p["tap_norm"],
-        unfreeze=p["unfreeze"], head_epochs=p["head_epochs"], epochs=p["epochs"], optimizer=p["optimizer"],
-        lr=p["lr"], backbone_lr_scale=p["backbone_lr_scale"], batch_size=p["batch_size"], augment=p["augment"],
-        val_fraction=p["val_fraction"], patience=p["patience"],
-        init_head=resolve_run(str(p["init_head"]), p["runs_dir"]) if p["init_head"] else None,
-        runs_dir=p["runs_dir"], resume=p["resume"], num_workers=p["num_workers"],
-    )
 
 
 @cli.command()
@@ -314,7 +238,7 @@ def finetune(quiet, **params):
     """
     from featcache.finetune import finetune as run
 
-    cfg = finetune_config(params)
+    cfg = flags.finetune_config(params)
     try:
         path = run(cfg, log=click.echo, progress=not quiet)
     except KeyboardInterrupt:
@@ -368,16 +292,7 @@ def report(**params):
     per-class scores, predictions, Grad-CAM, architecture and where time went."""
     from featcache.report import write_report
 
-    write_report(report_config(params), log=lambda m: click.echo(m, err=True))
-
-
-def report_config(params: dict):
-    """The ReportConfig of ``featcache report``'s parsed flags."""
-    from featcache.report import ReportConfig
-
-    p = params
-    return ReportConfig(runs=tuple(p["run_names"]), runs_dir=p["runs_dir"], out=p["out"], title=p["title"],
-                        grid_images=p["grid_images"], gradcam_images=p["gradcam_images"], device=p["device"])
+    write_report(flags.report_config(params), log=lambda m: click.echo(m, err=True))
 
 
 @cli.command("run")

@@ -124,11 +124,9 @@ def _parse(path: Path, where: str, stage: str, table: dict) -> dict:
 
 def _config(stage: str, params: dict):
     """The config object a stage runs with, built by the CLI's own builders."""
-    from featcache import cli
+    from featcache.flags import BUILDERS
 
-    builders = {"extract": cli.extract_config, "fuse-train": cli.fuse_train_config,
-                "finetune": cli.finetune_config, "report": cli.report_config}
-    return builders[stage](params)
+    return BUILDERS[stage](params)
 
 
 def load_pipeline(path: Path) -> Pipeline:

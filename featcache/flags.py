@@ -1,0 +1,98 @@
+"""Parsed command-line flags -> the frozen config of each stage.
+
+Flow: cli (and pipeline, which parses its tables with the same click options) -> **flags**
+-> the stages. One builder per command, so a command and a pipeline stage with the same
+options run with the same config.
+"""
+
+from __future__ import annotations
+
+from featcache.errors import FeatcacheError
+
+
+def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
+    """The ExtractConfig that the shared data and feature flags describe."""
+    from featcache.config import ExtractConfig, PreprocessConfig
+
+    return ExtractConfig(
+        data=data_request(opts), backbones=backbones, weights=opts["weights"],
+        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
+        pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
+        cache_dir=opts["cache_dir"], **speed,
+    )
+
+
+def data_request(opts: dict):
+    from featcache.datasets import DataRequest
+
+    return DataRequest(
+        name=opts["dataset"], data_dir=opts["data_dir"], download=opts["download"],
+        limit_train=opts["limit_train"], limit_test=opts["limit_test"],
+        test_fraction=opts["test_fraction"], seed=opts["seed"],
+    )
+
+
+def extract_config(params: dict):
+    """The ExtractConfig of ``featcache extract``'s parsed flags."""
+    return feature_config(params, tuple(params["backbone_names"]), batch_size=params["batch_size"],
+                          num_workers=params["num_workers"], compile=params["compile_"],
+                          skip_bad_images=params["skip_bad_images"])
+
+
+def csv_values(values: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+
+
+def hidden_widths(text: str) -> tuple[int, ...]:
+    if text.strip().lower() in ("", "none", "0"):
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise FeatcacheError(f"--hidden takes comma-separated widths such as 512 or 512,256. Got {text!r} instead.") from None
+
+
+def fuse_train_config(params: dict):
+    """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
+    from featcache.config import resolve_device
+    from featcache.fusetrain import FuseTrainConfig
+    from featcache.heads import HeadOptions
+
+    p = params
+    options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
+                          epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
+                          device=resolve_device(p["device"]).type, seed=p["seed"])
+    return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
+                           heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
+                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
+                           out_of_core=p["out_of_core"])
+
+
+def finetune_config(params: dict):
+    """The FinetuneConfig of ``featcache finetune``'s parsed flags."""
+    from featcache.finetune import FinetuneConfig
+    from featcache.runs import resolve_run
+
+    p = params
+    return FinetuneConfig(
+        features=feature_config(p, tuple(p["backbone_names"])), taps=p["taps"], head=p["head"],
+        hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], res_blocks=p["res_blocks"], tap_norm=p["tap_norm"],
+        unfreeze=p["unfreeze"], head_epochs=p["head_epochs"], epochs=p["epochs"], optimizer=p["optimizer"],
+        lr=p["lr"], backbone_lr_scale=p["backbone_lr_scale"], batch_size=p["batch_size"], augment=p["augment"],
+        val_fraction=p["val_fraction"], patience=p["patience"],
+        init_head=resolve_run(str(p["init_head"]), p["runs_dir"]) if p["init_head"] else None,
+        runs_dir=p["runs_dir"], resume=p["resume"], num_workers=p["num_workers"],
+    )
+
+
+def report_config(params: dict):
+    """The ReportConfig of ``featcache report``'s parsed flags."""
+    from featcache.report import ReportConfig
+
+    p = params
+    return ReportConfig(runs=tuple(p["run_names"]), runs_dir=p["runs_dir"], out=p["out"], title=p["title"],
+                        grid_images=p["grid_images"], gradcam_images=p["gradcam_images"], device=p["device"])
+
+
+BUILDERS = {"extract": extract_config, "fuse-train": fuse_train_config, "finetune": finetune_config,
+            "report": report_config}
