@@ -173,8 +173,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
         started = time.perf_counter()
         fp = fingerprint(cfg, spec, precision)
         path = cache_file(cfg.cache_dir, key, name, fp)
-        if distributed.agree(r, _finished(path)):
-            results.append(_cached(name, path, started))
+        hit = distributed.agree(r, _served(name, path, started))
+        if hit is not None:
+            results.append(hit)
             continue
         # Data and weights are loaded before anything is written, so their errors leave nothing behind.
         if dataset is None:
@@ -189,8 +190,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
             status, images, skipped = _extract_sharded(job, r)
         else:
             with locked(path, on_wait=lambda p=path: say(f"waiting for another featcache process writing {p} ...")):
-                if _finished(path):  # the other writer finished it while we waited
-                    results.append(_cached(name, path, started))
+                hit = _served(name, path, started)  # the other writer may have finished it while we waited
+                if hit is not None:
+                    results.append(hit)
                     continue
                 status, images, skipped = _write_cache(job, path)
         seconds = time.perf_counter() - started
@@ -211,17 +213,13 @@ def _load_once(cfg: ExtractConfig, r) -> Dataset:
     return dataset
 
 
-def _cached(name: str, path: Path, started: float) -> ExtractResult:
+def _served(name: str, path: Path, started: float) -> ExtractResult | None:
+    """The cache hit at ``path``, or None; a corrupt or foreign file there is a clear error."""
+    if not path.exists():
+        return None
     with FeatureCache(path) as cache:
         skipped = tuple(cache.skipped)
     return ExtractResult(name, path, "cached", time.perf_counter() - started, 0, skipped)
-
-
-def _finished(path: Path) -> bool:
-    if not path.exists():
-        return False
-    with FeatureCache(path):  # raises a clear error for a corrupt or foreign file
-        return True
 
 
 @dataclass(frozen=True)
@@ -322,9 +320,9 @@ def _features(job: _Job, model, images) -> dict[str, np.ndarray]:
         pooled = model(to_input(images, job.cfg.preprocess))
     features = {}
     for tap, values in pooled.items():
-        if storage == torch.float16:
+        if storage == torch.float16 and tap not in job.warned:  # a device sync per tap: only until warned
             largest = float(values.abs().max())
-            if 0 < largest < FLOAT16_TINY and tap not in job.warned:
+            if 0 < largest < FLOAT16_TINY:
                 job.warned.add(tap)
                 job.log(f"warning: {job.spec.name}/{tap} values are below float16's normal range (largest "
                         f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")

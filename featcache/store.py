@@ -268,6 +268,7 @@ class FeatureCache:
         if "fingerprint" not in self.file.attrs:
             self.file.close()
             raise FeatcacheError(f"{self.path} is an HDF5 file but not a featcache cache (no fingerprint)")
+        self._kept_rows: dict[str, np.ndarray | slice] = {}
         if not (allow_partial or bool(self.file.attrs["complete"])):
             self.file.close()
             raise FeatcacheError(f"{self.path} is not finished: re-run the featcache extract command that made it")
@@ -304,12 +305,15 @@ class FeatureCache:
         return int(self.file[split].attrs["rows_done"])
 
     def _kept(self, split: str) -> np.ndarray | slice:
-        """Rows to serve: all but the images skipped as unreadable (``--skip-bad-images``)."""
-        group = self.file[split]
-        if "skipped" not in group:
-            return slice(None)
-        skipped = group["skipped"][:]
-        return slice(None) if not skipped.any() else np.flatnonzero(skipped == 0)
+        """Rows to serve: all but the images skipped as unreadable (``--skip-bad-images``).
+
+        Read once per split: streaming reads ask for it with every chunk.
+        """
+        if split not in self._kept_rows:
+            group = self.file[split]
+            skipped = group["skipped"][:] if "skipped" in group else np.zeros(0, np.uint8)
+            self._kept_rows[split] = np.flatnonzero(skipped == 0) if skipped.any() else slice(None)
+        return self._kept_rows[split]
 
     @property
     def skipped(self) -> list[dict]:
@@ -334,8 +338,8 @@ class FeatureCache:
         if isinstance(kept, slice):
             return data[rows if rows is not None else slice(None)]
         wanted = kept if rows is None else kept[rows]
-        if rows is None or len(wanted) == 0:
-            return data[:][wanted]
+        if len(wanted) == 0:
+            return data[0:0]
         return data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
 
     def describe(self) -> str:
