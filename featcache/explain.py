@@ -36,7 +36,7 @@ class _Probed(torch.nn.Module):
         return self.net.forward_maps(probed)
 
 
-def head_module(head, n_classes: int) -> torch.nn.Module:
+def head_module(head) -> torch.nn.Module:
     """A fitted head as a torch module giving one score per class (the classes the head saw)."""
     from featcache.heads import TorchClassifier
 
@@ -74,7 +74,7 @@ def run_network(run_dir: Path, record: dict, device):
     cfg = FinetuneConfig(features=record_features(record, device.type), taps=",".join(record["taps"]),
                          head="linear")
     net = build_net(cfg, refs, normalizer, len(record["classes"]), device)
-    net.head = head_module(head, len(record["classes"])).to(device)
+    net.head = head_module(head).to(device)
     return net.eval(), [int(c) for c in head.classes_]
 
 
@@ -90,13 +90,13 @@ def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu"
         raise FeatcacheError(f"Grad-CAM unavailable: cannot import pytorch_grad_cam ({exc}); install libgl1, or "
                              f"replace opencv-python with opencv-python-headless") from None
 
-    from featcache.config import PreprocessConfig
     from featcache.extract import resized, to_input
+    from featcache.runs import record_preprocess
 
     dev = torch.device(device)
     net, labels = run_network(Path(run_dir), record, dev)
     probed = _Probed(net).eval()
-    pre = PreprocessConfig(image_size=record["config"]["image_size"], resize=record["config"]["resize"])
+    pre = record_preprocess(record)
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
     x = to_input(batch, pre)
     with torch.no_grad():

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones import BACKBONES
-from featcache.config import PreprocessConfig, resolve_device
+from featcache.config import resolve_device
 from featcache.extract import load_image, tap_model, to_input
-from featcache.runs import load_head, load_record
+from featcache.runs import load_head, load_record, record_preprocess
 
 
 def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_size: int = 32):
@@ -23,7 +23,7 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
 
     record = load_record(run_dir)
     cfg = record["config"]
-    pre = PreprocessConfig(image_size=cfg["image_size"], resize=cfg["resize"])
+    pre = record_preprocess(record)
     dev = resolve_device(device)
     images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
     if record["kind"] == "finetuned":

@@ -26,7 +26,8 @@ from featcache.runs import (
     comparison_table,
     list_records,
     load_record,
-    record_features,
+    record_preprocess,
+    record_request,
     resolve_run,
     variant,
 )
@@ -62,7 +63,7 @@ class _Images:
         self.loaded: dict = {}
 
     def dataset(self, record: dict):
-        request = record_features(record).data
+        request = record_request(record)
         if request not in self.loaded:
             from featcache.datasets import load_dataset
 
@@ -80,7 +81,7 @@ class _Images:
         part = self.dataset(record).splits[split]
         if part.images is not None:
             return part.images[rows]
-        pre = record_features(record).preprocess
+        pre = record_preprocess(record)
         return np.stack([load_image(part.files[i], pre) for i in rows])
 
     def test_sample(self, record: dict, n: int):
@@ -237,22 +238,21 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         sections.append(_section(folder, record, images, cfg))
     samples = {}
     for record in records:
-        c = record["config"]
-        key = tuple(c.get(k) for k in ("dataset", "data_dir", "limit_train", "limit_test", "test_fraction", "seed"))
-        if key not in samples:
+        request = record_request(record)
+        if request not in samples:
             try:
-                samples[key] = {"title": c["dataset"], "uri": _uri(_samples(record, images))}
+                samples[request] = {"title": request.name, "uri": _uri(_samples(record, images))}
             except FeatcacheError as exc:
-                samples[key] = {"title": c["dataset"], "note": str(exc)}
+                samples[request] = {"title": request.name, "note": str(exc)}
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r["run"] for r in records if r["config"]["weights"] == "random"]
     env = Environment(loader=PackageLoader("featcache"), autoescape=select_autoescape())
     page = env.get_template("report.html.j2").render(
         title=cfg.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M"),
-        table=table.to_dict("records"), columns=COLUMNS, csv_name=Path(cfg.out).with_suffix(".csv").name,
+        table=table.to_dict("records"), columns=COLUMNS, csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
-        time_uri=_uri(figures.time_spent(parts)), parts=parts, cache_rows=cache_rows,
+        time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))

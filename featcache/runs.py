@@ -137,19 +137,29 @@ def load_record(folder: Path) -> dict:
         raise FeatcacheError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
-def record_features(record: dict, device: str = "cpu"):
-    """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
-    from featcache.config import ExtractConfig, PreprocessConfig
+def record_request(record: dict):
+    """The DataRequest (dataset, subsets, split seed) a run was trained on."""
     from featcache.datasets import DataRequest
 
     c = record["config"]
-    return ExtractConfig(
-        data=DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
-                         limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"]),
-        backbones=tuple(c["backbones"]), weights=c["weights"],
-        preprocess=PreprocessConfig(image_size=c["image_size"], resize=c["resize"]), pooling=c["pooling"],
-        device=device,
-    )
+    return DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
+                       limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"])
+
+
+def record_preprocess(record: dict):
+    """The PreprocessConfig (input size, resize rule) a run's images went through."""
+    from featcache.config import PreprocessConfig
+
+    return PreprocessConfig(image_size=record["config"]["image_size"], resize=record["config"]["resize"])
+
+
+def record_features(record: dict, device: str = "cpu"):
+    """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
+    from featcache.config import ExtractConfig
+
+    c = record["config"]
+    return ExtractConfig(data=record_request(record), backbones=tuple(c["backbones"]), weights=c["weights"],
+                         preprocess=record_preprocess(record), pooling=c["pooling"], device=device)
 
 
 def resolve_run(run: str, runs_dir: Path) -> Path:

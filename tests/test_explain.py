@@ -44,7 +44,7 @@ def test_linear_heads_become_their_decision_function(head, n_classes):
     options = HeadOptions()
     model = (entry.final or entry.make)(options, C=1.0)
     model.fit(X, y)
-    module = head_module(model, n_classes)
+    module = head_module(model)
     scores = module(torch.from_numpy(X)).detach().numpy()
     inner = model.calibrated_classifiers_[0].estimator if head == "svm" else model
     decision = inner.decision_function(X)
