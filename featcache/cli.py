@@ -310,8 +310,8 @@ def run_command(pipeline_file, dry_run):
     for key, text in pipeline.info.items():
         click.echo(f"{key}: {text}")
     if dry_run:
-        for stage, index, _ in pipeline.stages:
-            click.echo(f"{stage} #{index}")
+        for stage in pipeline.stages:
+            click.echo(f"{stage.kind} #{stage.index}")
         return
     results = run_pipeline(pipeline, log=lambda m: click.echo(m, err=True))
     click.echo(summary(results))

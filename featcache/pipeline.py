@@ -8,7 +8,7 @@ whose command takes the option. Stages run in flow order, each table in file ord
 
 Nothing is done twice: extraction reuses caches by their fingerprint; a training stage
 is looked up in ``<runs-dir>/pipeline-ledger.json`` by a hash of all its resolved
-options, and reused when its run folders are still there. An interrupted fine-tune
+options and its inputs' fingerprints, and reused when its run folders are still there. An interrupted fine-tune
 resumes from its last checkpoint.
 """
 
@@ -43,12 +43,20 @@ class StageResult:
 
 
 @dataclass(frozen=True)
+class Stage:
+    kind: str  # extract, fuse-train, finetune or report
+    index: int  # 1-based among the tables of its kind
+    params: dict  # parsed by the command's click options
+    config: object  # built from params once, when the file is loaded
+
+
+@dataclass(frozen=True)
 class Pipeline:
     path: Path
     name: str
     info: dict  # description, reproduces, reported
     runs_dir: Path
-    stages: list[tuple[str, int, dict]]  # (stage, index, parsed click params)
+    stages: list[Stage]
 
 
 def _command(stage: str) -> click.Command:
@@ -74,15 +82,19 @@ def _fail(path: Path, where: str, message: str) -> FeatcacheError:
     return FeatcacheError(f"{path}: {where}: {message}")
 
 
+def _unknown_key(path: Path, where: str, key: str, known) -> FeatcacheError:
+    guess = closest(key.replace("_", "-"), known)
+    hint = f"; did you mean '{guess}'?" if guess else f" (known: {', '.join(sorted(known))})"
+    return _fail(path, where, f"unknown key '{key}'{hint}")
+
+
 def _args(path: Path, where: str, table: dict, options: dict) -> list[str]:
     """The command line that a stage table stands for; bad keys and types name the key."""
     args, positional = [], []
     for raw_key, value in table.items():
         key = raw_key.replace("_", "-")
         if key not in options:
-            guess = closest(key, options)
-            hint = f"; did you mean '{guess}'?" if guess else f" (known: {', '.join(sorted(options))})"
-            raise _fail(path, where, f"unknown key '{raw_key}'{hint}")
+            raise _unknown_key(path, where, raw_key, options)
         option = options[key]
         if isinstance(option, click.Argument):
             values = value if isinstance(value, list) else [value]
@@ -90,7 +102,7 @@ def _args(path: Path, where: str, table: dict, options: dict) -> list[str]:
                 raise _fail(path, where, f"{raw_key} takes a string or a list of strings. Got {value!r} instead")
             positional += values
             continue
-        flag = option.opts[0] if option.opts[0].startswith("--") else f"--{key}"
+        flag = f"--{key}"
         if option.is_flag:
             if not isinstance(value, bool):
                 raise _fail(path, where, f"{raw_key} is a switch: true or false. Got {value!r} instead")
@@ -156,9 +168,7 @@ def load_pipeline(path: Path) -> Pipeline:
     head = data["pipeline"]
     for key in head:
         if key not in PIPELINE_KEYS:
-            guess = closest(key, PIPELINE_KEYS)
-            raise _fail(path, "[pipeline]", f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else
-                                                                      f" (known: {', '.join(PIPELINE_KEYS)})"))
+            raise _unknown_key(path, "[pipeline]", key, PIPELINE_KEYS)
         if not isinstance(head[key], str):
             raise _fail(path, f"[pipeline] {key}", f"must be a string. Got {head[key]!r} instead")
     if "name" not in head:
@@ -170,8 +180,7 @@ def load_pipeline(path: Path) -> Pipeline:
     known = set().union(*(_options(_command(s)) for s in STAGES))
     for key in defaults:
         if key.replace("_", "-") not in known:
-            guess = closest(key.replace("_", "-"), known)
-            raise _fail(path, "[defaults]", f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else ""))
+            raise _unknown_key(path, "[defaults]", key, known)
     stages = []
     for stage in STAGES:
         tables = data.get(stage, [])
@@ -188,15 +197,15 @@ def load_pipeline(path: Path) -> Pipeline:
             where = f"[{stage}]" if not isinstance(tables, list) else f"[[{stage}]] #{index}"
             params = _parse(path, where, stage, merged)
             try:  # the stage's own config checks, before anything runs
-                _config(stage, params)
+                config = _config(stage, params)
             except FeatcacheError as exc:
                 raise _fail(path, where, str(exc)) from None
-            stages.append((stage, index, params))
+            stages.append(Stage(stage, index, params, config))
     info = {k: head[k] for k in ("description", "reproduces", "reported") if k in head}
     return Pipeline(path, head["name"], info, runs_dir, stages)
 
 
-def stage_key(stage: str, params: dict) -> str:
+def stage_key(stage: Stage) -> str:
     """What a training stage's result depends on: every resolved option, and the inputs' fingerprints.
 
     The fingerprints (dataset files, weights, preprocessing) make a changed photo folder or
@@ -206,12 +215,12 @@ def stage_key(stage: str, params: dict) -> str:
     from featcache.config import fingerprint, resolve_device, resolve_precision
     from featcache.store import fingerprint_hash
 
-    features = _config(stage, params).features
+    features = stage.config.features
     precision = resolve_precision(features.precision, resolve_device(features.device))
     inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision))
               for name in features.backbones}
-    settled = {k: str(v) if isinstance(v, Path) else v for k, v in params.items() if k not in UI_ONLY}
-    text = json.dumps([stage, settled, inputs], sort_keys=True, default=str)
+    settled = {k: str(v) if isinstance(v, Path) else v for k, v in stage.params.items() if k not in UI_ONLY}
+    text = json.dumps([stage.kind, settled, inputs], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -242,45 +251,48 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     """Run every stage, reusing what exists; return what each stage did."""
     results: list[StageResult] = []
     runs: list[str] = []  # this pipeline's run folders, in stage order
-    for stage, index, params in pipeline.stages:
-        log(f"== {stage} #{index}")
+    for stage in pipeline.stages:
+        log(f"== {stage.kind} #{stage.index}")
         started = time.perf_counter()
-        if stage == "extract":
+        if stage.kind == "extract":
             from featcache.extract import extract
 
-            done = extract(_config(stage, params), progress=not params["quiet"], log=log)
+            done = extract(stage.config, progress=not stage.params["quiet"], log=log)
             status = "reused" if all(r.status == "cached" for r in done) else "ran"
             outputs = [f"{r.backbone}: {r.status} {r.path}" for r in done]
-        elif stage == "report":
+        elif stage.kind == "report":
+            from dataclasses import replace
+
             from featcache.report import write_report
 
-            if not params["run_names"]:
-                params = {**params, "run_names": tuple(runs), "runs_dir": pipeline.runs_dir}
-            if not params["run_names"]:
-                raise _fail(pipeline.path, "[report]", "no runs to report: add a fuse-train or finetune stage")
-            out = write_report(_config(stage, params), log=log)
+            config = stage.config
+            if not config.runs:  # this pipeline's runs, in stage order
+                if not runs:
+                    raise _fail(pipeline.path, "[report]", "no runs to report: add a fuse-train or finetune stage")
+                config = replace(config, runs=tuple(runs), runs_dir=pipeline.runs_dir)
+            out = write_report(config, log=log)
             status, outputs = "ran", [str(out), str(Path(out).with_suffix(".csv"))]
         else:
-            key = stage_key(stage, params)
-            runs_dir = Path(params["runs_dir"])
+            key = stage_key(stage)
+            runs_dir = Path(stage.config.runs_dir)
             names = _recorded(runs_dir, key)
             if names is not None:
                 status = "reused"
             else:
-                if stage == "fuse-train":
+                if stage.kind == "fuse-train":
                     from featcache.fusetrain import fuse_train
 
-                    written = fuse_train(_config(stage, params), log=log)
+                    written = fuse_train(stage.config, log=log)
                 else:
                     from featcache.finetune import finetune
 
-                    written = [finetune(_config(stage, params), log=log, progress=not params["quiet"])]
+                    written = [finetune(stage.config, log=log, progress=not stage.params["quiet"])]
                 names = [p.name for p in written]
-                _remember(runs_dir, key, {"stage": stage, "pipeline": pipeline.name, "runs": names})
+                _remember(runs_dir, key, {"stage": stage.kind, "pipeline": pipeline.name, "runs": names})
                 status = "ran"
             runs += [str(runs_dir / n) for n in names]
             outputs = [str(runs_dir / n) for n in names]
-        results.append(StageResult(stage, index, status, time.perf_counter() - started, outputs))
+        results.append(StageResult(stage.kind, stage.index, status, time.perf_counter() - started, outputs))
     return results
 
 

@@ -141,7 +141,7 @@ def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path):
     pipeline = load_pipeline(path)
     head = tomllib.loads(path.read_text())["pipeline"]
     assert head.get("reproduces") and head.get("reported")
-    assert pipeline.stages and pipeline.stages[-1][0] == "report"
+    assert pipeline.stages and pipeline.stages[-1].kind == "report"
 
 
 def test_quickstart_runs_offline_end_to_end(tmp_path):
