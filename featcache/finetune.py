@@ -243,7 +243,8 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
         phase, epoch = steps[index]
         if phase != phase_now:
             opt, trainable = _configure(net, cfg, phase)
-            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+            # fp16 gradients underflow without loss scaling (bf16 has fp32's range); torch scales on CPU too.
+            scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
             if ckpt is not None and ckpt["phase"] == phase:
                 opt.load_state_dict(ckpt["optimizer"])
                 scaler.load_state_dict(ckpt["scaler"])

@@ -230,3 +230,32 @@ def test_autocast_training_path_runs_in_bf16_on_the_cpu(tmp_path):
                     features=tiny_config(tmp_path, data=DATA, precision="bf16"))
     record = load_record(finetune(cfg, log=lambda m: None, progress=False))
     assert np.isfinite(record["curves"]["train_loss"][0])
+
+
+def test_fp16_scales_the_loss_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
+    """fp16 autocast with a GradScaler, on the CPU: the scaler's state is checkpointed and restored."""
+    import featcache.finetune as ft
+
+    def config(runs, resume=False):
+        return ft_config(tmp_path, epochs=2, unfreeze="all", augment="basic", runs_dir=tmp_path / runs, resume=resume,
+                         features=tiny_config(tmp_path, data=DATA, precision="fp16"))
+
+    reference = finetune(config("ref"), log=lambda m: None, progress=False)
+    real, saved = ft._save_checkpoint, []
+
+    def crash_after_first_epoch(folder, state):
+        real(folder, state)
+        saved.append(state["scaler"])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "_save_checkpoint", crash_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        finetune(config("cut"), log=lambda m: None, progress=False)
+    monkeypatch.setattr(ft, "_save_checkpoint", real)
+    resumed = finetune(config("cut", resume=True), log=lambda m: None, progress=False)
+
+    assert saved[0]["scale"] > 1  # an enabled scaler; a disabled one saves an empty state
+    ref, got = (torch.load(run / "model.pt", weights_only=True) for run in (reference, resumed))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert load_record(resumed)["curves"]["val_loss"] == load_record(reference)["curves"]["val_loss"]
+    assert np.isfinite(load_record(resumed)["curves"]["train_loss"]).all()
