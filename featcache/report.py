@@ -94,10 +94,16 @@ class _Images:
         else:
             scored = np.arange(len(predicted))
         true = split.labels[scored]
-        wrong = np.flatnonzero(true != predicted)[: n // 3]
-        right = np.flatnonzero(true == predicted)[: n - len(wrong)]
-        picked = np.sort(np.concatenate([right, wrong]))
+        picked = pick_shown(true, predicted, n)
         return scored[picked], true[picked], predicted[picked]
+
+
+def pick_shown(true: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
+    """Positions of up to n test images to show: about a third mistakes when there are any, the rest right,
+    and mistakes again where too few are right (a weak run is still shown n images)."""
+    wrong, right = np.flatnonzero(true != predicted), np.flatnonzero(true == predicted)
+    n_wrong = min(len(wrong), max(n // 3, n - len(right)))
+    return np.sort(np.concatenate([right[: n - n_wrong], wrong[:n_wrong]]))
 
 
 def _architecture(record: dict) -> bytes:
@@ -106,7 +112,8 @@ def _architecture(record: dict) -> bytes:
 
     c = record["config"]
     backbones = []
-    for name in c["backbones"]:
+    used = {ref.split(":", 1)[0] for ref in record["taps"]}
+    for name in (b for b in c["backbones"] if b in used):  # a backbone given but none of its taps chosen: not drawn
         taps = []
         for ref in record["taps"]:
             backbone, tap = ref.split(":", 1)

@@ -107,3 +107,29 @@ def test_a_missing_grad_cam_import_is_a_note_not_a_crash(report_runs, tmp_path, 
     page = out.read_text()
     assert "Grad-CAM unavailable: cannot import pytorch_grad_cam" in page and '<figure class="gradcam">' not in page
     assert '<figure class="predictions">' in page
+
+
+def test_a_backbone_given_without_chosen_taps_is_left_out_of_the_diagram(report, recwarn):
+    """fuse-train --backbone a --backbone b --taps a:late uses no tap of b: the diagram draws a alone."""
+    from featcache.report import _architecture
+
+    _, _, records = report
+    record = next(r for r in records if r["kind"] == "frozen")
+    record = {**record, "config": {**record["config"], "backbones": [*record["config"]["backbones"], "resnet18"]}}
+    assert _architecture(record).startswith(b"\x89PNG")
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # was: mean of an empty slice
+
+
+@pytest.mark.parametrize("true, predicted, n, shown", [
+    ([0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 0], 3, [0, 1, 5]),  # a third mistakes
+    ([0, 1, 2, 0, 1, 2], [0, 1, 2, 0, 1, 2], 4, [0, 1, 2, 3]),  # no mistakes: all right
+    ([0, 1, 2, 0], [1, 2, 0, 1], 1, [0]),  # all wrong, one asked: used to be none (Grad-CAM then crashed)
+    ([0, 1, 2, 0], [1, 2, 0, 0], 3, [0, 1, 3]),  # one right: filled up with mistakes
+    ([0, 1], [0, 0], 5, [0, 1]),  # fewer images than asked
+])
+def test_shown_test_images_fill_up_to_n(true, predicted, n, shown):
+    import numpy as np
+
+    from featcache.report import pick_shown
+
+    assert pick_shown(np.array(true), np.array(predicted), n).tolist() == shown
