@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -151,6 +152,16 @@ def partial_dir(cfg: FinetuneConfig) -> Path:
     return Path(cfg.runs_dir) / f".finetune-{hashlib.sha256(text.encode()).hexdigest()[:12]}.partial"
 
 
+def _check_one_image_batches(ref, image_size: int, batch_size: int, rows: int) -> None:
+    """The residual blocks' BatchNorm cannot train on one value per channel: a 1x1 map in a batch of one."""
+    stride = BACKBONES.lookup(ref.backbone).tap(ref.tap).stride
+    if math.ceil(image_size / stride) == 1 and (batch_size == 1 or rows % batch_size == 1):
+        batch = "--batch-size 1" if batch_size == 1 else f"the last batch ({rows} images, batches of {batch_size})"
+        raise FeatcacheError(f"--head resblocks: {ref} is 1x1 at --image-size {image_size} and {batch} holds one "
+                             f"image, which leaves BatchNorm one value per channel: use --image-size {2 * stride} "
+                             f"or more")
+
+
 def _save_checkpoint(folder: Path, state: dict) -> None:
     import torch
 
@@ -203,6 +214,8 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
                              f"pass the dataset flags of that run")
     train, test = data.splits["train"], data.splits["test"]
     fit_rows, val_rows = validation_split(train.labels, cfg.val_fraction, feat.data.seed)
+    if cfg.head == "resblocks":
+        _check_one_image_batches(refs[0], feat.preprocess.image_size, cfg.batch_size, len(fit_rows))
     started = time.perf_counter()
 
     dims = [pooled_dim(BACKBONES.lookup(r.backbone).tap(r.tap).channels, feat.pooling) for r in refs]

@@ -259,3 +259,16 @@ def test_fp16_scales_the_loss_and_resumes_to_the_uninterrupted_weights(tmp_path,
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert load_record(resumed)["curves"]["val_loss"] == load_record(reference)["curves"]["val_loss"]
     assert np.isfinite(load_record(resumed)["curves"]["train_loss"]).all()
+
+
+def test_resblocks_on_a_one_pixel_map_with_a_batch_of_one_is_exit_2(tmp_path, image_folder):
+    """The footwear recipe (batch size 1) at an image size where the late map is 1x1: one line, not a traceback."""
+    result = CliRunner().invoke(cli, ["finetune", "--backbone", "tiny", "--weights", "random", "--device", "cpu",
+                                      "--dataset", "folder", "--data-dir", str(image_folder), "--head", "resblocks",
+                                      "--taps", "late", "--batch-size", "1", "--image-size", "16",
+                                      "--runs-dir", str(tmp_path / "runs"), "--num-workers", "0"])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert "tiny:stage3 is 1x1 at --image-size 16 and --batch-size 1 holds one image" in line
+    assert "use --image-size 32 or more" in line
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
