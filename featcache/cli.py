@@ -297,18 +297,31 @@ def report(**params):
 
 @cli.command("run")
 @click.argument("pipeline_file", metavar="PIPELINE", type=click.Path(path_type=Path))
+@click.option("--set", "settings", metavar="KEY=VALUE", multiple=True,
+              help="Override an option in every stage that takes it, e.g. --set epochs=1 --set weights=random; "
+                   "repeat for several.")
 @click.option("--dry-run", is_flag=True, help="Check the file and list its stages without running them.")
-def run_command(pipeline_file, dry_run):
+def run_command(pipeline_file, settings, dry_run):
     """Run a study's pipeline file (TOML) stage by stage: extract, fuse-train, finetune, report.
 
     Caches and runs that already exist are reused; a summary says what ran and what was
     reused. Each stage table holds its command's flags, e.g. image-size = 128.
-    """
-    from featcache.pipeline import load_pipeline, run_pipeline, summary
 
-    pipeline = load_pipeline(pipeline_file)
+    A quick trial of a study before the real run (small subsets, one epoch, no download
+    of weights):
+
+    \b
+      featcache run pipelines/mobilenetv2_early_late.toml --set weights=random \\
+          --set limit-train=500 --set limit-test=100 --set epochs=1
+    """
+    from featcache.pipeline import load_pipeline, parse_override, run_pipeline, summary
+
+    overrides = dict(parse_override(text) for text in settings)
+    pipeline = load_pipeline(pipeline_file, overrides)
     for key, text in pipeline.info.items():
         click.echo(f"{key}: {text}")
+    if overrides:
+        click.echo("overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     if dry_run:
         for stage in pipeline.stages:
             click.echo(f"{stage.kind} #{stage.index}")

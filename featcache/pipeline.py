@@ -119,7 +119,7 @@ def _args(path: Path, where: str, table: dict, options: dict) -> list[str]:
     return args + positional
 
 
-def _parse(path: Path, where: str, stage: str, table: dict) -> dict:
+def _parse(path: Path, where: str, stage: str, table: dict, overridden=()) -> dict:
     """Parse a stage table with the command's own option parser; return its params."""
     command = _command(stage)
     options = _options(command)
@@ -128,6 +128,8 @@ def _parse(path: Path, where: str, stage: str, table: dict) -> dict:
         ctx = command.make_context(stage, args)
     except click.BadParameter as exc:
         key = (exc.param.opts[0].lstrip("-") if exc.param is not None and exc.param.opts else "value")
+        if key in overridden:  # the value came from the command line, not the file
+            raise FeatcacheError(f"--set {key}=...: {exc.format_message()}") from None
         raise _fail(path, f"{where} {key}", exc.format_message()) from None
     except click.UsageError as exc:
         raise _fail(path, where, exc.format_message()) from None
@@ -141,9 +143,32 @@ def _config(stage: str, params: dict):
     return BUILDERS[stage](params)
 
 
-def load_pipeline(path: Path) -> Pipeline:
-    """Read and check a pipeline file: every stage is parsed before anything runs."""
+def parse_override(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` from ``--set``: the value read as TOML (1, 1e-4, true, ["a", "b"]), else as a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise FeatcacheError(f"--set takes KEY=VALUE, e.g. --set weights=random. Got {text!r} instead")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().replace("_", "-"), value
+
+
+def _override(table: dict, overrides: dict, options: dict) -> dict:
+    """The table with every override its command takes, replacing the key however it was spelled."""
+    mine = {k: v for k, v in overrides.items() if k in options}
+    return {**{k: v for k, v in table.items() if k.replace("_", "-") not in mine}, **mine}
+
+
+def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
+    """Read and check a pipeline file: every stage is parsed before anything runs.
+
+    ``overrides`` (flag name -> value, from ``--set``) win over ``[defaults]`` and the stage
+    tables, in every stage whose command takes the option.
+    """
     path = Path(path)
+    overrides = overrides or {}
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -175,12 +200,15 @@ def load_pipeline(path: Path) -> Pipeline:
         raise _fail(path, "[pipeline]", "missing key 'name'")
     if not any(s in data for s in STAGES):
         raise _fail(path, "stages", "none found: add [[extract]], [[fuse-train]], [[finetune]] or [report]")
-    runs_dir = Path(head.get("runs-dir", f"runs/{head['name']}"))
     defaults = data.get("defaults", {})
     known = set().union(*(_options(_command(s)) for s in STAGES))
     for key in defaults:
         if key.replace("_", "-") not in known:
             raise _unknown_key(path, "[defaults]", key, known)
+    for key in overrides:
+        if key not in known:
+            raise _unknown_key(path, "--set", key, known)
+    runs_dir = Path(overrides.get("runs-dir", head.get("runs-dir", f"runs/{head['name']}")))
     stages = []
     for stage in STAGES:
         tables = data.get(stage, [])
@@ -193,9 +221,9 @@ def load_pipeline(path: Path) -> Pipeline:
                 merged["resume"] = True  # an interrupted pipeline continues where it stopped
             if stage == "report":
                 merged.update({"out": f"reports/{head['name']}.html", "title": head.get("reproduces", head["name"])})
-            merged.update(table)
+            merged = _override({**merged, **table}, overrides, options)
             where = f"[{stage}]" if not isinstance(tables, list) else f"[[{stage}]] #{index}"
-            params = _parse(path, where, stage, merged)
+            params = _parse(path, where, stage, merged, overrides)
             try:  # the stage's own config checks, before anything runs
                 config = _config(stage, params)
             except FeatcacheError as exc:

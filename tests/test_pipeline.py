@@ -183,3 +183,112 @@ head = ["logreg"]
     assert statuses(run(path).output) == {"extract#1": "reused", "fuse-train#1": "reused"}
     Image.new("RGB", (40, 30), (200, 200, 200)).save(image_folder / "dog" / "dog_new.png")
     assert statuses(run(path).output) == {"extract#1": "ran", "fuse-train#1": "ran"}
+
+
+def test_set_overrides_defaults_and_stage_tables_in_every_stage_that_takes_the_option(tmp_path):
+    text = TINY.format(tmp=tmp_path, head="logreg").replace("epochs = 1", "epochs = 1\nimage_size = 48")
+    pipeline = load_pipeline(write(tmp_path, text), {"image-size": 40, "epochs": 3, "runs-dir": str(tmp_path / "r")})
+    sizes = {s.kind: s.params["image_size"] for s in pipeline.stages if "image_size" in s.params}
+    assert sizes == {"extract": 40, "fuse-train": 40, "finetune": 40}  # the finetune table said image_size = 48
+    [tune] = [s for s in pipeline.stages if s.kind == "finetune"]
+    assert tune.params["epochs"] == 3 and pipeline.runs_dir == tmp_path / "r"
+    assert tune.config.runs_dir == tmp_path / "r"
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("epoch=1", r"--set: unknown key 'epoch'; did you mean 'epochs'\?"),
+    ("weights", r"--set takes KEY=VALUE, e.g. --set weights=random. Got 'weights' instead"),
+    ("epochs=many", r"^Error: --set epochs=\.\.\.: Invalid value for '--epochs': 'many' is not a valid integer"),
+])
+def test_bad_set_is_one_line(tmp_path, setting, message):
+    import re
+
+    result = run(write(tmp_path, TINY.format(tmp=tmp_path, head="logreg")), "--set", setting)
+    assert result.exit_code == 2, result.output
+    [line] = result.output.strip().splitlines()
+    assert re.search(message, line), line
+
+
+def _cifar_study(tmp_path, monkeypatch):
+    from cifar_fixture import use_generated_cifar10
+
+    root = use_generated_cifar10(monkeypatch, tmp_path / "cifar", per_batch=20, n_test=30)
+    return {"data-dir": root, "download": "false", "limit-train": 80, "limit-test": 20}
+
+
+def _footwear(tmp_path, monkeypatch):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "footwear" / "train", ("sapatos", "tsinelas"), 4)
+    write_image_folder(tmp_path / "footwear" / "test", ("sapatos", "tsinelas"), 2, seed=1)
+    return {"data-dir": tmp_path / "footwear", "image-size": 64}  # 32 px would make the late map 1x1
+
+
+def _photos(tmp_path, monkeypatch):
+    from conftest import write_image_folder
+
+    return {"data-dir": write_image_folder(tmp_path / "photos", ("a", "b", "c"), 8)}
+
+
+def recipe(record: dict) -> tuple:
+    """What a run took from its study file: kind, head, fused width, normalisation, head training, unfreezing."""
+    c = record["config"]
+    o = c if record["kind"] == "finetuned" else c.get("head_options")
+    hidden = tuple(o["hidden"]) if record["head"] != "linear" else ()
+    torch_head = (hidden, o["dropout"] if hidden else 0.0, o["optimizer"], o["lr"]) \
+        if record["head"] in ("mlp", "linear", "resblocks") else ()  # dropout follows hidden layers only
+    tuned = (c["unfreeze"], c["backbone_lr_scale"], c["batch_size"], c["augment"]) if record["kind"] == "finetuned" \
+        else ()
+    return (record["kind"], record["head"], record["dim"], c["tap_norm"], *torch_head, *tuned)
+
+
+# (data set-up, the runs each study's file must produce: see pipelines/*.toml and ../shared/studies)
+STUDIES = {
+    "resnet18_mobilenetv2_concat": (_cifar_study, [
+        ("frozen", "linear", 1792, "none", (), 0.0, "adam", 3e-4),  # 512 + 1280 -> 10, Adam 3e-4
+        ("frozen", "linear", 1792, "standard", (), 0.0, "adam", 3e-4),
+        ("frozen", "logreg", 1792, "standard"),
+        ("frozen", "mlp", 1792, "standard", (512,), 0.2, "adam", 3e-4)]),  # featcache's extra variant
+    "resnet50_mobilenetv2_four_setups": (_cifar_study, [
+        ("frozen", "mlp", 3328, "standard", (512,), 0.2, "adamw", 1e-4),  # 3328 -> 512 -> ReLU -> Dropout 0.2
+        ("finetuned", "mlp", 2048, "standard", (512,), 0.2, "adamw", 1e-4, "all", 1.0, 32, "basic"),
+        ("finetuned", "mlp", 1280, "standard", (512,), 0.2, "adamw", 1e-4, "all", 1.0, 32, "basic"),
+        ("finetuned", "mlp", 3328, "standard", (512,), 0.2, "adamw", 1e-4, "last-block", 1.0, 32, "basic")]),
+    "mobilenetv2_early_late": (_cifar_study, [
+        ("frozen", "linear", 32 + 1280, "none", (), 0.0, "adam", 1e-3),  # early (stride 8) + late, one FC layer
+        ("frozen", "linear", 1280, "none", (), 0.0, "adam", 1e-3),
+        ("frozen", "logreg", 32 + 1280, "standard"),
+        ("frozen", "logreg", 1280, "standard")]),
+    "mobilenetv2_vgg16_parallel": (_photos, [
+        ("frozen", "mlp", 1280 + 512, "standard", (256,), 0.5, "adam", 1e-3),  # Dense 256 -> ReLU -> Dropout 0.5
+        ("frozen", "mlp", 1280, "standard", (256,), 0.5, "adam", 1e-3),
+        ("finetuned", "mlp", 1280 + 512, "standard", (256,), 0.5, "adam", 1e-3, "last-block", 0.1, 32, "none"),
+        ("finetuned", "mlp", 1280, "standard", (256,), 0.5, "adam", 1e-3, "last-block", 0.1, 32, "none")]),
+    "footwear_resblocks": (_footwear, [  # 2 residual blocks -> pool -> 512 -> Dropout 0.5 -> 2, batch size 1
+        ("finetuned", "resblocks", 1280, "standard", (512,), 0.5, "adam", 1e-4, "none", 0.1, 1, "heavy")]),
+}
+
+
+@pytest.mark.parametrize("study", sorted(STUDIES))
+def test_every_study_pipeline_runs_end_to_end_on_small_generated_data(tmp_path, monkeypatch, study):
+    """Each study's file as shipped, with --set only shrinking it: random weights, small data, one epoch.
+
+    The real runs need ImageNet weights and the studies' data; this shows every stage of every file
+    runs, and that the runs carry the study's recipe (head, widths, optimiser, unfreezing).
+    """
+    import json
+
+    setup, expected = STUDIES[study]
+    settings = {"weights": "random", "image-size": 32, "epochs": 1, "head-epochs": 1, "device": "cpu",
+                "dtype": "float32", "cache-dir": tmp_path / "cache", "runs-dir": tmp_path / "runs",
+                "out": tmp_path / "report.html", "quiet": "true", "num-workers": 0, "gradcam-images": 1,
+                "grid-images": 4, **setup(tmp_path, monkeypatch)}
+    result = run(ROOT / "pipelines" / f"{study}.toml", *(a for k, v in settings.items() for a in ("--set", f"{k}={v}")))
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "reused" not in result.output.split("\n== ")[-1].splitlines()[-1].replace("0 reused", "")
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*/record.json"))]
+    assert sorted(map(recipe, records), key=repr) == sorted(expected, key=repr)
+    assert all(r["config"]["weights"] == "random" and r["config"]["image_size"] == settings["image-size"]
+               for r in records)
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<section class="run"') == len(records) and "Backbone weights are random" in page
