@@ -60,8 +60,11 @@ def head_module(head) -> torch.nn.Module:
     return linear
 
 
-def run_network(run_dir: Path, record: dict, device):
-    """The run as one torch model: images in, class scores out. Returns (model, class labels of its outputs)."""
+def run_network(run_dir: Path, record: dict, device, built: dict | None = None):
+    """The run as one torch model: images in, class scores out. Returns (model, class labels of its outputs).
+
+    ``built`` carries frozen backbones from one call to the next (see :func:`featcache.model.build_net`).
+    """
     from featcache.finetune import FinetuneConfig, load_finetuned
     from featcache.model import build_net
     from featcache.runs import load_head, record_features
@@ -73,13 +76,15 @@ def run_network(run_dir: Path, record: dict, device):
     refs = [TapRef(*t.split(":", 1)) for t in record["taps"]]
     cfg = FinetuneConfig(features=record_features(record, device.type), taps=",".join(record["taps"]),
                          head="linear")
-    net = build_net(cfg, refs, normalizer, len(record["classes"]), device)
+    net = build_net(cfg, refs, normalizer, len(record["classes"]), device, built)
     net.head = head_module(head).to(device)
     return net.eval(), [int(c) for c in head.classes_]
 
 
-def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu") -> dict:
+def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu", built: dict | None = None) -> dict:
     """Grad-CAM of each tap for uint8 images (N, H, W, 3), explaining the predicted class.
+
+    ``built``: a dict kept across calls so that frozen runs on the same backbones share them.
 
     Returns ``{"images": float (N, S, S, 3) in [0, 1] as the backbone sees them,
     "predicted": class indices, "heatmaps": {tap: float (N, S, S) in [0, 1]}}``.
@@ -94,7 +99,7 @@ def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu"
     from featcache.runs import record_preprocess
 
     dev = torch.device(device)
-    net, labels = run_network(Path(run_dir), record, dev)
+    net, labels = run_network(Path(run_dir), record, dev, built)
     probed = _Probed(net).eval()
     pre = record_preprocess(record)
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(dev)

@@ -160,8 +160,13 @@ def _key(name: str) -> str:
     return name.replace(".", "_")  # ModuleDict keys cannot hold dots
 
 
-def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int, device):
-    """The untrained model (backbone weights as requested, head freshly initialised)."""
+def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int, device, built: dict | None = None):
+    """The untrained model (backbone weights as requested, head freshly initialised).
+
+    Only backbones with a chosen tap are built. ``built`` (optional) keeps the extractors made
+    here, returning every tap, for the next call with the same backbone and weights: a report
+    explaining many frozen runs builds each backbone once. Not for backbones that will train.
+    """
     from torchvision.models.feature_extraction import create_feature_extractor
 
     from featcache.heads import TorchClassifier
@@ -169,10 +174,20 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
     feat = cfg.features
     extractors = {}
     for name in feat.backbones:
+        nodes = tuple(r.tap for r in refs if r.backbone == name)
+        if not nodes:  # given with --backbone, but none of its taps chosen: it would run for nothing
+            continue
+        key = (name, str(feat.weights), feat.data.seed, str(device))
+        if built is not None and key in built:
+            extractors[name] = built[key]
+            continue
         spec = BACKBONES.lookup(name)
-        nodes = [r.tap for r in refs if r.backbone == name]
-        backbone = build_backbone(spec, feat.weights, feat.data.seed)
-        extractors[name] = create_feature_extractor(backbone, return_nodes={n: n for n in nodes})
+        if built is not None:  # every tap, so that runs with other taps share it too
+            nodes = spec.tap_names
+        extractors[name] = create_feature_extractor(build_backbone(spec, feat.weights, feat.data.seed),
+                                                    return_nodes={n: n for n in nodes})
+        if built is not None:
+            built[key] = extractors[name].to(device, memory_format=torch.channels_last)
     refine = None
     if cfg.head == "resblocks":
         channels = BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).channels

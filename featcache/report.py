@@ -145,18 +145,21 @@ def _architecture(record: dict) -> bytes:
     return figures.architecture(backbones, c["pooling"], norm, record["dim"], refine, head)
 
 
-def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str) -> bytes:
+def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str, built: dict) -> bytes:
     from featcache.explain import gradcam, overlay
 
     rows, true, _ = images.test_sample(record, n)
-    out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device)
+    out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device, built=built)
     overlays = {tap: [overlay(img, heat) for img, heat in zip(out["images"], maps)]
                 for tap, maps in out["heatmaps"].items()}
     return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record["classes"])
 
 
-def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig) -> dict:
-    """One run's figures (data URIs), or for each one that cannot be drawn, why."""
+def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig, built: dict) -> dict:
+    """One run's figures (data URIs), or for each one that cannot be drawn, why.
+
+    ``built`` holds the frozen backbones already made for earlier runs' Grad-CAM.
+    """
     out = {"record": record, "variant": variant(record), "head": head_text(record), "figures": {}, "notes": {}}
 
     def attempt(key, draw):
@@ -186,7 +189,7 @@ def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig) ->
 
     attempt("predictions", prediction_grid)
     if cfg.gradcam_images > 0:
-        attempt("gradcam", lambda: _gradcam(run_dir, record, images, cfg.gradcam_images, cfg.device))
+        attempt("gradcam", lambda: _gradcam(run_dir, record, images, cfg.gradcam_images, cfg.device, built))
     return out
 
 
@@ -238,11 +241,11 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     except OSError as exc:
         raise FeatcacheError(f"cannot write {out}: {exc.strerror or exc}; choose another -o") from exc
     started = time.perf_counter()
-    images = _Images()
+    images, built = _Images(), {}
     sections = []
     for folder, record in zip(folders, records):
         log(f"report: drawing {record['run']}")
-        sections.append(_section(folder, record, images, cfg))
+        sections.append(_section(folder, record, images, cfg, built))
     samples = {}
     for record in records:
         request = record_request(record)

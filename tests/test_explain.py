@@ -52,3 +52,22 @@ def test_linear_heads_become_their_decision_function(head, n_classes):
         decision = np.stack([-decision, decision], axis=1)
     np.testing.assert_allclose(scores, decision, rtol=1e-4, atol=1e-4)
     assert np.array_equal(scores.argmax(1), inner.predict(X))
+
+
+def test_frozen_runs_share_their_backbones_and_explain_the_same(report_runs, monkeypatch):
+    """A report passes one dict along: each frozen backbone is built once, the heatmaps do not change."""
+    import featcache.model
+
+    _, runs = report_runs
+    frozen = [(run, record) for run in runs if (record := load_record(run))["kind"] == "frozen"
+              and not (record["head"] == "svm" and record["selection"]["params"]["kernel"] == "rbf")]
+    assert len(frozen) >= 2
+    alone = [gradcam(run, record, TEST.images[:4]) for run, record in frozen]
+    real, calls = featcache.model.build_backbone, []
+    monkeypatch.setattr(featcache.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
+    built = {}
+    shared = [gradcam(run, record, TEST.images[:4], built=built) for run, record in frozen]
+    assert calls == ["tiny"] and len(built) == 1
+    for a, b in zip(alone, shared):
+        assert list(a["predicted"]) == list(b["predicted"])
+        assert all(np.array_equal(a["heatmaps"][tap], b["heatmaps"][tap]) for tap in a["heatmaps"])

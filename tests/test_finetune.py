@@ -272,3 +272,18 @@ def test_resblocks_on_a_one_pixel_map_with_a_batch_of_one_is_exit_2(tmp_path, im
     assert "tiny:stage3 is 1x1 at --image-size 16 and --batch-size 1 holds one image" in line
     assert "use --image-size 32 or more" in line
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+
+
+def test_a_backbone_without_chosen_taps_is_not_built(tmp_path, monkeypatch):
+    """--backbone tiny --backbone resnet18 --taps tiny:late: resnet18 would run every batch for nothing."""
+    import featcache.model
+
+    from featcache.fusion import TapNormalizer
+
+    real, calls = featcache.model.build_backbone, []
+    monkeypatch.setattr(featcache.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
+    cfg = ft_config(tmp_path, features=tiny_config(tmp_path, backbones=("tiny", "resnet18")), taps="tiny:late")
+    norm = TapNormalizer("none").fit([np.zeros((1, 16), np.float32)])
+    net = build_net(cfg, [TapRef("tiny", "stage3")], norm, 10, torch.device("cpu"))
+    assert calls == ["tiny"] and net.names == ["tiny"]
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
