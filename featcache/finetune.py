@@ -244,7 +244,7 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
                                                             "val_acc", "images_per_s")}
     best = ckpt["best"] if ckpt else {"val_loss": float("inf"), "val_acc": None, "epoch": 0, "phase": None}
     # The best weights travel inside the checkpoint, so a kill can never pair them with another epoch.
-    best_state = ckpt["best_model"] if ckpt else copy.deepcopy(net.state_dict())
+    best_state = copy.deepcopy(net.state_dict()) if ckpt is None or ckpt["best_model"] is None else ckpt["best_model"]
     transform = augmentation(cfg.augment, feat.preprocess.image_size, feat.preprocess.resize)
     steps = _steps(cfg)
     done = ckpt["step"] + 1 if ckpt else 0
@@ -281,14 +281,16 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
             history[key].append(value)
         log(f"{phase} epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}  "
             f"val loss {val_loss:.4f} acc {val_acc:.4f}  {rate:.1f} img/s")
-        if val_loss < best["val_loss"]:
+        improved = val_loss < best["val_loss"]
+        if improved:
             best = {"val_loss": val_loss, "val_acc": val_acc, "epoch": epoch, "phase": phase}
             best_state = copy.deepcopy(net.state_dict())
         since_best = len(history["val_loss"]) - 1 - _last_index(history, best)
         stopped = cfg.patience is not None and phase == "finetune" and since_best >= cfg.patience
         _save_checkpoint(folder, {"model": net.state_dict(), "optimizer": opt.state_dict(),
                                   "scaler": scaler.state_dict(), "phase": phase, "epoch": epoch, "step": index,
-                                  "history": history, "best": best, "best_model": best_state, "stopped": stopped})
+                                  "history": history, "best": best, "stopped": stopped,
+                                  "best_model": None if improved else best_state})  # None: the model itself
         if stopped:
             log(f"early stop: no better validation loss for {cfg.patience} epochs")
 

@@ -287,3 +287,42 @@ def test_a_backbone_without_chosen_taps_is_not_built(tmp_path, monkeypatch):
     net = build_net(cfg, [TapRef("tiny", "stage3")], norm, 10, torch.device("cpu"))
     assert calls == ["tiny"] and net.names == ["tiny"]
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(tmp_path, monkeypatch):
+    """Killed after epoch 3 (worse than epoch 2): the checkpoint carries epoch 2's weights, and the
+    resumed run ends with the same best model as an uninterrupted one."""
+    import featcache.finetune as ft
+
+    real_eval, real_save = ft.evaluate_rows, ft._save_checkpoint
+    script = {"losses": None}
+
+    def scripted(net, split, rows, cfg, device, precision):
+        loss, acc, proba = real_eval(net, split, rows, cfg, device, precision)
+        return (next(script["losses"]), acc, proba) if len(rows) < 60 else (loss, acc, proba)
+
+    monkeypatch.setattr(ft, "evaluate_rows", scripted)
+
+    def run(runs, losses, resume=False):
+        script["losses"] = iter(losses)
+        cfg = ft_config(tmp_path, epochs=4, augment="basic", runs_dir=tmp_path / runs, resume=resume)
+        return finetune(cfg, log=lambda m: None, progress=False)
+
+    reference = run("ref", [1.0, 0.5, 0.6, 0.7])
+    saved = []
+
+    def crash_after_third(folder, state):
+        real_save(folder, state)
+        saved.append(state["best_model"] is None)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "_save_checkpoint", crash_after_third)
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", [1.0, 0.5, 0.6])
+    assert saved == [True, True, False]  # improving epochs store the model once; a worse one keeps the best apart
+    monkeypatch.setattr(ft, "_save_checkpoint", real_save)
+    resumed = run("cut", [0.7], resume=True)
+    ref, got = (torch.load(r / "model.pt", weights_only=True) for r in (reference, resumed))
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert load_record(resumed)["selection"]["best_epoch"] == 2
