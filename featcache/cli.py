@@ -321,7 +321,8 @@ def run_command(pipeline_file, settings, dry_run):
     for key, text in pipeline.info.items():
         click.echo(f"{key}: {text}")
     if overrides:
-        click.echo("overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
+        click.echo("overrides: " + ", ".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+                                             for k, v in overrides.items()))
     if dry_run:
         for stage in pipeline.stages:
             click.echo(f"{stage.kind} #{stage.index}")
