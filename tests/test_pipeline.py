@@ -227,7 +227,7 @@ def _footwear(tmp_path, monkeypatch):
 def _photos(tmp_path, monkeypatch):
     from conftest import write_image_folder
 
-    return {"data-dir": write_image_folder(tmp_path / "photos", ("a", "b", "c"), 8)}
+    return {"data-dir": write_image_folder(tmp_path / "photos", ("a", "b", "c"), 8), "head-epochs": 1}
 
 
 def recipe(record: dict) -> tuple:
@@ -279,7 +279,7 @@ def test_every_study_pipeline_runs_end_to_end_on_small_generated_data(tmp_path, 
     import json
 
     setup, expected = STUDIES[study]
-    settings = {"weights": "random", "image-size": 32, "epochs": 1, "head-epochs": 1, "device": "cpu",
+    settings = {"weights": "random", "image-size": 32, "epochs": 1, "device": "cpu",
                 "dtype": "float32", "cache-dir": tmp_path / "cache", "runs-dir": tmp_path / "runs",
                 "out": tmp_path / "report.html", "quiet": "true", "num-workers": 0, "gradcam-images": 1,
                 "grid-images": 4, **setup(tmp_path, monkeypatch)}
