@@ -89,6 +89,13 @@ def test_pipeline_runs_every_stage_then_reuses_what_exists(tmp_path, monkeypatch
     assert statuses(changed.output)["fuse-train#1"] == "ran"
     assert statuses(changed.output)["finetune#1"] == "reused"
 
+    # An override is part of the stage's key: the trial is a new run, and never stands in for the file's own.
+    trial = run(tmp_path / "p.toml", "--set", "epochs=2")
+    assert "overrides: epochs=2" in trial.output
+    assert statuses(trial.output) == {"extract#1": "reused", "fuse-train#1": "ran", "finetune#1": "ran",
+                                      "report#1": "ran"}
+    assert statuses(run(tmp_path / "p.toml").output)["finetune#1"] == "reused"  # the epochs = 1 run, still there
+
 
 @pytest.mark.parametrize("edit, message", [
     (("epochs = 1", "epoch = 1"), r"p.toml: \[\[finetune\]\] #1: unknown key 'epoch'; did you mean 'epochs'\?"),
