@@ -299,3 +299,14 @@ def test_every_study_pipeline_runs_end_to_end_on_small_generated_data(tmp_path, 
                for r in records)
     page = (tmp_path / "report.html").read_text()
     assert page.count('<section class="run"') == len(records) and "Backbone weights are random" in page
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("lr=1e-4", ("lr", 1e-4)), ("epochs=2", ("epochs", 2)), ("download=false", ("download", False)),
+    ("weights=random", ("weights", "random")), ("taps=early,late", ("taps", "early,late")),
+    ("data_dir=/tmp/x y", ("data-dir", "/tmp/x y")), ("taps=[\"late\", \"early,late\"]", ("taps", ["late", "early,late"])),
+])
+def test_set_values_are_read_as_toml_else_as_text(text, parsed):
+    from featcache.pipeline import parse_override
+
+    assert parse_override(text) == parsed
