@@ -187,7 +187,7 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
         extractors[name] = create_feature_extractor(build_backbone(spec, feat.weights, feat.data.seed),
                                                     return_nodes={n: n for n in nodes})
         if built is not None:
-            built[key] = extractors[name].to(device, memory_format=torch.channels_last)
+            built[key] = extractors[name]  # moved to the device with the net below (Module.to works in place)
     refine = None
     if cfg.head == "resblocks":
         channels = BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).channels
