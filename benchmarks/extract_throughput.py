@@ -27,8 +27,9 @@ import torch
 
 from featcache.backbones import BACKBONES
 from featcache.config import ExtractConfig, PreprocessConfig, resolve_device, resolve_precision
-from featcache.datasets import DataRequest, load_dataset
+from featcache.datasets import load_dataset
 from featcache.extract import autocast, extract, tap_model, to_input
+from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
 
 
@@ -77,13 +78,14 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeat", type=int, default=1, help="tile digits K times (a GPU needs more than 1,437 images)")
     parser.add_argument("--compile", action="store_true", help="also time featcache extract --compile")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
     names = ["resnet18", "resnet50", "mobilenet_v2", "vgg16"] if args.backbone == "all" else [args.backbone]
-    request = DataRequest(name="digits", limit_train=args.images, limit_test=10)
+    request = tiled_digits(args.repeat, limit_train=args.images, limit_test=10)
     images = load_dataset(request).splits["train"].images
     n = len(images) + 10  # featcache also extracts the 10 test images
     print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from bench_data import tiled_digits
 from usual_recipe import MEAN, STD, trunk
 from featcache.config import ExtractConfig, PreprocessConfig, resolve_device
 from featcache.datasets import DataRequest, load_dataset
@@ -96,7 +97,7 @@ def usual_rate(images, labels, args, device) -> float:
 
 def featcache_rate(args, runs_dir: Path) -> float:
     features = ExtractConfig(
-        data=DataRequest(name="digits", limit_train=args.images, limit_test=args.test, seed=0),
+        data=tiled_digits(args.repeat, limit_train=args.images, limit_test=args.test, seed=0),
         backbones=tuple(LAST_BLOCKS), weights="random", preprocess=PreprocessConfig(image_size=args.image_size),
         device=args.device, precision=args.precision,
     )
@@ -117,10 +118,11 @@ def main():
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
+    parser.add_argument("--repeat", type=int, default=1, help="tile digits K times (a GPU needs more than 1,437 images)")
     parser.add_argument("--val-fraction", type=float, default=0.05)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    train = load_dataset(DataRequest(name="digits", limit_train=args.images, limit_test=args.test)).splits["train"]
+    train = load_dataset(tiled_digits(args.repeat, limit_train=args.images, limit_test=args.test)).splits["train"]
     # featcache trains on (1 - val_fraction) of the rows; the usual loop gets the same number.
     n = len(train) - max(1, round(args.val_fraction * len(train)))
     images, labels = train.images[:n], train.labels[:n]
