@@ -40,9 +40,16 @@ def sync(device):
 
 def run_featcache(cfg: ExtractConfig) -> float:
     start = time.perf_counter()
-    [result] = extract(cfg, progress=False)
-    assert result.status == "extracted"
-    return time.perf_counter() - start
+    results = extract(cfg, progress=False)
+    seconds = time.perf_counter() - start
+    assert all(r.status == "extracted" for r in results)
+    phases = results[0].timings
+    steady = sum(phases.get(k, 0.0) for k in ("data", "network", "writes"))
+    print(f"    featcache phases: {seconds:.2f} s in all; setup {phases['setup']:.2f} s, first batch "
+          f"{phases.get('first batch', 0):.2f} s, steady batches {steady:.2f} s (data {phases.get('data', 0):.2f}, "
+          f"network {phases.get('network', 0):.2f}, writes {phases.get('writes', 0):.2f}); outside the steady "
+          f"batches {100 * (1 - steady / seconds):.1f}%", flush=True)
+    return seconds
 
 
 def timed_forward(model, images, cfg, device, precision="fp32", layout=torch.channels_last) -> float:
@@ -79,6 +86,8 @@ def main():
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--repeat", type=int, default=1, help="tile digits K times (a GPU needs more than 1,437 images)")
+    parser.add_argument("--together", action="store_true",
+                        help="also time one featcache extract of every backbone in one command (one pass over the data)")
     parser.add_argument("--compile", action="store_true", help="also time featcache extract --compile")
     args = parser.parse_args()
 
@@ -90,6 +99,12 @@ def main():
     n = len(images) + 10  # featcache also extracts the 10 test images
     print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "
           f"{args.image_size} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")
+    # Process start-up is paid here, not by the first backbone's (a): importing torchvision's
+    # models (which imports torch._dynamo, 1.7 s on the 2-core CPU) and CUDA's context.
+    import torchvision.models  # noqa: F401
+
+    if device.type == "cuda":
+        torch.ones(1, device=device).sum().item()
     rows = []
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +125,17 @@ def main():
         extra = f"  (a') with --compile {compiled:7.1f} img/s  a'/c {compiled / c:4.2f}" if compiled else ""
         print(f"{name:13s} (a) featcache {a:7.1f} img/s  (b) bare forward {b:7.1f}  (c) usual recipe {c:7.1f}  "
               f"(d) plain eager forward {d:7.1f}  |  a/b {a / b:4.2f}  a/c {a / c:4.2f}{extra}", flush=True)
+    if args.together and len(names) > 1:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = ExtractConfig(data=request, backbones=tuple(names), weights="random",
+                                preprocess=PreprocessConfig(image_size=args.image_size), precision=args.precision,
+                                device=args.device, batch_size=args.batch_size, num_workers=2, cache_dir=Path(tmp))
+            together = run_featcache(cfg)
+        apart = sum(n / row[1] for row in rows)
+        print(f"(e) all {len(names)} backbones in one featcache extract: {together:.1f} s, against {apart:.1f} s "
+              f"for the separate runs (a): {apart / together:.2f}x")
 
 
 if __name__ == "__main__":
     main()
+

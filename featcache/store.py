@@ -12,7 +12,8 @@ Between extraction and fusion in the flow (extract -> **store** -> fusion). One 
 
 Writes go to ``<file>.partial``; every dataset is allocated when the file is created, so
 a resumed run rewrites the same bytes in place and a full disk fails at once. ``rows_done``
-is flushed after each batch's features; the file is renamed into place only once every
+is brought up to date after the batches' features are flushed, at most every
+``COMMIT_SECONDS`` (a flush per batch would rewrite whole chunks to disk each batch); the file is renamed into place only once every
 split is complete. A file at the final name is therefore always finished.
 
 How long the extraction took lives beside the cache in ``<file>.timing.json`` (for the
@@ -28,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,8 @@ from featcache.errors import FeatcacheError
 
 FORMAT = 1
 CHUNK_BYTES = 1 << 20
+CHUNK_CACHE_BYTES = 16 << 20  # per tap dataset: a batch fills chunks in memory, not by read-modify-write on disk
+COMMIT_SECONDS = 0.25  # rows_done is brought up to date (two flushes) at most this often, and at the end
 
 
 def canonical(fingerprint: dict) -> str:
@@ -150,6 +154,8 @@ class CacheWriter:
         self.resumed = False
         self._h5 = h5py
         self.file = None
+        self._pending: dict[str, int] = {}  # split -> rows written but not yet in rows_done
+        self._committed = time.monotonic()
         try:
             if self.partial.exists():
                 self.file = self._resume(fingerprint, splits, tap_dims, dtype)
@@ -159,10 +165,11 @@ class CacheWriter:
             self.close()
             self.partial.unlink(missing_ok=True)
             raise write_error(self.partial, exc) from None
+        self.done_at_open = sum(self.rows_done(name) for name in splits)
 
     def _create(self, fingerprint, splits, tap_dims, dtype, classes, run_attrs):
         self.partial.unlink(missing_ok=True)
-        self.file = f = self._h5.File(self.partial, "w", track_order=False)
+        self.file = f = self._h5.File(self.partial, "w", track_order=False, rdcc_nbytes=CHUNK_CACHE_BYTES)
         f.attrs["fingerprint"] = canonical(fingerprint)
         f.attrs["format"] = FORMAT
         f.attrs["featcache_version"] = __version__
@@ -184,7 +191,7 @@ class CacheWriter:
     def _resume(self, fingerprint, splits, tap_dims, dtype):
         """The open partial file if it matches this request exactly, else None."""
         try:
-            f = self._h5.File(self.partial, "r+")
+            f = self._h5.File(self.partial, "r+", rdcc_nbytes=CHUNK_CACHE_BYTES)
         except OSError:  # killed while HDF5 metadata was half written: start again
             return None
         try:
@@ -207,7 +214,8 @@ class CacheWriter:
         return json.loads(self.file.attrs["run"])
 
     def rows_done(self, split: str) -> int:
-        return int(self.file[split].attrs["rows_done"])
+        """Rows of ``split`` written so far, committed or not."""
+        return self._pending.get(split, int(self.file[split].attrs["rows_done"]))
 
     def write(self, split: str, start: int, features: dict[str, np.ndarray], skipped=None) -> None:
         """Store one batch of features at rows ``start:...`` and record the progress.
@@ -222,11 +230,21 @@ class CacheWriter:
                 taps[tap][start:stop] = values
             if skipped is not None and np.any(skipped):
                 self.file[split]["skipped"][start:stop] = np.asarray(skipped, np.uint8)
-            self.file.flush()  # features reach the disk before rows_done says so
-            self.file[split].attrs["rows_done"] = stop
-            self.file.flush()
+            self._pending[split] = stop
+            if time.monotonic() - self._committed >= COMMIT_SECONDS:
+                self.commit()
         except (OSError, ValueError, RuntimeError) as exc:
             raise write_error(self.partial, exc) from None
+
+    def commit(self) -> None:
+        """Flush the rows written so far, then record them in ``rows_done`` (what a resume trusts)."""
+        if self._pending:
+            self.file.flush()  # features reach the disk before rows_done says so
+            for split, stop in self._pending.items():
+                self.file[split].attrs["rows_done"] = stop
+            self.file.flush()
+            self._pending = {}
+        self._committed = time.monotonic()
 
     def skipped_rows(self, split: str) -> np.ndarray:
         return np.flatnonzero(self.file[split]["skipped"][:])
@@ -234,6 +252,7 @@ class CacheWriter:
     def finish(self, skipped: list[dict] | None = None) -> Path:
         """Mark complete and move into place atomically; ``skipped`` lists the unreadable images."""
         try:
+            self.commit()
             if skipped:
                 self.file.attrs["skipped_images"] = json.dumps(skipped)
             self.file.attrs["complete"] = True
@@ -245,8 +264,10 @@ class CacheWriter:
         return self.path
 
     def close(self) -> None:
-        """Close without finishing: the partial file stays for a later resume."""
+        """Close without finishing: the partial file stays for a later resume, with every finished batch."""
         if self.file is not None:
+            with contextlib.suppress(OSError, ValueError, RuntimeError):
+                self.commit()
             with contextlib.suppress(OSError, ValueError, RuntimeError):  # a full disk can fail the close too
                 self.file.close()
             self.file = None

@@ -112,6 +112,21 @@ def test_several_backbones_in_one_command(tmp_path):
         assert cache.taps("train")["layer4"] == (20, 512)
 
 
+def test_several_backbones_share_one_decode_of_each_image_and_equal_separate_runs(tmp_path, image_folder, monkeypatch):
+    from featcache import images
+
+    decoded = []
+    real = images.load_image
+    monkeypatch.setattr(images, "load_image", lambda path, pre: decoded.append(path) or real(path, pre))
+    data = DataRequest(name="folder", data_dir=image_folder)
+    together = extract(tiny_config(tmp_path / "together", data=data, backbones=("tiny", "tiny2"), batch_size=5),
+                       progress=False)
+    assert len(decoded) == 12 and len(set(decoded)) == 12  # each file once, for both backbones
+    for name, result in zip(("tiny", "tiny2"), together):
+        [alone] = extract(tiny_config(tmp_path / name, data=data, backbones=(name,), batch_size=5), progress=False)
+        assert result.path.name == alone.path.name and result.path.read_bytes() == alone.path.read_bytes()
+
+
 def test_folder_images_are_decoded_by_workers(tmp_path, image_folder):
     cfg = tiny_config(tmp_path, data=DataRequest(name="folder", data_dir=image_folder), num_workers=2, batch_size=4)
     [result] = extract(cfg, progress=False)

@@ -64,8 +64,8 @@ def forker():
     f.close()
 
 
-def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=12, per_round=5, seed=0):
-    """Kill runs at random moments until ``KILLS`` kills landed mid-run; finish every round.
+def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=12, per_round=5, seed=0, needed=KILLS):
+    """Kill runs at random moments until ``needed`` kills landed mid-run; finish every round.
 
     ``args_for(round)`` gives a round's command; ``started(round)`` says its work file
     exists; ``finished(round)`` that the result is in place. Yields each finished round.
@@ -74,7 +74,7 @@ def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=12, 
     kills = 0
     for r in range(rounds):
         landed = 0
-        while landed < per_round and kills < KILLS:
+        while landed < per_round and kills < needed:
             pid = forker.start([*args_for(r), *(resume_args if landed or r else ())])
             deadline = time.time() + 60
             while not started(r) and time.time() < deadline:
@@ -88,9 +88,9 @@ def kill_rounds(forker, args_for, started, finished, resume_args=(), rounds=12, 
             kills += 1
         assert forker.run([*args_for(r), *resume_args]) == 0
         yield r, landed
-        if kills >= KILLS:
+        if kills >= needed:
             break
-    assert kills >= KILLS, f"only {kills} kills landed mid-run"
+    assert kills >= needed, f"only {kills} kills landed mid-run"
 
 
 EXTRACT = ["extract", "--backbone", "tiny", "--weights", "random", "--image-size", "48", "--batch-size", "4",
@@ -112,6 +112,28 @@ def test_twenty_sigkills_during_extraction_each_resume_to_the_uninterrupted_byte
     for r, landed in rounds:
         assert final(r).read_bytes() == reference, f"round {r} after {landed} kills"
         assert not partial_file(final(r)).exists()
+        checked += 1
+    assert checked >= 2
+
+
+def test_sigkills_during_a_shared_pass_of_two_backbones_resume_to_the_uninterrupted_bytes(tmp_path, forker):
+    """The backbones of one pass may stop at different rows; a resume brings both to the same bytes."""
+    cfg = tiny_config(tmp_path / "ref", data=DataRequest(name="digits", limit_train=600, limit_test=100),
+                      preprocess=PreprocessConfig(image_size=48), batch_size=4, backbones=("tiny", "tiny2"))
+    refs = extract(cfg, progress=False)
+    args = [*EXTRACT, "--backbone", "tiny2", "--limit-train", "600", "--limit-test", "100"]
+
+    def final(r, ref):
+        return tmp_path / f"round{r}" / "digits" / ref.path.name
+
+    rounds = kill_rounds(forker, lambda r: [*args, "--cache-dir", tmp_path / f"round{r}"],
+                         started=lambda r: partial_file(final(r, refs[0])).exists(),
+                         finished=lambda r: all(final(r, ref).exists() for ref in refs), rounds=4, per_round=3,
+                         needed=8)
+    checked = 0
+    for r, landed in rounds:
+        for ref in refs:
+            assert final(r, ref).read_bytes() == ref.path.read_bytes(), f"round {r} after {landed} kills"
         checked += 1
     assert checked >= 2
 

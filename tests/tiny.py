@@ -44,3 +44,18 @@ TINY = BackboneSpec(
 
 if "tiny" not in BACKBONES:
     register_backbone(TINY)
+
+# A second small backbone, for runs that extract several backbones in one pass.
+TINY2 = BackboneSpec(
+    name="tiny2",
+    build=lambda weights: TinyNet(num_classes=3),
+    taps=TINY.taps,
+    aliases=TINY.aliases,
+    weights_name=None,
+    head_prefixes=("fc.",),
+    blocks=TINY.blocks,
+    last_block=TINY.last_block,
+)
+
+if "tiny2" not in BACKBONES:
+    register_backbone(TINY2)
