@@ -379,43 +379,87 @@ class _Member:
         self.warm = False
 
     def launch(self, x, split: str, row: int, start: int, bad, clock: _Clock):
-        """Queue one batch on the device; the features are fetched later by :meth:`land`."""
+        """Queue one batch on the device; the features are fetched later by :meth:`land`.
+
+        The storage dtype conversion and the range checks run on the device too, so the host
+        receives one array of stored values and one small array of statistics per batch.
+        """
         import torch
 
         # The first batch pays one-off costs (kernel loading, algorithm choice): timed apart.
         with clock("network" if self.warm else "first batch"), autocast(self.job.device, self.job.precision):
             pooled = self.model(x)
-            flat = torch.cat([pooled[t].float() for t in self.taps], dim=1)  # one copy back, one sync
+            parts = [pooled[t].float() for t in self.taps]
+            flat = torch.cat(parts, dim=1).to(torch.float16 if self.job.cfg.dtype == "float16" else torch.float32)
+            # per tap: largest |value| before storage (float16 underflow), then per column: all stored values finite
+            stats = torch.cat([torch.stack([p.abs().amax() for p in parts]), torch.isfinite(flat).all(dim=0).float()])
             if flat.device.type != "cuda":
-                host, event = flat, None
+                fetched, event = (flat, stats), None
             else:
-                host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
-                host.copy_(flat, non_blocking=True)  # lands while the next batch runs
+                fetched = tuple(torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in (flat, stats))
+                for host, device_tensor in zip(fetched, (flat, stats)):
+                    host.copy_(device_tensor, non_blocking=True)  # lands while the next batch runs
                 event = torch.cuda.Event()
                 event.record()
         self.warm = True
-        return self, split, row - start, bad, host, event
+        return self, split, row - start, bad, fetched, event
 
-    def land(self, split: str, offset: int, bad, host, event, clock: _Clock) -> int:
-        """Wait for a queued batch, check it and write it to the cache; returns its rows."""
+    def land(self, split: str, offset: int, bad, fetched, event, clock: _Clock, writes) -> int:
+        """Wait for a queued batch and hand it to the writer thread; returns its rows."""
         with clock("network"):
             if event is not None:
                 event.synchronize()
+        writes.submit(self._store, split, offset, bad, fetched, clock)
+        return len(fetched[0])
+
+    def _store(self, split: str, offset: int, bad, fetched, clock: _Clock) -> None:
+        """Check one batch's values and write them to the cache (in the writer thread)."""
         with clock("writes"):
-            values = host.numpy()
+            values, stats = (t.numpy() for t in fetched)
+            largest, finite = stats[: len(self.taps)], stats[len(self.taps) :]
             features, col = {}, 0
-            for tap, dim in zip(self.taps, self.dims):
-                features[tap] = _stored(self.job, tap, values[:, col : col + dim])
+            for k, (tap, dim) in enumerate(zip(self.taps, self.dims)):
+                _check_range(self.job, tap, float(largest[k]), bool(finite[col : col + dim].all()))
+                features[tap] = np.ascontiguousarray(values[:, col : col + dim])
                 col += dim
             self.writer.write(split, offset, features, skipped=bad)
-        return len(values)
+
+
+class _WriterThread:
+    """HDF5 writes in one background thread, in submission order, at most ``depth`` batches behind.
+
+    The GPU and the data pipeline keep going while a batch is written; a failed write is
+    raised in the caller at the next submit or at :meth:`finish`.
+    """
+
+    def __init__(self, depth: int = 4):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featcache-writes")
+        self.pending: list = []
+        self.depth = depth
+
+    def submit(self, fn, *args) -> None:
+        self.pending.append(self.pool.submit(fn, *args))
+        while len(self.pending) > self.depth or (self.pending and self.pending[0].done()):
+            self.pending.pop(0).result()
+
+    def finish(self) -> None:
+        while self.pending:
+            self.pending.pop(0).result()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pool.shutdown(wait=True)  # an interrupted pass still completes the writes it started
 
 
 def _one_pass(members: list[_Member], dataset: Dataset, rows, batch_size: int) -> _Clock:
     """Every batch read once and sent through every member that still needs it.
 
     On a GPU the host stays one batch behind: batch i+1 is queued before the features of
-    batch i are fetched and written, so the device does not wait for HDF5.
+    batch i are fetched, and a writer thread stores them, so the device does not wait for HDF5.
     """
     import torch
     from tqdm.auto import tqdm
@@ -426,7 +470,7 @@ def _one_pass(members: list[_Member], dataset: Dataset, rows, batch_size: int) -
     names = "+".join(m.job.spec.name for m in members)
     clock = _Clock()
     bar = tqdm(total=total, unit="img", desc=names, disable=not lead.progress, leave=False)
-    with bar, torch.inference_mode():
+    with clock("pass"), bar, torch.inference_mode(), _WriterThread() as writes:
         for split_name, split in dataset.splits.items():
             start, stop = rows[split_name]
             batches = uint8_batches(split, min(m.first[split_name] for m in members), stop, cfg, batch_size, device)
@@ -451,10 +495,11 @@ def _one_pass(members: list[_Member], dataset: Dataset, rows, batch_size: int) -
                                 inputs[pre] = to_input(images, pre)
                         queued.append(m.launch(inputs[pre], split_name, row, start, bad, clock))
                 for member, *args in in_flight:
-                    bar.update(member.land(*args, clock))
+                    bar.update(member.land(*args, clock, writes))
                 in_flight = queued
             for member, *args in in_flight:
-                bar.update(member.land(*args, clock))
+                bar.update(member.land(*args, clock, writes))
+        writes.finish()
     return clock
 
 
@@ -467,20 +512,14 @@ def _rates(clock: _Clock, images: int) -> str:
     return " · ".join(parts)
 
 
-def _stored(job: _Job, tap: str, values: np.ndarray) -> np.ndarray:
-    """One tap's float32 batch in the storage dtype, with the float16 range checks."""
-    if job.cfg.dtype == "float16":
-        if tap not in job.warned and values.size:
-            largest = float(np.abs(values).max())
-            if 0 < largest < FLOAT16_TINY:
-                job.warned.add(tap)
-                job.log(f"warning: {job.spec.name}/{tap} values are below float16's normal range (largest "
-                        f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")
-        with np.errstate(over="ignore"):
-            values = values.astype(np.float16)
-    if not np.isfinite(values).all():
+def _check_range(job: _Job, tap: str, largest: float, finite: bool) -> None:
+    """Warn once per tap about values below float16's normal range; refuse values that overflow storage."""
+    if job.cfg.dtype == "float16" and tap not in job.warned and 0 < largest < FLOAT16_TINY:
+        job.warned.add(tap)
+        job.log(f"warning: {job.spec.name}/{tap} values are below float16's normal range (largest "
+                f"{largest:.2g}); they are stored as zeros or with lost precision: use --dtype float32")
+    if not finite:
         raise FeatcacheError(f"features of {job.spec.name}/{tap} overflow {job.cfg.dtype}: use --dtype float32")
-    return np.ascontiguousarray(values)
 
 
 def _skipped(writer, dataset: Dataset, rows: dict[str, tuple[int, int]] | None = None) -> list[dict]:
