@@ -21,6 +21,9 @@ step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --f
   python -c "import torch, torchvision; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__, torch.cuda.get_device_name())"'
 # The whole flow on CUDA: extract, fuse-train (torch and sklearn heads), both fine-tunes, report.
 step quickstart_cuda 300 python -m featcache run pipelines/quickstart.toml --set device=cuda
-step extract 420 python benchmarks/extract_throughput.py --backbone all --device cuda --repeat 8 --images 8192 --batch-size 128
+step extract 420 python benchmarks/extract_throughput.py --backbone all --device cuda --repeat 8 --images 8192 --batch-size 128 --together
+# A run long enough that the loop, not the fixed costs, is what (a) measures.
+step extract_50k 240 python benchmarks/extract_throughput.py --backbone resnet50 --device cuda --repeat 35 --images 50000 --batch-size 256
+step fidelity 120 python benchmarks/device_fidelity.py --device cuda --precision auto
 step finetune 300 python benchmarks/finetune_throughput.py --device cuda --repeat 4 --images 4096 --num-workers 8
 step frozen_fusion 300 python benchmarks/frozen_fusion.py --device cuda --skip-pairs

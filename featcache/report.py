@@ -52,8 +52,12 @@ def head_text(record: dict) -> str:
     return f"{record['head']} ({chosen})" if chosen else record["head"]
 
 
-def _uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+def _uri(png: bytes):
+    """A figure featcache drew, as a data: URI for an <img src>. The one place the page is
+    handed markup it does not escape: the PNG's bytes are base64, so nothing from data can get in."""
+    from markupsafe import Markup
+
+    return Markup("data:image/png;base64," + base64.b64encode(png).decode("ascii"))
 
 
 class _Images:
@@ -222,7 +226,7 @@ def _time_spent(records: list[dict]) -> tuple[dict, list[dict]]:
 
 def write_report(cfg: ReportConfig, log=print) -> Path:
     """Write the HTML page and the CSV beside it; return the HTML path."""
-    from jinja2 import Environment, PackageLoader, select_autoescape
+    from jinja2 import Environment, PackageLoader
 
     if cfg.runs:
         folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
@@ -257,7 +261,9 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r["run"] for r in records if r["config"]["weights"] == "random"]
-    env = Environment(loader=PackageLoader("featcache"), autoescape=select_autoescape())
+    # Every value from data (folder, class, run and file names, a pipeline's texts) is escaped,
+    # whatever the template's file name: a report is mailed around and opened in browsers.
+    env = Environment(loader=PackageLoader("featcache"), autoescape=True)
     page = env.get_template("report.html.j2").render(
         title=cfg.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M"),
         table=table.to_dict("records"), columns=COLUMNS, csv_name=out.with_suffix(".csv").name,

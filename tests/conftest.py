@@ -65,3 +65,30 @@ def report_runs(tmp_path_factory):
                                     unfreeze="last-block", lr=1e-3, batch_size=32, runs_dir=tmp / "runs",
                                     num_workers=0), log=lambda m: None, progress=False)
     return tmp, runs + [tuned]
+
+
+HOSTILE = {  # legal names that are live HTML if a page shows them unescaped
+    "folder": "p<img src=x onerror=alert(1)>",
+    "class": "<b onmouseover=alert(2)>cat",
+    "run": "<svg onload=alert(3)>",
+}
+
+
+def hostile_runs(tmp: Path) -> Path:
+    """A run on a folder dataset whose folder and class names are HTML, renamed to HTML too (as a shared run could be)."""
+    import json
+
+    from featcache.extract import extract
+    from featcache.fusetrain import FuseTrainConfig, fuse_train
+    from featcache.runs import RECORD
+
+    photos = write_image_folder(tmp / HOSTILE["folder"], classes=(HOSTILE["class"], "dog"), per_class=8)
+    cfg = tiny_config(tmp, data=DataRequest(name="folder", data_dir=photos), dtype="float32", num_workers=0)
+    extract(cfg, progress=False, log=lambda m: None)
+    [run] = fuse_train(FuseTrainConfig(features=cfg, taps=("late",), heads=("logreg",), runs_dir=tmp / "runs"),
+                       log=lambda m: None)
+    record = json.loads((run / RECORD).read_text())
+    record["run"] = HOSTILE["run"]
+    (run / RECORD).write_text(json.dumps(record))
+    run.rename(run.parent / HOSTILE["run"])
+    return tmp / "runs"

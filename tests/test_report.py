@@ -4,6 +4,7 @@ import csv
 import json
 import re
 import shutil
+from html.parser import HTMLParser
 
 import pytest
 from click.testing import CliRunner
@@ -133,3 +134,30 @@ def test_shown_test_images_fill_up_to_n(true, predicted, n, shown):
     from featcache.report import pick_shown
 
     assert pick_shown(np.array(true), np.array(predicted), n).tolist() == shown
+
+
+def test_names_from_data_reach_the_page_only_escaped(tmp_path):
+    import html
+
+    from conftest import HOSTILE, hostile_runs
+
+    out = write_report(ReportConfig(runs_dir=hostile_runs(tmp_path), out=tmp_path / "r.html", gradcam_images=0),
+                       log=lambda m: None)
+    page = out.read_text()
+    for name in HOSTILE.values():
+        assert name not in page
+    assert html.escape(HOSTILE["run"]) in page and html.escape(HOSTILE["folder"]) in page
+    tags = _Tags()
+    tags.feed(page)  # what a browser would build: no script element, no event handler, no foreign image
+    assert not {"script", "svg", "b"} & set(tags.names)
+    assert not [a for a in tags.attrs if a[0].startswith("on") or a == ("src", "x")]
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.names, self.attrs = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.names.append(tag)
+        self.attrs.extend(attrs)

@@ -84,3 +84,19 @@ def test_the_check_catches_a_broken_figure_and_a_console_error(browser, tmp_path
     seen = open_page(browser, page)
     assert seen["broken"] == ["fig"]
     assert any("boom" in e for e in seen["errors"])
+
+
+def test_html_in_folder_class_and_run_names_runs_no_script_in_the_browser(browser, tmp_path):
+    from selenium.common.exceptions import NoAlertPresentException
+
+    from conftest import hostile_runs
+
+    out = write_report(ReportConfig(runs_dir=hostile_runs(tmp_path), out=tmp_path / "r.html", gradcam_images=0),
+                       log=lambda m: None)
+    seen = open_page(browser, out)
+    assert seen["errors"] == [] and seen["broken"] == []  # an unescaped <img src=x> would be a broken image
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
+    browser.execute_script("document.querySelectorAll('*').forEach(e => e.dispatchEvent(new MouseEvent('mouseover')))")
+    with pytest.raises(NoAlertPresentException):
+        browser.switch_to.alert.text
