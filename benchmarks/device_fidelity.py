@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.config import ExtractConfig, PreprocessConfig
-from featcache.datasets import DataRequest
-from featcache.extract import extract
-from featcache.store import FeatureCache
+from featcache.extraction.config import ExtractConfig
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest
+from featcache.extraction.run import extract
+from featcache.extraction.store import FeatureCache
 
 
 def main():

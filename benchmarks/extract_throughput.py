@@ -25,10 +25,14 @@ from pathlib import Path
 
 import torch
 
-from featcache.backbones import BACKBONES
-from featcache.config import ExtractConfig, PreprocessConfig, resolve_device, resolve_precision
-from featcache.datasets import load_dataset
-from featcache.extract import autocast, extract, tap_model, to_input
+from featcache.backbones.registry import BACKBONES
+from featcache.extraction.config import ExtractConfig
+from featcache.data.preprocess import PreprocessConfig
+from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.data.datasets import load_dataset
+from featcache.backbones.taps import autocast, tap_model
+from featcache.extraction.run import extract
+from featcache.data.preprocess import to_input
 from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
 

@@ -30,10 +30,12 @@ import torch
 
 from bench_data import tiled_digits
 from usual_recipe import MEAN, STD, trunk
-from featcache.config import ExtractConfig, PreprocessConfig, resolve_device
-from featcache.datasets import DataRequest, load_dataset
-from featcache.finetune import FinetuneConfig, finetune
-from featcache.runs import load_record
+from featcache.extraction.config import ExtractConfig
+from featcache.data.preprocess import PreprocessConfig
+from featcache.backbones.taps import resolve_device
+from featcache.data.datasets import DataRequest, load_dataset
+from featcache.finetuning.run import FinetuneConfig, finetune
+from featcache.records import load_record
 
 LAST_BLOCKS = {"resnet50": ("layer4",), "mobilenet_v2": ("features.17", "features.18")}
 

@@ -33,18 +33,19 @@ from pathlib import Path
 
 import torch
 
-from featcache.backbones import BACKBONES
-from featcache.config import ExtractConfig, PreprocessConfig
-from featcache.datasets import DataRequest, load_dataset
-from featcache.extract import extract
-from featcache.fusetrain import FuseTrainConfig, fuse_train, load_features, locate_caches
-from featcache.fusion import TapNormalizer, parse_taps
-from featcache.heads import HeadOptions, TorchClassifier
+from featcache.backbones.registry import BACKBONES
+from featcache.extraction.config import ExtractConfig
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest, load_dataset
+from featcache.extraction.run import extract
+from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.fuse.fusion import TapNormalizer, parse_taps
+from featcache.fuse.heads import HeadOptions, TorchClassifier
 from usual_recipe import PilImages, trunk
 
 
 def studies_way(names, data, args, device, norm) -> tuple[float, float]:
-    from featcache.model import TapNorm
+    from featcache.finetuning.model import TapNorm
 
     started = time.perf_counter()
     train, test = data.splits["train"], data.splits["test"]

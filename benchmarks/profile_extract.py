@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 
 from bench_data import tiled_digits
-from featcache.config import ExtractConfig, PreprocessConfig
-from featcache.extract import extract
+from featcache.extraction.config import ExtractConfig
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.run import extract
 
 
 def main():

@@ -1,5 +1,5 @@
 """`python -m featcache` runs the command line, as `torchrun -m featcache` will."""
 
-from featcache.cli import main
+from featcache.cli.commands import main
 
 main()

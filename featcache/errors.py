@@ -32,25 +32,9 @@ def unknown(option: str, name: str, known: Iterable[str]) -> FeatcacheError:
     return FeatcacheError(message + (f"; did you mean '{guess}'?" if guess else "."))
 
 
-class Registry(dict):
-    """A name -> object mapping filled by a decorator, whose lookups fail helpfully."""
 
-    def __init__(self, option: str):
-        super().__init__()
-        self.option = option
 
-    def register(self, name: str):
-        """Decorator: ``@REGISTRY.register("name")`` stores the decorated object."""
-
-        def decorate(obj):
-            self[name] = obj
-            return obj
-
-        return decorate
-
-    def lookup(self, name: str):
-        """The entry called ``name``; unknown names raise :class:`FeatcacheError`."""
-        try:
-            return self[name]
-        except KeyError:
-            raise unknown(self.option, name, self) from None
+def check_choice(option: str, value: str, allowed: Iterable[str]) -> None:
+    """Raise the unknown-name error unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise unknown(option, value, allowed)

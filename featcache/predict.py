@@ -11,10 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones import BACKBONES
-from featcache.config import resolve_device
-from featcache.extract import load_image, tap_model, to_input
-from featcache.runs import load_head, load_record, record_preprocess
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import resolve_device, tap_model
+from featcache.data.images import load_image
+from featcache.data.preprocess import to_input
+from featcache.finetuning.run import load_finetuned
+from featcache.records import load_head, load_record, record_preprocess
 
 
 def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_size: int = 32):
@@ -52,8 +54,6 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
 
 def _finetuned_proba(run_dir, record, images, pre, device, batch_size) -> np.ndarray:
     import torch
-
-    from featcache.finetune import load_finetuned
 
     net, _ = load_finetuned(run_dir, record, device)
     out = []

@@ -9,8 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402,F401  registers the "tiny" backbone
 
-from featcache.config import ExtractConfig, PreprocessConfig  # noqa: E402
-from featcache.datasets import DataRequest  # noqa: E402
+from featcache.extraction.config import ExtractConfig  # noqa: E402
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 
@@ -49,10 +50,10 @@ def image_folder(tmp_path):
 @pytest.fixture(scope="session")
 def report_runs(tmp_path_factory):
     """Runs of every kind on the tiny backbone: logreg, mlp, RBF svm (frozen) and a two-phase fine-tune."""
-    from featcache.extract import extract
-    from featcache.finetune import FinetuneConfig, finetune
-    from featcache.fusetrain import FuseTrainConfig, fuse_train
-    from featcache.heads import HeadOptions
+    from featcache.extraction.run import extract
+    from featcache.finetuning.run import FinetuneConfig, finetune
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
+    from featcache.fuse.heads import HeadOptions
 
     tmp = tmp_path_factory.mktemp("report")
     data = DataRequest(name="digits", limit_train=200, limit_test=60)
@@ -78,9 +79,9 @@ def hostile_runs(tmp: Path) -> Path:
     """A run on a folder dataset whose folder and class names are HTML, renamed to HTML too (as a shared run could be)."""
     import json
 
-    from featcache.extract import extract
-    from featcache.fusetrain import FuseTrainConfig, fuse_train
-    from featcache.runs import RECORD
+    from featcache.extraction.run import extract
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
+    from featcache.records import RECORD
 
     photos = write_image_folder(tmp / HOSTILE["folder"], classes=(HOSTILE["class"], "dog"), per_class=8)
     cfg = tiny_config(tmp, data=DataRequest(name="folder", data_dir=photos), dtype="float32", num_workers=0)

@@ -13,9 +13,9 @@ import sys
 
 import tiny  # noqa: F401  registers the tiny backbone
 
-import featcache.cli  # noqa: F401  imports click
-import featcache.extract  # noqa: F401  imports torch
-import featcache.finetune  # noqa: F401
+import featcache.cli.commands  # noqa: F401  imports click
+import featcache.extraction.run  # noqa: F401  imports torch
+import featcache.finetuning.run  # noqa: F401
 import h5py  # noqa: F401  the rest of what a run imports lazily
 import sklearn.datasets  # noqa: F401
 import sklearn.model_selection  # noqa: F401
@@ -33,7 +33,7 @@ for line in sys.stdin:
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
             try:
-                featcache.cli.cli.main(args, prog_name="featcache")
+                featcache.cli.commands.cli.main(args, prog_name="featcache")
             except SystemExit as exc:
                 os._exit(exc.code if isinstance(exc.code, int) else 1)
             except BaseException:

@@ -2,6 +2,6 @@
 
 import tiny  # noqa: F401
 
-from featcache.cli import main
+from featcache.cli.commands import main
 
 main()

@@ -3,9 +3,9 @@ import urllib.error
 import pytest
 import torch
 
-from featcache.backbones import ALIASES, BACKBONES, build_backbone, weights_identity
+from featcache.backbones.registry import ALIASES, BACKBONES, build_backbone, weights_identity
 from featcache.errors import FeatcacheError
-from featcache.extract import tap_model
+from featcache.backbones.taps import tap_model
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

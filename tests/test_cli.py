@@ -4,7 +4,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from featcache.cli import cli
+from featcache.cli.commands import cli
 
 FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu",
         "--limit-train", "60", "--limit-test", "20", "-q"]
@@ -80,7 +80,7 @@ def test_corrupt_image_is_named_and_nothing_is_left_behind(tmp_path, image_folde
 
 
 def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path):
-    from featcache.backbones import BACKBONES, build_backbone
+    from featcache.backbones.registry import BACKBONES, build_backbone
 
     state = build_backbone(BACKBONES["tiny"], "random", 0).state_dict()
     state["stage3.0.weight"] = state["stage3.0.weight"] * 1e6  # features far beyond float16's 65504

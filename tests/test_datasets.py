@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from cifar_fixture import CLASSES, use_generated_cifar10
 
-from featcache.datasets import DataRequest, dataset_identity, dataset_key, load_dataset
+from featcache.data.datasets import DataRequest, dataset_identity, dataset_key, load_dataset
 from featcache.errors import FeatcacheError
 
 

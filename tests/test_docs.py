@@ -20,7 +20,7 @@ def literal_parts(node) -> list[str]:
 def messages():
     """(file:line, the longest literal piece) of every user-facing error message in featcache/."""
     found = []
-    for path in sorted((ROOT / "featcache").glob("*.py")):
+    for path in sorted((ROOT / "featcache").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not isinstance(node, ast.Call):
                 continue
@@ -30,7 +30,7 @@ def messages():
             parts = [p.strip(" :;.,'\"") for p in literal_parts(node.args[RAISERS[name]])]
             parts = [p for p in parts if len(p) >= 6]
             if parts:
-                found.append((f"{path.name}:{node.lineno}", max(parts, key=len)))
+                found.append((f"{path.relative_to(ROOT)}:{node.lineno}", max(parts, key=len)))
     return found
 
 

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.datasets import DataRequest, load_dataset
+from featcache.data.datasets import DataRequest, load_dataset
 from featcache.errors import FeatcacheError
-from featcache.explain import gradcam, head_module
-from featcache.heads import HEADS, HeadOptions
-from featcache.runs import load_record
+from featcache.reporting.explain import gradcam, head_module
+from featcache.fuse.heads import HEADS, HeadOptions
+from featcache.records import load_record
 
 TEST = load_dataset(DataRequest(name="digits", limit_train=200, limit_test=60)).splits["test"]
 
@@ -56,15 +56,15 @@ def test_linear_heads_become_their_decision_function(head, n_classes):
 
 def test_frozen_runs_share_their_backbones_and_explain_the_same(report_runs, monkeypatch):
     """A report passes one dict along: each frozen backbone is built once, the heatmaps do not change."""
-    import featcache.model
+    import featcache.finetuning.model
 
     _, runs = report_runs
     frozen = [(run, record) for run in runs if (record := load_record(run))["kind"] == "frozen"
               and not (record["head"] == "svm" and record["selection"]["params"]["kernel"] == "rbf")]
     assert len(frozen) >= 2
     alone = [gradcam(run, record, TEST.images[:4]) for run, record in frozen]
-    real, calls = featcache.model.build_backbone, []
-    monkeypatch.setattr(featcache.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
+    real, calls = featcache.finetuning.model.build_backbone, []
+    monkeypatch.setattr(featcache.finetuning.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
     built = {}
     shared = [gradcam(run, record, TEST.images[:4], built=built) for run, record in frozen]
     assert calls == ["tiny"] and len(built) == 1

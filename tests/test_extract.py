@@ -5,13 +5,16 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from featcache import extract as extract_module
-from featcache.backbones import BACKBONES
-from featcache.config import PreprocessConfig, fingerprint
-from featcache.datasets import DataRequest, dataset_key, load_dataset
+from featcache.extraction import run as extract_module
+from featcache.backbones.registry import BACKBONES
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import fingerprint
+from featcache.data.datasets import DataRequest, dataset_key, load_dataset
 from featcache.errors import FeatcacheError
-from featcache.extract import extract, load_image, to_input
-from featcache.store import FeatureCache, cache_file
+from featcache.extraction.run import extract
+from featcache.data.images import load_image
+from featcache.data.preprocess import to_input
+from featcache.extraction.store import FeatureCache, cache_file
 
 
 def read_all(path):
@@ -40,7 +43,7 @@ def test_stored_features_equal_a_plain_forward_pass(tmp_path):
     """The cache holds exactly what the unfused network computes (up to float16)."""
     cfg = tiny_config(tmp_path, dtype="float32", pooling="avgmax")
     [result] = extract(cfg, progress=False)
-    from featcache.backbones import build_backbone
+    from featcache.backbones.registry import build_backbone
 
     net = build_backbone(BACKBONES["tiny"], "random", 0)
     images = torch.from_numpy(load_dataset(cfg.data).splits["test"].images[:5])
@@ -113,7 +116,7 @@ def test_several_backbones_in_one_command(tmp_path):
 
 
 def test_several_backbones_share_one_decode_of_each_image_and_equal_separate_runs(tmp_path, image_folder, monkeypatch):
-    from featcache import images
+    from featcache.data import images
 
     decoded = []
     real = images.load_image
@@ -170,7 +173,7 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_is_half_autocast_on_a_gpu_and_fp32_on_the_cpu(monkeypatch, bf16, expected):
-    from featcache.config import resolve_precision
+    from featcache.backbones.taps import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_precision("auto", torch.device("cuda")) == expected

@@ -20,12 +20,12 @@ import torch
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 
-from featcache.cli import cli
-from featcache.config import PreprocessConfig
-from featcache.datasets import DataRequest
-from featcache.extract import extract
-from featcache.runs import load_record
-from featcache.store import partial_file
+from featcache.cli.commands import cli
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest
+from featcache.extraction.run import extract
+from featcache.records import load_record
+from featcache.extraction.store import partial_file
 
 KILLS = 20
 

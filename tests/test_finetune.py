@@ -8,19 +8,19 @@ import torch
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 
-from featcache.backbones import BACKBONES, build_backbone
-from featcache.cli import cli
-from featcache.datasets import DataRequest
+from featcache.backbones.registry import BACKBONES, build_backbone
+from featcache.cli.commands import cli
+from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
-from featcache.extract import extract
-from featcache.augment import augmentation
-from featcache.finetune import FinetuneConfig, finetune, init_from_run, partial_dir
-from featcache.loop import evaluate_rows
-from featcache.model import apply_unfreeze, build_net
-from featcache.fusetrain import FuseTrainConfig, fuse_train, load_features, locate_caches
-from featcache.fusion import TapRef
-from featcache.heads import HeadOptions
-from featcache.runs import load_head, load_record, runs_table
+from featcache.extraction.run import extract
+from featcache.data.augment import augmentation
+from featcache.finetuning.run import FinetuneConfig, finetune, init_from_run, partial_dir
+from featcache.finetuning.loop import evaluate_rows
+from featcache.finetuning.model import apply_unfreeze, build_net
+from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.fuse.fusion import TapRef
+from featcache.fuse.heads import HeadOptions
+from featcache.records import load_head, load_record, runs_table
 
 DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
 
@@ -86,7 +86,7 @@ def test_init_head_starts_where_the_frozen_run_ended(tmp_path, frozen_run):
     assert classes == [str(i) for i in range(10)]
     net = build_net(cfg, refs, normalizer, 10, torch.device("cpu"))
     net.head.load_state_dict(state)
-    from featcache.datasets import load_dataset
+    from featcache.data.datasets import load_dataset
 
     test = load_dataset(DATA).splits["test"]
     _, _, proba = evaluate_rows(net, test, np.arange(len(test)), cfg, torch.device("cpu"), "fp32")
@@ -155,7 +155,7 @@ def test_resblocks_batch_size_one_heavy_augmentation_and_predict(tmp_path, image
 
 
 def test_frozen_backbone_maps_are_computed_once(tmp_path, monkeypatch):
-    from featcache import finetune as module
+    from featcache.finetuning import run as module
 
     calls = []
     real = module.frozen_maps
@@ -179,7 +179,7 @@ def test_augmentations_give_the_input_size():
 def test_logreg_run_warm_starts_a_linear_head(classes):
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.finetune import head_state
+    from featcache.finetuning.run import head_state
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 5)).astype(np.float32)
@@ -195,7 +195,7 @@ def test_logreg_run_warm_starts_a_linear_head(classes):
 
 
 def test_patience_stops_early_and_keeps_the_best_epoch(tmp_path, monkeypatch):
-    from featcache import finetune as module
+    from featcache.finetuning import run as module
 
     losses = iter([1.0, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1])
     real = module.evaluate_rows
@@ -234,7 +234,7 @@ def test_autocast_training_path_runs_in_bf16_on_the_cpu(tmp_path):
 
 def test_fp16_scales_the_loss_and_resumes_to_the_uninterrupted_weights(tmp_path, monkeypatch):
     """fp16 autocast with a GradScaler, on the CPU: the scaler's state is checkpointed and restored."""
-    import featcache.finetune as ft
+    import featcache.finetuning.run as ft
 
     def config(runs, resume=False):
         return ft_config(tmp_path, epochs=2, unfreeze="all", augment="basic", runs_dir=tmp_path / runs, resume=resume,
@@ -276,12 +276,12 @@ def test_resblocks_on_a_one_pixel_map_with_a_batch_of_one_is_exit_2(tmp_path, im
 
 def test_a_backbone_without_chosen_taps_is_not_built(tmp_path, monkeypatch):
     """--backbone tiny --backbone resnet18 --taps tiny:late: resnet18 would run every batch for nothing."""
-    import featcache.model
+    import featcache.finetuning.model
 
-    from featcache.fusion import TapNormalizer
+    from featcache.fuse.fusion import TapNormalizer
 
-    real, calls = featcache.model.build_backbone, []
-    monkeypatch.setattr(featcache.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
+    real, calls = featcache.finetuning.model.build_backbone, []
+    monkeypatch.setattr(featcache.finetuning.model, "build_backbone", lambda *a: calls.append(a[0].name) or real(*a))
     cfg = ft_config(tmp_path, features=tiny_config(tmp_path, backbones=("tiny", "resnet18")), taps="tiny:late")
     norm = TapNormalizer("none").fit([np.zeros((1, 16), np.float32)])
     net = build_net(cfg, [TapRef("tiny", "stage3")], norm, 10, torch.device("cpu"))
@@ -292,7 +292,7 @@ def test_a_backbone_without_chosen_taps_is_not_built(tmp_path, monkeypatch):
 def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(tmp_path, monkeypatch):
     """Killed after epoch 3 (worse than epoch 2): the checkpoint carries epoch 2's weights, and the
     resumed run ends with the same best model as an uninterrupted one."""
-    import featcache.finetune as ft
+    import featcache.finetuning.run as ft
 
     real_eval, real_save = ft.evaluate_rows, ft._save_checkpoint
     script = {"losses": None}

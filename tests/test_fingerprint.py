@@ -6,10 +6,11 @@ existing request; a deliberate change of the cache format bumps FORMAT and updat
 
 import pytest
 
-from featcache.backbones import BACKBONES
-from featcache.config import ExtractConfig, PreprocessConfig, fingerprint
-from featcache.datasets import DataRequest
-from featcache.store import fingerprint_hash
+from featcache.backbones.registry import BACKBONES
+from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest
+from featcache.extraction.store import fingerprint_hash
 
 PINNED = {  # (weights, backbone, precision) -> fingerprint hash[:12], as in cache/<dataset>/<backbone>-<hash>.h5
     ("random", "resnet18", "fp32"): "1f9b550d1f11", ("random", "resnet18", "bf16"): "d56588d57674",

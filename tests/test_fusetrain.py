@@ -7,14 +7,14 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_config
 
-from featcache import fusetrain
-from featcache.cli import cli
-from featcache.datasets import DataRequest
+from featcache.fuse import train as fusetrain
+from featcache.cli.commands import cli
+from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
-from featcache.extract import extract
-from featcache.fusetrain import FuseTrainConfig, fuse_train
-from featcache.heads import HeadOptions
-from featcache.runs import COLUMNS, load_head, load_record, runs_table
+from featcache.extraction.run import extract
+from featcache.fuse.train import FuseTrainConfig, fuse_train
+from featcache.fuse.heads import HeadOptions
+from featcache.records import COLUMNS, load_head, load_record, runs_table
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
 OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)
@@ -173,8 +173,8 @@ def test_predict_errors(tmp_path):
 
 
 def test_bad_tap_names_fail_before_looking_for_or_making_a_cache(tmp_path, monkeypatch):
-    import featcache.extract
+    import featcache.fuse.train
 
-    monkeypatch.setattr(featcache.extract, "extract", lambda *a, **k: pytest.fail("extraction ran"))
+    monkeypatch.setattr(featcache.fuse.train, "extract", lambda *a, **k: pytest.fail("extraction ran"))
     with pytest.raises(FeatcacheError, match="Got 'erly' instead; did you mean 'early'"):
         fuse_train(train_cfg(tmp_path, taps=("erly",), run_extract=True), log=lambda m: None)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from featcache.backbones import BACKBONES
+from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError
-from featcache.fusion import TapNormalizer, TapRef, parse_taps
+from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 
 
 def dim(refs):

@@ -6,7 +6,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featcache.heads import HEADS, HeadOptions, TorchClassifier
+from featcache.fuse.heads import HEADS, HeadOptions, TorchClassifier
 
 # Checks the torch heads are marked to fail, each with the reason (documented in the README).
 EXPECTED_FAILURES = {}

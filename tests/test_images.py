@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from featcache.cli import cli
-from featcache.config import PreprocessConfig
-from featcache.images import BadImage, load_image
-from featcache.store import FeatureCache
+from featcache.cli.commands import cli
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.images import BadImage, load_image
+from featcache.extraction.store import FeatureCache
 
 PRE = PreprocessConfig(image_size=32)
 FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--num-workers", "0",
@@ -136,7 +136,7 @@ def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
 
 
 def test_a_cache_with_skipped_images_trains_and_reports(tmp_path):
-    from featcache.report import ReportConfig, write_report
+    from featcache.reporting.page import ReportConfig, write_report
 
     root = messy_folder(tmp_path / "photos")
     common = [*FAST, "--data-dir", str(root), "--cache-dir", str(tmp_path / "c"), "--test-fraction", "0.3"]

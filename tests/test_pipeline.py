@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from featcache.cli import cli
-from featcache.pipeline import load_pipeline
+from featcache.cli.commands import cli
+from featcache.cli.pipeline import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -145,7 +145,7 @@ def test_missing_file_is_one_line():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path):
-    pipeline = load_pipeline(path)
+    pipeline = load_pipeline(path, cli.commands)
     head = tomllib.loads(path.read_text())["pipeline"]
     assert head.get("reproduces") and head.get("reported")
     assert pipeline.stages and pipeline.stages[-1].kind == "report"
@@ -194,7 +194,7 @@ head = ["logreg"]
 
 def test_set_overrides_defaults_and_stage_tables_in_every_stage_that_takes_the_option(tmp_path):
     text = TINY.format(tmp=tmp_path, head="logreg").replace("epochs = 1", "epochs = 1\nimage_size = 48")
-    pipeline = load_pipeline(write(tmp_path, text), {"image-size": 40, "epochs": 3, "runs-dir": str(tmp_path / "r")})
+    pipeline = load_pipeline(write(tmp_path, text), cli.commands, {"image-size": 40, "epochs": 3, "runs-dir": str(tmp_path / "r")})
     sizes = {s.kind: s.params["image_size"] for s in pipeline.stages if "image_size" in s.params}
     assert sizes == {"extract": 40, "fuse-train": 40, "finetune": 40}  # the finetune table said image_size = 48
     [tune] = [s for s in pipeline.stages if s.kind == "finetune"]
@@ -307,6 +307,6 @@ def test_every_study_pipeline_runs_end_to_end_on_small_generated_data(tmp_path, 
     ("data_dir=/tmp/x y", ("data-dir", "/tmp/x y")), ("taps=[\"late\", \"early,late\"]", ("taps", ["late", "early,late"])),
 ])
 def test_set_values_are_read_as_toml_else_as_text(text, parsed):
-    from featcache.pipeline import parse_override
+    from featcache.cli.pipeline import parse_override
 
     assert parse_override(text) == parsed

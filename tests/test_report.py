@@ -9,9 +9,9 @@ from html.parser import HTMLParser
 import pytest
 from click.testing import CliRunner
 
-from featcache.cli import cli
-from featcache.report import ReportConfig, write_report
-from featcache.runs import COLUMNS, load_record
+from featcache.cli.commands import cli
+from featcache.reporting.page import ReportConfig, write_report
+from featcache.records import COLUMNS, load_record
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_a_missing_grad_cam_import_is_a_note_not_a_crash(report_runs, tmp_path, 
 
 def test_a_backbone_given_without_chosen_taps_is_left_out_of_the_diagram(report, recwarn):
     """fuse-train --backbone a --backbone b --taps a:late uses no tap of b: the diagram draws a alone."""
-    from featcache.report import _architecture
+    from featcache.reporting.page import _architecture
 
     _, _, records = report
     record = next(r for r in records if r["kind"] == "frozen")
@@ -131,7 +131,7 @@ def test_a_backbone_given_without_chosen_taps_is_left_out_of_the_diagram(report,
 def test_shown_test_images_fill_up_to_n(true, predicted, n, shown):
     import numpy as np
 
-    from featcache.report import pick_shown
+    from featcache.reporting.page import pick_shown
 
     assert pick_shown(np.array(true), np.array(predicted), n).tolist() == shown
 

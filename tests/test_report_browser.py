@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from featcache.report import ReportConfig, write_report
+from featcache.reporting.page import ReportConfig, write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

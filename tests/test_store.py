@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import TESTS_DIR, tiny_config
 
-from featcache.config import PreprocessConfig
-from featcache.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
+from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
-from featcache.extract import extract
-from featcache.store import CacheWriter, FeatureCache, partial_file
+from featcache.extraction.run import extract
+from featcache.extraction.store import CacheWriter, FeatureCache, partial_file
 
 ARGS = ["extract", "--backbone", "tiny", "--weights", "random", "--image-size", "48", "--batch-size", "4",
         "--device", "cpu", "-q"]

@@ -10,13 +10,14 @@ import numpy as np
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 
-from featcache.backbones import BACKBONES
-from featcache.cli import cli
-from featcache.config import PreprocessConfig, fingerprint
-from featcache.datasets import DataRequest, dataset_key
-from featcache.store import CacheWriter, FeatureCache, cache_file
-from featcache.stream import FusedRows, fit_normalizer
-from featcache.fusion import TapNormalizer, TapRef
+from featcache.backbones.registry import BACKBONES
+from featcache.cli.commands import cli
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import fingerprint
+from featcache.data.datasets import DataRequest, dataset_key
+from featcache.extraction.store import CacheWriter, FeatureCache, cache_file
+from featcache.fuse.stream import FusedRows, fit_normalizer
+from featcache.fuse.fusion import TapNormalizer, TapRef
 
 FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "40", "--device", "cpu", "--seed", "7"]
 
@@ -71,7 +72,7 @@ MEASURE = """
 import sys
 sys.path.insert(0, {tests!r})
 import tiny
-from featcache.cli import cli
+from featcache.cli.commands import cli
 cli.main({args!r}, standalone_mode=False)
 print("VmData", [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData")][0])
 """

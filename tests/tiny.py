@@ -6,7 +6,7 @@ Importable on its own (``import tiny``) so subprocesses in the tests can registe
 import torch
 from torch import nn
 
-from featcache.backbones import BACKBONES, BackboneSpec, Tap, register_backbone
+from featcache.backbones.registry import BACKBONES, BackboneSpec, Tap, register_backbone
 
 
 def _stage(cin, cout):

@@ -25,15 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.augment import AUGMENTS, augmentation, loader, normalise
-from featcache.backbones import BACKBONES
-from featcache.config import ExtractConfig, resolve_device, resolve_precision
-from featcache.datasets import load_dataset
-from featcache.errors import FeatcacheError
-from featcache.evaluate import score, validation_split
-from featcache.fusion import TapNormalizer, TapRef, parse_taps
-from featcache.loop import evaluate_maps, evaluate_rows, frozen_maps, train_epoch, train_epoch_maps
-from featcache.model import TapNorm, apply_unfreeze, build_net, parse_policy, trainable_prefixes
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import pool, pooled_dim, resolve_device, resolve_precision
+from featcache.data.augment import AUGMENTS, augmentation, loader, normalise
+from featcache.data.datasets import load_dataset
+from featcache.errors import FeatcacheError, unknown
+from featcache.extraction.config import ExtractConfig
+from featcache.finetuning.loop import evaluate_maps, evaluate_rows, frozen_maps, train_epoch, train_epoch_maps
+from featcache.finetuning.model import TapNorm, apply_unfreeze, build_net, parse_policy, trainable_prefixes
+from featcache.fuse.evaluate import score, validation_split
+from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
+from featcache.fuse.heads import TorchClassifier
+from featcache.records import library_versions, load_head, load_record, record_features, save_run
 
 FT_HEADS = ("mlp", "linear", "resblocks")
 
@@ -65,7 +68,6 @@ class FinetuneConfig:
     num_workers: int = 2
 
     def __post_init__(self):
-        from featcache.errors import unknown
 
         if self.head not in FT_HEADS:
             raise unknown("--head", self.head, FT_HEADS)
@@ -88,8 +90,6 @@ class FinetuneConfig:
 
 def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):
     """(normalizer, head state dict, class names) of a fuse-train run whose taps and head fit this model."""
-    from featcache.runs import load_head, load_record
-
     record = load_record(run_dir)
     if record.get("kind") != "frozen":
         raise FeatcacheError(f"--init-head {run_dir} is not a fuse-train run")
@@ -105,8 +105,6 @@ def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):
 def head_state(head, record, cfg: FinetuneConfig) -> dict:
     """The head as an nn.Sequential state dict matching :func:`build_net`'s head."""
     import torch
-
-    from featcache.heads import TorchClassifier
 
     n_classes = len(record["classes"])
     if isinstance(head, TorchClassifier):
@@ -129,8 +127,6 @@ def head_state(head, record, cfg: FinetuneConfig) -> dict:
 def fit_normalizer(net, split, rows, cfg: FinetuneConfig, device) -> TapNormalizer:
     """One pass of the frozen backbones over the training rows to fit the tap normalisation."""
     import torch
-
-    from featcache.extract import pool
 
     blocks = {ref: [] for ref in net.refs}
     net.eval()
@@ -195,9 +191,6 @@ def _configure(net, cfg: FinetuneConfig, phase: str):
 def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     """Train the model, write a run folder like fuse-train's, return it."""
     import torch
-
-    from featcache.extract import pooled_dim
-    from featcache.runs import library_versions, save_run
 
     feat = cfg.features
     device = resolve_device(feat.device)
@@ -355,8 +348,6 @@ def _config_dict(cfg: FinetuneConfig) -> dict:
 def load_finetuned(run_dir: Path, record: dict, device):
     """Rebuild a fine-tuned run's model with its trained weights (for predict)."""
 
-    from featcache.runs import load_head
-
     cfg = finetune_config_from_record(record)
     normalizer, weights = load_head(run_dir)
     refs = [TapRef(*t.split(":", 1)) for t in record["taps"]]
@@ -366,7 +357,6 @@ def load_finetuned(run_dir: Path, record: dict, device):
 
 
 def finetune_config_from_record(record: dict) -> FinetuneConfig:
-    from featcache.runs import record_features
 
     c = record["config"]
     return FinetuneConfig(features=record_features(record), taps=",".join(record["taps"]), head=c["head"],

@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from featcache.augment import loader, normalise
-from featcache.extract import autocast
+from featcache.data.augment import loader, normalise
+from featcache.backbones.taps import autocast
 
 
 def evaluate_rows(net, split, rows, cfg, device, precision):
@@ -79,7 +79,7 @@ def evaluate_maps(net, maps, labels, cfg, device, precision) -> tuple[float, flo
 def train_epoch(net, opt, scaler, split, rows, cfg, transform, seed, device, precision, desc, progress):
     """One epoch over ``rows`` with augmentation: (mean loss, accuracy, images/s)."""
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     net.train()
     seen, total, correct, tick = 0, 0.0, 0, time.perf_counter()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache.data.images import BadImage, load_image
+from featcache.data.preprocess import to_input
 from featcache.errors import FeatcacheError
 
 AUGMENTS = ("none", "basic", "heavy")
@@ -50,8 +52,6 @@ class SplitImages:
     def __getitem__(self, i):
         """(uint8 HWC image, label, error): an unreadable file gives zeros and its one-line error."""
         import torch
-
-        from featcache.images import BadImage, load_image
 
         row = self.rows[i]
         label = int(self.split.labels[row])
@@ -98,6 +98,4 @@ def loader(split, rows, cfg, transform, shuffle: bool, seed: int, device) -> Bat
 
 def normalise(images, pre):
     """uint8 NHWC on the device -> float input, channels_last (the extraction's own step)."""
-    from featcache.extract import to_input
-
     return to_input(images, pre)

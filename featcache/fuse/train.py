@@ -14,15 +14,18 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones import BACKBONES
-from featcache.config import ExtractConfig, fingerprint, resolve_device, resolve_precision
-from featcache.datasets import DataRequest, dataset_key
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
-from featcache.evaluate import fit_select, score, validation_split
-from featcache.fusion import TapNormalizer, TapRef, parse_taps
-from featcache.heads import HEADS, HeadOptions
-from featcache.runs import library_versions, save_run
-from featcache.store import FeatureCache, cache_file
+from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.run import extract
+from featcache.extraction.store import FeatureCache, cache_file
+from featcache.fuse.evaluate import fit_select, score, validation_split
+from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
+from featcache.fuse.heads import HEADS, HeadOptions
+from featcache.fuse.stream import FusedRows, fit_normalizer
+from featcache.records import library_versions, save_run
 
 
 @dataclass(frozen=True)
@@ -135,8 +138,6 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
     feat_cfg = cfg.features
     tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]  # bad names fail before any long work
     if cfg.run_extract:
-        from featcache.extract import extract
-
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)
     if cfg.out_of_core:
@@ -174,7 +175,6 @@ def _float32_bytes(paths: dict[str, Path], refs) -> int:
 
 def _fuse_train_streaming(cfg: FuseTrainConfig, tapsets, paths, log) -> list[Path]:
     """fuse-train with features streamed from the caches in row chunks (torch heads only)."""
-    from featcache.stream import FusedRows, fit_normalizer
 
     started = time.perf_counter()
     written = []

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import FeatcacheError, Registry
+from featcache.errors import FeatcacheError
+from featcache.registry import Registry
 
 SPLITS = ("train", "test")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

@@ -13,10 +13,12 @@ no features travel over it.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from featcache.backbones.taps import resolve_device
 
 TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract
 
@@ -46,6 +48,16 @@ def init(r: Ranks) -> None:
 
     if r.world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo", timeout=TIMEOUT)
+        # Leave the group before the interpreter exits: a live gloo group torn down by static
+        # destructors can abort a finished rank ("terminate called without an active exception").
+        atexit.register(_leave)
+
+
+def _leave() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier(r: Ranks) -> None:
@@ -80,8 +92,6 @@ def total(r: Ranks, value: int) -> int:
 def device_for(r: Ranks, requested: str):
     """cuda:LOCAL_RANK where a GPU is wanted and present, else the CPU."""
     import torch
-
-    from featcache.config import resolve_device
 
     device = resolve_device(requested)
     if r.world > 1 and device.type == "cuda":

@@ -16,13 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.data.preprocess import resized, to_input
 from featcache.errors import FeatcacheError
-from featcache.fusion import TapRef
+from featcache.finetuning.model import build_net
+from featcache.finetuning.run import FinetuneConfig, load_finetuned
+from featcache.fuse.fusion import TapRef
+from featcache.fuse.heads import TorchClassifier
+from featcache.records import load_head, record_features, record_preprocess
 
 
 class _Probed(torch.nn.Module):
     """A FusedNet whose tap maps each pass through an identity module Grad-CAM can hook."""
-
     def __init__(self, net):
         super().__init__()
         self.net = net
@@ -38,7 +42,6 @@ class _Probed(torch.nn.Module):
 
 def head_module(head) -> torch.nn.Module:
     """A fitted head as a torch module giving one score per class (the classes the head saw)."""
-    from featcache.heads import TorchClassifier
 
     if isinstance(head, TorchClassifier):
         return head.module_
@@ -65,9 +68,6 @@ def run_network(run_dir: Path, record: dict, device, built: dict | None = None):
 
     ``built`` carries frozen backbones from one call to the next (see :func:`featcache.model.build_net`).
     """
-    from featcache.finetune import FinetuneConfig, load_finetuned
-    from featcache.model import build_net
-    from featcache.runs import load_head, record_features
 
     if record["kind"] == "finetuned":
         net, _ = load_finetuned(run_dir, record, device)
@@ -94,9 +94,6 @@ def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu"
     except ImportError as exc:  # grad-cam imports OpenCV, which needs libGL on some machines
         raise FeatcacheError(f"Grad-CAM unavailable: cannot import pytorch_grad_cam ({exc}); install libgl1, or "
                              f"replace opencv-python with opencv-python-headless") from None
-
-    from featcache.extract import resized, to_input
-    from featcache.runs import record_preprocess
 
     dev = torch.device(device)
     net, labels = run_network(Path(run_dir), record, dev, built)

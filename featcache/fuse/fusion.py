@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.backbones import BACKBONES
+from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError, unknown
 
 TAP_NORMS = ("none", "standard", "l2")

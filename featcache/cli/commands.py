@@ -1,4 +1,4 @@
-"""Command line: each command declares its flags (click), builds its config with featcache.flags, and calls one stage.
+"""Command line: each command declares its flags (click), builds its config through the stage table, and calls one stage.
 
 User errors (:class:`~featcache.errors.FeatcacheError`) become one ``Error: ...`` line on
 stderr and exit status 2; an interrupted extraction says how to resume.
@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from featcache import __version__, flags
+from featcache import __version__
+from featcache.cli.stages import STAGES
 from featcache.errors import FeatcacheError
 
 
@@ -49,7 +50,7 @@ def cli():
 @cli.command()
 def backbones():
     """List the registered backbones with their taps, aliases and dimensions."""
-    from featcache.backbones import BACKBONES
+    from featcache.backbones.registry import BACKBONES
 
     for name in sorted(BACKBONES):
         spec = BACKBONES[name]
@@ -116,16 +117,16 @@ def extract(quiet, **params):
 
     An identical request is served from the cache; an interrupted one resumes.
     """
-    from featcache.extract import extract as run_extract
+    from featcache.extraction.run import extract as run_extract
 
-    cfg = flags.extract_config(params)
+    cfg = STAGES["extract"].build(params)
     started = time.perf_counter()
     try:
         results = run_extract(cfg, progress=not quiet, log=lambda m: click.echo(m, err=True))
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command again to resume where it stopped", err=True)
         sys.exit(130)
-    from featcache.distributed import ranks
+    from featcache.extraction.distributed import ranks
 
     if not ranks().main:  # under torchrun, rank 0 speaks for the job
         return
@@ -150,7 +151,7 @@ def info(path):
 
     PATH may be a folder: every cache file in it (and below) is shown.
     """
-    from featcache.store import FeatureCache
+    from featcache.extraction.store import FeatureCache
 
     files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
     if not files:
@@ -192,9 +193,9 @@ def fuse_train(**params):
     Every --taps value x every --head is trained from one load of the caches, and each
     writes a run folder with its record and trained head.
     """
-    from featcache.fusetrain import fuse_train as run
+    from featcache.fuse.train import fuse_train as run
 
-    cfg = flags.fuse_train_config(params)
+    cfg = STAGES["fuse-train"].build(params)
     runs_dir = cfg.runs_dir
     written = run(cfg, log=click.echo)
     click.echo(f"{len(written)} runs written to {runs_dir}; compare them with: featcache runs --runs-dir {runs_dir}")
@@ -236,9 +237,9 @@ def finetune(quiet, **params):
 
     Writes the same run record as fuse-train, so featcache runs lists both side by side.
     """
-    from featcache.finetune import finetune as run
+    from featcache.finetuning.run import finetune as run
 
-    cfg = flags.finetune_config(params)
+    cfg = STAGES["finetune"].build(params)
     try:
         path = run(cfg, log=click.echo, progress=not quiet)
     except KeyboardInterrupt:
@@ -252,7 +253,7 @@ def finetune(quiet, **params):
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
 def runs(runs_dir, csv_path):
     """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s."""
-    from featcache.runs import runs_table
+    from featcache.records import runs_table
 
     table = runs_table(runs_dir)
     if table.empty:
@@ -271,7 +272,7 @@ def runs(runs_dir, csv_path):
 def predict(run_name, images, runs_dir, device):
     """Classify IMAGE files with a run's backbones, preprocessing and head."""
     from featcache.predict import predict_files
-    from featcache.runs import resolve_run
+    from featcache.records import resolve_run
 
     for file, label, prob in predict_files(resolve_run(run_name, runs_dir), list(images), device=device):
         click.echo(f"{file}\t{label}\t{prob:.4f}")
@@ -290,9 +291,9 @@ def predict(run_name, images, runs_dir, device):
 def report(**params):
     """Write one self-contained HTML page comparing runs: table, curves, confusion matrices,
     per-class scores, predictions, Grad-CAM, architecture and where time went."""
-    from featcache.report import write_report
+    from featcache.reporting.page import write_report
 
-    write_report(flags.report_config(params), log=lambda m: click.echo(m, err=True))
+    write_report(STAGES["report"].build(params), log=lambda m: click.echo(m, err=True))
 
 
 @cli.command("run")
@@ -309,15 +310,14 @@ def run_command(pipeline_file, settings, dry_run):
 
     A quick trial of a study before the real run (small subsets, one epoch, no download
     of weights):
-
     \b
       featcache run pipelines/mobilenetv2_early_late.toml --set weights=random \\
           --set limit-train=500 --set limit-test=100 --set epochs=1
     """
-    from featcache.pipeline import load_pipeline, parse_override, run_pipeline, summary
+    from featcache.cli.pipeline import load_pipeline, parse_override, run_pipeline, summary
 
     overrides = dict(parse_override(text) for text in settings)
-    pipeline = load_pipeline(pipeline_file, overrides)
+    pipeline = load_pipeline(pipeline_file, cli.commands, overrides)
     for key, text in pipeline.info.items():
         click.echo(f"{key}: {text}")
     if overrides:

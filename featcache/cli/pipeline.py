@@ -24,9 +24,13 @@ from pathlib import Path
 
 import click
 
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.cli.stages import STAGES, Outcome, with_runs
 from featcache.errors import FeatcacheError, closest
+from featcache.extraction.config import fingerprint
+from featcache.extraction.store import fingerprint_hash
 
-STAGES = ("extract", "fuse-train", "finetune", "report")
 SECTIONS = ("pipeline", "defaults", *STAGES)
 PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
 UI_ONLY = ("quiet", "resume")  # options that do not change a stage's result
@@ -57,12 +61,6 @@ class Pipeline:
     info: dict  # description, reproduces, reported
     runs_dir: Path
     stages: list[Stage]
-
-
-def _command(stage: str) -> click.Command:
-    from featcache.cli import cli
-
-    return cli.commands[stage]
 
 
 def _options(command: click.Command) -> dict[str, click.Option]:
@@ -119,13 +117,12 @@ def _args(path: Path, where: str, table: dict, options: dict) -> list[str]:
     return args + positional
 
 
-def _parse(path: Path, where: str, stage: str, table: dict, overridden=()) -> dict:
+def _parse(path: Path, where: str, command: click.Command, table: dict, overridden=()) -> dict:
     """Parse a stage table with the command's own option parser; return its params."""
-    command = _command(stage)
     options = _options(command)
     args = _args(path, where, table, options)
     try:
-        ctx = command.make_context(stage, args)
+        ctx = command.make_context(command.name, args)
     except click.BadParameter as exc:
         key = (exc.param.opts[0].lstrip("-") if exc.param is not None and exc.param.opts else "value")
         if key in overridden:  # the value came from the command line, not the file
@@ -134,13 +131,6 @@ def _parse(path: Path, where: str, stage: str, table: dict, overridden=()) -> di
     except click.UsageError as exc:
         raise _fail(path, where, exc.format_message()) from None
     return dict(ctx.params)
-
-
-def _config(stage: str, params: dict):
-    """The config object a stage runs with, built by the CLI's own builders."""
-    from featcache.flags import BUILDERS
-
-    return BUILDERS[stage](params)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -161,9 +151,11 @@ def _override(table: dict, overrides: dict, options: dict) -> dict:
     return {**{k: v for k, v in table.items() if k.replace("_", "-") not in mine}, **mine}
 
 
-def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
+def load_pipeline(path: Path, commands: dict[str, click.Command], overrides: dict | None = None) -> Pipeline:
     """Read and check a pipeline file: every stage is parsed before anything runs.
 
+    ``commands`` are the click commands of the stages (``cli.commands``): a table is parsed
+    by its command's own options, so a file says exactly what the command line can.
     ``overrides`` (flag name -> value, from ``--set``) win over ``[defaults]`` and the stage
     tables, in every stage whose command takes the option.
     """
@@ -182,7 +174,7 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
             guess = closest(section, SECTIONS)
             hint = f"; did you mean [{guess}]?" if guess else f" (known: {', '.join(SECTIONS)})"
             raise _fail(path, f"[{section}]", f"unknown section{hint}")
-        stage_list = section in ("extract", "fuse-train", "finetune")
+        stage_list = section in STAGES and STAGES[section].repeatable
         ok = isinstance(value, dict) or (stage_list and isinstance(value, list)
                                          and all(isinstance(v, dict) for v in value))
         if not ok:
@@ -201,7 +193,7 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
     if not any(s in data for s in STAGES):
         raise _fail(path, "stages", "none found: add [[extract]], [[fuse-train]], [[finetune]] or [report]")
     defaults = data.get("defaults", {})
-    known = set().union(*(_options(_command(s)) for s in STAGES))
+    known = set().union(*(_options(commands[s]) for s in STAGES))
     for key in defaults:
         if key.replace("_", "-") not in known:
             raise _unknown_key(path, "[defaults]", key, known)
@@ -213,7 +205,7 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
     for stage in STAGES:
         tables = data.get(stage, [])
         for index, table in enumerate(tables if isinstance(tables, list) else [tables], start=1):
-            options = _options(_command(stage))
+            options = _options(commands[stage])
             merged = {k: v for k, v in defaults.items() if k.replace("_", "-") in options}
             if "runs-dir" in options:
                 merged["runs-dir"] = str(runs_dir)
@@ -223,9 +215,9 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
                 merged.update({"out": f"reports/{head['name']}.html", "title": head.get("reproduces", head["name"])})
             merged = _override({**merged, **table}, overrides, options)
             where = f"[{stage}]" if not isinstance(tables, list) else f"[[{stage}]] #{index}"
-            params = _parse(path, where, stage, merged, overrides)
+            params = _parse(path, where, commands[stage], merged, overrides)
             try:  # the stage's own config checks, before anything runs
-                config = _config(stage, params)
+                config = STAGES[stage].build(params)
             except FeatcacheError as exc:
                 raise _fail(path, where, str(exc)) from None
             stages.append(Stage(stage, index, params, config))
@@ -239,10 +231,6 @@ def stage_key(stage: Stage) -> str:
     The fingerprints (dataset files, weights, preprocessing) make a changed photo folder or
     weights file a new stage even when the options read the same.
     """
-    from featcache.backbones import BACKBONES
-    from featcache.config import fingerprint, resolve_device, resolve_precision
-    from featcache.store import fingerprint_hash
-
     features = stage.config.features
     precision = resolve_precision(features.precision, resolve_device(features.device))
     inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision))
@@ -278,49 +266,27 @@ def _recorded(runs_dir: Path, key: str) -> list[str] | None:
 def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     """Run every stage, reusing what exists; return what each stage did."""
     results: list[StageResult] = []
-    runs: list[str] = []  # this pipeline's run folders, in stage order
+    runs: list[Path] = []  # this pipeline's run folders, in stage order
     for stage in pipeline.stages:
         log(f"== {stage.kind} #{stage.index}")
         started = time.perf_counter()
-        if stage.kind == "extract":
-            from featcache.extract import extract
-
-            done = extract(stage.config, progress=not stage.params["quiet"], log=log)
-            status = "reused" if all(r.status == "cached" for r in done) else "ran"
-            outputs = [f"{r.backbone}: {r.status} {r.path}" for r in done]
-        elif stage.kind == "report":
-            from dataclasses import replace
-
-            from featcache.report import write_report
-
-            config = stage.config
-            if not config.runs:  # this pipeline's runs, in stage order
-                if not runs:
-                    raise _fail(pipeline.path, "[report]", "no runs to report: add a fuse-train or finetune stage")
-                config = replace(config, runs=tuple(runs), runs_dir=pipeline.runs_dir)
-            out = write_report(config, log=log)
-            status, outputs = "ran", [str(out), str(Path(out).with_suffix(".csv"))]
+        spec = STAGES[stage.kind]
+        if spec.takes_runs and not stage.config.runs and not runs:
+            raise _fail(pipeline.path, f"[{stage.kind}]", "no runs to report: add a fuse-train or finetune stage")
+        config = with_runs(spec, stage.config, runs, pipeline.runs_dir)
+        key = stage_key(stage) if spec.reuse == "ledger" else None
+        names = _recorded(Path(config.runs_dir), key) if key else None
+        if names is not None:
+            outcome = Outcome("reused", [str(Path(config.runs_dir) / n) for n in names],
+                              [Path(config.runs_dir) / n for n in names])
         else:
-            key = stage_key(stage)
-            runs_dir = Path(stage.config.runs_dir)
-            names = _recorded(runs_dir, key)
-            if names is not None:
-                status = "reused"
-            else:
-                if stage.kind == "fuse-train":
-                    from featcache.fusetrain import fuse_train
-
-                    written = fuse_train(stage.config, log=log)
-                else:
-                    from featcache.finetune import finetune
-
-                    written = [finetune(stage.config, log=log, progress=not stage.params["quiet"])]
-                names = [p.name for p in written]
-                _remember(runs_dir, key, {"stage": stage.kind, "pipeline": pipeline.name, "runs": names})
-                status = "ran"
-            runs += [str(runs_dir / n) for n in names]
-            outputs = [str(runs_dir / n) for n in names]
-        results.append(StageResult(stage.kind, stage.index, status, time.perf_counter() - started, outputs))
+            outcome = spec.run(config, stage.params, log)
+            if key:
+                _remember(Path(config.runs_dir), key,
+                          {"stage": stage.kind, "pipeline": pipeline.name, "runs": [p.name for p in outcome.runs]})
+        runs += outcome.runs
+        results.append(StageResult(stage.kind, stage.index, outcome.status, time.perf_counter() - started,
+                                   outcome.outputs))
     return results
 
 

@@ -12,7 +12,8 @@ from featcache.errors import FeatcacheError
 
 def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
     """The ExtractConfig that the shared data and feature flags describe."""
-    from featcache.config import ExtractConfig, PreprocessConfig
+    from featcache.extraction.config import ExtractConfig
+    from featcache.data.preprocess import PreprocessConfig
 
     return ExtractConfig(
         data=data_request(opts), backbones=backbones, weights=opts["weights"],
@@ -23,7 +24,7 @@ def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
 
 
 def data_request(opts: dict):
-    from featcache.datasets import DataRequest
+    from featcache.data.datasets import DataRequest
 
     return DataRequest(
         name=opts["dataset"], data_dir=opts["data_dir"], download=opts["download"],
@@ -54,9 +55,9 @@ def hidden_widths(text: str) -> tuple[int, ...]:
 
 def fuse_train_config(params: dict):
     """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
-    from featcache.config import resolve_device
-    from featcache.fusetrain import FuseTrainConfig
-    from featcache.heads import HeadOptions
+    from featcache.backbones.taps import resolve_device
+    from featcache.fuse.train import FuseTrainConfig
+    from featcache.fuse.heads import HeadOptions
 
     p = params
     options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
@@ -70,8 +71,8 @@ def fuse_train_config(params: dict):
 
 def finetune_config(params: dict):
     """The FinetuneConfig of ``featcache finetune``'s parsed flags."""
-    from featcache.finetune import FinetuneConfig
-    from featcache.runs import resolve_run
+    from featcache.finetuning.run import FinetuneConfig
+    from featcache.records import resolve_run
 
     p = params
     return FinetuneConfig(
@@ -87,12 +88,8 @@ def finetune_config(params: dict):
 
 def report_config(params: dict):
     """The ReportConfig of ``featcache report``'s parsed flags."""
-    from featcache.report import ReportConfig
+    from featcache.reporting.page import ReportConfig
 
     p = params
     return ReportConfig(runs=tuple(p["run_names"]), runs_dir=p["runs_dir"], out=p["out"], title=p["title"],
                         grid_images=p["grid_images"], gradcam_images=p["gradcam_images"], device=p["device"])
-
-
-BUILDERS = {"extract": extract_config, "fuse-train": fuse_train_config, "finetune": finetune_config,
-            "report": report_config}

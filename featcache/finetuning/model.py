@@ -14,9 +14,11 @@ import re
 import numpy as np
 import torch
 
-from featcache.backbones import BACKBONES, BackboneSpec, build_backbone
+from featcache.backbones.registry import BACKBONES, BackboneSpec, build_backbone
+from featcache.backbones.taps import pool
 from featcache.errors import FeatcacheError
-from featcache.fusion import TapNormalizer, TapRef
+from featcache.fuse.fusion import TapNormalizer, TapRef
+from featcache.fuse.heads import TorchClassifier
 
 
 # --- unfreeze policies ------------------------------------------------------------------
@@ -65,7 +67,6 @@ def apply_unfreeze(extractor, spec: BackboneSpec, policy: str) -> list[str]:
 
 class ResBlock(torch.nn.Module):
     """A ResNet basic block at constant width: x + BN(conv(ReLU(BN(conv(x)))))."""
-
     def __init__(self, channels: int):
         nn = torch.nn
         super().__init__()
@@ -80,7 +81,6 @@ class ResBlock(torch.nn.Module):
 
 class TapNorm(torch.nn.Module):
     """A fitted TapNormalizer as a layer: fixed per-tap affine (standard) or l2, then concat."""
-
     def __init__(self, normalizer: TapNormalizer):
         super().__init__()
         self.method = normalizer.method
@@ -134,7 +134,6 @@ class FusedNet(torch.nn.Module):
         return maps
 
     def forward_maps(self, maps):
-        from featcache.extract import pool
 
         blocks = []
         for ref in self.refs:
@@ -168,8 +167,6 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
     explaining many frozen runs builds each backbone once. Not for backbones that will train.
     """
     from torchvision.models.feature_extraction import create_feature_extractor
-
-    from featcache.heads import TorchClassifier
 
     feat = cfg.features
     extractors = {}

@@ -19,7 +19,11 @@ import time
 from pathlib import Path
 
 from featcache import __version__
+from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
+from featcache.extraction.config import ExtractConfig
+from featcache.fuse.heads import TorchClassifier
 
 RECORD = "record.json"
 COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "chosen", "variant", "val_acc",
@@ -79,8 +83,6 @@ def _json_default(value):
 def save_head(folder: Path, normalizer, head) -> None:
     import joblib
 
-    from featcache.heads import TorchClassifier
-
     if isinstance(head, dict):  # a fine-tuned model's state dict
         import torch
 
@@ -110,8 +112,6 @@ def load_head(folder: Path):
     if (folder / "head.pt").exists():
         import torch
 
-        from featcache.heads import TorchClassifier
-
         saved = torch.load(folder / "head.pt", map_location="cpu", weights_only=False)
         head = TorchClassifier(**{**saved["params"], "device": "cpu"})
         head.classes_ = saved["classes"]
@@ -139,8 +139,6 @@ def load_record(folder: Path) -> dict:
 
 def record_request(record: dict):
     """The DataRequest (dataset, subsets, split seed) a run was trained on."""
-    from featcache.datasets import DataRequest
-
     c = record["config"]
     return DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
                        limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"])
@@ -148,15 +146,11 @@ def record_request(record: dict):
 
 def record_preprocess(record: dict):
     """The PreprocessConfig (input size, resize rule) a run's images went through."""
-    from featcache.config import PreprocessConfig
-
     return PreprocessConfig(image_size=record["config"]["image_size"], resize=record["config"]["resize"])
 
 
 def record_features(record: dict, device: str = "cpu"):
     """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
-    from featcache.config import ExtractConfig
-
     c = record["config"]
     return ExtractConfig(data=record_request(record), backbones=tuple(c["backbones"]), weights=c["weights"],
                          preprocess=record_preprocess(record), pooling=c["pooling"], device=device)

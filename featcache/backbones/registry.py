@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.errors import FeatcacheError, Registry, unknown
+from featcache.errors import FeatcacheError, unknown
+from featcache.registry import Registry
 
 ALIASES = ("early", "mid", "late")
 WEIGHT_KEYWORDS = ("imagenet", "random")

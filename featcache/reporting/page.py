@@ -18,20 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__, figures
+from featcache import __version__
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import pooled_dim, resolve_device
+from featcache.data.datasets import load_dataset
+from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
-from featcache.runs import (
-    COLUMNS,
-    chosen_text,
-    comparison_table,
-    list_records,
-    load_record,
-    record_preprocess,
-    record_request,
-    resolve_run,
-    variant,
-)
-from featcache.store import read_timing
+from featcache.extraction.store import read_timing
+from featcache.records import COLUMNS, chosen_text, comparison_table, list_records, load_record, record_preprocess, record_request, resolve_run, variant
+from featcache.reporting import figures
+from featcache.reporting.explain import gradcam, overlay
 
 
 @dataclass(frozen=True)
@@ -69,8 +65,6 @@ class _Images:
     def dataset(self, record: dict):
         request = record_request(record)
         if request not in self.loaded:
-            from featcache.datasets import load_dataset
-
             try:
                 self.loaded[request] = load_dataset(request)
             except FeatcacheError as exc:
@@ -80,7 +74,6 @@ class _Images:
         return self.loaded[request]
 
     def rows(self, record: dict, split: str, rows) -> np.ndarray:
-        from featcache.extract import load_image
 
         part = self.dataset(record).splits[split]
         if part.images is not None:
@@ -111,8 +104,6 @@ def pick_shown(true: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
 
 
 def _architecture(record: dict) -> bytes:
-    from featcache.backbones import BACKBONES
-    from featcache.extract import pooled_dim
 
     c = record["config"]
     backbones = []
@@ -150,7 +141,6 @@ def _architecture(record: dict) -> bytes:
 
 
 def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str, built: dict) -> bytes:
-    from featcache.explain import gradcam, overlay
 
     rows, true, _ = images.test_sample(record, n)
     out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device, built=built)
@@ -236,8 +226,6 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         raise FeatcacheError(f"no runs in {cfg.runs_dir}: train some with featcache fuse-train or featcache finetune")
     records = [load_record(f) for f in folders]
     if cfg.gradcam_images > 0:
-        from featcache.config import resolve_device
-
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
     try:  # fail before the drawing, not after
@@ -263,7 +251,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     random_runs = [r["run"] for r in records if r["config"]["weights"] == "random"]
     # Every value from data (folder, class, run and file names, a pipeline's texts) is escaped,
     # whatever the template's file name: a report is mailed around and opened in browsers.
-    env = Environment(loader=PackageLoader("featcache"), autoescape=True)
+    env = Environment(loader=PackageLoader("featcache.reporting"), autoescape=True)
     page = env.get_template("report.html.j2").render(
         title=cfg.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M"),
         table=table.to_dict("records"), columns=COLUMNS, csv_name=out.with_suffix(".csv").name,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.config import PreprocessConfig
+from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")

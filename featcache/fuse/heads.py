@@ -21,7 +21,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featcache.errors import FeatcacheError, Registry
+from featcache.errors import FeatcacheError, unknown
+from featcache.registry import Registry
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -244,8 +245,6 @@ class HeadOptions:
 
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
-            from featcache.errors import unknown
-
             raise unknown("--optimizer", self.optimizer, OPTIMIZERS)
         if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.dropout < 1 or self.lr <= 0:
             raise FeatcacheError("--epochs and --batch-size must be at least 1, --dropout in [0, 1) and --lr positive")

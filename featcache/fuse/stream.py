@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.fusion import TapNormalizer
+from featcache.fuse.fusion import TapNormalizer
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 rows; with its temporaries a few times this is held at once
 

@@ -1,0 +1,217 @@
+"""Stage 1: one forward pass per batch, every tap pooled, streamed to the HDF5 store.
+
+Flow: dataset -> backbone -> **extract** -> store. In-memory images (CIFAR-10, digits)
+travel to the device as uint8 batches and are resized and normalised there; image files
+are decoded and resized by DataLoader workers. The network is prepared once for
+inference (conv+BN folded, channels_last, optional ``torch.compile``) and runs under
+``inference_mode`` with autocast where the precision asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import resolve_precision, tap_model
+from featcache.data.datasets import Dataset, dataset_key, load_dataset
+from featcache.data.images import BadImage, open_rgb
+from featcache.errors import FeatcacheError
+from featcache.extraction import distributed
+from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.passes import Job, Member, one_pass, rates
+from featcache.extraction.store import CacheWriter, FeatureCache, cache_file, locked, write_timing
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    backbone: str
+    path: Path
+    status: str  # "cached", "extracted" or "resumed"
+    seconds: float
+    images: int
+    skipped: tuple[dict, ...] = ()  # unreadable images left out (--skip-bad-images)
+    timings: dict = field(default_factory=dict)  # seconds per phase: setup, data, first batch, network, writes
+
+
+def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[ExtractResult]:
+    """Make sure a finished cache exists for every requested backbone; return where.
+
+    The backbones that are not cached yet share one pass over the data: each batch is
+    read and decoded once and goes through every one of them. Under ``torchrun`` every
+    rank extracts its shard and rank 0 assembles the cache.
+    """
+    r = distributed.ranks()
+    distributed.init(r)
+    device = distributed.device_for(r, cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    key = dataset_key(cfg.data)
+    say = log if r.main else (lambda message: None)
+    results: dict[str, ExtractResult] = {}
+    todo = []
+    started = time.perf_counter()
+    for name in cfg.backbones:
+        spec = BACKBONES.lookup(name)
+        fp = fingerprint(cfg, spec, precision)
+        path = cache_file(cfg.cache_dir, key, name, fp)
+        hit = distributed.agree(r, _served(name, path, started))
+        if hit is not None:
+            results[name] = hit
+        else:
+            todo.append((spec, fp, path))
+    if todo:
+        # Data and weights are loaded before anything is written, so their errors leave nothing behind.
+        tick = time.perf_counter()
+        dataset = _load_once(cfg, r)
+        jobs = [Job(cfg, spec, fp, path, dataset, tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device),
+                     device, precision, progress and r.main, say) for spec, fp, path in todo]
+        setup = time.perf_counter() - tick
+        for job in jobs:
+            try:
+                job.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FeatcacheError(f"cannot create cache folder {job.path.parent}: {exc.strerror}; "
+                                     f"choose another --cache-dir") from exc
+        done = _extract_sharded(jobs, r) if r.world > 1 else _extract_locked(jobs, started)
+        for job in jobs:
+            result = done[job.spec.name]
+            if result.status != "cached":
+                result.timings.update(setup=setup)
+                if r.main:
+                    write_timing(job.path, {"seconds": result.seconds, "images": result.images, "status": result.status,
+                                            "device": str(device), "precision": precision,
+                                            "batch_size": cfg.batch_size, "processes": r.world,
+                                            "shared_pass": [j.spec.name for j in jobs], "phases": result.timings})
+            results[job.spec.name] = result
+    return [results[name] for name in cfg.backbones]
+
+
+def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]:
+    """Each backbone's cache under its lock; those another process finished meanwhile are served."""
+    out: dict[str, ExtractResult] = {}
+    with contextlib.ExitStack() as locks:
+        missing = []
+        for job in jobs:
+            locks.enter_context(locked(job.path, on_wait=lambda p=job.path: job.log(
+                f"waiting for another featcache process writing {p} ...")))
+            hit = _served(job.spec.name, job.path, started)  # the other writer may have finished it while we waited
+            if hit is not None:
+                out[job.spec.name] = hit
+            else:
+                missing.append(job)
+        for job, (status, images, skipped, clock) in zip(missing, _write_caches(missing, [j.path for j in missing])):
+            out[job.spec.name] = ExtractResult(job.spec.name, job.path, status, time.perf_counter() - started,
+                                               images, tuple(skipped), clock)
+    return out
+
+
+def _load_once(cfg: ExtractConfig, r) -> Dataset:
+    """The dataset; under torchrun rank 0 loads (and downloads) first, then the others."""
+    if r.world > 1 and not r.main:
+        distributed.barrier(r)
+    dataset = load_dataset(cfg.data)
+    if r.world > 1 and r.main:
+        distributed.barrier(r)
+    return dataset
+
+
+def _served(name: str, path: Path, started: float) -> ExtractResult | None:
+    """The cache hit at ``path``, or None; a corrupt or foreign file there is a clear error."""
+    if not path.exists():
+        return None
+    with FeatureCache(path) as cache:
+        skipped = tuple(cache.skipped)
+    return ExtractResult(name, path, "cached", time.perf_counter() - started, 0, skipped)
+
+
+def _extract_sharded(jobs: list[Job], r) -> dict[str, ExtractResult]:
+    """This rank's shard of every backbone into its own files; then rank 0 copies the shards into the caches."""
+    started = time.perf_counter()
+    world = [distributed.Ranks(k, r.world) for k in range(r.world)]
+    dataset, batch_size = jobs[0].dataset, jobs[0].cfg.batch_size
+    rows_of = [{s: distributed.shard_rows(len(d), batch_size, k) for s, d in dataset.splits.items()} for k in world]
+    shards = {job.spec.name: [distributed.shard_file(job.path, k) for k in world] for job in jobs}
+    written = _write_caches(jobs, [shards[job.spec.name][r.rank] for job in jobs], rows_of[r.rank])
+    out = {}
+    for job, (_, images, _, clock) in zip(jobs, written):
+        images = distributed.total(r, images)  # also the barrier: every shard is finished
+        skipped: list[dict] = []
+        if r.main:
+            with locked(job.path):
+                writer = CacheWriter(job.path, job.fp, {s: (d.labels, d.index) for s, d in dataset.splits.items()},
+                                     job.tap_dims, job.cfg.dtype, dataset.classes, job.run)
+                distributed.merge(writer, list(zip(shards[job.spec.name], rows_of)), batch_size)
+                skipped = _skipped(writer, dataset)
+                writer.finish(skipped)
+            distributed.remove_shards(shards[job.spec.name])
+        out[job.spec.name] = ExtractResult(job.spec.name, job.path, "extracted", time.perf_counter() - started,
+                                           images, tuple(skipped), clock)
+    distributed.barrier(r)  # the caches are in place
+    return out
+
+
+def _write_caches(jobs: list[Job], paths: list[Path], rows: dict[str, tuple[int, int]] | None = None):
+    """Extract rows ``rows[split] = (start, stop)`` (default: all) of every job into its file at ``paths``.
+
+    Jobs whose partial files were written with the same batch size share one pass over the
+    data; a partial file resumed with other settings gets a pass of its own. Returns
+    ``(status, images, skipped)`` per job, in order.
+    """
+    if not jobs:
+        return []
+    dataset = jobs[0].dataset
+    rows = rows or {s: (0, len(d)) for s, d in dataset.splits.items()}
+    writers = []
+    try:
+        for job, path in zip(jobs, paths):
+            writers.append(CacheWriter(
+                path, job.fp, {s: (d.labels[slice(*rows[s])], d.index[slice(*rows[s])]) for s, d in dataset.splits.items()},
+                job.tap_dims, job.cfg.dtype, dataset.classes, job.run,
+            ))
+            if writers[-1].resumed and writers[-1].run_attrs != job.run:
+                job.log(f"resuming {writers[-1].partial} with its original settings {writers[-1].run_attrs} "
+                        f"so the numbers match")
+        passes: dict[int, list] = {}
+        for job, writer in zip(jobs, writers):
+            passes.setdefault(writer.run_attrs["batch_size"], []).append(Member(job, writer, rows))
+        clocks = {}
+        for batch_size, members in passes.items():
+            clock = one_pass(members, dataset, rows, batch_size)
+            images = sum(stop - m.first[s] for m in members for s, (_, stop) in rows.items()) // len(members)
+            if members[0].job.progress and images:
+                members[0].job.log(f"{'+'.join(m.job.spec.name for m in members)}: {rates(clock, images)}")
+            clocks.update({id(m.job): clock for m in members})
+    except FeatcacheError:
+        for writer in writers:  # the same input would fail again: leave nothing behind
+            writer.close()
+            writer.partial.unlink(missing_ok=True)
+        raise
+    except BaseException:
+        for writer in writers:  # interrupted: keep the partial files for a resume
+            writer.close()
+        raise
+    out = []
+    for job, writer in zip(jobs, writers):
+        todo = sum(stop - start for start, stop in rows.values()) - writer.done_at_open
+        skipped = _skipped(writer, dataset, rows)
+        writer.finish(skipped)
+        out.append(("resumed" if writer.resumed else "extracted", todo, skipped, dict(clocks.get(id(job), {}))))
+    return out
+
+
+def _skipped(writer, dataset: Dataset, rows: dict[str, tuple[int, int]] | None = None) -> list[dict]:
+    """The unreadable images marked in the writer's file, each with the reason read again from the file."""
+    out = []
+    for name, split in dataset.splits.items():
+        start = rows[name][0] if rows else 0
+        for row in writer.skipped_rows(name):
+            file = split.files[start + row]
+            try:
+                open_rgb(file)
+                reason = "unreadable when extracted"
+            except BadImage as exc:
+                reason = str(exc)
+            out.append({"split": name, "index": int(split.index[start + row]), "file": str(file), "error": reason})
+    return out
