@@ -1,6 +1,6 @@
 """Run records: one folder per trained head, and the table that compares them.
 
-Flow: evaluate -> **runs** -> report. A run folder holds ``record.json`` (config, cache
+Flow: fuse / finetuning -> **records** -> reporting. A run folder holds ``record.json`` (config, cache
 fingerprints, chosen hyper-parameters, metrics, per-epoch curves, timings, library
 versions) and the trained head: ``head.joblib`` for scikit-learn heads, ``head.pt`` (a
 torch state file) for torch heads, each with the fitted tap normaliser. A folder is

@@ -1,8 +1,8 @@
 """Training images for the fine-tune path: augmentation presets and loaders.
 
 Without augmentation an image takes exactly the extraction's path (in-memory images are
-resized on the device by :func:`featcache.extract.to_input`, files by
-:func:`featcache.extract.load_image`), so a fine-tune evaluates the pixels the cache saw.
+resized on the device by :func:`featcache.data.preprocess.to_input`, files by
+:func:`featcache.data.images.load_image`), so a fine-tune evaluates the pixels the cache saw.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class SplitImages:
     """Rows of a split -> (uint8 HWC image, label), decoded in DataLoader workers.
 
     Without a transform an in-memory image is returned as stored (resized later on the
-    device) and a file is decoded and resized by :func:`~featcache.extract.load_image`:
+    device) and a file is decoded and resized by :func:`~featcache.data.images.load_image`:
     the very path of extraction, so a fine-tune evaluates the pixels the cache saw.
     """
 

@@ -1,6 +1,6 @@
 """Stage 1: one forward pass per batch, every tap pooled, streamed to the HDF5 store.
 
-Flow: dataset -> backbone -> **extract** -> store. In-memory images (CIFAR-10, digits)
+Flow: data -> backbones -> **extraction.run** (one shared pass: passes) -> store. In-memory images (CIFAR-10, digits)
 travel to the device as uint8 batches and are resized and normalised there; image files
 are decoded and resized by DataLoader workers. The network is prepared once for
 inference (conv+BN folded, channels_last, optional ``torch.compile``) and runs under

@@ -1,7 +1,7 @@
 """One epoch at a time: training and evaluation of the fine-tune model.
 
-On images (with augmentation, through :mod:`featcache.augment`) or on feature maps that
-frozen backbones computed once (:func:`frozen_maps`). Used by :mod:`featcache.finetune`.
+On images (with augmentation, through :mod:`featcache.data.augment`) or on feature maps that
+frozen backbones computed once (:func:`frozen_maps`). Used by :mod:`featcache.finetuning.run`.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Flow: backbones (blocks unfrozen by policy) -> taps -> pooling -> :class:`TapNorm` ->
 concatenation -> head, built from the frozen path's own pieces
-(:func:`featcache.extract.pool`, a fitted :class:`~featcache.fusion.TapNormalizer`, the
-head layout of :class:`~featcache.heads.TorchClassifier`). Used by
-:mod:`featcache.finetune`.
+(:func:`featcache.backbones.taps.pool`, a fitted :class:`~featcache.fuse.fusion.TapNormalizer`, the
+head layout of :class:`~featcache.fuse.heads.TorchClassifier`). Used by
+:mod:`featcache.finetuning.run`.
 """
 
 from __future__ import annotations

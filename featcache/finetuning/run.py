@@ -1,6 +1,6 @@
 """Stage 3: the unfrozen variants, trained end to end with the frozen path's pieces.
 
-Flow: dataset -> :mod:`featcache.augment` -> :mod:`featcache.model` (backbones with some
+Flow: dataset -> :mod:`featcache.data.augment` -> :mod:`featcache.finetuning.model` (backbones with some
 blocks trainable -> taps -> pooling -> per-tap normalisation -> concatenation -> head) ->
 run record. The model reuses the frozen path's pooling and fitted normaliser, so a head
 from ``fuse-train`` (``--init-head RUN``) starts exactly where the frozen experiment ended.

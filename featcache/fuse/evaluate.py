@@ -1,6 +1,6 @@
 """Honest evaluation: stratified validation carved from train, choices made there, test once.
 
-Flow: heads -> **evaluate** -> runs. :func:`fit_select` never sees the test split: every
+Flow: heads -> **evaluate** -> records. :func:`fit_select` never sees the test split: every
 hyper-parameter candidate (and, for torch heads, the epoch kept by early stopping) is
 judged on the validation rows, and :func:`score` is called once on test with the chosen,
 already fitted head.

@@ -1,13 +1,13 @@
 """Heads: interchangeable classifiers on fused features, all scikit-learn estimators.
 
-Flow: fusion -> **heads** -> evaluate -> runs. ``logreg`` and ``svm`` are scikit-learn's
+Flow: fusion -> **heads** -> evaluate -> records. ``logreg`` and ``svm`` are scikit-learn's
 own; ``linear`` and ``mlp`` are :class:`TorchClassifier`, a PyTorch softmax regression or
 Linear -> ReLU -> Dropout -> Linear network that follows the estimator contract
 (keyword-only ``__init__`` that only stores, ``fit`` returns self, learned state in
 ``name_`` attributes), so every head works in ``Pipeline`` and ``GridSearchCV``.
 
 Each registry entry pairs a factory with the hyper-parameter candidates that
-:mod:`featcache.evaluate` compares on the validation split.
+:mod:`featcache.fuse.evaluate` compares on the validation split.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
     def fit(self, X, y, eval_set=None):
         """Train on (X, y); ``eval_set=(X_val, y_val)`` enables per-epoch validation and early stopping.
 
-        ``X`` (and ``X_val``) may also be a :class:`~featcache.stream.FusedRows`, which
+        ``X`` (and ``X_val``) may also be a :class:`~featcache.fuse.stream.FusedRows`, which
         streams row chunks from the caches (``fuse-train --out-of-core``): each epoch
         visits the chunks in a random order and the rows of a chunk in a random order.
         """

@@ -21,11 +21,11 @@ class FusedRows:
     """Rows ``rows`` (sorted positions among a split's served rows) of the fused taps ``refs``.
 
     Args:
-        caches: backbone -> open :class:`~featcache.store.FeatureCache`.
+        caches: backbone -> open :class:`~featcache.extraction.store.FeatureCache`.
         refs: the taps to concatenate, in order.
         split: ``train`` or ``test``.
         rows: which served rows this stands for (e.g. the fit or validation rows).
-        normalizer: a fitted :class:`~featcache.fusion.TapNormalizer`, or None for raw blocks.
+        normalizer: a fitted :class:`~featcache.fuse.fusion.TapNormalizer`, or None for raw blocks.
         chunk_rows: rows read at a time; by default what fits in ``CHUNK_BYTES``.
     """
 

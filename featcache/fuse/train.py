@@ -1,6 +1,6 @@
 """Stage 2 driver: load cached taps once, then fuse and train every (taps, head) combination.
 
-Flow: store -> fusion -> heads -> evaluate -> runs. The caches are found by the same
+Flow: store -> fusion -> heads -> evaluate -> records. The caches are found by the same
 fingerprint ``extract`` writes, so the same weights, image size and pooling flags pick
 the same files; a missing one names the ``featcache extract`` command that makes it.
 """

@@ -1,6 +1,6 @@
 """Grad-CAM for any run, through the maintained ``grad-cam`` package (pytorch_grad_cam).
 
-Flow: runs -> **explain** -> report. A fine-tuned run is rebuilt from its record and
+Flow: records -> **explain** -> page. A fine-tuned run is rebuilt from its record and
 weights. A head trained on the cache is put back on its backbones: the same
 extractors, pooling and fitted tap normaliser, with the head as a torch module (a torch
 head as it is; logistic regression and linear SVMs as the linear map of their
@@ -66,7 +66,7 @@ def head_module(head) -> torch.nn.Module:
 def run_network(run_dir: Path, record: dict, device, built: dict | None = None):
     """The run as one torch model: images in, class scores out. Returns (model, class labels of its outputs).
 
-    ``built`` carries frozen backbones from one call to the next (see :func:`featcache.model.build_net`).
+    ``built`` carries frozen backbones from one call to the next (see :func:`featcache.finetuning.model.build_net`).
     """
 
     if record["kind"] == "finetuned":

@@ -1,6 +1,6 @@
 """The report's figures, drawn with matplotlib from run records and images.
 
-Flow: runs / explain -> **figures** -> report. Each function returns PNG bytes, which the
+Flow: records / explain -> **figures** -> page. Each function returns PNG bytes, which the
 report embeds as a data URI, so the page needs no network access and no side files.
 """
 

@@ -1,6 +1,6 @@
 """Run records -> one self-contained HTML page comparing every run, and its table as CSV.
 
-Flow: runs (+ explain for Grad-CAM, figures for the plots) -> **report**. Everything the
+Flow: records (+ explain for Grad-CAM, figures for the plots) -> **page**. Everything the
 page shows comes from the run records, the caches' timing files and the dataset itself;
 figures are embedded as PNG data URIs, so the file opens anywhere without a network.
 Sections that cannot be drawn (a dataset that is not on this machine, a head Grad-CAM
