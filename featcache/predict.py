@@ -24,16 +24,16 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
     import torch
 
     record = load_record(run_dir)
-    cfg = record["config"]
+    cfg = record.config
     pre = record_preprocess(record)
     dev = resolve_device(device)
     images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
-    if record["kind"] == "finetuned":
+    if record.finetuned:
         proba = _finetuned_proba(run_dir, record, images, pre, dev, batch_size)
-        classes = record["classes"]
+        classes = record.classes
         return [(f, classes[int(k)], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, proba.argmax(1)))]
     normalizer, head = load_head(run_dir)
-    refs = [tuple(t.split(":", 1)) for t in record["taps"]]
+    refs = [tuple(t.split(":", 1)) for t in record.taps]
     storage = np.float16 if cfg["dtype"] == "float16" else np.float32
     pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
     for backbone in dict.fromkeys(b for b, _ in refs):
@@ -47,7 +47,7 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
                         pooled[(b, tap)].append(out[tap].float().cpu().numpy().astype(storage))
     X = normalizer.transform([np.concatenate(pooled[ref]) for ref in refs])
     proba = head.predict_proba(X)
-    classes = record["classes"]
+    classes = record.classes
     best = proba.argmax(axis=1)
     return [(f, classes[int(head.classes_[k])], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, best))]
 

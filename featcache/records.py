@@ -10,12 +10,14 @@ half-written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
 import re
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache import __version__
@@ -26,6 +28,8 @@ from featcache.extraction.config import ExtractConfig
 from featcache.fuse.heads import TorchClassifier
 
 RECORD = "record.json"
+SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
+KINDS = ("frozen", "finetuned")
 COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "chosen", "variant", "val_acc",
            "test_acc", "macro_f1", "fit_s"]
 
@@ -42,11 +46,67 @@ def library_versions() -> dict:
             "numpy": numpy.__version__, "h5py": h5py.__version__}
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run folder's ``record.json`` holds: the one schema, written and read in this module alone.
+
+    Attributes mirror the JSON keys; ``record.metrics`` reads as the file does. ``config``
+    holds the request (dataset, backbones, weights, preprocessing, head options),
+    ``selection`` what validation chose, ``curves`` the per-epoch history of torch heads.
+    """
+
+    kind: str  # "frozen" (a head on cached taps) or "finetuned"
+    taps: list
+    head: str
+    dim: int  # width of the fused features
+    classes: list
+    config: dict
+    rows: dict  # train / val / test row counts
+    selection: dict
+    curves: dict | None
+    metrics: dict
+    timings: dict
+    versions: dict
+    caches: dict = field(default_factory=dict)  # backbone -> cache path and fingerprint (frozen runs)
+    test_index: list | None = None  # source positions of the scored test rows
+    run: str = ""  # the folder's name, set when the run is saved
+    schema: int = SCHEMA
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise FeatcacheError(f"a run record's kind must be one of {', '.join(KINDS)}. Got {self.kind!r} instead.")
+
+    @property
+    def finetuned(self) -> bool:
+        return self.kind == "finetuned"
+
+    def __getitem__(self, key: str):
+        return getattr(self, key)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True, default=_json_default)
+
+    @classmethod
+    def from_json(cls, data: dict, source: Path) -> RunRecord:
+        """A record read from ``source``; an older schema is upgraded here, a newer one refused."""
+        version = data.get("schema", 1)
+        if not isinstance(version, int) or version > SCHEMA:
+            raise FeatcacheError(f"{source} was written by a newer featcache (record schema {version}, this one "
+                                 f"reads up to {SCHEMA}): upgrade featcache to read it")
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise FeatcacheError(f"{source} is not a complete run record: {', '.join(missing)} missing")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:80]
 
 
-def save_run(runs_dir: Path, label: str, record: dict, normalizer, head) -> Path:
+def save_run(runs_dir: Path, label: str, record: RunRecord, normalizer, head) -> Path:
     """Write a complete run folder ``runs_dir/<time>-<label>`` and return its path."""
     runs_dir = Path(runs_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -58,9 +118,8 @@ def save_run(runs_dir: Path, label: str, record: dict, normalizer, head) -> Path
     tmp = runs_dir / f".{final.name}.tmp"
     try:
         tmp.mkdir(parents=True)
-        record = {**record, "run": final.name}
         save_head(tmp, normalizer, head)
-        (tmp / RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=_json_default))
+        (tmp / RECORD).write_text(dataclasses.replace(record, run=final.name).to_json())
         os.replace(tmp, final)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,32 +185,35 @@ def load_head(folder: Path):
     return saved["normalizer"], saved["head"]
 
 
-def load_record(folder: Path) -> dict:
+def load_record(folder: Path) -> RunRecord:
     folder = Path(folder)
     path = folder / RECORD
     if not path.is_file():
         raise FeatcacheError(f"{folder} is not a run folder (no {RECORD}): list runs with featcache runs")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise FeatcacheError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    if not isinstance(data, dict):
+        raise FeatcacheError(f"{path} is not a run record (a JSON object)")
+    return RunRecord.from_json(data, path)
 
 
-def record_request(record: dict):
+def record_request(record: RunRecord):
     """The DataRequest (dataset, subsets, split seed) a run was trained on."""
-    c = record["config"]
+    c = record.config
     return DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
                        limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"])
 
 
-def record_preprocess(record: dict):
+def record_preprocess(record: RunRecord):
     """The PreprocessConfig (input size, resize rule) a run's images went through."""
-    return PreprocessConfig(image_size=record["config"]["image_size"], resize=record["config"]["resize"])
+    return PreprocessConfig(image_size=record.config["image_size"], resize=record.config["resize"])
 
 
-def record_features(record: dict, device: str = "cpu"):
+def record_features(record: RunRecord, device: str = "cpu"):
     """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
-    c = record["config"]
+    c = record.config
     return ExtractConfig(data=record_request(record), backbones=tuple(c["backbones"]), weights=c["weights"],
                          preprocess=record_preprocess(record), pooling=c["pooling"], device=device)
 
@@ -165,45 +227,45 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     return path
 
 
-def list_records(runs_dir: Path) -> list[dict]:
+def list_records(runs_dir: Path) -> list[RunRecord]:
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
     return [load_record(p) for p in sorted(runs_dir.iterdir()) if (p / RECORD).is_file()]
 
 
-def variant(record: dict) -> str:
+def variant(record: RunRecord) -> str:
     """frozen, or fine-tuned with its unfreeze policy."""
-    if record["kind"] == "finetuned":
-        return f"fine-tuned ({record['config']['unfreeze']})"
+    if record.finetuned:
+        return f"fine-tuned ({record.config['unfreeze']})"
     return "frozen"
 
 
-def chosen_text(record: dict) -> str:
+def chosen_text(record: RunRecord) -> str:
     """The hyper-parameters validation chose for a frozen head, e.g. ``C=0.1``."""
-    if record["kind"] == "finetuned":
+    if record.finetuned:
         return ""
-    return ", ".join(f"{k}={v}" for k, v in record["selection"]["params"].items())
+    return ", ".join(f"{k}={v}" for k, v in record.selection["params"].items())
 
 
-def _fusion_text(record: dict) -> str:
-    norm = record["config"]["tap_norm"]
-    if record["config"].get("head") == "resblocks":
+def _fusion_text(record: RunRecord) -> str:
+    norm = record.config["tap_norm"]
+    if record.config.get("head") == "resblocks":
         norm = "none"  # one refined feature map: the fine-tune applies no normalisation
-    return f"concat, {norm} per tap" if len(record["taps"]) > 1 else norm
+    return f"concat, {norm} per tap" if len(record.taps) > 1 else norm
 
 
-def comparison_table(records: list[dict]):
+def comparison_table(records: list[RunRecord]):
     """One row per run, like the studies' results tables, with how each variant was built."""
     import pandas as pd
 
     rows = [{
-        "run": r["run"], "dataset": r["config"]["dataset"], "backbones": "+".join(r["config"]["backbones"]),
-        "weights": r["config"]["weights"], "taps": "+".join(r["taps"]),
+        "run": r.run, "dataset": r.config["dataset"], "backbones": "+".join(r.config["backbones"]),
+        "weights": r.config["weights"], "taps": "+".join(r.taps),
         "fusion": _fusion_text(r),
-        "head": r["head"], "chosen": chosen_text(r), "variant": variant(r),
-        "val_acc": r["selection"]["val_accuracy"], "test_acc": r["metrics"]["accuracy"],
-        "macro_f1": r["metrics"]["macro_f1"], "fit_s": r["timings"]["fit_seconds"],
+        "head": r.head, "chosen": chosen_text(r), "variant": variant(r),
+        "val_acc": r.selection["val_accuracy"], "test_acc": r.metrics["accuracy"],
+        "macro_f1": r.metrics["macro_f1"], "fit_s": r.timings["fit_seconds"],
     } for r in records]
     return pd.DataFrame(rows, columns=COLUMNS)
 

@@ -1,6 +1,7 @@
 """The HTML report: one self-contained page and its CSV, drawn from run records."""
 
 import csv
+import dataclasses
 import json
 import re
 import shutil
@@ -116,7 +117,8 @@ def test_a_backbone_given_without_chosen_taps_is_left_out_of_the_diagram(report,
 
     _, _, records = report
     record = next(r for r in records if r["kind"] == "frozen")
-    record = {**record, "config": {**record["config"], "backbones": [*record["config"]["backbones"], "resnet18"]}}
+    record = dataclasses.replace(record, config={**record["config"],
+                                                 "backbones": [*record["config"]["backbones"], "resnet18"]})
     assert _architecture(record).startswith(b"\x89PNG")
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]  # was: mean of an empty slice
 

@@ -36,7 +36,7 @@ from featcache.finetuning.model import TapNorm, apply_unfreeze, build_net, parse
 from featcache.fuse.evaluate import score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import TorchClassifier
-from featcache.records import library_versions, load_head, load_record, record_features, save_run
+from featcache.records import RunRecord, library_versions, load_head, load_record, record_features, save_run
 
 FT_HEADS = ("mlp", "linear", "resblocks")
 
@@ -91,22 +91,22 @@ class FinetuneConfig:
 def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):
     """(normalizer, head state dict, class names) of a fuse-train run whose taps and head fit this model."""
     record = load_record(run_dir)
-    if record.get("kind") != "frozen":
+    if record.finetuned:
         raise FeatcacheError(f"--init-head {run_dir} is not a fuse-train run")
-    if record["taps"] != [str(r) for r in refs]:
-        raise FeatcacheError(f"--init-head {run_dir} was trained on taps {'+'.join(record['taps'])}, "
+    if record.taps != [str(r) for r in refs]:
+        raise FeatcacheError(f"--init-head {run_dir} was trained on taps {'+'.join(record.taps)}, "
                              f"not {'+'.join(map(str, refs))}: pass the same --backbone and --taps")
-    if record["config"]["tap_norm"] != cfg.tap_norm:
-        raise FeatcacheError(f"--init-head {run_dir} used --tap-norm {record['config']['tap_norm']}: pass the same")
+    if record.config["tap_norm"] != cfg.tap_norm:
+        raise FeatcacheError(f"--init-head {run_dir} used --tap-norm {record.config['tap_norm']}: pass the same")
     normalizer, head = load_head(run_dir)
-    return normalizer, head_state(head, record, cfg), record["classes"]
+    return normalizer, head_state(head, record, cfg), record.classes
 
 
 def head_state(head, record, cfg: FinetuneConfig) -> dict:
     """The head as an nn.Sequential state dict matching :func:`build_net`'s head."""
     import torch
 
-    n_classes = len(record["classes"])
+    n_classes = len(record["classes"])  # a RunRecord, or the same keys in a dict
     if isinstance(head, TorchClassifier):
         want = () if cfg.head == "linear" else tuple(cfg.hidden)
         if tuple(head.hidden) != want or len(head.classes_) != n_classes:
@@ -293,21 +293,21 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     _, _, proba = evaluate_rows(net, test, np.arange(len(test)), cfg, device, precision)
     metrics = score(_Fixed(proba), None, test.labels, data.classes)
     seconds = time.perf_counter() - started
-    record = {
-        "kind": "finetuned", "taps": [str(r) for r in refs], "head": cfg.head, "dim": sum(dims),
-        "classes": list(data.classes),
-        "config": {**_config_dict(cfg), "trainable_parameters": {k: len(v) for k, v in trainable.items()}},
-        "caches": {},
-        "rows": {"train": len(fit_rows), "val": len(val_rows), "test": len(test)},
-        "selection": {"params": {"unfreeze": cfg.unfreeze, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale},
-                      "val_accuracy": best["val_acc"], "best_epoch": best["epoch"], "best_phase": best["phase"],
-                      "candidates": []},
-        "curves": history,
-        "metrics": metrics,
-        "timings": {"fit_seconds": seconds, "predict_seconds": metrics["predict_seconds"],
-                    "images_per_s": float(np.mean(history["images_per_s"])) if history["images_per_s"] else None},
-        "versions": library_versions(),
-    }
+    record = RunRecord(
+        kind="finetuned", taps=[str(r) for r in refs], head=cfg.head, dim=sum(dims),
+        classes=list(data.classes),
+        config={**_config_dict(cfg), "trainable_parameters": {k: len(v) for k, v in trainable.items()}},
+        caches={},
+        rows={"train": len(fit_rows), "val": len(val_rows), "test": len(test)},
+        selection={"params": {"unfreeze": cfg.unfreeze, "lr": cfg.lr, "backbone_lr_scale": cfg.backbone_lr_scale},
+                   "val_accuracy": best["val_acc"], "best_epoch": best["epoch"], "best_phase": best["phase"],
+                   "candidates": []},
+        curves=history,
+        metrics=metrics,
+        timings={"fit_seconds": seconds, "predict_seconds": metrics["predict_seconds"],
+                 "images_per_s": float(np.mean(history["images_per_s"])) if history["images_per_s"] else None},
+        versions=library_versions(),
+    )
     run = save_run(cfg.runs_dir, f"finetune-{cfg.head}-{cfg.unfreeze}-{'+'.join(map(str, refs))}", record,
                    normalizer, net.state_dict())
     shutil.rmtree(folder, ignore_errors=True)
@@ -345,20 +345,20 @@ def _config_dict(cfg: FinetuneConfig) -> dict:
     return out
 
 
-def load_finetuned(run_dir: Path, record: dict, device):
+def load_finetuned(run_dir: Path, record: RunRecord, device):
     """Rebuild a fine-tuned run's model with its trained weights (for predict)."""
 
     cfg = finetune_config_from_record(record)
     normalizer, weights = load_head(run_dir)
-    refs = [TapRef(*t.split(":", 1)) for t in record["taps"]]
-    net = build_net(cfg, refs, normalizer, len(record["classes"]), device)
+    refs = [TapRef(*t.split(":", 1)) for t in record.taps]
+    net = build_net(cfg, refs, normalizer, len(record.classes), device)
     net.load_state_dict(weights)
     return net.eval(), cfg
 
 
-def finetune_config_from_record(record: dict) -> FinetuneConfig:
+def finetune_config_from_record(record: RunRecord) -> FinetuneConfig:
 
-    c = record["config"]
-    return FinetuneConfig(features=record_features(record), taps=",".join(record["taps"]), head=c["head"],
+    c = record.config
+    return FinetuneConfig(features=record_features(record), taps=",".join(record.taps), head=c["head"],
                           hidden=tuple(c["hidden"]), dropout=c["dropout"], res_blocks=c["res_blocks"],
                           tap_norm=c["tap_norm"], unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))

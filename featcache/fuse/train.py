@@ -25,7 +25,7 @@ from featcache.fuse.evaluate import fit_select, score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.stream import FusedRows, fit_normalizer
-from featcache.records import library_versions, save_run
+from featcache.records import RunRecord, library_versions, save_run
 
 
 @dataclass(frozen=True)
@@ -212,16 +212,16 @@ def _train_heads(cfg, refs, normalizer, X, rows, data: Features, paths, log) -> 
     return written
 
 
-def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) -> dict:
+def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) -> RunRecord:
     feat = cfg.features
     history = getattr(selection.head, "history_", None)
-    return {
-        "kind": "frozen",
-        "taps": [str(r) for r in refs],
-        "head": head_name,
-        "dim": dim,
-        "classes": data.classes,
-        "config": {
+    return RunRecord(
+        kind="frozen",
+        taps=[str(r) for r in refs],
+        head=head_name,
+        dim=dim,
+        classes=data.classes,
+        config={
             "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
             "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
             "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
@@ -230,15 +230,15 @@ def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) 
             "out_of_core": cfg.out_of_core,
             "head_options": {k: v for k, v in vars(cfg.options).items()},
         },
-        "caches": {b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
-        "rows": {"train": n_rows[0], "val": n_rows[1], "test": n_rows[2]},
-        "selection": {"params": selection.params, "val_accuracy": selection.val_accuracy,
+        caches={b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
+        rows={"train": n_rows[0], "val": n_rows[1], "test": n_rows[2]},
+        selection={"params": selection.params, "val_accuracy": selection.val_accuracy,
                       "candidates": selection.candidates,
                       "best_epoch": getattr(selection.head, "best_epoch_", None)},
-        "curves": history,
-        "metrics": metrics,
-        "test_index": data.index["test"],  # source positions of the scored test rows (skipped images are not)
-        "timings": {"load_seconds": data.load_seconds, "fit_seconds": selection.fit_seconds,
+        curves=history,
+        metrics=metrics,
+        test_index=data.index["test"],  # source positions of the scored test rows (skipped images are not)
+        timings={"load_seconds": data.load_seconds, "fit_seconds": selection.fit_seconds,
                     "predict_seconds": metrics["predict_seconds"]},
-        "versions": library_versions(),
-    }
+        versions=library_versions(),
+    )

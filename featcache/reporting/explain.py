@@ -22,7 +22,7 @@ from featcache.finetuning.model import build_net
 from featcache.finetuning.run import FinetuneConfig, load_finetuned
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.heads import TorchClassifier
-from featcache.records import load_head, record_features, record_preprocess
+from featcache.records import RunRecord, load_head, record_features, record_preprocess
 
 
 class _Probed(torch.nn.Module):
@@ -63,25 +63,25 @@ def head_module(head) -> torch.nn.Module:
     return linear
 
 
-def run_network(run_dir: Path, record: dict, device, built: dict | None = None):
+def run_network(run_dir: Path, record: RunRecord, device, built: dict | None = None):
     """The run as one torch model: images in, class scores out. Returns (model, class labels of its outputs).
 
     ``built`` carries frozen backbones from one call to the next (see :func:`featcache.finetuning.model.build_net`).
     """
 
-    if record["kind"] == "finetuned":
+    if record.finetuned:
         net, _ = load_finetuned(run_dir, record, device)
-        return net, list(range(len(record["classes"])))
+        return net, list(range(len(record.classes)))
     normalizer, head = load_head(run_dir)
-    refs = [TapRef(*t.split(":", 1)) for t in record["taps"]]
-    cfg = FinetuneConfig(features=record_features(record, device.type), taps=",".join(record["taps"]),
+    refs = [TapRef(*t.split(":", 1)) for t in record.taps]
+    cfg = FinetuneConfig(features=record_features(record, device.type), taps=",".join(record.taps),
                          head="linear")
-    net = build_net(cfg, refs, normalizer, len(record["classes"]), device, built)
+    net = build_net(cfg, refs, normalizer, len(record.classes), device, built)
     net.head = head_module(head).to(device)
     return net.eval(), [int(c) for c in head.classes_]
 
 
-def gradcam(run_dir: Path, record: dict, images: np.ndarray, device: str = "cpu", built: dict | None = None) -> dict:
+def gradcam(run_dir: Path, record: RunRecord, images: np.ndarray, device: str = "cpu", built: dict | None = None) -> dict:
     """Grad-CAM of each tap for uint8 images (N, H, W, 3), explaining the predicted class.
 
     ``built``: a dict kept across calls so that frozen runs on the same backbones share them.

@@ -25,7 +25,7 @@ from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
 from featcache.extraction.store import read_timing
-from featcache.records import COLUMNS, chosen_text, comparison_table, list_records, load_record, record_preprocess, record_request, resolve_run, variant
+from featcache.records import COLUMNS, RunRecord, chosen_text, comparison_table, list_records, load_record, record_preprocess, record_request, resolve_run, variant
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 
@@ -43,9 +43,9 @@ class ReportConfig:
     device: str = "cpu"
 
 
-def head_text(record: dict) -> str:
+def head_text(record: RunRecord) -> str:
     chosen = chosen_text(record)
-    return f"{record['head']} ({chosen})" if chosen else record["head"]
+    return f"{record.head} ({chosen})" if chosen else record.head
 
 
 def _uri(png: bytes):
@@ -62,7 +62,7 @@ class _Images:
     def __init__(self):
         self.loaded: dict = {}
 
-    def dataset(self, record: dict):
+    def dataset(self, record: RunRecord):
         request = record_request(record)
         if request not in self.loaded:
             try:
@@ -73,7 +73,7 @@ class _Images:
             raise self.loaded[request]
         return self.loaded[request]
 
-    def rows(self, record: dict, split: str, rows) -> np.ndarray:
+    def rows(self, record: RunRecord, split: str, rows) -> np.ndarray:
 
         part = self.dataset(record).splits[split]
         if part.images is not None:
@@ -81,13 +81,13 @@ class _Images:
         pre = record_preprocess(record)
         return np.stack([load_image(part.files[i], pre) for i in rows])
 
-    def test_sample(self, record: dict, n: int):
+    def test_sample(self, record: RunRecord, n: int):
         """(rows, true labels, predicted labels) of up to n test images, a third of them mistakes if any."""
         split = self.dataset(record).splits["test"]
-        predicted = np.asarray(record["metrics"]["predictions"])
-        if "test_index" in record:  # the scored rows, by source position (unreadable images were left out)
+        predicted = np.asarray(record.metrics["predictions"])
+        if record.test_index is not None:  # the scored rows, by source position (unreadable images were left out)
             position = {int(v): row for row, v in enumerate(split.index)}
-            scored = np.asarray([position[int(v)] for v in record["test_index"]], dtype=np.int64)
+            scored = np.asarray([position[int(v)] for v in record.test_index], dtype=np.int64)
         else:
             scored = np.arange(len(predicted))
         true = split.labels[scored]
@@ -103,14 +103,14 @@ def pick_shown(true: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
     return np.sort(np.concatenate([right[: n - n_wrong], wrong[:n_wrong]]))
 
 
-def _architecture(record: dict) -> bytes:
+def _architecture(record: RunRecord) -> bytes:
 
-    c = record["config"]
+    c = record.config
     backbones = []
-    used = {ref.split(":", 1)[0] for ref in record["taps"]}
+    used = {ref.split(":", 1)[0] for ref in record.taps}
     for name in (b for b in c["backbones"] if b in used):  # a backbone given but none of its taps chosen: not drawn
         taps = []
-        for ref in record["taps"]:
+        for ref in record.taps:
             backbone, tap = ref.split(":", 1)
             if backbone != name:
                 continue
@@ -119,37 +119,37 @@ def _architecture(record: dict) -> bytes:
                 taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {pooled_dim(t.channels, c['pooling'])}"))
             except FeatcacheError:
                 taps.append((tap, "(backbone not registered here)"))
-        trainable = "frozen" if record["kind"] == "frozen" else f"unfreeze {c['unfreeze']}"
+        trainable = "frozen" if not record.finetuned else f"unfreeze {c['unfreeze']}"
         backbones.append({"name": name, "note": f"{c['weights']} weights\n{trainable}", "taps": taps})
-    k = len(record["classes"])
-    tuned = record["kind"] == "finetuned"
-    if tuned or record["head"] in ("mlp", "linear"):  # torch heads: their layers
+    k = len(record.classes)
+    tuned = record.finetuned
+    if tuned or record.head in ("mlp", "linear"):  # torch heads: their layers
         options = c if tuned else c["head_options"]
-        hidden = [] if (c["head"] if tuned else record["head"]) == "linear" else list(options["hidden"])
-        head, width = [], record["dim"]
+        hidden = [] if (c["head"] if tuned else record.head) == "linear" else list(options["hidden"])
+        head, width = [], record.dim
         dropout = [f"Dropout {options['dropout']}"] if options["dropout"] else []
         for h in hidden:
             head += [f"Linear {width} -> {h}", "ReLU", *dropout]
             width = h
         head.append(f"Linear {width} -> {k}")
     else:  # scikit-learn heads: the estimator and its chosen parameters
-        params = ", ".join(f"{name}={value}" for name, value in record["selection"]["params"].items())
-        head = [f"{record['head']} ({params})", f"-> {k} classes"]
+        params = ", ".join(f"{name}={value}" for name, value in record.selection["params"].items())
+        head = [f"{record.head} ({params})", f"-> {k} classes"]
     refine = f"{c['res_blocks']} residual blocks" if c.get("head") == "resblocks" else None
     norm = "no normalisation" if refine else c["tap_norm"]  # fine-tune uses none for one refined map
-    return figures.architecture(backbones, c["pooling"], norm, record["dim"], refine, head)
+    return figures.architecture(backbones, c["pooling"], norm, record.dim, refine, head)
 
 
-def _gradcam(run_dir: Path, record: dict, images: _Images, n: int, device: str, built: dict) -> bytes:
+def _gradcam(run_dir: Path, record: RunRecord, images: _Images, n: int, device: str, built: dict) -> bytes:
 
     rows, true, _ = images.test_sample(record, n)
     out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device, built=built)
     overlays = {tap: [overlay(img, heat) for img, heat in zip(out["images"], maps)]
                 for tap, maps in out["heatmaps"].items()}
-    return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record["classes"])
+    return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record.classes)
 
 
-def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig, built: dict) -> dict:
+def _section(run_dir: Path, record: RunRecord, images: _Images, cfg: ReportConfig, built: dict) -> dict:
     """One run's figures (data URIs), or for each one that cannot be drawn, why.
 
     ``built`` holds the frozen backbones already made for earlier runs' Grad-CAM.
@@ -162,14 +162,14 @@ def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig, bu
         except FeatcacheError as exc:
             out["notes"][key] = str(exc)
 
-    classes = record["classes"]
-    metrics = record["metrics"]
+    classes = record.classes
+    metrics = record.metrics
     attempt("architecture", lambda: _architecture(record))
-    if record.get("curves"):
-        attempt("curves", lambda: figures.curves(record["curves"]))
+    if record.curves:
+        attempt("curves", lambda: figures.curves(record.curves))
     else:
-        out["notes"]["curves"] = f"{record['head']} is fitted in one go (no epochs); its hyper-parameters were " \
-                                 f"chosen on validation: {record['selection']['params']}"
+        out["notes"]["curves"] = f"{record.head} is fitted in one go (no epochs); its hyper-parameters were " \
+                                 f"chosen on validation: {record.selection['params']}"
     attempt("confusion", lambda: figures.confusion(metrics["confusion_matrix"], classes))
     attempt("per_class", lambda: figures.per_class(metrics["per_class"]))
     if "predictions" not in metrics:
@@ -187,7 +187,7 @@ def _section(run_dir: Path, record: dict, images: _Images, cfg: ReportConfig, bu
     return out
 
 
-def _samples(record: dict, images: _Images, per_class: int = 3) -> bytes:
+def _samples(record: RunRecord, images: _Images, per_class: int = 3) -> bytes:
     data = images.dataset(record)
     labels = np.asarray(data.splits["train"].labels)
     rows = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(data.classes))])
@@ -195,10 +195,10 @@ def _samples(record: dict, images: _Images, per_class: int = 3) -> bytes:
                               columns=per_class * min(4, len(data.classes)), cell=1.1)
 
 
-def _time_spent(records: list[dict]) -> tuple[dict, list[dict]]:
+def _time_spent(records: list[RunRecord]) -> tuple[dict, list[dict]]:
     caches = {}
     for r in records:
-        for backbone, cache in r.get("caches", {}).items():
+        for backbone, cache in r.caches.items():
             caches[cache["path"]] = backbone
     rows = []
     for path, backbone in caches.items():
@@ -208,8 +208,8 @@ def _time_spent(records: list[dict]) -> tuple[dict, list[dict]]:
                      "images": timing["images"] if timing else None})
     parts = {
         "extraction (each cache once)": sum(r["seconds"] or 0.0 for r in rows),
-        "head training (frozen runs)": sum(r["timings"]["fit_seconds"] for r in records if r["kind"] == "frozen"),
-        "fine-tuning": sum(r["timings"]["fit_seconds"] for r in records if r["kind"] == "finetuned"),
+        "head training (frozen runs)": sum(r.timings["fit_seconds"] for r in records if not r.finetuned),
+        "fine-tuning": sum(r.timings["fit_seconds"] for r in records if r.finetuned),
     }
     return parts, rows
 
@@ -221,7 +221,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if cfg.runs:
         folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
     else:
-        folders = [Path(cfg.runs_dir) / r["run"] for r in list_records(cfg.runs_dir)]
+        folders = [Path(cfg.runs_dir) / r.run for r in list_records(cfg.runs_dir)]
     if not folders:
         raise FeatcacheError(f"no runs in {cfg.runs_dir}: train some with featcache fuse-train or featcache finetune")
     records = [load_record(f) for f in folders]
@@ -236,7 +236,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     images, built = _Images(), {}
     sections = []
     for folder, record in zip(folders, records):
-        log(f"report: drawing {record['run']}")
+        log(f"report: drawing {record.run}")
         sections.append(_section(folder, record, images, cfg, built))
     samples = {}
     for record in records:
@@ -248,7 +248,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
                 samples[request] = {"title": request.name, "note": str(exc)}
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
-    random_runs = [r["run"] for r in records if r["config"]["weights"] == "random"]
+    random_runs = [r.run for r in records if r.config["weights"] == "random"]
     # Every value from data (folder, class, run and file names, a pipeline's texts) is escaped,
     # whatever the template's file name: a report is mailed around and opened in browsers.
     env = Environment(loader=PackageLoader("featcache.reporting"), autoescape=True)

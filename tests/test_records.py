@@ -1,0 +1,39 @@
+"""Run records: one schema (RunRecord), and the records earlier releases wrote still load."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from featcache.errors import FeatcacheError
+from featcache.records import SCHEMA, RunRecord, comparison_table, load_record
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.mark.parametrize("name", ["record-0.1.0-frozen-mlp.json", "record-0.1.0-finetuned.json"])
+def test_records_written_by_release_0_1_0_still_load(tmp_path, name):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(FIXTURES / name, run / "record.json")
+    record = load_record(run)
+    assert isinstance(record, RunRecord) and record.schema == 1  # no schema field then: version 1
+    saved = json.loads((FIXTURES / name).read_text())
+    assert record.metrics == saved["metrics"] and record["taps"] == saved["taps"]
+    assert record.finetuned == (saved["kind"] == "finetuned")
+    [row] = comparison_table([record]).to_dict("records")
+    assert row["run"] == saved["run"] and row["test_acc"] == saved["metrics"]["accuracy"]
+
+
+def test_a_record_round_trips_and_a_newer_or_broken_one_is_one_line(tmp_path):
+    saved = json.loads((FIXTURES / "record-0.1.0-frozen-mlp.json").read_text())
+    record = RunRecord.from_json(saved, Path("x"))
+    again = RunRecord.from_json(json.loads(record.to_json()), Path("x"))
+    assert again == record and json.loads(record.to_json())["schema"] == SCHEMA
+    with pytest.raises(FeatcacheError, match=r"written by a newer featcache \(record schema 99"):
+        RunRecord.from_json({**saved, "schema": 99}, Path("x"))
+    with pytest.raises(FeatcacheError, match="is not a complete run record: metrics missing"):
+        RunRecord.from_json({k: v for k, v in saved.items() if k != "metrics"}, Path("x"))
+    with pytest.raises(FeatcacheError, match="kind must be one of frozen, finetuned. Got 'other'"):
+        RunRecord.from_json({**saved, "kind": "other"}, Path("x"))
