@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.data.datasets import DATASETS, DataRequest, DatasetEntry, Dataset, Split
+from featcache.data.datasets import DATASETS, DataRequest, Dataset, DatasetEntry, Split
 
 
 def tiled_digits(k: int, **request) -> DataRequest:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.extraction.config import ExtractConfig
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract
 from featcache.extraction.store import FeatureCache
 

@@ -24,17 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-
-from featcache.backbones.registry import BACKBONES
-from featcache.extraction.config import ExtractConfig
-from featcache.data.preprocess import PreprocessConfig
-from featcache.backbones.taps import resolve_device, resolve_precision
-from featcache.data.datasets import load_dataset
-from featcache.backbones.taps import autocast, tap_model
-from featcache.extraction.run import extract
-from featcache.data.preprocess import to_input
 from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
+
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import autocast, resolve_device, resolve_precision, tap_model
+from featcache.data.datasets import load_dataset
+from featcache.data.preprocess import PreprocessConfig, to_input
+from featcache.extraction.config import ExtractConfig
+from featcache.extraction.run import extract
 
 
 def sync(device):

@@ -27,13 +27,13 @@ import time
 from pathlib import Path
 
 import torch
-
 from bench_data import tiled_digits
 from usual_recipe import MEAN, STD, trunk
-from featcache.extraction.config import ExtractConfig
-from featcache.data.preprocess import PreprocessConfig
+
 from featcache.backbones.taps import resolve_device
-from featcache.data.datasets import DataRequest, load_dataset
+from featcache.data.datasets import load_dataset
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.finetuning.run import FinetuneConfig, finetune
 from featcache.records import load_record
 

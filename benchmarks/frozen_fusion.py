@@ -32,16 +32,17 @@ import time
 from pathlib import Path
 
 import torch
+from usual_recipe import PilImages, trunk
 
 from featcache.backbones.registry import BACKBONES
-from featcache.extraction.config import ExtractConfig
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest, load_dataset
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract
-from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
 from featcache.fuse.fusion import TapNormalizer, parse_taps
-from featcache.fuse.heads import HeadOptions, TorchClassifier
-from usual_recipe import PilImages, trunk
+from featcache.fuse.heads import HeadOptions
+from featcache.fuse.torch_head import TorchClassifier
+from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
 
 
 def studies_way(names, data, args, device, norm) -> tuple[float, float]:

@@ -12,10 +12,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from bench_data import tiled_digits
-from featcache.extraction.config import ExtractConfig
+
 from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract
 
 

@@ -24,8 +24,10 @@ from featcache.cli.stages import STAGES
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.run import extract as run_extract
 from featcache.fuse.fusion import parse_taps
-from featcache.fuse.train import load_features as load, locate_caches
+from featcache.fuse.train import load_features as load
+from featcache.fuse.train import locate_caches
 from featcache.records import runs_table
+
 
 def _params(command: str, kwargs: dict) -> dict:
     """Keyword arguments -> the command's parsed parameters, exactly as its flags would give them."""

@@ -25,7 +25,7 @@ from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
-from featcache.fuse.heads import TorchClassifier
+from featcache.fuse.torch_head import TorchClassifier
 
 RECORD = "record.json"
 SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
@@ -150,9 +150,7 @@ def save_head(folder: Path, normalizer, head) -> None:
     elif isinstance(head, TorchClassifier):
         import torch
 
-        torch.save({"params": head.get_params(), "state": head.module_.state_dict(), "classes": head.classes_,
-                    "n_features_in": head.n_features_in_, "best_epoch": head.best_epoch_,
-                    "history": head.history_}, folder / "head.pt")
+        torch.save(head.to_state(), folder / "head.pt")
         joblib.dump({"normalizer": normalizer}, folder / "fusion.joblib")
     else:
         joblib.dump({"normalizer": normalizer, "head": head}, folder / "head.joblib")
@@ -171,15 +169,7 @@ def load_head(folder: Path):
     if (folder / "head.pt").exists():
         import torch
 
-        saved = torch.load(folder / "head.pt", map_location="cpu", weights_only=False)
-        head = TorchClassifier(**{**saved["params"], "device": "cpu"})
-        head.classes_ = saved["classes"]
-        head.n_features_in_ = saved["n_features_in"]
-        head.best_epoch_ = saved["best_epoch"]
-        head.history_ = saved["history"]
-        head.module_ = head._build(head.n_features_in_, len(head.classes_))
-        head.module_.load_state_dict(saved["state"])
-        head.module_.eval()
+        head = TorchClassifier.from_state(torch.load(folder / "head.pt", map_location="cpu", weights_only=False))
         return joblib.load(folder / "fusion.joblib")["normalizer"], head
     saved = joblib.load(folder / "head.joblib")
     return saved["normalizer"], saved["head"]

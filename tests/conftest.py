@@ -9,9 +9,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402,F401  registers the "tiny" backbone
 
-from featcache.extraction.config import ExtractConfig  # noqa: E402
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest  # noqa: E402
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig  # noqa: E402
 
 TESTS_DIR = Path(__file__).parent
 
@@ -52,8 +52,8 @@ def report_runs(tmp_path_factory):
     """Runs of every kind on the tiny backbone: logreg, mlp, RBF svm (frozen) and a two-phase fine-tune."""
     from featcache.extraction.run import extract
     from featcache.finetuning.run import FinetuneConfig, finetune
-    from featcache.fuse.train import FuseTrainConfig, fuse_train
     from featcache.fuse.heads import HeadOptions
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
 
     tmp = tmp_path_factory.mktemp("report")
     data = DataRequest(name="digits", limit_train=200, limit_test=60)

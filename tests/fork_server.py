@@ -11,17 +11,17 @@ import json
 import os
 import sys
 
+import h5py  # noqa: F401  the rest of what a run imports lazily
+import sklearn.datasets  # noqa: F401
+import sklearn.model_selection  # noqa: F401
 import tiny  # noqa: F401  registers the tiny backbone
+import torchvision.models.feature_extraction  # noqa: F401
+import torchvision.transforms.v2  # noqa: F401
+import tqdm  # noqa: F401
 
 import featcache.cli.commands  # noqa: F401  imports click
 import featcache.extraction.run  # noqa: F401  imports torch
 import featcache.finetuning.run  # noqa: F401
-import h5py  # noqa: F401  the rest of what a run imports lazily
-import sklearn.datasets  # noqa: F401
-import sklearn.model_selection  # noqa: F401
-import torchvision.models.feature_extraction  # noqa: F401
-import torchvision.transforms.v2  # noqa: F401
-import tqdm  # noqa: F401
 
 for line in sys.stdin:
     command, _, rest = line.strip().partition(" ")

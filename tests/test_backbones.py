@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from featcache.backbones.registry import ALIASES, BACKBONES, build_backbone, weights_identity
-from featcache.errors import FeatcacheError
 from featcache.backbones.taps import tap_model
+from featcache.errors import FeatcacheError
 
 
 @pytest.mark.parametrize("name", sorted(BACKBONES))

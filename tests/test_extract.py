@@ -5,15 +5,14 @@ import pytest
 import torch
 from conftest import tiny_config
 
-from featcache.extraction import run as extract_module
 from featcache.backbones.registry import BACKBONES
-from featcache.data.preprocess import PreprocessConfig
-from featcache.extraction.config import fingerprint
 from featcache.data.datasets import DataRequest, dataset_key, load_dataset
-from featcache.errors import FeatcacheError
-from featcache.extraction.run import extract
 from featcache.data.images import load_image
-from featcache.data.preprocess import to_input
+from featcache.data.preprocess import PreprocessConfig, to_input
+from featcache.errors import FeatcacheError
+from featcache.extraction import run as extract_module
+from featcache.extraction.config import fingerprint
+from featcache.extraction.run import extract
 from featcache.extraction.store import FeatureCache, cache_file
 
 

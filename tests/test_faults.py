@@ -8,8 +8,8 @@ import contextlib
 import errno
 import json
 import os
-import re
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -21,11 +21,11 @@ from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 
 from featcache.cli.commands import cli
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.run import extract
-from featcache.records import load_record
 from featcache.extraction.store import partial_file
+from featcache.records import load_record
 
 KILLS = 20
 

@@ -10,16 +10,16 @@ from conftest import TESTS_DIR, tiny_config
 
 from featcache.backbones.registry import BACKBONES, build_backbone
 from featcache.cli.commands import cli
+from featcache.data.augment import augmentation
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
-from featcache.data.augment import augmentation
-from featcache.finetuning.run import FinetuneConfig, finetune, init_from_run, partial_dir
 from featcache.finetuning.loop import evaluate_rows
 from featcache.finetuning.model import apply_unfreeze, build_net
-from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.finetuning.run import FinetuneConfig, finetune, init_from_run, partial_dir
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.heads import HeadOptions
+from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
 from featcache.records import load_head, load_record, runs_table
 
 DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
@@ -277,7 +277,6 @@ def test_resblocks_on_a_one_pixel_map_with_a_batch_of_one_is_exit_2(tmp_path, im
 def test_a_backbone_without_chosen_taps_is_not_built(tmp_path, monkeypatch):
     """--backbone tiny --backbone resnet18 --taps tiny:late: resnet18 would run every batch for nothing."""
     import featcache.finetuning.model
-
     from featcache.fuse.fusion import TapNormalizer
 
     real, calls = featcache.finetuning.model.build_backbone, []

@@ -7,9 +7,9 @@ existing request; a deliberate change of the cache format bumps FORMAT and updat
 import pytest
 
 from featcache.backbones.registry import BACKBONES
-from featcache.extraction.config import ExtractConfig, fingerprint
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig, fingerprint
 from featcache.extraction.store import fingerprint_hash
 
 PINNED = {  # (weights, backbone, precision) -> fingerprint hash[:12], as in cache/<dataset>/<backbone>-<hash>.h5

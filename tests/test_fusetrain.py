@@ -7,13 +7,13 @@ import pytest
 from click.testing import CliRunner
 from conftest import tiny_config
 
-from featcache.fuse import train as fusetrain
 from featcache.cli.commands import cli
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
-from featcache.fuse.train import FuseTrainConfig, fuse_train
+from featcache.fuse import train as fusetrain
 from featcache.fuse.heads import HeadOptions
+from featcache.fuse.train import FuseTrainConfig, fuse_train
 from featcache.records import COLUMNS, load_head, load_record, runs_table
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)

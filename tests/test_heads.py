@@ -6,7 +6,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from featcache.fuse.heads import HEADS, HeadOptions, TorchClassifier
+from featcache.fuse.heads import HEADS, HeadOptions
+from featcache.fuse.torch_head import TorchClassifier
 
 # Checks the torch heads are marked to fail, each with the reason (documented in the README).
 EXPECTED_FAILURES = {}

@@ -9,8 +9,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featcache.cli.commands import cli
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.images import BadImage, load_image
+from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.store import FeatureCache
 
 PRE = PreprocessConfig(image_size=32)

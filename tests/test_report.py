@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli.commands import cli
-from featcache.reporting.page import ReportConfig, write_report
 from featcache.records import COLUMNS, load_record
+from featcache.reporting.page import ReportConfig, write_report
 
 
 @pytest.fixture(scope="module")

@@ -87,9 +87,8 @@ def test_the_check_catches_a_broken_figure_and_a_console_error(browser, tmp_path
 
 
 def test_html_in_folder_class_and_run_names_runs_no_script_in_the_browser(browser, tmp_path):
-    from selenium.common.exceptions import NoAlertPresentException
-
     from conftest import hostile_runs
+    from selenium.common.exceptions import NoAlertPresentException
 
     out = write_report(ReportConfig(runs_dir=hostile_runs(tmp_path), out=tmp_path / "r.html", gradcam_images=0),
                        log=lambda m: None)

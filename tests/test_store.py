@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from conftest import TESTS_DIR, tiny_config
 
-from featcache.data.preprocess import PreprocessConfig
 from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
 from featcache.extraction.store import CacheWriter, FeatureCache, partial_file

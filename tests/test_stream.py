@@ -12,12 +12,12 @@ from conftest import TESTS_DIR, tiny_config
 
 from featcache.backbones.registry import BACKBONES
 from featcache.cli.commands import cli
+from featcache.data.datasets import DataRequest, dataset_key
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import fingerprint
-from featcache.data.datasets import DataRequest, dataset_key
 from featcache.extraction.store import CacheWriter, FeatureCache, cache_file
-from featcache.fuse.stream import FusedRows, fit_normalizer
 from featcache.fuse.fusion import TapNormalizer, TapRef
+from featcache.fuse.stream import FusedRows, fit_normalizer
 
 FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "40", "--device", "cpu", "--seed", "7"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from featcache.backbones.registry import BackboneSpec, build_backbone
 from featcache.errors import FeatcacheError
 
-
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 
 

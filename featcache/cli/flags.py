@@ -12,8 +12,8 @@ from featcache.errors import FeatcacheError
 
 def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
     """The ExtractConfig that the shared data and feature flags describe."""
-    from featcache.extraction.config import ExtractConfig
     from featcache.data.preprocess import PreprocessConfig
+    from featcache.extraction.config import ExtractConfig
 
     return ExtractConfig(
         data=data_request(opts), backbones=backbones, weights=opts["weights"],
@@ -56,8 +56,8 @@ def hidden_widths(text: str) -> tuple[int, ...]:
 def fuse_train_config(params: dict):
     """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
     from featcache.backbones.taps import resolve_device
-    from featcache.fuse.train import FuseTrainConfig
     from featcache.fuse.heads import HeadOptions
+    from featcache.fuse.train import FuseTrainConfig
 
     p = params
     options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from featcache.cli.stages import STAGES, Outcome, with_runs
 from featcache.errors import FeatcacheError, closest
 from featcache.extraction.config import fingerprint
 from featcache.extraction.store import fingerprint_hash
+from featcache.files import atomic_write
 
 SECTIONS = ("pipeline", "defaults", *STAGES)
 PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
@@ -250,10 +250,7 @@ def _ledger(runs_dir: Path) -> dict:
 def _remember(runs_dir: Path, key: str, entry: dict) -> None:
     ledger = _ledger(runs_dir)
     ledger[key] = entry
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    tmp = runs_dir / f".{LEDGER}.tmp"
-    tmp.write_text(json.dumps(ledger, indent=2, sort_keys=True))
-    os.replace(tmp, runs_dir / LEDGER)
+    atomic_write(runs_dir / LEDGER, json.dumps(ledger, indent=2, sort_keys=True))
 
 
 def _recorded(runs_dir: Path, key: str) -> list[str] | None:

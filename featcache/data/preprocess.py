@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from featcache.errors import FeatcacheError, check_choice
 
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
 

@@ -18,6 +18,7 @@ import datetime
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 from featcache.backbones.taps import resolve_device
 
 TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract

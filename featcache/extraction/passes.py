@@ -23,7 +23,6 @@ from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.store import CacheWriter
 
-
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
 
 

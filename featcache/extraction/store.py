@@ -36,6 +36,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
+from featcache.files import atomic_write
 
 FORMAT = 1
 CHUNK_BYTES = 1 << 20
@@ -77,13 +78,8 @@ def timing_file(path: Path) -> Path:
 
 def write_timing(path: Path, timing: dict) -> None:
     """Record how the cache at ``path`` was made; a failure here never fails the extraction."""
-    target = timing_file(path)
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(timing, indent=2, sort_keys=True))
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        atomic_write(timing_file(path), json.dumps(timing, indent=2, sort_keys=True))
 
 
 def read_timing(path: Path) -> dict | None:

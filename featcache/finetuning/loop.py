@@ -10,8 +10,8 @@ import time
 
 import numpy as np
 
-from featcache.data.augment import loader, normalise
 from featcache.backbones.taps import autocast
+from featcache.data.augment import loader, normalise
 
 
 def evaluate_rows(net, split, rows, cfg, device, precision):

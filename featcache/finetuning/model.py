@@ -17,9 +17,8 @@ import torch
 from featcache.backbones.registry import BACKBONES, BackboneSpec, build_backbone
 from featcache.backbones.taps import pool
 from featcache.errors import FeatcacheError
-from featcache.fuse.fusion import TapNormalizer, TapRef
-from featcache.fuse.heads import TorchClassifier
-
+from featcache.fuse.fusion import TapNormalizer, TapRef, normalize_tap
+from featcache.fuse.torch_head import TorchClassifier
 
 # --- unfreeze policies ------------------------------------------------------------------
 
@@ -91,15 +90,8 @@ class TapNorm(torch.nn.Module):
             self.register_buffer(f"scale{i}", torch.from_numpy(np.asarray(scale, np.float32)))
 
     def forward(self, blocks):
-        out = []
-        for i, block in enumerate(blocks):
-            block = block.float()
-            if self.method == "standard":
-                block = (block - getattr(self, f"mean{i}")) / getattr(self, f"scale{i}")
-            elif self.method == "l2":
-                block = torch.nn.functional.normalize(block, dim=1, eps=1e-12)
-            out.append(block)
-        return torch.cat(out, dim=1)
+        return torch.cat([normalize_tap(block.float(), self.method, getattr(self, f"mean{i}"), getattr(self, f"scale{i}"))
+                          for i, block in enumerate(blocks)], dim=1)
 
 
 class FusedNet(torch.nn.Module):
@@ -191,6 +183,6 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
         refine = torch.nn.Sequential(*[ResBlock(channels) for _ in range(cfg.res_blocks)])
     dim = sum(normalizer.dims_)
     hidden = () if cfg.head == "linear" else cfg.hidden
-    head = TorchClassifier(hidden=hidden, dropout=cfg.dropout)._build(dim, n_classes)
+    head = TorchClassifier(hidden=hidden, dropout=cfg.dropout).build_module(dim, n_classes)
     net = FusedNet(extractors, refs, feat.pooling, TapNorm(normalizer), head, refine)
     return net.to(device, memory_format=torch.channels_last)

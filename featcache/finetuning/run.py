@@ -17,7 +17,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,11 +30,12 @@ from featcache.data.augment import AUGMENTS, augmentation, loader, normalise
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.config import ExtractConfig
+from featcache.files import atomic_write
 from featcache.finetuning.loop import evaluate_maps, evaluate_rows, frozen_maps, train_epoch, train_epoch_maps
 from featcache.finetuning.model import TapNorm, apply_unfreeze, build_net, parse_policy, trainable_prefixes
 from featcache.fuse.evaluate import score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
-from featcache.fuse.heads import TorchClassifier
+from featcache.fuse.torch_head import TorchClassifier, make_optimizer
 from featcache.records import RunRecord, library_versions, load_head, load_record, record_features, save_run
 
 FT_HEADS = ("mlp", "linear", "resblocks")
@@ -124,7 +124,7 @@ def head_state(head, record, cfg: FinetuneConfig) -> dict:
                          f"this one has {record['head']}")
 
 
-def fit_normalizer(net, split, rows, cfg: FinetuneConfig, device) -> TapNormalizer:
+def fit_normalizer_on_images(net, split, rows, cfg: FinetuneConfig, device) -> TapNormalizer:
     """One pass of the frozen backbones over the training rows to fit the tap normalisation."""
     import torch
 
@@ -161,9 +161,7 @@ def _check_one_image_batches(ref, image_size: int, batch_size: int, rows: int) -
 def _save_checkpoint(folder: Path, state: dict) -> None:
     import torch
 
-    tmp = folder / "checkpoint.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, folder / "checkpoint.pt")  # never a half-written checkpoint
+    atomic_write(folder / "checkpoint.pt", lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
 
 def _steps(cfg: FinetuneConfig) -> list[tuple[str, int]]:
@@ -173,8 +171,6 @@ def _steps(cfg: FinetuneConfig) -> list[tuple[str, int]]:
 
 def _configure(net, cfg: FinetuneConfig, phase: str):
     """Freeze/unfreeze for the phase; its optimizer (head lr, backbone lr scaled) and trainable names."""
-    import torch
-
     trainable = {}
     for name in net.names:
         policy = "none" if phase == "head" else cfg.unfreeze
@@ -184,8 +180,7 @@ def _configure(net, cfg: FinetuneConfig, phase: str):
     backbone = [p for ext in net.extractors.values() for p in ext.parameters() if p.requires_grad]
     if backbone:
         groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale})
-    optimizers = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
-    return optimizers[cfg.optimizer](groups), trainable
+    return make_optimizer(cfg.optimizer, groups, lr=cfg.lr), trainable
 
 
 def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
@@ -221,7 +216,7 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     elif cfg.head == "resblocks" or cfg.tap_norm == "none":
         normalizer = identity  # one refined map: nothing to balance
     else:
-        normalizer = fit_normalizer(net, train, fit_rows, cfg, device)
+        normalizer = fit_normalizer_on_images(net, train, fit_rows, cfg, device)
         net.norm = TapNorm(normalizer).to(device)
 
     folder = partial_dir(cfg)

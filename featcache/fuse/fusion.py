@@ -53,6 +53,19 @@ def parse_taps(text: str, backbones: tuple[str, ...]) -> tuple[TapRef, ...]:
     return tuple(refs)
 
 
+def normalize_tap(block, method: str, mean=None, scale=None):
+    """One tap's rows normalised: NumPy arrays or torch tensors alike.
+
+    The one implementation: the cached path (:class:`TapNormalizer`), the streamed one and
+    the fine-tuned model (``finetuning.model.TapNorm``) all call it.
+    """
+    if method == "standard":
+        return (block - mean) / scale
+    if method == "l2":
+        return block / ((block * block).sum(axis=1, keepdims=True) ** 0.5).clip(min=1e-12)
+    return block
+
+
 class TapNormalizer:
     """Per-tap normalisation fitted on training rows, then concatenation.
 
@@ -67,24 +80,28 @@ class TapNormalizer:
         self.method = method
 
     def fit(self, blocks: list[np.ndarray]) -> TapNormalizer:
-        self.dims_ = [b.shape[1] for b in blocks]
+        n = len(blocks[0]) if blocks else 0
+        return self.fit_moments(n, [b.sum(axis=0, dtype=np.float64) for b in blocks],
+                                [np.square(b, dtype=np.float64).sum(axis=0) for b in blocks])
+
+    def fit_moments(self, n: int, sums: list[np.ndarray], squares: list[np.ndarray]) -> TapNormalizer:
+        """Fit from per-tap float64 sums of the rows and of their squares (in memory or streamed alike)."""
+        self.dims_ = [len(s) for s in sums]
         if self.method == "standard":
-            self.mean_ = [b.mean(axis=0, dtype=np.float64).astype(np.float32) for b in blocks]
-            self.scale_ = [np.maximum(b.std(axis=0, dtype=np.float64), 1e-6).astype(np.float32) for b in blocks]
+            self.mean_ = [(s / n).astype(np.float32) for s in sums]
+            self.scale_ = [np.maximum(np.sqrt(np.maximum(q / n - (s / n) ** 2, 0)), 1e-6).astype(np.float32)
+                           for s, q in zip(sums, squares)]
         return self
 
     def transform(self, blocks: list[np.ndarray]) -> np.ndarray:
         if [b.shape[1] for b in blocks] != self.dims_:
             raise FeatcacheError(f"tap dimensions {[b.shape[1] for b in blocks]} differ from the fitted {self.dims_}")
-        out = []
-        for i, block in enumerate(blocks):
-            block = np.asarray(block, dtype=np.float32)
-            if self.method == "standard":
-                block = (block - self.mean_[i]) / self.scale_[i]
-            elif self.method == "l2":
-                block = block / np.maximum(np.linalg.norm(block, axis=1, keepdims=True), 1e-12)
-            out.append(block)
-        return np.concatenate(out, axis=1)
+        return np.concatenate([normalize_tap(np.asarray(b, dtype=np.float32), self.method, *self.statistics(i))
+                               for i, b in enumerate(blocks)], axis=1)
+
+    def statistics(self, i: int) -> tuple:
+        """(mean, scale) of tap ``i`` for ``standard``, else (None, None)."""
+        return (self.mean_[i], self.scale_[i]) if self.method == "standard" else (None, None)
 
     def fit_transform(self, blocks: list[np.ndarray]) -> np.ndarray:
         return self.fit(blocks).transform(blocks)

@@ -76,7 +76,6 @@ class FusedRows:
 
 def fit_normalizer(method: str, data: FusedRows) -> TapNormalizer:
     """A TapNormalizer fitted in one streaming pass (float64 sums: mean and standard deviation)."""
-    normalizer = TapNormalizer(method)
     sums = squares = None
     for blocks, _ in data.blocks():
         if sums is None:
@@ -84,11 +83,5 @@ def fit_normalizer(method: str, data: FusedRows) -> TapNormalizer:
             squares = [np.zeros(b.shape[1]) for b in blocks]
         for i, b in enumerate(blocks):
             sums[i] += b.sum(axis=0, dtype=np.float64)
-            squares[i] += (b * b).sum(axis=0, dtype=np.float64)
-    n = len(data)
-    normalizer.dims_ = [len(s) for s in sums]
-    if method == "standard":
-        normalizer.mean_ = [(s / n).astype(np.float32) for s in sums]
-        normalizer.scale_ = [np.maximum(np.sqrt(np.maximum(q / n - (s / n) ** 2, 0)), 1e-6).astype(np.float32)
-                             for s, q in zip(sums, squares)]
-    return normalizer
+            squares[i] += np.square(b, dtype=np.float64).sum(axis=0)
+    return TapNormalizer(method).fit_moments(len(data), sums, squares)

@@ -21,7 +21,7 @@ from featcache.errors import FeatcacheError
 from featcache.finetuning.model import build_net
 from featcache.finetuning.run import FinetuneConfig, load_finetuned
 from featcache.fuse.fusion import TapRef
-from featcache.fuse.heads import TorchClassifier
+from featcache.fuse.torch_head import TorchClassifier
 from featcache.records import RunRecord, load_head, record_features, record_preprocess
 
 

@@ -10,8 +10,6 @@ cannot differentiate) say why in place of the figure.
 from __future__ import annotations
 
 import base64
-import contextlib
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,19 @@ from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
 from featcache.extraction.store import read_timing
-from featcache.records import COLUMNS, RunRecord, chosen_text, comparison_table, list_records, load_record, record_preprocess, record_request, resolve_run, variant
+from featcache.files import atomic_write
+from featcache.records import (
+    COLUMNS,
+    RunRecord,
+    chosen_text,
+    comparison_table,
+    list_records,
+    load_record,
+    record_preprocess,
+    record_request,
+    resolve_run,
+    variant,
+)
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 
@@ -265,12 +275,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, text)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise FeatcacheError(f"cannot write {path}: {exc.strerror or exc}; choose another -o") from exc
