@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.preprocess import PreprocessConfig
+from featcache.data.preprocess import PreprocessConfig, resize_plan
 from featcache.errors import FeatcacheError
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
@@ -68,15 +68,9 @@ def load_image(path, pre: PreprocessConfig, resize: bool = True) -> np.ndarray:
     if not resize:
         return np.asarray(image, dtype=np.uint8).copy()
     size = pre.image_size
-    if pre.resize == "stretch":
-        image = image.resize((size, size), Image.BILINEAR)
-    else:
-        w, h = image.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        image = image.resize((nw, nh), Image.BILINEAR)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        image = image.crop((left, top, left + size, top + size))
+    w, h = image.size
+    nh, nw, top, left = resize_plan(h, w, pre)
+    image = image.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size))
     return np.asarray(image, dtype=np.uint8).copy()
 
 

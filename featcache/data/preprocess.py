@@ -53,6 +53,21 @@ def _mean_std(mean: tuple, std: tuple, device):
     return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
 
 
+def resize_plan(h: int, w: int, pre: PreprocessConfig) -> tuple[int, int, int, int]:
+    """The one resize rule: (resized height, width, crop top, left) for an h x w image.
+
+    ``stretch``: straight to size x size. ``center-crop``: the shorter side to size, then the
+    middle size x size. The torch path (:func:`resized`) and the PIL path
+    (``data.images.load_image``) both follow it.
+    """
+    size = pre.image_size
+    if pre.resize == "stretch" or h == w:
+        return size, size, 0, 0
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
 def resized(images, pre: PreprocessConfig):
     """uint8 (N, H, W, 3) -> float (N, 3, S, S) in [0, 1], resized as ``pre`` says (what the backbone sees)."""
     import torch.nn.functional as F
@@ -61,12 +76,7 @@ def resized(images, pre: PreprocessConfig):
     size = pre.image_size
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
-        if pre.resize == "stretch" or h == w:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        else:
-            scale = size / min(h, w)
-            nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-            top, left = (nh - size) // 2, (nw - size) // 2
-            x = x[..., top : top + size, left : left + size]
+        nh, nw, top, left = resize_plan(h, w, pre)
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        x = x[..., top : top + size, left : left + size]
     return x
