@@ -34,7 +34,8 @@ from featcache.backbones.taps import resolve_device
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig
-from featcache.finetuning.run import FinetuneConfig, finetune
+from featcache.finetuning.config import FinetuneConfig
+from featcache.finetuning.run import finetune
 from featcache.records import load_record
 
 LAST_BLOCKS = {"resnet50": ("layer4",), "mobilenet_v2": ("features.17", "features.18")}

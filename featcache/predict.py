@@ -15,7 +15,7 @@ from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device, tap_model
 from featcache.data.images import load_image
 from featcache.data.preprocess import to_input
-from featcache.finetuning.run import load_finetuned
+from featcache.finetuning.saved import load_finetuned
 from featcache.records import load_head, load_record, record_preprocess
 
 

@@ -51,7 +51,8 @@ def image_folder(tmp_path):
 def report_runs(tmp_path_factory):
     """Runs of every kind on the tiny backbone: logreg, mlp, RBF svm (frozen) and a two-phase fine-tune."""
     from featcache.extraction.run import extract
-    from featcache.finetuning.run import FinetuneConfig, finetune
+    from featcache.finetuning.config import FinetuneConfig
+    from featcache.finetuning.run import finetune
     from featcache.fuse.heads import HeadOptions
     from featcache.fuse.train import FuseTrainConfig, fuse_train
 

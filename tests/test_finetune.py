@@ -14,9 +14,11 @@ from featcache.data.augment import augmentation
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
+from featcache.finetuning.config import FinetuneConfig, partial_dir
 from featcache.finetuning.loop import evaluate_rows
 from featcache.finetuning.model import apply_unfreeze, build_net
-from featcache.finetuning.run import FinetuneConfig, finetune, init_from_run, partial_dir
+from featcache.finetuning.run import finetune
+from featcache.finetuning.saved import init_from_run
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.heads import HeadOptions
 from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
@@ -179,7 +181,7 @@ def test_augmentations_give_the_input_size():
 def test_logreg_run_warm_starts_a_linear_head(classes):
     from sklearn.linear_model import LogisticRegression
 
-    from featcache.finetuning.run import head_state
+    from featcache.finetuning.saved import head_state
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(80, 5)).astype(np.float32)

@@ -71,7 +71,7 @@ def fuse_train_config(params: dict):
 
 def finetune_config(params: dict):
     """The FinetuneConfig of ``featcache finetune``'s parsed flags."""
-    from featcache.finetuning.run import FinetuneConfig
+    from featcache.finetuning.config import FinetuneConfig
     from featcache.records import resolve_run
 
     p = params

@@ -7,11 +7,13 @@ frozen backbones computed once (:func:`frozen_maps`). Used by :mod:`featcache.fi
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.backbones.taps import autocast
+from featcache.backbones.taps import autocast, pool
 from featcache.data.augment import loader, normalise
+from featcache.fuse.fusion import TapNormalizer
 
 
 def evaluate_rows(net, split, rows, cfg, device, precision):
@@ -43,10 +45,34 @@ def frozen_maps(net, split, rows, cfg, device, precision) -> dict:
     return {ref: torch.cat(v) for ref, v in out.items()}
 
 
-def train_epoch_maps(net, opt, scaler, maps, labels, cfg, seed, device, precision):
+@dataclass(frozen=True)
+class Trainer:
+    """What a training epoch needs besides its data: the model, its optimizer and loss scaler, how to run."""
+
+    net: object
+    opt: object
+    scaler: object  # torch.amp.GradScaler (enabled for fp16)
+    cfg: object  # FinetuneConfig
+    device: object
+    precision: str
+
+    def step(self, logits, y):
+        """One optimisation step on a batch's logits; returns the batch's loss tensor."""
+        import torch
+
+        loss = torch.nn.functional.cross_entropy(logits.float(), y)
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        return loss
+
+
+def train_epoch_maps(trainer: Trainer, maps, labels, seed):
     """One epoch of head (and refinement) training on cached maps: (loss, accuracy, images/s)."""
     import torch
 
+    net, cfg, device, precision = trainer.net, trainer.cfg, trainer.device, trainer.precision
     net.train()
     y_all = torch.from_numpy(np.asarray(labels)).to(device)
     order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(seed)).to(device)
@@ -55,11 +81,7 @@ def train_epoch_maps(net, opt, scaler, maps, labels, cfg, seed, device, precisio
         rows = order[start : start + cfg.batch_size]
         with autocast(device, precision):
             logits = net.forward_maps({ref: m[rows] for ref, m in maps.items()})
-        loss = torch.nn.functional.cross_entropy(logits.float(), y_all[rows])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss = trainer.step(logits, y_all[rows])
         total += loss.item() * len(rows)
         correct += (logits.argmax(1) == y_all[rows]).sum().item()
     return total / len(order), correct / len(order), len(order) / (time.perf_counter() - tick)
@@ -76,11 +98,11 @@ def evaluate_maps(net, maps, labels, cfg, device, precision) -> tuple[float, flo
     return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
 
 
-def train_epoch(net, opt, scaler, split, rows, cfg, transform, seed, device, precision, desc, progress):
+def train_epoch(trainer: Trainer, split, rows, transform, seed, desc, progress):
     """One epoch over ``rows`` with augmentation: (mean loss, accuracy, images/s)."""
-    import torch
     from tqdm.auto import tqdm
 
+    net, cfg, device, precision = trainer.net, trainer.cfg, trainer.device, trainer.precision
     net.train()
     seen, total, correct, tick = 0, 0.0, 0, time.perf_counter()
     for images, labels in tqdm(loader(split, rows, cfg, transform, True, seed, device), desc=desc, unit="batch",
@@ -89,12 +111,22 @@ def train_epoch(net, opt, scaler, split, rows, cfg, transform, seed, device, pre
         y = labels.to(device)
         with autocast(device, precision):
             logits = net(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
+        loss = trainer.step(logits, y)
         seen += len(y)
         total += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
     return total / seen, correct / seen, seen / (time.perf_counter() - tick)
+
+
+def fit_normalizer_on_images(net, split, rows, cfg, device) -> TapNormalizer:
+    """One pass of the frozen backbones over the training rows to fit the tap normalisation."""
+    import torch
+
+    blocks = {ref: [] for ref in net.refs}
+    net.eval()
+    with torch.inference_mode():
+        for images, _ in loader(split, rows, cfg, None, False, 0, device):  # no augmentation
+            maps = net.backbone_maps(normalise(images.to(device), cfg.features.preprocess))
+            for ref in net.refs:
+                blocks[ref].append(pool(maps[ref], cfg.features.pooling).float().cpu().numpy())
+    return TapNormalizer(cfg.tap_norm).fit([np.concatenate(blocks[r]) for r in net.refs])

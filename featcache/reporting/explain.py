@@ -18,8 +18,9 @@ import torch
 
 from featcache.data.preprocess import resized, to_input
 from featcache.errors import FeatcacheError
+from featcache.finetuning.config import FinetuneConfig
 from featcache.finetuning.model import build_net
-from featcache.finetuning.run import FinetuneConfig, load_finetuned
+from featcache.finetuning.saved import load_finetuned
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.torch_head import TorchClassifier
 from featcache.records import RunRecord, load_head, record_features, record_preprocess

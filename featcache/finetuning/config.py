@@ -1,0 +1,104 @@
+"""The fine-tune's configuration: flags, the record's view of them, where an unfinished run works.
+
+Inside finetuning (config -> model / loop -> run). Also read back by the reporting stage
+(a fine-tuned run's config rebuilt from its record).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from featcache.backbones.registry import BACKBONES
+from featcache.data.augment import AUGMENTS
+from featcache.errors import FeatcacheError, unknown
+from featcache.extraction.config import ExtractConfig
+from featcache.finetuning.model import parse_policy
+from featcache.fuse.fusion import TapNormalizer
+from featcache.records import RunRecord, record_features
+
+FT_HEADS = ("mlp", "linear", "resblocks")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Flags of ``featcache finetune``."""
+
+    features: ExtractConfig = field(default_factory=ExtractConfig)
+    taps: str = "late"
+    head: str = "mlp"
+    hidden: tuple[int, ...] = (512,)
+    dropout: float = 0.2
+    res_blocks: int = 2
+    tap_norm: str = "standard"
+    unfreeze: str = "last-block"
+    head_epochs: int = 0
+    epochs: int = 6
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    backbone_lr_scale: float = 0.1
+    batch_size: int = 32
+    augment: str = "none"
+    val_fraction: float = 0.1
+    patience: int | None = None
+    init_head: Path | None = None
+    runs_dir: Path = Path("runs")
+    resume: bool = False
+    num_workers: int = 2
+
+    def __post_init__(self):
+        if self.head not in FT_HEADS:
+            raise unknown("--head", self.head, FT_HEADS)
+        if self.augment not in AUGMENTS:
+            raise unknown("--augment", self.augment, AUGMENTS)
+        TapNormalizer(self.tap_norm)
+        parse_policy(self.unfreeze)
+        if self.epochs < 0 or self.head_epochs < 0 or self.epochs + self.head_epochs < 1:
+            raise FeatcacheError("--epochs and --head-epochs must be 0 or more, and train at least one epoch together")
+        if self.init_head is not None and self.head_epochs:
+            raise FeatcacheError("--init-head replaces phase 1: leave --head-epochs at 0")
+        if self.head == "resblocks" and len(self.features.backbones) != 1:
+            raise FeatcacheError("--head resblocks refines one backbone's feature map: give exactly one --backbone")
+        if self.batch_size < 1:
+            raise FeatcacheError(f"--batch-size must be at least 1. Got {self.batch_size} instead.")
+
+
+def partial_dir(cfg: FinetuneConfig) -> Path:
+    """Where an unfinished fine-tune keeps its checkpoint: fixed by what changes the result."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "num_workers", "runs_dir")}
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return Path(cfg.runs_dir) / f".finetune-{hashlib.sha256(text.encode()).hexdigest()[:12]}.partial"
+
+
+def config_dict(cfg: FinetuneConfig) -> dict:
+    feat = cfg.features
+    out = {k: v for k, v in asdict(cfg).items() if k not in ("features",)}
+    out.update({
+        "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
+        "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
+        "pooling": feat.pooling, "precision": feat.precision, "dtype": "float32", "seed": feat.data.seed,
+        "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
+        "test_fraction": feat.data.test_fraction,
+    })
+    return out
+
+
+def finetune_config_from_record(record: RunRecord) -> FinetuneConfig:
+
+    c = record.config
+    return FinetuneConfig(features=record_features(record), taps=",".join(record.taps), head=c["head"],
+                          hidden=tuple(c["hidden"]), dropout=c["dropout"], res_blocks=c["res_blocks"],
+                          tap_norm=c["tap_norm"], unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))
+
+
+def check_one_image_batches(ref, image_size: int, batch_size: int, rows: int) -> None:
+    """The residual blocks' BatchNorm cannot train on one value per channel: a 1x1 map in a batch of one."""
+    stride = BACKBONES.lookup(ref.backbone).tap(ref.tap).stride
+    if math.ceil(image_size / stride) == 1 and (batch_size == 1 or rows % batch_size == 1):
+        batch = "--batch-size 1" if batch_size == 1 else f"the last batch ({rows} images, batches of {batch_size})"
+        raise FeatcacheError(f"--head resblocks: {ref} is 1x1 at --image-size {image_size} and {batch} holds one "
+                             f"image, which leaves BatchNorm one value per channel: use --image-size {2 * stride} "
+                             f"or more")
