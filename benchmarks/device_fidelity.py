@@ -18,8 +18,8 @@ import numpy as np
 from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.extraction.store import FeatureCache
 
 
 def main():

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 import featcache
 from featcache.cli.commands import cli
-from featcache.extraction.store import FeatureCache
+from featcache.extraction.reader import FeatureCache
 
 
 @pytest.fixture

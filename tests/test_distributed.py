@@ -8,7 +8,7 @@ import pytest
 from conftest import TESTS_DIR
 
 from featcache.extraction.distributed import Ranks, shard_rows
-from featcache.extraction.store import FeatureCache
+from featcache.extraction.reader import FeatureCache
 
 ARGS = ["extract", "--backbone", "tiny", "--weights", "random", "--image-size", "32", "--batch-size", "16",
         "--device", "cpu", "-q", "--limit-train", "300", "--limit-test", "100", "--num-workers", "0"]

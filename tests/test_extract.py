@@ -12,8 +12,9 @@ from featcache.data.preprocess import PreprocessConfig, to_input
 from featcache.errors import FeatcacheError
 from featcache.extraction import run as extract_module
 from featcache.extraction.config import fingerprint
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.extraction.store import FeatureCache, cache_file
+from featcache.extraction.store import cache_file
 
 
 def read_all(path):

@@ -11,7 +11,7 @@ from PIL import Image
 from featcache.cli.commands import cli
 from featcache.data.images import BadImage, load_image
 from featcache.data.preprocess import PreprocessConfig
-from featcache.extraction.store import FeatureCache
+from featcache.extraction.reader import FeatureCache
 
 PRE = PreprocessConfig(image_size=32)
 FAST = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--num-workers", "0",

@@ -10,8 +10,9 @@ from conftest import TESTS_DIR, tiny_config
 from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.extraction.store import CacheWriter, FeatureCache, partial_file
+from featcache.extraction.store import CacheWriter, partial_file
 
 ARGS = ["extract", "--backbone", "tiny", "--weights", "random", "--image-size", "48", "--batch-size", "4",
         "--device", "cpu", "-q"]

@@ -15,7 +15,8 @@ from featcache.cli.commands import cli
 from featcache.data.datasets import DataRequest, dataset_key
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import fingerprint
-from featcache.extraction.store import CacheWriter, FeatureCache, cache_file
+from featcache.extraction.reader import FeatureCache
+from featcache.extraction.store import CacheWriter, cache_file
 from featcache.fuse.fusion import TapNormalizer, TapRef
 from featcache.fuse.stream import FusedRows, fit_normalizer
 

@@ -1,7 +1,8 @@
 """Command line: each command declares its flags (click), builds its config through the stage table, and calls one stage.
 
 User errors (:class:`~featcache.errors.FeatcacheError`) become one ``Error: ...`` line on
-stderr and exit status 2; an interrupted extraction says how to resume.
+stderr and exit status 2; an interrupted extraction says how to resume. Each command imports
+its stage modules when it runs, so ``featcache --help`` and a typo do not wait for torch.
 """
 
 from __future__ import annotations
@@ -12,54 +13,9 @@ from pathlib import Path
 
 import click
 
-from featcache import __version__
+from featcache.cli import browse  # noqa: F401  registers backbones, info, runs and predict on the group
+from featcache.cli.group import cli
 from featcache.cli.stages import STAGES
-from featcache.errors import FeatcacheError
-
-
-class UserError(click.ClickException):
-    exit_code = 2
-
-
-class FeatcacheGroup(click.Group):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except FeatcacheError as exc:
-            raise UserError(str(exc)) from None
-
-
-@click.group(cls=FeatcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="featcache")
-def cli():
-    """Extract every layer of frozen CNN backbones once, then fuse and compare heads fast.
-
-    \b
-    featcache backbones                      list backbones, taps and aliases
-    featcache extract --backbone resnet50    cache every tap of a frozen backbone
-    featcache info CACHE.h5                  show what a cache file holds
-    featcache fuse-train --taps late --head logreg,mlp    fuse cached taps, train heads
-    featcache finetune --unfreeze last-block   train unfrozen variants end to end
-    featcache runs                           compare every run
-    featcache predict --run RUN IMAGE...     classify new images with a run
-    featcache report -o reports/study.html   one HTML page comparing every run
-    featcache run pipelines/quickstart.toml  a whole study, stage by stage
-    """
-
-
-@cli.command()
-def backbones():
-    """List the registered backbones with their taps, aliases and dimensions."""
-    from featcache.backbones.registry import BACKBONES
-
-    for name in sorted(BACKBONES):
-        spec = BACKBONES[name]
-        pretrained = "imagenet weights" if spec.weights_name else "no pretrained weights"
-        click.echo(f"{name}  ({pretrained})")
-        alias_of = {node: alias for alias, node in spec.aliases.items()}
-        for tap in spec.taps:
-            alias = f"  = {alias_of[tap.node]}" if tap.node in alias_of else ""
-            click.echo(f"  {tap.node:<14} {tap.channels:>5} channels  stride {tap.stride:>2}{alias}")
 
 
 def data_options(f):
@@ -142,23 +98,6 @@ def extract(quiet, **params):
             rate = r.images / r.seconds if r.seconds else 0.0
             click.echo(f"{r.backbone}: {r.status} {r.images} images into {r.path} in {r.seconds:.1f} s ({rate:.1f} img/s)")
     click.echo(f"done in {time.perf_counter() - started:.1f} s; inspect with: featcache info {results[-1].path}")
-
-
-@cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
-def info(path):
-    """Show a cache file's splits, taps, shapes, dtype and fingerprint.
-
-    PATH may be a folder: every cache file in it (and below) is shown.
-    """
-    from featcache.extraction.store import FeatureCache
-
-    files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
-    if not files:
-        raise FeatcacheError(f"no cache files in {path}: run featcache extract first")
-    for file in files:
-        with FeatureCache(file, allow_partial=True) as cache:
-            click.echo(cache.describe())
 
 
 @cli.command("fuse-train")
@@ -246,36 +185,6 @@ def finetune(quiet, **params):
         click.echo("interrupted: run the same command with --resume to continue from the last epoch", err=True)
         sys.exit(130)
     click.echo(f"run written to {path}")
-
-
-@cli.command()
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
-def runs(runs_dir, csv_path):
-    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s."""
-    from featcache.records import runs_table
-
-    table = runs_table(runs_dir)
-    if table.empty:
-        raise FeatcacheError(f"no runs in {runs_dir}: train some with featcache fuse-train")
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    if csv_path:
-        table.to_csv(csv_path, index=False)
-        click.echo(f"written {csv_path}")
-
-
-@cli.command()
-@click.option("--run", "run_name", required=True, help="A run folder, or its name inside --runs-dir.")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--device", default="auto", show_default=True)
-def predict(run_name, images, runs_dir, device):
-    """Classify IMAGE files with a run's backbones, preprocessing and head."""
-    from featcache.predict import predict_files
-    from featcache.records import resolve_run
-
-    for file, label, prob in predict_files(resolve_run(run_name, runs_dir), list(images), device=device):
-        click.echo(f"{file}\t{label}\t{prob:.4f}")
 
 
 @cli.command()

@@ -2,7 +2,8 @@
 
 Flow: cli (and pipeline, which parses its tables with the same click options) -> **flags**
 -> the stages. One builder per command, so a command and a pipeline stage with the same
-options run with the same config.
+options run with the same config. Each builder imports its stage's config class when it
+is called: the stage modules load torch, and the command line must start without it.
 """
 
 from __future__ import annotations

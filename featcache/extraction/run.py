@@ -22,7 +22,8 @@ from featcache.errors import FeatcacheError
 from featcache.extraction import distributed
 from featcache.extraction.config import ExtractConfig, fingerprint
 from featcache.extraction.passes import Job, Member, one_pass, rates
-from featcache.extraction.store import CacheWriter, FeatureCache, cache_file, locked, write_timing
+from featcache.extraction.reader import FeatureCache
+from featcache.extraction.store import CacheWriter, cache_file, locked, write_timing
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,9 @@ from featcache.backbones.taps import resolve_device, resolve_precision
 from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.extraction.store import FeatureCache, cache_file
+from featcache.extraction.store import cache_file
 from featcache.fuse.evaluate import fit_select, score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
@@ -153,8 +154,8 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
             X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
             X_val = normalizer.transform([b[val_rows] for b in train_blocks])
             X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
-            written += _train_heads(cfg, refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows), data, paths,
-                                    log)
+            fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows))
+            written += _train_heads(cfg, fusion, data, paths, log)
     except (MemoryError, OSError) as exc:
         if isinstance(exc, OSError) and "memory allocation failed" not in str(exc):
             raise
@@ -190,36 +191,48 @@ def _fuse_train_streaming(cfg: FuseTrainConfig, tapsets, paths, log) -> list[Pat
             streams = (FusedRows(caches, refs, "train", fit_rows, normalizer),
                        FusedRows(caches, refs, "train", val_rows, normalizer),
                        FusedRows(caches, refs, "test", np.arange(len(labels["test"])), normalizer))
-            written += _train_heads(cfg, refs, normalizer, streams, (fit_rows, val_rows), data, paths, log)
+            written += _train_heads(cfg, _Fusion(refs, normalizer, streams, (fit_rows, val_rows)), data, paths, log)
     return written
 
 
-def _train_heads(cfg, refs, normalizer, X, rows, data: Features, paths, log) -> list[Path]:
+@dataclass(frozen=True)
+class _Fusion:
+    """One combination of taps, fused: its normaliser and the (fit, val, test) matrices or row streams."""
+
+    refs: tuple
+    normalizer: TapNormalizer
+    X: tuple  # (fit, val, test): arrays, or FusedRows streamed from the caches
+    rows: tuple  # (fit rows, val rows) of the train split
+
+
+def _train_heads(cfg, fusion: _Fusion, data: Features, paths, log) -> list[Path]:
     """Every head of cfg on one fusion: selected on validation, scored once on test, saved as a run."""
-    X_fit, X_val, X_test = X
-    fit_rows, val_rows = rows
+    X_fit, X_val, X_test = fusion.X
+    fit_rows, val_rows = fusion.rows
+    refs = fusion.refs
     y_all, y_test = data.labels["train"], data.labels["test"]
     written = []
     for head_name in cfg.heads:
         selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
         metrics = score(selection.head, X_test, y_test, data.classes)
-        record = _record(cfg, refs, head_name, selection, metrics, data, X_fit.shape[1], paths,
-                         n_rows=(len(fit_rows), len(val_rows), len(y_test)))
-        run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, normalizer, selection.head)
+        record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
+        run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, fusion.normalizer,
+                       selection.head)
         log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
             f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
         written.append(run)
     return written
 
 
-def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) -> RunRecord:
+def _record(cfg, fusion: _Fusion, head_name, selection, metrics, data, paths) -> RunRecord:
     feat = cfg.features
+    refs, (fit_rows, val_rows) = fusion.refs, fusion.rows
     history = getattr(selection.head, "history_", None)
     return RunRecord(
         kind="frozen",
         taps=[str(r) for r in refs],
         head=head_name,
-        dim=dim,
+        dim=fusion.X[0].shape[1],
         classes=data.classes,
         config={
             "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
@@ -231,7 +244,7 @@ def _record(cfg, refs, head_name, selection, metrics, data, dim, paths, n_rows) 
             "head_options": {k: v for k, v in vars(cfg.options).items()},
         },
         caches={b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
-        rows={"train": n_rows[0], "val": n_rows[1], "test": n_rows[2]},
+        rows={"train": len(fit_rows), "val": len(val_rows), "test": len(data.labels["test"])},
         selection={"params": selection.params, "val_accuracy": selection.val_accuracy,
                       "candidates": selection.candidates,
                       "best_epoch": getattr(selection.head, "best_epoch_", None)},

@@ -1,0 +1,76 @@
+"""Commands that look rather than train: the backbones, a cache file, the runs, predictions.
+
+Registered on the ``featcache`` group (cli.group); each imports its stage module when run,
+so ``featcache --help`` does not load torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from featcache.cli.group import cli
+from featcache.errors import FeatcacheError
+
+
+@cli.command()
+def backbones():
+    """List the registered backbones with their taps, aliases and dimensions."""
+    from featcache.backbones.registry import BACKBONES
+
+    for name in sorted(BACKBONES):
+        spec = BACKBONES[name]
+        pretrained = "imagenet weights" if spec.weights_name else "no pretrained weights"
+        click.echo(f"{name}  ({pretrained})")
+        alias_of = {node: alias for alias, node in spec.aliases.items()}
+        for tap in spec.taps:
+            alias = f"  = {alias_of[tap.node]}" if tap.node in alias_of else ""
+            click.echo(f"  {tap.node:<14} {tap.channels:>5} channels  stride {tap.stride:>2}{alias}")
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+def info(path):
+    """Show a cache file's splits, taps, shapes, dtype and fingerprint.
+
+    PATH may be a folder: every cache file in it (and below) is shown.
+    """
+    from featcache.extraction.reader import FeatureCache
+
+    files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
+    if not files:
+        raise FeatcacheError(f"no cache files in {path}: run featcache extract first")
+    for file in files:
+        with FeatureCache(file, allow_partial=True) as cache:
+            click.echo(cache.describe())
+
+
+@cli.command()
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
+def runs(runs_dir, csv_path):
+    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s."""
+    from featcache.records import runs_table
+
+    table = runs_table(runs_dir)
+    if table.empty:
+        raise FeatcacheError(f"no runs in {runs_dir}: train some with featcache fuse-train")
+    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    if csv_path:
+        table.to_csv(csv_path, index=False)
+        click.echo(f"written {csv_path}")
+
+
+@cli.command()
+@click.option("--run", "run_name", required=True, help="A run folder, or its name inside --runs-dir.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def predict(run_name, images, runs_dir, device):
+    """Classify IMAGE files with a run's backbones, preprocessing and head."""
+    from featcache.predict import predict_files
+    from featcache.records import resolve_run
+
+    for file, label, prob in predict_files(resolve_run(run_name, runs_dir), list(images), device=device):
+        click.echo(f"{file}\t{label}\t{prob:.4f}")
