@@ -26,7 +26,7 @@ from featcache.extraction.run import extract as run_extract
 from featcache.fuse.fusion import parse_taps
 from featcache.fuse.train import load_features as load
 from featcache.fuse.train import locate_caches
-from featcache.records import runs_table
+from featcache.records import pipeline_runs, runs_table
 
 
 def _params(command: str, kwargs: dict) -> dict:
@@ -104,9 +104,9 @@ def finetune(**kwargs) -> Path:
     return run
 
 
-def runs(runs_dir: str | Path = "runs"):
-    """``featcache runs``: the comparison table of every run in ``runs_dir``, as a pandas DataFrame."""
-    return runs_table(Path(runs_dir))
+def runs(runs_dir: str | Path = "runs", pipeline: str | None = None):
+    """``featcache runs``: the comparison table of every run in ``runs_dir`` (and one folder down), as a DataFrame."""
+    return runs_table(pipeline_runs(Path(runs_dir), pipeline))
 
 
 def report(**kwargs) -> Path:

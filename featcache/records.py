@@ -209,19 +209,52 @@ def record_features(record: RunRecord, device: str = "cpu"):
 
 
 def resolve_run(run: str, runs_dir: Path) -> Path:
-    """A run given as a folder path or as a name inside ``runs_dir``."""
+    """A run given as a folder path, or as a name inside ``runs_dir`` or one of its sub-folders."""
     path = Path(run)
-    if not path.exists() and (Path(runs_dir) / run).exists():
-        path = Path(runs_dir) / run
+    if not path.exists():
+        named = [p for p in [Path(runs_dir) / run] if (p / RECORD).is_file()] or \
+                [p for p in run_folders(runs_dir) if p.name == Path(run).name]
+        if len(named) == 1:
+            path = named[0]
     load_record(path)
     return path
 
 
-def list_records(runs_dir: Path) -> list[RunRecord]:
+def run_folders(runs_dir: Path) -> list[Path]:
+    """Every run folder in ``runs_dir`` and one level down (a pipeline keeps its runs in runs/<name>/)."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    return [load_record(p) for p in sorted(runs_dir.iterdir()) if (p / RECORD).is_file()]
+    visible = [p for p in sorted(runs_dir.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+    found = []
+    for folder in visible:
+        if (folder / RECORD).is_file():
+            found.append(folder)
+        else:
+            found += [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and (p / RECORD).is_file()]
+    return found
+
+
+def list_records(runs_dir: Path) -> list[RunRecord]:
+    return [load_record(p) for p in run_folders(runs_dir)]
+
+
+def no_runs(runs_dir: Path, hint: str) -> FeatcacheError:
+    """The error for a runs folder with no run in it or one level down, naming where it looked."""
+    return FeatcacheError(f"no runs in {runs_dir} or its sub-folders: {hint}")
+
+
+def pipeline_runs(runs_dir: Path, pipeline: str | None) -> Path:
+    """``runs_dir``, or a pipeline's own folder of runs inside it (``--pipeline NAME``)."""
+    if pipeline is None:
+        return Path(runs_dir)
+    folder = Path(runs_dir) / pipeline
+    if not folder.is_dir():
+        names = sorted({p.parent.name for p in run_folders(runs_dir) if p.parent != Path(runs_dir)})
+        raise FeatcacheError(f"no runs of pipeline {pipeline!r} in {runs_dir}"
+                             + (f" (pipelines there: {', '.join(names)})" if names else "")
+                             + ": featcache run PIPELINE.toml writes them")
+    return folder
 
 
 def variant(record: RunRecord) -> str:

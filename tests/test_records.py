@@ -37,3 +37,33 @@ def test_a_record_round_trips_and_a_newer_or_broken_one_is_one_line(tmp_path):
         RunRecord.from_json({k: v for k, v in saved.items() if k != "metrics"}, Path("x"))
     with pytest.raises(FeatcacheError, match="kind must be one of frozen, finetuned. Got 'other'"):
         RunRecord.from_json({**saved, "kind": "other"}, Path("x"))
+
+
+def test_runs_report_and_predict_find_a_pipelines_runs_one_folder_down(report_runs, tmp_path):
+    from click.testing import CliRunner
+
+    from featcache.cli.commands import cli
+
+    _, runs = report_runs
+    for run in runs[:2]:  # as `featcache run` keeps them: runs/<pipeline>/<run>
+        shutil.copytree(run, tmp_path / "runs" / "study" / run.name)
+    shutil.copytree(runs[2], tmp_path / "runs" / runs[2].name)
+    listed = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
+    assert listed.exit_code == 0 and all(r.name in listed.output for r in runs[:3])
+    only = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs"), "--pipeline", "study"])
+    assert only.exit_code == 0 and runs[0].name in only.output and runs[2].name not in only.output
+    page = CliRunner().invoke(cli, ["report", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"),
+                                    "--gradcam-images", "0", "--pipeline", "study"])
+    assert page.exit_code == 0 and runs[1].name in (tmp_path / "r.html").read_text()
+    empty = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "none")])
+    assert empty.exit_code == 2 and f"no runs in {tmp_path / 'none'} or its sub-folders" in empty.output
+    wrong = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs"), "--pipeline", "stduy"])
+    assert wrong.exit_code == 2 and "pipelines there: study" in wrong.output
+
+
+def test_a_run_is_found_by_name_one_folder_down(report_runs, tmp_path):
+    from featcache.records import resolve_run
+
+    _, runs = report_runs
+    copy = shutil.copytree(runs[0], tmp_path / "runs" / "study" / runs[0].name)
+    assert resolve_run(runs[0].name, tmp_path / "runs") == copy

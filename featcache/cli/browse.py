@@ -48,14 +48,19 @@ def info(path):
 
 @cli.command()
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
+@click.option("--pipeline", default=None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
 @click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
-def runs(runs_dir, csv_path):
-    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s."""
-    from featcache.records import runs_table
+def runs(runs_dir, pipeline, csv_path):
+    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s.
 
+    Runs are found in --runs-dir and one folder down, where `featcache run` keeps a pipeline's runs.
+    """
+    from featcache.records import no_runs, pipeline_runs, runs_table
+
+    runs_dir = pipeline_runs(runs_dir, pipeline)
     table = runs_table(runs_dir)
     if table.empty:
-        raise FeatcacheError(f"no runs in {runs_dir}: train some with featcache fuse-train")
+        raise no_runs(runs_dir, "train some with featcache fuse-train")
     click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     if csv_path:
         table.to_csv(csv_path, index=False)

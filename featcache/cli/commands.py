@@ -191,6 +191,7 @@ def finetune(quiet, **params):
 @click.argument("run_names", nargs=-1, metavar="[RUN]...")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True,
               help="Where runs live; without RUN arguments every run in it is reported.")
+@click.option("--pipeline", default=None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
 @click.option("-o", "--out", type=click.Path(path_type=Path), default=Path("reports/report.html"), show_default=True,
               help="The HTML file; the table is also written beside it as .csv.")
 @click.option("--title", default="featcache report", show_default=True)

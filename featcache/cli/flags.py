@@ -89,8 +89,10 @@ def finetune_config(params: dict):
 
 def report_config(params: dict):
     """The ReportConfig of ``featcache report``'s parsed flags."""
+    from featcache.records import pipeline_runs
     from featcache.reporting.page import ReportConfig
 
     p = params
-    return ReportConfig(runs=tuple(p["run_names"]), runs_dir=p["runs_dir"], out=p["out"], title=p["title"],
+    return ReportConfig(runs=tuple(p["run_names"]), runs_dir=pipeline_runs(p["runs_dir"], p["pipeline"]),
+                        out=p["out"], title=p["title"],
                         grid_images=p["grid_images"], gradcam_images=p["gradcam_images"], device=p["device"])

@@ -29,11 +29,12 @@ from featcache.records import (
     RunRecord,
     chosen_text,
     comparison_table,
-    list_records,
+    no_runs,
     load_record,
     record_preprocess,
     record_request,
     resolve_run,
+    run_folders,
     variant,
 )
 from featcache.reporting import figures
@@ -231,9 +232,9 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if cfg.runs:
         folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
     else:
-        folders = [Path(cfg.runs_dir) / r.run for r in list_records(cfg.runs_dir)]
+        folders = run_folders(cfg.runs_dir)
     if not folders:
-        raise FeatcacheError(f"no runs in {cfg.runs_dir}: train some with featcache fuse-train or featcache finetune")
+        raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     records = [load_record(f) for f in folders]
     if cfg.gradcam_images > 0:
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
