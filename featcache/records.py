@@ -127,6 +127,13 @@ def save_run(runs_dir: Path, label: str, record: RunRecord, normalizer, head) ->
     return final
 
 
+def result_line(run: Path, record: RunRecord) -> str:
+    """The line fuse-train and finetune print for each run they write."""
+    return (f"{Path(run).name}: val acc {record.selection['val_accuracy']:.4f}  test acc "
+            f"{record.metrics['accuracy']:.4f}  macro-F1 {record.metrics['macro_f1']:.4f}  "
+            f"fit {record.timings['fit_seconds']:.1f} s")
+
+
 def _json_default(value):
     import numpy as np
 

@@ -98,3 +98,12 @@ def test_folder_identity_follows_the_files(image_folder):
 def test_unknown_dataset_names_the_closest():
     with pytest.raises(FeatcacheError, match="did you mean 'cifar10'"):
         load_dataset(DataRequest(name="cifar-10"))
+
+
+def test_hidden_files_and_folders_in_a_photo_folder_are_ignored(image_folder):
+    (image_folder / "cat" / "._cat_0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble, not a PNG")
+    (image_folder / "dog" / ".thumbnails").mkdir()
+    (image_folder / "dog" / ".thumbnails" / "dog_0.png").write_bytes(b"not a photo either")
+    data = load_dataset(DataRequest(name="folder", data_dir=image_folder))
+    files = [f for split in data.splits.values() for f in split.files]
+    assert len(files) == 12 and not any(part.startswith(".") for f in files for part in f.relative_to(image_folder).parts)

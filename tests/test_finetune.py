@@ -327,3 +327,14 @@ def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(t
     ref, got = (torch.load(r / "model.pt", weights_only=True) for r in (reference, resumed))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert load_record(resumed)["selection"]["best_epoch"] == 2
+
+
+def test_finetune_ends_with_the_same_result_line_as_fuse_train(tmp_path):
+    result = CliRunner().invoke(cli, ["finetune", "--backbone", "tiny", "--weights", "random", "--image-size", "32",
+                                      "--device", "cpu", "--limit-train", "120", "--limit-test", "40", "--hidden", "8",
+                                      "--epochs", "1", "--num-workers", "0", "-q", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    [run] = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    record = load_record(run)
+    assert (f"{run.name}: val acc {record.selection['val_accuracy']:.4f}  test acc {record.metrics['accuracy']:.4f}  "
+            f"macro-F1 {record.metrics['macro_f1']:.4f}  fit ") in result.output

@@ -222,7 +222,9 @@ def _class_files(root: Path) -> dict[str, list[Path]]:
         raise FeatcacheError(f"no class folders in {root}: --data-dir must hold one sub-folder of images per class")
     found = {}
     for folder in classes:
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        # Hidden files and folders are not photos: macOS's ._name.jpg AppleDouble files, .thumbnails/ ...
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(folder).parts))
         if not files:
             raise FeatcacheError(f"class folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         found[folder.name] = files

@@ -42,7 +42,7 @@ from featcache.finetuning.saved import init_from_run
 from featcache.fuse.evaluate import score, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.torch_head import make_optimizer
-from featcache.records import RunRecord, library_versions, save_run
+from featcache.records import RunRecord, library_versions, load_record, result_line, save_run
 
 # --- phase 1 from a fuse-train run, or a statistics pass --------------------------------
 
@@ -112,7 +112,9 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     folder, ckpt = _open_checkpoint(cfg, setup, log)
     state = _progress_from(ckpt, setup.net)
     trainable = _train(cfg, setup, state, ckpt, folder, log, progress)
-    return _finish(cfg, setup, state, trainable, folder)
+    run = _finish(cfg, setup, state, trainable, folder)
+    log(result_line(run, load_record(run)))
+    return run
 
 
 def _prepare(cfg: FinetuneConfig) -> _Setup:

@@ -26,7 +26,7 @@ from featcache.fuse.evaluate import fit_select, score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.stream import FusedRows, fit_normalizer
-from featcache.records import RunRecord, library_versions, save_run
+from featcache.records import RunRecord, library_versions, result_line, save_run
 
 
 @dataclass(frozen=True)
@@ -218,8 +218,7 @@ def _train_heads(cfg, fusion: _Fusion, data: Features, paths, log) -> list[Path]
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
         run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, fusion.normalizer,
                        selection.head)
-        log(f"{run.name}: val acc {selection.val_accuracy:.4f}  test acc {metrics['accuracy']:.4f}  "
-            f"macro-F1 {metrics['macro_f1']:.4f}  fit {selection.fit_seconds:.1f} s")
+        log(result_line(run, record))
         written.append(run)
     return written
 
