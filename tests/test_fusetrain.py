@@ -165,6 +165,13 @@ def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
     assert correct >= 10  # the two generated classes differ in colour
     record = json.loads((run / "record.json").read_text())
     assert record["classes"] == ["cat", "dog"]
+    # a folder (recursively) and a quoted glob name the same images; a missing path says so
+    folder = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", image_folder)
+    pattern = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu",
+                      str(image_folder / "*" / "*.png"))
+    assert folder.output == pattern.output == result.output
+    missing = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", str(tmp_path / "nope.jpg"))
+    assert missing.exit_code == 2 and f"no image at {tmp_path / 'nope.jpg'}: check the path" in missing.output
 
 
 def test_predict_errors(tmp_path):

@@ -69,13 +69,19 @@ def runs(runs_dir, pipeline, csv_path):
 
 @cli.command()
 @click.option("--run", "run_name", required=True, help="A run folder, or its name inside --runs-dir.")
-@click.argument("images", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("images", nargs=-1, required=True)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
 def predict(run_name, images, runs_dir, device):
-    """Classify IMAGE files with a run's backbones, preprocessing and head."""
+    """Classify images with a run's backbones, preprocessing and head.
+
+    Each IMAGE is a file, a folder (every image inside, recursively) or a quoted glob
+    pattern such as 'photos/**/*.jpg'.
+    """
+    from featcache.data.datasets import image_paths
     from featcache.predict import predict_files
     from featcache.records import resolve_run
 
-    for file, label, prob in predict_files(resolve_run(run_name, runs_dir), list(images), device=device):
+    run = resolve_run(run_name, runs_dir)
+    for file, label, prob in predict_files(run, image_paths(images), device=device):
         click.echo(f"{file}\t{label}\t{prob:.4f}")
