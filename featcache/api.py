@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from featcache.cli.commands import cli
+from featcache.cli.group import trusting
 from featcache.cli.stages import STAGES
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.run import extract as run_extract
@@ -65,7 +66,8 @@ def _run(command: str, kwargs: dict, quiet: bool = False):
     spec = STAGES[command]
     params = _params(command, kwargs)
     params.setdefault("quiet", quiet)
-    return spec.run(spec.build(params), params, print)
+    with trusting(params.get("trust_pickles", False)):
+        return spec.run(spec.build(params), params, print)
 
 
 def extract(**kwargs) -> Path | list[Path]:

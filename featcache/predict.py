@@ -2,7 +2,7 @@
 
 Flow: image files -> backbones (as extracted) -> fusion (the run's fitted normaliser) ->
 head. Features are rounded to the cache's storage dtype, as they were for training. A
-fine-tuned run is rebuilt from its record and ``model.pt``.
+fine-tuned run is rebuilt from its record and ``model.safetensors``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from featcache.backbones.taps import resolve_device, tap_model
 from featcache.data.images import load_image
 from featcache.data.preprocess import to_input
 from featcache.finetuning.saved import load_finetuned
-from featcache.records import load_head, load_record, record_preprocess
+from featcache.records import load_record, record_preprocess
+from featcache.run_files import load_head
 
 
 def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_size: int = 32):

@@ -2,10 +2,9 @@
 
 Flow: fuse / finetuning -> **records** -> reporting. A run folder holds ``record.json`` (config, cache
 fingerprints, chosen hyper-parameters, metrics, per-epoch curves, timings, library
-versions) and the trained head: ``head.joblib`` for scikit-learn heads, ``head.pt`` (a
-torch state file) for torch heads, each with the fitted tap normaliser. A folder is
-written under a temporary name and renamed when complete, so a run folder is never
-half-written.
+versions) and the trained head in formats that run no code when read (see
+:mod:`featcache.run_files`). A folder is written under a temporary name and renamed when
+complete, so a run folder is never half-written.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
-from featcache.fuse.torch_head import TorchClassifier
+from featcache.run_files import save_head
 
 RECORD = "record.json"
 SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
@@ -144,42 +143,6 @@ def _json_default(value):
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"cannot store {type(value).__name__} in a run record")
-
-
-def save_head(folder: Path, normalizer, head) -> None:
-    import joblib
-
-    if isinstance(head, dict):  # a fine-tuned model's state dict
-        import torch
-
-        torch.save(head, folder / "model.pt")
-        joblib.dump({"normalizer": normalizer}, folder / "fusion.joblib")
-    elif isinstance(head, TorchClassifier):
-        import torch
-
-        torch.save(head.to_state(), folder / "head.pt")
-        joblib.dump({"normalizer": normalizer}, folder / "fusion.joblib")
-    else:
-        joblib.dump({"normalizer": normalizer, "head": head}, folder / "head.joblib")
-
-
-def load_head(folder: Path):
-    """(normalizer, fitted head) of a run folder; for a fine-tuned run, (normalizer, model state dict)."""
-    import joblib
-
-    folder = Path(folder)
-    if (folder / "model.pt").exists():
-        import torch
-
-        state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
-        return joblib.load(folder / "fusion.joblib")["normalizer"], state
-    if (folder / "head.pt").exists():
-        import torch
-
-        head = TorchClassifier.from_state(torch.load(folder / "head.pt", map_location="cpu", weights_only=False))
-        return joblib.load(folder / "fusion.joblib")["normalizer"], head
-    saved = joblib.load(folder / "head.joblib")
-    return saved["normalizer"], saved["head"]
 
 
 def load_record(folder: Path) -> RunRecord:

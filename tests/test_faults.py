@@ -19,6 +19,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
+from safetensors.torch import load_file
 
 from featcache.cli.commands import cli
 from featcache.data.datasets import DataRequest
@@ -145,7 +146,7 @@ FINETUNE = ["finetune", "--backbone", "tiny", "--weights", "random", "--image-si
 
 def model_of(runs_dir):
     [run] = [p for p in runs_dir.iterdir() if not p.name.startswith(".")]
-    return torch.load(run / "model.pt", weights_only=True), load_record(run)
+    return load_file(run / "model.safetensors"), load_record(run)
 
 
 def test_twenty_sigkills_during_fine_tuning_each_resume_to_the_uninterrupted_weights(tmp_path, forker):

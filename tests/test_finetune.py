@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
+from safetensors.torch import load_file
 
 from featcache.backbones.registry import BACKBONES, build_backbone
 from featcache.cli.commands import cli
@@ -22,7 +23,8 @@ from featcache.finetuning.saved import init_from_run
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.heads import HeadOptions
 from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
-from featcache.records import load_head, load_record, runs_table
+from featcache.records import load_record, runs_table
+from featcache.run_files import load_head
 
 DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
 
@@ -116,7 +118,7 @@ def test_finetune_writes_a_run_like_fuse_train(tmp_path, frozen_run):
     assert record["config"]["trainable_parameters"] == {"tiny": 3}  # stage3: conv weight, BN weight and bias
     assert len(record["curves"]["val_acc"]) == 2 and record["curves"]["phase"] == ["finetune", "finetune"]
     assert np.sum(record["metrics"]["confusion_matrix"]) == 60 and "macro_f1" in record["metrics"]
-    assert (out / "model.pt").exists() and not partial_dir(cfg).exists()
+    assert (out / "model.safetensors").exists() and not partial_dir(cfg).exists()
     table = runs_table(tmp_path / "runs")
     assert len(table) == 2
 
@@ -140,7 +142,7 @@ def cli_cmd(runs_dir, *extra):
 
 def final_weights(runs_dir):
     [run] = [p for p in runs_dir.iterdir() if not p.name.startswith(".")]
-    return torch.load(run / "model.pt", weights_only=True), load_record(run)
+    return load_file(run / "model.safetensors"), load_record(run)
 
 
 def test_resblocks_batch_size_one_heavy_augmentation_and_predict(tmp_path, image_folder):
@@ -257,7 +259,7 @@ def test_fp16_scales_the_loss_and_resumes_to_the_uninterrupted_weights(tmp_path,
     resumed = finetune(config("cut", resume=True), log=lambda m: None, progress=False)
 
     assert saved[0]["scale"] > 1  # an enabled scaler; a disabled one saves an empty state
-    ref, got = (torch.load(run / "model.pt", weights_only=True) for run in (reference, resumed))
+    ref, got = (load_file(run / "model.safetensors") for run in (reference, resumed))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert load_record(resumed)["curves"]["val_loss"] == load_record(reference)["curves"]["val_loss"]
     assert np.isfinite(load_record(resumed)["curves"]["train_loss"]).all()
@@ -324,7 +326,7 @@ def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(t
     assert saved == [True, True, False]  # improving epochs store the model once; a worse one keeps the best apart
     monkeypatch.setattr(ft, "_save_checkpoint", real_save)
     resumed = run("cut", [0.7], resume=True)
-    ref, got = (torch.load(r / "model.pt", weights_only=True) for r in (reference, resumed))
+    ref, got = (load_file(r / "model.safetensors") for r in (reference, resumed))
     assert all(torch.equal(ref[k], got[k]) for k in ref)
     assert load_record(resumed)["selection"]["best_epoch"] == 2
 

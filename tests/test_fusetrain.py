@@ -10,11 +10,13 @@ from conftest import tiny_config
 from featcache.cli.commands import cli
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.fuse import train as fusetrain
 from featcache.fuse.heads import HeadOptions
-from featcache.fuse.train import FuseTrainConfig, fuse_train
-from featcache.records import COLUMNS, load_head, load_record, runs_table
+from featcache.fuse.train import FuseTrainConfig, fuse_train, locate_caches
+from featcache.records import COLUMNS, load_record, runs_table
+from featcache.run_files import load_head
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
 OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)
@@ -95,12 +97,16 @@ def test_missing_cache_names_the_extract_command(tmp_path):
 
 
 def test_saved_heads_reload_with_the_same_predictions(cached):
-    for head in ("logreg", "mlp"):
+    for head, files in (("logreg", {"head.skops"}), ("svm", {"head.skops"}), ("mlp", {"head.safetensors", "head.json"})):
         [run] = fuse_train(train_cfg(cached, heads=(head,)), log=lambda m: None)
         normalizer, model = load_head(run)
         X = normalizer.transform([np.ones((3, 16), np.float32)])
         assert model.predict_proba(X).shape == (3, 10)
-    assert (run / "head.pt").exists() and (run / "fusion.joblib").exists()
+        # no pickles in a new run folder: safetensors, JSON and skops only (issue 16)
+        assert {p.name for p in run.iterdir()} == {"record.json", "normalizer.safetensors", *files}
+        with FeatureCache(locate_caches(train_cfg(cached).features)["tiny"]) as cache:
+            X_test = normalizer.transform([cache.read("test", "stage3")])
+        assert list(model.predict(X_test)) == load_record(run).metrics["predictions"]
 
 
 def run_cli(*args):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from featcache.cli.group import cli
+from featcache.cli.group import cli, trusting
 from featcache.errors import FeatcacheError
 
 
@@ -72,7 +72,10 @@ def runs(runs_dir, pipeline, csv_path):
 @click.argument("images", nargs=-1, required=True)
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--device", default="auto", show_default=True)
-def predict(run_name, images, runs_dir, device):
+@click.option("--trust-pickles", is_flag=True,
+              help="Also load run folders written by featcache 0.1, whose pickled heads can run code. "
+                   "Only for folders you trust.")
+def predict(run_name, images, runs_dir, device, trust_pickles):
     """Classify images with a run's backbones, preprocessing and head.
 
     Each IMAGE is a file, a folder (every image inside, recursively) or a quoted glob
@@ -83,5 +86,7 @@ def predict(run_name, images, runs_dir, device):
     from featcache.records import resolve_run
 
     run = resolve_run(run_name, runs_dir)
-    for file, label, prob in predict_files(run, image_paths(images), device=device):
+    with trusting(trust_pickles):
+        predictions = predict_files(run, image_paths(images), device=device)
+    for file, label, prob in predictions:
         click.echo(f"{file}\t{label}\t{prob:.4f}")

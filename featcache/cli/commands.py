@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from featcache.cli import browse  # noqa: F401  registers backbones, info, runs and predict on the group
-from featcache.cli.group import cli
+from featcache.cli.group import cli, trusting
 from featcache.cli.stages import STAGES
 
 
@@ -171,7 +171,10 @@ def fuse_train(**params):
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run of the same command from its last epoch.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-def finetune(quiet, **params):
+@click.option("--trust-pickles", is_flag=True,
+              help="Also load run folders written by featcache 0.1, whose pickled heads can run code. "
+                   "Only for folders you trust.")
+def finetune(quiet, trust_pickles, **params):
     """Train unfrozen variants end to end: backbones -> taps -> pooling -> normalisation -> head.
 
     Writes the same run record as fuse-train, so featcache runs lists both side by side.
@@ -180,7 +183,8 @@ def finetune(quiet, **params):
 
     cfg = STAGES["finetune"].build(params)
     try:
-        path = run(cfg, log=click.echo, progress=not quiet)
+        with trusting(trust_pickles):
+            path = run(cfg, log=click.echo, progress=not quiet)
     except KeyboardInterrupt:
         click.echo("interrupted: run the same command with --resume to continue from the last epoch", err=True)
         sys.exit(130)
@@ -198,12 +202,16 @@ def finetune(quiet, **params):
 @click.option("--grid-images", type=int, default=12, show_default=True, help="Test images in each prediction grid.")
 @click.option("--gradcam-images", type=int, default=4, show_default=True, help="Images per Grad-CAM grid; 0: none.")
 @click.option("--device", default="cpu", show_default=True, help="Where Grad-CAM runs: cpu or cuda.")
-def report(**params):
+@click.option("--trust-pickles", is_flag=True,
+              help="Also load run folders written by featcache 0.1, whose pickled heads can run code. "
+                   "Only for folders you trust.")
+def report(trust_pickles, **params):
     """Write one self-contained HTML page comparing runs: table, curves, confusion matrices,
     per-class scores, predictions, Grad-CAM, architecture and where time went."""
     from featcache.reporting.page import write_report
 
-    write_report(STAGES["report"].build(params), log=lambda m: click.echo(m, err=True))
+    with trusting(trust_pickles):
+        write_report(STAGES["report"].build(params), log=lambda m: click.echo(m, err=True))
 
 
 @cli.command("run")

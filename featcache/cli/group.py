@@ -12,6 +12,15 @@ from featcache import __version__
 from featcache.errors import FeatcacheError
 
 
+def trusting(trust_pickles: bool):
+    """``--trust-pickles``: the block may load featcache 0.1 run folders (pickles); otherwise nothing changes."""
+    import contextlib
+
+    from featcache.run_files import trusting_pickles
+
+    return trusting_pickles() if trust_pickles else contextlib.nullcontext()
+
+
 class UserError(click.ClickException):
     exit_code = 2
 

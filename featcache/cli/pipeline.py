@@ -33,7 +33,9 @@ from featcache.files import atomic_write
 
 SECTIONS = ("pipeline", "defaults", *STAGES)
 PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
-UI_ONLY = ("quiet", "resume")  # options that do not change a stage's result
+# A pipeline file is shared: it cannot ask to load pickles (which can run code), only a person can.
+COMMAND_LINE_ONLY = ("trust-pickles",)
+UI_ONLY = ("quiet", "resume", "trust_pickles")  # options that do not change a stage's result
 LEDGER = "pipeline-ledger.json"
 
 
@@ -64,12 +66,12 @@ class Pipeline:
 
 
 def _options(command: click.Command) -> dict[str, click.Option]:
-    """Flag name without dashes -> option, e.g. "image-size"."""
+    """Flag name without dashes -> option, e.g. "image-size"; never one a shared file must not set."""
     out = {}
     for param in command.params:
         if isinstance(param, click.Option):
             long = [o for o in param.opts if o.startswith("--")]
-            if long:
+            if long and long[0][2:] not in COMMAND_LINE_ONLY:
                 out[long[0][2:]] = param
         elif isinstance(param, click.Argument):
             out[param.name.replace("_", "-")] = param

@@ -159,7 +159,8 @@ def _open_checkpoint(cfg: FinetuneConfig, setup: _Setup, log):
 
     folder = partial_dir(cfg)
     if cfg.resume and (folder / "checkpoint.pt").exists():
-        ckpt = torch.load(folder / "checkpoint.pt", map_location=setup.device, weights_only=False)
+        # weights_only: tensors and plain values only, so a planted checkpoint cannot run code
+        ckpt = torch.load(folder / "checkpoint.pt", map_location=setup.device, weights_only=True)
         setup.net.load_state_dict(ckpt["model"])
         log(f"resuming {folder} after {ckpt['phase']} epoch {ckpt['epoch']}")
         return folder, ckpt

@@ -15,7 +15,8 @@ from featcache.finetuning.config import FinetuneConfig, finetune_config_from_rec
 from featcache.finetuning.model import build_net
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.torch_head import TorchClassifier
-from featcache.records import RunRecord, load_head, load_record
+from featcache.records import RunRecord, load_record
+from featcache.run_files import load_head
 
 
 def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):
