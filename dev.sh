@@ -11,6 +11,7 @@ PYTHON=${PYTHON:-python3}
 VENV=.venv
 
 if [ ! -x "$VENV/bin/featcache" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+    echo "dev.sh: installing featcache into $VENV with PyTorch (several GB: a few quiet minutes the first time)" >&2
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
