@@ -28,11 +28,23 @@ from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import autocast, resolve_device, resolve_precision, tap_model
+from featcache.backbones.taps import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, tap_model
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig, to_input
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract
+
+
+def cpu_name() -> str:
+    """'AMD EPYC (family 25, model 17)' from /proc/cpuinfo, or what platform knows."""
+    import platform
+
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    info = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lines if ":" in line)}
+    return f"{info.get('model name', '?')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
 
 
 def sync(device):
@@ -99,6 +111,8 @@ def main():
     request = tiled_digits(args.repeat, limit_train=args.images, limit_test=10)
     images = load_dataset(request).splits["train"].images
     n = len(images) + 10  # featcache also extracts the 10 test images
+    print(f"CPU: {cpu_name()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; (a) and (b) run at "
+          f"--precision {args.precision} = {precision}, (c) and (d) in fp32 as the studies do")
     print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "
           f"{args.image_size} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")
     # Process start-up is paid here, not by the first backbone's (a): importing torchvision's

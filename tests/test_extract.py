@@ -2,6 +2,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+import tiny
 import torch
 from conftest import tiny_config
 
@@ -172,10 +173,57 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
-def test_auto_precision_is_half_autocast_on_a_gpu_and_fp32_on_the_cpu(monkeypatch, bf16, expected):
+def test_auto_precision_is_half_autocast_on_a_gpu(monkeypatch, bf16, expected):
     from featcache.backbones.taps import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_precision("auto", torch.device("cuda")) == expected
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
     assert resolve_precision("fp16", torch.device("cpu")) == "fp16"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_on_a_cpu_is_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, native):
+    from featcache.backbones import taps
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(taps, "cpu_has_native_bf16", tiny.NATIVE_BF16_CHECK)  # the suite pins fp32 (tests/tiny.py)
+    # torch's own answer (AVX512-BF16 or AMX) ...
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(taps, "cpu_flags", lambda: pytest.fail("torch answered; the flags are not read"))
+    assert taps.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert taps.resolve_precision("fp32", cpu) == "fp32"  # forcing fp32 still works
+    # ... and the CPU flags where torch has no such query (x86 avx512_bf16 / amx_bf16, Arm bf16)
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    for flags in ({"avx2", "avx512_bf16"}, {"asimd", "bf16"}, {"amx_bf16"}):
+        monkeypatch.setattr(taps, "cpu_flags", lambda flags=flags: flags if native else {"avx2", "fma"})
+        assert taps.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+
+
+def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_folder):
+    """Per-image cosine >= 0.999 between bf16- and fp32-extracted taps, every tap of the four study backbones.
+
+    resnet18 and mobilenet_v2 load a state dict saved to a file (the --weights PATH path); resnet50
+    and vgg16 use seeded random weights, to keep 600 MB of state dicts out of the suite.
+    """
+    from featcache.backbones.registry import build_backbone
+
+    data = DataRequest(name="folder", data_dir=image_folder, test_fraction=0.34)
+    for name in ("resnet18", "mobilenet_v2", "resnet50", "vgg16"):
+        weights = "random"
+        if name in ("resnet18", "mobilenet_v2"):
+            weights = str(tmp_path / f"{name}.pt")
+            torch.save(build_backbone(BACKBONES[name], "random", 7).state_dict(), weights)
+        caches = {}
+        for precision in ("fp32", "bf16"):
+            cfg = tiny_config(tmp_path / precision, data=data, backbones=(name,), weights=weights, dtype="float32",
+                              precision=precision, preprocess=PreprocessConfig(image_size=64))
+            [caches[precision]] = extract(cfg, progress=False, log=lambda m: None)
+            assert caches[precision].precision == precision
+        exact, half = read_all(caches["fp32"].path), read_all(caches["bf16"].path)
+        for key, x in exact.items():
+            if key[1] == "labels":
+                continue
+            y = half[key]
+            cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
+            assert cos.min() >= 0.999, (name, key, float(cos.min()))

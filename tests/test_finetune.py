@@ -340,3 +340,14 @@ def test_finetune_ends_with_the_same_result_line_as_fuse_train(tmp_path):
     record = load_record(run)
     assert (f"{run.name}: val acc {record.selection['val_accuracy']:.4f}  test acc {record.metrics['accuracy']:.4f}  "
             f"macro-F1 {record.metrics['macro_f1']:.4f}  fit ") in result.output
+
+
+def test_a_bf16_fine_tune_epoch_on_the_cpu_reaches_the_fp32_loss(tmp_path):
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ft_config(tmp_path / precision, epochs=1, unfreeze="last-block", augment="none",
+                        features=tiny_config(tmp_path / precision, data=DATA, dtype="float32", precision=precision))
+        record = load_record(finetune(cfg, log=lambda m: None, progress=False))
+        losses[precision] = record.curves["train_loss"][0], record.curves["val_loss"][0]
+    for exact, half in zip(losses["fp32"], losses["bf16"]):
+        assert abs(half - exact) <= 0.02 * exact, losses

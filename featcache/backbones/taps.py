@@ -8,6 +8,8 @@ fine-tuning, prediction and Grad-CAM all build their networks here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from featcache.backbones.registry import BackboneSpec, build_backbone
 from featcache.errors import FeatcacheError
 
@@ -83,11 +85,37 @@ def resolve_device(name: str):
 
 
 def resolve_precision(precision: str, device) -> str:
-    """``auto`` -> bf16 (or fp16) autocast on GPU, fp32 on CPU (no fast bf16 assumed)."""
+    """``auto`` -> bf16 (or fp16) autocast on a GPU; on a CPU bf16 where it multiplies bf16 natively, else fp32.
+
+    One rule for extraction, fine-tuning and everything else that runs a network.
+    """
     if precision != "auto":
         return precision
     if device.type == "cuda":
         import torch
 
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
+
+    Elsewhere (AVX2-only x86, say) bf16 autocast is emulated and slower than fp32.
+    """
+    import torch
+
+    queries = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(q) for q in queries):  # torch's own answer (private API: checked, with a fallback)
+        return any(q() for q in queries)
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags as Linux lists them (x86 ``flags``, Arm ``Features``); empty elsewhere."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith(("flags", "Features"))
+            for flag in line.split(":", 1)[1].split()}

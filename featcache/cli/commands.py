@@ -96,7 +96,7 @@ def extract(quiet, **params):
             click.echo(f"{r.backbone}: already cached at {r.path} (served in {r.seconds:.2f} s)")
         else:
             rate = r.images / r.seconds if r.seconds else 0.0
-            click.echo(f"{r.backbone}: {r.status} {r.images} images into {r.path} in {r.seconds:.1f} s ({rate:.1f} img/s)")
+            click.echo(f"{r.backbone}: {r.status} {r.images} images into {r.path} in {r.seconds:.1f} s ({rate:.1f} img/s, {r.precision})")
     click.echo(f"done in {time.perf_counter() - started:.1f} s; inspect with: featcache info {results[-1].path}")
 
 

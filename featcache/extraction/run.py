@@ -10,6 +10,7 @@ inference (conv+BN folded, channels_last, optional ``torch.compile``) and runs u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ class ExtractResult:
     images: int
     skipped: tuple[dict, ...] = ()  # unreadable images left out (--skip-bad-images)
     timings: dict = field(default_factory=dict)  # seconds per phase: setup, data, first batch, network, writes
+    precision: str = ""  # what the network ran at: fp32, bf16 or fp16 (--precision auto resolved)
 
 
 def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[ExtractResult]:
@@ -86,7 +88,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
                                             "batch_size": cfg.batch_size, "processes": r.world,
                                             "shared_pass": [j.spec.name for j in jobs], "phases": result.timings})
             results[job.spec.name] = result
-    return [results[name] for name in cfg.backbones]
+    return [dataclasses.replace(results[name], precision=precision) for name in cfg.backbones]
 
 
 def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]:
