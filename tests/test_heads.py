@@ -73,3 +73,17 @@ def test_heads_work_in_pipeline_and_grid_search():
     search = GridSearchCV(make_pipeline(StandardScaler(), TorchClassifier(hidden=(), epochs=10)),
                           {"torchclassifier__lr": [0.01, 0.1]}, cv=2).fit(X, y)
     assert search.best_score_ > 0.9
+
+
+def test_a_torch_head_trained_in_bf16_on_the_cpu_matches_fp32():
+    """fuse-train's torch heads follow --precision like extraction; bf16 costs no accuracy."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = ((X - X.mean(0)) / (X.std(0) + 1e-6)).astype(np.float32)
+    fits = {p: TorchClassifier(hidden=(32,), epochs=8, precision=p, patience=None).fit(X[:1200], y[:1200])
+            for p in ("fp32", "bf16")}
+    exact, half = fits["fp32"], fits["bf16"]
+    assert abs(half.history_["train_loss"][-1] - exact.history_["train_loss"][-1]) <= 0.02
+    assert abs(half.score(X[1200:], y[1200:]) - exact.score(X[1200:], y[1200:])) <= 0.02
+    assert half.predict_proba(X[:5]).dtype == np.float32

@@ -56,14 +56,15 @@ def hidden_widths(text: str) -> tuple[int, ...]:
 
 def fuse_train_config(params: dict):
     """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
-    from featcache.backbones.taps import resolve_device
+    from featcache.backbones.taps import resolve_device, resolve_precision
     from featcache.fuse.heads import HeadOptions
     from featcache.fuse.train import FuseTrainConfig
 
     p = params
     options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
                           epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
-                          device=resolve_device(p["device"]).type, seed=p["seed"])
+                          device=resolve_device(p["device"]).type,
+                          precision=resolve_precision(p["precision"], resolve_device(p["device"])), seed=p["seed"])
     return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
                            heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
                            options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],

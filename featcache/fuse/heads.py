@@ -34,6 +34,7 @@ class HeadOptions:
     batch_size: int = 128
     patience: int | None = 5
     device: str = "cpu"
+    precision: str = "fp32"  # torch heads' autocast: --precision, resolved as for extraction
     seed: int = 0
     grid: dict = field(default_factory=dict)  # name -> candidates, overriding the defaults
 
@@ -86,7 +87,7 @@ def _calibrated_svm(o: HeadOptions, **params):
 def _torch(o: HeadOptions, hidden, **params):
     settings = dict(hidden=hidden, dropout=o.dropout if hidden else 0.0, optimizer=o.optimizer, lr=o.lr,
                     epochs=o.epochs, batch_size=o.batch_size, patience=o.patience, device=o.device,
-                    random_state=o.seed)
+                    precision=o.precision, random_state=o.seed)
     return TorchClassifier(**{**settings, **params})
 
 

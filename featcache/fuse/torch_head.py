@@ -13,6 +13,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featcache.backbones.taps import autocast
 from featcache.errors import check_choice
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -33,6 +34,9 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         patience: with an ``eval_set``, stop after this many epochs without a better
             validation loss and keep the best epoch's weights; None trains all epochs.
         device: ``cpu`` or ``cuda``.
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast for the forward passes (the loss
+            is computed in float32); fuse-train passes ``--precision`` resolved by the
+            rule extraction uses.
         random_state: seed for initialisation, shuffling and dropout.
 
     Attributes:
@@ -44,7 +48,7 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
     """
 
     def __init__(self, *, hidden=(512,), dropout=0.2, optimizer="adam", lr=1e-3, weight_decay=0.0,
-                 epochs=30, batch_size=128, patience=5, device="cpu", random_state=0):
+                 epochs=30, batch_size=128, patience=5, device="cpu", precision="fp32", random_state=0):
         self.hidden = hidden
         self.dropout = dropout
         self.optimizer = optimizer
@@ -54,6 +58,7 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         self.batch_size = batch_size
         self.patience = patience
         self.device = device
+        self.precision = precision
         self.random_state = random_state
 
     def build_module(self, n_in: int, n_out: int):
@@ -146,7 +151,7 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
             self.module_.train()
             total, correct, seen = 0.0, 0, 0
             for X_step, y_step in batches():
-                logits = self.module_(X_step)
+                logits = self._forward(X_step)
                 loss = loss_fn(logits, y_step)
                 opt.zero_grad()
                 loss.backward()
@@ -174,6 +179,11 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         self.module_.eval()
         return self
 
+    def _forward(self, X):
+        """The module's float32 logits, under autocast at ``precision``."""
+        with autocast(next(self.module_.parameters()).device, self.precision):
+            return self.module_(X).float()
+
     def _encode(self, y) -> np.ndarray:
         index = {c: i for i, c in enumerate(self.classes_)}
         try:
@@ -188,12 +198,12 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         self.module_.eval()
         with torch.inference_mode():
             if not hasattr(X, "chunks"):
-                logits = self.module_(X)
+                logits = self._forward(X)
                 return torch.nn.functional.cross_entropy(logits, y).item(), (logits.argmax(1) == y).float().mean().item()
             device = next(self.module_.parameters()).device
             total, correct = 0.0, 0
             for X_chunk, rows in X.chunks():
-                logits = self.module_(torch.from_numpy(X_chunk).to(device))
+                logits = self._forward(torch.from_numpy(X_chunk).to(device))
                 total += torch.nn.functional.cross_entropy(logits, y[rows], reduction="sum").item()
                 correct += (logits.argmax(1) == y[rows]).sum().item()
             return total / len(X), correct / len(X)
@@ -206,10 +216,10 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         device = next(self.module_.parameters()).device
         with torch.inference_mode():
             if hasattr(X, "chunks"):  # streamed in row order
-                return np.concatenate([self.module_(torch.from_numpy(c).to(device)).float().cpu().numpy()
+                return np.concatenate([self._forward(torch.from_numpy(c).to(device)).cpu().numpy()
                                        for c, _ in X.chunks()])
             X = validate_data(self, X, dtype=np.float32, reset=False)
-            return self.module_(torch.from_numpy(X).to(device)).float().cpu().numpy()
+            return self._forward(torch.from_numpy(X).to(device)).cpu().numpy()
 
     def decision_function(self, X) -> np.ndarray:
         """Logits; for two classes the single margin of the second, as scikit-learn expects."""
