@@ -91,3 +91,14 @@ def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path):
     assert [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")] == []
     ok = run("extract", *FAST, "--weights", str(tmp_path / "loud.pt"), "--cache-dir", str(cache), "--dtype", "float32")
     assert ok.exit_code == 0, ok.output
+
+
+def test_num_workers_defaults_to_the_cores_the_machine_gives_and_help_says_so(monkeypatch):
+    import os
+
+    from featcache.extraction.config import ExtractConfig, available_cores
+
+    shown = " ".join(CliRunner().invoke(cli, ["extract", "--help"]).output.split())
+    assert f"every core this machine gives featcache. [default: {available_cores()}]" in shown
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5, 7}, raising=False)
+    assert available_cores() == 5 and ExtractConfig().num_workers == 5

@@ -16,6 +16,7 @@ import click
 from featcache.cli import browse  # noqa: F401  registers backbones, info, runs and predict on the group
 from featcache.cli.group import cli, trusting
 from featcache.cli.stages import STAGES
+from featcache.extraction.config import available_cores
 
 
 def data_options(f):
@@ -63,7 +64,8 @@ def feature_options(f):
 @feature_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--num-workers", type=int, default=2, show_default=True, help="DataLoader workers decoding image files.")
+@click.option("--num-workers", type=int, default=available_cores(), show_default=True,
+              help="Processes decoding image files; the default is every core this machine gives featcache.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping.")

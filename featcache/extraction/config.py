@@ -8,6 +8,7 @@ and any numeric change is a miss.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +24,11 @@ DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on: how many image files decode at once by default."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Flags of ``featcache extract``."""
@@ -36,7 +42,7 @@ class ExtractConfig:
     dtype: str = "float16"
     device: str = "auto"
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = field(default_factory=lambda: available_cores())  # decoders for image files
     cache_dir: Path = Path("cache")
     compile: bool = False
     skip_bad_images: bool = False  # leave unreadable files out (recorded in the cache) instead of stopping
