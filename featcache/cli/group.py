@@ -16,7 +16,7 @@ def trusting(trust_pickles: bool):
     """``--trust-pickles``: the block may load featcache 0.1 run folders (pickles); otherwise nothing changes."""
     import contextlib
 
-    from featcache.run_files import trusting_pickles
+    from featcache.run_files import trusting_pickles  # loads scikit-learn: only when a command runs
 
     return trusting_pickles() if trust_pickles else contextlib.nullcontext()
 
