@@ -182,9 +182,11 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
     """A run given as a folder path, or as a name inside ``runs_dir`` or one of its sub-folders."""
     path = Path(run)
     if not path.exists():
-        named = [p for p in [Path(runs_dir) / run] if (p / RECORD).is_file()] or \
-                [p for p in run_folders(runs_dir) if p.name == Path(run).name]
-        if len(named) == 1:
+        inside = Path(runs_dir) / run
+        named = [p for p in run_folders(runs_dir) if p.name == path.name]
+        if (inside / RECORD).is_file():
+            path = inside
+        elif len(named) == 1:  # one folder down, where a pipeline keeps its runs
             path = named[0]
     load_record(path)
     return path

@@ -81,7 +81,7 @@ def predict(run_name, images, runs_dir, device, trust_pickles):
     Each IMAGE is a file, a folder (every image inside, recursively) or a quoted glob
     pattern such as 'photos/**/*.jpg'.
     """
-    from featcache.data.datasets import image_paths
+    from featcache.data.images import image_paths
     from featcache.predict import predict_files
     from featcache.records import resolve_run
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.data.images import IMAGE_SUFFIXES, images_in
 from featcache.errors import FeatcacheError
 from featcache.registry import Registry
 
 SPLITS = ("train", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 @dataclass(frozen=True)
@@ -214,39 +214,6 @@ def _folder_root(request: DataRequest) -> Path:
     if not root.is_dir():
         raise FeatcacheError(f"data directory {root} does not exist: check --data-dir")
     return root
-
-
-def images_in(folder: Path) -> list[Path]:
-    """Every image file under ``folder``, recursively, in name order.
-
-    Hidden files and folders are not photos: macOS's ``._name.jpg`` AppleDouble files, ``.thumbnails/`` ...
-    """
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-
-
-def image_paths(args) -> list[Path]:
-    """Files, folders (every image inside, recursively) and glob patterns -> image files, in the order given."""
-    import glob
-
-    out: list[Path] = []
-    for arg in map(str, args):
-        path = Path(arg)
-        if path.is_dir():
-            found = images_in(path)
-            if not found:
-                raise FeatcacheError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            out += found
-        elif path.exists():
-            out.append(path)
-        elif glob.has_magic(arg):
-            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
-            if not matches:
-                raise FeatcacheError(f"no file matches {arg}")
-            out += matches
-        else:
-            raise FeatcacheError(f"no image at {path}: check the path")
-    return out
 
 
 def _class_files(root: Path) -> dict[str, list[Path]]:

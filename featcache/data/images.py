@@ -5,7 +5,8 @@ the norm: grayscale, palette, CMYK and alpha images are converted to RGB the way
 torchvision's ``ImageFolder`` loader does (alpha is dropped), and 16-bit images are
 scaled to 8 bits instead of saturating. A file that cannot be decoded raises
 :class:`BadImage` naming the file; extraction reports it in one line or, with
-``--skip-bad-images``, skips it.
+``--skip-bad-images``, skips it. Which files count as images (:func:`images_in`, and
+:func:`image_paths` for files, folders and globs given on the command line) is decided here too.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 
 from featcache.data.preprocess import PreprocessConfig, resize_plan
 from featcache.errors import FeatcacheError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
@@ -96,3 +99,37 @@ class FileImages:
         except BadImage as exc:
             size = self.pre.image_size
             return torch.zeros((size, size, 3), dtype=torch.uint8), str(exc)
+
+
+
+def images_in(folder: Path) -> list[Path]:
+    """Every image file under ``folder``, recursively, in name order.
+
+    Hidden files and folders are not photos: macOS's ``._name.jpg`` AppleDouble files, ``.thumbnails/`` ...
+    """
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def image_paths(args) -> list[Path]:
+    """Files, folders (every image inside, recursively) and glob patterns -> image files, in the order given."""
+    import glob
+
+    out: list[Path] = []
+    for arg in map(str, args):
+        path = Path(arg)
+        if path.is_dir():
+            found = images_in(path)
+            if not found:
+                raise FeatcacheError(f"folder {path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += found
+        elif path.exists():
+            out.append(path)
+        elif glob.has_magic(arg):
+            matches = sorted(Path(m) for m in glob.glob(arg, recursive=True) if Path(m).is_file())
+            if not matches:
+                raise FeatcacheError(f"no file matches {arg}")
+            out += matches
+        else:
+            raise FeatcacheError(f"no image at {path}: check the path")
+    return out

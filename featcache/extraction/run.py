@@ -96,7 +96,9 @@ def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]
     out: dict[str, ExtractResult] = {}
     with contextlib.ExitStack() as locks:
         missing = []
-        for job in jobs:
+        # Locks are taken in one global order (by path): two commands naming the same backbones
+        # in different orders would otherwise each hold one lock and wait for the other's.
+        for job in sorted(jobs, key=lambda j: str(j.path)):
             locks.enter_context(locked(job.path, on_wait=lambda p=job.path: job.log(
                 f"waiting for another featcache process writing {p} ...")))
             hit = _served(job.spec.name, job.path, started)  # the other writer may have finished it while we waited

@@ -204,13 +204,12 @@ def _train(cfg: FinetuneConfig, setup: _Setup, state: _Progress, ckpt, folder: P
             maps["val"] = frozen_maps(net, setup.train, setup.val_rows, cfg, setup.device, setup.precision)
             log(f"frozen backbones: feature maps of {len(setup.fit_rows) + len(setup.val_rows)} images computed once")
         scores = _epoch(trainer, setup, maps, transform, seed, f"{phase} {epoch}", progress)
-        _note_epoch(cfg, state, net, phase, epoch, scores, log)
+        improved = _note_epoch(cfg, state, net, phase, epoch, scores, log)
         _save_checkpoint(folder, {"model": net.state_dict(), "optimizer": trainer.opt.state_dict(),
                                   "scaler": trainer.scaler.state_dict(), "phase": phase, "epoch": epoch,
                                   "step": index, "history": state.history, "best": state.best,
                                   "stopped": state.stopped,
-                                  "best_model": None if state.best["epoch"] == epoch and state.best["phase"] == phase
-                                  else state.best_state})  # None: the model itself
+                                  "best_model": None if improved else state.best_state})  # None: the model itself
     if not trainable:  # resumed after the last epoch: report the final phase's parameters
         _, trainable = _configure(net, cfg, steps[-1][0])
     return trainable
@@ -235,20 +234,22 @@ def _epoch(trainer: Trainer, setup: _Setup, maps: dict, transform, seed: int, de
     return (*fitted, val_loss, val_acc)
 
 
-def _note_epoch(cfg: FinetuneConfig, state: _Progress, net, phase: str, epoch: int, scores: tuple, log) -> None:
-    """Add an epoch to the curves, keep its weights if validation improved, decide on early stopping."""
+def _note_epoch(cfg: FinetuneConfig, state: _Progress, net, phase: str, epoch: int, scores: tuple, log) -> bool:
+    """Add an epoch to the curves, keep its weights if it is the new best (returned), decide on early stopping."""
     train_loss, train_acc, rate, val_loss, val_acc = scores
     for key, value in zip(state.history, (phase, epoch, train_loss, train_acc, val_loss, val_acc, rate)):
         state.history[key].append(value)
     log(f"{phase} epoch {epoch}: train loss {train_loss:.4f} acc {train_acc:.4f}  "
         f"val loss {val_loss:.4f} acc {val_acc:.4f}  {rate:.1f} img/s")
-    if val_loss < state.best["val_loss"]:
+    improved = val_loss < state.best["val_loss"]
+    if improved:
         state.best = {"val_loss": val_loss, "val_acc": val_acc, "epoch": epoch, "phase": phase}
         state.best_state = copy.deepcopy(net.state_dict())
     since_best = len(state.history["val_loss"]) - 1 - _last_index(state.history, state.best)
     state.stopped = cfg.patience is not None and phase == "finetune" and since_best >= cfg.patience
     if state.stopped:
         log(f"early stop: no better validation loss for {cfg.patience} epochs")
+    return improved
 
 
 def _finish(cfg: FinetuneConfig, setup: _Setup, state: _Progress, trainable: dict, folder: Path) -> Path:
