@@ -90,7 +90,7 @@ def load_features(taps: str = "late", split: str = "train", **kwargs) -> tuple[n
     refs = parse_taps(taps, config.features.backbones)
     if config.run_extract:
         STAGES["extract"].run(config.features, {}, print)
-    features = load(locate_caches(config.features), set(refs))
+    features = load(locate_caches(config.features), set(refs), config.allow_dead_taps)
     X = np.concatenate([features.taps[split, ref] for ref in refs], axis=1)
     return X, features.labels[split]
 

@@ -20,6 +20,15 @@ def closest(name: str, known: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def require(ok: bool, flag: str, value, rule: str) -> None:
+    """Raise the one-line error naming ``flag`` and its ``value`` unless ``ok``.
+
+    Example: ``--dropout must lie in [0, 1). Got 1.5 instead.``
+    """
+    if not ok:
+        raise FeatcacheError(f"{flag} must {rule}. Got {value} instead.")
+
+
 def unknown(option: str, name: str, known: Iterable[str]) -> FeatcacheError:
     """The error for a name that is not one of ``known``.
 

@@ -69,6 +69,7 @@ class RunRecord:
     caches: dict = field(default_factory=dict)  # backbone -> cache path and fingerprint (frozen runs)
     test_index: list | None = None  # source positions of the scored test rows
     run: str = ""  # the folder's name, set when the run is saved
+    request: str = ""  # hash of what the result depends on: an identical request is served from this run
     schema: int = SCHEMA
 
     def __post_init__(self):

@@ -1,5 +1,7 @@
 """The command line, driven with click's CliRunner (the tiny backbone is registered)."""
 
+import json
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -33,8 +35,12 @@ def test_extract_then_info(tmp_path):
     [path] = (tmp_path / "digits").glob("tiny-*.h5")
     info = run("info", str(path))
     assert info.exit_code == 0
-    for text in ("state: complete", "train: 60/60 rows, dtype float16", "stage3", "60 x 16", '"pooling": "avg"'):
+    for text in ("state: complete", "train: 60/60 rows, dtype float16", "stage3", "60 x 16", "pooling     avg",
+                 "weights     kind=random, seed=0", "--json"):
         assert text in info.output
+    assert info.output.index("stage1") < info.output.index("stage2") < info.output.index("stage3")
+    full = json.loads(run("info", "--json", str(path)).output)
+    assert full["fingerprint"]["pooling"] == "avg" and full["splits"]["train"]["taps"]["stage3"] == [60, 16]
 
 
 def test_backbones_lists_taps_aliases_and_dimensions():
@@ -54,6 +60,11 @@ def test_backbones_lists_taps_aliases_and_dimensions():
         (["extract", *FAST, "--weights", "/no/such/weights.pt"], "--weights must be imagenet, random or the path"),
         (["extract", *FAST, "--batch-size", "0"], "--batch-size must be at least 1"),
         (["info", "/no/such/cache.h5"], "no cache file at /no/such/cache.h5"),
+        # one flag, one value: not a sentence about four flags (issue 12)
+        (["fuse-train", *FAST[:-1], "--dropout", "1.5"], r"^Error: --dropout must lie in \[0, 1\)\. Got 1\.5 instead\.$"),
+        (["finetune", *FAST[:-1], "--dropout", "1.5"], r"^Error: --dropout must lie in \[0, 1\)\. Got 1\.5 instead\.$"),
+        (["fuse-train", *FAST[:-1], "--taps", "resnet18:late"],
+         r"--taps resnet18:late names resnet18, which is not among the backbones \(tiny\): add --backbone resnet18"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_status_2(args, pattern):

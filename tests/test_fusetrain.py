@@ -59,7 +59,7 @@ def test_every_taps_head_combination_from_one_load(cached, monkeypatch):
 
 def test_choices_never_see_the_test_labels(cached, monkeypatch):
     """Permuting the test labels changes the test score and nothing that was chosen."""
-    cfg = train_cfg(cached, heads=("logreg", "mlp"))
+    cfg = train_cfg(cached, heads=("logreg", "mlp"), force=True)
     honest = [load_record(r) for r in fuse_train(cfg, log=lambda m: None)]
     real = fusetrain.load_features
 
@@ -77,9 +77,73 @@ def test_choices_never_see_the_test_labels(cached, monkeypatch):
 
 
 def test_same_seed_same_numbers(cached):
-    cfg = train_cfg(cached, heads=("mlp",))
+    cfg = train_cfg(cached, heads=("mlp",), force=True)
     a, b = (load_record(fuse_train(cfg, log=lambda m: None)[0]) for _ in range(2))
     assert a["metrics"]["accuracy"] == b["metrics"]["accuracy"] and a["curves"] == b["curves"]
+
+
+def test_an_identical_request_is_served_from_its_run_unless_forced(cached, monkeypatch):
+    cfg = train_cfg(cached, taps=("late", "early,late"), heads=("logreg",))
+    first = fuse_train(cfg, log=lambda m: None)
+    loads, lines = [], []
+    real = fusetrain.load_features
+    monkeypatch.setattr(fusetrain, "load_features", lambda *a: loads.append(a) or real(*a))
+    # one new combination (the mlp) is trained; the two logreg runs are served without loading their taps
+    again = fuse_train(train_cfg(cached, taps=("late", "early,late"), heads=("logreg", "mlp")), log=lines.append)
+    assert again[0] == first[0] and again[2] == first[1] and again[1] not in first
+    assert len(loads) == 1 and {r.tap for r in loads[0][1]} == {"stage1", "stage3"}
+    assert sum("identical request: served from this run; --force trains again" in line for line in lines) == 2
+    assert fuse_train(cfg, log=lambda m: None) == first
+    forced = fuse_train(train_cfg(cached, taps=("late",), force=True), log=lambda m: None)
+    changed = fuse_train(train_cfg(cached, taps=("late",), val_fraction=0.2), log=lambda m: None)
+    assert len({first[0], forced[0], changed[0]}) == 3 and len(list((cached / "runs").iterdir())) == 6
+
+
+def _set_tap(cached, tap, values):
+    import h5py
+
+    path = locate_caches(train_cfg(cached).features)["tiny"]
+    with h5py.File(path, "r+") as f:
+        data = f["train"]["taps"][tap]
+        data[...] = values(data.shape).astype(data.dtype)
+    return path
+
+
+def test_dead_taps_are_refused_by_name_unless_allowed(cached):
+    path = _set_tap(cached, "stage3", np.zeros)  # as a ReLU block stored as all zeros
+    rng = np.random.default_rng(0)
+    _set_tap(cached, "stage1", lambda shape: rng.uniform(0, 2e-5, shape))  # entirely below float16's normal range
+    with pytest.raises(FeatcacheError, match=r"tap tiny:stage3 is dead in .*: constant over every training image "
+                                             r"\(all 0\)\. .*--dtype float32.*--allow-dead-taps"):
+        fuse_train(train_cfg(cached), log=lambda m: None)
+    with pytest.raises(FeatcacheError, match=r"tap tiny:stage1 is dead .*: 100% of its nonzero values lie below "
+                                             r"float16's normal range"):
+        fuse_train(train_cfg(cached, taps=("early",)), log=lambda m: None)
+    lines = []
+    [run] = fuse_train(train_cfg(cached, allow_dead_taps=True), log=lines.append)
+    assert any("warning: tap tiny:stage3 is dead" in line for line in lines)
+    fuse_train(train_cfg(cached, taps=("mid",)), log=lambda m: None)  # the healthy tap trains
+    shown = CliRunner().invoke(cli, ["info", str(path)]).output
+    assert "stage3         400 x 16       DEAD: constant" in shown and "stage2         400 x 12\n" in shown
+    assert json.loads(CliRunner().invoke(cli, ["info", "--json", str(path)]).output)["dead_taps"].keys() == {
+        "stage1", "stage3"}
+
+
+def test_tap_health_is_the_same_read_whole_or_in_chunks(monkeypatch):
+    from featcache.extraction.reader import TapHealth
+
+    rng = np.random.default_rng(1)
+    tiny = rng.uniform(0, 3e-5, (50, 4)).astype(np.float16)
+    tiny[:, 0] = 1.0  # a quarter of the values are normal: 75% below the range, still dead
+    assert TapHealth(True).update(tiny).dead().startswith("75% of its nonzero values")
+    chunked = TapHealth(True)
+    for start in range(0, 50, 7):
+        chunked.update(tiny[start:start + 7])
+    assert chunked.dead() == TapHealth(True).update(tiny).dead()
+    assert TapHealth(False).update(tiny).dead() is None  # float32 keeps small values
+    constant = np.tile(rng.normal(size=(1, 3)), (10, 1))  # constant per column, different across columns
+    assert TapHealth(False).update(constant).dead().startswith("constant over every training image")
+    assert TapHealth(False).update(constant[:1]).dead() is None and TapHealth(True).update(rng.normal(size=(9, 3))).dead() is None
 
 
 def test_fusion_across_backbones(tmp_path):

@@ -31,19 +31,28 @@ def backbones():
 
 @cli.command()
 @click.argument("path", type=click.Path(path_type=Path))
-def info(path):
-    """Show a cache file's splits, taps, shapes, dtype and fingerprint.
+@click.option("--json", "as_json", is_flag=True, help="Everything as JSON, the whole fingerprint included.")
+def info(path, as_json):
+    """Show a cache file's splits, taps (in network order, dead ones flagged), shapes, dtype and fingerprint.
 
     PATH may be a folder: every cache file in it (and below) is shown.
     """
+    import json
+
     from featcache.extraction.reader import FeatureCache
 
     files = sorted(p for p in path.rglob("*") if p.suffix in (".h5", ".partial")) if path.is_dir() else [path]
     if not files:
         raise FeatcacheError(f"no cache files in {path}: run featcache extract first")
+    summaries = []
     for file in files:
         with FeatureCache(file, allow_partial=True) as cache:
-            click.echo(cache.describe())
+            if as_json:
+                summaries.append(cache.summary())
+            else:
+                click.echo(cache.describe())
+    if as_json:
+        click.echo(json.dumps(summaries if path.is_dir() else summaries[0], indent=2, sort_keys=True))
 
 
 @cli.command()

@@ -128,18 +128,27 @@ def extract(quiet, **params):
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
 @click.option("--out-of-core", is_flag=True,
               help="Stream row chunks from the caches instead of loading them (torch heads: linear, mlp).")
+@click.option("--force", is_flag=True, help="Train again even where an identical request already has a run.")
+@click.option("--allow-dead-taps", is_flag=True,
+              help="Train on taps whose stored values are constant or mostly below float16's range (refused otherwise).")
 def fuse_train(**params):
     """Fuse cached taps and train heads; hyper-parameters are chosen on validation, test is scored once.
 
     Every --taps value x every --head is trained from one load of the caches, and each
-    writes a run folder with its record and trained head.
+    writes a run folder with its record and trained head. A combination already trained
+    with identical options on identical caches is served from its run (--force trains again).
     """
     from featcache.fuse.train import fuse_train as run
+    from featcache.records import run_folders
 
     cfg = STAGES["fuse-train"].build(params)
     runs_dir = cfg.runs_dir
-    written = run(cfg, log=click.echo)
-    click.echo(f"{len(written)} runs written to {runs_dir}; compare them with: featcache runs --runs-dir {runs_dir}")
+    before = set(run_folders(runs_dir))
+    runs = run(cfg, log=click.echo)
+    written = len([r for r in runs if r not in before])
+    served = f", {len(runs) - written} served from existing runs" if written < len(runs) else ""
+    click.echo(f"{written} run{'s' if written != 1 else ''} written to {runs_dir}{served}; compare them with: "
+               f"featcache runs --runs-dir {runs_dir}")
 
 
 @cli.command()

@@ -68,7 +68,8 @@ def fuse_train_config(params: dict):
     return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
                            heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
                            options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
-                           out_of_core=p["out_of_core"])
+                           out_of_core=p["out_of_core"], force=p["force"],
+                           allow_dead_taps=p["allow_dead_taps"])
 
 
 def finetune_config(params: dict):

@@ -35,7 +35,7 @@ SECTIONS = ("pipeline", "defaults", *STAGES)
 PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
 # A pipeline file is shared: it cannot ask to load pickles (which can run code), only a person can.
 COMMAND_LINE_ONLY = ("trust-pickles",)
-UI_ONLY = ("quiet", "resume", "trust_pickles")  # options that do not change a stage's result
+UI_ONLY = ("quiet", "resume", "trust_pickles", "force")  # options that do not change a stage's result
 LEDGER = "pipeline-ledger.json"
 
 

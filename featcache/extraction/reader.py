@@ -14,6 +14,47 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+FLOAT16_TINY = 2.0**-14  # smallest normal float16
+HEALTH_ROWS = 65536  # rows read at a time when checking a tap
+
+
+class TapHealth:
+    """Whether a tap's training rows carry usable signal, accumulated over row chunks.
+
+    Dead: every column constant over the rows (e.g. a block stored as all zeros), or, in
+    float16 storage, most nonzero values below float16's normal range (subnormal: a few
+    significant bits left, or rounded to zero).
+    """
+
+    def __init__(self, stored_float16: bool):
+        self.float16 = stored_float16
+        self.rows, self.lo, self.hi = 0, None, None
+        self.nonzero = self.tiny = 0
+        self.largest = 0.0
+
+    def update(self, block: np.ndarray) -> TapHealth:
+        block = np.asarray(block, dtype=np.float32)
+        if len(block):
+            lo, hi = block.min(axis=0), block.max(axis=0)
+            self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
+            self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+            magnitude = np.abs(block)
+            self.nonzero += np.count_nonzero(magnitude)
+            self.tiny += np.count_nonzero((magnitude > 0) & (magnitude < FLOAT16_TINY))
+            self.largest = max(self.largest, float(magnitude.max()))
+        self.rows += len(block)
+        return self
+
+    def dead(self) -> str | None:
+        """Why the tap is dead, in a few words, or None if it is not."""
+        if self.rows > 1 and np.array_equal(self.lo, self.hi):
+            value = float(self.lo.flat[0]) + 0.0 if self.lo.size else 0.0  # + 0.0: -0 reads as 0
+            return f"constant over every training image (all {value:.3g})"
+        if self.float16 and self.nonzero and self.tiny > self.nonzero / 2:
+            return (f"{self.tiny / self.nonzero:.0%} of its nonzero values lie below float16's normal range "
+                    f"(largest {self.largest:.2g})")
+        return None
+
 
 class FeatureCache:
     """Read access to a finished cache file (or, with ``allow_partial``, a partial one)."""
@@ -32,6 +73,7 @@ class FeatureCache:
             self.file.close()
             raise FeatcacheError(f"{self.path} is an HDF5 file but not a featcache cache (no fingerprint)")
         self._kept_rows: dict[str, np.ndarray | slice] = {}
+        self._health: dict[str, str | None] = {}
         if not (allow_partial or bool(self.file.attrs["complete"])):
             self.file.close()
             raise FeatcacheError(f"{self.path} is not finished: re-run the featcache extract command that made it")
@@ -59,7 +101,8 @@ class FeatureCache:
 
     @property
     def splits(self) -> list[str]:
-        return list(self.file.keys())
+        """train first, then test (HDF5 lists groups alphabetically)."""
+        return sorted(self.file.keys(), key=lambda s: (s != "train", s))
 
     def taps(self, split: str) -> dict[str, tuple[int, ...]]:
         return {name: ds.shape for name, ds in self.file[split]["taps"].items()}
@@ -105,19 +148,62 @@ class FeatureCache:
             return data[0:0]
         return data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
 
+    def dead(self, tap: str) -> str | None:
+        """Why ``tap`` is dead on the training rows (see :class:`TapHealth`), or None. Read in row chunks."""
+        if tap not in self._health:
+            health = TapHealth(self.file["train"]["taps"][tap].dtype == np.float16)
+            for start in range(0, self.n_rows("train"), HEALTH_ROWS):
+                health.update(self.read("train", tap, slice(start, start + HEALTH_ROWS)))
+            self._health[tap] = health.dead()
+        return self._health[tap]
+
+    def tap_names(self, split: str) -> list[str]:
+        """The split's taps in network order (the order the fingerprint lists them), not HDF5's alphabetical one."""
+        stored = self.file[split]["taps"]
+        ordered = [name for name, _ in self.fingerprint.get("taps", []) if name in stored]
+        return ordered + sorted(set(stored) - set(ordered))
+
+    def summary(self) -> dict:
+        """Everything ``featcache info`` shows, as plain data (``featcache info --json``)."""
+        splits = {}
+        for split in self.splits:
+            group = self.file[split]
+            splits[split] = {
+                "rows_done": self.rows_done(split), "rows": len(group["labels"]),
+                "dtype": str(group["taps"][self.tap_names(split)[0]].dtype) if len(group["taps"]) else None,
+                "taps": {tap: list(group["taps"][tap].shape) for tap in self.tap_names(split)},
+            }
+        dead = {tap: reason for tap in self.tap_names("train") if self.complete and (reason := self.dead(tap))}
+        return {"path": str(self.path), "complete": self.complete, "classes": self.classes, "splits": splits,
+                "dead_taps": dead, "skipped": self.skipped, "fingerprint": self.fingerprint}
+
     def describe(self) -> str:
-        """A human summary: state, classes, per split rows and taps, fingerprint."""
+        """A human summary: state, classes, per split rows and taps (dead ones flagged), a short fingerprint."""
+        info = self.summary()
         lines = [f"{self.path}", f"  state: {'complete' if self.complete else 'partial (re-run extract to resume)'}"]
         lines.append(f"  classes ({len(self.classes)}): {', '.join(self.classes)}")
-        for split in self.splits:
-            taps = self.taps(split)
-            n = len(self.file[split]["labels"])
-            dtype = next(iter(self.file[split]["taps"].values())).dtype if taps else "-"
-            lines.append(f"  {split}: {self.rows_done(split)}/{n} rows, dtype {dtype}")
-            lines.extend(f"    {tap:<14} {shape[0]} x {shape[1]}" for tap, shape in taps.items())
+        for split, about in info["splits"].items():
+            lines.append(f"  {split}: {about['rows_done']}/{about['rows']} rows, dtype {about['dtype'] or '-'}")
+            for tap, (n, c) in about["taps"].items():
+                dead = info["dead_taps"].get(tap) if split == "train" else None
+                lines.append((f"    {tap:<14} {f'{n} x {c}':<13}" + (f"  DEAD: {dead}" if dead else "")).rstrip())
+        if info["dead_taps"]:
+            lines.append(f"  dead taps carry no signal: fuse-train refuses them without --allow-dead-taps; "
+                         f"extract with --dtype float32 to keep small values")
         if self.skipped:
             lines.append(f"  skipped as unreadable ({len(self.skipped)}):")
             lines.extend(f"    {s['split']} row {s['index']}: {s['error']}" for s in self.skipped)
-        lines.append("  fingerprint:")
-        lines.extend("    " + line for line in json.dumps(self.fingerprint, indent=2, sort_keys=True).splitlines())
+        lines.append("  fingerprint (all of it: featcache info --json):")
+        for key, value in self.fingerprint.items():
+            if key != "taps":
+                text = (", ".join(f"{k}={_short(v)}" for k, v in sorted(value.items())) if isinstance(value, dict)
+                        else _short(value))
+                lines.append(f"    {key:<11} {text if len(text) <= 90 else text[:89] + '…'}")
         return "\n".join(lines)
+
+
+def _short(value) -> str:
+    """A fingerprint value in a few characters: a string as it is, a list of numbers as 0.485/0.456/0.406."""
+    if isinstance(value, list) and all(isinstance(v, (int, float)) for v in value):
+        return "/".join(f"{v:g}" for v in value)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

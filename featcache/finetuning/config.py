@@ -14,7 +14,7 @@ from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES
 from featcache.data.augment import AUGMENTS
-from featcache.errors import FeatcacheError, unknown
+from featcache.errors import FeatcacheError, require, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.finetuning.model import parse_policy
 from featcache.fuse.fusion import TapNormalizer
@@ -62,8 +62,9 @@ class FinetuneConfig:
             raise FeatcacheError("--init-head replaces phase 1: leave --head-epochs at 0")
         if self.head == "resblocks" and len(self.features.backbones) != 1:
             raise FeatcacheError("--head resblocks refines one backbone's feature map: give exactly one --backbone")
-        if self.batch_size < 1:
-            raise FeatcacheError(f"--batch-size must be at least 1. Got {self.batch_size} instead.")
+        require(self.batch_size >= 1, "--batch-size", self.batch_size, "be at least 1")
+        require(0 <= self.dropout < 1, "--dropout", self.dropout, "lie in [0, 1)")
+        require(self.lr > 0, "--lr", self.lr, "be positive")
 
 
 def partial_dir(cfg: FinetuneConfig) -> Path:

@@ -42,6 +42,9 @@ def parse_taps(text: str, backbones: tuple[str, ...]) -> tuple[TapRef, ...]:
         if ":" in item:
             name, tap = item.split(":", 1)
             if name not in backbones:
+                if name in BACKBONES:
+                    raise FeatcacheError(f"--taps {item} names {name}, which is not among the backbones "
+                                         f"({', '.join(backbones)}): add --backbone {name}")
                 raise unknown("--taps backbone", name, backbones)
             targets = [(name, tap)]
         else:

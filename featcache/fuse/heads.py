@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from featcache.errors import FeatcacheError, unknown
+from featcache.errors import require, unknown
 from featcache.fuse.torch_head import OPTIMIZERS, TorchClassifier
 from featcache.registry import Registry
 
@@ -41,8 +41,10 @@ class HeadOptions:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise unknown("--optimizer", self.optimizer, OPTIMIZERS)
-        if self.epochs < 1 or self.batch_size < 1 or not 0 <= self.dropout < 1 or self.lr <= 0:
-            raise FeatcacheError("--epochs and --batch-size must be at least 1, --dropout in [0, 1) and --lr positive")
+        require(self.epochs >= 1, "--epochs", self.epochs, "be at least 1")
+        require(self.batch_size >= 1, "--batch-size", self.batch_size, "be at least 1")
+        require(0 <= self.dropout < 1, "--dropout", self.dropout, "lie in [0, 1)")
+        require(self.lr > 0, "--lr", self.lr, "be positive")
 
 
 @dataclass(frozen=True)

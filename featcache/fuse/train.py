@@ -8,6 +8,8 @@ the same files; a missing one names the ``featcache extract`` command that makes
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +28,7 @@ from featcache.fuse.evaluate import fit_select, score, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.stream import FusedRows, fit_normalizer
-from featcache.records import RunRecord, library_versions, result_line, save_run
+from featcache.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,8 @@ class FuseTrainConfig:
     runs_dir: Path = Path("runs")
     run_extract: bool = False
     out_of_core: bool = False  # stream row chunks from HDF5 instead of loading the taps
+    force: bool = False  # train again even when an identical request already has a run
+    allow_dead_taps: bool = False  # train on taps whose stored values carry no signal (warned, not refused)
 
     def __post_init__(self):
         for head in self.heads:
@@ -113,21 +117,29 @@ def _rows(caches: dict, path_of: dict) -> tuple[list[str], dict, dict]:
     return classes, labels, index
 
 
-def _check_taps(caches: dict, path_of: dict, refs) -> None:
-    for ref in refs:
+def _check_taps(caches: dict, path_of: dict, refs, allow_dead: bool = False, log=print) -> None:
+    """Every tap is in its cache, and none is dead (constant, or mostly below float16's range) unless allowed."""
+    for ref in sorted(refs):
         if ref.tap not in caches[ref.backbone].taps("train"):
             raise FeatcacheError(f"tap {ref} is not in {path_of[ref.backbone]}: re-run featcache extract "
                                  f"--backbone {ref.backbone}")
+        reason = caches[ref.backbone].dead(ref.tap)
+        if reason and allow_dead:
+            log(f"warning: tap {ref} is dead ({reason}); used anyway (--allow-dead-taps)")
+        elif reason:
+            raise FeatcacheError(f"tap {ref} is dead in {path_of[ref.backbone]}: {reason}. A head learns nothing "
+                                 f"from it: extract again with --dtype float32, choose other --taps, or pass "
+                                 f"--allow-dead-taps to use it anyway")
 
 
-def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
+def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool = False, log=print) -> Features:
     started = time.perf_counter()
     taps = {}
     with contextlib.ExitStack() as stack:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
         classes, labels, index = _rows(caches, paths)
         fps = {b: c.fingerprint for b, c in caches.items()}
-        _check_taps(caches, paths, refs)
+        _check_taps(caches, paths, refs, allow_dead, log)
         for split in ("train", "test"):
             for ref in refs:
                 taps[(split, ref)] = caches[ref.backbone].read(split, ref.tap).astype(np.float32)
@@ -135,27 +147,67 @@ def load_features(paths: dict[str, Path], refs: set[TapRef]) -> Features:
 
 
 def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
-    """Train every (taps, head) combination; return the run folders written."""
+    """Train every (taps, head) combination; return its run folders, in order.
+
+    A combination whose identical request (same options, same caches) already has a run in
+    ``cfg.runs_dir`` is served from that run unless ``cfg.force``.
+    """
     feat_cfg = cfg.features
     tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]  # bad names fail before any long work
     if cfg.run_extract:
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)
+    served = _served(cfg, tapsets, paths, log)
+    todo = [(refs, heads) for refs in tapsets
+            if (heads := tuple(h for h in cfg.heads if (refs, h) not in served))]
+    trained = _train(cfg, todo, paths, log) if todo else {}
+    return [served.get((refs, h)) or trained[(refs, h)] for refs in tapsets for h in cfg.heads]
+
+
+def _request_key(cfg: FuseTrainConfig, refs, head: str, paths: dict[str, Path]) -> str:
+    """What one run's result depends on: its options, taps, head and the caches' fingerprints."""
+    text = json.dumps([_run_config(cfg), [str(r) for r in refs], head, sorted(p.name for p in paths.values())],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _served(cfg: FuseTrainConfig, tapsets, paths, log) -> dict:
+    """(refs, head) -> an existing run of the identical request; empty with ``force``."""
+    if cfg.force:
+        return {}
+    existing = {}
+    for folder in run_folders(cfg.runs_dir):
+        with contextlib.suppress(FeatcacheError):
+            existing.setdefault(load_record(folder).request, folder)
+    served = {}
+    for refs in tapsets:
+        for head in cfg.heads:
+            run = existing.get(_request_key(cfg, refs, head, paths))
+            if run is not None:
+                served[(refs, head)] = run
+                log(f"{result_line(run, load_record(run))}  (identical request: served from this run; "
+                    f"--force trains again)")
+    return served
+
+
+def _train(cfg: FuseTrainConfig, todo, paths, log) -> dict:
+    """(refs, head) -> the run folder written, for each (tap set, heads) in ``todo``."""
+    feat_cfg = cfg.features
     if cfg.out_of_core:
-        return _fuse_train_streaming(cfg, tapsets, paths, log)
-    refs_needed = {ref for refs in tapsets for ref in refs}
-    written = []
+        return _fuse_train_streaming(cfg, todo, paths, log)
+    refs_needed = {ref for refs, _ in todo for ref in refs}
+    written = {}
     try:
-        data = load_features(paths, refs_needed)
+        data = load_features(paths, refs_needed, cfg.allow_dead_taps, log)
         fit_rows, val_rows = validation_split(data.labels["train"], cfg.val_fraction, feat_cfg.data.seed)
-        for refs in tapsets:
+        for refs, heads in todo:
             train_blocks = [data.taps[("train", r)] for r in refs]
             normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
             X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
             X_val = normalizer.transform([b[val_rows] for b in train_blocks])
             X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
             fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows))
-            written += _train_heads(cfg, fusion, data, paths, log)
+            written.update(_train_heads(cfg, heads, fusion, data, paths, log))
     except (MemoryError, OSError) as exc:
         if isinstance(exc, OSError) and "memory allocation failed" not in str(exc):
             raise
@@ -174,24 +226,25 @@ def _float32_bytes(paths: dict[str, Path], refs) -> int:
     return total
 
 
-def _fuse_train_streaming(cfg: FuseTrainConfig, tapsets, paths, log) -> list[Path]:
+def _fuse_train_streaming(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     """fuse-train with features streamed from the caches in row chunks (torch heads only)."""
 
     started = time.perf_counter()
-    written = []
+    written = {}
     with contextlib.ExitStack() as stack:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
         classes, labels, index = _rows(caches, paths)
         data = Features(classes, labels, index, {}, {b: c.fingerprint for b, c in caches.items()},
                         time.perf_counter() - started)
         fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, cfg.features.data.seed)
-        for refs in tapsets:
-            _check_taps(caches, paths, refs)
+        for refs, heads in todo:
+            _check_taps(caches, paths, refs, cfg.allow_dead_taps, log)
             normalizer = fit_normalizer(cfg.tap_norm, FusedRows(caches, refs, "train", fit_rows))
             streams = (FusedRows(caches, refs, "train", fit_rows, normalizer),
                        FusedRows(caches, refs, "train", val_rows, normalizer),
                        FusedRows(caches, refs, "test", np.arange(len(labels["test"])), normalizer))
-            written += _train_heads(cfg, _Fusion(refs, normalizer, streams, (fit_rows, val_rows)), data, paths, log)
+            fusion = _Fusion(refs, normalizer, streams, (fit_rows, val_rows))
+            written.update(_train_heads(cfg, heads, fusion, data, paths, log))
     return written
 
 
@@ -205,26 +258,39 @@ class _Fusion:
     rows: tuple  # (fit rows, val rows) of the train split
 
 
-def _train_heads(cfg, fusion: _Fusion, data: Features, paths, log) -> list[Path]:
-    """Every head of cfg on one fusion: selected on validation, scored once on test, saved as a run."""
+def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dict:
+    """Each head on one fusion: selected on validation, scored once on test, saved as a run."""
     X_fit, X_val, X_test = fusion.X
     fit_rows, val_rows = fusion.rows
     refs = fusion.refs
     y_all, y_test = data.labels["train"], data.labels["test"]
-    written = []
-    for head_name in cfg.heads:
+    written = {}
+    for head_name in heads:
         selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
         metrics = score(selection.head, X_test, y_test, data.classes)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
         run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, fusion.normalizer,
                        selection.head)
         log(result_line(run, record))
-        written.append(run)
+        written[(refs, head_name)] = run
     return written
 
 
-def _record(cfg, fusion: _Fusion, head_name, selection, metrics, data, paths) -> RunRecord:
+def _run_config(cfg: FuseTrainConfig) -> dict:
+    """The request as a run record's ``config`` holds it."""
     feat = cfg.features
+    return {
+        "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
+        "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
+        "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
+        "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
+        "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
+        "out_of_core": cfg.out_of_core,
+        "head_options": dict(vars(cfg.options)),
+    }
+
+
+def _record(cfg, fusion: _Fusion, head_name, selection, metrics, data, paths) -> RunRecord:
     refs, (fit_rows, val_rows) = fusion.refs, fusion.rows
     history = getattr(selection.head, "history_", None)
     return RunRecord(
@@ -233,15 +299,8 @@ def _record(cfg, fusion: _Fusion, head_name, selection, metrics, data, paths) ->
         head=head_name,
         dim=fusion.X[0].shape[1],
         classes=data.classes,
-        config={
-            "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
-            "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
-            "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
-            "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
-            "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
-            "out_of_core": cfg.out_of_core,
-            "head_options": {k: v for k, v in vars(cfg.options).items()},
-        },
+        config=_run_config(cfg),
+        request=_request_key(cfg, refs, head_name, paths),
         caches={b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
         rows={"train": len(fit_rows), "val": len(val_rows), "test": len(data.labels["test"])},
         selection={"params": selection.params, "val_accuracy": selection.val_accuracy,
