@@ -188,8 +188,8 @@ class FeatureCache:
                 dead = info["dead_taps"].get(tap) if split == "train" else None
                 lines.append((f"    {tap:<14} {f'{n} x {c}':<13}" + (f"  DEAD: {dead}" if dead else "")).rstrip())
         if info["dead_taps"]:
-            lines.append(f"  dead taps carry no signal: fuse-train refuses them without --allow-dead-taps; "
-                         f"extract with --dtype float32 to keep small values")
+            lines.append("  dead taps carry no signal: fuse-train refuses them without --allow-dead-taps; "
+                         "extract with --dtype float32 to keep small values")
         if self.skipped:
             lines.append(f"  skipped as unreadable ({len(self.skipped)}):")
             lines.extend(f"    {s['split']} row {s['index']}: {s['error']}" for s in self.skipped)
