@@ -46,10 +46,37 @@ def test_every_head_fits_predicts_and_scores(name):
 def test_studies_heads_are_one_flag_each():
     big = HEADS["mlp"].make(HeadOptions(hidden=(512,), dropout=0.2, optimizer="adamw", lr=1e-4))
     big.fit(np.zeros((4, 3328), np.float32), [0, 1, 2, 3])
-    assert [type(m).__name__ for m in big.module_] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert [type(m).__name__ for m in big.module_] == ["Linear", "ReLU", "SeededDropout", "Linear"]
     assert big.module_[0].in_features == 3328 and big.module_[0].out_features == 512 and big.module_[2].p == 0.2
     small = HEADS["mlp"].make(HeadOptions(hidden=(256,), dropout=0.5))
     assert small.hidden == (256,) and small.dropout == 0.5
+
+
+def test_seeded_dropout_drops_and_rescales_like_torch_dropout():
+    import torch
+
+    from featcache.fuse.torch_layers import SeededDropout
+
+    layer = SeededDropout(0.25)
+    layer.generator = torch.Generator().manual_seed(0)
+    out = layer(torch.ones(200, 100))
+    assert np.allclose(out.unique().numpy(), [0.0, 1 / 0.75]) and abs((out == 0).float().mean().item() - 0.25) < 0.02
+    layer.generator = torch.Generator().manual_seed(0)
+    assert torch.equal(layer(torch.ones(200, 100)), out)  # the masks come from the generator
+    assert torch.equal(layer.eval()(torch.ones(3, 4)), torch.ones(3, 4))
+
+
+def test_concurrent_candidates_give_the_sequential_selection(monkeypatch):
+    from featcache.fuse import evaluate
+
+    X, y = blobs(n=300)
+    options = HeadOptions(hidden=(16,), epochs=8, batch_size=32, patience=None)
+    runs = []
+    for concurrent in (False, True):
+        monkeypatch.setattr(evaluate, "CONCURRENT_CPU_FITS", concurrent)
+        selection = evaluate.fit_select(HEADS["mlp"], options, X[:240], y[:240], X[240:], y[240:])
+        runs.append((selection.candidates, selection.head.history_, selection.head.predict_proba(X[240:])))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and np.array_equal(runs[0][2], runs[1][2])
 
 
 def test_torch_head_records_curves_and_stops_early_on_validation():

@@ -15,7 +15,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
-HEALTH_ROWS = 65536  # rows read at a time when checking a tap
+HEALTH_ROWS = 4096  # rows read at a time when checking a tap (bounded memory, as --out-of-core needs)
 
 
 class TapHealth:

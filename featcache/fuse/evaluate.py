@@ -15,6 +15,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+CONCURRENT_CPU_FITS = True  # torch heads' candidates side by side on the CPU (benchmarks/head_fit.py turns it off)
+
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified (train rows, validation rows) of the training split, each in order."""
@@ -47,12 +49,16 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
     """
     started = time.perf_counter()
     best, tried = None, []
-    for params in entry.candidates(options, len(X_train)):
+    candidates = entry.candidates(options, len(X_train))
+
+    def fit(params):
         head = entry.make(options, **params)
         if entry.torch:
-            head.fit(X_train, y_train, eval_set=(X_val, y_val))
-        else:
-            head.fit(X_train, y_train)
+            return head.fit(X_train, y_train, eval_set=(X_val, y_val))
+        return head.fit(X_train, y_train)
+
+    concurrent = CONCURRENT_CPU_FITS and entry.torch and options.device == "cpu" and not hasattr(X_train, "chunks")
+    for params, head in zip(candidates, _fit_all(fit, candidates, concurrent)):
         acc = float(np.mean(head.predict(X_val) == y_val))
         tried.append({"params": params, "val_accuracy": acc})
         if best is None or acc > best[2]:
@@ -61,6 +67,34 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
     if entry.final is not None:  # refit only the chosen parameters in their final form
         head = entry.final(options, **params).fit(X_train, y_train)
     return Selection(head, params, acc, tried, time.perf_counter() - started)
+
+
+def _fit_all(fit, candidates: list, concurrent: bool):
+    """``fit`` of every candidate, in order; torch heads on the CPU side by side, one thread each.
+
+    A small head's matrix products gain little from a second thread, and its threads stall
+    whenever another process takes a core (measured in benchmarks/RESULTS.md): one thread per
+    candidate, candidates concurrently, is faster on a quiet machine and far faster on a busy one.
+    """
+    if not concurrent or len(candidates) < 2:
+        return [fit(p) for p in candidates]
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from featcache.extraction.config import available_cores
+
+    def one_thread(params):
+        torch.set_num_threads(1)  # OpenMP keeps the count per thread: set it in the worker
+        return fit(params)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=min(len(candidates), available_cores())) as pool:
+            return list(pool.map(one_thread, candidates))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def score(head, X_test, y_test, classes) -> dict:

@@ -7,6 +7,7 @@ contract; :func:`make_optimizer` is the one optimizer factory, shared with the f
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -61,14 +62,23 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
         self.precision = precision
         self.random_state = random_state
 
-    def build_module(self, n_in: int, n_out: int):
+    def build_module(self, n_in: int, n_out: int, generator=None):
+        """The network; with a ``generator``, initialised from it (not from torch's global RNG)."""
         import torch
+
+        from featcache.fuse.torch_layers import SeededDropout
 
         layers, width = [], n_in
         for h in self.hidden:
-            layers += [torch.nn.Linear(width, h), torch.nn.ReLU(), torch.nn.Dropout(self.dropout)]
+            layers += [torch.nn.Linear(width, h), torch.nn.ReLU(), SeededDropout(self.dropout)]
             width = h
         layers.append(torch.nn.Linear(width, n_out))
+        if generator is not None:  # torch.nn.Linear's own rule, drawn from the head's generator
+            for layer in layers:
+                if isinstance(layer, torch.nn.Linear):
+                    torch.nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1 / math.sqrt(layer.in_features)
+                    torch.nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
         return torch.nn.Sequential(*layers)
 
     def to_state(self) -> dict:
@@ -107,10 +117,15 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
             X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
+        # All randomness (initialisation, shuffling, dropout) comes from the head's own generators, not
+        # torch's global RNG: the result depends on random_state alone, also when heads train concurrently.
         generator = torch.Generator().manual_seed(self.random_state)
-        torch.manual_seed(self.random_state)
         device = torch.device(self.device)
-        self.module_ = self.build_module(self.n_features_in_, len(self.classes_)).to(device)
+        self.module_ = self.build_module(self.n_features_in_, len(self.classes_), generator).to(device)
+        dropout_rng = torch.Generator(device=device).manual_seed(self.random_state + 1)
+        dropouts = [layer for layer in self.module_ if hasattr(layer, "generator")]
+        for layer in dropouts:
+            layer.generator = dropout_rng
         codes = torch.from_numpy(codes.astype(np.int64))
         if streaming:
             def batches():
@@ -129,7 +144,11 @@ class TorchClassifier(ClassifierMixin, BaseEstimator):
 
             def validate():
                 return self._loss_acc(X_val, y_val)
-        return self._train(batches, validate)
+        try:
+            return self._train(batches, validate)
+        finally:
+            for layer in dropouts:
+                layer.generator = None  # a fitted head holds no generator: it pickles and deep-copies
 
     def _batches(self, Xt, yt, generator):
         import torch
