@@ -22,12 +22,13 @@ import numpy as np
 from featcache.cli.commands import cli
 from featcache.cli.group import trusting
 from featcache.cli.stages import STAGES
+from featcache.comparison import runs_table
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.run import extract as run_extract
 from featcache.fuse.fusion import parse_taps
 from featcache.fuse.train import load_features as load
 from featcache.fuse.train import locate_caches
-from featcache.records import pipeline_runs, runs_table
+from featcache.records import pipeline_runs
 
 
 def _params(command: str, kwargs: dict) -> dict:

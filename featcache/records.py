@@ -29,8 +29,6 @@ from featcache.run_files import save_head
 RECORD = "record.json"
 SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
 KINDS = ("frozen", "finetuned")
-COLUMNS = ["run", "dataset", "backbones", "weights", "taps", "fusion", "head", "chosen", "variant", "val_acc",
-           "test_acc", "macro_f1", "fit_s"]
 
 
 def library_versions() -> dict:
@@ -70,6 +68,7 @@ class RunRecord:
     test_index: list | None = None  # source positions of the scored test rows
     run: str = ""  # the folder's name, set when the run is saved
     request: str = ""  # hash of what the result depends on: an identical request is served from this run
+    warnings: list = field(default_factory=list)  # choices validation could not make well, one line each
     schema: int = SCHEMA
 
     def __post_init__(self):
@@ -228,44 +227,3 @@ def pipeline_runs(runs_dir: Path, pipeline: str | None) -> Path:
                              + (f" (pipelines there: {', '.join(names)})" if names else "")
                              + ": featcache run PIPELINE.toml writes them")
     return folder
-
-
-def variant(record: RunRecord) -> str:
-    """frozen, or fine-tuned with its unfreeze policy."""
-    if record.finetuned:
-        return f"fine-tuned ({record.config['unfreeze']})"
-    return "frozen"
-
-
-def chosen_text(record: RunRecord) -> str:
-    """The hyper-parameters validation chose for a frozen head, e.g. ``C=0.1``."""
-    if record.finetuned:
-        return ""
-    return ", ".join(f"{k}={v}" for k, v in record.selection["params"].items())
-
-
-def _fusion_text(record: RunRecord) -> str:
-    norm = record.config["tap_norm"]
-    if record.config.get("head") == "resblocks":
-        norm = "none"  # one refined feature map: the fine-tune applies no normalisation
-    return f"concat, {norm} per tap" if len(record.taps) > 1 else norm
-
-
-def comparison_table(records: list[RunRecord]):
-    """One row per run, like the studies' results tables, with how each variant was built."""
-    import pandas as pd
-
-    rows = [{
-        "run": r.run, "dataset": r.config["dataset"], "backbones": "+".join(r.config["backbones"]),
-        "weights": r.config["weights"], "taps": "+".join(r.taps),
-        "fusion": _fusion_text(r),
-        "head": r.head, "chosen": chosen_text(r), "variant": variant(r),
-        "val_acc": r.selection["val_accuracy"], "test_acc": r.metrics["accuracy"],
-        "macro_f1": r.metrics["macro_f1"], "fit_s": r.timings["fit_seconds"],
-    } for r in records]
-    return pd.DataFrame(rows, columns=COLUMNS)
-
-
-def runs_table(runs_dir: Path):
-    """The comparison table of every run in ``runs_dir``."""
-    return comparison_table(list_records(runs_dir))

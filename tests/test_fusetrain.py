@@ -8,6 +8,7 @@ from click.testing import CliRunner
 from conftest import tiny_config
 
 from featcache.cli.commands import cli
+from featcache.comparison import COLUMNS, runs_table
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
@@ -15,7 +16,7 @@ from featcache.extraction.run import extract
 from featcache.fuse import train as fusetrain
 from featcache.fuse.heads import HeadOptions
 from featcache.fuse.train import FuseTrainConfig, fuse_train, locate_caches
-from featcache.records import COLUMNS, load_record, runs_table
+from featcache.records import load_record
 from featcache.run_files import load_head
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
@@ -146,6 +147,20 @@ def test_tap_health_is_the_same_read_whole_or_in_chunks(monkeypatch):
     assert TapHealth(False).update(constant[:1]).dead() is None and TapHealth(True).update(rng.normal(size=(9, 3))).dead() is None
 
 
+def test_choices_validation_could_not_make_well_are_warned_and_recorded(cached):
+    lines = []
+    cfg = train_cfg(cached, heads=("logreg", "mlp"), options=HeadOptions(hidden=(32,), epochs=2, batch_size=64,
+                                                                          grid={"C": (1e-4, 1e-3)}))
+    logreg, mlp = (load_record(r) for r in fuse_train(cfg, log=lines.append))
+    warned = [line for line in lines if line.startswith("warning: ")]
+    # 40 validation images of 10 classes; C at the top of its grid; the mlp still improving at its last epoch
+    assert warned[0].startswith("warning: the validation split holds 40 images (4 of the rarest class; under 20 per class)")
+    assert "logreg chose C=0.001, the largest of its grid (0.0001, 0.001): the best may lie beyond; widen it, e.g. "\
+           "--C 0.0001,0.001,0.01,0.1" in warned[1]
+    assert "mlp kept its last epoch (2): the validation loss was still falling" in warned[2] and len(warned) == 3
+    assert len(logreg.warnings) == 2 and len(mlp.warnings) == 2 and "validation split" in mlp.warnings[0]
+
+
 def test_fusion_across_backbones(tmp_path):
     cfg = train_cfg(tmp_path, backbones=("tiny", "resnet18"), run_extract=True, taps=("late",))
     [run] = fuse_train(cfg, log=lambda m: None)
@@ -187,12 +202,21 @@ def test_cli_fuse_train_runs_and_csv(cached):
                      "--taps", "late", "--taps", "early,late", "--head", "logreg,linear", "--epochs", "5")
     assert result.exit_code == 0, result.output
     assert result.output.count("val acc") == 4
-    table = run_cli("runs", "--runs-dir", runs_dir, "--csv", cached / "runs.csv")
+    table = run_cli("runs", "--runs-dir", runs_dir, "--csv", cached / "runs.csv", "--width", 100)
     assert table.exit_code == 0
-    header = table.output.splitlines()[0].split()
-    assert header == COLUMNS  # the report's comparison table
-    assert "frozen" in table.output and "C=" in table.output
-    assert len((cached / "runs.csv").read_text().splitlines()) == 5
+    lines = table.output.splitlines()
+    assert lines[0].split() == ["run", "chosen", "val", "acc", "test", "acc", "macro-F1", "fit", "s", "warn", "run",
+                                "folder"]
+    assert max(map(len, lines)) <= 100 and "tiny · early+late · linear" in table.output and "C=" in table.output
+    with open(cached / "runs.csv") as f:
+        assert f.readline().strip().split(",") == COLUMNS and len(f.readlines()) == 4  # every column in the CSV
+    by_test = run_cli("runs", "--runs-dir", runs_dir, "--sort", "test_acc", "--columns", "label,test_acc,variant")
+    rows = by_test.output.splitlines()
+    assert rows[0].split() == ["run", "test", "acc", "variant"] and len(rows) == 5 and "frozen" in rows[1]
+    scores = [float(r.split()[-2]) for r in rows[1:]]
+    assert scores == sorted(scores, reverse=True)
+    bad = run_cli("runs", "--runs-dir", runs_dir, "--sort", "test_accuracy")
+    assert bad.exit_code == 2 and "did you mean 'test_acc'" in bad.output
 
 
 @pytest.mark.parametrize("args, pattern", [

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from featcache.comparison import comparison_table
 from featcache.errors import FeatcacheError
-from featcache.records import SCHEMA, RunRecord, comparison_table, load_record
+from featcache.records import SCHEMA, RunRecord, load_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -48,9 +49,9 @@ def test_runs_report_and_predict_find_a_pipelines_runs_one_folder_down(report_ru
     for run in runs[:2]:  # as `featcache run` keeps them: runs/<pipeline>/<run>
         shutil.copytree(run, tmp_path / "runs" / "study" / run.name)
     shutil.copytree(runs[2], tmp_path / "runs" / runs[2].name)
-    listed = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs")])
+    listed = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs"), "--columns", "run,label"])
     assert listed.exit_code == 0 and all(r.name in listed.output for r in runs[:3])
-    only = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs"), "--pipeline", "study"])
+    only = CliRunner().invoke(cli, ["runs", "--runs-dir", str(tmp_path / "runs"), "--pipeline", "study", "--columns", "run"])
     assert only.exit_code == 0 and runs[0].name in only.output and runs[2].name not in only.output
     page = CliRunner().invoke(cli, ["report", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html"),
                                     "--gradcam-images", "0", "--pipeline", "study"])

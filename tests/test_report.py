@@ -6,12 +6,14 @@ import json
 import re
 import shutil
 from html.parser import HTMLParser
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from featcache.cli.commands import cli
-from featcache.records import COLUMNS, load_record
+from featcache.comparison import COLUMNS
+from featcache.records import load_record
 from featcache.reporting.page import ReportConfig, write_report
 
 
@@ -150,8 +152,11 @@ def test_names_from_data_reach_the_page_only_escaped(tmp_path):
         assert name not in page
     assert html.escape(HOSTILE["run"]) in page and html.escape(HOSTILE["folder"]) in page
     tags = _Tags()
-    tags.feed(page)  # what a browser would build: no script element, no event handler, no foreign image
-    assert not {"script", "svg", "b"} & set(tags.names)
+    tags.feed(page)  # what a browser would build: no script but the page's own, no event handler, no foreign image
+    assert not {"svg", "b"} & set(tags.names) and tags.names.count("script") == 1
+    own = page.split("<script>", 1)[1].split("</script>", 1)[0]
+    template = (Path(__file__).parent.parent / "featcache" / "reporting" / "templates" / "report.html.j2").read_text()
+    assert own in template and "{{" not in own  # the sorting script, as written: nothing from data in it
     assert not [a for a in tags.attrs if a[0].startswith("on") or a == ("src", "x")]
 
 

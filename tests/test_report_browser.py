@@ -76,6 +76,47 @@ def test_report_renders_in_chromium_without_errors(browser, report_runs, tmp_pat
     browser.set_window_size(1280, 900)
 
 
+def test_the_table_sorts_by_a_clicked_header_and_wraps_only_between_words(browser, report_runs, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    tmp, _ = report_runs
+    out = write_report(ReportConfig(runs_dir=tmp / "runs", out=tmp_path / "sorted.html", gradcam_images=0,
+                                    grid_images=0), log=lambda m: None)
+    assert open_page(browser, out)["errors"] == []
+    headers = browser.find_elements(By.CSS_SELECTOR, "#runs-table th")
+    names = [h.text for h in headers]
+    assert "test acc" in names and not [n for n in names if "_" in n]  # human headers
+    column = names.index("test acc")
+
+    def scores():
+        return [float(r.find_elements(By.TAG_NAME, "td")[column].text)
+                for r in browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")]
+
+    headers[column].click()
+    assert scores() == sorted(scores(), reverse=True) and len(scores()) >= 5
+    headers[column].click()
+    assert scores() == sorted(scores())
+    # every cell is on one line but the label's, which wraps only at spaces: never inside a word or number
+    lines = browser.execute_script("""
+        return Array.from(document.querySelectorAll('#runs-table td')).map(td => {
+            const r = document.createRange(); r.selectNodeContents(td);
+            const tops = new Set(Array.from(r.getClientRects()).map(x => Math.round(x.top)));
+            return [td.className, td.textContent.trim(), tops.size]; });""")
+    assert all(n <= 1 for cls, _, n in lines if cls != "label"), [x for x in lines if x[2] > 1]  # 0: an empty cell
+    browser.set_window_size(700, 900)  # narrow: the labels wrap, between words only
+    words = browser.execute_script("""
+        return Array.from(document.querySelectorAll('#runs-table td.label a')).flatMap(a => {
+            const text = a.firstChild, out = [];
+            for (let i = 0; i < text.length; i++) {
+                const r = document.createRange(); r.setStart(text, i); r.setEnd(text, i + 1);
+                out.push([text.data[i], Math.round(r.getBoundingClientRect().top)]); }
+            return [out]; });""")
+    browser.set_window_size(1280, 900)
+    for chars in words:  # a line break falls on a space, never between two letters of a word
+        for (a, top_a), (b, top_b) in zip(chars, chars[1:]):
+            assert top_a == top_b or a == " " or b == " " or a == "·", "".join(c for c, _ in chars)
+
+
 def test_the_check_catches_a_broken_figure_and_a_console_error(browser, tmp_path):
     page = tmp_path / "broken.html"
     page.write_text('<!DOCTYPE html><html><head><link rel="icon" href="data:,"></head><body>'

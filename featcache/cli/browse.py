@@ -58,19 +58,32 @@ def info(path, as_json):
 @cli.command()
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--pipeline", default=None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
-@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the table as CSV here.")
-def runs(runs_dir, pipeline, csv_path):
-    """Print the comparison table of every run: how each was built, val and test accuracy, macro-F1, fit s.
+@click.option("--sort", default=None, metavar="COLUMN",
+              help="Sort by a column: accuracies best first, fit_s fastest first, text A to Z (e.g. test_acc).")
+@click.option("--columns", default=None, metavar="A,B,C",
+              help="Columns to show, of: run, label, dataset, backbones, weights, taps, fusion, head, chosen, variant, "
+                   "val_acc, test_acc, macro_f1, fit_s, warnings [default: label, chosen, the scores, fit_s, warnings, run].")
+@click.option("--width", type=int, default=None,
+              help="Fit the table in this many characters [default: the terminal's width, 100 when unknown].")
+@click.option("--csv", "csv_path", type=click.Path(path_type=Path), help="Also write the whole table as CSV here.")
+def runs(runs_dir, pipeline, sort, columns, width, csv_path):
+    """Print the comparison table of every run: a short label, what validation chose, val and test accuracy,
+    macro-F1, fit seconds, warnings, and the run folder.
 
     Runs are found in --runs-dir and one folder down, where `featcache run` keeps a pipeline's runs.
+    A label gains the settings that tell two runs apart, and the time only when nothing else does.
     """
-    from featcache.records import no_runs, pipeline_runs, runs_table
+    import shutil
+
+    from featcache.comparison import as_text, pick, runs_table
+    from featcache.records import no_runs, pipeline_runs
 
     runs_dir = pipeline_runs(runs_dir, pipeline)
     table = runs_table(runs_dir)
     if table.empty:
         raise no_runs(runs_dir, "train some with featcache fuse-train")
-    click.echo(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    shown = pick(table, columns, sort)
+    click.echo(as_text(shown, width or shutil.get_terminal_size((100, 24)).columns))
     if csv_path:
         table.to_csv(csv_path, index=False)
         click.echo(f"written {csv_path}")

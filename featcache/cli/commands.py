@@ -117,6 +117,12 @@ def extract(quiet, **params):
 @data_options
 @feature_options
 @click.option("--hidden", default="512", show_default=True, help="mlp hidden widths, e.g. 512 or 512,256.")
+@click.option("--C", "c_grid", default=None,
+              help="Values of C compared on validation (logreg, svm), e.g. 0.01,0.1,1,10 [default: logreg "
+                   "0.01,0.1,1,10; svm 0.001,0.01,0.1,1].")
+@click.option("--weight-decay", "wd_grid", default=None,
+              help="Weight decays compared on validation (linear, mlp), e.g. 0,1e-4,1e-2 [default: linear "
+                   "0,1e-4,0.01; mlp 0,0.01].")
 @click.option("--dropout", type=float, default=0.2, show_default=True)
 @click.option("--optimizer", default="adam", show_default=True, help="adam, adamw or sgd (torch heads).")
 @click.option("--lr", type=float, default=1e-3, show_default=True)

@@ -54,6 +54,19 @@ def hidden_widths(text: str) -> tuple[int, ...]:
         raise FeatcacheError(f"--hidden takes comma-separated widths such as 512 or 512,256. Got {text!r} instead.") from None
 
 
+def grid_values(flag: str, text: str | None) -> tuple[float, ...] | None:
+    """``0.01,0.1,1`` -> (0.01, 0.1, 1.0); None stays None (the head's default grid)."""
+    if text is None:
+        return None
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise FeatcacheError(f"{flag} takes comma-separated numbers such as 0.01,0.1,1. Got {text!r} instead.") from None
+    if any(v < 0 for v in values) or (flag == "--C" and any(v == 0 for v in values)):
+        raise FeatcacheError(f"{flag} values must be {'positive' if flag == '--C' else '0 or more'}. Got {text!r} instead.")
+    return values
+
+
 def fuse_train_config(params: dict):
     """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
     from featcache.backbones.taps import resolve_device, resolve_precision
@@ -64,7 +77,10 @@ def fuse_train_config(params: dict):
     options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
                           epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
                           device=resolve_device(p["device"]).type,
-                          precision=resolve_precision(p["precision"], resolve_device(p["device"])), seed=p["seed"])
+                          precision=resolve_precision(p["precision"], resolve_device(p["device"])), seed=p["seed"],
+                          grid={k: v for k, v in (("C", grid_values("--C", p["c_grid"])),
+                                                  ("weight_decay", grid_values("--weight-decay", p["wd_grid"])))
+                                if v is not None})
     return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
                            heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
                            options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],

@@ -214,7 +214,7 @@ def load_pipeline(path: Path, commands: dict[str, click.Command], overrides: dic
             if stage == "finetune":
                 merged["resume"] = True  # an interrupted pipeline continues where it stopped
             if stage == "report":
-                merged.update({"out": f"reports/{head['name']}.html", "title": head.get("reproduces", head["name"])})
+                merged.update({"out": f"reports/{head['name']}.html", "title": head["name"]})
             merged = _override({**merged, **table}, overrides, options)
             where = f"[{stage}]" if not isinstance(tables, list) else f"[[{stage}]] #{index}"
             params = _parse(path, where, commands[stage], merged, overrides)

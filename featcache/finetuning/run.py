@@ -23,6 +23,7 @@ import numpy as np
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device, resolve_precision
+from featcache.comparison import base_label
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
@@ -39,7 +40,7 @@ from featcache.finetuning.loop import (
 )
 from featcache.finetuning.model import TapNorm, apply_unfreeze, build_net, trainable_prefixes
 from featcache.finetuning.saved import init_from_run
-from featcache.fuse.evaluate import score, validation_split
+from featcache.fuse.evaluate import score, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.torch_head import make_optimizer
 from featcache.records import RunRecord, library_versions, load_record, result_line, save_run
@@ -108,7 +109,7 @@ class _Progress:
 
 def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     """Train the model, write a run folder like fuse-train's, return it."""
-    setup = _prepare(cfg)
+    setup = _prepare(cfg, log)
     folder, ckpt = _open_checkpoint(cfg, setup, log)
     state = _progress_from(ckpt, setup.net)
     trainable = _train(cfg, setup, state, ckpt, folder, log, progress)
@@ -117,7 +118,7 @@ def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     return run
 
 
-def _prepare(cfg: FinetuneConfig) -> _Setup:
+def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     """Check the request, load the data, build the model and its normaliser (phase 1's start)."""
     import torch
 
@@ -136,6 +137,8 @@ def _prepare(cfg: FinetuneConfig) -> _Setup:
     fit_rows, val_rows = validation_split(data.splits["train"].labels, cfg.val_fraction, feat.data.seed)
     if cfg.head == "resblocks":
         check_one_image_batches(refs[0], feat.preprocess.image_size, cfg.batch_size, len(fit_rows))
+    if note := small_validation(data.splits["train"].labels[val_rows]):  # said once the request is known to be good
+        log(f"warning: {note}")
     started = time.perf_counter()
     dims = [pooled_dim(BACKBONES.lookup(r.backbone).tap(r.tap).channels, feat.pooling) for r in refs]
     identity = TapNormalizer("none").fit([np.zeros((1, d), np.float32) for d in dims])
@@ -272,9 +275,9 @@ def _finish(cfg: FinetuneConfig, setup: _Setup, state: _Progress, trainable: dic
         timings={"fit_seconds": time.perf_counter() - setup.started, "predict_seconds": metrics["predict_seconds"],
                  "images_per_s": float(np.mean(history["images_per_s"])) if history["images_per_s"] else None},
         versions=library_versions(),
+        warnings=[w for w in [small_validation(setup.data.splits["train"].labels[setup.val_rows])] if w],
     )
-    run = save_run(cfg.runs_dir, f"finetune-{cfg.head}-{cfg.unfreeze}-{'+'.join(map(str, setup.refs))}", record,
-                   setup.normalizer, net.state_dict())
+    run = save_run(cfg.runs_dir, base_label(record), record, setup.normalizer, net.state_dict())
     shutil.rmtree(folder, ignore_errors=True)
     return run
 

@@ -15,6 +15,8 @@ import numpy as np
 
 from featcache.errors import FeatcacheError
 
+MIN_VAL_PER_CLASS = 20  # fewer validation images of a class than this: choices made on it are noise
+GRID_FLAGS = {"C": "--C", "weight_decay": "--weight-decay"}  # the flag that sets each grid
 CONCURRENT_CPU_FITS = True  # torch heads' candidates side by side on the CPU (benchmarks/head_fit.py turns it off)
 
 
@@ -67,6 +69,44 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
     if entry.final is not None:  # refit only the chosen parameters in their final form
         head = entry.final(options, **params).fit(X_train, y_train)
     return Selection(head, params, acc, tried, time.perf_counter() - started)
+
+
+def small_validation(y_val) -> str | None:
+    """The warning for a validation split too small to choose on, or None."""
+    counts = np.unique(np.asarray(y_val), return_counts=True)[1]
+    if counts.min() >= MIN_VAL_PER_CLASS:
+        return None
+    return (f"the validation split holds {len(y_val)} images ({counts.min()} of the rarest class; under "
+            f"{MIN_VAL_PER_CLASS} per class): choices made on it are noisy; use more images or a larger --val-fraction")
+
+
+def selection_warnings(head_name: str, selection: Selection, epochs: int | None = None) -> list[str]:
+    """One line per choice that validation could not make well: a value at the edge of its grid,
+    or a torch head whose validation loss still improved at its last epoch."""
+    out = []
+    chosen = selection.params
+    for key, flag in GRID_FLAGS.items():
+        if not isinstance(chosen.get(key), (int, float)):
+            continue
+        others = {k: v for k, v in chosen.items() if k != key}
+        grid = sorted({c["params"][key] for c in selection.candidates
+                       if {k: v for k, v in c["params"].items() if k != key} == others})
+        value = chosen[key]
+        if len(grid) < 2 or (key == "weight_decay" and value == grid[0] == 0):  # no decay: nothing below
+            continue
+        if value in (grid[0], grid[-1]):
+            top = value == grid[-1]
+            near = grid[-2] if top else grid[1]
+            step = (value / near if top else near / value) if near and value else 10.0  # the grid's own spacing
+            beyond = [value * step, value * step**2] if top else [value / step, value / step**2]
+            wider = ",".join(f"{g:g}" for g in sorted({*grid, *beyond}))
+            out.append(f"{head_name} chose {key}={value:g}, the {'largest' if top else 'smallest'} of its grid "
+                       f"({', '.join(f'{g:g}' for g in grid)}): the best may lie beyond; widen it, e.g. {flag} {wider}")
+    best_epoch = getattr(selection.head, "best_epoch_", None)
+    if epochs is not None and best_epoch == epochs:
+        out.append(f"{head_name} kept its last epoch ({epochs}): the validation loss was still falling, "
+                   f"so it never stopped early; raise --epochs")
+    return out
 
 
 def _fit_all(fit, candidates: list, concurrent: bool):

@@ -11,20 +11,21 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.comparison import base_label
 from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig, fingerprint
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.extraction.store import cache_file
-from featcache.fuse.evaluate import fit_select, score, validation_split
+from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.stream import FusedRows, fit_normalizer
@@ -192,14 +193,13 @@ def _served(cfg: FuseTrainConfig, tapsets, paths, log) -> dict:
 
 def _train(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     """(refs, head) -> the run folder written, for each (tap set, heads) in ``todo``."""
-    feat_cfg = cfg.features
     if cfg.out_of_core:
         return _fuse_train_streaming(cfg, todo, paths, log)
     refs_needed = {ref for refs, _ in todo for ref in refs}
     written = {}
     try:
         data = load_features(paths, refs_needed, cfg.allow_dead_taps, log)
-        fit_rows, val_rows = validation_split(data.labels["train"], cfg.val_fraction, feat_cfg.data.seed)
+        fit_rows, val_rows = _split(data.labels["train"], cfg, log)
         for refs, heads in todo:
             train_blocks = [data.taps[("train", r)] for r in refs]
             normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
@@ -236,7 +236,7 @@ def _fuse_train_streaming(cfg: FuseTrainConfig, todo, paths, log) -> dict:
         classes, labels, index = _rows(caches, paths)
         data = Features(classes, labels, index, {}, {b: c.fingerprint for b, c in caches.items()},
                         time.perf_counter() - started)
-        fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, cfg.features.data.seed)
+        fit_rows, val_rows = _split(labels["train"], cfg, log)
         for refs, heads in todo:
             _check_taps(caches, paths, refs, cfg.allow_dead_taps, log)
             normalizer = fit_normalizer(cfg.tap_norm, FusedRows(caches, refs, "train", fit_rows))
@@ -258,6 +258,14 @@ class _Fusion:
     rows: tuple  # (fit rows, val rows) of the train split
 
 
+def _split(labels, cfg: FuseTrainConfig, log) -> tuple:
+    """(fit rows, validation rows) of the training split; a validation split too small to choose on is said once."""
+    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed)
+    if note := small_validation(labels[val_rows]):
+        log(f"warning: {note}")
+    return fit_rows, val_rows
+
+
 def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dict:
     """Each head on one fusion: selected on validation, scored once on test, saved as a run."""
     X_fit, X_val, X_test = fusion.X
@@ -268,10 +276,14 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
     for head_name in heads:
         selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
         metrics = score(selection.head, X_test, y_test, data.classes)
+        notes = selection_warnings(head_name, selection, cfg.options.epochs if HEADS[head_name].torch else None)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
-        run = save_run(cfg.runs_dir, f"{head_name}-{'+'.join(map(str, refs))}", record, fusion.normalizer,
+        record = replace(record, warnings=[w for w in [small_validation(y_all[val_rows]), *notes] if w])
+        run = save_run(cfg.runs_dir, base_label(record), record, fusion.normalizer,
                        selection.head)
         log(result_line(run, record))
+        for note in notes:
+            log(f"warning: {note}")
         written[(refs, head_name)] = run
     return written
 

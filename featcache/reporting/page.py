@@ -19,26 +19,26 @@ import numpy as np
 from featcache import __version__
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device
+from featcache.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
 from featcache.extraction.store import read_timing
 from featcache.files import atomic_write
 from featcache.records import (
-    COLUMNS,
     RunRecord,
-    chosen_text,
-    comparison_table,
     load_record,
     no_runs,
     record_preprocess,
     record_request,
     resolve_run,
     run_folders,
-    variant,
 )
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
+
+REPORT_COLUMNS = ["label", "dataset", "weights", "fusion", "chosen", "variant", "val_acc", "test_acc", "macro_f1",
+                  "fit_s", "warnings"]  # the page's table; the CSV beside it has every column
 
 
 @dataclass(frozen=True)
@@ -246,17 +246,17 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     started = time.perf_counter()
     images, built = _Images(), {}
     sections = []
-    for folder, record in zip(folders, records):
-        log(f"report: drawing {record.run}")
-        sections.append(_section(folder, record, images, cfg, built))
+    for folder, record, label in zip(folders, records, labels(records)):
+        log(f"report: drawing {label} ({record.run})")
+        sections.append({**_section(folder, record, images, cfg, built), "label": label})
     samples = {}
     for record in records:
         request = record_request(record)
         if request not in samples:
             try:
-                samples[request] = {"title": request.name, "uri": _uri(_samples(record, images))}
+                samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images))}
             except FeatcacheError as exc:
-                samples[request] = {"title": request.name, "note": str(exc)}
+                samples[request] = {"title": dataset_text(record), "note": str(exc)}
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r.run for r in records if r.config["weights"] == "random"]
@@ -265,7 +265,8 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     env = Environment(loader=PackageLoader("featcache.reporting"), autoescape=True)
     page = env.get_template("report.html.j2").render(
         title=cfg.title, version=__version__, generated=time.strftime("%Y-%m-%d %H:%M"),
-        table=table.to_dict("records"), columns=COLUMNS, csv_name=out.with_suffix(".csv").name,
+        table=table.to_dict("records"), columns=REPORT_COLUMNS, headers={c: HEADERS.get(c, c) for c in REPORT_COLUMNS},
+        csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows,
     )
