@@ -1,4 +1,5 @@
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,6 +54,22 @@ def test_cifar10_with_a_changed_file_is_refused(tmp_path, monkeypatch):
         f.write(b"x")
     with pytest.raises(FeatcacheError, match="CIFAR-10 not found or corrupted in .*pass --download"):
         load_dataset(DataRequest(name="cifar10", data_dir=root))
+
+
+def test_a_failed_cifar10_download_leaves_no_folder_behind(tmp_path, monkeypatch):
+    from urllib.error import URLError
+
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(url, download_root, *args, **kwargs):
+        Path(download_root).mkdir(parents=True, exist_ok=True)
+        (Path(download_root) / "cifar-10-python.tar.gz").write_bytes(b"partial")
+        raise URLError("no network")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    with pytest.raises(FeatcacheError, match=r"cannot download CIFAR-10 into .*no network"):
+        load_dataset(DataRequest(name="cifar10", data_dir=tmp_path / "data" / "cifar10", download=True))
+    assert list(tmp_path.iterdir()) == []  # neither data/ nor data/cifar10/ was there before
 
 
 def test_cifar10_missing_directory_says_how_to_fix(tmp_path):

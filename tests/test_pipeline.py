@@ -151,6 +151,18 @@ def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path):
     assert pipeline.stages and pipeline.stages[-1].kind == "report"
 
 
+def test_dry_run_shows_each_stages_options_and_runs_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run(str(ROOT / "pipelines" / "quickstart.toml"), "--dry-run", "--set", "epochs=2")
+    assert result.exit_code == 0, result.output
+    stages = result.output.split("fuse-train #1\n", 1)[1].split("fuse-train #2\n", 1)[0]
+    for line in ('backbone = ["resnet18", "mobilenet_v2"]', 'taps = ["late", "early,late"]', "epochs = 2",
+                 'weights = "random"', 'runs-dir = "runs/quickstart"'):
+        assert f"  {line}\n" in stages
+    assert "patience" not in stages and "force" not in stages  # at their defaults: not listed
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
 def test_quickstart_runs_offline_end_to_end(tmp_path):
     """The README's demo: every stage on digits with random weights, in a fresh folder, no network."""
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "torch-home"), "NO_PROXY": "*",

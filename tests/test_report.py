@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import os
 import re
 import shutil
 from html.parser import HTMLParser
@@ -85,7 +86,7 @@ def test_pretrained_runs_get_no_random_weights_warning_and_missing_parts_say_why
     assert '<figure class="confusion">' in page  # what the record alone can show is still drawn
 
 
-def test_report_command_and_its_errors(report_runs, tmp_path):
+def test_report_command_and_its_errors(report_runs, tmp_path, monkeypatch):
     tmp, runs = report_runs
     ok = CliRunner().invoke(cli, ["report", str(runs[0]), "--runs-dir", str(tmp / "runs"), "-o",
                                   str(tmp_path / "one.html"), "--gradcam-images", "0"])
@@ -99,6 +100,17 @@ def test_report_command_and_its_errors(report_runs, tmp_path):
     bad = CliRunner().invoke(cli, ["report", str(runs[0]), "-o", str(blocker / "r.html"), "--gradcam-images", "0"])
     assert bad.exit_code == 2 and f"Error: cannot write {blocker / 'r.html'}" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
+    # a folder that exists but takes no file (issue 12: /proc/x.html drew every run, then failed): refused first
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    unwritable = os.geteuid() != 0  # root writes anywhere: /proc still refuses it
+    target = (locked if unwritable else Path("/proc")) / "x.html"
+    drawn = []
+    from featcache.reporting import page as page_module
+
+    monkeypatch.setattr(page_module, "_section", lambda *a: drawn.append(a) or {})
+    refused = CliRunner().invoke(cli, ["report", str(runs[0]), "-o", str(target), "--gradcam-images", "0"])
+    assert refused.exit_code == 2 and f"Error: cannot write {target}" in refused.output and drawn == []
 
 
 def test_a_missing_grad_cam_import_is_a_note_not_a_crash(report_runs, tmp_path, monkeypatch):

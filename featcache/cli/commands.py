@@ -236,7 +236,7 @@ def report(trust_pickles, **params):
 @click.option("--set", "settings", metavar="KEY=VALUE", multiple=True,
               help="Override an option in every stage that takes it, e.g. --set epochs=1 --set weights=random; "
                    "repeat for several.")
-@click.option("--dry-run", is_flag=True, help="Check the file and list its stages without running them.")
+@click.option("--dry-run", is_flag=True, help="Check the file and list its stages with their options, running nothing.")
 def run_command(pipeline_file, settings, dry_run):
     """Run a study's pipeline file (TOML) stage by stage: extract, fuse-train, finetune, report.
 
@@ -249,7 +249,7 @@ def run_command(pipeline_file, settings, dry_run):
       featcache run pipelines/mobilenetv2_early_late.toml --set weights=random \\
           --set limit-train=500 --set limit-test=100 --set epochs=1
     """
-    from featcache.cli.pipeline import load_pipeline, parse_override, run_pipeline, summary
+    from featcache.cli.pipeline import load_pipeline, parse_override, run_pipeline, stage_options, summary
 
     overrides = dict(parse_override(text) for text in settings)
     pipeline = load_pipeline(pipeline_file, cli.commands, overrides)
@@ -261,6 +261,9 @@ def run_command(pipeline_file, settings, dry_run):
     if dry_run:
         for stage in pipeline.stages:
             click.echo(f"{stage.kind} #{stage.index}")
+            for line in stage_options(stage, cli.commands[stage.kind]):
+                click.echo(f"  {line}")
+        click.echo("(dry run: nothing ran; options at their defaults are not listed)")
         return
     results = run_pipeline(pipeline, log=lambda m: click.echo(m, err=True))
     click.echo(summary(results))

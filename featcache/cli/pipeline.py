@@ -289,6 +289,23 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     return results
 
 
+def stage_options(stage: Stage, command) -> list[str]:
+    """``name = value`` (TOML, as a pipeline file writes it) for each option of a stage that differs from
+    its command's default, for ``run --dry-run``."""
+    lines = []
+    for param in command.params:
+        value = stage.params.get(param.name)
+        default = param.default() if callable(param.default) else param.default
+        if param.multiple and default is not None:
+            default = tuple(default)
+        if value in (None, (), False) or value == default:
+            continue
+        name = next((o[2:] for o in param.opts if o.startswith("--")), param.name)
+        value = list(value) if isinstance(value, tuple) else value
+        lines.append(f"{name} = {json.dumps(value, default=str)}")
+    return lines
+
+
 def summary(results: list[StageResult]) -> str:
     lines = [f"{'stage':<14}{'status':<8}{'seconds':>9}  outputs"]
     for r in results:

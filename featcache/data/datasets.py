@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,17 +186,20 @@ def _cifar_load(request: DataRequest) -> Dataset:
     from torchvision.datasets import CIFAR10
 
     root = _cifar_root(request)
+    made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the first folder a download makes
     splits = {}
     for name in SPLITS:
         try:
             ds = CIFAR10(root=str(root), train=name == "train", download=request.download)
-        except RuntimeError as exc:
-            raise FeatcacheError(
-                f"CIFAR-10 not found or corrupted in {root / CIFAR10.base_folder}: pass --download, "
-                f"or --data-dir pointing at the folder that holds {CIFAR10.base_folder}/"
-            ) from exc
-        except OSError as exc:  # --download without network
-            raise FeatcacheError(f"cannot download CIFAR-10 into {root}: {exc}") from exc
+        except (RuntimeError, OSError) as exc:
+            if made is not None:  # a failed download leaves no empty or half-filled folder behind
+                shutil.rmtree(made, ignore_errors=True)
+            if isinstance(exc, RuntimeError):
+                raise FeatcacheError(
+                    f"CIFAR-10 not found or corrupted in {root / CIFAR10.base_folder}: pass --download, "
+                    f"or --data-dir pointing at the folder that holds {CIFAR10.base_folder}/"
+                ) from exc
+            raise FeatcacheError(f"cannot download CIFAR-10 into {root}: {exc}") from exc  # no network
         labels = np.asarray(ds.targets, dtype=np.int64)
         splits[name] = Split(labels=labels, index=np.arange(len(labels), dtype=np.int64), images=_rgb_uint8(ds.data))
     return Dataset("cifar10", tuple(ds.classes), splits)

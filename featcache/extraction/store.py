@@ -124,8 +124,11 @@ def _preallocated(group, name: str, shape: tuple[int, int], dtype) -> None:
 
     dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
     dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
-    rows = max(1, min(shape[0], CHUNK_BYTES // max(1, shape[1] * np.dtype(dtype).itemsize)))
-    group.create_dataset(name, shape=shape, dtype=dtype, chunks=(rows, shape[1]), dcpl=dcpl, track_times=False)
+    if shape[0] == 0:  # an empty shard (a rank with no batch of a split): nothing to chunk
+        group.create_dataset(name, shape=shape, dtype=dtype, track_times=False)
+        return
+    rows = min(shape[0], CHUNK_BYTES // max(1, shape[1] * np.dtype(dtype).itemsize))
+    group.create_dataset(name, shape=shape, dtype=dtype, chunks=(max(1, rows), shape[1]), dcpl=dcpl, track_times=False)
 
 
 class CacheWriter:

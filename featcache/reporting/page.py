@@ -10,6 +10,7 @@ cannot differentiate) say why in place of the figure.
 from __future__ import annotations
 
 import base64
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,8 +240,12 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if cfg.gradcam_images > 0:
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
-    try:  # fail before the drawing, not after
+    try:  # fail before the drawing, not after: the folder must take a new file
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            raise IsADirectoryError(21, "it is a folder")
+        with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".probe"):
+            pass
     except OSError as exc:
         raise FeatcacheError(f"cannot write {out}: {exc.strerror or exc}; choose another -o") from exc
     started = time.perf_counter()
