@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from featcache.backbones.registry import BACKBONES
 from featcache.data.datasets import DataRequest, load_dataset
 from featcache.errors import FeatcacheError
 from featcache.fuse.heads import HEADS, HeadOptions
@@ -26,9 +27,13 @@ def test_gradcam_explains_the_recorded_prediction_of_every_differentiable_run(re
         # The rebuilt network predicts what the run recorded: the head really sits on its backbones.
         assert list(out["predicted"]) == record["metrics"]["predictions"][:8], record["run"]
         assert set(out["heatmaps"]) == set(record["taps"])
-        for heat in out["heatmaps"].values():
+        for tap, heat in out["heatmaps"].items():
             assert heat.shape == (8, 32, 32) and heat.min() >= 0 and heat.max() <= 1
             assert heat.reshape(8, -1).std(axis=1).max() > 0  # a map, not a constant
+            # the size of the feature map it was computed on, and which images had nothing to show
+            stride = BACKBONES[tap.split(":")[0]].tap(tap.split(":")[1]).stride
+            assert out["map_sizes"][tap] == (32 // stride, 32 // stride)
+            assert out["empty"][tap] == [bool(np.ptp(h) == 0) for h in heat]
         assert out["images"].shape == (8, 32, 32, 3)
         explained += 1
     assert explained >= 4

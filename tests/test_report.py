@@ -180,3 +180,38 @@ class _Tags(HTMLParser):
     def handle_starttag(self, tag, attrs):
         self.names.append(tag)
         self.attrs.extend(attrs)
+
+
+@pytest.mark.parametrize("n", [12, 7])
+def test_prediction_grid_titles_do_not_reach_into_the_image_above(n):
+    """The red two-line titles of wrong predictions sat on the image above them (issue 12)."""
+    import numpy as np
+
+    from featcache.reporting import figures
+
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    titles = ["✓ 7" if i % 2 else "✗ 8\n(true 9)" for i in range(n)]
+    fig = figures.grid_figure(images, titles)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == n
+    for ax in shown:
+        title = ax.title.get_window_extent(renderer)
+        for other in shown:
+            assert not title.overlaps(other.images[0].get_window_extent(renderer)), (ax.get_title(), other.get_title())
+
+
+def test_an_empty_heatmap_is_drawn_as_the_plain_image_and_named(monkeypatch):
+    import numpy as np
+
+    from featcache.reporting import figures
+
+    texts = []
+    real = figures.png
+    monkeypatch.setattr(figures, "png", lambda fig: texts.extend(t.get_text() for ax in fig.axes for t in ax.texts)
+                        or real(fig))
+    image = np.full((1, 8, 8, 3), 0.5)
+    out = figures.gradcam_grid(image, {"r:late": [np.zeros((8, 8, 3))]}, [0], [0], ["a"], {"r:late": (2, 2)},
+                               {"r:late": [True]})
+    assert out.startswith(b"\x89PNG") and texts == ["2x2 map; empty: all-zero gradients"]

@@ -89,7 +89,9 @@ def gradcam(run_dir: Path, record: RunRecord, images: np.ndarray, device: str = 
     ``built``: a dict kept across calls so that frozen runs on the same backbones share them.
 
     Returns ``{"images": float (N, S, S, 3) in [0, 1] as the backbone sees them,
-    "predicted": class indices, "heatmaps": {tap: float (N, S, S) in [0, 1]}}``.
+    "predicted": class indices, "heatmaps": {tap: float (N, S, S) in [0, 1]},
+    "map_sizes": {tap: (h, w) of the feature map the heatmap was computed on},
+    "empty": {tap: per image, True where every gradient was zero (nothing to show)}}``.
     """
     try:
         from pytorch_grad_cam import GradCAM
@@ -105,12 +107,19 @@ def gradcam(run_dir: Path, record: RunRecord, images: np.ndarray, device: str = 
     x = to_input(batch, pre)
     with torch.no_grad():
         predicted = probed(x).argmax(1).cpu().numpy()
-    heatmaps = {}
+    heatmaps, sizes, empty = {}, {}, {}
     for (backbone, tap), probe in zip(net.refs, probed.probes):
-        with GradCAM(model=probed, target_layers=[probe]) as cam:
-            heatmaps[f"{backbone}:{tap}"] = cam(input_tensor=x, targets=None)
+        name = f"{backbone}:{tap}"
+        hook = probe.register_forward_hook(lambda m, i, out, name=name: sizes.__setitem__(name, tuple(out.shape[-2:])))
+        try:
+            with GradCAM(model=probed, target_layers=[probe]) as cam:
+                heatmaps[name] = cam(input_tensor=x, targets=None)
+        finally:
+            hook.remove()
+        empty[name] = [bool(np.ptp(h) < 1e-6) for h in heatmaps[name]]  # the library leaves a blank map as all zeros
     shown = resized(batch, pre).permute(0, 2, 3, 1).cpu().numpy().clip(0, 1)
-    return {"images": shown, "predicted": np.asarray([labels[k] for k in predicted]), "heatmaps": heatmaps}
+    return {"images": shown, "predicted": np.asarray([labels[k] for k in predicted]), "heatmaps": heatmaps,
+            "map_sizes": sizes, "empty": empty}
 
 
 def overlay(image: np.ndarray, heatmap: np.ndarray) -> np.ndarray:

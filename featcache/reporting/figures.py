@@ -33,6 +33,8 @@ def png(fig) -> bytes:
 def curves(history: dict) -> bytes:
     """Accuracy and loss per epoch, train and validation; phase 2 shaded for fine-tuned runs."""
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(8.5, 3))
     epochs = np.arange(1, len(history["train_loss"]) + 1)
     for ax, metric in zip(axes, ("acc", "loss")):
@@ -45,6 +47,11 @@ def curves(history: dict) -> bytes:
             start = phases.index("finetune") + 0.5
             ax.axvspan(start, len(phases) + 0.5, color="0.92", zorder=0, label="fine-tune phase")
         ax.set_xlabel("epoch")
+        if len(epochs) <= 12:
+            ax.set_xticks(epochs)  # epochs are whole: no 1.5
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(0.5, len(epochs) + 0.5)  # one epoch: one tick in the middle, not a 0.96-1.04 axis
         ax.set_ylabel("accuracy" if metric == "acc" else "cross-entropy loss")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -82,7 +89,7 @@ def per_class(per_class_metrics: dict) -> bytes:
     ax.bar(x + 0.2, [per_class_metrics[n]["recall"] for n in names], 0.4, label="recall")
     ax.set_xticks(x, names, rotation=90 if len(names) > 6 else 0, fontsize=8)
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=8, ncols=2, loc="lower right")
+    ax.legend(fontsize=8, ncols=2, loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False)  # above the bars
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return png(fig)
@@ -90,18 +97,26 @@ def per_class(per_class_metrics: dict) -> bytes:
 
 def image_grid(images, titles, colors=None, columns: int = 6, cell: float = 1.7) -> bytes:
     """Images (N, H, W, 3) uint8 or float in [0, 1] with a title each, ``cell`` inches wide."""
+    return png(grid_figure(images, titles, colors, columns, cell))
+
+
+def grid_figure(images, titles, colors=None, columns: int = 6, cell: float = 1.7):
+    """The figure of :func:`image_grid`: each row tall enough for its titles' lines, so no title
+    reaches into the image above it."""
     plt = _plt()
     n = len(images)
     rows = max(1, -(-n // columns))
     cols = min(columns, max(n, 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, (cell + 0.2) * rows), squeeze=False)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    title_inches = 0.16 * lines + 0.1
+    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, (cell + title_inches) * rows), squeeze=False,
+                             gridspec_kw={"hspace": title_inches / cell + 0.05})
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
             ax.imshow(images[i], interpolation="nearest" if images[i].shape[0] < 64 else "antialiased")
             ax.set_title(titles[i], fontsize=7, color=(colors[i] if colors else "black"))
-    fig.tight_layout()
-    return png(fig)
+    return fig
 
 
 def predictions(images, true, predicted, classes) -> bytes:
@@ -114,21 +129,31 @@ def predictions(images, true, predicted, classes) -> bytes:
     return image_grid(images, titles, colors)
 
 
-def gradcam_grid(images, overlays: dict, true, predicted, classes) -> bytes:
-    """One row per image: the image, then its Grad-CAM heatmap for each tap."""
+def gradcam_grid(images, overlays: dict, true, predicted, classes, map_sizes: dict | None = None,
+                 empty: dict | None = None) -> bytes:
+    """One row per image: the image, then its Grad-CAM heatmap for each tap, with the size of the map it
+    was computed on below; a heatmap with all-zero gradients shows the plain image and says so."""
     plt = _plt()
     taps = list(overlays)
     n = len(images)
-    fig, axes = plt.subplots(n, 1 + len(taps), figsize=(1.8 * (1 + len(taps)), 1.9 * n), squeeze=False)
+    map_sizes, empty = map_sizes or {}, empty or {}
+    fig, axes = plt.subplots(n, 1 + len(taps), figsize=(1.8 * (1 + len(taps)), 2.2 * n), squeeze=False)
     for i in range(n):
         ok = true[i] == predicted[i]
         axes[i, 0].imshow(images[i])
         axes[i, 0].set_title(f"true {classes[true[i]]}\npred {classes[predicted[i]]}", fontsize=7,
                              color=GOOD if ok else BAD)
         for j, tap in enumerate(taps, start=1):
-            axes[i, j].imshow(overlays[tap][i])
+            blank = empty.get(tap, [False] * n)[i]
+            axes[i, j].imshow(images[i] * 0.35 + 0.65 if blank else overlays[tap][i])
             if i == 0:
                 axes[i, j].set_title(f"Grad-CAM\n{tap}", fontsize=7)
+            size = map_sizes.get(tap)
+            below = "empty: all-zero gradients" if blank else ""
+            if size:
+                below = f"{size[0]}x{size[1]} map" + (f"; {below}" if below else "")
+            axes[i, j].text(0.5, -0.04, below, transform=axes[i, j].transAxes, ha="center", va="top", fontsize=6,
+                            color=BAD if blank else "0.3")
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
@@ -173,13 +198,14 @@ def architecture(backbones: list[dict], pooling: str, tap_norm: str, fused_dim: 
         box(5.6, y, f"{step}{pooling} pool -> {tap_norm}", "#f6eddb", width=2.0)
         arrow(4.45, y, 4.6, y)
         arrow(6.6, y, 7.05, mid)
-    box(7.7, mid, f"concatenate\n{fused_dim}", "#f3e1ee", width=1.2)
-    hy = np.linspace(mid + 0.35 * (len(head) - 1), mid - 0.35 * (len(head) - 1), len(head))
+    box(7.7, mid, f"concatenate\n{fused_dim}" if len(rows) > 1 else f"one tap\n{fused_dim}", "#f3e1ee", width=1.2)
+    spacing = 0.75 if len(head) > 1 else 0
+    hy = np.linspace(mid + spacing * (len(head) - 1) / 2, mid - spacing * (len(head) - 1) / 2, len(head))
     for i, (layer, y) in enumerate(zip(head, hy)):
-        box(9.6, y, layer, "#ececec", width=2.4)
+        box(9.75, y, layer, "#ececec", width=2.1)
         if i:
-            arrow(9.6, hy[i - 1] - 0.28, 9.6, y + 0.28)
-    arrow(8.3, mid, 8.4, hy[0])
+            arrow(9.75, hy[i - 1] - 0.3, 9.75, y + 0.3)
+    arrow(8.32, mid, 8.68, hy[0])  # concatenation -> the head's first layer, box edge to box edge
     return png(fig)
 
 

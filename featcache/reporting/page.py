@@ -147,7 +147,8 @@ def _architecture(record: RunRecord) -> bytes:
     else:  # scikit-learn heads: the estimator and its chosen parameters
         params = ", ".join(f"{name}={value}" for name, value in record.selection["params"].items())
         head = [f"{record.head} ({params})", f"-> {k} classes"]
-    refine = f"{c['res_blocks']} residual blocks" if c.get("head") == "resblocks" else None
+    blocks = c.get("res_blocks")
+    refine = f"{blocks} residual block{'s' if blocks != 1 else ''}" if c.get("head") == "resblocks" else None
     norm = "no normalisation" if refine else c["tap_norm"]  # fine-tune uses none for one refined map
     return figures.architecture(backbones, c["pooling"], norm, record.dim, refine, head)
 
@@ -158,7 +159,8 @@ def _gradcam(run_dir: Path, record: RunRecord, images: _Images, n: int, device: 
     out = gradcam(run_dir, record, images.rows(record, "test", rows), device=device, built=built)
     overlays = {tap: [overlay(img, heat) for img, heat in zip(out["images"], maps)]
                 for tap, maps in out["heatmaps"].items()}
-    return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record.classes)
+    return figures.gradcam_grid(out["images"], overlays, true, out["predicted"], record.classes,
+                                out["map_sizes"], out["empty"])
 
 
 def _section(run_dir: Path, record: RunRecord, images: _Images, cfg: ReportConfig, built: dict) -> dict:
