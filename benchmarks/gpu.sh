@@ -24,6 +24,8 @@ step quickstart_cuda 300 python -m featcache run pipelines/quickstart.toml --set
 step extract 420 python benchmarks/extract_throughput.py --backbone all --device cuda --repeat 8 --images 8192 --batch-size 128 --together
 # A run long enough that the loop, not the fixed costs, is what (a) measures.
 step extract_50k 240 python benchmarks/extract_throughput.py --backbone resnet50 --device cuda --repeat 35 --images 50000 --batch-size 256
+# Issue 14: a JPEG folder at 224 px, JPEGs decoded on the GPU in batches, against ImageFolder + PIL (target >= 3x).
+step folder_jpeg 360 python benchmarks/folder_throughput.py --device cuda --format jpg --source-size 320 --image-size 224 --backbone resnet50 --images 8192 --batch-size 128
 step fidelity 120 python benchmarks/device_fidelity.py --device cuda --precision auto
 step finetune 300 python benchmarks/finetune_throughput.py --device cuda --repeat 4 --images 4096 --num-workers 8
 step frozen_fusion 300 python benchmarks/frozen_fusion.py --device cuda --skip-pairs

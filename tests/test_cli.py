@@ -107,9 +107,10 @@ def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path):
 def test_num_workers_defaults_to_the_cores_the_machine_gives_and_help_says_so(monkeypatch):
     import os
 
-    from featcache.extraction.config import ExtractConfig, available_cores
+    from featcache.extraction.config import available_cores, workers_for
 
     shown = " ".join(CliRunner().invoke(cli, ["extract", "--help"]).output.split())
-    assert f"every core this machine gives featcache. [default: {available_cores()}]" in shown
+    assert f"on a GPU run every core this machine gives featcache ({available_cores()}); on a CPU run 0" in shown
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 5, 7}, raising=False)
-    assert available_cores() == 5 and ExtractConfig().num_workers == 5
+    assert available_cores() == 5 and workers_for(torch.device("cuda"), None) == 5
+    assert workers_for(torch.device("cpu"), None) == 0 and workers_for(torch.device("cpu"), 3) == 3

@@ -120,8 +120,8 @@ def test_several_backbones_share_one_decode_of_each_image_and_equal_separate_run
     from featcache.data import images
 
     decoded = []
-    real = images.load_image
-    monkeypatch.setattr(images, "load_image", lambda path, pre: decoded.append(path) or real(path, pre))
+    real = images._torchvision_rgb  # the first step of every decode (PIL follows only where it declines)
+    monkeypatch.setattr(images, "_torchvision_rgb", lambda path: decoded.append(path) or real(path))
     data = DataRequest(name="folder", data_dir=image_folder)
     together = extract(tiny_config(tmp_path / "together", data=data, backbones=("tiny", "tiny2"), batch_size=5),
                        progress=False)

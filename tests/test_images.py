@@ -67,6 +67,30 @@ def test_each_odd_image_loads_as_rgb(odd, name):
         assert abs(float(image.mean()) - 128) < 20
 
 
+def test_the_fast_decoder_gives_pils_pixels_for_every_odd_and_plain_file(odd, monkeypatch):
+    """JPEG and PNG go through torchvision's decoders; each file reads exactly as PIL reads it."""
+    from featcache.data import images
+
+    Image.fromarray(photo((64, 48))).save(odd / "plain.jpg", quality=85)
+    Image.fromarray(photo((64, 48))[..., 0], "L").save(odd / "gray.jpg")
+    Image.fromarray(photo((64, 48))).save(odd / "progressive.jpg", progressive=True)
+    fast = []
+    real = images._torchvision_rgb
+
+    def counted(path):
+        out = real(path)
+        if out is not None:
+            fast.append(path.name)
+        return out
+
+    monkeypatch.setattr(images, "_torchvision_rgb", counted)
+    for path in sorted(odd.iterdir()):
+        assert np.array_equal(images.decode_rgb(path), np.asarray(images.open_rgb(path))), path.name
+    # the plain JPEGs and 8-bit PNGs took the fast path; CMYK, 16-bit and TIFF went to PIL
+    assert {"plain.jpg", "gray.jpg", "progressive.jpg", "alpha.png", "gray.png", "palette.png", "large.jpg"} <= set(fast)
+    assert not {"cmyk.jpg", "deep16.png", "float.tif"} & set(fast)
+
+
 def test_an_image_over_pillows_bomb_limit_is_reported_not_crashed(tmp_path, monkeypatch):
     Image.fromarray(photo((100, 100))).save(tmp_path / "bomb.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 10,000 pixels > 2 x the limit: Pillow refuses
@@ -133,6 +157,37 @@ def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
     assert "already cached" in again.output and "skipped 3 unreadable image(s)" in again.output
     info = CliRunner().invoke(cli, ["info", str(path)])
     assert "skipped as unreadable (3):" in info.output and "truncated.jpg" in info.output
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_device_jpeg_decode_takes_the_whole_messy_folder_like_the_cpu_path(tmp_path, monkeypatch, workers):
+    """The GPU path (JPEG bytes from the workers, batched decode_jpeg and resize on the device), run on
+    the CPU: the same files skipped with the same reasons, and each image's features close to the CPU path's."""
+    from featcache.extraction import passes
+
+    root = messy_folder(tmp_path / "photos")
+    for i in range(3):  # plain JPEGs of other sizes: decoded and resized by the device path
+        Image.fromarray(photo((50 + 10 * i, 40), seed=i)).save(root / "boots" / f"j{i}.jpg", quality=90)
+    import torchvision.io
+
+    batches, real = [], torchvision.io.decode_jpeg
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda data, **kw: batches.append(
+        len(data) if isinstance(data, list) else 1) or real(data, **kw))
+    caches = {}
+    for mode in (False, True):
+        monkeypatch.setattr(passes, "DEVICE_JPEG_DECODE", mode)
+        flags = [workers if previous == "--num-workers" else flag for previous, flag in zip(["", *FAST], FAST)]
+        args = ["extract", *flags, "--data-dir", str(root), "--skip-bad-images", "--cache-dir", str(tmp_path / f"c{mode}")]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 0, result.output
+        [caches[mode]] = (tmp_path / f"c{mode}").rglob("*.h5")
+        assert bool(batches) == mode and (not mode or max(batches) > 1)  # the device path decodes JPEGs in batches
+    with FeatureCache(caches[False]) as cpu, FeatureCache(caches[True]) as device:
+        assert [s["error"] for s in cpu.skipped] == [s["error"] for s in device.skipped] and len(cpu.skipped) == 3
+        for split in ("train", "test"):
+            a, b = cpu.read(split, "stage3").astype(np.float32), device.read(split, "stage3").astype(np.float32)
+            cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+            assert cosine.min() > 0.99, cosine.min()
 
 
 def test_a_cache_with_skipped_images_trains_and_reports(tmp_path):

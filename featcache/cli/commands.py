@@ -64,8 +64,9 @@ def feature_options(f):
 @feature_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--num-workers", type=int, default=available_cores(), show_default=True,
-              help="Processes decoding image files; the default is every core this machine gives featcache.")
+@click.option("--num-workers", type=int, default=None,
+              help=f"Processes decoding image files [default: on a GPU run every core this machine gives featcache "
+                   f"({available_cores()}); on a CPU run 0, since the network already uses every core].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
 @click.option("--skip-bad-images", is_flag=True,
               help="Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping.")

@@ -29,6 +29,15 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def workers_for(device, asked: int | None) -> int:
+    """Processes decoding image files: ``asked``, or by default every core for a GPU run and none for a
+    CPU run, whose network already uses every core: worker processes only take cores from it, and
+    decoding between batches was faster (benchmarks/folder_throughput.py, benchmarks/RESULTS.md)."""
+    if asked is not None:
+        return asked
+    return available_cores() if getattr(device, "type", device) == "cuda" else 0
+
+
 @dataclass(frozen=True)
 class ExtractConfig:
     """Flags of ``featcache extract``."""
@@ -42,7 +51,7 @@ class ExtractConfig:
     dtype: str = "float16"
     device: str = "auto"
     batch_size: int = 64
-    num_workers: int = field(default_factory=lambda: available_cores())  # decoders for image files
+    num_workers: int | None = None  # processes decoding image files; None: workers_for(device)
     cache_dir: Path = Path("cache")
     compile: bool = False
     skip_bad_images: bool = False  # leave unreadable files out (recorded in the cache) instead of stopping
@@ -58,7 +67,7 @@ class ExtractConfig:
         check_choice("--device", self.device, DEVICES)
         if self.batch_size < 1:
             raise FeatcacheError(f"--batch-size must be at least 1. Got {self.batch_size} instead.")
-        if self.num_workers < 0:
+        if self.num_workers is not None and self.num_workers < 0:
             raise FeatcacheError(f"--num-workers must be 0 or more. Got {self.num_workers} instead.")
 
 

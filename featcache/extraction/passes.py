@@ -17,18 +17,25 @@ import numpy as np
 from featcache.backbones.registry import BackboneSpec
 from featcache.backbones.taps import autocast, compiled, pooled_dim
 from featcache.data.datasets import Dataset, Split
+from featcache.data.device_decode import FileBytes, decode_batch
 from featcache.data.images import FileImages
 from featcache.data.preprocess import to_input
 from featcache.errors import FeatcacheError
-from featcache.extraction.config import ExtractConfig
+from featcache.extraction.config import ExtractConfig, workers_for
+from featcache.extraction.reader import FLOAT16_TINY
 from featcache.extraction.store import CacheWriter
 
-FLOAT16_TINY = 2.0**-14  # smallest normal float16
+# Decode JPEGs on the device (bytes from the workers, torchvision's batched decode_jpeg): by default on a
+# GPU. Tests set it True to run that path on the CPU.
+DEVICE_JPEG_DECODE: bool | None = None
 
 
 def _collate(batch):
+    """A batch from ``__getitems__`` arrives whole; single items (a custom sampler) are stacked here."""
     import torch
 
+    if isinstance(batch, tuple):
+        return batch
     return torch.stack([img for img, _ in batch]), [err for _, err in batch]
 
 
@@ -45,15 +52,20 @@ def uint8_batches(split: Split, start: int, stop: int, cfg: ExtractConfig, batch
             batch = torch.from_numpy(split.images[row : min(row + batch_size, stop)])
             yield row, (batch.pin_memory() if pin else batch).to(device, non_blocking=pin), [""] * len(batch)
         return
+    on_device = DEVICE_JPEG_DECODE if DEVICE_JPEG_DECODE is not None else device.type == "cuda"
+    files = split.files[start:stop]
     loader = torch.utils.data.DataLoader(
-        FileImages(split.files[start:stop], cfg.preprocess),
+        (FileBytes if on_device else FileImages)(files, cfg.preprocess),
         batch_size=batch_size,
-        num_workers=cfg.num_workers,
+        num_workers=workers_for(device, cfg.num_workers),
         collate_fn=_collate,
-        pin_memory=pin,
+        pin_memory=pin and not on_device,
     )
     row = start
     for batch, errors in loader:
+        if on_device:  # JPEG bytes decoded by the device in one call, then resized there
+            batch, errors = decode_batch(batch, errors, files[row - start : row - start + len(errors)],
+                                         cfg.preprocess, device)
         yield row, batch.to(device, non_blocking=pin), errors
         row += len(batch)
 
