@@ -45,7 +45,7 @@ epochs = 1
 num-workers = 0
 
 [report]
-gradcam-images = 1
+gradcam-images = 0
 grid-images = 4
 """
 
