@@ -39,10 +39,11 @@ from featcache.data.datasets import DataRequest, load_dataset
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract
+from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.heads import HeadOptions
 from featcache.fuse.torch_head import TorchClassifier
-from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.fuse.train import FuseTrainConfig, fuse_train
 
 
 def studies_way(names, data, args, device, norm) -> tuple[float, float]:

@@ -25,9 +25,9 @@ from featcache.cli.stages import STAGES
 from featcache.comparison import runs_table
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.run import extract as run_extract
+from featcache.fuse.caches import load_features as load
+from featcache.fuse.caches import locate_caches
 from featcache.fuse.fusion import parse_taps
-from featcache.fuse.train import load_features as load
-from featcache.fuse.train import locate_caches
 from featcache.records import pipeline_runs
 
 

@@ -14,7 +14,6 @@ resumes from its last checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import tomllib
@@ -23,20 +22,14 @@ from pathlib import Path
 
 import click
 
-from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.cli.ledger import recorded, remember, stage_key
 from featcache.cli.stages import STAGES, Outcome, with_runs
 from featcache.errors import FeatcacheError, closest
-from featcache.extraction.config import fingerprint
-from featcache.extraction.store import fingerprint_hash
-from featcache.files import atomic_write
 
 SECTIONS = ("pipeline", "defaults", *STAGES)
 PIPELINE_KEYS = ("name", "description", "reproduces", "reported", "runs-dir")
 # A pipeline file is shared: it cannot ask to load pickles (which can run code), only a person can.
 COMMAND_LINE_ONLY = ("trust-pickles",)
-UI_ONLY = ("quiet", "resume", "trust_pickles", "force")  # options that do not change a stage's result
-LEDGER = "pipeline-ledger.json"
 
 
 @dataclass
@@ -227,41 +220,6 @@ def load_pipeline(path: Path, commands: dict[str, click.Command], overrides: dic
     return Pipeline(path, head["name"], info, runs_dir, stages)
 
 
-def stage_key(stage: Stage) -> str:
-    """What a training stage's result depends on: every resolved option, and the inputs' fingerprints.
-
-    The fingerprints (dataset files, weights, preprocessing) make a changed photo folder or
-    weights file a new stage even when the options read the same.
-    """
-    features = stage.config.features
-    precision = resolve_precision(features.precision, resolve_device(features.device))
-    inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision))
-              for name in features.backbones}
-    settled = {k: str(v) if isinstance(v, Path) else v for k, v in stage.params.items() if k not in UI_ONLY}
-    text = json.dumps([stage.kind, settled, inputs], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _ledger(runs_dir: Path) -> dict:
-    try:
-        return json.loads((runs_dir / LEDGER).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember(runs_dir: Path, key: str, entry: dict) -> None:
-    ledger = _ledger(runs_dir)
-    ledger[key] = entry
-    atomic_write(runs_dir / LEDGER, json.dumps(ledger, indent=2, sort_keys=True))
-
-
-def _recorded(runs_dir: Path, key: str) -> list[str] | None:
-    entry = _ledger(runs_dir).get(key)
-    if entry and all((runs_dir / name / "record.json").is_file() for name in entry["runs"]):
-        return entry["runs"]
-    return None
-
-
 def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     """Run every stage, reusing what exists; return what each stage did."""
     results: list[StageResult] = []
@@ -274,14 +232,14 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
             raise _fail(pipeline.path, f"[{stage.kind}]", "no runs to report: add a fuse-train or finetune stage")
         config = with_runs(spec, stage.config, runs, pipeline.runs_dir)
         key = stage_key(stage) if spec.reuse == "ledger" else None
-        names = _recorded(Path(config.runs_dir), key) if key else None
+        names = recorded(Path(config.runs_dir), key) if key else None
         if names is not None:
             outcome = Outcome("reused", [str(Path(config.runs_dir) / n) for n in names],
                               [Path(config.runs_dir) / n for n in names])
         else:
             outcome = spec.run(config, stage.params, log)
             if key:
-                _remember(Path(config.runs_dir), key,
+                remember(Path(config.runs_dir), key,
                           {"stage": stage.kind, "pipeline": pipeline.name, "runs": [p.name for p in outcome.runs]})
         runs += outcome.runs
         results.append(StageResult(stage.kind, stage.index, outcome.status, time.perf_counter() - started,

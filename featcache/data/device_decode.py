@@ -10,9 +10,7 @@ that are not plain JPEGs (PNG, CMYK, huge, unreadable) are decoded by the worker
 
 from __future__ import annotations
 
-import numpy as np
-
-from featcache.data.images import BadImage, FileImages, jpeg_bytes
+from featcache.data.images import BadImage, FileImages, decoded_or_error, jpeg_bytes
 from featcache.data.preprocess import PreprocessConfig, resized
 
 
@@ -30,18 +28,15 @@ class FileBytes(FileImages):
         for i in indices:
             try:
                 data = jpeg_bytes(self.files[i])
-                if data is not None:
-                    items.append(("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)))
-                    errors.append("")
-                    continue
-            except BadImage as exc:  # a missing file
-                size = self.pre.image_size
-                items.append(("pixels", torch.zeros((size, size, 3), dtype=torch.uint8)))
-                errors.append(str(exc))
-                continue
-            pixels, [error] = super().__getitems__([i])
-            items.append(("pixels", pixels[0]))
-            errors.append(error)
+            except BadImage:  # missing: the pixel path below names it
+                data = None
+            if data is not None:
+                items.append(("jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8)))
+                errors.append("")
+            else:
+                pixels, error = self[i]
+                items.append(("pixels", pixels))
+                errors.append(error)
         return items, errors
 
 
@@ -73,8 +68,8 @@ def decode_batch(items: list, errors: list[str], files: list, pre: PreprocessCon
             except RuntimeError:
                 decoded.append(None)
     for k, image in zip(jpegs, decoded):
-        if image is None:
-            pixels, errors[k] = _cpu_fallback(files[k], pre)
+        if image is None:  # on the CPU, as every other file: its pixels, or zeros and its error
+            pixels, errors[k] = decoded_or_error(files[k], pre)
             out[k] = pixels.to(device)
             continue
         out[k] = to_size(image, pre)
@@ -87,16 +82,3 @@ def to_size(image, pre: PreprocessConfig):
         return image.permute(1, 2, 0)
     x = resized(image.permute(1, 2, 0)[None], pre)[0]  # float (3, S, S) in [0, 1]
     return x.mul(255.0).round_().clamp_(0, 255).to(image.dtype).permute(1, 2, 0)
-
-
-def _cpu_fallback(path, pre: PreprocessConfig):
-    """A file the device decoder refused, decoded on the CPU: its pixels, or zeros and its one-line error."""
-    import torch
-
-    from featcache.data.images import load_image
-
-    try:
-        return torch.from_numpy(load_image(path, pre)), ""
-    except BadImage as exc:
-        size = pre.image_size
-        return torch.from_numpy(np.zeros((size, size, 3), np.uint8)), str(exc)

@@ -164,17 +164,25 @@ def fit(pixels: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
 
 
+def decoded_or_error(path, pre: PreprocessConfig):
+    """(uint8 tensor (S, S, 3), "") for a readable file; (zeros, its one-line error) for one that is not."""
+    import torch
+
+    try:
+        return torch.from_numpy(load_image(path, pre)), ""
+    except BadImage as exc:
+        size = pre.image_size
+        return torch.zeros((size, size, 3), dtype=torch.uint8), str(exc)
+
+
 class FileImages:
     """Map-style dataset of image files -> (uint8 (S, S, 3), error message), decoded in DataLoader workers.
 
     A file that cannot be decoded yields zeros and its one-line error instead of raising,
     so the main process can name it (or skip it) rather than print a worker traceback.
-    ``__getitems__`` hands a worker a whole batch at once, as DataLoader allows.
     """
 
     def __init__(self, files, pre: PreprocessConfig):
-        import torchvision.io  # noqa: F401  imported here, before DataLoader forks: not once per worker (~1 s each)
-
         self.files = files
         self.pre = pre
 
@@ -182,34 +190,7 @@ class FileImages:
         return len(self.files)
 
     def __getitem__(self, i):
-        import torch
-
-        try:
-            return torch.from_numpy(load_image(self.files[i], self.pre)), ""
-        except BadImage as exc:
-            size = self.pre.image_size
-            return torch.zeros((size, size, 3), dtype=torch.uint8), str(exc)
-
-    def __getitems__(self, indices):
-        """One batch: (uint8 (B, S, S, 3), error messages), stacked in the worker (one transfer per batch)."""
-        import torch
-
-        size = self.pre.image_size
-        out = torch.empty((len(indices), size, size, 3), dtype=torch.uint8)
-        errors = []
-        for k, i in enumerate(indices):
-            try:
-                fast = _torchvision_rgb(self.files[i])
-                if fast is not None and fast.shape[1:] == (size, size):  # decoded at the input size: copied as is
-                    out[k].copy_(fast.permute(1, 2, 0))
-                else:
-                    pixels = fast.permute(1, 2, 0).numpy() if fast is not None else np.asarray(open_rgb(self.files[i]))
-                    out[k] = torch.from_numpy(fit(pixels, self.pre))
-                errors.append("")
-            except BadImage as exc:
-                out[k] = 0
-                errors.append(str(exc))
-        return out, errors
+        return decoded_or_error(self.files[i], self.pre)
 
 
 def images_in(folder: Path) -> list[Path]:

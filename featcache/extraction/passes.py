@@ -31,7 +31,7 @@ DEVICE_JPEG_DECODE: bool | None = None
 
 
 def _collate(batch):
-    """A batch from ``__getitems__`` arrives whole; single items (a custom sampler) are stacked here."""
+    """Per-file items are stacked here (in the worker); a ``FileBytes`` batch arrives whole from ``__getitems__``."""
     import torch
 
     if isinstance(batch, tuple):

@@ -148,12 +148,14 @@ class FeatureCache:
             return data[0:0]
         return data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
 
-    def dead(self, tap: str) -> str | None:
-        """Why ``tap`` is dead on the training rows (see :class:`TapHealth`), or None. Read in row chunks."""
+    def dead(self, tap: str, rows: np.ndarray | None = None) -> str | None:
+        """Why ``tap`` is dead on the training rows (see :class:`TapHealth`), or None. Checked in row
+        chunks; ``rows``, the tap's training rows already read by the caller, are not read again."""
         if tap not in self._health:
             health = TapHealth(self.file["train"]["taps"][tap].dtype == np.float16)
             for start in range(0, self.n_rows("train"), HEALTH_ROWS):
-                health.update(self.read("train", tap, slice(start, start + HEALTH_ROWS)))
+                chunk = slice(start, start + HEALTH_ROWS)
+                health.update(rows[chunk] if rows is not None else self.read("train", tap, chunk))
             self._health[tap] = health.dead()
         return self._health[tap]
 

@@ -90,6 +90,7 @@ class _Setup:
     net: object
     normalizer: TapNormalizer
     started: float
+    notes: tuple = ()  # warnings about the split, said once and recorded in the run
 
     @property
     def train(self):
@@ -137,7 +138,8 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     fit_rows, val_rows = validation_split(data.splits["train"].labels, cfg.val_fraction, feat.data.seed)
     if cfg.head == "resblocks":
         check_one_image_batches(refs[0], feat.preprocess.image_size, cfg.batch_size, len(fit_rows))
-    if note := small_validation(data.splits["train"].labels[val_rows]):  # said once the request is known to be good
+    notes = tuple(n for n in [small_validation(data.splits["train"].labels[val_rows])] if n)
+    for note in notes:  # said once the request is known to be good
         log(f"warning: {note}")
     started = time.perf_counter()
     dims = [pooled_dim(BACKBONES.lookup(r.backbone).tap(r.tap).channels, feat.pooling) for r in refs]
@@ -153,7 +155,7 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
         normalizer = fit_normalizer_on_images(net, data.splits["train"], fit_rows, cfg, device)
         net.norm = TapNorm(normalizer).to(device)
     return _Setup(device, resolve_precision(feat.precision, device), refs, data, fit_rows, val_rows, dims, net,
-                  normalizer, started)
+                  normalizer, started, notes)
 
 
 def _open_checkpoint(cfg: FinetuneConfig, setup: _Setup, log):
@@ -275,7 +277,7 @@ def _finish(cfg: FinetuneConfig, setup: _Setup, state: _Progress, trainable: dic
         timings={"fit_seconds": time.perf_counter() - setup.started, "predict_seconds": metrics["predict_seconds"],
                  "images_per_s": float(np.mean(history["images_per_s"])) if history["images_per_s"] else None},
         versions=library_versions(),
-        warnings=[w for w in [small_validation(setup.data.splits["train"].labels[setup.val_rows])] if w],
+        warnings=list(setup.notes),
     )
     run = save_run(cfg.runs_dir, base_label(record), record, setup.normalizer, net.state_dict())
     shutil.rmtree(folder, ignore_errors=True)

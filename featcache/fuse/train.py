@@ -1,8 +1,7 @@
 """Stage 2 driver: load cached taps once, then fuse and train every (taps, head) combination.
 
-Flow: store -> fusion -> heads -> evaluate -> records. The caches are found by the same
-fingerprint ``extract`` writes, so the same weights, image size and pooling flags pick
-the same files; a missing one names the ``featcache extract`` command that makes it.
+Flow: store -> caches -> fusion -> heads -> evaluate -> records. A combination already trained
+with identical options on identical caches is served from its run folder.
 """
 
 from __future__ import annotations
@@ -11,22 +10,27 @@ import contextlib
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device, resolve_precision
 from featcache.comparison import base_label
-from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
-from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.config import ExtractConfig
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.extraction.store import cache_file
+from featcache.fuse.caches import (
+    Features,
+    check_alive,
+    check_taps,
+    float32_bytes,
+    load_features,
+    locate_caches,
+    shared_rows,
+)
 from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
-from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
+from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.stream import FusedRows, fit_normalizer
 from featcache.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
@@ -58,95 +62,6 @@ class FuseTrainConfig:
             raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {self.val_fraction} instead.")
 
 
-def extract_command(cfg: ExtractConfig, backbone: str) -> str:
-    """The ``featcache extract`` command that makes ``backbone``'s cache for ``cfg``."""
-    parts = ["featcache extract", f"--backbone {backbone}", f"--dataset {cfg.data.name}"]
-    defaults = DataRequest()
-    for f in fields(DataRequest):
-        value = getattr(cfg.data, f.name)
-        if f.name != "name" and value != getattr(defaults, f.name):
-            flag = "--" + f.name.replace("_", "-")
-            parts.append(flag if value is True else f"{flag} {value}")
-    base = ExtractConfig()
-    for name in ("weights", "pooling", "precision", "dtype", "device", "cache_dir"):
-        if getattr(cfg, name) != getattr(base, name):
-            parts.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}")
-    for name in ("image_size", "resize"):
-        if getattr(cfg.preprocess, name) != getattr(base.preprocess, name):
-            parts.append(f"--{name.replace('_', '-')} {getattr(cfg.preprocess, name)}")
-    return " ".join(parts)
-
-
-def locate_caches(cfg: ExtractConfig) -> dict[str, Path]:
-    """backbone -> finished cache file for this request; a missing one is an error."""
-    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    key = dataset_key(cfg.data)
-    found = {}
-    for name in cfg.backbones:
-        path = cache_file(cfg.cache_dir, key, name, fingerprint(cfg, BACKBONES.lookup(name), precision))
-        if not path.exists():
-            raise FeatcacheError(
-                f"no cached features for {name} in {path.parent} with these settings: run "
-                f"{extract_command(cfg, name)} (or add --extract)"
-            )
-        found[name] = path
-    return found
-
-
-@dataclass
-class Features:
-    """Every needed tap of both splits, loaded once."""
-
-    classes: list[str]
-    labels: dict[str, np.ndarray]  # split -> labels
-    index: dict[str, np.ndarray]  # split -> position of each row in the source dataset
-    taps: dict[tuple[str, TapRef], np.ndarray]  # (split, ref) -> (N, C) float32
-    fingerprints: dict[str, dict]
-    load_seconds: float
-
-
-def _rows(caches: dict, path_of: dict) -> tuple[list[str], dict, dict]:
-    """(classes, split -> labels, split -> source index), the same in every backbone's cache."""
-    labels, index, classes = {}, {}, None
-    for backbone, cache in caches.items():
-        classes = classes or cache.classes
-        for split in ("train", "test"):
-            y = cache.labels(split)
-            if split in labels and not np.array_equal(labels[split], y):
-                raise FeatcacheError(f"{path_of[backbone]} holds other {split} rows than the other backbones' caches")
-            labels[split], index[split] = y, cache.index(split)
-    return classes, labels, index
-
-
-def _check_taps(caches: dict, path_of: dict, refs, allow_dead: bool = False, log=print) -> None:
-    """Every tap is in its cache, and none is dead (constant, or mostly below float16's range) unless allowed."""
-    for ref in sorted(refs):
-        if ref.tap not in caches[ref.backbone].taps("train"):
-            raise FeatcacheError(f"tap {ref} is not in {path_of[ref.backbone]}: re-run featcache extract "
-                                 f"--backbone {ref.backbone}")
-        reason = caches[ref.backbone].dead(ref.tap)
-        if reason and allow_dead:
-            log(f"warning: tap {ref} is dead ({reason}); used anyway (--allow-dead-taps)")
-        elif reason:
-            raise FeatcacheError(f"tap {ref} is dead in {path_of[ref.backbone]}: {reason}. A head learns nothing "
-                                 f"from it: extract again with --dtype float32, choose other --taps, or pass "
-                                 f"--allow-dead-taps to use it anyway")
-
-
-def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool = False, log=print) -> Features:
-    started = time.perf_counter()
-    taps = {}
-    with contextlib.ExitStack() as stack:
-        caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
-        classes, labels, index = _rows(caches, paths)
-        fps = {b: c.fingerprint for b, c in caches.items()}
-        _check_taps(caches, paths, refs, allow_dead, log)
-        for split in ("train", "test"):
-            for ref in refs:
-                taps[(split, ref)] = caches[ref.backbone].read(split, ref.tap).astype(np.float32)
-    return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
-
-
 def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
     """Train every (taps, head) combination; return its run folders, in order.
 
@@ -176,18 +91,18 @@ def _served(cfg: FuseTrainConfig, tapsets, paths, log) -> dict:
     """(refs, head) -> an existing run of the identical request; empty with ``force``."""
     if cfg.force:
         return {}
-    existing = {}
+    existing = {}  # request -> (folder, record): each record read once
     for folder in run_folders(cfg.runs_dir):
         with contextlib.suppress(FeatcacheError):
-            existing.setdefault(load_record(folder).request, folder)
+            record = load_record(folder)
+            existing.setdefault(record.request, (folder, record))
     served = {}
     for refs in tapsets:
         for head in cfg.heads:
-            run = existing.get(_request_key(cfg, refs, head, paths))
-            if run is not None:
-                served[(refs, head)] = run
-                log(f"{result_line(run, load_record(run))}  (identical request: served from this run; "
-                    f"--force trains again)")
+            found = existing.get(_request_key(cfg, refs, head, paths))
+            if found is not None:
+                served[(refs, head)] = found[0]
+                log(f"{result_line(*found)}  (identical request: served from this run; --force trains again)")
     return served
 
 
@@ -199,31 +114,21 @@ def _train(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     written = {}
     try:
         data = load_features(paths, refs_needed, cfg.allow_dead_taps, log)
-        fit_rows, val_rows = _split(data.labels["train"], cfg, log)
+        fit_rows, val_rows, split_notes = _split(data.labels["train"], cfg, log)
         for refs, heads in todo:
             train_blocks = [data.taps[("train", r)] for r in refs]
             normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
             X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
             X_val = normalizer.transform([b[val_rows] for b in train_blocks])
             X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
-            fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows))
+            fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows), split_notes)
             written.update(_train_heads(cfg, heads, fusion, data, paths, log))
     except (MemoryError, OSError) as exc:
         if isinstance(exc, OSError) and "memory allocation failed" not in str(exc):
             raise
-        raise FeatcacheError(f"the cached taps do not fit in memory ({_float32_bytes(paths, refs_needed) / 2**30:.1f} "
+        raise FeatcacheError(f"the cached taps do not fit in memory ({float32_bytes(paths, refs_needed) / 2**30:.1f} "
                              f"GiB as float32): add --out-of-core to stream them to a linear or mlp head") from None
     return written
-
-
-def _float32_bytes(paths: dict[str, Path], refs) -> int:
-    total = 0
-    for backbone, path in paths.items():
-        with FeatureCache(path) as cache:
-            for split in ("train", "test"):
-                shapes = cache.taps(split)
-                total += sum(4 * shapes[r.tap][0] * shapes[r.tap][1] for r in refs if r.backbone == backbone)
-    return total
 
 
 def _fuse_train_streaming(cfg: FuseTrainConfig, todo, paths, log) -> dict:
@@ -233,17 +138,18 @@ def _fuse_train_streaming(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     written = {}
     with contextlib.ExitStack() as stack:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
-        classes, labels, index = _rows(caches, paths)
+        classes, labels, index = shared_rows(caches, paths)
         data = Features(classes, labels, index, {}, {b: c.fingerprint for b, c in caches.items()},
                         time.perf_counter() - started)
-        fit_rows, val_rows = _split(labels["train"], cfg, log)
+        fit_rows, val_rows, split_notes = _split(labels["train"], cfg, log)
         for refs, heads in todo:
-            _check_taps(caches, paths, refs, cfg.allow_dead_taps, log)
+            check_taps(caches, paths, refs)
+            check_alive(caches, paths, refs, cfg.allow_dead_taps, log)
             normalizer = fit_normalizer(cfg.tap_norm, FusedRows(caches, refs, "train", fit_rows))
             streams = (FusedRows(caches, refs, "train", fit_rows, normalizer),
                        FusedRows(caches, refs, "train", val_rows, normalizer),
                        FusedRows(caches, refs, "test", np.arange(len(labels["test"])), normalizer))
-            fusion = _Fusion(refs, normalizer, streams, (fit_rows, val_rows))
+            fusion = _Fusion(refs, normalizer, streams, (fit_rows, val_rows), split_notes)
             written.update(_train_heads(cfg, heads, fusion, data, paths, log))
     return written
 
@@ -256,14 +162,17 @@ class _Fusion:
     normalizer: TapNormalizer
     X: tuple  # (fit, val, test): arrays, or FusedRows streamed from the caches
     rows: tuple  # (fit rows, val rows) of the train split
+    notes: tuple = ()  # warnings about the split itself, recorded in every run
 
 
 def _split(labels, cfg: FuseTrainConfig, log) -> tuple:
-    """(fit rows, validation rows) of the training split; a validation split too small to choose on is said once."""
+    """(fit rows, validation rows, warnings) of the training split; a validation split too small to choose
+    on is said once here and recorded in every run."""
     fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed)
-    if note := small_validation(labels[val_rows]):
+    notes = tuple(n for n in [small_validation(labels[val_rows])] if n)
+    for note in notes:
         log(f"warning: {note}")
-    return fit_rows, val_rows
+    return fit_rows, val_rows, notes
 
 
 def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dict:
@@ -278,9 +187,8 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
         metrics = score(selection.head, X_test, y_test, data.classes)
         notes = selection_warnings(head_name, selection, cfg.options.epochs if HEADS[head_name].torch else None)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
-        record = replace(record, warnings=[w for w in [small_validation(y_all[val_rows]), *notes] if w])
-        run = save_run(cfg.runs_dir, base_label(record), record, fusion.normalizer,
-                       selection.head)
+        record = replace(record, warnings=[*fusion.notes, *notes])
+        run = save_run(cfg.runs_dir, base_label(record), record, fusion.normalizer, selection.head)
         log(result_line(run, record))
         for note in notes:
             log(f"warning: {note}")
