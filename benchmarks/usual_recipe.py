@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from featcache.backbones.registry import BACKBONES, build_backbone
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.weights import build_backbone
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -15,8 +15,9 @@ from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device, tap_model
 from featcache.data.images import load_image
 from featcache.data.preprocess import to_input
+from featcache.extraction.config import preprocess_for, shared_preprocess
 from featcache.finetuning.saved import load_finetuned
-from featcache.records import load_record, record_preprocess
+from featcache.records import load_record, record_features
 from featcache.run_files import load_head
 
 
@@ -26,10 +27,11 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
 
     record = load_record(run_dir)
     cfg = record.config
-    pre = record_preprocess(record)
+    feat = record_features(record)
     dev = resolve_device(device)
-    images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
     if record.finetuned:
+        pre = shared_preprocess(feat, "fine-tuning")
+        images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
         proba = _finetuned_proba(run_dir, record, images, pre, dev, batch_size)
         classes = record.classes
         return [(f, classes[int(k)], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, proba.argmax(1)))]
@@ -37,8 +39,14 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
     refs = [tuple(t.split(":", 1)) for t in record.taps]
     storage = np.float16 if cfg["dtype"] == "float16" else np.float32
     pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
+    decoded: dict = {}  # one decode per distinct preprocessing
     for backbone in dict.fromkeys(b for b, _ in refs):
-        model = tap_model(BACKBONES.lookup(backbone), cfg["weights"], cfg["seed"], cfg["pooling"], dev)
+        spec = BACKBONES.lookup(backbone)
+        pre = preprocess_for(feat, spec)
+        if pre not in decoded:
+            decoded[pre] = [load_image(file, pre) for file in files]
+        images = decoded[pre]
+        model = tap_model(spec, cfg["weights"], cfg["seed"], cfg["pooling"], dev)
         with torch.inference_mode():
             for start in range(0, len(images), batch_size):
                 batch = torch.from_numpy(np.stack(images[start : start + batch_size])).to(dev)

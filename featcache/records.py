@@ -167,8 +167,9 @@ def record_request(record: RunRecord):
 
 
 def record_preprocess(record: RunRecord):
-    """The PreprocessConfig (input size, resize rule) a run's images went through."""
-    return PreprocessConfig(image_size=record.config["image_size"], resize=record.config["resize"])
+    """The preprocessing a run asked for (None fields: each backbone's own; extraction.config.preprocess_for
+    resolves them)."""
+    return PreprocessConfig.from_fields(record.config)
 
 
 def record_features(record: RunRecord, device: str = "cpu"):

@@ -3,8 +3,9 @@ import urllib.error
 import pytest
 import torch
 
-from featcache.backbones.registry import ALIASES, BACKBONES, build_backbone, weights_identity
+from featcache.backbones.registry import ALIASES, BACKBONES
 from featcache.backbones.taps import tap_model
+from featcache.backbones.weights import build_backbone, weights_identity
 from featcache.errors import FeatcacheError
 
 
@@ -39,7 +40,7 @@ def test_unknown_tap_names_the_closest():
 
 
 def test_unknown_backbone_names_the_closest():
-    with pytest.raises(FeatcacheError, match=r"'--backbone' option must be one of .*did you mean 'resnet50'"):
+    with pytest.raises(FeatcacheError, match=r"unknown backbone 'resnet05'.*did you mean 'resnet50' or 'timm:resnet50'?.*featcache backbones --all"):
         BACKBONES.lookup("resnet05")
 
 
@@ -79,7 +80,7 @@ def test_state_dict_with_wrong_keys_or_shapes_is_refused(tmp_path):
 
 
 def test_missing_weights_file_is_a_clear_error(tmp_path):
-    with pytest.raises(FeatcacheError, match="--weights must be imagenet, random or the path"):
+    with pytest.raises(FeatcacheError, match="--weights must be imagenet, random, a weights tag or the path"):
         build_backbone(BACKBONES["tiny"], str(tmp_path / "nope.pt"), 0)
 
 

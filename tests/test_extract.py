@@ -44,7 +44,7 @@ def test_stored_features_equal_a_plain_forward_pass(tmp_path):
     """The cache holds exactly what the unfused network computes (up to float16)."""
     cfg = tiny_config(tmp_path, dtype="float32", pooling="avgmax")
     [result] = extract(cfg, progress=False)
-    from featcache.backbones.registry import build_backbone
+    from featcache.backbones.weights import build_backbone
 
     net = build_backbone(BACKBONES["tiny"], "random", 0)
     images = torch.from_numpy(load_dataset(cfg.data).splits["test"].images[:5])
@@ -206,7 +206,7 @@ def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_fold
     resnet18 and mobilenet_v2 load a state dict saved to a file (the --weights PATH path); resnet50
     and vgg16 use seeded random weights, to keep 600 MB of state dicts out of the suite.
     """
-    from featcache.backbones.registry import build_backbone
+    from featcache.backbones.weights import build_backbone
 
     data = DataRequest(name="folder", data_dir=image_folder, test_fraction=0.34)
     for name in ("resnet18", "mobilenet_v2", "resnet50", "vgg16"):

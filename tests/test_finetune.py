@@ -9,7 +9,8 @@ from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 from safetensors.torch import load_file
 
-from featcache.backbones.registry import BACKBONES, build_backbone
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.weights import build_backbone
 from featcache.cli.commands import cli
 from featcache.comparison import runs_table
 from featcache.data.augment import augmentation

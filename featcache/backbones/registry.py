@@ -1,34 +1,62 @@
-"""Backbone registry: how to build each frozen network, its weights and its taps.
+"""Backbone registry: how to build each frozen network and its taps.
 
-Second box of the flow (dataset -> **backbone** -> extract -> store). Taps are declared
-data, as in timm's ``feature_info``: each backbone lists its stage outputs in order with
-the torchvision node name, channel count and stride, plus the aliases ``early`` (end of
-the stride-8 stage), ``mid`` (end of the stride-16 stage) and ``late`` (the final feature
-map). ``tests/test_backbones.py`` checks every declaration against a real forward pass.
+Second box of the flow (dataset -> **backbone** -> extract -> store). Taps are data, as in
+timm's ``feature_info``: each backbone lists its stage outputs in order with the module
+(graph node) name, channel count and stride, plus the aliases ``early`` (end of the stride-8
+stage), ``mid`` (end of the stride-16 stage) and ``late`` (the final feature map). The four
+study backbones are declared here by hand; any other torchvision model or ``timm:NAME`` gets
+the same data from :mod:`featcache.backbones.discovery` when first looked up.
+``tests/test_backbones.py`` checks every declaration against a real forward pass.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from featcache.errors import FeatcacheError, unknown
+from featcache.errors import unknown
 from featcache.registry import Registry
 
 ALIASES = ("early", "mid", "late")
-WEIGHT_KEYWORDS = ("imagenet", "random")
+LAYOUTS = ("nchw", "nhwc", "tokens")
 
 
 @dataclass(frozen=True)
 class Tap:
-    """One stage output: ``node`` is the torchvision module name, ``stride`` its reduction."""
+    """One stage output.
+
+    Attributes:
+        node: the tap's name in the cache (a declared backbone's module name, else ``stageN`` / ``blockN``).
+        channels: channels of the map (the token width for a transformer).
+        stride: input pixels per map cell (the patch size for a transformer).
+        module: the network's own module or graph-node name, where it differs from ``node``.
+        layout: ``nchw`` maps, ``nhwc`` maps (torchvision's Swin) or ``tokens`` (N, T, D) with the
+            prefix (class) tokens first.
+    """
 
     node: str
     channels: int
     stride: int
+    module: str = ""
+    layout: str = "nchw"
+
+    @property
+    def graph_node(self) -> str:
+        """What the network calls this output (``create_feature_extractor``'s return node)."""
+        return self.module or self.node
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How a model's pretrained weights were fed: the defaults of its preprocessing."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    fixed_size: bool = False  # position embeddings for this size only (most ViTs)
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,11 @@ class BackboneSpec:
         blocks: module-name prefixes of the trainable blocks in forward order, the units
             of ``--unfreeze last-N``.
         last_block: the modules ``--unfreeze last-block`` makes trainable.
+        source: ``declared``, ``torchvision`` or ``timm`` (discovered).
+        input: the preprocessing the weights expect; None for the declared four, whose fixed
+            defaults (224 px, ImageNet mean/std, bilinear, no crop margin) their caches were made with.
+        prefix_tokens: class/register tokens ahead of the patch tokens (transformers).
+        versions: library versions that define the network, part of a discovered model's fingerprint.
     """
 
     name: str
@@ -58,21 +91,59 @@ class BackboneSpec:
     head_prefixes: tuple[str, ...] = field(default_factory=tuple)
     blocks: tuple[str, ...] = field(default_factory=tuple)
     last_block: tuple[str, ...] = field(default_factory=tuple)
+    source: str = "declared"
+    input: InputConfig | None = None
+    prefix_tokens: int = 0
+    versions: dict = field(default_factory=dict)
 
     @property
     def tap_names(self) -> tuple[str, ...]:
         return tuple(t.node for t in self.taps)
 
+    @property
+    def uniform_names(self) -> tuple[str, ...]:
+        """``stage1..N`` (``block1..N`` for a transformer's blocks): the same names for every model."""
+        word = "block" if self.taps and self.taps[0].layout == "tokens" else "stage"
+        return tuple(f"{word}{i + 1}" for i in range(len(self.taps)))
+
+    @property
+    def transformer(self) -> bool:
+        return any(t.layout != "nchw" for t in self.taps)
+
     def tap(self, name: str) -> Tap:
-        """The tap called ``name`` or aliased ``name``; unknown names raise."""
+        """The tap called ``name``: its cache name, alias, uniform ``stageN`` name or module name."""
         node = self.aliases.get(name, name)
-        for tap in self.taps:
-            if tap.node == node:
+        for uniform, tap in zip(self.uniform_names, self.taps):
+            if node in (tap.node, uniform, tap.module):
                 return tap
-        raise unknown("--taps", name, (*self.tap_names, *self.aliases))
+        raise unknown(f"--taps of {self.name}", name, (*self.tap_names, *self.aliases))
+
+    def alias_of(self, node: str) -> str:
+        """``early`` / ``mid`` / ``late`` for a tap that has one, else its name."""
+        return {n: a for a, n in self.aliases.items()}.get(node, node)
 
 
-BACKBONES = Registry("--backbone")
+class BackboneRegistry(Registry):
+    """The declared backbones; a lookup of any other name discovers it (torchvision or ``timm:NAME``)."""
+
+    def lookup(self, name: str) -> BackboneSpec:
+        if name in self:
+            return self[name]
+        from featcache.backbones.discovery import discover
+
+        return discover(name)
+
+    def get(self, name, default=None):
+        """A declared or discoverable backbone, or ``default`` (never raises)."""
+        from featcache.errors import FeatcacheError
+
+        try:
+            return self.lookup(name)
+        except FeatcacheError:
+            return default
+
+
+BACKBONES = BackboneRegistry("--backbone")
 
 
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
@@ -82,7 +153,30 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
         raise ValueError(f"backbone {spec.name}: aliases must map {ALIASES} to declared taps")
     if not set(spec.last_block) <= set(spec.blocks):
         raise ValueError(f"backbone {spec.name}: last_block must be among its blocks")
+    strides = [t.stride for t in spec.taps]
+    if strides != sorted(strides) or any(t.layout not in LAYOUTS for t in spec.taps):
+        raise ValueError(f"backbone {spec.name}: strides must never decrease and layouts be among {LAYOUTS}")
     return BACKBONES.register(spec.name)(spec)
+
+
+def stage_aliases(taps: tuple[Tap, ...]) -> dict[str, str]:
+    """``early``: the last stride-8 tap, ``mid``: the last stride-16 tap, ``late``: the final one.
+
+    A model without those strides (a plain ViT: every block at stride 16) takes the ends of the
+    first and second thirds of its taps instead.
+    """
+    names = [t.node for t in taps]
+    last_at = {t.stride: t.node for t in taps[:-1]}
+    if 8 in last_at and 16 in last_at:
+        return {"early": last_at[8], "mid": last_at[16], "late": names[-1]}
+    n = len(names)
+    return {"early": names[max(0, n // 3 - 1)], "mid": names[max(0, 2 * n // 3 - 1)], "late": names[-1]}
+
+
+def numbered(name: str) -> tuple[str, int] | None:
+    """``stage3`` -> (``stage``, 3)."""
+    match = re.fullmatch(r"(stage|block)(\d+)", name)
+    return (match.group(1), int(match.group(2))) if match else None
 
 
 def _torchvision(name: str) -> Callable:
@@ -149,110 +243,3 @@ register_backbone(
 )
 
 
-# --- weights ---------------------------------------------------------------------------
-
-
-def _imagenet_weights(spec: BackboneSpec):
-    if spec.weights_name is None:
-        raise FeatcacheError(
-            f"backbone {spec.name} has no imagenet weights: use --weights random or --weights PATH"
-        )
-    import torchvision
-
-    return torchvision.models.get_model_weights(spec.weights_name).DEFAULT
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_weights(weights: str) -> None:
-    """Reject a ``--weights`` value that is neither a keyword nor an existing file."""
-    if weights not in WEIGHT_KEYWORDS and not Path(weights).is_file():
-        raise FeatcacheError(
-            f"--weights must be imagenet, random or the path of a state-dict file; "
-            f"no file at {weights}"
-        )
-
-
-def weights_identity(spec: BackboneSpec, weights: str, seed: int) -> dict:
-    """What identifies the numbers the weights produce, for the cache fingerprint.
-
-    Cheap: it never loads the network (a local file is hashed, not unpickled).
-    """
-    check_weights(weights)
-    if weights == "imagenet":
-        w = _imagenet_weights(spec)
-        return {"kind": "imagenet", "id": str(w), "url": w.url}
-    if weights == "random":
-        return {"kind": "random", "seed": seed}
-    return {"kind": "file", "sha256": _sha256(Path(weights))}
-
-
-def build_backbone(spec: BackboneSpec, weights: str, seed: int):
-    """The backbone in eval mode with the requested weights, all parameters frozen."""
-    import torch
-
-    check_weights(weights)
-    if weights == "imagenet":
-        w = _imagenet_weights(spec)
-        try:
-            model = spec.build(w)
-        except Exception as exc:  # no network: URLError, OSError, RuntimeError, ...
-            cached = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(w.url)
-            raise FeatcacheError(
-                f"cannot get imagenet weights for {spec.name} ({type(exc).__name__}: no network "
-                f"and no cached copy at {cached}): use --weights random, or --weights PATH "
-                f"with a local state-dict file"
-            ) from exc
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = spec.build(None)
-        if weights != "random":
-            load_state_dict_file(model, Path(weights), spec)
-    return model.eval().requires_grad_(False)
-
-
-def load_state_dict_file(model, path: Path, spec: BackboneSpec) -> None:
-    """Load a local state dict, ignoring the classifier; wrong keys or shapes raise."""
-    import torch
-
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise FeatcacheError(f"cannot read weights file {path}: it is not a torch state dict") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FeatcacheError(f"weights file {path} does not hold a state dict (name -> tensor)")
-    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
-        state = {k[len("module."):]: v for k, v in state.items()}
-
-    own = model.state_dict()
-    needed = {k for k in own if not k.startswith(spec.head_prefixes)}
-    missing = sorted(needed - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    mismatched = [
-        f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in {spec.name}"
-        for k in sorted(needed & state.keys())
-        if state[k].shape != own[k].shape
-    ]
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
-    if mismatched:
-        problems.append(f"shape of {mismatched[0]}" + (f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""))
-    if problems:
-        raise FeatcacheError(f"weights file {path} does not fit {spec.name}: " + "; ".join(problems))
-    model.load_state_dict({k: state[k] for k in needed}, strict=False)
-
-
-def _few(names: list[str], n: int = 3) -> str:
-    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")

@@ -8,9 +8,11 @@ fine-tuning, prediction and Grad-CAM all build their networks here.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from featcache.backbones.registry import BackboneSpec, build_backbone
+from featcache.backbones.registry import BackboneSpec
+from featcache.backbones.weights import build_backbone
 from featcache.errors import FeatcacheError
 
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
@@ -28,29 +30,113 @@ def pooled_dim(channels: int, pooling: str) -> int:
     return 2 * channels if pooling == "avgmax" else channels
 
 
-def pool(x, pooling: str):
-    """Global pooling of an (N, C, H, W) map to (N, C) or (N, 2C) for ``avgmax``."""
+def pool(x, pooling: str, layout: str = "nchw", prefix: int = 0):
+    """Global pooling of one tap to (N, C), or (N, 2C) for ``avgmax``.
+
+    ``nchw`` / ``nhwc`` maps pool over space; ``tokens`` (N, T, D) pool over the patch tokens, and
+    ``cls`` takes the class token (the first of the ``prefix`` tokens).
+    """
     import torch
 
+    if layout == "tokens":
+        if pooling == "cls":
+            return x[:, 0]
+        x, dims = x[:, prefix:], (1,)
+    elif layout == "nhwc":
+        dims = (1, 2)
+    else:
+        dims = (2, 3)
     if pooling == "avg":
-        return x.mean(dim=(2, 3))
+        return x.mean(dim=dims)
     if pooling == "max":
-        return x.amax(dim=(2, 3))
-    return torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], dim=1)
+        return x.amax(dim=dims)
+    return torch.cat([x.mean(dim=dims), x.amax(dim=dims)], dim=1)
+
+
+def as_grid(x, layout: str, prefix: int = 0):
+    """A tap's raw output as an (N, C, H, W) map: Grad-CAM's view (tokens: the patch grid)."""
+    if layout == "nhwc":
+        return x.permute(0, 3, 1, 2)
+    if layout == "tokens":
+        patches = x[:, prefix:]
+        side = int(patches.shape[1] ** 0.5)
+        return patches.transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+    return x
+
+
+def from_grid(grid, raw, layout: str, prefix: int = 0):
+    """:func:`as_grid` undone: the map back in the tap's own layout (prefix tokens taken from ``raw``)."""
+    import torch
+
+    if layout == "nhwc":
+        return grid.permute(0, 2, 3, 1)
+    if layout == "tokens":
+        return torch.cat([raw[:, :prefix], grid.flatten(2).transpose(1, 2)], dim=1)
+    return grid
+
+
+def map_extractor(spec: BackboneSpec, backbone, taps):
+    """A module returning ``{tap: raw output}`` of ``backbone`` for the named taps, in one pass.
+
+    torchvision models (declared or discovered): ``create_feature_extractor`` at each tap's graph
+    node; timm models: their own ``forward_intermediates``. Parameter names stay the network's own
+    (what ``--unfreeze`` prefixes name).
+    """
+    if spec.source == "timm":
+        return TimmTaps(spec, backbone, taps)
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    return create_feature_extractor(backbone, return_nodes={spec.tap(t).graph_node: t for t in taps}).eval()
+
+
+@functools.lru_cache(maxsize=1)
+def _timm_taps_class():
+    import torch
+
+    class TimmTaps(torch.nn.Module):
+        """timm's ``forward_intermediates`` as ``{tap: output}``; a transformer's tokens come back (N, T, D)."""
+
+        def __init__(self, spec, net, taps):
+            super().__init__()
+            self.net = net
+            self.names = tuple(taps)
+            self.indices = [spec.tap_names.index(spec.tap(t).node) for t in taps]
+            self.tokens = spec.taps[0].layout == "tokens"
+            self.prefix = spec.prefix_tokens
+
+        def forward(self, x):
+            extra = {"return_prefix_tokens": True} if self.tokens and self.prefix else {}
+            order = sorted(set(self.indices))
+            outs = self.net.forward_intermediates(x, indices=order, intermediates_only=True, stop_early=True, **extra)
+            by_index = dict(zip(order, outs))
+            result = {}
+            for name, i in zip(self.names, self.indices):
+                out = by_index[i]
+                if self.tokens:
+                    grid, prefix = out if isinstance(out, tuple) else (out, None)
+                    out = grid.flatten(2).transpose(1, 2)
+                    out = torch.cat([prefix, out], dim=1) if prefix is not None else out
+                result[name] = out
+            return result
+
+    return TimmTaps
+
+
+def TimmTaps(spec, net, taps):  # noqa: N802 - a class made on first use, so importing this module needs no torch
+    return _timm_taps_class()(spec, net, taps)
 
 
 def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device):
     """The backbone cut at its taps, returning ``{tap: pooled (N, C)}`` in one pass."""
     import torch
     from torch.fx.experimental.optimization import fuse
-    from torchvision.models.feature_extraction import create_feature_extractor
 
-    nodes = spec.tap_names
-    backbone = build_backbone(spec, weights, seed)
-    extractor = create_feature_extractor(backbone, return_nodes={n: n for n in nodes}).eval()
-    # Fold BatchNorm into the convolutions. In place: deep-copying torchvision's
-    # feature extractor puts it back into training mode, where folding is invalid.
-    extractor = fuse(extractor, inplace=True)
+    taps = spec.taps
+    extractor = map_extractor(spec, build_backbone(spec, weights, seed), spec.tap_names)
+    if spec.source != "timm":
+        # Fold BatchNorm into the convolutions. In place: deep-copying torchvision's
+        # feature extractor puts it back into training mode, where folding is invalid.
+        extractor = fuse(extractor, inplace=True)
 
     class TapModel(torch.nn.Module):
         def __init__(self):
@@ -59,7 +145,7 @@ def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device)
 
         def forward(self, x):
             maps = self.extractor(x)
-            return {n: pool(maps[n], pooling) for n in nodes}
+            return {t.node: pool(maps[t.node], pooling, t.layout, spec.prefix_tokens) for t in taps}
 
     return TapModel().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)
 

@@ -15,18 +15,59 @@ from featcache.errors import FeatcacheError
 
 
 @cli.command()
-def backbones():
-    """List the registered backbones with their taps, aliases and dimensions."""
+@click.argument("name", required=False)
+@click.option("--all", "show_all", is_flag=True,
+              help="List every usable name (torchvision classification models, and timm:NAME when timm is "
+                   "installed); NAME is then a pattern such as 'convnext*'.")
+def backbones(name, show_all):
+    """List the declared backbones with their taps; NAME shows any backbone's taps (nothing is downloaded).
+
+    Any torchvision classification model and any timm model (as timm:NAME) can be extracted; their taps
+    are found from the model: the output of each stage where the stride changes, or a transformer's
+    blocks, named stage1..N / block1..N with the aliases early, mid and late.
+    """
+    import fnmatch
+
+    from featcache.backbones.discovery import timm_names, torchvision_names
     from featcache.backbones.registry import BACKBONES
 
-    for name in sorted(BACKBONES):
-        spec = BACKBONES[name]
-        pretrained = "imagenet weights" if spec.weights_name else "no pretrained weights"
-        click.echo(f"{name}  ({pretrained})")
-        alias_of = {node: alias for alias, node in spec.aliases.items()}
-        for tap in spec.taps:
-            alias = f"  = {alias_of[tap.node]}" if tap.node in alias_of else ""
-            click.echo(f"  {tap.node:<14} {tap.channels:>5} channels  stride {tap.stride:>2}{alias}")
+    if show_all:
+        pattern = name or "*"
+        rows = [(n, "declared") for n in sorted(BACKBONES)]
+        rows += [(n, "torchvision") for n in torchvision_names() if n not in BACKBONES]
+        rows += [(n, "timm") for n in timm_names()]
+        rows = [(n, source) for n, source in rows if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(n, "timm:" + pattern)]
+        if not rows:
+            raise FeatcacheError(f"no backbone matches {pattern!r}: featcache backbones --all lists every name")
+        for n, source in rows:
+            click.echo(f"{n:<48} {source}")
+        click.echo(f"{len(rows)} backbones", err=True)
+        return
+    for spec in [BACKBONES.lookup(name)] if name else [BACKBONES[n] for n in sorted(BACKBONES)]:
+        _show_backbone(spec)
+
+
+def _show_backbone(spec) -> None:
+    from featcache.backbones.weights import input_defaults, tags
+
+    known = tags(spec)
+    pretrained = f"weights: {', '.join(known[:6])}{' ...' if len(known) > 6 else ''}" if known else "no pretrained weights"
+    click.echo(f"{spec.name}  ({spec.source}; {pretrained})")
+    if spec.input is not None:
+        d = input_defaults(spec, "imagenet" if known else "random")
+        click.echo(f"  input {d['image_size']} px{' (fixed)' if spec.input.fixed_size else ''}, {d['interpolation']}, "
+                   f"crop {d['crop_pct']:g}, mean {_triple(d['mean'])}, std {_triple(d['std'])}")
+    for uniform, tap in zip(spec.uniform_names, spec.taps):
+        alias = spec.alias_of(tap.node)
+        names = [tap.node] if tap.node == uniform else [uniform]
+        if alias != tap.node:
+            names.append(alias)
+        unit = "width" if tap.layout == "tokens" else "channels"
+        click.echo(f"  {' = '.join(names):<16} {tap.channels:>5} {unit:<8}  stride {tap.stride:>2}  {tap.graph_node}")
+
+
+def _triple(values) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 @cli.command()

@@ -42,11 +42,24 @@ def feature_options(f):
     """The flags that pick a cache file: weights and preprocessing."""
     options = [
         click.option("--weights", default="imagenet", show_default=True,
-                     help="imagenet (torchvision's weights API), random, or the path of a local state dict."),
-        click.option("--image-size", type=int, default=224, show_default=True, help="Input size in pixels (square)."),
+                     help="imagenet (torchvision's default weights / timm's default tag), a weights tag "
+                          "(IMAGENET1K_V2, a1_in1k ...: featcache backbones NAME lists them), random, or the path "
+                          "of a local state dict."),
+        click.option("--image-size", type=int, default=None,
+                     help="Input size in pixels (square) [default: the backbone's: 224 for the study backbones, "
+                          "what the weights were trained at for any other]."),
         click.option("--resize", default="center-crop", show_default=True,
-                     help="center-crop: shorter side to --image-size, then centre crop; stretch: resize to a square."),
-        click.option("--pooling", default="avg", show_default=True, help="Global pooling of each tap: avg, max or avgmax."),
+                     help="center-crop: shorter side to --image-size / --crop-pct, then centre crop; stretch: "
+                          "resize to a square."),
+        click.option("--crop-pct", type=float, default=None,
+                     help="Share of the resized image the centre crop keeps [default: the weights' own; 1 for the "
+                          "study backbones]."),
+        click.option("--interpolation", default=None,
+                     help="bilinear or bicubic [default: the weights' own; bilinear for the study backbones]."),
+        click.option("--mean", default=None, metavar="R,G,B", help="Normalisation mean [default: the weights' own]."),
+        click.option("--std", default=None, metavar="R,G,B", help="Normalisation std [default: the weights' own]."),
+        click.option("--pooling", default="avg", show_default=True,
+                     help="Global pooling of each tap: avg, max or avgmax; cls (a transformer's class token)."),
         click.option("--precision", default="auto", show_default=True,
                      help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16."),
         click.option("--dtype", default="float16", show_default=True, help="Storage dtype: float16 or float32."),

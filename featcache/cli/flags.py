@@ -13,15 +13,36 @@ from featcache.errors import FeatcacheError
 
 def feature_config(opts: dict, backbones: tuple[str, ...], **speed):
     """The ExtractConfig that the shared data and feature flags describe."""
-    from featcache.data.preprocess import PreprocessConfig
     from featcache.extraction.config import ExtractConfig
 
     return ExtractConfig(
         data=data_request(opts), backbones=backbones, weights=opts["weights"],
-        preprocess=PreprocessConfig(image_size=opts["image_size"], resize=opts["resize"]),
+        preprocess=preprocess_request(opts),
         pooling=opts["pooling"], precision=opts["precision"], dtype=opts["dtype"], device=opts["device"],
         cache_dir=opts["cache_dir"], **speed,
     )
+
+
+def preprocess_request(opts: dict):
+    """The preprocessing flags; those not given stay None (the backbone's own)."""
+    from featcache.data.preprocess import PreprocessConfig
+
+    return PreprocessConfig.from_model(
+        image_size=opts.get("image_size"), resize=opts.get("resize") or "center-crop",
+        crop_pct=opts.get("crop_pct"), interpolation=opts.get("interpolation"),
+        mean=triple("--mean", opts.get("mean")), std=triple("--std", opts.get("std")))
+
+
+def triple(flag: str, text) -> tuple[float, float, float] | None:
+    if text is None or isinstance(text, (tuple, list)):
+        return tuple(text) if text is not None else None
+    try:
+        values = tuple(float(v) for v in str(text).split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3:
+        raise FeatcacheError(f"{flag} takes three comma-separated numbers such as 0.5,0.5,0.5. Got {text!r} instead.")
+    return values
 
 
 def data_request(opts: dict):

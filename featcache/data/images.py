@@ -160,7 +160,8 @@ def fit(pixels: np.ndarray, pre: PreprocessConfig) -> np.ndarray:
     if (h, w) == (size, size):
         return np.ascontiguousarray(pixels)
     nh, nw, top, left = resize_plan(h, w, pre)
-    image = Image.fromarray(np.ascontiguousarray(pixels)).resize((nw, nh), Image.BILINEAR)
+    resample = Image.BICUBIC if pre.interpolation == "bicubic" else Image.BILINEAR
+    image = Image.fromarray(np.ascontiguousarray(pixels)).resize((nw, nh), resample)
     return np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.uint8).copy()
 
 

@@ -1,8 +1,10 @@
 """Preprocessing: how images become backbone input, one rule for every path.
 
 First box of the flow (**data** -> backbones). ``PreprocessConfig`` (image size, resize
-rule, mean/std: all of it in the cache fingerprint) and the on-device half of the rule:
-uint8 batches resized and normalised where the network runs (``to_input``).
+rule, crop fraction, interpolation, mean/std: all of it in the cache fingerprint) and the
+on-device half of the rule: uint8 batches resized and normalised where the network runs
+(``to_input``). A field left None is the backbone's own (how its weights were trained):
+:meth:`PreprocessConfig.resolved` fills it in before anything runs.
 """
 
 from __future__ import annotations
@@ -19,21 +21,83 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 RESIZES = ("center-crop", "stretch")
+INTERPOLATIONS = ("bilinear", "bicubic")
+LEGACY = {"image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0}
+MODEL_FIELDS = tuple(LEGACY)  # None in a request: the backbone's own value
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """How images become backbone input; all of it is part of the fingerprint."""
+    """How images become backbone input; all of it is part of the fingerprint.
 
-    image_size: int = 224
-    resize: str = "center-crop"  # shorter side to image_size, then centre crop; or "stretch"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    ``center-crop``: the shorter side to ``image_size / crop_pct``, then the middle square of
+    ``image_size``; ``stretch``: straight to ``image_size``. None fields take the backbone's
+    values (:meth:`resolved`); the four study backbones' are the ``LEGACY`` ones.
+    """
+
+    image_size: int | None = 224
+    resize: str = "center-crop"
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN
+    std: tuple[float, float, float] | None = IMAGENET_STD
+    interpolation: str | None = "bilinear"
+    crop_pct: float | None = 1.0
 
     def __post_init__(self):
-        if self.image_size < 8:
+        if self.image_size is not None and self.image_size < 8:
             raise FeatcacheError(f"--image-size must be at least 8 pixels. Got {self.image_size} instead.")
         check_choice("--resize", self.resize, RESIZES)
+        if self.interpolation is not None:
+            check_choice("--interpolation", self.interpolation, INTERPOLATIONS)
+        if self.crop_pct is not None and not 0.1 <= self.crop_pct <= 1.0:
+            raise FeatcacheError(f"--crop-pct must lie in [0.1, 1]. Got {self.crop_pct} instead.")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and (len(value) != 3 or (name == "std" and min(value) <= 0)):
+                raise FeatcacheError(f"--{name} takes three comma-separated numbers (std above 0). Got {value} instead.")
+
+    @classmethod
+    def from_model(cls, **overrides) -> PreprocessConfig:
+        """Every model field None (the backbone's own) except those given."""
+        return cls(**{**dict.fromkeys(MODEL_FIELDS), **overrides})
+
+    def resolved(self, defaults: dict) -> PreprocessConfig:
+        """None fields filled from ``defaults`` (a backbone's input config)."""
+        return PreprocessConfig(**{name: (getattr(self, name) if getattr(self, name) is not None else defaults[name])
+                                   for name in MODEL_FIELDS}, resize=self.resize)
+
+    def fields(self) -> dict:
+        """The request as a run record's config keeps it (None: the backbone's own)."""
+        return {"image_size": self.image_size, "resize": self.resize, "crop_pct": self.crop_pct,
+                "interpolation": self.interpolation, "mean": None if self.mean is None else list(self.mean),
+                "std": None if self.std is None else list(self.std)}
+
+    @classmethod
+    def from_fields(cls, config: dict) -> PreprocessConfig:
+        """The request a record's config holds; a record older than these fields set size and resize only."""
+        values = {name: config.get(name) for name in MODEL_FIELDS}
+        values.update(mean=tuple(values["mean"]) if values["mean"] else None,
+                      std=tuple(values["std"]) if values["std"] else None)
+        return cls(**values, resize=config.get("resize", "center-crop"))
+
+    def flags(self, skip: dict | None = None) -> list[str]:
+        """The command-line flags that ask for this request's set fields, but those equal to ``skip``'s."""
+        out = [] if self.resize == "center-crop" else [f"--resize {self.resize}"]
+        for name in MODEL_FIELDS:
+            value = getattr(self, name)
+            if value is not None and (skip is None or value != skip.get(name)):
+                text = ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else value
+                out.append(f"--{name.replace('_', '-')} {text}")
+        return out
+
+    def identity(self) -> dict:
+        """The fingerprint's part: the four original keys, and the crop and interpolation only where they
+        differ from what every cache before them used (so those caches keep their names)."""
+        out = {"image_size": self.image_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        if self.interpolation != LEGACY["interpolation"]:
+            out["interpolation"] = self.interpolation
+        if self.crop_pct != LEGACY["crop_pct"]:
+            out["crop_pct"] = self.crop_pct
+        return out
 
 
 def to_input(images, pre: PreprocessConfig):
@@ -56,15 +120,17 @@ def _mean_std(mean: tuple, std: tuple, device):
 def resize_plan(h: int, w: int, pre: PreprocessConfig) -> tuple[int, int, int, int]:
     """The one resize rule: (resized height, width, crop top, left) for an h x w image.
 
-    ``stretch``: straight to size x size. ``center-crop``: the shorter side to size, then the
-    middle size x size. The torch path (:func:`resized`) and the PIL path
+    ``stretch``: straight to size x size. ``center-crop``: the shorter side to size / crop_pct,
+    then the middle size x size. An image already size x size is taken as it is (files are
+    fitted once when decoded, and later steps see them at the input size). The torch path (:func:`resized`) and the PIL path
     (``data.images.load_image``) both follow it.
     """
     size = pre.image_size
-    if pre.resize == "stretch" or h == w:
+    if pre.resize == "stretch" or (h == w and pre.crop_pct == 1.0):
         return size, size, 0, 0
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    short = size if pre.crop_pct == 1.0 else int(size / pre.crop_pct)  # timm / torchvision: floor
+    scale = short / min(h, w)
+    nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
     return nh, nw, (nh - size) // 2, (nw - size) // 2
 
 
@@ -77,6 +143,9 @@ def resized(images, pre: PreprocessConfig):
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
         nh, nw, top, left = resize_plan(h, w, pre)
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x, size=(nh, nw), mode=pre.interpolation, antialias=True, align_corners=False)
+            if pre.interpolation == "bicubic":
+                x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips to the pixel range
         x = x[..., top : top + size, left : left + size]
     return x

@@ -12,13 +12,14 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.backbones.registry import BACKBONES, BackboneSpec, weights_identity
+from featcache.backbones.registry import BACKBONES, BackboneSpec
+from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity
 from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError, check_choice
 from featcache.extraction.store import FORMAT
 
-POOLINGS = ("avg", "max", "avgmax")
+POOLINGS = ("avg", "max", "avgmax", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -45,7 +46,7 @@ class ExtractConfig:
     data: DataRequest = field(default_factory=DataRequest)
     backbones: tuple[str, ...] = ("resnet50",)
     weights: str = "imagenet"
-    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig.from_model)  # None fields: the backbone's
     pooling: str = "avg"
     precision: str = "auto"
     dtype: str = "float16"
@@ -59,9 +60,12 @@ class ExtractConfig:
     def __post_init__(self):
         if not self.backbones:
             raise FeatcacheError("name at least one --backbone")
-        for name in self.backbones:
-            BACKBONES.lookup(name)
         check_choice("--pooling", self.pooling, POOLINGS)
+        for name in self.backbones:
+            spec = BACKBONES.lookup(name)
+            if self.pooling == "cls" and (spec.prefix_tokens == 0 or any(t.layout != "tokens" for t in spec.taps)):
+                raise FeatcacheError(f"--pooling cls takes a transformer's class token; {name} has none: "
+                                     f"use --pooling avg, max or avgmax")
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--dtype", self.dtype, DTYPES)
         check_choice("--device", self.device, DEVICES)
@@ -71,21 +75,49 @@ class ExtractConfig:
             raise FeatcacheError(f"--num-workers must be 0 or more. Got {self.num_workers} instead.")
 
 
+def preprocess_for(cfg: ExtractConfig, spec: BackboneSpec) -> PreprocessConfig:
+    """The request's preprocessing with its unset fields taken from how ``spec``'s weights were fed,
+    checked against what the network can take."""
+    pre = cfg.preprocess.resolved(input_defaults(spec, cfg.weights))
+    if spec.input is not None and spec.input.fixed_size and pre.image_size != spec.input.image_size:
+        raise FeatcacheError(f"{spec.name} takes {spec.input.image_size} x {spec.input.image_size} images only (its "
+                             f"position embeddings are fixed): use --image-size {spec.input.image_size}")
+    largest = max(t.stride for t in spec.taps)
+    if pre.image_size < largest:
+        raise FeatcacheError(f"--image-size {pre.image_size} is too small for {spec.name}, whose last stage reduces "
+                             f"by {largest}: use --image-size {max(largest, 32)} or more")
+    return pre
+
+
+def shared_preprocess(cfg: ExtractConfig, why: str) -> PreprocessConfig:
+    """The one preprocessing of every backbone, for paths that feed them the same images (fine-tuning,
+    Grad-CAM); backbones that were trained with different ones are an error naming the flags."""
+    resolved = {name: preprocess_for(cfg, BACKBONES.lookup(name)) for name in cfg.backbones}
+    first = next(iter(resolved.values()))
+    if any(pre != first for pre in resolved.values()):
+        shown = "; ".join(f"{name}: {' '.join(pre.flags())}" for name, pre in resolved.items())
+        raise FeatcacheError(f"{why} feeds every backbone the same images, but these were trained with different "
+                             f"preprocessing ({shown}): give the flags that make them agree")
+    return first
+
+
 def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str) -> dict:
-    """Everything that changes the numbers of one backbone's cache file."""
-    return {
+    """Everything that changes the numbers of one backbone's cache file.
+
+    A discovered backbone adds the library versions that define it (``versions``); the four
+    declared ones keep exactly the keys their existing caches were named with.
+    """
+    out = {
         "format": FORMAT,
         "backbone": spec.name,
         "taps": [[t.node, t.channels] for t in spec.taps],
         "weights": weights_identity(spec, cfg.weights, cfg.data.seed),
-        "preprocess": {
-            "image_size": cfg.preprocess.image_size,
-            "resize": cfg.preprocess.resize,
-            "mean": list(cfg.preprocess.mean),
-            "std": list(cfg.preprocess.std),
-        },
+        "preprocess": preprocess_for(cfg, spec).identity(),
         "pooling": cfg.pooling,
         "precision": precision,
         "dtype": cfg.dtype,
         "dataset": dataset_identity(cfg.data),
     }
+    if spec.versions:
+        out["versions"] = spec.versions
+    return out

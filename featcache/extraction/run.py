@@ -21,7 +21,7 @@ from featcache.data.datasets import Dataset, dataset_key, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError
 from featcache.extraction import distributed
-from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.config import ExtractConfig, fingerprint, preprocess_for
 from featcache.extraction.passes import Job, Member, one_pass, rates
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.store import CacheWriter, cache_file, locked, write_timing
@@ -68,8 +68,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
         # Data and weights are loaded before anything is written, so their errors leave nothing behind.
         tick = time.perf_counter()
         dataset = _load_once(cfg, r)
-        jobs = [Job(cfg, spec, fp, path, dataset, tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device),
-                     device, precision, progress and r.main, say) for spec, fp, path in todo]
+        jobs = [Job(dataclasses.replace(cfg, preprocess=preprocess_for(cfg, spec)), spec, fp, path, dataset,
+                    tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device),
+                    device, precision, progress and r.main, say) for spec, fp, path in todo]
         setup = time.perf_counter() - tick
         for job in jobs:
             try:
@@ -178,11 +179,14 @@ def _write_caches(jobs: list[Job], paths: list[Path], rows: dict[str, tuple[int,
             if writers[-1].resumed and writers[-1].run_attrs != job.run:
                 job.log(f"resuming {writers[-1].partial} with its original settings {writers[-1].run_attrs} "
                         f"so the numbers match")
-        passes: dict[int, list] = {}
+        passes: dict[tuple, list] = {}
+        in_memory = all(split.images is not None for split in dataset.splits.values())
         for job, writer in zip(jobs, writers):
-            passes.setdefault(writer.run_attrs["batch_size"], []).append(Member(job, writer, rows))
+            # Files are decoded and fitted to one input size per pass; in-memory images are resized per backbone.
+            key = (writer.run_attrs["batch_size"], None if in_memory else job.cfg.preprocess)
+            passes.setdefault(key, []).append(Member(job, writer, rows))
         clocks = {}
-        for batch_size, members in passes.items():
+        for (batch_size, _), members in passes.items():
             clock = one_pass(members, dataset, rows, batch_size)
             images = sum(stop - m.first[s] for m in members for s, (_, stop) in rows.items()) // len(members)
             if members[0].job.progress and images:

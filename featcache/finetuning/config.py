@@ -79,7 +79,7 @@ def config_dict(cfg: FinetuneConfig) -> dict:
     out = {k: v for k, v in asdict(cfg).items() if k not in ("features",)}
     out.update({
         "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
-        "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
+        "weights": feat.weights, **feat.preprocess.fields(),
         "pooling": feat.pooling, "precision": feat.precision, "dtype": "float32", "seed": feat.data.seed,
         "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
         "test_fraction": feat.data.test_fraction,

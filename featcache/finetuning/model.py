@@ -14,8 +14,9 @@ import re
 import numpy as np
 import torch
 
-from featcache.backbones.registry import BACKBONES, BackboneSpec, build_backbone
-from featcache.backbones.taps import pool
+from featcache.backbones.registry import BACKBONES, BackboneSpec
+from featcache.backbones.taps import map_extractor, pool
+from featcache.backbones.weights import build_backbone
 from featcache.errors import FeatcacheError
 from featcache.fuse.fusion import TapNormalizer, TapRef, normalize_tap
 from featcache.fuse.torch_head import TorchClassifier
@@ -52,9 +53,12 @@ def trainable_prefixes(spec: BackboneSpec, policy: str) -> tuple[str, ...] | Non
 def apply_unfreeze(extractor, spec: BackboneSpec, policy: str) -> list[str]:
     """Set requires_grad per the policy; return the trainable parameter names."""
     prefixes = trainable_prefixes(spec, policy)
+    if prefixes is not None:
+        prefixes = tuple(p for group in prefixes for p in group.split("+"))  # a discovered stage: several modules
     names = []
     for name, param in extractor.named_parameters():
-        on = prefixes is None or any(name == p or name.startswith(p + ".") for p in prefixes)
+        own = name.removeprefix("net.") if spec.source == "timm" else name  # timm's wrapper holds the model as .net
+        on = prefixes is None or any(own == p or own.startswith(p + ".") for p in prefixes)
         param.requires_grad_(on)
         if on:
             names.append(name)
@@ -106,6 +110,10 @@ class FusedNet(torch.nn.Module):
         self.extractors = torch.nn.ModuleDict({_key(k): v for k, v in extractors.items()})
         self.names = list(extractors)
         self.refs = [(r.backbone, r.tap) for r in refs]
+        self.layouts = {}
+        for r in refs:  # how each tap's output is laid out: maps (nchw / nhwc) or tokens
+            spec = BACKBONES.lookup(r.backbone)
+            self.layouts[(r.backbone, r.tap)] = (spec.tap(r.tap).layout, spec.prefix_tokens)
         self.pooling = pooling
         self.norm = norm
         self.head = head
@@ -132,7 +140,7 @@ class FusedNet(torch.nn.Module):
             fmap = maps[ref]
             if self.refine is not None:
                 fmap = self.refine(fmap.float())
-            blocks.append(pool(fmap, self.pooling))
+            blocks.append(pool(fmap, self.pooling, *self.layouts[ref]))
         return self.head(self.norm(blocks))
 
     def forward(self, x):
@@ -158,8 +166,6 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
     here, returning every tap, for the next call with the same backbone and weights: a report
     explaining many frozen runs builds each backbone once. Not for backbones that will train.
     """
-    from torchvision.models.feature_extraction import create_feature_extractor
-
     feat = cfg.features
     extractors = {}
     for name in feat.backbones:
@@ -173,8 +179,7 @@ def build_net(cfg, refs: list[TapRef], normalizer: TapNormalizer, n_classes: int
         spec = BACKBONES.lookup(name)
         if built is not None:  # every tap, so that runs with other taps share it too
             nodes = spec.tap_names
-        extractors[name] = create_feature_extractor(build_backbone(spec, feat.weights, feat.data.seed),
-                                                    return_nodes={n: n for n in nodes})
+        extractors[name] = map_extractor(spec, build_backbone(spec, feat.weights, feat.data.seed), nodes)
         if built is not None:
             built[key] = extractors[name]  # moved to the device with the net below (Module.to works in place)
     refine = None

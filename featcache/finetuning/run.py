@@ -14,6 +14,7 @@ from (seed, phase, epoch) and writes a checkpoint, so ``--resume`` continues exa
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from featcache.comparison import base_label
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
+from featcache.extraction.config import shared_preprocess
 from featcache.files import atomic_write
 from featcache.finetuning.config import FinetuneConfig, check_one_image_batches, config_dict, partial_dir
 from featcache.finetuning.loop import (
@@ -110,6 +112,8 @@ class _Progress:
 
 def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     """Train the model, write a run folder like fuse-train's, return it."""
+    feat = cfg.features  # one preprocessing for the end-to-end net, each unset field the backbones' own
+    cfg = dataclasses.replace(cfg, features=dataclasses.replace(feat, preprocess=shared_preprocess(feat, "fine-tuning")))
     setup = _prepare(cfg, log)
     folder, ckpt = _open_checkpoint(cfg, setup, log)
     state = _progress_from(ckpt, setup.net)

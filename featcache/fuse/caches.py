@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
+from featcache.backbones.weights import input_defaults
 from featcache.backbones.taps import resolve_device, resolve_precision
 from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
@@ -38,9 +39,7 @@ def extract_command(cfg: ExtractConfig, backbone: str) -> str:
     for name in ("weights", "pooling", "precision", "dtype", "device", "cache_dir"):
         if getattr(cfg, name) != getattr(base, name):
             parts.append(f"--{name.replace('_', '-')} {getattr(cfg, name)}")
-    for name in ("image_size", "resize"):
-        if getattr(cfg.preprocess, name) != getattr(base.preprocess, name):
-            parts.append(f"--{name.replace('_', '-')} {getattr(cfg.preprocess, name)}")
+    parts += cfg.preprocess.flags(skip=input_defaults(BACKBONES.lookup(cfg.backbones[0]), cfg.weights))
     return " ".join(parts)
 
 

@@ -201,7 +201,7 @@ def _run_config(cfg: FuseTrainConfig) -> dict:
     feat = cfg.features
     return {
         "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
-        "weights": feat.weights, "image_size": feat.preprocess.image_size, "resize": feat.preprocess.resize,
+        "weights": feat.weights, **feat.preprocess.fields(),
         "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
         "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
         "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,

@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from featcache.backbones.taps import as_grid, from_grid
 from featcache.data.preprocess import resized, to_input
 from featcache.errors import FeatcacheError
+from featcache.extraction.config import shared_preprocess
 from featcache.finetuning.config import FinetuneConfig
 from featcache.finetuning.model import build_net
 from featcache.finetuning.saved import load_finetuned
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.torch_head import TorchClassifier
-from featcache.records import RunRecord, record_features, record_preprocess
+from featcache.records import RunRecord, record_features
 from featcache.run_files import load_head
 
 
@@ -37,8 +39,13 @@ class _Probed(torch.nn.Module):
     def forward(self, x):
         maps = self.net.backbone_maps(x)
         # Grad-CAM needs d(score)/d(map) only, so frozen backbones stay without stored activations.
-        probed = {ref: probe(maps[ref].detach().float().requires_grad_())
-                  for ref, probe in zip(self.net.refs, self.probes)}
+        # The probe sees every tap as an (N, C, H, W) map: a transformer's patch tokens on their grid.
+        probed = {}
+        for ref, probe in zip(self.net.refs, self.probes):
+            layout, prefix = self.net.layouts[ref]
+            raw = maps[ref].detach().float()
+            grid = probe(as_grid(raw, layout, prefix).requires_grad_())
+            probed[ref] = from_grid(grid, raw, layout, prefix)
         return self.net.forward_maps(probed)
 
 
@@ -102,7 +109,7 @@ def gradcam(run_dir: Path, record: RunRecord, images: np.ndarray, device: str = 
     dev = torch.device(device)
     net, labels = run_network(Path(run_dir), record, dev, built)
     probed = _Probed(net).eval()
-    pre = record_preprocess(record)
+    pre = shared_preprocess(record_features(record), "Grad-CAM")
     batch = torch.from_numpy(np.ascontiguousarray(images)).to(dev)
     x = to_input(batch, pre)
     with torch.no_grad():

@@ -24,13 +24,14 @@ from featcache.comparison import HEADERS, chosen_text, comparison_table, dataset
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
+from featcache.extraction.config import preprocess_for
 from featcache.extraction.store import read_timing
 from featcache.files import atomic_write
 from featcache.records import (
     RunRecord,
     load_record,
     no_runs,
-    record_preprocess,
+    record_features,
     record_request,
     resolve_run,
     run_folders,
@@ -90,7 +91,8 @@ class _Images:
         part = self.dataset(record).splits[split]
         if part.images is not None:
             return part.images[rows]
-        pre = record_preprocess(record)
+        feat = record_features(record)  # shown as the first backbone sees them
+        pre = preprocess_for(feat, BACKBONES.lookup(feat.backbones[0]))
         return np.stack([load_image(part.files[i], pre) for i in rows])
 
     def test_sample(self, record: RunRecord, n: int):

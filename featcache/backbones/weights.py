@@ -1,0 +1,207 @@
+"""Weights: which numbers a backbone runs with, and how its weights want images fed.
+
+Second stage (data -> **backbones** -> extraction). ``--weights`` is ``imagenet`` (torchvision's
+default weights or timm's default pretrained tag), a named tag (a torchvision weights enum
+member such as ``IMAGENET1K_V2``, a timm tag such as ``a1_in1k``), ``random`` (seeded), or the
+path of a local state-dict file. :func:`weights_identity` is what the cache fingerprint
+records; :func:`input_defaults` the preprocessing those weights were trained with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from featcache.backbones.registry import BackboneSpec
+from featcache.data.preprocess import LEGACY
+from featcache.errors import FeatcacheError
+
+WEIGHT_KEYWORDS = ("imagenet", "random")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
+
+
+def is_path(weights: str) -> bool:
+    return Path(weights).is_file() or os.sep in weights or weights.endswith(WEIGHT_SUFFIXES)
+
+
+def check_weights(weights: str) -> None:
+    """Reject a ``--weights`` value that names a file that is not there (tags are checked per backbone)."""
+    if weights not in WEIGHT_KEYWORDS and is_path(weights) and not Path(weights).is_file():
+        raise FeatcacheError(f"--weights must be imagenet, random, a weights tag or the path of a state-dict "
+                             f"file; no file at {weights}")
+
+
+def tags(spec: BackboneSpec) -> list[str]:
+    """The pretrained weights a backbone has: torchvision enum members or timm tags (no download)."""
+    if spec.source == "timm":
+        import timm
+
+        return [n.split(".", 1)[1] for n in timm.list_pretrained(spec.weights_name + ".*")]
+    if spec.weights_name is None:
+        return []
+    import torchvision
+
+    return [w.name for w in torchvision.models.get_model_weights(spec.weights_name)]
+
+
+def pretrained(spec: BackboneSpec, weights: str):
+    """The torchvision weights enum member, or the timm tag, that ``weights`` names; None for random / a file."""
+    if weights == "random" or is_path(weights):
+        return None
+    if spec.source == "timm":
+        import timm
+
+        known = tags(spec)
+        tag = timm.models.get_pretrained_cfg(spec.weights_name).tag if weights == "imagenet" else weights
+        if weights == "imagenet" and not known:
+            tag = None
+        if tag not in known:
+            raise _no_such(spec, weights, known)
+        return tag
+    if spec.weights_name is None:
+        raise FeatcacheError(f"backbone {spec.name} has no imagenet weights: use --weights random or --weights PATH")
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(spec.weights_name)
+    if weights == "imagenet":
+        return enum.DEFAULT
+    try:
+        return enum[weights]
+    except KeyError:
+        raise _no_such(spec, weights, [w.name for w in enum]) from None
+
+
+def _no_such(spec: BackboneSpec, weights: str, known: list[str]) -> FeatcacheError:
+    listed = ", ".join(known) if known else "none"
+    return FeatcacheError(f"--weights {weights}: {spec.name} has no such weights (its pretrained weights: {listed}); "
+                          f"or use imagenet, random or the path of a state-dict file")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_identity(spec: BackboneSpec, weights: str, seed: int) -> dict:
+    """What identifies the numbers the weights produce, for the cache fingerprint.
+
+    Cheap: it never loads the network (a local file is hashed, not unpickled).
+    """
+    check_weights(weights)
+    if weights == "random":
+        return {"kind": "random", "seed": seed}
+    if is_path(weights):
+        return {"kind": "file", "sha256": _sha256(Path(weights))}
+    w = pretrained(spec, weights)
+    kind = "imagenet" if weights == "imagenet" else "tag"
+    if spec.source == "timm":
+        cfg = _timm_cfg(spec, w)
+        return {"kind": kind, "id": f"timm/{spec.weights_name}.{w}", "hub": cfg.get("hf_hub_id") or cfg.get("url")}
+    return {"kind": kind, "id": str(w), "url": w.url}
+
+
+def _timm_cfg(spec: BackboneSpec, tag: str | None) -> dict:
+    import timm
+
+    name = spec.weights_name if tag is None else f"{spec.weights_name}.{tag}"
+    return timm.models.get_pretrained_cfg(name).to_dict()
+
+
+def input_defaults(spec: BackboneSpec, weights: str) -> dict:
+    """How the chosen weights were fed (size, mean/std, interpolation, crop fraction): the defaults that a
+    request's unset preprocessing fields take. The declared four keep the fixed ``LEGACY`` values."""
+    if spec.input is None:
+        return dict(LEGACY)
+    base = {"image_size": spec.input.image_size, "mean": spec.input.mean, "std": spec.input.std,
+            "interpolation": spec.input.interpolation, "crop_pct": spec.input.crop_pct}
+    w = None if weights == "random" or is_path(weights) else pretrained(spec, weights)
+    if spec.source == "timm":
+        cfg = _timm_cfg(spec, w)
+        return {"image_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+                "interpolation": cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bilinear", "bicubic")
+                else "bicubic", "crop_pct": float(cfg.get("crop_pct", 0.875))}
+    import torchvision
+
+    enum = torchvision.models.get_model_weights(spec.weights_name) if spec.weights_name else None
+    t = (w or (enum.DEFAULT if enum else None))
+    if t is None:
+        return base
+    t = t.transforms()
+    mode = getattr(t.interpolation, "value", str(t.interpolation))
+    return {"image_size": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std),
+            "interpolation": mode if mode in ("bilinear", "bicubic") else "bilinear",
+            "crop_pct": round(t.crop_size[0] / t.resize_size[0], 4)}
+
+
+def build_backbone(spec: BackboneSpec, weights: str, seed: int):
+    """The backbone in eval mode with the requested weights, all parameters frozen."""
+    import torch
+
+    check_weights(weights)
+    w = pretrained(spec, weights)
+    if w is not None:
+        try:
+            model = spec.build(w)
+        except Exception as exc:  # no network: URLError, OSError, huggingface_hub's errors, RuntimeError ...
+            raise FeatcacheError(f"cannot get the {weights} weights of {spec.name} ({type(exc).__name__}: no network "
+                                 f"and no cached copy{_where(spec, w)}): use --weights random, or --weights PATH "
+                                 f"with a local state-dict file") from exc
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = spec.build(None)
+        if weights != "random":
+            load_state_dict_file(model, Path(weights), spec)
+    return model.eval().requires_grad_(False)
+
+
+def _where(spec: BackboneSpec, w) -> str:
+    if spec.source == "timm":
+        return " in the Hugging Face cache"
+    import torch
+
+    return f" at {Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(w.url)}"
+
+
+def load_state_dict_file(model, path: Path, spec: BackboneSpec) -> None:
+    """Load a local state dict, ignoring the classifier; wrong keys or shapes raise."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise FeatcacheError(f"cannot read weights file {path}: it is not a torch state dict") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FeatcacheError(f"weights file {path} does not hold a state dict (name -> tensor)")
+    if state and all(k.startswith("module.") for k in state):  # saved from DataParallel/DDP
+        state = {k[len("module."):]: v for k, v in state.items()}
+
+    own = model.state_dict()
+    needed = {k for k in own if not k.startswith(spec.head_prefixes)}
+    missing = sorted(needed - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    mismatched = [
+        f"{k} is {tuple(state[k].shape)} in the file but {tuple(own[k].shape)} in {spec.name}"
+        for k in sorted(needed & state.keys())
+        if state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys ({_few(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys ({_few(unexpected)})")
+    if mismatched:
+        problems.append(f"shape of {mismatched[0]}" + (f" and {len(mismatched) - 1} more" if len(mismatched) > 1 else ""))
+    if problems:
+        raise FeatcacheError(f"weights file {path} does not fit {spec.name}: " + "; ".join(problems))
+    model.load_state_dict({k: state[k] for k in needed}, strict=False)
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
