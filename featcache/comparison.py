@@ -36,7 +36,7 @@ def _taps_text(record: RunRecord) -> str:
     """``late``, ``early+late`` when every backbone uses the same aliases, else ``r18:late+mnv2:features.13``."""
     per_backbone: dict[str, list[str]] = {}
     for ref in record.taps:
-        backbone, _, node = ref.partition(":")
+        backbone, _, node = ref.rpartition(":")
         spec = BACKBONES.get(backbone)
         alias = {n: a for a, n in spec.aliases.items()}.get(node, node) if spec else node
         per_backbone.setdefault(backbone, []).append(alias)

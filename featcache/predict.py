@@ -36,7 +36,7 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
         classes = record.classes
         return [(f, classes[int(k)], float(proba[i, k])) for i, (f, k) in enumerate(zip(files, proba.argmax(1)))]
     normalizer, head = load_head(run_dir)
-    refs = [tuple(t.split(":", 1)) for t in record.taps]
+    refs = [tuple(t.rsplit(":", 1)) for t in record.taps]
     storage = np.float16 if cfg["dtype"] == "float16" else np.float32
     pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
     decoded: dict = {}  # one decode per distinct preprocessing

@@ -15,7 +15,7 @@ from pathlib import Path
 from featcache.backbones.registry import BACKBONES, BackboneSpec
 from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity
-from featcache.data.preprocess import PreprocessConfig
+from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
 from featcache.errors import FeatcacheError, check_choice
 from featcache.extraction.store import FORMAT
 
@@ -95,7 +95,9 @@ def shared_preprocess(cfg: ExtractConfig, why: str) -> PreprocessConfig:
     resolved = {name: preprocess_for(cfg, BACKBONES.lookup(name)) for name in cfg.backbones}
     first = next(iter(resolved.values()))
     if any(pre != first for pre in resolved.values()):
-        shown = "; ".join(f"{name}: {' '.join(pre.flags())}" for name, pre in resolved.items())
+        differ = {name for pre in resolved.values() for name in MODEL_FIELDS if getattr(pre, name) != getattr(first, name)}
+        shown = "; ".join(f"{name}: {' '.join(f for f in pre.flags() if f.split()[0][2:].replace('-', '_') in differ)}"
+                          for name, pre in resolved.items())
         raise FeatcacheError(f"{why} feeds every backbone the same images, but these were trained with different "
                              f"preprocessing ({shown}): give the flags that make them agree")
     return first

@@ -60,7 +60,7 @@ def load_finetuned(run_dir: Path, record: RunRecord, device):
 
     cfg = finetune_config_from_record(record)
     normalizer, weights = load_head(run_dir)
-    refs = [TapRef(*t.split(":", 1)) for t in record.taps]
+    refs = [TapRef(*t.rsplit(":", 1)) for t in record.taps]
     net = build_net(cfg, refs, normalizer, len(record.classes), device)
     net.load_state_dict(weights)
     return net.eval(), cfg

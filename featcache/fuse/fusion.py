@@ -40,7 +40,7 @@ def parse_taps(text: str, backbones: tuple[str, ...]) -> tuple[TapRef, ...]:
         if not item:
             raise FeatcacheError(f"--taps has an empty entry: {text!r}")
         if ":" in item:
-            name, tap = item.split(":", 1)
+            name, tap = item.rsplit(":", 1)
             if name not in backbones:
                 if name in BACKBONES:
                     raise FeatcacheError(f"--taps {item} names {name}, which is not among the backbones "

@@ -82,7 +82,7 @@ def run_network(run_dir: Path, record: RunRecord, device, built: dict | None = N
         net, _ = load_finetuned(run_dir, record, device)
         return net, list(range(len(record.classes)))
     normalizer, head = load_head(run_dir)
-    refs = [TapRef(*t.split(":", 1)) for t in record.taps]
+    refs = [TapRef(*t.rsplit(":", 1)) for t in record.taps]
     cfg = FinetuneConfig(features=record_features(record, device.type), taps=",".join(record.taps),
                          head="linear")
     net = build_net(cfg, refs, normalizer, len(record.classes), device, built)

@@ -121,11 +121,11 @@ def _architecture(record: RunRecord) -> bytes:
 
     c = record.config
     backbones = []
-    used = {ref.split(":", 1)[0] for ref in record.taps}
+    used = {ref.rsplit(":", 1)[0] for ref in record.taps}
     for name in (b for b in c["backbones"] if b in used):  # a backbone given but none of its taps chosen: not drawn
         taps = []
         for ref in record.taps:
-            backbone, tap = ref.split(":", 1)
+            backbone, tap = ref.rsplit(":", 1)
             if backbone != name:
                 continue
             try:
