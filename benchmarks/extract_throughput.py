@@ -19,6 +19,7 @@ resnet50 at 224): a/b >= 0.85 and a/c >= 2.5.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +32,7 @@ from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, tap_model
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig, to_input
-from featcache.extraction.config import ExtractConfig
+from featcache.extraction.config import ExtractConfig, preprocess_for
 from featcache.extraction.run import extract
 
 
@@ -93,9 +94,11 @@ def run_usual(name, images, size, batch_size, device) -> float:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="resnet50", help="a registered backbone, or 'all' for the four torchvision ones")
+    parser.add_argument("--backbone", default="resnet50",
+                        help="any backbone featcache takes (resnet50, efficientnet_b0, timm:vit_small_patch16_224, ...), "
+                             "'all' for the four study backbones, or several separated by commas")
     parser.add_argument("--images", type=int, default=1024)
-    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--image-size", type=int, default=None, help="[default: each backbone's own; 224 for the study ones]")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto")
@@ -107,14 +110,14 @@ def main():
 
     device = resolve_device(args.device)
     precision = resolve_precision(args.precision, device)
-    names = ["resnet18", "resnet50", "mobilenet_v2", "vgg16"] if args.backbone == "all" else [args.backbone]
+    names = ["resnet18", "resnet50", "mobilenet_v2", "vgg16"] if args.backbone == "all" else args.backbone.split(",")
     request = tiled_digits(args.repeat, limit_train=args.images, limit_test=10)
     images = load_dataset(request).splits["train"].images
     n = len(images) + 10  # featcache also extracts the 10 test images
     print(f"CPU: {cpu_name()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; (a) and (b) run at "
           f"--precision {args.precision} = {precision}, (c) and (d) in fp32 as the studies do")
     print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "
-          f"{args.image_size} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")
+          f"{args.image_size or 'native'} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")
     # Process start-up is paid here, not by the first backbone's (a): importing torchvision's
     # models (which imports torch._dynamo, 1.7 s on the 2-core CPU) and CUDA's context.
     import torchvision.models  # noqa: F401
@@ -124,18 +127,20 @@ def main():
     rows = []
     for name in names:
         with tempfile.TemporaryDirectory() as tmp:
+            spec = BACKBONES.lookup(name)
             cfg = ExtractConfig(data=request, backbones=(name,), weights="random",
-                                preprocess=PreprocessConfig(image_size=args.image_size), precision=args.precision,
-                                device=args.device, batch_size=args.batch_size, num_workers=2, cache_dir=Path(tmp))
+                                preprocess=PreprocessConfig.from_model(image_size=args.image_size),
+                                precision=args.precision, device=args.device, batch_size=args.batch_size,
+                                num_workers=2, cache_dir=Path(tmp))
+            size = preprocess_for(cfg, spec).image_size
             a = n / run_featcache(cfg)
-            model = tap_model(BACKBONES[name], "random", 0, "avg", device)
+            cfg = dataclasses.replace(cfg, preprocess=preprocess_for(cfg, spec))  # (b)-(d) see the same input
+            model = tap_model(spec, "random", 0, "avg", device)
             b = len(images) / timed_forward(model, images, cfg, device, precision)
-            c = len(images) / run_usual(name, images, args.image_size, args.batch_size, device)
+            c = len(images) / run_usual(name, images, size, args.batch_size, device)
             d = len(images) / timed_forward(trunk(name, device), images, cfg, device, layout=torch.contiguous_format)
             compiled = None
             if args.compile:
-                import dataclasses
-
                 compiled = n / run_featcache(dataclasses.replace(cfg, compile=True, cache_dir=Path(tmp) / "c"))
         rows.append((name, a, b, c, d, compiled))
         extra = f"  (a') with --compile {compiled:7.1f} img/s  a'/c {compiled / c:4.2f}" if compiled else ""
@@ -144,8 +149,9 @@ def main():
     if args.together and len(names) > 1:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = ExtractConfig(data=request, backbones=tuple(names), weights="random",
-                                preprocess=PreprocessConfig(image_size=args.image_size), precision=args.precision,
-                                device=args.device, batch_size=args.batch_size, num_workers=2, cache_dir=Path(tmp))
+                                preprocess=PreprocessConfig.from_model(image_size=args.image_size),
+                                precision=args.precision, device=args.device, batch_size=args.batch_size,
+                                num_workers=2, cache_dir=Path(tmp))
             together = run_featcache(cfg)
         apart = sum(n / row[1] for row in rows)
         print(f"(e) all {len(names)} backbones in one featcache extract: {together:.1f} s, against {apart:.1f} s "

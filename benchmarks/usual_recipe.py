@@ -39,10 +39,12 @@ class PilImages(torch.utils.data.Dataset):
 
 
 def trunk(name: str, device):
-    """The backbone with its classifier replaced by Identity, as the studies build it."""
-    net = build_backbone(BACKBONES[name], "random", 0)
-    if hasattr(net, "fc"):
-        net.fc = torch.nn.Identity()
+    """The backbone with its classifier replaced by Identity, as the studies build it (timm: reset_classifier)."""
+    spec = BACKBONES.lookup(name)
+    net = build_backbone(spec, "random", 0)
+    if spec.source == "timm":
+        net.reset_classifier(0)
     else:
-        net.classifier = torch.nn.Identity()
+        for prefix in spec.head_prefixes:
+            setattr(net, prefix.split(".")[0], torch.nn.Identity())
     return net.to(device).eval()

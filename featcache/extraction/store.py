@@ -53,7 +53,8 @@ def fingerprint_hash(fingerprint: dict) -> str:
 
 
 def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: dict) -> Path:
-    return Path(cache_dir) / dataset_key / f"{backbone}-{fingerprint_hash(fingerprint)[:12]}.h5"
+    safe = backbone.replace(":", "-")  # timm:NAME: no colon in file names (Windows, scp, URLs)
+    return Path(cache_dir) / dataset_key / f"{safe}-{fingerprint_hash(fingerprint)[:12]}.h5"
 
 
 def partial_file(path: Path) -> Path:

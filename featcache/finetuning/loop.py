@@ -128,5 +128,5 @@ def fit_normalizer_on_images(net, split, rows, cfg, device) -> TapNormalizer:
         for images, _ in loader(split, rows, cfg, None, False, 0, device):  # no augmentation
             maps = net.backbone_maps(normalise(images.to(device), cfg.features.preprocess))
             for ref in net.refs:
-                blocks[ref].append(pool(maps[ref], cfg.features.pooling).float().cpu().numpy())
+                blocks[ref].append(pool(maps[ref], cfg.features.pooling, *net.layouts[ref]).float().cpu().numpy())
     return TapNormalizer(cfg.tap_norm).fit([np.concatenate(blocks[r]) for r in net.refs])

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.weights import input_defaults
 from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.backbones.weights import input_defaults
 from featcache.data.datasets import DataRequest, dataset_key
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig, fingerprint
