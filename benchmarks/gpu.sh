@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure benchmarks/RESULTS.md asks for, in one command, for a session lent a GPU:
-#   PYTHONPATH=. bash benchmarks/gpu.sh            (logs go to $OUT, or benchmarks/out/)
+#   PYTHONPATH=. bash benchmarks/gpu.sh            (logs go to $OUT, or benchmarks/out/; about 8 minutes on an H100)
+#   bash benchmarks/gpu.sh --small                 the same steps on the CPU with a few images: a smoke test
 # Each step has its own time limit so one slow step cannot eat the others. Record what it
 # prints in RESULTS.md with the device named. Needs torch, torchvision, h5py, scikit-learn,
 # click, pandas, matplotlib, jinja2 and grad-cam (carry its wheel where it is missing).
@@ -17,15 +18,23 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-step env 60 bash -c 'nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; lscpu | grep "Model name"; nproc;
-  python -c "import torch, torchvision; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__, torch.cuda.get_device_name())"'
-# The whole flow on CUDA: extract, fuse-train (torch and sklearn heads), both fine-tunes, report.
-step quickstart_cuda 300 python -m featcache run pipelines/quickstart.toml --set device=cuda
-step extract 420 python benchmarks/extract_throughput.py --backbone all --device cuda --repeat 8 --images 8192 --batch-size 128 --together
+DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224
+if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
+    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64
+fi
+ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
+
+step env 60 bash -c '(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true); lscpu | grep "Model name"; nproc;
+  python -c "import torch, torchvision, timm; print(\"torch\", torch.__version__, \"torchvision\", torchvision.__version__, \"timm\", timm.__version__, torch.cuda.get_device_name() if torch.cuda.is_available() else \"no GPU\")"'
+# The whole flow on the device: extract, fuse-train (torch and sklearn heads), both fine-tunes, report.
+step quickstart 300 python -m featcache run pipelines/quickstart.toml --set device=$DEV
+step extract 420 python benchmarks/extract_throughput.py --backbone all $ALL --device $DEV --repeat $REP --images $N --batch-size $BATCH --together
+# Issue 13: three found backbones (torchvision's graph, timm's feature_info), each at its own 224 px input.
+step extract_any 240 python benchmarks/extract_throughput.py --backbone efficientnet_b0,convnext_tiny,timm:vit_small_patch16_224 --device $DEV --repeat $REP --images $((N / 2)) --batch-size $BATCH
 # A run long enough that the loop, not the fixed costs, is what (a) measures.
-step extract_50k 240 python benchmarks/extract_throughput.py --backbone resnet50 --device cuda --repeat 35 --images 50000 --batch-size 256
+step extract_50k 240 python benchmarks/extract_throughput.py --backbone resnet50 $ALL --device $DEV --repeat $REP50 --images $N50 --batch-size $((BATCH * 2))
 # Issue 14: a JPEG folder at 224 px, JPEGs decoded on the GPU in batches, against ImageFolder + PIL (target >= 3x).
-step folder_jpeg 360 python benchmarks/folder_throughput.py --device cuda --format jpg --source-size 320 --image-size 224 --backbone resnet50 --images 8192 --batch-size 128
-step fidelity 120 python benchmarks/device_fidelity.py --device cuda --precision auto
-step finetune 300 python benchmarks/finetune_throughput.py --device cuda --repeat 4 --images 4096 --num-workers 8
-step frozen_fusion 300 python benchmarks/frozen_fusion.py --device cuda --skip-pairs
+step folder_jpeg 360 python benchmarks/folder_throughput.py --device $DEV --format jpg --source-size 320 $ALL --backbone resnet50 --images $NF --batch-size $BATCH
+step fidelity 120 python benchmarks/device_fidelity.py --device $DEV --precision auto
+step finetune 300 python benchmarks/finetune_throughput.py --device $DEV --repeat $REPFT --images $NFT --num-workers 8 --image-size $SIZE
+step frozen_fusion 300 python benchmarks/frozen_fusion.py --device $DEV --skip-pairs --train $TRAIN --test $TEST

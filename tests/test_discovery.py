@@ -11,7 +11,7 @@ import torch
 
 from featcache.backbones.discovery import _torchvision_spec, discover
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import map_extractor, pool
+from featcache.backbones.taps import as_grid, from_grid, map_extractor, pool
 from featcache.backbones.weights import build_backbone, input_defaults
 from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
@@ -63,6 +63,11 @@ def test_transformer_taps_pool_as_class_token_or_patch_mean():
     tokens = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # 1 class token + a 2x2 grid
     assert torch.equal(pool(tokens, "cls", "tokens", 1), tokens[:, 0])
     assert torch.equal(pool(tokens, "avg", "tokens", 1), tokens[:, 1:].mean(1))
+    grid = as_grid(tokens, "tokens", 1)  # Grad-CAM's view: the patch tokens on their 2x2 grid
+    assert grid.shape == (2, 3, 2, 2) and torch.equal(grid[0, :, 0, 1], tokens[0, 2])
+    assert torch.equal(from_grid(grid, tokens, "tokens", 1), tokens)
+    nhwc = torch.randn(2, 4, 4, 3)
+    assert torch.equal(from_grid(as_grid(nhwc, "nhwc"), nhwc, "nhwc"), nhwc)
 
 
 def _cfg(tmp_path, name, **kw):
