@@ -1,0 +1,7 @@
+"""Sweep: which taps of which backbones, fused how, with which head, answered from one load of the caches.
+
+Fourth stage, beside fuse (data -> backbones -> extraction -> **sweep** -> records). Every single
+tap, pair or explicit combination, with the linear heads solved on the device (solvers), k-NN
+(knn), few-shot draws and several seeds; the table it writes is the answer, and the best
+combinations become ordinary runs through fuse-train.
+"""

@@ -1,0 +1,99 @@
+"""The sweep's flags as one frozen config, and the tap combinations it evaluates.
+
+Flow: cli -> **config** -> sweep/run. Every check of the request happens here, before any
+feature is read: unknown heads, an empty tap list, too many combinations, impossible shots.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from featcache.backbones.registry import BACKBONES
+from featcache.errors import FeatcacheError, require, unknown
+from featcache.extraction.config import ExtractConfig
+from featcache.fuse.fusion import TapRef, parse_taps
+from featcache.fuse.heads import HeadOptions
+
+SWEEP_HEADS = ("logreg", "svm", "linear", "mlp", "knn")
+DEFAULT_HEADS = ("logreg", "svm", "linear", "knn")
+FAST_HEADS = ("logreg", "svm", "knn")  # solved on the device: few-shot draws use these
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """Flags of ``featcache sweep``."""
+
+    features: ExtractConfig = field(default_factory=ExtractConfig)
+    combos: str = "pairs"  # singles | pairs | N (every combination of up to N taps)
+    taps: tuple[str, ...] = ()  # explicit combinations, each like "early,late"
+    heads: tuple[str, ...] = DEFAULT_HEADS
+    val_fraction: float = 0.1
+    seeds: tuple[int, ...] = (0,)
+    shots: tuple[int, ...] = ()
+    repeats: int = 5
+    keep: int = 3
+    max_combos: int = 2000
+    options: HeadOptions = field(default_factory=HeadOptions)
+    runs_dir: Path = Path("runs")
+    run_extract: bool = False
+
+    def __post_init__(self):
+        for head in self.heads:
+            if head not in SWEEP_HEADS:
+                raise unknown("--head", head, SWEEP_HEADS)
+        require(bool(self.heads), "--head", "''", "name at least one head")
+        require(self.combos in ("singles", "pairs") or self.combos.isdigit() and int(self.combos) >= 1,
+                "--combos", self.combos, "be singles, pairs or a number of taps N >= 1")
+        require(0 < self.val_fraction < 1, "--val-fraction", self.val_fraction, "lie between 0 and 1")
+        require(bool(self.seeds), "--seeds", "''", "list at least one seed")
+        require(all(k >= 1 for k in self.shots), "--shots", self.shots, "be positive numbers of images per class")
+        require(self.repeats >= 2 or not self.shots, "--repeats", self.repeats, "be at least 2 (an interval needs two draws)")
+        require(self.keep >= 0, "--keep", self.keep, "be 0 or more")
+        require(self.max_combos >= 1, "--max-combos", self.max_combos, "be at least 1")
+
+
+def all_taps(backbones: tuple[str, ...]) -> list[TapRef]:
+    """Every tap of every backbone, in network order."""
+    return [TapRef(name, tap.node) for name in backbones for tap in BACKBONES.lookup(name).taps]
+
+
+def combinations(cfg: SweepConfig) -> list[tuple[TapRef, ...]]:
+    """The tap combinations: the search ``--combos`` asks for, then the explicit ``--taps``, without repeats.
+
+    A count over ``--max-combos`` is refused up front, naming the count and the flag.
+    """
+    taps = all_taps(cfg.features.backbones)
+    size = {"singles": 1, "pairs": 2}.get(cfg.combos) or int(cfg.combos)
+    count = sum(_n_choose(len(taps), k) for k in range(1, min(size, len(taps)) + 1)) + len(cfg.taps)
+    if count > cfg.max_combos:
+        raise FeatcacheError(f"--combos {cfg.combos} over {len(taps)} taps makes {count:,} combinations, over "
+                             f"--max-combos {cfg.max_combos:,}: choose fewer taps (--combos pairs, or name them with "
+                             f"--taps), or raise --max-combos")
+    out: list[tuple[TapRef, ...]] = []
+    for k in range(1, min(size, len(taps)) + 1):
+        out += list(itertools.combinations(taps, k))
+    for text in cfg.taps:
+        if not text.strip():
+            raise FeatcacheError("--taps has an empty entry: name taps such as early,late or resnet50:late")
+        refs = parse_taps(text, cfg.features.backbones)
+        if refs not in out:
+            out.append(refs)
+    return out
+
+
+def _n_choose(n: int, k: int) -> int:
+    import math
+
+    return math.comb(n, k)
+
+
+def parse_ints(flag: str, text: str | None) -> tuple[int, ...]:
+    """``1,5,10`` -> (1, 5, 10); None or empty -> ()."""
+    if not text:
+        return ()
+    if not re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", text):
+        raise FeatcacheError(f"{flag} takes comma-separated whole numbers such as 1,5,10. Got {text!r} instead.")
+    return tuple(int(v) for v in text.split(","))

@@ -1,0 +1,233 @@
+"""The sweep: every tap combination x head x seed (x few-shot draw) from one load of the caches.
+
+Flow: caches -> fusion (per-tap standardisation on the training rows) -> **run** -> probes ->
+the sweep folder ``RUNS/sweeps/<name>/``:
+
+- ``rows.jsonl``: one line per finished evaluation, appended as it finishes; a re-run of the
+  same request skips those (an interrupted sweep resumes where it stopped);
+- ``table.csv`` (and ``table.parquet`` when pandas can write it): one row per (combination,
+  head), averaged over seeds, with the 95% interval of test accuracy;
+- ``fewshot.csv``: per (combination, head, shots), mean and 95% interval over the draws;
+- ``sweep.json``: the request.
+
+The best ``--keep`` (combination, head) by validation accuracy are then trained as ordinary
+runs by fuse-train with the chosen hyper-parameter, so runs, predict, report and the
+fine-tune warm start use them unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from featcache.errors import FeatcacheError
+from featcache.extraction.run import extract
+from featcache.files import atomic_write
+from featcache.fuse.caches import load_features, locate_caches
+from featcache.fuse.evaluate import small_validation, validation_split
+from featcache.fuse.fusion import TapNormalizer
+from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinations
+from featcache.sweep.probes import probe
+
+
+def sweep(cfg: SweepConfig, log=print) -> Path:
+    """Run (or resume) the sweep; return its folder."""
+    import torch
+
+    combos = combinations(cfg)  # every check before any long work
+    feat = cfg.features
+    if cfg.run_extract:
+        extract(feat, log=log)
+    paths = locate_caches(feat)
+    folder = _folder(cfg, paths)
+    done = _finished(folder)
+    todo = _jobs(cfg, combos)
+    if all(_key(job) in done for job in todo):
+        log(f"every evaluation of this sweep is in {folder}: writing its tables")
+    else:
+        data = load_features(paths, set(all_taps(feat.backbones)), allow_dead=True, log=log)
+        labels = data.labels
+        n_classes = len(data.classes)
+        _check_shots(cfg, labels["train"])
+        device = torch.device(cfg.options.device)
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "sweep.json", json.dumps(_request(cfg, paths), indent=2, default=str))
+        started, count = time.perf_counter(), 0
+        with open(folder / "rows.jsonl", "a") as out:
+            for seed in cfg.seeds:
+                fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, seed)
+                if seed == cfg.seeds[0] and (note := small_validation(labels["train"][val_rows])):
+                    log(f"warning: {note}")
+                X = _standardised(data, fit_rows, val_rows, device)
+                y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
+                y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
+                options = replace(cfg.options, seed=seed)
+                for job in todo:
+                    if job["seed"] != seed or _key(job) in done:
+                        continue
+                    fused = {part: torch.cat([X[part][r] for r in job["refs"]], dim=1) for part in X}
+                    labels_of = dict(y)
+                    if job["shots"]:
+                        rows = _draw(labels["train"][fit_rows], job["shots"], seed, job["repeat"])
+                        fused["fit"], labels_of["fit"] = fused["fit"][rows], y["fit"][rows]
+                    result = probe(job["head"], fused, labels_of, n_classes, options)
+                    row = {**_public(job), "width": int(fused["fit"].shape[1]), **result}
+                    out.write(json.dumps(row, default=str) + "\n")
+                    out.flush()
+                    done.add(_key(job))
+                    count += 1
+        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
+    table, fewshot = _tables(folder)
+    _write_tables(folder, table, fewshot)
+    for line in _top(table):
+        log(line)
+    if cfg.keep:
+        _keep(cfg, table, log)
+    log(f"sweep written to {folder} (table.csv: every combination and head)")
+    return folder
+
+
+def _jobs(cfg: SweepConfig, combos) -> list[dict]:
+    jobs = [{"seed": s, "refs": refs, "head": h, "shots": 0, "repeat": 0}
+            for s in cfg.seeds for refs in combos for h in cfg.heads]
+    fast = [h for h in cfg.heads if h in FAST_HEADS]
+    jobs += [{"seed": s, "refs": refs, "head": h, "shots": k, "repeat": r}
+             for s in cfg.seeds for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]
+    return jobs
+
+
+def _public(job: dict) -> dict:
+    return {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
+            "repeat": job["repeat"]}
+
+
+def _key(job: dict) -> str:
+    row = _public(job) if "refs" in job else job
+    return json.dumps([row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]])
+
+
+def _finished(folder: Path) -> set[str]:
+    """Keys of the evaluations already in rows.jsonl; a line cut short by an interruption is ignored."""
+    done = set()
+    path = folder / "rows.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                done.add(_key(json.loads(line)))
+            except (json.JSONDecodeError, KeyError):
+                continue
+    return done
+
+
+def _request(cfg: SweepConfig, paths: dict) -> dict:
+    """What the rows depend on: the caches (by file name = fingerprint), split and head options."""
+    o = cfg.options
+    return {"caches": sorted(p.name for p in paths.values()), "backbones": list(cfg.features.backbones),
+            "dataset": cfg.features.data.name, "val_fraction": cfg.val_fraction,
+            "options": {"grid": o.grid, "hidden": o.hidden, "dropout": o.dropout, "optimizer": o.optimizer, "lr": o.lr,
+                        "epochs": o.epochs, "batch_size": o.batch_size, "patience": o.patience}}
+
+
+def _folder(cfg: SweepConfig, paths: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(_request(cfg, paths), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    name = "+".join(b.replace(":", "-") for b in cfg.features.backbones)[:60]
+    return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
+
+
+def _standardised(data, fit_rows, val_rows, device) -> dict:
+    """{"fit" | "val" | "test": {ref: float32 tensor}}, each tap standardised on the fit rows (fuse-train's rule)."""
+    import torch
+
+    out = {"fit": {}, "val": {}, "test": {}}
+    for (split, ref), block in data.taps.items():
+        if split != "train":
+            continue
+        norm = TapNormalizer("standard").fit([block[fit_rows]])
+        for part, rows in (("fit", fit_rows), ("val", val_rows)):
+            out[part][ref] = torch.as_tensor(norm.transform([block[rows]]), device=device)
+        out["test"][ref] = torch.as_tensor(norm.transform([data.taps[("test", ref)]]), device=device)
+    return out
+
+
+def _check_shots(cfg: SweepConfig, labels: np.ndarray) -> None:
+    if cfg.shots:
+        smallest = int(np.bincount(labels)[np.unique(labels)].min())
+        if max(cfg.shots) * (1 + cfg.val_fraction) > smallest:
+            raise FeatcacheError(f"--shots {max(cfg.shots)} asks for more training images per class than the smallest "
+                                 f"class leaves after the validation split (about "
+                                 f"{int(smallest / (1 + cfg.val_fraction))}): use smaller --shots")
+
+
+def _draw(labels: np.ndarray, shots: int, seed: int, repeat: int) -> np.ndarray:
+    """``shots`` rows of every class, drawn for (seed, repeat) and the same for every combination and head."""
+    rng = np.random.default_rng([seed, shots, repeat])
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False)
+                                   for c in np.unique(labels)]))
+
+
+def _interval(values) -> float:
+    """Half-width of the 95% interval of the mean (Student's t); 0 for a single value."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return 0.0
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def _tables(folder: Path):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    frame = pd.DataFrame(rows)
+    frame["taps"] = frame["taps"].map("+".join)
+    frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
+    full = frame[frame["shots"] == 0]
+    table = full.groupby(["taps", "head"], sort=False).agg(
+        n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
+        chosen=("chosen", lambda c: c.mode().iloc[0]), val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
+        test_acc_ci=("test_acc", _interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
+        seeds=("seed", "nunique")).reset_index()
+    table = table.sort_values(["val_acc", "test_acc"], ascending=False, kind="stable").reset_index(drop=True)
+    few = frame[frame["shots"] > 0]
+    fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
+        test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", _interval), draws=("test_acc", "size")).reset_index()
+    return table, fewshot
+
+
+def _write_tables(folder: Path, table, fewshot) -> None:
+    atomic_write(folder / "table.csv", table.to_csv(index=False))
+    if len(fewshot):
+        atomic_write(folder / "fewshot.csv", fewshot.to_csv(index=False))
+    try:
+        table.to_parquet(folder / "table.parquet", index=False)
+    except (ImportError, ValueError):  # no pyarrow / fastparquet here: the CSV holds the same table
+        pass
+
+
+def _top(table, n: int = 10) -> list[str]:
+    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<18} taps"]
+    for row in table.head(n).itertuples():
+        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {row.test_acc_ci:6.4f}  {row.head:<7} "
+                     f"{row.chosen[:18]:<18} {row.taps}")
+    return lines
+
+
+def _keep(cfg: SweepConfig, table, log) -> None:
+    """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs."""
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
+
+    kept = table[table["head"] != "knn"].head(cfg.keep)
+    for row in kept.itertuples():
+        chosen = json.loads(row.chosen)
+        grid = {name: (value,) for name, value in chosen.items() if name in ("C", "weight_decay")}
+        options = replace(cfg.options, seed=cfg.seeds[0], grid={**cfg.options.grid, **grid})
+        run_cfg = FuseTrainConfig(features=replace(cfg.features, data=replace(cfg.features.data, seed=cfg.seeds[0])),
+                                  taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
+                                  options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
+        fuse_train(run_cfg, log=log)
