@@ -8,7 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "featcache"
 # Flow order: a module may import its own layer and the ones before it, never a later one.
 LAYERS = {"errors": 0, "registry": 0, "files": 0, "data": 1, "backbones": 2, "extraction": 3, "fuse": 4,
-          "records": 4, "comparison": 4, "run_files": 4, "finetuning": 5, "reporting": 6, "predict": 6, "api": 7, "cli": 7}
+          "records": 4, "comparison": 4, "run_files": 4, "finetuning": 5, "sweep": 5, "reporting": 6, "predict": 6, "api": 7, "cli": 7}
 
 
 def modules() -> dict[str, Path]:

@@ -90,23 +90,40 @@ def grid_values(flag: str, text: str | None) -> tuple[float, ...] | None:
 
 def fuse_train_config(params: dict):
     """The FuseTrainConfig of ``featcache fuse-train``'s parsed flags."""
-    from featcache.backbones.taps import resolve_device, resolve_precision
-    from featcache.fuse.heads import HeadOptions
     from featcache.fuse.train import FuseTrainConfig
 
     p = params
-    options = HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
-                          epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
-                          device=resolve_device(p["device"]).type,
-                          precision=resolve_precision(p["precision"], resolve_device(p["device"])), seed=p["seed"],
-                          grid={k: v for k, v in (("C", grid_values("--C", p["c_grid"])),
-                                                  ("weight_decay", grid_values("--weight-decay", p["wd_grid"])))
-                                if v is not None})
+    options = head_options(p)
     return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
                            heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
                            options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
                            out_of_core=p["out_of_core"], force=p["force"],
                            allow_dead_taps=p["allow_dead_taps"])
+
+
+def head_options(p: dict):
+    """The torch heads' flags and the candidate grids, shared by fuse-train and sweep."""
+    from featcache.backbones.taps import resolve_device, resolve_precision
+    from featcache.fuse.heads import HeadOptions
+
+    return HeadOptions(hidden=hidden_widths(p["hidden"]), dropout=p["dropout"], optimizer=p["optimizer"], lr=p["lr"],
+                       epochs=p["epochs"], batch_size=p["batch_size"], patience=p["patience"],
+                       device=resolve_device(p["device"]).type,
+                       precision=resolve_precision(p["precision"], resolve_device(p["device"])), seed=p["seed"],
+                       grid={k: v for k, v in (("C", grid_values("--C", p["c_grid"])),
+                                               ("weight_decay", grid_values("--weight-decay", p["wd_grid"])))
+                             if v is not None})
+
+
+def sweep_config(p: dict):
+    """The SweepConfig of ``featcache sweep``'s parsed flags."""
+    from featcache.sweep.config import SweepConfig, parse_ints
+
+    return SweepConfig(features=feature_config(p, tuple(p["backbone_names"])), combos=p["combos"],
+                       taps=tuple(p["taps"]), heads=csv_values(p["heads"]), val_fraction=p["val_fraction"],
+                       seeds=parse_ints("--seeds", p["seeds"]) or (p["seed"],), shots=parse_ints("--shots", p["shots"]),
+                       repeats=p["repeats"], keep=p["keep"], max_combos=p["max_combos"], options=head_options(p),
+                       runs_dir=p["runs_dir"], run_extract=p["run_extract"])
 
 
 def finetune_config(params: dict):

@@ -112,15 +112,19 @@ def _key(job: dict) -> str:
 
 
 def _finished(folder: Path) -> set[str]:
-    """Keys of the evaluations already in rows.jsonl; a line cut short by an interruption is ignored."""
-    done = set()
+    """Keys of the evaluations already in rows.jsonl. A line cut short by an interruption is dropped from the
+    file, so that the rows appended next start on a line of their own."""
     path = folder / "rows.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                done.add(_key(json.loads(line)))
-            except (json.JSONDecodeError, KeyError):
-                continue
+    if not path.exists():
+        return set()
+    done, good = set(), []
+    for line in path.read_text().splitlines():
+        try:
+            done.add(_key(json.loads(line)))
+            good.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    atomic_write(path, "".join(line + "\n" for line in good))
     return done
 
 

@@ -1,0 +1,119 @@
+"""The sweep: solvers against scikit-learn, k-NN against brute force, a small sweep end to end, resume, bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from featcache.data.datasets import DataRequest
+from featcache.data.preprocess import PreprocessConfig
+from featcache.errors import FeatcacheError
+from featcache.extraction.config import ExtractConfig
+from featcache.sweep.config import SweepConfig, combinations
+from featcache.sweep.knn import neighbours, vote
+from featcache.sweep.run import sweep
+from featcache.sweep.solvers import objective_value, scores_of, solve_path
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    return X[:1200], y[:1200], X[1200:], y[1200:]
+
+
+@pytest.mark.parametrize("loss", ["logreg", "svm"])
+def test_solved_probes_reach_scikit_learns_solution(digits, loss):
+    X, y, X_test, y_test = digits
+    Cs = [0.01, 1.0]
+    solutions = solve_path(torch.tensor(X), torch.tensor(y), Cs, loss, 10)
+    for C, W in zip(Cs, solutions):
+        ref = (LogisticRegression(C=C, max_iter=5000, tol=1e-8) if loss == "logreg"
+               else LinearSVC(C=C, max_iter=50000, tol=1e-8)).fit(X, y)
+        ours = objective_value(X, y, W.numpy(), C, loss)
+        theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, loss)
+        assert abs(ours - theirs) / theirs < 1e-4, (C, ours, theirs)
+        predicted = scores_of(torch.tensor(X_test), W).argmax(1).numpy()
+        assert abs(int((predicted == y_test).sum()) - int((ref.predict(X_test) == y_test).sum())) <= 1
+
+
+def test_knn_votes_match_a_brute_force_count(digits):
+    X, y, X_test, _ = digits
+    train, queries = torch.tensor(X[:300]), torch.tensor(X_test[:50])
+    sims, idx = neighbours(train, queries, 10, block=7)  # blocks of 7 queries: the same as one block
+    cos = (X_test[:50] / np.linalg.norm(X_test[:50], axis=1, keepdims=True)) @ (X[:300] / np.linalg.norm(X[:300], axis=1, keepdims=True)).T
+    expected = np.argsort(-cos, axis=1)[:, :10]
+    assert (idx.numpy() == expected).mean() > 0.99  # ties may swap places
+    scores = vote(sims, idx, torch.tensor(y[:300]), 10, 10).numpy()
+    manual = np.zeros((50, 10))
+    for q in range(50):
+        for j in idx[q].numpy():
+            manual[q, y[j]] += np.exp(cos[q, j] / 0.07)
+    assert np.allclose(scores, manual, rtol=1e-6)
+
+
+def _cfg(tmp_path, **kw):
+    features = ExtractConfig(data=DataRequest(name="digits", limit_train=300, limit_test=100), backbones=("tiny",),
+                             weights="random", preprocess=PreprocessConfig(image_size=32), device="cpu",
+                             cache_dir=tmp_path / "cache")
+    base = dict(features=features, heads=("logreg", "svm", "knn"), runs_dir=tmp_path / "runs", keep=1, run_extract=True,
+                val_fraction=0.2)
+    return SweepConfig(**{**base, **kw})
+
+
+def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
+    from featcache.records import load_record, run_folders
+
+    folder = sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=lambda m: None)
+    table = (folder / "table.csv").read_text().splitlines()
+    assert len(table) == 1 + 6 * 3  # 3 taps + 3 pairs, 3 heads
+    assert table[0].startswith("taps,head,n_taps,width,chosen,val_acc,test_acc,test_acc_ci,macro_f1,fit_s,seeds")
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 6 * 3 + 2 * 2 * 6 * 3  # seeds x combos x heads, and the few-shot draws
+    assert all(r["chosen"] for r in rows) and {r["head"] for r in rows} == {"logreg", "svm", "knn"}
+    assert (folder / "fewshot.csv").exists()
+    [run] = run_folders(tmp_path / "runs")
+    assert load_record(run).head in ("logreg", "svm")
+    # Interrupted after 10 evaluations: the re-run computes only the missing ones and ends with the same table.
+    lines = (folder / "rows.jsonl").read_text().splitlines()
+    (folder / "rows.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][:15])  # the last line cut short
+    said = []
+    sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=said.append)
+    assert f"{len(rows) - 10} evaluations in" in " ".join(said)
+    assert (folder / "table.csv").read_text().splitlines()[0] == table[0]
+
+
+def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
+    from featcache.records import load_record
+
+    folder = sweep(_cfg(tmp_path, combos="singles", heads=("logreg",), keep=0), log=lambda m: None)
+    rows = {r["taps"][0]: r for r in map(json.loads, (folder / "rows.jsonl").read_text().splitlines())}
+    cfg = _cfg(tmp_path)
+    [run] = fuse_train(FuseTrainConfig(features=cfg.features, taps=("late",), heads=("logreg",), val_fraction=0.2,
+                                       runs_dir=tmp_path / "ft"), log=lambda m: None)
+    record = load_record(run)
+    row = rows["tiny:stage3"]
+    assert [c["val_accuracy"] for c in record.selection["candidates"]] == pytest.approx([a for _, a in row["candidates"]])
+    assert row["chosen"] == record.selection["params"] and abs(row["test_acc"] - record.metrics["accuracy"]) <= 1 / 100
+
+
+@pytest.mark.parametrize(("kw", "message"), [
+    ({"heads": ("logreg", "rf")}, r"The '--head' option must be one of \{knn, linear, logreg, mlp, svm\}. Got 'rf'"),
+    ({"combos": "3", "max_combos": 5}, r"--combos 3 over 3 taps makes 7 combinations, over --max-combos 5"),
+    ({"combos": "many"}, r"--combos must be singles, pairs or a number of taps N >= 1. Got many instead."),
+    ({"taps": (" ",)}, r"--taps has an empty entry"),
+    ({"shots": (200,)}, r"--shots 200 asks for more training images per class than the smallest class leaves"),
+])
+def test_bad_sweep_requests_are_one_line_and_write_nothing(tmp_path, kw, message):
+    with pytest.raises(FeatcacheError, match=message):
+        cfg = _cfg(tmp_path, **kw)
+        if "shots" not in kw:
+            combinations(cfg)
+        sweep(cfg, log=lambda m: None)
+    assert not (tmp_path / "runs").exists()
