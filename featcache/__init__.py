@@ -10,6 +10,7 @@ The command line (``featcache.cli``) and the Python API below drive the same sta
                                    image_size=64, taps="early,late")
     featcache.fuse_train(backbone=["resnet18", "mobilenet_v2"], weights="random", image_size=64,
                          taps="late", head="logreg,mlp")
+    featcache.sweep(backbone="resnet18", weights="random", image_size=64, combos="pairs")  # every tap x head
     featcache.runs()        # the comparison table, a pandas DataFrame
 
 Keyword arguments are the command's flags with underscores; errors raise FeatcacheError.
@@ -18,7 +19,7 @@ Keyword arguments are the command's flags with underscores; errors raise Featcac
 from featcache.errors import FeatcacheError
 
 __version__ = "0.1.0"
-API = ("extract", "load_features", "fuse_train", "finetune", "runs", "report")
+API = ("extract", "load_features", "fuse_train", "sweep", "finetune", "runs", "report")
 __all__ = ["FeatcacheError", *API]
 
 

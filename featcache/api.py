@@ -107,6 +107,20 @@ def finetune(**kwargs) -> Path:
     return run
 
 
+def sweep(**kwargs):
+    """``featcache sweep``: every tap combination x head; returns its table (a DataFrame, best validation
+    accuracy first), with the sweep folder in ``table.attrs["folder"]``."""
+    import pandas as pd
+
+    from featcache.cli.flags import sweep_config
+    from featcache.sweep.run import sweep as run_sweep
+
+    folder = run_sweep(sweep_config(_params("sweep", kwargs)))
+    table = pd.read_csv(folder / "table.csv")
+    table.attrs["folder"] = folder
+    return table
+
+
 def runs(runs_dir: str | Path = "runs", pipeline: str | None = None):
     """``featcache runs``: the comparison table of every run in ``runs_dir`` (and one folder down), as a DataFrame."""
     return runs_table(pipeline_runs(Path(runs_dir), pipeline))

@@ -86,6 +86,14 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=said.append)
     assert f"{len(rows) - 10} evaluations in" in " ".join(said)
     assert (folder / "table.csv").read_text().splitlines()[0] == table[0]
+    # The report shows the sweep: depth curve, pair heatmap, few-shot curve, top and k-NN tables.
+    from featcache.reporting.page import ReportConfig, write_report
+
+    page = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html", gradcam_images=0,
+                                     grid_images=0), log=lambda m: None).read_text()
+    assert f"Sweep {folder.name}" in page
+    for text in ('alt="Each tap alone', 'alt="Every pair of taps', 'alt="Few-shot', "Top combinations", "k-NN</caption>"):
+        assert text in page, text
 
 
 def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):
@@ -106,7 +114,7 @@ def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):
 @pytest.mark.parametrize(("kw", "message"), [
     ({"heads": ("logreg", "rf")}, r"The '--head' option must be one of \{knn, linear, logreg, mlp, svm\}. Got 'rf'"),
     ({"combos": "3", "max_combos": 5}, r"--combos 3 over 3 taps makes 7 combinations, over --max-combos 5"),
-    ({"combos": "many"}, r"--combos must be singles, pairs or a number of taps N >= 1. Got many instead."),
+    ({"combos": "many"}, r"--combos must be singles, pairs or a number of taps N \(0: only the --taps given\). Got many instead."),
     ({"taps": (" ",)}, r"--taps has an empty entry"),
     ({"shots": (200,)}, r"--shots 200 asks for more training images per class than the smallest class leaves"),
 ])
@@ -117,3 +125,36 @@ def test_bad_sweep_requests_are_one_line_and_write_nothing(tmp_path, kw, message
             combinations(cfg)
         sweep(cfg, log=lambda m: None)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_python_api_returns_the_table(tmp_path):
+    import featcache
+
+    table = featcache.sweep(backbone="tiny", weights="random", image_size=32, limit_train=200, limit_test=60,
+                            combos="singles", head="logreg,knn", keep=0, extract=True, device="cpu",
+                            cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs")
+    assert len(table) == 3 * 2 and set(table["head"]) == {"logreg", "knn"}
+    assert list(table["val_acc"]) == sorted(table["val_acc"], reverse=True)
+    assert (table.attrs["folder"] / "rows.jsonl").exists()
+
+
+def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
+    import featcache
+    from featcache.records import load_record
+
+    said = []
+    import builtins
+
+    real_print = builtins.print
+    builtins.print = lambda *a, **k: said.append(" ".join(map(str, a)))
+    try:
+        [run] = featcache.fuse_train(backbone="tiny", weights="random", image_size=32, limit_train=300, limit_test=100,
+                                     taps="auto", head="logreg", extract=True, device="cpu", val_fraction=0.2,
+                                     cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs")
+    finally:
+        builtins.print = real_print
+    record = load_record(run)
+    path = record.config["tap_selection"]
+    assert path and [step["taps"] for step in path][-1] == record.taps
+    assert all(b["val_acc"] > a["val_acc"] for a, b in zip(path, path[1:]))  # each step raised validation accuracy
+    assert any("--taps auto chose" in line for line in said)

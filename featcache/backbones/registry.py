@@ -11,7 +11,6 @@ the same data from :mod:`featcache.backbones.discovery` when first looked up.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -171,12 +170,6 @@ def stage_aliases(taps: tuple[Tap, ...]) -> dict[str, str]:
         return {"early": last_at[8], "mid": last_at[16], "late": names[-1]}
     n = len(names)
     return {"early": names[max(0, n // 3 - 1)], "mid": names[max(0, 2 * n // 3 - 1)], "late": names[-1]}
-
-
-def numbered(name: str) -> tuple[str, int] | None:
-    """``stage3`` -> (``stage``, 3)."""
-    match = re.fullmatch(r"(stage|block)(\d+)", name)
-    return (match.group(1), int(match.group(2))) if match else None
 
 
 def _torchvision(name: str) -> Callable:

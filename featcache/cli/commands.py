@@ -71,7 +71,8 @@ def extract(quiet, **params):
               help="Backbone whose cache to read; repeat to fuse across backbones.")
 @click.option("--taps", "taps", multiple=True, default=("late",), show_default=True,
               help="Taps to concatenate: aliases (early, mid, late) or node names, for every backbone, or "
-                   "qualified as resnet50:late. Repeat for several fusions.")
+                   "qualified as resnet50:late. Repeat for several fusions. auto: chosen on validation by greedy "
+                   "forward selection over every tap of the backbones (a logistic-regression probe).")
 @click.option("--head", "heads", multiple=True, default=("logreg",), show_default=True,
               help="logreg, svm, linear or mlp; comma-separated or repeated to train several.")
 @click.option("--tap-norm", default="standard", show_default=True,

@@ -57,6 +57,10 @@ def _extract(config, params, log) -> Outcome:
 def _fuse_train(config, params, log) -> Outcome:
     from featcache.fuse.train import fuse_train
 
+    if config.taps == ("auto",):  # chosen on validation first (the sweep's probes), then trained as asked
+        from featcache.sweep.select import choose_taps
+
+        config = choose_taps(config, log)
     runs = fuse_train(config, log=log)
     return Outcome("ran", [str(r) for r in runs], runs)
 

@@ -19,7 +19,7 @@ from featcache.cli.options import data_options, feature_options
               help="Backbone whose cache to read; repeat to sweep taps across backbones.")
 @click.option("--combos", default="pairs", show_default=True,
               help="singles: every tap alone; pairs: every tap and every pair (within and across backbones); "
-                   "N: every combination of up to N taps.")
+                   "N: every combination of up to N taps; 0: only the --taps given.")
 @click.option("--taps", "taps", multiple=True,
               help="An explicit combination to add, e.g. early,late or resnet50:late,mobilenet_v2:late; repeat for several.")
 @click.option("--head", "heads", multiple=True, default=("logreg,svm,linear,knn",), show_default=True,

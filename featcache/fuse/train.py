@@ -51,6 +51,7 @@ class FuseTrainConfig:
     out_of_core: bool = False  # stream row chunks from HDF5 instead of loading the taps
     force: bool = False  # train again even when an identical request already has a run
     allow_dead_taps: bool = False  # train on taps whose stored values carry no signal (warned, not refused)
+    tap_selection: tuple = ()  # --taps auto: the greedy path that chose the taps, recorded in each run
 
     def __post_init__(self):
         for head in self.heads:
@@ -207,6 +208,7 @@ def _run_config(cfg: FuseTrainConfig) -> dict:
         "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
         "out_of_core": cfg.out_of_core,
         "head_options": dict(vars(cfg.options)),
+        **({"tap_selection": list(cfg.tap_selection)} if cfg.tap_selection else {}),
     }
 
 

@@ -38,6 +38,7 @@ from featcache.records import (
 )
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
+from featcache.reporting.sweeps import sweep_folders, sweep_section
 
 REPORT_COLUMNS = ["label", "dataset", "weights", "fusion", "chosen", "variant", "val_acc", "test_acc", "macro_f1",
                   "fit_s", "warnings"]  # the page's table; the CSV beside it has every column
@@ -266,6 +267,8 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
                 samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images))}
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
+    sweeps = [{**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}}
+              for sw in map(sweep_section, sweep_folders(cfg.runs_dir))]
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r.run for r in records if r.config["weights"] == "random"]
@@ -277,7 +280,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         table=table.to_dict("records"), columns=REPORT_COLUMNS, headers={c: HEADERS.get(c, c) for c in REPORT_COLUMNS},
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
-        time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows,
+        time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))

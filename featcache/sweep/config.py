@@ -27,7 +27,7 @@ class SweepConfig:
     """Flags of ``featcache sweep``."""
 
     features: ExtractConfig = field(default_factory=ExtractConfig)
-    combos: str = "pairs"  # singles | pairs | N (every combination of up to N taps)
+    combos: str = "pairs"  # singles | pairs | N (every combination of up to N taps; 0: only the --taps given)
     taps: tuple[str, ...] = ()  # explicit combinations, each like "early,late"
     heads: tuple[str, ...] = DEFAULT_HEADS
     val_fraction: float = 0.1
@@ -45,8 +45,9 @@ class SweepConfig:
             if head not in SWEEP_HEADS:
                 raise unknown("--head", head, SWEEP_HEADS)
         require(bool(self.heads), "--head", "''", "name at least one head")
-        require(self.combos in ("singles", "pairs") or self.combos.isdigit() and int(self.combos) >= 1,
-                "--combos", self.combos, "be singles, pairs or a number of taps N >= 1")
+        require(self.combos in ("singles", "pairs") or self.combos.isdigit(),
+                "--combos", self.combos, "be singles, pairs or a number of taps N (0: only the --taps given)")
+        require(self.combos != "0" or bool(self.taps), "--combos", self.combos, "come with --taps when it is 0")
         require(0 < self.val_fraction < 1, "--val-fraction", self.val_fraction, "lie between 0 and 1")
         require(bool(self.seeds), "--seeds", "''", "list at least one seed")
         require(all(k >= 1 for k in self.shots), "--shots", self.shots, "be positive numbers of images per class")

@@ -63,7 +63,7 @@ def sweep(cfg: SweepConfig, log=print) -> Path:
                 fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, seed)
                 if seed == cfg.seeds[0] and (note := small_validation(labels["train"][val_rows])):
                     log(f"warning: {note}")
-                X = _standardised(data, fit_rows, val_rows, device)
+                X = standardised(data, fit_rows, val_rows, device)
                 y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
                 y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
                 options = replace(cfg.options, seed=seed)
@@ -143,18 +143,19 @@ def _folder(cfg: SweepConfig, paths: dict) -> Path:
     return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
 
 
-def _standardised(data, fit_rows, val_rows, device) -> dict:
+def standardised(data, fit_rows, val_rows, device, test: bool = True) -> dict:
     """{"fit" | "val" | "test": {ref: float32 tensor}}, each tap standardised on the fit rows (fuse-train's rule)."""
     import torch
 
-    out = {"fit": {}, "val": {}, "test": {}}
+    out = {"fit": {}, "val": {}, **({"test": {}} if test else {})}
     for (split, ref), block in data.taps.items():
         if split != "train":
             continue
         norm = TapNormalizer("standard").fit([block[fit_rows]])
         for part, rows in (("fit", fit_rows), ("val", val_rows)):
             out[part][ref] = torch.as_tensor(norm.transform([block[rows]]), device=device)
-        out["test"][ref] = torch.as_tensor(norm.transform([data.taps[("test", ref)]]), device=device)
+        if test:
+            out["test"][ref] = torch.as_tensor(norm.transform([data.taps[("test", ref)]]), device=device)
     return out
 
 

@@ -1,0 +1,87 @@
+"""The probe sweep against fuse-train head by head: the same tap pairs and heads, side by side.
+
+Issue 15's benchmark: every cross pair of resnet50 x mobilenet_v2 taps (4 x 6 = 24) with logreg,
+svm and mlp on 1,000 / 300 digits at 128 px (random weights), (a) as one ``featcache sweep``
+and (b) as ``fuse-train`` runs, one per pair and head, as today. Extraction is done once before
+either and timed by neither. Prints both times, their ratio and each head's best test accuracy.
+
+    python benchmarks/sweep.py                 # all 24 pairs (fuse-train takes about 25 minutes on 2 cores)
+    python benchmarks/sweep.py --pairs 4       # the first 4 pairs, both ways
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from bench_data import tiled_digits
+
+from featcache.backbones.registry import BACKBONES
+from featcache.data.preprocess import PreprocessConfig
+from featcache.extraction.config import ExtractConfig
+from featcache.extraction.run import extract
+from featcache.fuse.heads import HeadOptions
+from featcache.fuse.train import FuseTrainConfig, fuse_train
+from featcache.records import load_record
+from featcache.sweep.config import SweepConfig
+from featcache.sweep.run import sweep
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", default="resnet50,mobilenet_v2")
+    parser.add_argument("--pairs", type=int, default=None, help="only the first N cross pairs [all]")
+    parser.add_argument("--heads", default="logreg,svm,mlp")
+    parser.add_argument("--train", type=int, default=1000)
+    parser.add_argument("--test", type=int, default=300)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    a, b = args.backbones.split(",")
+    pairs = [f"{a}:{x.node},{b}:{y.node}" for x in BACKBONES.lookup(a).taps for y in BACKBONES.lookup(b).taps]
+    pairs = pairs[: args.pairs] if args.pairs else pairs
+    heads = tuple(args.heads.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test), backbones=(a, b),
+                                 weights="random", preprocess=PreprocessConfig(image_size=args.image_size),
+                                 dtype="float32", device=args.device, cache_dir=Path(tmp) / "cache")
+        extract(features, progress=False, log=lambda m: None)
+        options = HeadOptions(device=args.device)
+        print(f"{len(pairs)} pairs of {a} x {b} taps, heads {', '.join(heads)}, {args.train}/{args.test} digits at "
+              f"{args.image_size} px", flush=True)
+
+        start = time.perf_counter()
+        folder = sweep(SweepConfig(features=features, combos="0", taps=tuple(pairs), heads=heads, keep=0,
+                                   options=options, runs_dir=Path(tmp) / "sweep"), log=lambda m: None)
+        swept = time.perf_counter() - start
+        import pandas as pd
+
+        table = pd.read_csv(folder / "table.csv")
+        print(f"(a) featcache sweep: {swept:.1f} s", flush=True)
+
+        start = time.perf_counter()
+        best = {}
+        for pair in pairs:
+            for head in heads:
+                cfg = FuseTrainConfig(features=features, taps=(pair,), heads=(head,), options=options,
+                                      runs_dir=Path(tmp) / "runs", allow_dead_taps=True)
+                [run] = fuse_train(cfg, log=lambda m: None)
+                record = load_record(run)
+                # the best by validation, as the sweep's table ranks them
+                key = (record.selection["val_accuracy"], record.metrics["accuracy"])
+                best[head] = max(best.get(head, key), key)
+        by_hand = time.perf_counter() - start
+        print(f"(b) fuse-train head by head: {by_hand:.1f} s", flush=True)
+        print(f"a is {by_hand / swept:.1f}x faster than b")
+        for head in heads:
+            rows = table[table["head"] == head].sort_values(["val_acc", "test_acc"], ascending=False)
+            ours = rows.iloc[0]["test_acc"]
+            print(f"  {head:7s} best by validation: sweep test {ours:.4f}, fuse-train test {best[head][1]:.4f} "
+                  f"({100 * (ours - best[head][1]):+.1f} points)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""``fuse-train --taps auto``: the taps chosen on validation by greedy forward selection.
+
+Flow: cli (the fuse-train stage) -> **select** -> fuse-train with the chosen taps. Starting from no
+tap, each step adds the tap (of any given backbone) whose fusion with those already chosen gives
+the best validation accuracy of a logistic-regression probe (solved on the device, its C chosen on
+validation too), and stops when no tap improves it. The test split is never read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from featcache.extraction.run import extract
+from featcache.fuse.caches import load_features, locate_caches
+from featcache.fuse.evaluate import validation_split
+from featcache.sweep.config import all_taps
+from featcache.sweep.probes import probe
+from featcache.sweep.run import standardised
+
+AUTO = "auto"
+
+
+def choose_taps(cfg, log=print):
+    """``cfg`` (a FuseTrainConfig asking for ``--taps auto``) with the chosen taps and the selection path."""
+    import torch
+
+    feat = cfg.features
+    if cfg.run_extract:
+        extract(feat, log=log)
+    refs = all_taps(feat.backbones)
+    data = load_features(locate_caches(feat), set(refs), cfg.allow_dead_taps, log)
+    labels = data.labels["train"]
+    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, feat.data.seed)
+    device = torch.device(cfg.options.device)
+    X = standardised(data, fit_rows, val_rows, device, test=False)
+    y = {"fit": torch.as_tensor(labels[fit_rows], device=device), "val": torch.as_tensor(labels[val_rows], device=device)}
+    chosen, path, best = [], [], -1.0
+    while len(chosen) < len(refs):
+        trials = []
+        for ref in (r for r in refs if r not in chosen):
+            fused = {part: torch.cat([X[part][r] for r in [*chosen, ref]], dim=1) for part in ("fit", "val")}
+            trials.append((probe("logreg", fused, y, len(data.classes), cfg.options)["val_acc"], ref))
+        score, ref = max(trials, key=lambda t: t[0])  # the first of equals, in network order
+        if score <= best:
+            break
+        chosen.append(ref)
+        best = score
+        path.append({"taps": [str(r) for r in chosen], "val_acc": score})
+        log(f"--taps auto: + {ref}: validation accuracy {score:.4f}")
+    log(f"--taps auto chose {', '.join(map(str, chosen))} (no other tap raised the validation accuracy)")
+    return replace(cfg, taps=(",".join(str(r) for r in chosen),), tap_selection=tuple(path))
