@@ -58,7 +58,12 @@ def test_no_import_cycle_between_featcache_modules():
     assert len(graph) > 40  # the walk saw the package
 
 
+# The one exception: the sweep package stands in for the API function of the same name once it is
+# imported (``featcache.sweep(...)`` must keep working), so its ``__call__`` reaches the API, when called.
+API_SHIMS = {("featcache.sweep", "featcache.api"), ("featcache.sweep", "featcache.api.sweep")}
+
+
 def test_no_stage_imports_a_later_one():
     late = [f"{m} imports {i}" for m, p in modules().items() if m != "featcache"
-            for i in imports(p, top_only=False) if layer(i) > layer(m)]
+            for i in imports(p, top_only=False) if layer(i) > layer(m) and (m, i) not in API_SHIMS]
     assert not late

@@ -132,6 +132,9 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     refs = list(parse_taps(cfg.taps, feat.backbones))
     if cfg.head == "resblocks" and len(refs) != 1:
         raise FeatcacheError("--head resblocks refines one feature map: give one tap, e.g. --taps late")
+    if cfg.head == "resblocks" and BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).layout != "nchw":
+        raise FeatcacheError(f"--head resblocks refines a convolutional feature map; {refs[0]} is a transformer's "
+                             f"tokens: use --head mlp or linear")
     for name in feat.backbones:
         trainable_prefixes(BACKBONES.lookup(name), cfg.unfreeze)  # a bad policy fails before any work
     init = init_from_run(Path(cfg.init_head), refs, cfg) if cfg.init_head is not None else None
