@@ -11,7 +11,8 @@ interchangeable with theirs (tests/test_sweep.py compares against ``LogisticRegr
 
 - ``logreg``: multinomial cross-entropy, ``C * sum(loss) + ||W||^2 / 2``, intercept not penalised.
 - ``svm``: one-vs-rest squared hinge, ``C * sum(max(0, 1 - y w.x)^2) + ||w||^2 / 2`` per class,
-  the intercept penalised as liblinear's (a constant feature of value 1).
+  the intercept penalised as liblinear's (a constant feature of value 1), by exact Newton steps
+  (:func:`svm_newton`).
 """
 
 from __future__ import annotations
@@ -69,13 +70,70 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
 
 
 def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float = 1e-6) -> list:
-    """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started."""
+    """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started.
+
+    The squared hinge takes exact Newton steps (:func:`svm_newton`): L-BFGS stopped short of
+    LinearSVC's objective at C >= 0.1 on wide features (4e-2 above it at C = 1 after 500 steps).
+    """
     out = {}
     previous = None
     for C in sorted(set(Cs)):
-        previous = solve(X, y, [C], loss, n_classes, max_iter, tol, init=previous)
-        out[C] = previous[0]
+        if loss == "svm":
+            previous = svm_newton(X, y, C, n_classes, init=previous)
+        else:
+            previous = solve(X, y, [C], loss, n_classes, max_iter, tol, init=previous)[0]
+        out[C] = previous
     return [out[C] for C in Cs]
+
+
+def svm_newton(X, y, C: float, n_classes: int, max_iter: int = 50, tol: float = 1e-7, init=None):
+    """One-vs-rest squared hinge (``LinearSVC``'s primal, the intercept a penalised feature of value 1)
+    by exact Newton steps, one class at a time. Returns (d + 1, k).
+
+    ``f(w) = |w|^2 / 2 + C sum_i max(0, 1 - s_i w.x_i)^2`` is piecewise quadratic; its Hessian is
+    ``I + 2C X_A' X_A`` over the rows A inside the margin. The step solves it through the smaller of
+    its two forms: the (d+1)-square system, or by Woodbury the |A|-square ``I / 2C + X_A X_A'`` (a
+    slice of the Gram matrix, computed once), so a 900 x 3,328 problem costs 900-square solves.
+    """
+    import torch
+
+    n, d = X.shape
+    Xb = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1).double()
+    gram = Xb @ Xb.T if n <= d + 1 else None
+    W = torch.zeros(d + 1, n_classes, dtype=torch.float64, device=X.device) if init is None else init.double().clone()
+    for k in range(n_classes):
+        s = torch.where(y == k, 1.0, -1.0).to(Xb)
+        w = W[:, k].clone()
+
+        def value(w):
+            return 0.5 * w.dot(w) + C * (1.0 - s * (Xb @ w)).clamp(min=0).pow(2).sum()
+
+        f = value(w)
+        first = None
+        for _ in range(max_iter):
+            scores = Xb @ w
+            active = (1.0 - s * scores) > 0
+            XA = Xb[active]
+            g = w + 2 * C * (XA.T @ (scores[active] - s[active]))
+            norm = g.norm()
+            first = norm if first is None else first
+            if norm <= tol * first:
+                break
+            if gram is not None:  # Woodbury: H^-1 g = g - X_A' (I / 2C + X_A X_A')^-1 X_A g
+                M = gram[active][:, active] + torch.eye(int(active.sum()), dtype=Xb.dtype, device=Xb.device) / (2 * C)
+                step = -(g - XA.T @ torch.linalg.solve(M, XA @ g))
+            else:
+                H = 2 * C * (XA.T @ XA) + torch.eye(d + 1, dtype=Xb.dtype, device=Xb.device)
+                step = -torch.linalg.solve(H, g)
+            t, slope = 1.0, g.dot(step)
+            for _ in range(30):  # the full step nearly always; halve it while the decrease is too small
+                f_new = value(w + t * step)
+                if f_new <= f + 0.01 * t * slope:
+                    break
+                t /= 2
+            w, f = w + t * step, f_new
+        W[:, k] = w
+    return W.to(X.dtype)
 
 
 def scores_of(X, W):
