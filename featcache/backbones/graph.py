@@ -18,12 +18,23 @@ POOL_OPS = ("max_pool2d", "avg_pool2d", "MaxPool2d", "AvgPool2d")
 
 
 class Graph:
-    """A traced model: its nodes in order, qualified names, output shapes at two input sizes, cut points."""
+    """A traced model: its nodes in order, qualified names, output shapes at two input sizes, cut points,
+    and ``spans``: every module path (each prefix of a qualified name) -> (first, last) node position."""
 
     def __init__(self, nodes, names, kinds, shapes, small, size):
         self.nodes, self.names, self.kinds, self.shapes, self.small, self.size = nodes, names, kinds, shapes, small, size
         self.pos = {n: i for i, n in enumerate(nodes)}
         self.cuts = _cut_points(nodes, self.pos)
+        self.spans: dict[str, tuple[int, int]] = {}
+        for n in nodes:
+            for prefix in prefixes(names[n]):
+                self.spans[prefix] = (self.spans.get(prefix, (self.pos[n],))[0], self.pos[n])
+
+
+def prefixes(qualname: str) -> list[str]:
+    """``a.b.c`` -> [``a``, ``a.b``, ``a.b.c``]: the module paths that hold a node, outermost first."""
+    parts = qualname.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts) + 1)]
 
 
 def traced(model, size: int = 224) -> Graph:
@@ -97,22 +108,13 @@ def _spatial(g: Graph, node) -> tuple[str, int, int] | None:
 def _module_names(g: Graph, cuts: dict) -> dict:
     """Each cut point's name: the shortest module path that ends at it and holds no cut point of another
     stride (``layer1`` for ``layer1.1.relu_1``; ``features.30``, not the whole ``features``)."""
-    first: dict[str, int] = {}
-    last: dict[str, int] = {}
-    for n in g.nodes:
-        parts = g.names[n].split(".")
-        for k in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:k])
-            first.setdefault(prefix, g.pos[n])
-            last[prefix] = g.pos[n]
     strides = [(g.pos[n], info[2]) for n, info in cuts.items()]
     out = {}
     for n, info in cuts.items():
-        parts = g.names[n].split(".")
         out[n] = g.names[n]
-        for k in range(1, len(parts) + 1):
-            prefix = ".".join(parts[:k])
-            if last[prefix] == g.pos[n] and all(s == info[2] for p, s in strides if first[prefix] <= p <= last[prefix]):
+        for prefix in prefixes(g.names[n]):
+            first, last = g.spans[prefix]
+            if last == g.pos[n] and all(s == info[2] for p, s in strides if first <= p <= last):
                 out[n] = prefix
                 break
     return out
@@ -160,7 +162,7 @@ def _stage_ends(g: Graph, cuts: dict, names: dict) -> list:
         ends[cuts[end][2]] = end  # one per output stride: the last
     final = groups[-1][-1]
     _, final_ch, final_stride = cuts[final]
-    start = min(g.pos[n] for n in g.nodes if g.names[n] == names[final] or g.names[n].startswith(names[final] + "."))
+    start = g.spans[names[final]][0]
     before = [n for n in cuts if g.pos[n] < start]
     if before and cuts[before[-1]][2] == final_stride and cuts[before[-1]][1] != final_ch:
         ends[final_stride] = before[-1]  # the last stage's own output, ahead of a 1x1 channel expansion
@@ -171,16 +173,9 @@ def _stage_ends(g: Graph, cuts: dict, names: dict) -> list:
 
 def _block_outputs(g: Graph, tokens: list, names: dict) -> list:
     """One tap per block of the longest run of numbered siblings (``encoder.layers.encoder_layer_K``)."""
-    last = {}
-    for n in g.nodes:
-        parts = g.names[n].split(".")
-        for k in range(1, len(parts) + 1):
-            last[".".join(parts[:k])] = n
     by_parent: dict[str, list] = {}
     for n in tokens:
-        parts = g.names[n].split(".")
-        numbered = [".".join(parts[:k]) for k in range(1, len(parts) + 1)
-                    if last[".".join(parts[:k])] is n and parts[k - 1][-1:].isdigit()]
+        numbered = [p for p in prefixes(g.names[n]) if g.spans[p][1] == g.pos[n] and p[-1:].isdigit()]
         if numbered:
             names[n] = numbered[0]
             parent = numbered[0].rpartition(".")[0]
@@ -193,9 +188,7 @@ def _block_outputs(g: Graph, tokens: list, names: dict) -> list:
 def stage_modules(g: Graph, model, tap_nodes: list[str]) -> list[tuple[str, ...]]:
     """Per stage (input .. tap 1, tap 1 .. tap 2, ..., after the last tap), the module prefixes that hold
     its parameters: the units of ``--unfreeze last-N``, the last one the classifier."""
-    ends = []
-    for name in tap_nodes:
-        ends.append(max(g.pos[n] for n in g.nodes if g.names[n] == name or g.names[n].startswith(name + ".")))
+    ends = [g.spans[name][1] for name in tap_nodes]
     owners: list[set[str]] = [set() for _ in range(len(ends) + 1)]
     for n in g.nodes:
         if n.op in ("call_module", "get_attr"):
@@ -208,6 +201,7 @@ def stage_modules(g: Graph, model, tap_nodes: list[str]) -> list[tuple[str, ...]
 def _compressed(modules: set[str], params: list[str]) -> tuple[str, ...]:
     """Module paths merged upward while a parent's parameters all belong to the set."""
     own = [p for p in params if any(p == m or p.startswith(m + ".") for m in modules)]
+    owned = set(own)
     out: list[str] = []
     for p in own:
         parts = p.split(".")
@@ -215,7 +209,7 @@ def _compressed(modules: set[str], params: list[str]) -> tuple[str, ...]:
         for k in range(1, len(parts)):
             prefix = ".".join(parts[:k])
             under = [q for q in params if q.startswith(prefix + ".")]
-            if all(q in own for q in under):
+            if all(q in owned for q in under):
                 best = prefix
                 break
         if best not in out:
