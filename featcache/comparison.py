@@ -38,7 +38,7 @@ def _taps_text(record: RunRecord) -> str:
     for ref in record.taps:
         backbone, _, node = ref.rpartition(":")
         spec = BACKBONES.get(backbone)
-        alias = {n: a for a, n in spec.aliases.items()}.get(node, node) if spec else node
+        alias = spec.alias_of(node) if spec else node
         per_backbone.setdefault(backbone, []).append(alias)
     names = list(per_backbone.values())
     if all(n == names[0] for n in names):

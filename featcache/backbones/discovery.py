@@ -17,6 +17,7 @@ import functools
 
 from featcache.backbones.graph import graph_taps, stage_modules, traced
 from featcache.backbones.registry import BackboneSpec, InputConfig, Tap, stage_aliases
+from featcache.backbones.weights import timm_input
 from featcache.errors import FeatcacheError, closest
 
 TIMM = "timm:"
@@ -150,9 +151,7 @@ def _timm_spec(name: str) -> BackboneSpec:
         name=TIMM + name, build=build, taps=taps, aliases=stage_aliases(taps), weights_name=name,
         head_prefixes=tuple(c + "." for c in classifier), blocks=tuple("+".join(s) for s in stages),
         last_block=stages[-1], source="timm",
-        input=InputConfig(image_size=cfg.get("input_size", (3, 224, 224))[-1], mean=tuple(cfg.get("mean")),
-                          std=tuple(cfg.get("std")), interpolation=cfg.get("interpolation", "bicubic"),
-                          crop_pct=float(cfg.get("crop_pct", 0.875)), fixed_size=bool(cfg.get("fixed_input_size"))),
+        input=InputConfig(**timm_input(cfg), fixed_size=bool(cfg.get("fixed_input_size"))),
         prefix_tokens=int(getattr(model, "num_prefix_tokens", 0)),
         versions={"timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from featcache.errors import unknown
+from featcache.errors import FeatcacheError, unknown
 from featcache.registry import Registry
 
 ALIASES = ("early", "mid", "late")
@@ -105,10 +105,6 @@ class BackboneSpec:
         word = "block" if self.taps and self.taps[0].layout == "tokens" else "stage"
         return tuple(f"{word}{i + 1}" for i in range(len(self.taps)))
 
-    @property
-    def transformer(self) -> bool:
-        return any(t.layout != "nchw" for t in self.taps)
-
     def tap(self, name: str) -> Tap:
         """The tap called ``name``: its cache name, alias, uniform ``stageN`` name or module name."""
         node = self.aliases.get(name, name)
@@ -134,8 +130,6 @@ class BackboneRegistry(Registry):
 
     def get(self, name, default=None):
         """A declared or discoverable backbone, or ``default`` (never raises)."""
-        from featcache.errors import FeatcacheError
-
         try:
             return self.lookup(name)
         except FeatcacheError:

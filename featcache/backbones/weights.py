@@ -111,26 +111,26 @@ def _timm_cfg(spec: BackboneSpec, tag: str | None) -> dict:
     return timm.models.get_pretrained_cfg(name).to_dict()
 
 
+def timm_input(cfg: dict) -> dict:
+    """A timm pretrained config's preprocessing, in featcache's terms."""
+    mode = cfg.get("interpolation")
+    return {"image_size": cfg.get("input_size", (3, 224, 224))[-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+            "interpolation": mode if mode in ("bilinear", "bicubic") else "bicubic",
+            "crop_pct": float(cfg.get("crop_pct", 0.875))}
+
+
 def input_defaults(spec: BackboneSpec, weights: str) -> dict:
     """How the chosen weights were fed (size, mean/std, interpolation, crop fraction): the defaults that a
-    request's unset preprocessing fields take. The declared four keep the fixed ``LEGACY`` values."""
+    request's unset preprocessing fields take. Random or file weights take the model's default weights'
+    (how the architecture is fed); the declared four keep the fixed ``LEGACY`` values."""
     if spec.input is None:
         return dict(LEGACY)
-    base = {"image_size": spec.input.image_size, "mean": spec.input.mean, "std": spec.input.std,
-            "interpolation": spec.input.interpolation, "crop_pct": spec.input.crop_pct}
-    w = None if weights == "random" or is_path(weights) else pretrained(spec, weights)
+    w = pretrained(spec, weights)
     if spec.source == "timm":
-        cfg = _timm_cfg(spec, w)
-        return {"image_size": cfg["input_size"][-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-                "interpolation": cfg.get("interpolation", "bicubic") if cfg.get("interpolation") in ("bilinear", "bicubic")
-                else "bicubic", "crop_pct": float(cfg.get("crop_pct", 0.875))}
+        return timm_input(_timm_cfg(spec, w))
     import torchvision
 
-    enum = torchvision.models.get_model_weights(spec.weights_name) if spec.weights_name else None
-    t = (w or (enum.DEFAULT if enum else None))
-    if t is None:
-        return base
-    t = t.transforms()
+    t = (w or torchvision.models.get_model_weights(spec.weights_name).DEFAULT).transforms()
     mode = getattr(t.interpolation, "value", str(t.interpolation))
     return {"image_size": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std),
             "interpolation": mode if mode in ("bilinear", "bicubic") else "bilinear",
