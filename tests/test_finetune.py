@@ -247,17 +247,17 @@ def test_fp16_scales_the_loss_and_resumes_to_the_uninterrupted_weights(tmp_path,
                          features=tiny_config(tmp_path, data=DATA, precision="fp16"))
 
     reference = finetune(config("ref"), log=lambda m: None, progress=False)
-    real, saved = ft._save_checkpoint, []
+    real, saved = ft.save_checkpoint, []
 
     def crash_after_first_epoch(folder, state):
         real(folder, state)
         saved.append(state["scaler"])
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ft, "_save_checkpoint", crash_after_first_epoch)
+    monkeypatch.setattr(ft, "save_checkpoint", crash_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
         finetune(config("cut"), log=lambda m: None, progress=False)
-    monkeypatch.setattr(ft, "_save_checkpoint", real)
+    monkeypatch.setattr(ft, "save_checkpoint", real)
     resumed = finetune(config("cut", resume=True), log=lambda m: None, progress=False)
 
     assert saved[0]["scale"] > 1  # an enabled scaler; a disabled one saves an empty state
@@ -299,7 +299,7 @@ def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(t
     resumed run ends with the same best model as an uninterrupted one."""
     import featcache.finetuning.run as ft
 
-    real_eval, real_save = ft.evaluate_rows, ft._save_checkpoint
+    real_eval, real_save = ft.evaluate_rows, ft.save_checkpoint
     script = {"losses": None}
 
     def scripted(net, split, rows, cfg, device, precision):
@@ -322,11 +322,11 @@ def test_resume_after_a_worse_epoch_keeps_the_best_weights_from_the_checkpoint(t
         if len(saved) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(ft, "_save_checkpoint", crash_after_third)
+    monkeypatch.setattr(ft, "save_checkpoint", crash_after_third)
     with pytest.raises(KeyboardInterrupt):
         run("cut", [1.0, 0.5, 0.6])
     assert saved == [True, True, False]  # improving epochs store the model once; a worse one keeps the best apart
-    monkeypatch.setattr(ft, "_save_checkpoint", real_save)
+    monkeypatch.setattr(ft, "save_checkpoint", real_save)
     resumed = run("cut", [0.7], resume=True)
     ref, got = (load_file(r / "model.safetensors") for r in (reference, resumed))
     assert all(torch.equal(ref[k], got[k]) for k in ref)

@@ -95,6 +95,15 @@ def finetune_config_from_record(record: RunRecord) -> FinetuneConfig:
                           tap_norm=c["tap_norm"], unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))
 
 
+def check_resblocks_taps(refs) -> None:
+    """``--head resblocks`` refines one convolutional feature map."""
+    if len(refs) != 1:
+        raise FeatcacheError("--head resblocks refines one feature map: give one tap, e.g. --taps late")
+    if BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).layout != "nchw":
+        raise FeatcacheError(f"--head resblocks refines a convolutional feature map; {refs[0]} is a transformer's "
+                             f"tokens: use --head mlp or linear")
+
+
 def check_one_image_batches(ref, image_size: int, batch_size: int, rows: int) -> None:
     """The residual blocks' BatchNorm cannot train on one value per channel: a 1x1 map in a batch of one."""
     stride = BACKBONES.lookup(ref.backbone).tap(ref.tap).stride

@@ -29,8 +29,14 @@ from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import shared_preprocess
-from featcache.files import atomic_write
-from featcache.finetuning.config import FinetuneConfig, check_one_image_batches, config_dict, partial_dir
+from featcache.finetuning.checkpoint import Progress, open_checkpoint, progress_from, save_checkpoint
+from featcache.finetuning.config import (
+    FinetuneConfig,
+    check_one_image_batches,
+    check_resblocks_taps,
+    config_dict,
+    partial_dir,
+)
 from featcache.finetuning.loop import (
     Trainer,
     evaluate_maps,
@@ -47,16 +53,7 @@ from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.torch_head import make_optimizer
 from featcache.records import RunRecord, library_versions, load_record, result_line, save_run
 
-# --- phase 1 from a fuse-train run, or a statistics pass --------------------------------
-
-
 # --- the training loop -----------------------------------------------------------------
-
-
-def _save_checkpoint(folder: Path, state: dict) -> None:
-    import torch
-
-    atomic_write(folder / "checkpoint.pt", lambda tmp: torch.save(state, tmp))  # never a half-written checkpoint
 
 
 def _steps(cfg: FinetuneConfig) -> list[tuple[str, int]]:
@@ -99,24 +96,13 @@ class _Setup:
         return self.data.splits["train"]
 
 
-@dataclass
-class _Progress:
-    """What a checkpoint holds besides the weights: curves, the best epoch so far, where to go on."""
-
-    history: dict
-    best: dict
-    best_state: dict  # the best epoch's weights: they travel inside the checkpoint, never beside it
-    done: int = 0
-    stopped: bool = False
-
-
 def finetune(cfg: FinetuneConfig, log=print, progress: bool = True) -> Path:
     """Train the model, write a run folder like fuse-train's, return it."""
     feat = cfg.features  # one preprocessing for the end-to-end net, each unset field the backbones' own
     cfg = dataclasses.replace(cfg, features=dataclasses.replace(feat, preprocess=shared_preprocess(feat, "fine-tuning")))
     setup = _prepare(cfg, log)
-    folder, ckpt = _open_checkpoint(cfg, setup, log)
-    state = _progress_from(ckpt, setup.net)
+    folder, ckpt = open_checkpoint(partial_dir(cfg), cfg.resume, setup.net, setup.device, log)
+    state = progress_from(ckpt, setup.net)
     trainable = _train(cfg, setup, state, ckpt, folder, log, progress)
     run = _finish(cfg, setup, state, trainable, folder)
     log(result_line(run, load_record(run)))
@@ -130,11 +116,8 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     feat = cfg.features
     device = resolve_device(feat.device)
     refs = list(parse_taps(cfg.taps, feat.backbones))
-    if cfg.head == "resblocks" and len(refs) != 1:
-        raise FeatcacheError("--head resblocks refines one feature map: give one tap, e.g. --taps late")
-    if cfg.head == "resblocks" and BACKBONES.lookup(refs[0].backbone).tap(refs[0].tap).layout != "nchw":
-        raise FeatcacheError(f"--head resblocks refines a convolutional feature map; {refs[0]} is a transformer's "
-                             f"tokens: use --head mlp or linear")
+    if cfg.head == "resblocks":
+        check_resblocks_taps(refs)
     for name in feat.backbones:
         trainable_prefixes(BACKBONES.lookup(name), cfg.unfreeze)  # a bad policy fails before any work
     init = init_from_run(Path(cfg.init_head), refs, cfg) if cfg.init_head is not None else None
@@ -165,32 +148,7 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
                   normalizer, started, notes)
 
 
-def _open_checkpoint(cfg: FinetuneConfig, setup: _Setup, log):
-    """(work folder, checkpoint or None): a resumed run loads its weights, a new one starts an empty folder."""
-    import torch
-
-    folder = partial_dir(cfg)
-    if cfg.resume and (folder / "checkpoint.pt").exists():
-        # weights_only: tensors and plain values only, so a planted checkpoint cannot run code
-        ckpt = torch.load(folder / "checkpoint.pt", map_location=setup.device, weights_only=True)
-        setup.net.load_state_dict(ckpt["model"])
-        log(f"resuming {folder} after {ckpt['phase']} epoch {ckpt['epoch']}")
-        return folder, ckpt
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    return folder, None
-
-
-def _progress_from(ckpt, net) -> _Progress:
-    if ckpt is None:
-        keys = ("phase", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "images_per_s")
-        return _Progress({k: [] for k in keys}, {"val_loss": float("inf"), "val_acc": None, "epoch": 0, "phase": None},
-                         copy.deepcopy(net.state_dict()))
-    best_state = copy.deepcopy(net.state_dict()) if ckpt["best_model"] is None else ckpt["best_model"]
-    return _Progress(ckpt["history"], ckpt["best"], best_state, ckpt["step"] + 1, bool(ckpt["stopped"]))
-
-
-def _train(cfg: FinetuneConfig, setup: _Setup, state: _Progress, ckpt, folder: Path, log, progress) -> dict:
+def _train(cfg: FinetuneConfig, setup: _Setup, state: Progress, ckpt, folder: Path, log, progress) -> dict:
     """Every remaining (phase, epoch), a checkpoint after each; returns the trainable parameter names."""
     import torch
 
@@ -217,7 +175,7 @@ def _train(cfg: FinetuneConfig, setup: _Setup, state: _Progress, ckpt, folder: P
             log(f"frozen backbones: feature maps of {len(setup.fit_rows) + len(setup.val_rows)} images computed once")
         scores = _epoch(trainer, setup, maps, transform, seed, f"{phase} {epoch}", progress)
         improved = _note_epoch(cfg, state, net, phase, epoch, scores, log)
-        _save_checkpoint(folder, {"model": net.state_dict(), "optimizer": trainer.opt.state_dict(),
+        save_checkpoint(folder, {"model": net.state_dict(), "optimizer": trainer.opt.state_dict(),
                                   "scaler": trainer.scaler.state_dict(), "phase": phase, "epoch": epoch,
                                   "step": index, "history": state.history, "best": state.best,
                                   "stopped": state.stopped,
@@ -246,7 +204,7 @@ def _epoch(trainer: Trainer, setup: _Setup, maps: dict, transform, seed: int, de
     return (*fitted, val_loss, val_acc)
 
 
-def _note_epoch(cfg: FinetuneConfig, state: _Progress, net, phase: str, epoch: int, scores: tuple, log) -> bool:
+def _note_epoch(cfg: FinetuneConfig, state: Progress, net, phase: str, epoch: int, scores: tuple, log) -> bool:
     """Add an epoch to the curves, keep its weights if it is the new best (returned), decide on early stopping."""
     train_loss, train_acc, rate, val_loss, val_acc = scores
     for key, value in zip(state.history, (phase, epoch, train_loss, train_acc, val_loss, val_acc, rate)):
@@ -264,7 +222,7 @@ def _note_epoch(cfg: FinetuneConfig, state: _Progress, net, phase: str, epoch: i
     return improved
 
 
-def _finish(cfg: FinetuneConfig, setup: _Setup, state: _Progress, trainable: dict, folder: Path) -> Path:
+def _finish(cfg: FinetuneConfig, setup: _Setup, state: Progress, trainable: dict, folder: Path) -> Path:
     """Score the best weights on the test split once and write the run folder."""
     test, net = setup.data.splits["test"], setup.net
     net.load_state_dict(state.best_state)

@@ -67,10 +67,14 @@ def sweep(cfg: SweepConfig, log=print) -> Path:
                 y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
                 y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
                 options = replace(cfg.options, seed=seed)
+                refs, whole = None, None
                 for job in todo:
                     if job["seed"] != seed or _key(job) in done:
                         continue
-                    fused = {part: torch.cat([X[part][r] for r in job["refs"]], dim=1) for part in X}
+                    if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
+                        refs = job["refs"]
+                        whole = {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
+                    fused = dict(whole)
                     labels_of = dict(y)
                     if job["shots"]:
                         rows = _draw(labels["train"][fit_rows], job["shots"], seed, job["repeat"])
@@ -117,14 +121,17 @@ def _finished(folder: Path) -> set[str]:
     path = folder / "rows.jsonl"
     if not path.exists():
         return set()
+    text = path.read_text()
     done, good = set(), []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             done.add(_key(json.loads(line)))
             good.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    atomic_write(path, "".join(line + "\n" for line in good))
+    kept = "".join(line + "\n" for line in good)
+    if kept != text:
+        atomic_write(path, kept)
     return done
 
 
