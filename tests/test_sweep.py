@@ -167,3 +167,14 @@ def test_the_svm_solves_through_the_rows_when_they_are_fewer_than_the_features(d
         ref = LinearSVC(C=C, max_iter=50000, tol=1e-10).fit(X, y)
         theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, "svm")
         assert abs(objective_value(X, y, W.numpy(), C, "svm") - theirs) / theirs < 1e-6
+
+
+def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
+    from featcache.sweep.run import _tables
+
+    rows = [{"seed": 0, "taps": [t], "head": "logreg", "shots": 0, "repeat": 0, "width": w, "chosen": {"C": 1.0},
+             "val_acc": v, "test_acc": a, "macro_f1": a, "fit_s": 0.1}
+            for t, w, v, a in (("wide", 900, 0.9, 0.99), ("narrow", 100, 0.9, 0.5), ("best", 500, 0.95, 0.1))]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table, _ = _tables(tmp_path)
+    assert list(table["taps"]) == ["best", "narrow", "wide"]  # test accuracy never breaks a tie

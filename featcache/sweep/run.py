@@ -205,7 +205,8 @@ def _tables(folder: Path):
         chosen=("chosen", lambda c: c.mode().iloc[0]), val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
         test_acc_ci=("test_acc", _interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
         seeds=("seed", "nunique")).reset_index()
-    table = table.sort_values(["val_acc", "test_acc"], ascending=False, kind="stable").reset_index(drop=True)
+    # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
+    table = table.sort_values(["val_acc", "width"], ascending=[False, True], kind="stable").reset_index(drop=True)
     few = frame[frame["shots"] > 0]
     fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
         test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", _interval), draws=("test_acc", "size")).reset_index()
