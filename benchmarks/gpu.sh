@@ -18,9 +18,9 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
     echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224
+DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224 ROWS=50000
 if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
-    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64
+    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000
 fi
 ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
 
@@ -38,3 +38,5 @@ step folder_jpeg 360 python benchmarks/folder_throughput.py --device $DEV --form
 step fidelity 120 python benchmarks/device_fidelity.py --device $DEV --precision auto
 step finetune 300 python benchmarks/finetune_throughput.py --device $DEV --repeat $REPFT --images $NFT --num-workers 8 --image-size $SIZE
 step frozen_fusion 300 python benchmarks/frozen_fusion.py --device $DEV --skip-pairs --train $TRAIN --test $TEST
+# Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
+step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV
