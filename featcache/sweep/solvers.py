@@ -24,7 +24,9 @@ LOSSES = ("logreg", "svm")
 
 def rotate(X):
     """``(Z, V, S)`` with ``X = Z @ V.T`` exactly, ``V`` orthonormal columns and ``Z.T @ Z = diag(S**2)``;
-    ``Z`` is None when rows outnumber features (``V`` is then square: :func:`solve` takes it as ``basis``).
+    ``Z`` is None when rows are at least as many as features (``V`` is then square: :func:`solve` takes
+    it as ``basis``). The last result is kept for the next call on the same tensor (the same
+    combination's other head).
 
     Both objectives penalise ``|w|^2`` and see the features only through ``X @ w``, so their
     solutions lie in the row space of ``X`` and are unchanged by rotating it: solving on ``Z``
@@ -117,11 +119,13 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
 # softmax curvature, which at the fitted probabilities lies far below its bound of 1/4. On three tap
 # pairs of the sweep benchmark (272, 608 and 3,328 columns, four C) 0.001-0.003 took the fewest
 # objective evaluations (310-340, against 470-770 unpreconditioned and 410-600 at 0.01-0.03).
-CURVATURE = {"logreg": 0.002, "svm": 0.002}
+# The squared hinge's L-BFGS (many rows, over NEWTON_WIDTH features) uses the same value, not tuned.
+CURVATURE = 0.002
 
 
 # Newton's (d + 1)-square Hessian costs n d^2 per class and step, L-BFGS ~2 n d k per evaluation over
-# some hundreds of evaluations: Newton is the cheaper below a few hundred features.
+# some hundreds of evaluations: Newton should be the cheaper below a few hundred features (an
+# estimate, not a measured crossing).
 NEWTON_WIDTH = 512
 
 
@@ -147,7 +151,7 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
         if newton:
             previous = svm_newton(X if Z is None else Z, y, C, n_classes, init=previous, gram=gram)
         else:
-            scale = (1.0 + C * CURVATURE[loss] * S.double().pow(2)).rsqrt()
+            scale = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt()
             previous = solve(X if Z is None else Z, y, [C], loss, n_classes, max_iter, tol, init=previous,
                              scale=scale, basis=V if Z is None else None)[0]
         out[C] = previous
