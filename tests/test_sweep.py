@@ -169,6 +169,31 @@ def test_the_svm_solves_through_the_rows_when_they_are_fewer_than_the_features(d
         assert abs(objective_value(X, y, W.numpy(), C, "svm") - theirs) / theirs < 1e-6
 
 
+def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits):
+    from featcache.sweep.hinge import newton_features
+
+    X, y, _, _ = digits  # 1,200 rows, 64 features: every class at once, Hessians carried from C to C
+    X, y = torch.tensor(X), torch.tensor(y)
+    W, state = newton_features(X, y, 0.01, 10)
+    W, state = newton_features(X, y, 1.0, 10, init=W, state=state)  # updated by the rows that crossed
+    Xb = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+    for k in range(10):
+        rows = Xb[state["active"][:, k]]
+        assert torch.allclose(state["hessians"][k], rows.T @ rows, rtol=1e-9, atol=1e-8)
+
+
+def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits, monkeypatch):
+    from featcache.sweep import hinge
+
+    X, y, _, _ = digits
+    monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", 0)
+    monkeypatch.setattr(hinge, "newton_features", None)  # never reached
+    (W,) = solve_path(torch.tensor(X), torch.tensor(y), [0.01], "svm", 10)
+    ref = LinearSVC(C=0.01, max_iter=50000, tol=1e-8).fit(X, y)
+    theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), 0.01, "svm")
+    assert abs(objective_value(X, y, W.numpy(), 0.01, "svm") - theirs) / theirs < 1e-4
+
+
 def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
     from featcache.sweep.run import _tables
 

@@ -12,7 +12,7 @@ interchangeable with theirs (tests/test_sweep.py compares against ``LogisticRegr
 - ``logreg``: multinomial cross-entropy, ``C * sum(loss) + ||W||^2 / 2``, intercept not penalised.
 - ``svm``: one-vs-rest squared hinge, ``C * sum(max(0, 1 - y w.x)^2) + ||w||^2 / 2`` per class,
   the intercept penalised as liblinear's (a constant feature of value 1), by exact Newton steps
-  (:func:`svm_newton`).
+  (:mod:`featcache.sweep.hinge`) where their Hessians fit, else by L-BFGS.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import weakref
 
 import numpy as np
+
+from featcache.sweep import hinge
 
 LOSSES = ("logreg", "svm")
 
@@ -98,7 +100,7 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
         than autograd's ``X' R`` for tall X (45,000 x 1,793: 100 against 515 ms)."""
         with torch.no_grad():
             W = weights(U)
-            scores = (Xb @ W.permute(1, 0, 2).reshape(d + 1, G * n_classes)).view(n, G, n_classes)
+            scores = hinge.times(Xb, W.permute(1, 0, 2).reshape(d + 1, G * n_classes)).view(n, G, n_classes)
             if loss == "logreg":
                 # per row first: the difference of the two sums loses float32's digits
                 data = (torch.logsumexp(scores, dim=2) - (scores * onehot).sum(2)).sum(0)
@@ -114,46 +116,46 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
         return value
 
     optimizer = torch.optim.LBFGS([U], lr=1.0, max_iter=max_iter, tolerance_grad=tol, tolerance_change=tol * 1e-3,
-                                  history_size=20, line_search_fn="strong_wolfe")
+                                  history_size=HISTORY, line_search_fn="strong_wolfe")
     optimizer.step(closure)
     return weights(U)
 
 
 # L-BFGS's preconditioner on rotated features: the logistic Hessian is I / C + Z' D Z with D the
-# softmax curvature, which at the fitted probabilities lies far below its bound of 1/4. On three tap
-# pairs of the sweep benchmark (272, 608 and 3,328 columns, four C) 0.001-0.003 took the fewest
-# objective evaluations (310-340, against 470-770 unpreconditioned and 410-600 at 0.01-0.03).
-# The squared hinge's L-BFGS (many rows, over NEWTON_WIDTH features) uses the same value, not tuned.
-CURVATURE = 0.002
-
-
-# Newton's (d + 1)-square Hessian costs n d^2 per class and step, L-BFGS ~2 n d k per evaluation over
-# some hundreds of evaluations: Newton should be the cheaper below a few hundred features (an
-# estimate, not a measured crossing).
-NEWTON_WIDTH = 512
+# softmax curvature, which at the fitted probabilities lies far below its bound of 1/4 (the sharper the
+# fit, the lower). Measured in objective evaluations for four C: on three tap pairs of the sweep
+# benchmark (272, 608 and 3,328 columns) 0.001-0.003 took the fewest (310-340, against 470-770
+# unpreconditioned and 410-600 at 0.01-0.03); on 45,000 x 1,792 near-separable rows (benchmarks/sweep.py
+# --large) 740 at 0.002, 499 at 0.0005, 427 at 0.0002; the digits benchmark's 24 pairs took 14.5, 12.9
+# and 18.6 s at those three. The squared hinge's L-BFGS (where Newton's Hessians would not fit) uses
+# the same value, not tuned.
+CURVATURE = 0.0005
+HISTORY = 50
 
 
 def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: float = 1e-5) -> list:
     """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started,
     on the rotated features of :func:`rotate` (mapped back before they are returned).
 
-    The squared hinge takes exact Newton steps (:func:`svm_newton`) where they are cheap, with fewer
-    rows than features or few features: there L-BFGS stopped short of LinearSVC's objective at
-    C >= 0.1 (4e-2 above it at C = 1 after 500 steps on 900 x 3,328); elsewhere preconditioned L-BFGS.
+    The squared hinge takes exact Newton steps (:mod:`~featcache.sweep.hinge`) wherever their Hessians
+    fit in memory: L-BFGS stopped short of LinearSVC's objective at C >= 0.1 (4e-2 above it at C = 1
+    after 500 steps on 900 x 3,328) and had not finished 45,000 x 1,792 after 280 s.
     """
     import torch
 
     Z, V, S = rotate(X)
-    gram = None
+    gram = state = None
     if Z is not None and loss == "svm":  # the Gram matrix of the rows, once for every C
         Zb = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype, device=Z.device)], dim=1).double()
         gram = Zb @ Zb.T
     out = {}
     previous = None
-    newton = loss == "svm" and (gram is not None or X.shape[1] <= NEWTON_WIDTH)
+    newton = loss == "svm" and (gram is not None or hinge.fits(X.shape[1], n_classes))
     for C in sorted(set(Cs)):
-        if newton:
-            previous = svm_newton(X if Z is None else Z, y, C, n_classes, init=previous, gram=gram)
+        if newton and gram is not None:
+            previous = hinge.newton_rows(Z, y, C, n_classes, gram, init=previous)
+        elif newton:
+            previous, state = hinge.newton_features(X, y, C, n_classes, init=previous, state=state)
         else:
             scale = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt()
             previous = solve(X if Z is None else Z, y, [C], loss, n_classes, max_iter, tol, init=previous,
@@ -162,62 +164,6 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     if Z is None:
         return [out[C] for C in Cs]  # solved on X itself
     return [torch.cat([V @ out[C][:-1], out[C][-1:]]) for C in Cs]
-
-
-def svm_newton(X, y, C: float, n_classes: int, max_iter: int = 50, tol: float = 1e-7, init=None, gram=None):
-    """One-vs-rest squared hinge (``LinearSVC``'s primal, the intercept a penalised feature of value 1)
-    by exact Newton steps, one class at a time. Returns (d + 1, k).
-
-    ``f(w) = |w|^2 / 2 + C sum_i max(0, 1 - s_i w.x_i)^2`` is piecewise quadratic; its Hessian is
-    ``I + 2C X_A' X_A`` over the rows A inside the margin. The step solves it through the smaller of
-    its two forms: the (d+1)-square system, or by Woodbury the |A|-square ``I / 2C + X_A X_A'`` (a
-    slice of ``gram``, the rows' Gram matrix with the constant feature), so a 900 x 3,328 problem
-    costs 900-square solves.
-    """
-    import torch
-
-    n, d = X.shape
-    Xb = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1).double()
-    W = torch.zeros(d + 1, n_classes, dtype=torch.float64, device=X.device) if init is None else init.double().clone()
-    for k in range(n_classes):
-        s = torch.where(y == k, 1.0, -1.0).to(Xb)
-        w = W[:, k].clone()
-
-        def value(w):
-            return 0.5 * w.dot(w) + C * (1.0 - s * (Xb @ w)).clamp(min=0).pow(2).sum()
-
-        f = value(w)
-        first = None
-        for _ in range(max_iter):
-            scores = Xb @ w
-            active = (1.0 - s * scores) > 0
-            XA = Xb[active]
-            g = w + 2 * C * (XA.T @ (scores[active] - s[active]))
-            norm = g.norm()
-            first = norm if first is None else first
-            if norm <= tol * first:
-                break
-            if gram is not None:  # Woodbury: H^-1 g = g - X_A' (I / 2C + X_A X_A')^-1 X_A g
-                M = gram[active][:, active] + torch.eye(int(active.sum()), dtype=Xb.dtype, device=Xb.device) / (2 * C)
-                step = -(g - XA.T @ _spd_solve(M, XA @ g))
-            else:
-                step = -_spd_solve(2 * C * (XA.T @ XA) + torch.eye(d + 1, dtype=Xb.dtype, device=Xb.device), g)
-            t, slope = 1.0, g.dot(step)
-            for _ in range(30):  # the full step nearly always; halve it while the decrease is too small
-                f_new = value(w + t * step)
-                if f_new <= f + 0.01 * t * slope:
-                    break
-                t /= 2
-            w, f = w + t * step, f_new
-        W[:, k] = w
-    return W.to(X.dtype)
-
-
-def _spd_solve(M, b):
-    """``M^-1 b`` for a symmetric positive definite ``M``, by Cholesky (half LU's work)."""
-    import torch
-
-    return torch.cholesky_solve(b.unsqueeze(1), torch.linalg.cholesky(M)).squeeze(1)
 
 
 def scores_of(X, W):
