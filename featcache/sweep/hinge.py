@@ -153,17 +153,22 @@ def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: f
             return 0.5 * w.dot(w) + C * (1.0 - s * (Xb @ w)).clamp(min=0).pow(2).sum()
 
         f = value(w)
-        first = None
+        first = before = None
+        t = 0.0
         for _ in range(max_iter):
             scores = Xb @ w
             active = (1.0 - s * scores) > 0
-            XA = Xb[active]
-            g = w + 2 * C * (XA.T @ (scores[active] - s[active]))
+            if t == 1.0 and torch.equal(active, before):
+                break  # the whole step kept the margin's rows: it was exact
+            rows = active.nonzero().squeeze(1)
+            XA = Xb[rows]
+            g = w + 2 * C * (XA.T @ (scores[rows] - s[rows]))
             norm = g.norm()
             first = norm if first is None else first
             if norm <= tol * first:
                 break
-            M = gram[active][:, active] + torch.eye(int(active.sum()), dtype=Xb.dtype, device=Xb.device) / (2 * C)
+            M = gram.index_select(0, rows).index_select(1, rows)
+            M.diagonal().add_(1 / (2 * C))
             step = -(g - XA.T @ _spd_solve(M, (XA @ g).unsqueeze(1)).squeeze(1))
             t, slope = 1.0, g.dot(step)
             for _ in range(30):  # the full step nearly always; halve it while the decrease is too small
@@ -171,6 +176,6 @@ def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: f
                 if f_new <= f + 0.01 * t * slope:
                     break
                 t /= 2
-            w, f = w + t * step, f_new
+            w, f, before = w + t * step, f_new, active
         W[:, k] = w
     return W.to(X.dtype)
