@@ -145,15 +145,16 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
 
     Z, V, S = rotate(X)
     gram = state = None
-    if Z is not None and loss == "svm":  # the Gram matrix of the rows, once for every C
-        Zb = torch.cat([Z, torch.ones(len(Z), 1, dtype=Z.dtype, device=Z.device)], dim=1).double()
-        gram = Zb @ Zb.T
+    rows = Z if Z is not None else X
+    if loss == "svm" and hinge.through_rows(*rows.shape):  # the Gram matrix of the rows, once for every C
+        Rb = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1).double()
+        gram = Rb @ Rb.T
     out = {}
     previous = None
     newton = loss == "svm" and (gram is not None or hinge.fits(X.shape[1], n_classes))
     for C in sorted(set(Cs)):
         if newton and gram is not None:
-            previous = hinge.newton_rows(Z, y, C, n_classes, gram, init=previous)
+            previous = hinge.newton_rows(rows, y, C, n_classes, gram, init=previous)
         elif newton:
             previous, state = hinge.newton_features(X, y, C, n_classes, init=previous, state=state)
         else:
