@@ -160,9 +160,10 @@ def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
     assert any("--taps auto chose" in line for line in said)
 
 
-def test_the_svm_solves_through_the_rows_when_they_are_fewer_than_the_features(digits):
-    X, y, _, _ = digits  # 40 rows, 64 features: the Woodbury form of the Newton step
-    X, y = X[:40], y[:40]
+@pytest.mark.parametrize("rows", [40, 100])
+def test_the_svm_solves_through_the_rows_when_they_are_few(digits, rows):
+    X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form
+    X, y = X[:rows], y[:rows]
     for C, W in zip([0.1, 10.0], solve_path(torch.tensor(X), torch.tensor(y), [0.1, 10.0], "svm", 10)):
         ref = LinearSVC(C=C, max_iter=50000, tol=1e-10).fit(X, y)
         theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, "svm")
