@@ -37,8 +37,9 @@ ROWS_PER_FEATURE = 2
 
 
 def through_rows(n_rows: int, n_features: int) -> bool:
-    """Whether :func:`newton_rows` is the cheaper form (its Gram matrix is rows-square, in float64)."""
-    return n_rows <= ROWS_PER_FEATURE * n_features
+    """Whether :func:`newton_rows` is the cheaper form and its rows-square float64 Gram matrix fits in
+    ``HESSIAN_ENTRIES`` (up to 8,192 rows)."""
+    return n_rows <= ROWS_PER_FEATURE * n_features and n_rows**2 <= HESSIAN_ENTRIES
 
 
 def fits(n_features: int, n_classes: int) -> bool:

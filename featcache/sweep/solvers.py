@@ -151,12 +151,12 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
         gram = Rb @ Rb.T
     out = {}
     previous = None
-    newton = loss == "svm" and (gram is not None or hinge.fits(X.shape[1], n_classes))
+    newton = loss == "svm" and (gram is not None or hinge.fits(rows.shape[1], n_classes))
     for C in sorted(set(Cs)):
         if newton and gram is not None:
             previous = hinge.newton_rows(rows, y, C, n_classes, gram, init=previous)
         elif newton:
-            previous, state = hinge.newton_features(X, y, C, n_classes, init=previous, state=state)
+            previous, state = hinge.newton_features(rows, y, C, n_classes, init=previous, state=state)
         else:
             scale = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt()
             previous = solve(X if Z is None else Z, y, [C], loss, n_classes, max_iter, tol, init=previous,
