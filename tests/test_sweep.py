@@ -160,10 +160,15 @@ def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
     assert any("--taps auto chose" in line for line in said)
 
 
-@pytest.mark.parametrize("rows", [40, 100])
-def test_the_svm_solves_through_the_rows_when_they_are_few(digits, rows):
-    X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form
-    X, y = X[:rows], y[:rows]
+@pytest.mark.parametrize("rows, form", [(40, "rows"), (100, "rows"), (40, "features")])
+def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, monkeypatch, rows, form):
+    from featcache.sweep import hinge
+
+    X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form,
+    X, y = X[:rows], y[:rows]  # or, where the rows' Gram matrix would not fit, every class on the rotated features
+    if form == "features":
+        monkeypatch.setattr(hinge, "ROWS_PER_FEATURE", 0)
+        monkeypatch.setattr(hinge, "newton_rows", None)  # never reached
     for C, W in zip([0.1, 10.0], solve_path(torch.tensor(X), torch.tensor(y), [0.1, 10.0], "svm", 10)):
         ref = LinearSVC(C=C, max_iter=50000, tol=1e-10).fit(X, y)
         theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, "svm")
