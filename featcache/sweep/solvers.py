@@ -130,6 +130,10 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
 # and 18.6 s at those three. The squared hinge's L-BFGS (where Newton's Hessians would not fit) uses
 # the same value, not tuned.
 CURVATURE = 0.0005
+
+# L-BFGS's memory: on 45,000 x 1,792 the four C took 367 evaluations with 50 pairs against 499 with 20
+# (100: 256, but stopping 2% higher at C = 10); the digits benchmark's logreg did not change beyond
+# its run-to-run noise (24 pairs: 12.4 and 14.1 s with 20, 12.1 and 10.9 s with 50).
 HISTORY = 50
 
 
