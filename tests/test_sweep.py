@@ -200,6 +200,19 @@ def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits
     assert abs(objective_value(X, y, W.numpy(), 0.01, "svm") - theirs) / theirs < 1e-4
 
 
+def test_the_rotation_of_wide_features_is_exact_when_built_a_block_of_columns_at_a_time(monkeypatch):
+    from featcache.sweep import solvers
+
+    X = torch.randn(30, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    monkeypatch.setattr(solvers, "COLUMN_BLOCK", 7)  # 15 blocks, the last one short
+    monkeypatch.setattr(solvers, "_ROTATED", None)
+    Z, V, S = solvers.rotate(X)
+    assert Z.shape == (30, 30) and V.shape == (100, 30)
+    assert torch.allclose(Z @ V.T, X, atol=1e-10)
+    assert torch.allclose(V.T @ V, torch.eye(30, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(Z.T @ Z, torch.diag(S**2), atol=1e-8)
+
+
 def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
     from featcache.sweep.run import _tables
 

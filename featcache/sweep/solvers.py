@@ -45,11 +45,18 @@ def rotate(X):
         return _ROTATED[1]
     n, d = X.shape
     if n < d:  # through the rows' Gram matrix: an n-square eigenproblem, 15x faster than the SVD
-        X64 = X.double()
-        S2, U = torch.linalg.eigh(X64 @ X64.T)
+        # in float64 (V = X'U / S divides by small S), a block of columns at a time: a whole float64 copy
+        # of X would take 4.8 GB at 20,000 x 30,000
+        blocks = [(lo, min(lo + COLUMN_BLOCK, d)) for lo in range(0, d, COLUMN_BLOCK)]
+        gram = torch.zeros(n, n, dtype=torch.float64, device=X.device)
+        for lo, hi in blocks:
+            part = X[:, lo:hi].double()
+            gram += part @ part.T
+        S2, U = torch.linalg.eigh(gram)
         keep = S2 > S2.max() * 1e-12  # standardised rows span n - 1 dimensions at most: drop the null ones
-        S = S2[keep].sqrt()
-        Z, V = U[:, keep] * S, (X64.T @ U[:, keep]) / S
+        S, U = S2[keep].sqrt(), U[:, keep]
+        Z = U * S
+        V = torch.cat([((X[:, lo:hi].double().T @ U) / S).to(X.dtype) for lo, hi in blocks])
     else:  # through the features' Gram matrix, d-square; its n-long products in X's precision (45,000 rows:
         # 2 s against 8 s in float64), its eigenvectors in float64, so V stays orthonormal
         S2, V = torch.linalg.eigh((X.T @ X).double())
@@ -60,6 +67,7 @@ def rotate(X):
 
 
 _ROTATED = None
+COLUMN_BLOCK = 4096  # rotate()'s float64 products, this many columns at a time
 
 
 def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float = 1e-6, init=None, scale=None,
