@@ -102,9 +102,9 @@ def main():
         for head in heads:
             # both sides pick by validation accuracy alone, ties to the narrower pair, then to the earlier pair
             theirs = min(by_hand[head], key=lambda r: (-r[0], width[r[2]], pairs.index(r[2])))
-            ours = table[table["head"] == head].iloc[0]  # the sweep's table is ranked by that rule
-            same = {pair: test for _, test, pair in by_hand[head]}
             rows = table[table["head"] == head]
+            ours = rows.iloc[0]  # the sweep's table is ranked by that rule
+            same = {pair: test for _, test, pair in by_hand[head]}
             gap = np.mean([abs(t - same[p.replace("+", ",")]) for p, t in zip(rows["taps"], rows["test_acc"])])
             print(f"  {head:7s} best by validation: sweep test {ours['test_acc']:.4f} ({ours['taps']}), fuse-train "
                   f"test {theirs[1]:.4f} ({theirs[2]}): {100 * (ours['test_acc'] - theirs[1]):+.1f} points; "
@@ -117,7 +117,7 @@ def large(args):
     from featcache.fuse.evaluate import validation_split
     from featcache.fuse.fusion import parse_taps
     from featcache.sweep.probes import probe
-    from featcache.sweep.run import standardised
+    from featcache.sweep.run import fused_parts, standardised
 
     with tempfile.TemporaryDirectory() as tmp:
         features = ExtractConfig(data=tiled_digits(35, limit_train=args.rows, limit_test=args.rows // 5),
@@ -128,8 +128,7 @@ def large(args):
         refs = parse_taps("late", features.backbones)
         data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
         fit, val = validation_split(data.labels["train"], 0.1, 0)
-        X = standardised(data, fit, val, torch.device(args.device))
-        X = {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
+        X = fused_parts(standardised(data, fit, val, torch.device(args.device)), refs)
         labels = {"fit": data.labels["train"][fit], "val": data.labels["train"][val], "test": data.labels["test"]}
         y = {part: torch.as_tensor(v, device=args.device) for part, v in labels.items()}
         print(f"fit / val / test rows {len(X['fit'])} / {len(X['val'])} / {len(X['test'])}, "

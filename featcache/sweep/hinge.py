@@ -36,6 +36,13 @@ def times(X, W):
 ROWS_PER_FEATURE = 2
 
 
+def with_ones(X):
+    """``X`` (n, d) with a column of ones appended: the intercept as a feature."""
+    import torch
+
+    return torch.cat([X, X.new_ones(len(X), 1)], dim=1)
+
+
 def through_rows(n_rows: int, n_features: int) -> bool:
     """Whether :func:`newton_rows` is the cheaper form and its rows-square float64 Gram matrix fits in
     ``HESSIAN_ENTRIES`` (up to 8,192 rows)."""
@@ -61,7 +68,7 @@ def newton_features(X, y, C: float, n_classes: int, init=None, state: dict | Non
 
     n, d = X.shape
     f64 = dict(dtype=torch.float64, device=X.device)
-    Xb = torch.cat([X, X.new_ones(n, 1)], dim=1)
+    Xb = with_ones(X)
     signs = X.new_full((n, n_classes), -1.0)
     signs[torch.arange(n, device=X.device), y] = 1.0
     W = torch.zeros(d + 1, n_classes, **f64) if init is None else init.to(**f64).clone()
@@ -155,7 +162,7 @@ def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: f
     import torch
 
     n, d = X.shape
-    Xb = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1).double()
+    Xb = with_ones(X).double()
     W = torch.zeros(d + 1, n_classes, dtype=torch.float64, device=X.device) if init is None else init.double().clone()
     for k in range(n_classes):
         s = torch.where(y == k, 1.0, -1.0).to(Xb)

@@ -73,7 +73,7 @@ def sweep(cfg: SweepConfig, log=print) -> Path:
                         continue
                     if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
                         refs = job["refs"]
-                        whole = {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
+                        whole = fused_parts(X, refs)
                     fused = dict(whole)
                     labels_of = dict(y)
                     if job["shots"]:
@@ -148,6 +148,13 @@ def _folder(cfg: SweepConfig, paths: dict) -> Path:
     digest = hashlib.sha256(json.dumps(_request(cfg, paths), sort_keys=True, default=str).encode()).hexdigest()[:10]
     name = "+".join(b.replace(":", "-") for b in cfg.features.backbones)[:60]
     return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
+
+
+def fused_parts(X: dict, refs) -> dict:
+    """{part: the taps ``refs`` of :func:`standardised`'s output side by side, in that order}."""
+    import torch
+
+    return {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
 
 
 def standardised(data, fit_rows, val_rows, device, test: bool = True) -> dict:

@@ -15,7 +15,7 @@ from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import validation_split
 from featcache.sweep.config import all_taps
 from featcache.sweep.probes import probe
-from featcache.sweep.run import standardised
+from featcache.sweep.run import fused_parts, standardised
 
 AUTO = "auto"
 
@@ -38,7 +38,7 @@ def choose_taps(cfg, log=print):
     while len(chosen) < len(refs):
         trials = []
         for ref in (r for r in refs if r not in chosen):
-            fused = {part: torch.cat([X[part][r] for r in [*chosen, ref]], dim=1) for part in ("fit", "val")}
+            fused = fused_parts(X, [*chosen, ref])
             trials.append((probe("logreg", fused, y, len(data.classes), cfg.options)["val_acc"], ref))
         score, ref = max(trials, key=lambda t: t[0])  # the first of equals, in network order
         if score <= best:

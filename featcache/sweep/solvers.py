@@ -84,7 +84,7 @@ def solve(X, y, Cs, loss: str, n_classes: int, max_iter: int = 500, tol: float =
     n, d = X.shape
     G = len(Cs)
     C = torch.as_tensor(np.asarray(Cs, dtype=np.float64), dtype=X.dtype, device=X.device).view(G, 1, 1)
-    Xb = torch.cat([X, torch.ones(n, 1, dtype=X.dtype, device=X.device)], dim=1)
+    Xb = hinge.with_ones(X)
     s = torch.ones(d, dtype=X.dtype, device=X.device) if scale is None else scale.to(X.dtype)
     s = torch.cat([s, torch.ones(1, dtype=X.dtype, device=X.device)]).view(1, d + 1, 1)
     B = None if basis is None else torch.block_diag(basis.to(X.dtype), torch.ones(1, 1, dtype=X.dtype,
@@ -159,7 +159,7 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     gram = state = None
     rows = Z if Z is not None else X
     if loss == "svm" and hinge.through_rows(*rows.shape):  # the Gram matrix of the rows, once for every C
-        Rb = torch.cat([rows, torch.ones(len(rows), 1, dtype=rows.dtype, device=rows.device)], dim=1).double()
+        Rb = hinge.with_ones(rows).double()
         gram = Rb @ Rb.T
     out = {}
     previous = None
@@ -171,8 +171,8 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
             previous, state = hinge.newton_features(rows, y, C, n_classes, init=previous, state=state)
         else:
             scale = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt()
-            previous = solve(X if Z is None else Z, y, [C], loss, n_classes, max_iter, tol, init=previous,
-                             scale=scale, basis=V if Z is None else None)[0]
+            previous = solve(rows, y, [C], loss, n_classes, max_iter, tol, init=previous, scale=scale,
+                             basis=V if Z is None else None)[0]
         out[C] = previous
     if Z is None:
         return [out[C] for C in Cs]  # solved on X itself
