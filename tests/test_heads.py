@@ -114,3 +114,38 @@ def test_a_torch_head_trained_in_bf16_on_the_cpu_matches_fp32():
     assert abs(half.history_["train_loss"][-1] - exact.history_["train_loss"][-1]) <= 0.02
     assert abs(half.score(X[1200:], y[1200:]) - exact.score(X[1200:], y[1200:])) <= 0.02
     assert half.predict_proba(X[:5]).dtype == np.float32
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
+def test_the_optimizers_take_the_same_steps_fused_or_not(name, monkeypatch):
+    """make_optimizer fuses where torch can, and falls back where it cannot (torch < 2.4 on the CPU)."""
+    import torch
+
+    from featcache.fuse import torch_head
+
+    def trained(optimizer_of):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(20, 5, generator=gen).requires_grad_()
+        X = torch.randn(64, 20, generator=gen)
+        opt = optimizer_of([w])
+        for _ in range(5):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(X @ w, torch.arange(64) % 5).backward()
+            opt.step()
+        return opt, w.detach()
+
+    fused, w_fused = trained(lambda p: torch_head.make_optimizer(name, p, 0.01, 1e-3))
+    assert fused.defaults["fused"] is True  # this torch fuses on the CPU
+    cls = type(fused)
+
+    class Unfusable(cls):  # what torch < 2.4 says for fused=True on the CPU
+        def __init__(self, params, fused=None, **kw):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices: ['cuda', 'xpu', 'privateuseone']")
+            super().__init__(params, **kw)
+
+    monkeypatch.setattr(torch.optim, cls.__name__, Unfusable)
+    plain, w_plain = trained(lambda p: torch_head.make_optimizer(name, p, 0.01, 1e-3))
+    assert isinstance(plain, Unfusable) and not plain.defaults.get("fused")
+    assert torch.allclose(w_fused, w_plain, atol=1e-6)
