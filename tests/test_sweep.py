@@ -175,6 +175,24 @@ def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, m
         assert abs(objective_value(X, y, W.numpy(), C, "svm") - theirs) / theirs < 1e-6
 
 
+@pytest.mark.parametrize("n_active", [0, 12, 29, 31, 60])
+def test_the_svm_newton_step_through_the_margin_rows_or_the_rest_is_the_dense_one(n_active):
+    from featcache.sweep.hinge import inverse_hessian_times, rows_form
+
+    gen = torch.Generator().manual_seed(n_active)
+    X = torch.randn(60, 45, generator=gen, dtype=torch.float64)  # n_active <= 30: through A, else through R
+    active = torch.zeros(60, dtype=torch.bool)
+    active[torch.randperm(60, generator=gen)[:n_active]] = True
+    g = torch.randn(46, generator=gen, dtype=torch.float64)
+    form, per_c = rows_form(X), {}
+    Xb = form["Xb"]
+    for C in (0.01, 3.0):
+        H = torch.eye(46, dtype=torch.float64) + 2 * C * Xb[active].T @ Xb[active]
+        step = inverse_hessian_times(form, C, active, g, per_c)
+        assert torch.allclose(H @ step, g, rtol=0, atol=1e-9 * g.abs().max())
+        per_c.clear()  # its factors belong to one C
+
+
 def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits):
     from featcache.sweep.hinge import newton_features
 

@@ -7,8 +7,8 @@ margin, so a Newton step is exact on its piece and the search ends once a whole 
 was. Where L-BFGS crawls (its four C on 45,000 x 1,792 had not finished after 280 s) Newton's few
 steps cost only the Hessians, and those change by the rows that cross the margin.
 
-- :func:`newton_rows`, up to twice as many rows as features: by Woodbury, ``|A|``-square systems cut
-  from the rows' Gram matrix (900 x 3,328 costs 900-square solves).
+- :func:`newton_rows`, up to twice as many rows as features: by Woodbury, through the margin's rows A
+  or the rest, whichever is fewer (900 x 3,328 costs at most 450-square solves).
 - :func:`newton_features`, more rows than that: every class at once, one (d+1)-square
   Hessian per class kept from step to step and C to C (``state``), updated by the rows that entered
   or left the margin, rebuilt when that is cheaper.
@@ -156,14 +156,22 @@ def _spd_solve(M, b):
     return torch.linalg.solve_triangular(L.mT, torch.linalg.solve_triangular(L, b, upper=False), upper=True)
 
 
-def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: float = 1e-7, init=None):
-    """One class at a time, for ``X`` (n, d) with few rows: the step ``H^-1 g = g - X_A' (I / 2C + X_A X_A')^-1 X_A g``
-    (Woodbury) needs ``gram``, the rows' Gram matrix with the constant feature, sliced to A. Returns (d + 1, k)."""
+def rows_form(X) -> dict:
+    """What :func:`newton_rows` keeps for every C of a path: ``X`` with its constant feature in float64, the
+    rows' Gram matrix and the features' (the first in ``HESSIAN_ENTRIES``, see :func:`through_rows`)."""
+    Xb = with_ones(X).double()
+    return {"Xb": Xb, "rows": Xb @ Xb.T, "features": Xb.T @ Xb, "dtype": X.dtype}
+
+
+def newton_rows(form: dict, y, C: float, n_classes: int, max_iter: int = 50, tol: float = 1e-7, init=None):
+    """One class at a time, for ``X`` (n, d) with few rows (``form`` from :func:`rows_form`), each Newton
+    step by :func:`inverse_hessian_times`. Returns W (d + 1, k) in X's dtype."""
     import torch
 
-    n, d = X.shape
-    Xb = with_ones(X).double()
-    W = torch.zeros(d + 1, n_classes, dtype=torch.float64, device=X.device) if init is None else init.double().clone()
+    Xb = form["Xb"]
+    W = torch.zeros(Xb.shape[1], n_classes, dtype=torch.float64, device=Xb.device) if init is None else \
+        init.double().clone()
+    per_c = {}  # the factors of this C that steps through the rest of the rows share, made when first wanted
     for k in range(n_classes):
         s = torch.where(y == k, 1.0, -1.0).to(Xb)
         w = W[:, k].clone()
@@ -180,15 +188,12 @@ def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: f
             if t == 1.0 and torch.equal(active, before):
                 break  # the whole step kept the margin's rows: it was exact
             rows = active.nonzero().squeeze(1)
-            XA = Xb[rows]
-            g = w + 2 * C * (XA.T @ (scores[rows] - s[rows]))
+            g = w + 2 * C * (Xb[rows].T @ (scores[rows] - s[rows]))
             norm = g.norm()
             first = norm if first is None else first
             if norm <= tol * first:
                 break
-            M = gram.index_select(0, rows).index_select(1, rows)
-            M.diagonal().add_(1 / (2 * C))
-            step = -(g - XA.T @ _spd_solve(M, (XA @ g).unsqueeze(1)).squeeze(1))
+            step = -inverse_hessian_times(form, C, active, g, per_c)
             t, slope = 1.0, g.dot(step)
             for _ in range(30):  # the full step nearly always; halve it while the decrease is too small
                 f_new = value(w + t * step)
@@ -197,4 +202,40 @@ def newton_rows(X, y, C: float, n_classes: int, gram, max_iter: int = 50, tol: f
                 t /= 2
             w, f, before = w + t * step, f_new, active
         W[:, k] = w
-    return W.to(X.dtype)
+    return W.to(form["dtype"])
+
+
+def inverse_hessian_times(form: dict, C: float, active, g, per_c: dict):
+    """``H^-1 g`` for ``H = I + 2C X_A' X_A``, A the rows where ``active``, by Woodbury through whichever of
+    A and the rest R is fewer (a Newton path from w = 0 starts with every row in A), so the square
+    factorised is at most n / 2 wide:
+
+    - through A: ``H^-1 g = g - X_A' (I / 2C + X_A X_A')^-1 X_A g``, cut from the rows' Gram matrix;
+    - through R: ``H = B - 2C X_R' X_R`` with ``B = I + 2C X'X = L L'``, so ``H^-1 g =
+      L'^-1 (h + T_R (I / 2C - T_R' T_R)^-1 T_R' h)`` with ``h = L^-1 g`` and ``T = L^-1 X'``, whose L,
+      T and T'T ``per_c`` keeps for the next step at the same C.
+    """
+    import torch
+
+    Xb = form["Xb"]
+    rows = active.nonzero().squeeze(1)
+    if 2 * len(rows) <= len(Xb):
+        XA = Xb[rows]
+        M = form["rows"].index_select(0, rows).index_select(1, rows)
+        M.diagonal().add_(1 / (2 * C))
+        return g - XA.T @ _spd_solve(M, (XA @ g).unsqueeze(1)).squeeze(1)
+    if not per_c:
+        B = 2 * C * form["features"]
+        B.diagonal().add_(1.0)
+        L = torch.linalg.cholesky(B)
+        T = torch.linalg.solve_triangular(L, Xb.T, upper=False)
+        per_c.update(L=L, T=T, K=T.T @ T)
+    L, T = per_c["L"], per_c["T"]
+    h = torch.linalg.solve_triangular(L, g.unsqueeze(1), upper=False)
+    rest = (~active).nonzero().squeeze(1)
+    if len(rest):
+        TR = T[:, rest]
+        cap = -per_c["K"].index_select(0, rest).index_select(1, rest)
+        cap.diagonal().add_(1 / (2 * C))
+        h = h + TR @ _spd_solve(cap, TR.T @ h)
+    return torch.linalg.solve_triangular(L.T, h, upper=True).squeeze(1)

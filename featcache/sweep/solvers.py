@@ -156,17 +156,16 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     import torch
 
     Z, V, S = rotate(X)
-    gram = state = None
+    form = state = None
     rows = Z if Z is not None else X
-    if loss == "svm" and hinge.through_rows(*rows.shape):  # the Gram matrix of the rows, once for every C
-        Rb = hinge.with_ones(rows).double()
-        gram = Rb @ Rb.T
+    if loss == "svm" and hinge.through_rows(*rows.shape):  # the Gram matrices, once for every C
+        form = hinge.rows_form(rows)
     out = {}
     previous = None
-    newton = loss == "svm" and (gram is not None or hinge.fits(rows.shape[1], n_classes))
+    newton = loss == "svm" and (form is not None or hinge.fits(rows.shape[1], n_classes))
     for C in sorted(set(Cs)):
-        if newton and gram is not None:
-            previous = hinge.newton_rows(rows, y, C, n_classes, gram, init=previous)
+        if newton and form is not None:
+            previous = hinge.newton_rows(form, y, C, n_classes, init=previous)
         elif newton:
             previous, state = hinge.newton_features(rows, y, C, n_classes, init=previous, state=state)
         else:
