@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.data.datasets import dataset_identity
 from featcache.extraction.config import fingerprint
 from featcache.extraction.store import fingerprint_hash
 from featcache.files import atomic_write
@@ -34,7 +35,8 @@ def stage_key(stage: Stage) -> str:
     """
     features = stage.config.features
     precision = resolve_precision(features.precision, resolve_device(features.device))
-    inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision))
+    identity = dataset_identity(features.data)
+    inputs = {name: fingerprint_hash(fingerprint(features, BACKBONES.lookup(name), precision, identity))
               for name in features.backbones}
     settled = {k: str(v) if isinstance(v, Path) else v for k, v in stage.params.items() if k not in UI_ONLY}
     text = json.dumps([stage.kind, settled, inputs], sort_keys=True, default=str)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.data.images import IMAGE_SUFFIXES, images_in
+from featcache.data.images import IMAGE_SUFFIXES, files_under, images_in
 from featcache.errors import FeatcacheError
 from featcache.registry import Registry
 
@@ -243,9 +243,9 @@ def _folder_layout(request: DataRequest) -> dict[str, dict[str, list[Path]]] | d
 def _folder_identity(request: DataRequest) -> dict:
     root = _folder_root(request)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        stat = path.stat()
-        digest.update(json.dumps([str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns]).encode())
+    for parts, entry in files_under(root):
+        stat = entry.stat()
+        digest.update(json.dumps(["/".join(parts), stat.st_size, stat.st_mtime_ns]).encode())
     return {"root": root.resolve().name, "files": digest.hexdigest(), "test_fraction": request.test_fraction}
 
 

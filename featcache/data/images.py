@@ -194,13 +194,31 @@ class FileImages:
         return decoded_or_error(self.files[i], self.pre)
 
 
+def files_under(folder) -> list[tuple[tuple[str, ...], os.DirEntry]]:
+    """Every file under ``folder``, recursively, as (its path's parts below ``folder``, its directory entry),
+    in pathlib's order: ``sorted(p for p in Path(folder).rglob("*") if p.is_file())``, without a Path
+    object per file (sorting and relating 16,384 Paths took 0.25 s; a test checks both agree). Symlinked
+    files count, symlinked folders are not entered, as ``rglob`` does."""
+    out, todo = [], [((), os.fspath(folder))]
+    while todo:
+        parts, directory = todo.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(((*parts, entry.name), entry.path))
+                elif entry.is_file():
+                    out.append(((*parts, entry.name), entry))
+    out.sort(key=lambda item: item[0])
+    return out
+
+
 def images_in(folder: Path) -> list[Path]:
     """Every image file under ``folder``, recursively, in name order.
 
     Hidden files and folders are not photos: macOS's ``._name.jpg`` AppleDouble files, ``.thumbnails/`` ...
     """
-    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return [Path(entry.path) for parts, entry in files_under(folder)
+            if os.path.splitext(parts[-1])[1].lower() in IMAGE_SUFFIXES and not any(p.startswith(".") for p in parts)]
 
 
 def image_paths(args) -> list[Path]:

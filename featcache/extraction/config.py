@@ -103,11 +103,13 @@ def shared_preprocess(cfg: ExtractConfig, why: str) -> PreprocessConfig:
     return first
 
 
-def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str) -> dict:
+def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str, dataset: dict | None = None) -> dict:
     """Everything that changes the numbers of one backbone's cache file.
 
     A discovered backbone adds the library versions that define it (``versions``); the four
-    declared ones keep exactly the keys their existing caches were named with.
+    declared ones keep exactly the keys their existing caches were named with. ``dataset``:
+    ``dataset_identity(cfg.data)`` when the caller already has it (a photo folder's identity
+    reads every file's size and time: callers with several backbones read it once).
     """
     out = {
         "format": FORMAT,
@@ -118,7 +120,7 @@ def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str) -> dict:
         "pooling": cfg.pooling,
         "precision": precision,
         "dtype": cfg.dtype,
-        "dataset": dataset_identity(cfg.data),
+        "dataset": dataset_identity(cfg.data) if dataset is None else dataset,
     }
     if spec.versions:
         out["versions"] = spec.versions

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_precision, tap_model
-from featcache.data.datasets import Dataset, dataset_key, load_dataset
+from featcache.data.datasets import Dataset, dataset_identity, dataset_key, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError
 from featcache.extraction import distributed
@@ -55,9 +55,10 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     results: dict[str, ExtractResult] = {}
     todo = []
     started = time.perf_counter()
+    identity = dataset_identity(cfg.data)
     for name in cfg.backbones:
         spec = BACKBONES.lookup(name)
-        fp = fingerprint(cfg, spec, precision)
+        fp = fingerprint(cfg, spec, precision, identity)
         path = cache_file(cfg.cache_dir, key, name, fp)
         hit = distributed.agree(r, _served(name, path, started))
         if hit is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device, resolve_precision
 from featcache.backbones.weights import input_defaults
-from featcache.data.datasets import DataRequest, dataset_key
+from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig, fingerprint
 from featcache.extraction.reader import FeatureCache
@@ -48,8 +48,9 @@ def locate_caches(cfg: ExtractConfig) -> dict[str, Path]:
     precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     key = dataset_key(cfg.data)
     found = {}
+    identity = dataset_identity(cfg.data)
     for name in cfg.backbones:
-        path = cache_file(cfg.cache_dir, key, name, fingerprint(cfg, BACKBONES.lookup(name), precision))
+        path = cache_file(cfg.cache_dir, key, name, fingerprint(cfg, BACKBONES.lookup(name), precision, identity))
         if not path.exists():
             raise FeatcacheError(
                 f"no cached features for {name} in {path.parent} with these settings: run "
