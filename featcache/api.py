@@ -115,7 +115,8 @@ def sweep(**kwargs):
     from featcache.cli.flags import sweep_config
     from featcache.sweep.run import sweep as run_sweep
 
-    folder = run_sweep(sweep_config(_params("sweep", kwargs)))
+    params = _params("sweep", kwargs)
+    folder = run_sweep(sweep_config(params), progress=not params["quiet"])
     table = pd.read_csv(folder / "table.csv")
     table.attrs["folder"] = folder
     return table

@@ -127,7 +127,7 @@ def test_bad_sweep_requests_are_one_line_and_write_nothing(tmp_path, kw, message
     assert not (tmp_path / "runs").exists()
 
 
-def test_the_python_api_returns_the_table(tmp_path):
+def test_the_python_api_returns_the_table(tmp_path, capsys):
     import featcache
 
     table = featcache.sweep(backbone="tiny", weights="random", image_size=32, limit_train=200, limit_test=60,
@@ -136,6 +136,12 @@ def test_the_python_api_returns_the_table(tmp_path):
     assert len(table) == 3 * 2 and set(table["head"]) == {"logreg", "knn"}
     assert list(table["val_acc"]) == sorted(table["val_acc"], reverse=True)
     assert (table.attrs["folder"] / "rows.jsonl").exists()
+    assert "sweep:   0%|          | 0/6 [" in capsys.readouterr().err  # the evaluations' progress bar
+    featcache.sweep(backbone="tiny", weights="random", image_size=32, limit_train=200, limit_test=60, combos="singles",
+                    head="logreg,knn", keep=0, device="cpu", cache_dir=tmp_path / "cache", runs_dir=tmp_path / "quiet",
+                    quiet=True)  # evaluated afresh in another runs folder, without a bar
+    said = capsys.readouterr()
+    assert "6 evaluations in" in said.out and "sweep:" not in said.err
 
 
 def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):

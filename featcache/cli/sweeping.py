@@ -50,7 +50,8 @@ from featcache.cli.options import data_options, feature_options
 @click.option("--device", default="auto", show_default=True, help="Where the probes are solved: auto, cpu or cuda.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
-def sweep(**params):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+def sweep(quiet, **params):
     """Evaluate every tap, pair or combination of the cached taps with every head, at once.
 
     Hyper-parameters are chosen on a validation split of train; the chosen model of each
@@ -61,4 +62,4 @@ def sweep(**params):
     from featcache.cli.flags import sweep_config
     from featcache.sweep.run import sweep as run
 
-    run(sweep_config(params), log=click.echo)
+    run(sweep_config(params), log=click.echo, progress=not quiet)

@@ -35,9 +35,10 @@ from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinatio
 from featcache.sweep.probes import probe
 
 
-def sweep(cfg: SweepConfig, log=print) -> Path:
-    """Run (or resume) the sweep; return its folder."""
+def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
+    """Run (or resume) the sweep; return its folder. ``progress``: a bar over the evaluations left."""
     import torch
+    from tqdm.auto import tqdm
 
     combos = combinations(cfg)  # every check before any long work
     feat = cfg.features
@@ -58,7 +59,9 @@ def sweep(cfg: SweepConfig, log=print) -> Path:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "sweep.json", json.dumps(_request(cfg, paths), indent=2, default=str))
         started, count = time.perf_counter(), 0
-        with open(folder / "rows.jsonl", "a") as out:
+        bar = tqdm(total=sum(_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
+                   leave=False)
+        with bar, open(folder / "rows.jsonl", "a") as out:
             for seed in cfg.seeds:
                 fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, seed)
                 if seed == cfg.seeds[0] and (note := small_validation(labels["train"][val_rows])):
@@ -85,6 +88,8 @@ def sweep(cfg: SweepConfig, log=print) -> Path:
                     out.flush()
                     done.add(_key(job))
                     count += 1
+                    bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
+                    bar.update()
         log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     table, fewshot = _tables(folder)
     _write_tables(folder, table, fewshot)
