@@ -117,8 +117,10 @@ def test_a_torch_head_trained_in_bf16_on_the_cpu_matches_fp32():
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw", "sgd"])
-def test_the_optimizers_take_the_same_steps_fused_or_not(name, monkeypatch):
-    """make_optimizer fuses where torch can, and falls back where it cannot (torch < 2.4 on the CPU)."""
+@pytest.mark.parametrize("refusal", [RuntimeError, TypeError])
+def test_the_optimizers_take_the_same_steps_fused_or_not(name, refusal, monkeypatch):
+    """make_optimizer fuses where torch can, and falls back where it cannot (torch < 2.4 on the CPU
+    refuses fused=True, and older optimizers have no such argument)."""
     import torch
 
     from featcache.fuse import torch_head
@@ -141,8 +143,9 @@ def test_the_optimizers_take_the_same_steps_fused_or_not(name, monkeypatch):
     class Unfusable(cls):  # what torch < 2.4 says for fused=True on the CPU
         def __init__(self, params, fused=None, **kw):
             if fused:
-                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
-                                   "devices: ['cuda', 'xpu', 'privateuseone']")
+                raise refusal("`fused=True` requires all the params to be floating point Tensors of supported "
+                              "devices: ['cuda', 'xpu', 'privateuseone']" if refusal is RuntimeError else
+                              "__init__() got an unexpected keyword argument 'fused'")
             super().__init__(params, **kw)
 
     monkeypatch.setattr(torch.optim, cls.__name__, Unfusable)

@@ -202,12 +202,15 @@ def files_under(folder) -> list[tuple[tuple[str, ...], os.DirEntry]]:
     out, todo = [], [((), os.fspath(folder))]
     while todo:
         parts, directory = todo.pop()
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    todo.append(((*parts, entry.name), entry.path))
-                elif entry.is_file():
-                    out.append(((*parts, entry.name), entry))
+        try:
+            entries = list(os.scandir(directory))
+        except PermissionError:
+            continue  # an unreadable folder is passed over, as rglob does
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                todo.append(((*parts, entry.name), entry.path))
+            elif entry.is_file():
+                out.append(((*parts, entry.name), entry))
     out.sort(key=lambda item: item[0])
     return out
 

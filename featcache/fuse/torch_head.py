@@ -270,5 +270,5 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float = 0.0):
     params = list(params)
     try:
         return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
-    except RuntimeError:  # fused=True requires ... supported devices: this torch does not fuse there
+    except (RuntimeError, TypeError):  # "fused=True requires ... supported devices", or no such argument yet
         return cls(params, lr=lr, weight_decay=weight_decay)

@@ -44,8 +44,9 @@ def with_ones(X):
 
 
 def through_rows(n_rows: int, n_features: int) -> bool:
-    """Whether :func:`newton_rows` is the cheaper form and its rows-square float64 Gram matrix fits in
-    ``HESSIAN_ENTRIES`` (up to 8,192 rows)."""
+    """Whether :func:`newton_rows` is the cheaper form and its two rows-square float64 matrices (the rows'
+    Gram matrix, and ``T'T`` of :func:`inverse_hessian_times`) fit in ``HESSIAN_ENTRIES`` each (up to
+    8,192 rows)."""
     return n_rows <= ROWS_PER_FEATURE * n_features and n_rows**2 <= HESSIAN_ENTRIES
 
 
