@@ -12,9 +12,13 @@ VENV=.venv
 
 if [ ! -x "$VENV/bin/featcache" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
     echo "dev.sh: installing featcache into $VENV with PyTorch (several GB: a few quiet minutes the first time)" >&2
+    # .venv takes about 6 GB (torch with its CUDA libraries); say so up front rather than fail half-way
+    "$PYTHON" -c 'import shutil, sys; free = shutil.disk_usage(".").free / 2**30
+if free < 8: print(f"dev.sh: warning: {free:.1f} GB free here; the install needs about 8 GB", file=sys.stderr)'
     "$PYTHON" -m venv "$VENV"
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+    # no wheel cache: it would hold another copy of those GB
+    "$VENV/bin/python" -m pip install --quiet --no-cache-dir -e '.[dev]'
     touch "$VENV/.installed"
 fi
 export PATH="$PWD/$VENV/bin:$PATH"
