@@ -142,6 +142,7 @@ def test_the_python_api_returns_the_table(tmp_path, capsys):
                     quiet=True)  # evaluated afresh in another runs folder, without a bar
     said = capsys.readouterr()
     assert "6 evaluations in" in said.out and "sweep:" not in said.err
+    assert "warning: the validation split holds 20 images" in said.out  # 200 rows, 10% to validation
 
 
 def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
