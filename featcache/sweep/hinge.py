@@ -176,33 +176,23 @@ def newton_rows(form: dict, y, C: float, n_classes: int, max_iter: int = 50, tol
     for k in range(n_classes):
         s = torch.where(y == k, 1.0, -1.0).to(Xb)
         w = W[:, k].clone()
-
-        def value(w, scores):
-            return 0.5 * w.dot(w) + C * (1.0 - s * scores).clamp(min=0).pow(2).sum()
-
         scores = Xb @ w  # then moved along with w: one product with Xb per step
-        f = value(w, scores)
-        first = before = None
+        before = first = None
         t = 0.0
         for _ in range(max_iter):
-            active = (1.0 - s * scores) > 0
+            margin = 1.0 - s * scores
+            active = margin > 0
             if t == 1.0 and torch.equal(active, before):
                 break  # the whole step kept the margin's rows: it was exact
-            rows = active.nonzero().squeeze(1)
-            g = w + 2 * C * (Xb[rows].T @ (scores[rows] - s[rows]))
+            g = w - 2 * C * (Xb.T @ (s * margin.clamp(min=0)))
             norm = g.norm()
             first = norm if first is None else first
             if norm <= tol * first:
                 break
             step = -inverse_hessian_times(form, C, active, g, per_c)
             moved = Xb @ step
-            t, slope = 1.0, g.dot(step)
-            for _ in range(30):  # the full step nearly always; halve it while the decrease is too small
-                f_new = value(w + t * step, scores + t * moved)
-                if f_new <= f + 0.01 * t * slope:
-                    break
-                t /= 2
-            w, scores, f, before = w + t * step, scores + t * moved, f_new, active
+            t = float(_line_search(w[:, None], step[:, None], margin[:, None], (s * moved)[:, None], g[:, None], C)[0])
+            w, scores, before = w + t * step, scores + t * moved, active
         W[:, k] = w
     return W.to(form["dtype"])
 

@@ -58,15 +58,15 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
         device = torch.device(cfg.options.device)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write(folder / "sweep.json", json.dumps(_request(cfg, paths), indent=2, default=str))
-        first_val = validation_split(labels["train"], cfg.val_fraction, cfg.seeds[0])[1]
-        if note := small_validation(labels["train"][first_val]):
+        splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
+        if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
             log(f"warning: {note}")  # before the bar, so that the two do not share a line
         started, count = time.perf_counter(), 0
         bar = tqdm(total=sum(_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                    leave=False)
         with bar, open(folder / "rows.jsonl", "a") as out:
             for seed in cfg.seeds:
-                fit_rows, val_rows = validation_split(labels["train"], cfg.val_fraction, seed)
+                fit_rows, val_rows = splits[seed]
                 X = standardised(data, fit_rows, val_rows, device)
                 y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
                 y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
