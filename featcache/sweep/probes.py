@@ -13,19 +13,46 @@ import numpy as np
 from featcache.fuse.evaluate import fit_select
 from featcache.fuse.heads import C_GRID, HEADS, SVM_C_GRID, HeadOptions
 from featcache.sweep.knn import KS, neighbours, vote
+from featcache.sweep.lanes import solve_many
 from featcache.sweep.solvers import scores_of, solve_path
 
+BATCHED = ("logreg",)  # heads whose fits :func:`presolve` makes for many combinations at once
 
-def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions) -> dict:
+
+def presolve(head: str, problems: list, y, n_classes: int, options: HeadOptions, rotations: bool = False) -> list:
+    """For a head of ``BATCHED``: every problem's fits (a problem: its taps' fit blocks, side by side), solved
+    together. Returns per problem ``(solved, rotated)``: its fits with their share of the seconds, for
+    :func:`probe`'s ``solved``; with ``rotations``, the rotation of its features to reuse for its svm
+    (:func:`probe`'s ``rotated``), or None."""
+    started = time.perf_counter()
+    kept = [] if rotations else None
+    solutions = solve_many(problems, y, _grid(head, options), n_classes, rotations=kept)
+    share = (time.perf_counter() - started) / max(len(problems), 1)
+    return [((s, share), kept[i] if rotations else None) for i, s in enumerate(solutions)]
+
+
+def _grid(head: str, options: HeadOptions) -> list:
+    return list(options.grid.get("C", C_GRID if head == "logreg" else SVM_C_GRID))
+
+
+def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, solved=None, rotated=None) -> dict:
     """``X`` / ``y``: {"fit", "val", "test"} -> tensors. Returns the chosen parameters, the validation accuracy
-    of every candidate, test accuracy and macro-F1 of the chosen one, and the seconds it took. Without a
-    "test" entry (choosing taps) nothing is scored on test."""
+    of every candidate, test accuracy and macro-F1 of the chosen one, and the seconds it took (with
+    ``solved``'s share: :func:`presolve`'s output for this combination; ``rotated``: its rotation, for the
+    svm). Without a "test" entry (choosing taps) nothing is scored on test."""
     from sklearn.metrics import f1_score
 
     started = time.perf_counter()
+    if solved is not None:
+        started -= solved[1]
     if head in ("logreg", "svm"):
-        Cs = list(options.grid.get("C", C_GRID if head == "logreg" else SVM_C_GRID))
-        solutions = solve_path(X["fit"], y["fit"], Cs, head, n_classes)
+        Cs = _grid(head, options)
+        if solved is not None:
+            solutions = solved[0]
+        elif head in BATCHED:
+            [solutions] = solve_many([[X["fit"]]], y["fit"], Cs, n_classes)
+        else:
+            solutions = solve_path(X["fit"], y["fit"], Cs, head, n_classes, rotated=rotated)
         accs = [_accuracy(scores_of(X["val"], W), y["val"]) for W in solutions]
         best = int(np.argmax(accs))  # the first of equals: the smallest C listed first wins ties
         predicted = scores_of(X["test"], solutions[best]).argmax(1) if "test" in X else None

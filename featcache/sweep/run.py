@@ -32,7 +32,7 @@ from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinations
-from featcache.sweep.probes import probe
+from featcache.sweep.probes import BATCHED, presolve, probe
 
 
 def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
@@ -71,26 +71,29 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
                 y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
                 y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
                 options = replace(cfg.options, seed=seed)
-                refs, whole = None, None
-                for job in todo:
-                    if job["seed"] != seed or _key(job) in done:
-                        continue
-                    if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
-                        refs = job["refs"]
-                        whole = fused_parts(X, refs)
-                    fused = dict(whole)
-                    labels_of = dict(y)
-                    if job["shots"]:
-                        rows = _draw(labels["train"][fit_rows], job["shots"], seed, job["repeat"])
-                        fused["fit"], labels_of["fit"] = fused["fit"][rows], y["fit"][rows]
-                    result = probe(job["head"], fused, labels_of, n_classes, options)
-                    row = {**_public(job), "width": int(fused["fit"].shape[1]), **result}
-                    out.write(json.dumps(row, default=str) + "\n")
-                    out.flush()
-                    done.add(_key(job))
-                    count += 1
-                    bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
-                    bar.update()
+                pending = [job for job in todo if job["seed"] == seed and _key(job) not in done]
+                for draw in dict.fromkeys((job["shots"], job["repeat"]) for job in pending):
+                    group = [job for job in pending if (job["shots"], job["repeat"]) == draw]
+                    parts, labels_of = dict(X), dict(y)
+                    if draw[0]:  # the few-shot rows of this draw, the same for every combination and head
+                        rows = _draw(labels["train"][fit_rows], draw[0], seed, draw[1])
+                        parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
+                        labels_of["fit"] = y["fit"][rows]
+                    solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
+                    refs, fused = None, None
+                    for job in group:
+                        if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
+                            refs = job["refs"]
+                            fused = fused_parts(parts, refs)
+                        result = probe(job["head"], fused, labels_of, n_classes, options, solved=solved.get(_key(job)),
+                                       rotated=rotations.get(tuple(refs)))
+                        row = {**_public(job), "width": int(fused["fit"].shape[1]), **result}
+                        out.write(json.dumps(row, default=str) + "\n")
+                        out.flush()
+                        done.add(_key(job))
+                        count += 1
+                        bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
+                        bar.update()
         log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     table, fewshot = _tables(folder)
     _write_tables(folder, table, fewshot)
@@ -100,6 +103,23 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
         _keep(cfg, table, log)
     log(f"sweep written to {folder} (table.csv: every combination and head)")
     return folder
+
+
+def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple[dict, dict]:
+    """The fits of ``group``'s jobs whose head is solved for many combinations at once: ({job key: fits}, {taps:
+    their rotated features, for the same combination's svm})."""
+    solved, rotations = {}, {}
+    svm = {tuple(job["refs"]) for job in group if job["head"] == "svm"}
+    for head in BATCHED:
+        jobs = [job for job in group if job["head"] == head]
+        if jobs:
+            bar.set_postfix_str(f"{head}: {len(jobs)} combinations at once", refresh=True)
+            problems = [[fit[r] for r in job["refs"]] for job in jobs]
+            for job, (fits, rotated) in zip(jobs, presolve(head, problems, y, n_classes, options, rotations=bool(svm))):
+                solved[_key(job)] = fits
+                if rotated is not None and tuple(job["refs"]) in svm:
+                    rotations[tuple(job["refs"])] = rotated
+    return solved, rotations
 
 
 def _jobs(cfg: SweepConfig, combos) -> list[dict]:

@@ -14,7 +14,7 @@ from featcache.extraction.run import extract
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import validation_split
 from featcache.sweep.config import all_taps
-from featcache.sweep.probes import probe
+from featcache.sweep.probes import presolve, probe
 from featcache.sweep.run import fused_parts, standardised
 
 AUTO = "auto"
@@ -36,10 +36,11 @@ def choose_taps(cfg, log=print):
     y = {"fit": torch.as_tensor(labels[fit_rows], device=device), "val": torch.as_tensor(labels[val_rows], device=device)}
     chosen, path, best = [], [], -1.0
     while len(chosen) < len(refs):
-        trials = []
-        for ref in (r for r in refs if r not in chosen):
-            fused = fused_parts(X, [*chosen, ref])
-            trials.append((probe("logreg", fused, y, len(data.classes), cfg.options)["val_acc"], ref))
+        candidates = [r for r in refs if r not in chosen]  # every candidate's fits at once
+        solved = presolve("logreg", [[X["fit"][r] for r in [*chosen, ref]] for ref in candidates], y["fit"],
+                          len(data.classes), cfg.options)
+        trials = [(probe("logreg", fused_parts(X, [*chosen, ref]), y, len(data.classes), cfg.options, solved=s)["val_acc"],
+                   ref) for ref, (s, _) in zip(candidates, solved)]
         score, ref = max(trials, key=lambda t: t[0])  # the first of equals, in network order
         if score <= best:
             break

@@ -145,9 +145,11 @@ CURVATURE = 0.0005
 HISTORY = 50
 
 
-def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: float = 1e-5) -> list:
+def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: float = 1e-5, rotated=None) -> list:
     """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started,
-    on the rotated features of :func:`rotate` (mapped back before they are returned).
+    on the rotated features of :func:`rotate` (mapped back before they are returned), or on ``rotated``'s:
+    ``(Z, back)`` from :func:`featcache.sweep.lanes.solve_many` for the same features (fewer rows than
+    columns), where the combination's logistic regressions rotated them already.
 
     The squared hinge takes exact Newton steps (:mod:`~featcache.sweep.hinge`) wherever their Hessians
     fit in memory: L-BFGS stopped short of LinearSVC's objective at C >= 0.1 (4e-2 above it at C = 1
@@ -155,7 +157,12 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     """
     import torch
 
-    Z, V, S = rotate(X)
+    if rotated is not None:
+        Z, back = rotated
+        V, S = None, Z.double().pow(2).sum(0).sqrt()  # Z's columns are orthogonal, of lengths S
+    else:
+        Z, V, S = rotate(X)
+        back = None if Z is None else (lambda u: V @ u)
     form = state = None
     rows = Z if Z is not None else X
     if loss == "svm" and hinge.through_rows(*rows.shape):  # the Gram matrices, once for every C
@@ -175,7 +182,7 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
         out[C] = previous
     if Z is None:
         return [out[C] for C in Cs]  # solved on X itself
-    return [torch.cat([V @ out[C][:-1], out[C][-1:]]) for C in Cs]
+    return [torch.cat([back(out[C][:-1]), out[C][-1:]]) for C in Cs]
 
 
 def scores_of(X, W):

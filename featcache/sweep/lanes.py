@@ -1,0 +1,240 @@
+"""Many logistic regressions at once: every C of many tap combinations, one batched L-BFGS.
+
+Flow: sweep/run -> probes -> **lanes** (-> solvers.rotate). A lane is one (combination, C). Each
+combination's features are rotated into their row space (:func:`~featcache.sweep.solvers.rotate`:
+at most as many columns as rows, orthogonal), padded with zero columns to the widest of the batch
+and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
+products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
+the kernel launches. Padded columns are zero, so their weights get no gradient and stay zero.
+
+Each lane keeps its own L-BFGS history, step length and stopping test (:func:`minimise`); only the
+evaluations are shared. Lanes that stopped keep their weights, and the batch drops a combination
+whose lanes all stopped, so the slowest lane does not make every other one pay.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+ARMIJO = 1e-4
+HALVINGS = 30
+
+# A batch's stacked, padded features at most this many bytes (the products' outputs are small
+# beside them): 24 combinations of 800 rows x 800 columns take 61 MB
+BATCH_BYTES = 1 << 30
+
+# L-BFGS's pairs kept per lane. On 45,000 x 1,792 (benchmarks/sweep.py --large, four C) 50 took 212
+# evaluations and 34.7 s against 370 and 60.7 s with 20 (the path of solvers.solve_path: 47.9 s); on the
+# 24 tap pairs of 800 rows 20 was a little faster (6.6 against 6.8-7.1 s: the two loops read every pair
+# of every lane), to the same objectives
+HISTORY = 50
+
+
+def minimise(problem, x, max_iter: int = 1000, tol_grad: float = 1e-5, tol_change: float = 1e-8, history: int = 0):
+    """Minimise G independent functions of x (G, P) lane by lane; returns x.
+
+    ``problem.evaluate(x)`` returns (values (G,), gradients (G, P)) for the lanes it still holds;
+    ``problem.keep(mask)`` is offered the lanes still running and returns the mask of lanes it keeps
+    (it may keep finished lanes that share data with running ones). A lane stops, as
+    ``torch.optim.LBFGS``'s test, when its largest gradient entry is at most ``tol_grad`` or a step
+    changes its value or its variables by less than ``tol_change``. The line search backtracks from
+    the whole step (Armijo): the objectives are strongly convex, so every step's curvature pair is
+    usable (a lane skips pairs with ``s'y <= 0`` anyway).
+    """
+    import torch
+
+    history = history or HISTORY
+    out = x.clone()
+    where = torch.arange(x.shape[0], device=x.device)  # the original lane of each row held
+    S, Y = x.new_zeros((history, *x.shape)), x.new_zeros((history, *x.shape))
+    rho = x.new_zeros(history, x.shape[0])  # 0: an empty or skipped pair, which the two loops pass over
+    gamma = x.new_ones(x.shape[0])
+    f, g = problem.evaluate(x)
+    active = g.abs().amax(1) > tol_grad
+    order = []  # the history's slots, oldest first
+    running = len(active)  # lanes running when the batch last shrank
+    for it in range(max_iter):
+        if not active.any():
+            break
+        if int(active.sum()) <= running // 2:  # half have stopped since: drop what no running lane needs
+            running = int(active.sum())
+            held = problem.keep(active)
+            out[where[~held]] = x[~held]
+            x, f, g, active, gamma, where = x[held], f[held], g[held], active[held], gamma[held], where[held]
+            S, Y, rho = S[:, held], Y[:, held], rho[:, held]
+        d = -g * (1.0 / g.abs().sum(1)).clamp(max=1.0).unsqueeze(1) if it == 0 else -_two_loops(g, S, Y, rho, gamma,
+                                                                                                   order)
+        d = torch.where(active.unsqueeze(1), d, torch.zeros_like(d))
+        slope = (g * d).sum(1)
+        active &= slope < -tol_change  # no descent left to take
+        t = torch.where(active, 1.0, 0.0).to(x)
+        for _ in range(HALVINGS):
+            x_new = x + t.unsqueeze(1) * d
+            f_new, g_new = problem.evaluate(x_new)
+            enough = (f_new <= f + ARMIJO * t * slope) | ~active
+            if enough.all():
+                break
+            t = torch.where(enough, t, t / 2)
+        s, y = x_new - x, g_new - g
+        ys = (s * y).sum(1)
+        keep = active & (ys > 1e-10 * (y * y).sum(1))
+        slot = it % history
+        S[slot], Y[slot] = s, y
+        rho[slot] = torch.where(keep, 1.0 / ys.clamp(min=1e-300), 0.0)
+        gamma = torch.where(keep, ys / (y * y).sum(1).clamp(min=1e-300), gamma)
+        order = [*order, slot][-history:]
+        changed, moved = (f - f_new).abs(), s.abs().amax(1)
+        x = torch.where(active.unsqueeze(1), x_new, x)
+        f = torch.where(active, f_new, f)
+        g = torch.where(active.unsqueeze(1), g_new, g)
+        active &= (g.abs().amax(1) > tol_grad) & (changed >= tol_change) & (moved > tol_change)
+    out[where] = x
+    return out
+
+
+def _two_loops(g, S, Y, rho, gamma, order: list):
+    """``H g`` for every lane at once by the two-loop recursion over the lanes' own pairs (``order``: the
+    slots, oldest first)."""
+    q = g.clone()
+    alphas = []
+    for slot in reversed(order):
+        alpha = rho[slot] * (S[slot] * q).sum(1)
+        q -= alpha.unsqueeze(1) * Y[slot]
+        alphas.append((slot, alpha))
+    r = gamma.unsqueeze(1) * q
+    for slot, alpha in reversed(alphas):
+        beta = rho[slot] * (Y[slot] * r).sum(1)
+        r += S[slot] * (alpha - beta).unsqueeze(1)
+    return r
+
+
+class _Logistic:
+    """The lanes' objectives: ``(C * sum(cross-entropy) + |W|^2 / 2) / (C * n)`` per (combination, C), the
+    intercept (the last column of ones) not penalised, on the stacked rotated features ``Z`` (B, n, R + 1).
+    L-BFGS works on ``u = W / scale``, ``scale`` the diagonal preconditioner of the solvers' path."""
+
+    def __init__(self, Z, scale, y, Cs, n_classes: int):
+        import torch
+
+        self.Z, self.scale, self.k = Z, scale, n_classes  # scale: (B, G, R + 1, 1)
+        B, n, width = Z.shape
+        self.C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=Z.dtype, device=Z.device).view(1, len(Cs), 1, 1)
+        self.onehot = torch.zeros(1, n, 1, n_classes, dtype=Z.dtype, device=Z.device)
+        self.onehot[0, torch.arange(n, device=Z.device), 0, y] = 1.0
+        self.penalised = torch.ones(1, 1, width, 1, dtype=Z.dtype, device=Z.device)
+        self.penalised[..., -1, :] = 0.0
+
+    def evaluate(self, flat):
+        import torch
+
+        B, n, width = self.Z.shape
+        G = self.C.shape[1]
+        W = self.scale * flat.view(B, G, width, self.k)
+        scores = torch.bmm(self.Z, W.permute(0, 2, 1, 3).reshape(B, width, G * self.k)).view(B, n, G, self.k)
+        # per row first: the difference of the two sums loses float32's digits
+        top = scores.amax(dim=3, keepdim=True)
+        e = (scores - top).exp_()
+        total = e.sum(dim=3, keepdim=True)
+        data = (top + total.log() - (scores * self.onehot).sum(3, keepdim=True)).sum(dim=(1, 3))
+        R = (e.div_(total) - self.onehot).view(B, n, G * self.k)
+        grad = torch.bmm(R.transpose(1, 2), self.Z).view(B, G, self.k, width).transpose(2, 3)  # reads Z row-major
+        grad = grad + self.penalised * W / self.C
+        value = (data + 0.5 * (W.pow(2) * self.penalised).sum(dim=(2, 3)) / self.C.view(1, G)) / n
+        return value.reshape(-1), (self.scale * grad / n).reshape(B * G, -1)
+
+    def keep(self, running):
+        """Keep the combinations that a running lane needs (with all their lanes: one product serves them)."""
+        G = self.C.shape[1]
+        held = running.view(-1, G).any(1)
+        self.Z, self.scale = self.Z[held], self.scale[held]
+        return held.repeat_interleave(G)
+
+
+def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol: float = 1e-5,
+               rotations: list | None = None) -> list:
+    """For each problem of ``problems`` (a list of tap blocks (n, d_t) on the same rows, fused side by side),
+    one multinomial logistic regression (sum d_t + 1, k) per C, in the order of ``Cs``: scikit-learn's
+    objective, solved for every problem and C at once, in batches of at most ``BATCH_BYTES`` of
+    stacked features. A block shared by several problems (a tap in many pairs) is squared once.
+
+    ``rotations``, a list: each problem's rotation ``(Z, back)`` is appended to it for the same
+    combination's svm (``solvers.solve_path(rotated=)``) where it went through the rows' Gram matrix
+    (fewer rows than features) and those kept stay within ``BATCH_BYTES``; None where not."""
+    grams: dict = {}
+    out, batch, size, kept_bytes = [], [], 0, 0
+    for i, blocks in enumerate(problems):
+        batch.append(blocks)
+        size += _stacked_bytes(blocks)
+        if i + 1 == len(problems) or size + _stacked_bytes(problems[i + 1]) > BATCH_BYTES:
+            rotated = [_rotated(blocks, grams) for blocks in batch]
+            if rotations is not None:
+                for (Z, back), blocks in zip(rotated, batch):
+                    kept = len(Z) < sum(b.shape[1] for b in blocks) and kept_bytes + _bytes(Z) <= BATCH_BYTES
+                    kept_bytes += _bytes(Z) if kept else 0
+                    rotations.append((Z, back) if kept else None)
+            out += _solve_batch(rotated, y, Cs, n_classes, max_iter, tol)
+            batch, size = [], 0
+    return out
+
+
+def _bytes(Z) -> int:
+    return Z.numel() * Z.element_size()
+
+
+def _stacked_bytes(blocks) -> int:
+    n = len(blocks[0])
+    return n * (min(n, sum(b.shape[1] for b in blocks)) + 1) * blocks[0].element_size()
+
+
+def _rotated(blocks: list, grams: dict):
+    """(Z, back): the fused blocks rotated into their row space as :func:`~featcache.sweep.solvers.rotate` does,
+    and the map of a solution on ``Z``'s columns back to the fused features' (``back(u)``: (r, k) -> (d, k)).
+
+    With fewer rows than features the rows' Gram matrix is the sum of the blocks' (each computed once, in
+    float64, kept in ``grams`` by block), ``Z = U S`` from its eigenvectors, and ``w = X' U S^-1 u`` block
+    by block; otherwise :func:`~featcache.sweep.solvers.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
+    import torch
+
+    from featcache.sweep.solvers import rotate
+
+    n = len(blocks[0])
+    if n >= sum(b.shape[1] for b in blocks):
+        X = torch.cat(blocks, dim=1)
+        _, V, S = rotate(X)
+        return X @ V, lambda u: V @ u
+    for b in blocks:
+        if id(b) not in grams:  # the block is kept with its Gram matrix, so its id is not reused meanwhile
+            grams[id(b)] = (b, b.double() @ b.double().T)
+    S2, U = torch.linalg.eigh(sum(grams[id(b)][1] for b in blocks))
+    keep = S2 > S2.max() * 1e-12  # standardised rows span n - 1 dimensions at most: drop the null ones
+    S, U = S2[keep].sqrt(), U[:, keep]
+    dtype = blocks[0].dtype
+    combination = (U / S).to(dtype)  # Z's coordinates -> the rows' combination
+    return (U * S).to(dtype), lambda u: torch.cat([b.T @ (combination @ u) for b in blocks])
+
+
+def _solve_batch(rotated: list, y, Cs, n_classes: int, max_iter: int, tol: float) -> list:
+    import torch
+
+    from featcache.sweep.solvers import CURVATURE
+
+    first = rotated[0][0]
+    n = len(y)
+    widths = [Z.shape[1] for Z, _ in rotated]
+    R = max(widths)
+    B, G = len(rotated), len(Cs)
+    Z = first.new_zeros(B, n, R + 1)
+    scale = first.new_ones(B, G, R + 1, 1)
+    C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=torch.float64, device=first.device).view(G, 1)
+    for b, (Zb, _) in enumerate(rotated):
+        r = widths[b]
+        Z[b, :, :r] = Zb
+        S2 = Zb.double().pow(2).sum(0)  # Z's columns are orthogonal, of squared lengths S^2
+        scale[b, :, :r, 0] = (1.0 + C * CURVATURE * S2).rsqrt().to(Z.dtype)
+    Z[:, :, R] = 1.0
+    problem = _Logistic(Z, scale, y, Cs, n_classes)
+    with torch.no_grad():
+        U = minimise(problem, Z.new_zeros(B * G, (R + 1) * n_classes), max_iter, tol, tol * 1e-3)
+    W = scale * U.view(B, G, R + 1, n_classes)
+    return [[torch.cat([back(W[b, g, :widths[b]]), W[b, g, R:]]) for g in range(G)]
+            for b, (_, back) in enumerate(rotated)]
