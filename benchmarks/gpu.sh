@@ -38,5 +38,7 @@ step folder_jpeg 360 python benchmarks/folder_throughput.py --device $DEV --form
 step fidelity 120 python benchmarks/device_fidelity.py --device $DEV --precision auto
 step finetune 300 python benchmarks/finetune_throughput.py --device $DEV --repeat $REPFT --images $NFT --num-workers 8 --image-size $SIZE
 step frozen_fusion 300 python benchmarks/frozen_fusion.py --device $DEV --skip-pairs --train $TRAIN --test $TEST
+# Issue 15, point 2: the 24 tap pairs' logreg, every C of every pair at once, and svm, on the device (sweep only).
+step sweep_pairs 300 python benchmarks/sweep.py --device $DEV --sweep-only --heads logreg,svm --train $TRAIN --test $TEST
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV

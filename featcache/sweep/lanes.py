@@ -5,7 +5,10 @@ combination's features are rotated into their row space (:func:`~featcache.sweep
 at most as many columns as rows, orthogonal), padded with zero columns to the widest of the batch
 and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
 products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
-the kernel launches. Padded columns are zero, so their weights get no gradient and stay zero.
+the kernel launches. Padded columns are zero, so their weights get no gradient and stay zero. On
+the 24 tap pairs of benchmarks/sweep.py (800 rows, 96 lanes) this took 6.6-7.9 s against 9.3-9.6 s
+for solvers.solve_path's one C at a time, at 45,000 x 1,792 (one combination) 34.7 s against 47.9 s
+(benchmarks/RESULTS.md, "Sixth run").
 
 Each lane keeps its own L-BFGS history, step length and stopping test (:func:`minimise`); only the
 evaluations are shared. Lanes that stopped keep their weights, and the batch drops a combination
@@ -19,8 +22,9 @@ import numpy as np
 ARMIJO = 1e-4
 HALVINGS = 30
 
-# A batch's stacked, padded features at most this many bytes (the products' outputs are small
-# beside them): 24 combinations of 800 rows x 800 columns take 61 MB
+# A batch's memory at most this many bytes: its stacked, padded features, its lanes' L-BFGS histories
+# and its scores (:func:`_batch_bytes`). 24 combinations of 800 rows x 800 columns, four C, ten
+# classes: 61 MB of features, 308 MB of histories
 BATCH_BYTES = 1 << 30
 
 # L-BFGS's pairs kept per lane. On 45,000 x 1,792 (benchmarks/sweep.py --large, four C) 50 took 212
@@ -154,8 +158,8 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
                rotations: list | None = None) -> list:
     """For each problem of ``problems`` (a list of tap blocks (n, d_t) on the same rows, fused side by side),
     one multinomial logistic regression (sum d_t + 1, k) per C, in the order of ``Cs``: scikit-learn's
-    objective, solved for every problem and C at once, in batches of at most ``BATCH_BYTES`` of
-    stacked features. A block shared by several problems (a tap in many pairs) is squared once.
+    objective, solved for every problem and C at once, in batches of at most ``BATCH_BYTES``. A block
+    shared by several problems (a tap in many pairs) is squared once.
 
     ``rotations``, a list: each problem's rotation ``(Z, back)`` is appended to it for the same
     combination's svm (``solvers.solve_path(rotated=)``) where it went through the rows' Gram matrix
@@ -164,8 +168,8 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
     out, batch, size, kept_bytes = [], [], 0, 0
     for i, blocks in enumerate(problems):
         batch.append(blocks)
-        size += _stacked_bytes(blocks)
-        if i + 1 == len(problems) or size + _stacked_bytes(problems[i + 1]) > BATCH_BYTES:
+        size += _batch_bytes(blocks, len(Cs), n_classes)
+        if i + 1 == len(problems) or size + _batch_bytes(problems[i + 1], len(Cs), n_classes) > BATCH_BYTES:
             rotated = [_rotated(blocks, grams) for blocks in batch]
             if rotations is not None:
                 for (Z, back), blocks in zip(rotated, batch):
@@ -181,9 +185,13 @@ def _bytes(Z) -> int:
     return Z.numel() * Z.element_size()
 
 
-def _stacked_bytes(blocks) -> int:
+def _batch_bytes(blocks, G: int, k: int) -> int:
+    """What one problem adds to a batch: its rotated features (rows x columns), the two L-BFGS histories
+    and the few copies of weights and gradients of its G lanes (columns x k each), its scores (rows x
+    G x k, a few copies)."""
     n = len(blocks[0])
-    return n * (min(n, sum(b.shape[1] for b in blocks)) + 1) * blocks[0].element_size()
+    width = min(n, sum(b.shape[1] for b in blocks)) + 1
+    return (n * width + (2 * HISTORY + 8) * G * k * width + 6 * n * G * k) * blocks[0].element_size()
 
 
 def _rotated(blocks: list, grams: dict):

@@ -1,7 +1,9 @@
 """The sweep: every tap combination x head x seed (x few-shot draw) from one load of the caches.
 
 Flow: caches -> fusion (per-tap standardisation on the training rows) -> **run** -> probes ->
-the sweep folder ``RUNS/sweeps/<name>/``:
+the sweep folder ``RUNS/sweeps/<name>/``. For each seed and few-shot draw, the logistic regressions
+of every combination left are solved together first (:func:`~featcache.sweep.probes.presolve`), then
+each (combination, head) is chosen on validation and scored in turn. It writes:
 
 - ``rows.jsonl``: one line per finished evaluation, appended as it finishes; a re-run of the
   same request skips those (an interrupted sweep resumes where it stopped);

@@ -2,8 +2,8 @@
 
 Flow: cli (the fuse-train stage) -> **select** -> fuse-train with the chosen taps. Starting from no
 tap, each step adds the tap (of any given backbone) whose fusion with those already chosen gives
-the best validation accuracy of a logistic-regression probe (solved on the device, its C chosen on
-validation too), and stops when no tap improves it. The test split is never read here.
+the best validation accuracy of a logistic-regression probe (every candidate and C solved at once on
+the device, its C chosen on validation too), and stops when no tap improves it. The test split is never read here.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ def choose_taps(cfg, log=print):
         candidates = [r for r in refs if r not in chosen]  # every candidate's fits at once
         solved = presolve("logreg", [[X["fit"][r] for r in [*chosen, ref]] for ref in candidates], y["fit"],
                           len(data.classes), cfg.options)
-        trials = [(probe("logreg", fused_parts(X, [*chosen, ref]), y, len(data.classes), cfg.options, solved=s)["val_acc"],
-                   ref) for ref, (s, _) in zip(candidates, solved)]
+        trials = [(probe("logreg", fused_parts({"val": X["val"]}, [*chosen, ref]), y, len(data.classes), cfg.options,
+                         solved=fits)["val_acc"], ref) for ref, (fits, _) in zip(candidates, solved)]
         score, ref = max(trials, key=lambda t: t[0])  # the first of equals, in network order
         if score <= best:
             break

@@ -1,13 +1,14 @@
 """Linear probes solved on the device: full-batch L-BFGS in torch, on the CPU or a GPU.
 
-Flow: sweep/run -> **solvers** (and knn). :func:`solve` takes a (grid, features + 1, classes)
-weight tensor and minimises the sum of the grid's objectives at once (they share no weights,
-so the sum's minimum is each one's). :func:`solve_path` instead walks the grid from the
-smallest C up, each solve starting from the last solution: on the digits it reached the same
-objectives 4x sooner than the joint solve (1.0 s against 4.8 s for four C, float64), whose
-one line search must suit every C at once. The objectives are scikit-learn's, so a solution is
-interchangeable with theirs (tests/test_sweep.py compares against ``LogisticRegression`` and
-``LinearSVC``):
+Flow: sweep/run -> probes -> **solvers** (and lanes, knn). :func:`solve_path` walks the grid of C
+from the smallest up, each solve starting from the last solution: the svm's way. The logistic
+regressions of the sweep go through :mod:`featcache.sweep.lanes` instead, every C of many
+combinations at once, on :func:`rotate`'s features. :func:`solve` takes a (grid, features + 1,
+classes) weight tensor and minimises the sum of the grid's objectives with ``torch.optim.LBFGS``
+(they share no weights, so the sum's minimum is each one's); the path calls it one C at a time,
+where one line search for every C at once had been 4x slower (1.0 s against 4.8 s for four C).
+The objectives are scikit-learn's, so a solution is interchangeable with theirs (tests/test_sweep.py
+compares against ``LogisticRegression`` and ``LinearSVC``):
 
 - ``logreg``: multinomial cross-entropy, ``C * sum(loss) + ||W||^2 / 2``, intercept not penalised.
 - ``svm``: one-vs-rest squared hinge, ``C * sum(max(0, 1 - y w.x)^2) + ||w||^2 / 2`` per class,
