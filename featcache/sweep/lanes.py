@@ -170,13 +170,16 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
         batch.append(blocks)
         size += _batch_bytes(blocks, len(Cs), n_classes)
         if i + 1 == len(problems) or size + _batch_bytes(problems[i + 1], len(Cs), n_classes) > BATCH_BYTES:
-            rotated = [_rotated(blocks, grams) for blocks in batch]
-            if rotations is not None:
-                for (Z, back), blocks in zip(rotated, batch):
+            def rotated(blocks):
+                nonlocal kept_bytes
+                Z, S, back = _rotated(blocks, grams)
+                if rotations is not None:
                     kept = len(Z) < sum(b.shape[1] for b in blocks) and kept_bytes + _bytes(Z) <= BATCH_BYTES
                     kept_bytes += _bytes(Z) if kept else 0
                     rotations.append((Z, back) if kept else None)
-            out += _solve_batch(rotated, y, Cs, n_classes, max_iter, tol)
+                return Z, S, back
+
+            out += _solve_batch(batch, rotated, y, Cs, n_classes, max_iter, tol)
             batch, size = [], 0
     return out
 
@@ -195,8 +198,9 @@ def _batch_bytes(blocks, G: int, k: int) -> int:
 
 
 def _rotated(blocks: list, grams: dict):
-    """(Z, back): the fused blocks rotated into their row space as :func:`~featcache.sweep.solvers.rotate` does,
-    and the map of a solution on ``Z``'s columns back to the fused features' (``back(u)``: (r, k) -> (d, k)).
+    """(Z, S, back): the fused blocks rotated into their row space as :func:`~featcache.sweep.solvers.rotate` does,
+    the lengths of ``Z``'s (orthogonal) columns, and the map of a solution on ``Z``'s columns back to the fused
+    features' (``back(u)``: (r, k) -> (d, k)).
 
     With fewer rows than features the rows' Gram matrix is the sum of the blocks' (each computed once, in
     float64, kept in ``grams`` by block), ``Z = U S`` from its eigenvectors, and ``w = X' U S^-1 u`` block
@@ -209,7 +213,7 @@ def _rotated(blocks: list, grams: dict):
     if n >= sum(b.shape[1] for b in blocks):
         X = torch.cat(blocks, dim=1)
         _, V, S = rotate(X)
-        return X @ V, lambda u: V @ u
+        return X @ V, S, lambda u: V @ u
     for b in blocks:
         if id(b) not in grams:  # the block is kept with its Gram matrix, so its id is not reused meanwhile
             grams[id(b)] = (b, b.double() @ b.double().T)
@@ -218,31 +222,35 @@ def _rotated(blocks: list, grams: dict):
     S, U = S2[keep].sqrt(), U[:, keep]
     dtype = blocks[0].dtype
     combination = (U / S).to(dtype)  # Z's coordinates -> the rows' combination
-    return (U * S).to(dtype), lambda u: torch.cat([b.T @ (combination @ u) for b in blocks])
+    return (U * S).to(dtype), S, lambda u: torch.cat([b.T @ (combination @ u) for b in blocks])
 
 
-def _solve_batch(rotated: list, y, Cs, n_classes: int, max_iter: int, tol: float) -> list:
+def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol: float) -> list:
+    """Solve the problems of ``batch``, each rotated by ``rotated(blocks) -> (Z, S, back)`` straight into the stack
+    (one problem's rotated copy alive at a time besides it: at 45,000 rows a copy is 323 MB)."""
     import torch
 
     from featcache.sweep.solvers import CURVATURE
 
-    first = rotated[0][0]
+    first = batch[0][0]
     n = len(y)
-    widths = [Z.shape[1] for Z, _ in rotated]
-    R = max(widths)
-    B, G = len(rotated), len(Cs)
+    R = max(min(n, sum(b.shape[1] for b in blocks)) for blocks in batch)  # the widest a rotation can be
+    B, G = len(batch), len(Cs)
     Z = first.new_zeros(B, n, R + 1)
     scale = first.new_ones(B, G, R + 1, 1)
     C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=torch.float64, device=first.device).view(G, 1)
-    for b, (Zb, _) in enumerate(rotated):
-        r = widths[b]
+    widths, backs = [], []
+    for b, blocks in enumerate(batch):
+        Zb, S, back = rotated(blocks)
+        r = Zb.shape[1]
         Z[b, :, :r] = Zb
-        S2 = Zb.double().pow(2).sum(0)  # Z's columns are orthogonal, of squared lengths S^2
-        scale[b, :, :r, 0] = (1.0 + C * CURVATURE * S2).rsqrt().to(Z.dtype)
+        scale[b, :, :r, 0] = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt().to(Z.dtype)
+        widths.append(r)
+        backs.append(back)
+        del Zb
     Z[:, :, R] = 1.0
     problem = _Logistic(Z, scale, y, Cs, n_classes)
     with torch.no_grad():
         U = minimise(problem, Z.new_zeros(B * G, (R + 1) * n_classes), max_iter, tol, tol * 1e-3)
     W = scale * U.view(B, G, R + 1, n_classes)
-    return [[torch.cat([back(W[b, g, :widths[b]]), W[b, g, R:]]) for g in range(G)]
-            for b, (_, back) in enumerate(rotated)]
+    return [[torch.cat([back(W[b, g, :widths[b]]), W[b, g, R:]]) for g in range(G)] for b, back in enumerate(backs)]
