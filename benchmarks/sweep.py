@@ -9,11 +9,18 @@ either and timed by neither. Prints both times, their ratio and each head's best
     python benchmarks/sweep.py --pairs 4       # the first 4 pairs, both ways
     python benchmarks/sweep.py --large         # point 10: logreg, svm, knn on 50,000 x 1,792 (targets 60 s each)
     python benchmarks/sweep.py --large --baseline   # and fuse-train's logreg on the same features, side by side
+    python benchmarks/sweep.py --solvers       # logreg's two solvers side by side on the pairs' fit rows
+    python benchmarks/sweep.py --large --solvers    # the same on the 50,000-row combination
 
 ``--large`` extracts digits tiled 35 times (50,000 / 10,000 rows, 32 px; each copy shifted by a
 pixel, so validation rows have near-twins in training) through resnet18 and mobilenet_v2 (random
 weights), fuses their late taps (512 + 1,280 columns) and times each head's probe alone: C or k
 chosen on validation, the test split scored once.
+
+``--solvers`` times logreg's solvers alone on the same fit rows, one after the other: every C of
+every combination at once (``lanes.solve_many``, the sweep's) against one C at a time, combination
+by combination, warm-started (``solvers.solve_path``, the one before it), and prints each one's
+seconds, their ratio and each C's objective summed over the combinations.
 """
 
 from __future__ import annotations
@@ -53,16 +60,19 @@ def main():
     parser.add_argument("--sweep-only", action="store_true", help="time (a) only, with each head's fit seconds")
     parser.add_argument("--large", action="store_true", help="CIFAR-10 size: each fast head alone on 50,000 rows")
     parser.add_argument("--rows", type=int, default=50000, help="training rows of --large [50000]")
+    parser.add_argument("--solvers", action="store_true",
+                        help="time logreg's two solvers side by side instead (on --large's rows with --large)")
     parser.add_argument("--baseline", action="store_true",
                         help="--large: also fit fuse-train's logreg head (scikit-learn, four C) on the same features "
                              "and print the ratio (about 7 minutes at 50,000 rows on 2 cores)")
     args = parser.parse_args()
     if args.large:
         return large(args)
+    if args.solvers:
+        return solvers_on_pairs(args)
 
     a, b = args.backbones.split(",")
-    pairs = [f"{a}:{x.node},{b}:{y.node}" for x in BACKBONES.lookup(a).taps for y in BACKBONES.lookup(b).taps]
-    pairs = pairs[: args.pairs] if args.pairs else pairs
+    pairs = _pairs(args)
     heads = tuple(args.heads.split(","))
     with tempfile.TemporaryDirectory() as tmp:
         features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test), backbones=(a, b),
@@ -110,6 +120,75 @@ def main():
                   f"test {theirs[1]:.4f} ({theirs[2]}): {100 * (ours['test_acc'] - theirs[1]):+.1f} points; "
                   f"mean |test difference| over the pairs {100 * gap:.2f} points")
 
+def _pairs(args) -> list[str]:
+    a, b = args.backbones.split(",")
+    pairs = [f"{a}:{x.node},{b}:{y.node}" for x in BACKBONES.lookup(a).taps for y in BACKBONES.lookup(b).taps]
+    return pairs[: args.pairs] if args.pairs else pairs
+
+
+def solvers_on_pairs(args):
+    from featcache.fuse.fusion import parse_taps
+
+    pairs = _pairs(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test),
+                                 backbones=tuple(args.backbones.split(",")), weights="random",
+                                 preprocess=PreprocessConfig(image_size=args.image_size), dtype="float32",
+                                 device=args.device, cache_dir=args.cache_dir or Path(tmp) / "cache")
+        extract(features, progress=False, log=lambda m: None)
+        refs = [parse_taps(pair, features.backbones) for pair in pairs]
+        fit, y = _fit_rows(features, {r for pair in refs for r in pair}, SweepConfig.val_fraction, args.device)
+        print(f"logreg's solvers on the fit rows of {len(pairs)} tap pairs ({len(y)} rows)", flush=True)
+        compare_solvers([[fit[r] for r in pair] for pair in refs], y)
+
+
+def _fit_rows(features, refs, val_fraction: float, device):
+    """The standardised training rows the sweep fits on (its first seed's split) of each tap, and their labels."""
+    import torch
+
+    from featcache.fuse.caches import load_features, locate_caches
+    from featcache.fuse.evaluate import validation_split
+    from featcache.sweep.run import standardised
+
+    data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
+    fit, val = validation_split(data.labels["train"], val_fraction, 0)
+    X = standardised(data, fit, val, torch.device(device), test=False)
+    return X["fit"], torch.as_tensor(data.labels["train"][fit], device=device)
+
+
+def compare_solvers(problems: list, y) -> None:
+    """Logreg's four C on every problem (tap blocks side by side), by the lanes and by the path, side by side."""
+    import torch
+
+    from featcache.fuse.heads import C_GRID
+    from featcache.sweep import lanes, solvers
+
+    Cs, k = list(C_GRID), int(y.max()) + 1
+
+    def timed(solve):
+        if y.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = solve()
+        if y.is_cuda:
+            torch.cuda.synchronize()
+        return out, time.perf_counter() - start
+
+    fused = [torch.cat(blocks, dim=1) for blocks in problems]
+    lanes.solve_many(problems[:1], y, Cs[:1], k, max_iter=5)  # first calls: the libraries' set-up, timed by neither
+    solvers.solve_path(fused[0], y, Cs[:1], "logreg", k, max_iter=5)
+    path, path_s = timed(lambda: [solvers.solve_path(X, y, Cs, "logreg", k) for X in fused])
+    together, lanes_s = timed(lambda: lanes.solve_many(problems, y, Cs, k))
+    labels = y.cpu().numpy()
+    for name, solved, seconds in (("one C at a time (solve_path)", path, path_s),
+                                  ("every C and combination at once (solve_many)", together, lanes_s)):
+        sums = [sum(solvers.objective_value(X.cpu().numpy(), labels, W[i].cpu().numpy(), C, "logreg")
+                    for X, W in zip(fused, solved)) for i, C in enumerate(Cs)]
+        print(f"  {name:46s} {seconds:6.2f} s, summed objectives at C = {Cs}: "
+              + " / ".join(f"{v:.3f}" for v in sums), flush=True)
+    print(f"  at once is {path_s / lanes_s:.2f}x the path's speed", flush=True)
+
+
 def large(args):
     import torch
 
@@ -128,11 +207,14 @@ def large(args):
         refs = parse_taps("late", features.backbones)
         data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
         fit, val = validation_split(data.labels["train"], 0.1, 0)
-        X = fused_parts(standardised(data, fit, val, torch.device(args.device)), refs)
+        std = standardised(data, fit, val, torch.device(args.device))
+        X = fused_parts(std, refs)
         labels = {"fit": data.labels["train"][fit], "val": data.labels["train"][val], "test": data.labels["test"]}
         y = {part: torch.as_tensor(v, device=args.device) for part, v in labels.items()}
         print(f"fit / val / test rows {len(X['fit'])} / {len(X['val'])} / {len(X['test'])}, "
               f"{X['fit'].shape[1]} columns", flush=True)
+        if args.solvers:
+            return compare_solvers([[std["fit"][r] for r in refs]], y["fit"])
         seconds = {}
         for head in ("logreg", "svm", "knn"):
             result = probe(head, X, y, len(data.classes), HeadOptions(device=args.device))

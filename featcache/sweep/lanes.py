@@ -6,9 +6,9 @@ at most as many columns as rows, orthogonal), padded with zero columns to the wi
 and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
 products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
 the kernel launches. Padded columns are zero, so their weights get no gradient and stay zero. On
-the 24 tap pairs of benchmarks/sweep.py (800 rows, 96 lanes) this took 6.6-7.9 s against 9.3-9.6 s
-for solvers.solve_path's one C at a time, at 45,000 x 1,792 (one combination) 34.7 s against 47.9 s
-(benchmarks/RESULTS.md, "Sixth run").
+the 24 tap pairs of ``benchmarks/sweep.py --solvers`` (900 rows, 96 lanes) this took 9.0-9.1 s
+against 12.6-12.9 s for solvers.solve_path's one C at a time; at 45,000 x 1,792 (one combination,
+``--large --solvers``) 34.6 s against 37.4 s (benchmarks/RESULTS.md, "Sixth run").
 
 Each lane keeps its own L-BFGS history, step length and stopping test (:func:`minimise`); only the
 evaluations are shared. Lanes that stopped keep their weights, and the batch drops a combination
@@ -28,7 +28,7 @@ HALVINGS = 30
 BATCH_BYTES = 1 << 30
 
 # L-BFGS's pairs kept per lane. On 45,000 x 1,792 (benchmarks/sweep.py --large, four C) 50 took 212
-# evaluations and 34.7 s against 370 and 60.7 s with 20 (the path of solvers.solve_path: 47.9 s); on the
+# evaluations and 34.7 s against 370 and 60.7 s with 20 (solvers.solve_path, cold: 47.9 s); on the
 # 24 tap pairs of 800 rows 20 was a little faster (6.6 against 6.8-7.1 s: the two loops read every pair
 # of every lane), to the same objectives
 HISTORY = 50
