@@ -75,10 +75,7 @@ def main():
     pairs = _pairs(args)
     heads = tuple(args.heads.split(","))
     with tempfile.TemporaryDirectory() as tmp:
-        features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test), backbones=(a, b),
-                                 weights="random", preprocess=PreprocessConfig(image_size=args.image_size),
-                                 dtype="float32", device=args.device, cache_dir=args.cache_dir or Path(tmp) / "cache")
-        extract(features, progress=False, log=lambda m: None)
+        features = _digits_features(args, tmp)
         # the torch heads at the precision the command line gives them (--precision auto: bf16 on a CPU with it)
         options = HeadOptions(device=args.device, precision=resolve_precision("auto", resolve_device(args.device)))
         print(f"{len(pairs)} pairs of {a} x {b} taps, heads {', '.join(heads)}, {args.train}/{args.test} digits at "
@@ -120,6 +117,7 @@ def main():
                   f"test {theirs[1]:.4f} ({theirs[2]}): {100 * (ours['test_acc'] - theirs[1]):+.1f} points; "
                   f"mean |test difference| over the pairs {100 * gap:.2f} points")
 
+
 def _pairs(args) -> list[str]:
     a, b = args.backbones.split(",")
     pairs = [f"{a}:{x.node},{b}:{y.node}" for x in BACKBONES.lookup(a).taps for y in BACKBONES.lookup(b).taps]
@@ -131,15 +129,21 @@ def solvers_on_pairs(args):
 
     pairs = _pairs(args)
     with tempfile.TemporaryDirectory() as tmp:
-        features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test),
-                                 backbones=tuple(args.backbones.split(",")), weights="random",
-                                 preprocess=PreprocessConfig(image_size=args.image_size), dtype="float32",
-                                 device=args.device, cache_dir=args.cache_dir or Path(tmp) / "cache")
-        extract(features, progress=False, log=lambda m: None)
+        features = _digits_features(args, tmp)
         refs = [parse_taps(pair, features.backbones) for pair in pairs]
         fit, y = _fit_rows(features, {r for pair in refs for r in pair}, SweepConfig.val_fraction, args.device)
         print(f"logreg's solvers on the fit rows of {len(pairs)} tap pairs ({len(y)} rows)", flush=True)
         compare_solvers([[fit[r] for r in pair] for pair in refs], y)
+
+
+def _digits_features(args, tmp) -> ExtractConfig:
+    """The benchmark's digits through ``--backbones``, extracted (into ``--cache-dir`` or ``tmp``)."""
+    features = ExtractConfig(data=tiled_digits(1, limit_train=args.train, limit_test=args.test),
+                             backbones=tuple(args.backbones.split(",")), weights="random",
+                             preprocess=PreprocessConfig(image_size=args.image_size), dtype="float32",
+                             device=args.device, cache_dir=args.cache_dir or Path(tmp) / "cache")
+    extract(features, progress=False, log=lambda m: None)
+    return features
 
 
 def _fit_rows(features, refs, val_fraction: float, device):
