@@ -34,7 +34,7 @@ BATCH_BYTES = 1 << 30
 HISTORY = 50
 
 
-def minimise(problem, x, max_iter: int = 1000, tol_grad: float = 1e-5, tol_change: float = 1e-8, history: int = 0):
+def minimise(problem, x, max_iter: int = 1000, tol_grad: float = 1e-5, tol_change: float = 1e-8):
     """Minimise G independent functions of x (G, P) lane by lane; returns x.
 
     ``problem.evaluate(x)`` returns (values (G,), gradients (G, P)) for the lanes it still holds;
@@ -47,7 +47,7 @@ def minimise(problem, x, max_iter: int = 1000, tol_grad: float = 1e-5, tol_chang
     """
     import torch
 
-    history = history or HISTORY
+    history = HISTORY
     out = x.clone()
     where = torch.arange(x.shape[0], device=x.device)  # the original lane of each row held
     S, Y = x.new_zeros((history, *x.shape)), x.new_zeros((history, *x.shape))
@@ -161,7 +161,7 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
     objective, solved for every problem and C at once, in batches of at most ``BATCH_BYTES``. A block
     shared by several problems (a tap in many pairs) is squared once.
 
-    ``rotations``, a list: each problem's rotation ``(Z, back)`` is appended to it for the same
+    ``rotations``, a list: each problem's rotation ``(Z, S, back)`` is appended to it for the same
     combination's svm (``solvers.solve_path(rotated=)``) where it went through the rows' Gram matrix
     (fewer rows than features) and those kept stay within ``BATCH_BYTES``; None where not."""
     grams: dict = {}
@@ -176,7 +176,7 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
                 if rotations is not None:
                     kept = len(Z) < sum(b.shape[1] for b in blocks) and kept_bytes + _bytes(Z) <= BATCH_BYTES
                     kept_bytes += _bytes(Z) if kept else 0
-                    rotations.append((Z, back) if kept else None)
+                    rotations.append((Z, S, back) if kept else None)
                 return Z, S, back
 
             out += _solve_batch(batch, rotated, y, Cs, n_classes, max_iter, tol)
@@ -207,7 +207,7 @@ def _rotated(blocks: list, grams: dict):
     by block; otherwise :func:`~featcache.sweep.solvers.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
     import torch
 
-    from featcache.sweep.solvers import rotate
+    from featcache.sweep.solvers import rotate, row_space
 
     n = len(blocks[0])
     if n >= sum(b.shape[1] for b in blocks):
@@ -217,9 +217,7 @@ def _rotated(blocks: list, grams: dict):
     for b in blocks:
         if id(b) not in grams:  # the block is kept with its Gram matrix, so its id is not reused meanwhile
             grams[id(b)] = (b, b.double() @ b.double().T)
-    S2, U = torch.linalg.eigh(sum(grams[id(b)][1] for b in blocks))
-    keep = S2 > S2.max() * 1e-12  # standardised rows span n - 1 dimensions at most: drop the null ones
-    S, U = S2[keep].sqrt(), U[:, keep]
+    S, U = row_space(sum(grams[id(b)][1] for b in blocks))
     dtype = blocks[0].dtype
     combination = (U / S).to(dtype)  # Z's coordinates -> the rows' combination
     return (U * S).to(dtype), S, lambda u: torch.cat([b.T @ (combination @ u) for b in blocks])

@@ -53,9 +53,7 @@ def rotate(X):
         for lo, hi in blocks:
             part = X[:, lo:hi].double()
             gram += part @ part.T
-        S2, U = torch.linalg.eigh(gram)
-        keep = S2 > S2.max() * 1e-12  # standardised rows span n - 1 dimensions at most: drop the null ones
-        S, U = S2[keep].sqrt(), U[:, keep]
+        S, U = row_space(gram)
         Z = U * S
         V = torch.cat([((X[:, lo:hi].double().T @ U) / S).to(X.dtype) for lo, hi in blocks])
     else:  # through the features' Gram matrix, d-square; its n-long products in X's precision (45,000 rows:
@@ -68,6 +66,16 @@ def rotate(X):
 
 
 _ROTATED = None
+
+
+def row_space(gram):
+    """``(S, U)`` of the rows' Gram matrix ``X X' = U S^2 U'`` (float64), without its null directions:
+    standardised rows span n - 1 dimensions at most."""
+    import torch
+
+    S2, U = torch.linalg.eigh(gram)
+    keep = S2 > S2.max() * 1e-12
+    return S2[keep].sqrt(), U[:, keep]
 COLUMN_BLOCK = 4096  # rotate()'s float64 products, this many columns at a time
 
 
@@ -149,7 +157,7 @@ HISTORY = 50
 def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: float = 1e-5, rotated=None) -> list:
     """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started,
     on the rotated features of :func:`rotate` (mapped back before they are returned), or on ``rotated``'s:
-    ``(Z, back)`` from :func:`featcache.sweep.lanes.solve_many` for the same features (fewer rows than
+    ``(Z, S, back)`` from :func:`featcache.sweep.lanes.solve_many` for the same features (fewer rows than
     columns), where the combination's logistic regressions rotated them already.
 
     The squared hinge takes exact Newton steps (:mod:`~featcache.sweep.hinge`) wherever their Hessians
@@ -159,8 +167,8 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     import torch
 
     if rotated is not None:
-        Z, back = rotated
-        V, S = None, Z.double().pow(2).sum(0).sqrt()  # Z's columns are orthogonal, of lengths S
+        Z, S, back = rotated
+        V = None
     else:
         Z, V, S = rotate(X)
         back = None if Z is None else (lambda u: V @ u)
