@@ -9,7 +9,7 @@ either and timed by neither. Prints both times, their ratio and each head's best
     python benchmarks/sweep.py --pairs 4       # the first 4 pairs, both ways
     python benchmarks/sweep.py --large         # point 10: logreg, svm, knn on 50,000 x 1,792 (targets 60 s each)
     python benchmarks/sweep.py --large --baseline   # and fuse-train's logreg on the same features, side by side
-    python benchmarks/sweep.py --solvers       # logreg's two solvers side by side on the pairs' fit rows
+    python benchmarks/sweep.py --solvers       # logreg's and the svm's solvers two ways each, on the pairs' fit rows
     python benchmarks/sweep.py --large --solvers    # the same on the 50,000-row combination
 
 ``--large`` extracts digits tiled 35 times (50,000 / 10,000 rows, 32 px; each copy shifted by a
@@ -17,10 +17,12 @@ pixel, so validation rows have near-twins in training) through resnet18 and mobi
 weights), fuses their late taps (512 + 1,280 columns) and times each head's probe alone: C or k
 chosen on validation, the test split scored once.
 
-``--solvers`` times logreg's solvers alone on the same fit rows, one after the other: every C of
-every combination at once (``lanes.solve_many``, the sweep's) against one C at a time, combination
-by combination, warm-started (``solvers.solve_path``, the one before it), and prints each one's
-seconds, their ratio and each C's objective summed over the combinations.
+``--solvers`` times the linear heads' solvers alone on the same fit rows, one after the other, and
+prints each one's seconds, their ratio and each C's objective summed over the combinations. logreg:
+every C of every combination at once (``lanes.solve_many``, the sweep's) against one C at a time,
+combination by combination, warm-started (``solvers.solve_path``, the one before it). svm, where its
+rows' form applies (up to 3 rows per column): every C of a combination at once (``hinge.newton_rows``,
+the sweep's) against one C at a time from the last solution (the way before it).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def main():
     parser.add_argument("--large", action="store_true", help="CIFAR-10 size: each fast head alone on 50,000 rows")
     parser.add_argument("--rows", type=int, default=50000, help="training rows of --large [50000]")
     parser.add_argument("--solvers", action="store_true",
-                        help="time logreg's two solvers side by side instead (on --large's rows with --large)")
+                        help="time the linear heads' solvers two ways each instead (on --large's rows with --large)")
     parser.add_argument("--baseline", action="store_true",
                         help="--large: also fit fuse-train's logreg head (scikit-learn, four C) on the same features "
                              "and print the ratio (about 7 minutes at 50,000 rows on 2 cores)")
@@ -132,7 +134,7 @@ def solvers_on_pairs(args):
         features = _digits_features(args, tmp)
         refs = [parse_taps(pair, features.backbones) for pair in pairs]
         fit, y = _fit_rows(features, {r for pair in refs for r in pair}, SweepConfig.val_fraction, args.device)
-        print(f"logreg's solvers on the fit rows of {len(pairs)} tap pairs ({len(y)} rows)", flush=True)
+        print(f"the linear heads' solvers on the fit rows of {len(pairs)} tap pairs ({len(y)} rows)", flush=True)
         compare_solvers([[fit[r] for r in pair] for pair in refs], y)
 
 
@@ -161,13 +163,15 @@ def _fit_rows(features, refs, val_fraction: float, device):
 
 
 def compare_solvers(problems: list, y) -> None:
-    """Logreg's four C on every problem (tap blocks side by side), by the lanes and by the path, side by side."""
+    """Each linear head's grid of C on every problem (tap blocks side by side), solved two ways, side by side:
+    logreg by the lanes and by the path; the svm (where its rows' form applies) every C at once and one C at
+    a time, each from the last solution."""
     import torch
 
-    from featcache.fuse.heads import C_GRID
-    from featcache.sweep import lanes, solvers
+    from featcache.fuse.heads import C_GRID, SVM_C_GRID
+    from featcache.sweep import hinge, lanes, solvers
 
-    Cs, k = list(C_GRID), int(y.max()) + 1
+    k = int(y.max()) + 1
 
     def timed(solve):
         if y.is_cuda:
@@ -178,19 +182,61 @@ def compare_solvers(problems: list, y) -> None:
             torch.cuda.synchronize()
         return out, time.perf_counter() - start
 
+    def side_by_side(loss, Cs, ways):
+        labels = y.cpu().numpy()
+        seconds = []
+        for name, solve in ways:
+            solved, took = timed(solve)
+            sums = [sum(solvers.objective_value(X.cpu().numpy(), labels, W[i].cpu().numpy(), C, loss)
+                        for X, W in zip(fused, solved)) for i, C in enumerate(Cs)]
+            print(f"  {loss} {name:46s} {took:6.2f} s, summed objectives at C = {Cs}: "
+                  + " / ".join(f"{v:.4f}" for v in sums), flush=True)
+            seconds.append(took)
+        print(f"  {loss}: at once is {seconds[0] / seconds[1]:.2f}x the one at a time's speed", flush=True)
+
     fused = [torch.cat(blocks, dim=1) for blocks in problems]
+    Cs = list(C_GRID)
     lanes.solve_many(problems[:1], y, Cs[:1], k, max_iter=5)  # first calls: the libraries' set-up, timed by neither
     solvers.solve_path(fused[0], y, Cs[:1], "logreg", k, max_iter=5)
-    path, path_s = timed(lambda: [solvers.solve_path(X, y, Cs, "logreg", k) for X in fused])
-    together, lanes_s = timed(lambda: lanes.solve_many(problems, y, Cs, k))
-    labels = y.cpu().numpy()
-    for name, solved, seconds in (("one C at a time (solve_path)", path, path_s),
-                                  ("every C and combination at once (solve_many)", together, lanes_s)):
-        sums = [sum(solvers.objective_value(X.cpu().numpy(), labels, W[i].cpu().numpy(), C, "logreg")
-                    for X, W in zip(fused, solved)) for i, C in enumerate(Cs)]
-        print(f"  {name:46s} {seconds:6.2f} s, summed objectives at C = {Cs}: "
-              + " / ".join(f"{v:.3f}" for v in sums), flush=True)
-    print(f"  at once is {path_s / lanes_s:.2f}x the path's speed", flush=True)
+    side_by_side("logreg", Cs, [("one C at a time (solve_path)", lambda: [solvers.solve_path(X, y, Cs, "logreg", k)
+                                                                          for X in fused]),
+                                ("every C and combination at once (solve_many)", lambda: lanes.solve_many(problems, y,
+                                                                                                          Cs, k))])
+    Cs = list(SVM_C_GRID)
+    rows_form = [hinge.through_rows(*_svm_rows(X)[0].shape, len(Cs)) for X in fused]
+    fused = [X for X, ok in zip(fused, rows_form) if ok]
+    forms = [_svm_rows(X) for X in fused]
+    if len(fused) < len(rows_form):  # solved every class at once through the features, C after C, either way
+        print(f"  svm: {len(rows_form) - len(fused)} of {len(rows_form)} problems past the rows' form left out")
+    if not forms:
+        return
+    hinge.newton_rows(hinge.rows_form(forms[0][0]), y, Cs[:1], k, max_iter=2)
+
+    def one_at_a_time(form):
+        out, previous = [], None
+        for C in Cs:
+            [previous] = hinge.newton_rows(form, y, [C], k, init=previous)
+            out.append(previous)
+        return out
+
+    def each(solve):
+        return lambda: [[back(W) for W in solve(hinge.rows_form(rows))] for rows, back in forms]
+
+    side_by_side("svm", Cs, [("one C at a time, warm-started (the CPU's)", each(one_at_a_time)),
+                             ("every C at once (a GPU's)",
+                              each(lambda form: hinge.newton_rows(form, y, Cs, k)))])
+
+
+def _svm_rows(X):
+    """The rows the svm's Newton solves on (``solve_path``'s rotation) and the map of a solution back to ``X``'s."""
+    import torch
+
+    from featcache.sweep import solvers
+
+    Z, V, _ = solvers.rotate(X)
+    if Z is None:
+        return X, lambda W: W
+    return Z, lambda W: torch.cat([V @ W[:-1], W[-1:]])
 
 
 def large(args):

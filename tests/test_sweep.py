@@ -219,22 +219,46 @@ def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, m
         assert abs(objective_value(X, y, W.numpy(), C, "svm") - theirs) / theirs < 1e-6
 
 
-@pytest.mark.parametrize("n_active", [0, 12, 29, 31, 60])
-def test_the_svm_newton_step_through_the_margin_rows_or_the_rest_is_the_dense_one(n_active):
+def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time_does(digits):
+    from featcache.sweep.hinge import newton_rows, rows_form
+
+    X, y, _, _ = digits  # 100 rows of 64 features: the rows' form, every (C, class) a lane (the GPU's way)
+    X, y, Cs = X[:100], y[:100], [0.01, 0.1, 10.0]
+    form = rows_form(torch.tensor(X))
+    for C, W in zip(Cs, newton_rows(form, torch.tensor(y), Cs, 10)):
+        ref = LinearSVC(C=C, max_iter=50000, tol=1e-10).fit(X, y)
+        theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, "svm")
+        assert abs(objective_value(X, y, W.numpy(), C, "svm") - theirs) / theirs < 1e-6
+
+
+@pytest.mark.parametrize("entries", [None, 2 * 30**2])  # every lane's square at once, or two lanes at a time
+def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_are_the_dense_ones(monkeypatch,
+                                                                                                   entries):
+    from featcache.sweep import hinge
     from featcache.sweep.hinge import inverse_hessian_times, rows_form
 
-    gen = torch.Generator().manual_seed(n_active)
-    X = torch.randn(60, 45, generator=gen, dtype=torch.float64)  # n_active <= 30: through A, else through R
-    active = torch.zeros(60, dtype=torch.bool)
-    active[torch.randperm(60, generator=gen)[:n_active]] = True
-    g = torch.randn(46, generator=gen, dtype=torch.float64)
-    form, per_c = rows_form(X), {}
+    if entries:
+        monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", entries)
+
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 45, generator=gen, dtype=torch.float64)
+    # at most 30 rows in the margin: through them, else through the rest; 29, 28, 25 (and 31, 33, 35 at C = 3, their
+    # rest) factorised together, padded
+    sizes = [0, 12, 29, 31, 60, 5, 45, 28, 25, 33, 35]
+    active = torch.zeros(60, len(sizes), dtype=torch.bool)
+    for lane, size in enumerate(sizes):
+        active[torch.randperm(60, generator=gen)[:size], lane] = True
+    g = torch.randn(46, len(sizes), generator=gen, dtype=torch.float64)
+    Cs, which = [0.01, 3.0], torch.tensor([0, 0, 1, 1, 0, 1, 1, 0, 1, 1, 1])  # each lane's C
+    form, factors = rows_form(X), {}
     Xb = form["Xb"]
-    for C in (0.01, 3.0):
-        H = torch.eye(46, dtype=torch.float64) + 2 * C * Xb[active].T @ Xb[active]
-        step = inverse_hessian_times(form, C, active, g, per_c)
-        assert torch.allclose(H @ step, g, rtol=0, atol=1e-9 * g.abs().max())
-        per_c.clear()  # its factors belong to one C
+    for _ in range(2):  # the second time on the factors kept from the first
+        steps = inverse_hessian_times(form, Cs, which, active, g, factors)
+        for lane in range(len(sizes)):
+            A = Xb[active[:, lane]]
+            H = torch.eye(46, dtype=torch.float64) + 2 * Cs[which[lane]] * A.T @ A
+            assert torch.allclose(H @ steps[:, lane], g[:, lane], rtol=0, atol=1e-9 * g[:, lane].abs().max())
+    assert sorted(factors) == [0, 1]
 
 
 def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits):
