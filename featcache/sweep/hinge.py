@@ -180,9 +180,9 @@ def newton_rows(form: dict, y, Cs, n_classes: int, max_iter: int = 50, tol: floa
     (d + 1, k) per C, in the order of ``Cs``, in X's dtype. ``init``: a starting W (d + 1, k) for every C
     (``benchmarks/sweep.py --solvers`` walks the grid one C at a time from the last solution that way).
 
-    On the 24 tap pairs of the sweep benchmark (800 rows) every C at once took the time of one C at a time
-    warm-started, to the same objectives (benchmarks/RESULTS.md, "Seventh run"): from zero the lanes need
-    more steps than a warm start, which the shared products and factorisations pay for on the CPU."""
+    On the sweep benchmark's pairs (900 rows, 2-core CPU) every C at once took 1.4x the time of one C at a
+    time warm-started (13.5 against 9.8 s), to the same objectives (benchmarks/RESULTS.md, "Seventh run"):
+    from zero the lanes need more steps, which sharing the products and factorisations does not pay for there."""
     import torch
 
     Xb = form["Xb"]

@@ -161,9 +161,10 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     columns), where the combination's logistic regressions rotated them already.
 
     The squared hinge takes exact Newton steps (:mod:`~featcache.sweep.hinge`) wherever their Hessians
-    fit in memory, on a GPU for every C at once where the rows' form applies (fewer syncs and launches;
-    on the CPU that took 1.4x the time of the warm-started path, which it gives up): L-BFGS stopped short of LinearSVC's objective at C >= 0.1 (4e-2 above it at C = 1
-    after 500 steps on 900 x 3,328) and had not finished 45,000 x 1,792 after 280 s.
+    fit in memory: L-BFGS stopped short of LinearSVC's objective at C >= 0.1 (4e-2 above it at C = 1
+    after 500 steps on 900 x 3,328) and had not finished 45,000 x 1,792 after 280 s. Where the rows'
+    form applies and the rows are on a GPU, every C at once (fewer, larger launches and syncs; on the
+    CPU that took 1.4x the warm-started path's time, a warm start's fewer steps being lost).
     """
     import torch
 
@@ -176,7 +177,7 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     rows = Z if Z is not None else X
     out = {}
     grid = sorted(set(Cs))
-    at_once = rows.is_cuda  # on the CPU one C at a time, warm-started, took 0.7x the time (RESULTS, "Seventh run")
+    at_once = rows.is_cuda  # not measured on a GPU yet: gpu.sh's sweep_solvers step prints both ways
     form = hinge.rows_form(rows) if loss == "svm" and hinge.through_rows(*rows.shape, len(grid) if at_once else 1) \
         else None
     if form is not None and at_once:  # one Newton lane per (C, class)
