@@ -261,8 +261,13 @@ def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_
     assert sorted(factors) == [0, 1]
 
 
-def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits):
+@pytest.mark.parametrize("block", [None, 10])  # the Gram matrices whole, or by blocks of 10 columns, the last short
+def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits, monkeypatch, block):
+    from featcache.sweep import hinge
     from featcache.sweep.hinge import newton_features
+
+    if block:
+        monkeypatch.setattr(hinge, "GRAM_BLOCK", block)
 
     X, y, _, _ = digits  # 1,200 rows, 64 features: every class at once, Hessians carried from C to C
     X, y = torch.tensor(X), torch.tensor(y)

