@@ -21,8 +21,8 @@ chosen on validation, the test split scored once.
 prints each one's seconds, their ratio and each C's objective summed over the combinations. logreg:
 every C of every combination at once (``lanes.solve_many``, the sweep's) against one C at a time,
 combination by combination, warm-started (``solvers.solve_path``, the one before it). svm, where its
-rows' form applies (up to 3 rows per column): every C of a combination at once (``hinge.newton_rows``,
-the sweep's) against one C at a time from the last solution (the way before it).
+rows' form applies (up to 3 rows per column), ``hinge.newton_rows`` two ways: one C at a time, each
+from the last solution (the sweep's on the CPU), against every C of a combination at once (on a GPU).
 """
 
 from __future__ import annotations
@@ -203,11 +203,11 @@ def compare_solvers(problems: list, y) -> None:
                                 ("every C and combination at once (solve_many)", lambda: lanes.solve_many(problems, y,
                                                                                                           Cs, k))])
     Cs = list(SVM_C_GRID)
-    rows_form = [hinge.through_rows(*_svm_rows(X)[0].shape, len(Cs)) for X in fused]
-    fused = [X for X, ok in zip(fused, rows_form) if ok]
     forms = [_svm_rows(X) for X in fused]
-    if len(fused) < len(rows_form):  # solved every class at once through the features, C after C, either way
-        print(f"  svm: {len(rows_form) - len(fused)} of {len(rows_form)} problems past the rows' form left out")
+    kept = [hinge.through_rows(*rows.shape, len(Cs)) for rows, _ in forms]
+    if not all(kept):  # solved every class at once through the features, C after C, either way
+        print(f"  svm: {kept.count(False)} of {len(kept)} problems past the rows' form left out")
+    fused, forms = [X for X, ok in zip(fused, kept) if ok], [f for f, ok in zip(forms, kept) if ok]
     if not forms:
         return
     hinge.newton_rows(hinge.rows_form(forms[0][0]), y, Cs[:1], k, max_iter=2)
