@@ -42,7 +42,7 @@ step frozen_fusion 300 python benchmarks/frozen_fusion.py --device $DEV --skip-p
 step sweep_pairs 300 python benchmarks/sweep.py --device $DEV --sweep-only --heads logreg,svm --train $TRAIN --test $TEST
 # and the linear heads' solvers alone on the same rows, two ways each: logreg every C and pair at once against one C
 # at a time (1.2-1.4x on 2 CPU cores); the svm every C at once (the sweep's choice on a GPU, unmeasured there until
-# this step runs) against one C at a time, warm-started (the CPU's: 0.72x the other way round there)
+# this step runs) against one C at a time, warm-started (the CPU's: at once took 1.4x its time on 2 cores)
 step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --train $TRAIN --test $TEST
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV
