@@ -21,7 +21,7 @@ chosen on validation, the test split scored once.
 prints each one's seconds, their ratio and each C's objective summed over the combinations. logreg:
 every C of every combination at once (``lanes.solve_many``, the sweep's) against one C at a time,
 combination by combination, warm-started (``solvers.solve_path``, the one before it). svm, where its
-rows' form applies (up to 3 rows per column), ``hinge.newton_rows`` two ways: one C at a time, each
+rows' form applies (up to 3 rows per column), ``hinge_rows.newton_rows`` two ways: one C at a time, each
 from the last solution (the sweep's on the CPU), against every C of a combination at once (on a GPU).
 """
 
@@ -169,7 +169,7 @@ def compare_solvers(problems: list, y) -> None:
     import torch
 
     from featcache.fuse.heads import C_GRID, SVM_C_GRID
-    from featcache.sweep import hinge, lanes, solvers
+    from featcache.sweep import hinge_rows, lanes, solvers
 
     k = int(y.max()) + 1
 
@@ -204,27 +204,27 @@ def compare_solvers(problems: list, y) -> None:
                                                                                                           Cs, k))])
     Cs = list(SVM_C_GRID)
     forms = [_svm_rows(X) for X in fused]
-    kept = [hinge.through_rows(*rows.shape, len(Cs)) for rows, _ in forms]
+    kept = [hinge_rows.through_rows(*rows.shape, len(Cs)) for rows, _ in forms]
     if not all(kept):  # solved every class at once through the features, C after C, either way
         print(f"  svm: {kept.count(False)} of {len(kept)} problems past the rows' form left out")
     fused, forms = [X for X, ok in zip(fused, kept) if ok], [f for f, ok in zip(forms, kept) if ok]
     if not forms:
         return
-    hinge.newton_rows(hinge.rows_form(forms[0][0]), y, Cs[:1], k, max_iter=2)
+    hinge_rows.newton_rows(hinge_rows.rows_form(forms[0][0]), y, Cs[:1], k, max_iter=2)
 
     def one_at_a_time(form):
         out, previous = [], None
         for C in Cs:
-            [previous] = hinge.newton_rows(form, y, [C], k, init=previous)
+            [previous] = hinge_rows.newton_rows(form, y, [C], k, init=previous)
             out.append(previous)
         return out
 
     def each(solve):
-        return lambda: [[back(W) for W in solve(hinge.rows_form(rows))] for rows, back in forms]
+        return lambda: [[back(W) for W in solve(hinge_rows.rows_form(rows))] for rows, back in forms]
 
     side_by_side("svm", Cs, [("one C at a time, warm-started (the CPU's)", each(one_at_a_time)),
                              ("every C at once (a GPU's)",
-                              each(lambda form: hinge.newton_rows(form, y, Cs, k)))])
+                              each(lambda form: hinge_rows.newton_rows(form, y, Cs, k)))])
 
 
 def _svm_rows(X):

@@ -206,13 +206,13 @@ def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
 
 @pytest.mark.parametrize("rows, form", [(40, "rows"), (100, "rows"), (40, "features")])
 def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, monkeypatch, rows, form):
-    from featcache.sweep import hinge
+    from featcache.sweep import hinge_rows
 
     X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form,
     X, y = X[:rows], y[:rows]  # or, where the rows' Gram matrix would not fit, every class on the rotated features
     if form == "features":
-        monkeypatch.setattr(hinge, "ROWS_PER_FEATURE", 0)
-        monkeypatch.setattr(hinge, "newton_rows", None)  # never reached
+        monkeypatch.setattr(hinge_rows, "ROWS_PER_FEATURE", 0)
+        monkeypatch.setattr(hinge_rows, "newton_rows", None)  # never reached
     for C, W in zip([0.1, 10.0], solve_path(torch.tensor(X), torch.tensor(y), [0.1, 10.0], "svm", 10)):
         ref = LinearSVC(C=C, max_iter=50000, tol=1e-10).fit(X, y)
         theirs = objective_value(X, y, np.vstack([ref.coef_.T, ref.intercept_]), C, "svm")
@@ -220,7 +220,7 @@ def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, m
 
 
 def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time_does(digits):
-    from featcache.sweep.hinge import newton_rows, rows_form
+    from featcache.sweep.hinge_rows import newton_rows, rows_form
 
     X, y, _, _ = digits  # 100 rows of 64 features: the rows' form, every (C, class) a lane (the GPU's way)
     X, y, Cs = X[:100], y[:100], [0.01, 0.1, 10.0]
@@ -235,7 +235,7 @@ def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time
 def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_are_the_dense_ones(monkeypatch,
                                                                                                    entries):
     from featcache.sweep import hinge
-    from featcache.sweep.hinge import inverse_hessian_times, rows_form
+    from featcache.sweep.hinge_rows import inverse_hessian_times, rows_form
 
     if entries:
         monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", entries)

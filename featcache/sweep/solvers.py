@@ -13,7 +13,7 @@ compares against ``LogisticRegression`` and ``LinearSVC``):
 - ``logreg``: multinomial cross-entropy, ``C * sum(loss) + ||W||^2 / 2``, intercept not penalised.
 - ``svm``: one-vs-rest squared hinge, ``C * sum(max(0, 1 - y w.x)^2) + ||w||^2 / 2`` per class,
   the intercept penalised as liblinear's (a constant feature of value 1), by exact Newton steps
-  (:mod:`featcache.sweep.hinge`) where their Hessians fit, else by L-BFGS.
+  (:mod:`featcache.sweep.hinge`, :mod:`featcache.sweep.hinge_rows`) where their Hessians fit, else by L-BFGS.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from featcache.sweep import hinge
+from featcache.sweep import hinge, hinge_rows
 
 LOSSES = ("logreg", "svm")
 
@@ -178,14 +178,14 @@ def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: f
     out = {}
     grid = sorted(set(Cs))
     at_once = rows.is_cuda  # not measured on a GPU yet: gpu.sh's sweep_solvers step prints both ways
-    form = hinge.rows_form(rows) if loss == "svm" and hinge.through_rows(*rows.shape, len(grid) if at_once else 1) \
-        else None
+    by_rows = loss == "svm" and hinge_rows.through_rows(*rows.shape, len(grid) if at_once else 1)
+    form = hinge_rows.rows_form(rows) if by_rows else None
     if form is not None and at_once:  # one Newton lane per (C, class)
-        out = dict(zip(grid, hinge.newton_rows(form, y, grid, n_classes)))
+        out = dict(zip(grid, hinge_rows.newton_rows(form, y, grid, n_classes)))
     newton, state, previous = loss == "svm" and hinge.fits(rows.shape[1], n_classes), None, None
     for C in sorted(set(Cs) - set(out)):
         if form is not None:  # one Newton lane per class
-            [previous] = hinge.newton_rows(form, y, [C], n_classes, init=previous)
+            [previous] = hinge_rows.newton_rows(form, y, [C], n_classes, init=previous)
         elif newton:
             previous, state = hinge.newton_features(rows, y, C, n_classes, init=previous, state=state)
         else:
