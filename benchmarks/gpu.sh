@@ -44,5 +44,8 @@ step sweep_pairs 300 python benchmarks/sweep.py --device $DEV --sweep-only --hea
 # at a time (1.2-1.4x on 2 CPU cores); the svm every C at once (the sweep's choice on a GPU, unmeasured there until
 # this step runs) against one C at a time, warm-started (the CPU's: at once took 1.4x its time on 2 cores)
 step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --train $TRAIN --test $TEST
+# The torch heads' candidates (weight decays) one by one against stacked as one network (fuse.torch_stack: the
+# GPU's way, unmeasured there until this step runs; on 2 CPU cores the threads' way is kept, see RESULTS.md).
+step head_fit 240 python benchmarks/head_fit.py --device $DEV
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV

@@ -1,17 +1,20 @@
-"""Torch head fitting (fuse-train's linear and mlp), side by side in one run on the same features.
+"""Torch head fitting (fuse-train's and the sweep's linear and mlp), its ways side by side on the same features.
 
-(a) before   the candidates (weight decays) one after the other, each with torch's default
-             thread count: what fuse-train did until issue 12
-(b) after    what fuse-train does now on the CPU: the candidates side by side, one thread each
+(a) one by one   the candidates (weight decays) one after the other, each with torch's default
+                 thread count: what fuse-train did until issue 12
+(b) threads      the candidates side by side, one thread each: fuse-train's and the sweep's way on the CPU
+(c) stacked      the candidates as one network with a candidate axis (``fuse.torch_stack``): their way
+                 on a GPU
 
-Both train the same heads (same seeds, same epochs and early stopping) through
+All train the same heads (same seeds, same epochs and early stopping) through
 ``fuse.evaluate.fit_select``. The features are synthetic, shaped like the issue's runs:
 1,294 training rows (digits less validation) of 1,836 and of 544 columns, 10 classes.
 ``--busy N`` starts N processes that spin on the CPU for the whole run, as a test suite or a
 second job would on a shared 2-core machine (the issue measured 60.7 s for the mlp there).
 
-    python benchmarks/head_fit.py              # quiet machine
-    python benchmarks/head_fit.py --busy 2     # every core also taken by another process
+    python benchmarks/head_fit.py                    # quiet machine
+    python benchmarks/head_fit.py --busy 2           # every core also taken by another process
+    python benchmarks/head_fit.py --device cuda      # (a) and (c) on a GPU (threads are the CPU's way only)
 """
 
 from __future__ import annotations
@@ -42,10 +45,14 @@ def spin(seconds: float) -> None:
         pass
 
 
-def timed(head: str, data, concurrent: bool) -> tuple[float, evaluate.Selection]:
-    evaluate.CONCURRENT_CPU_FITS = concurrent
+def timed(head: str, data, way: str, device: str, precision: str) -> tuple[float, evaluate.Selection]:
+    evaluate.TORCH_FITS = way
+    if device == "cuda":
+        torch.cuda.synchronize()
     started = time.perf_counter()
-    selection = evaluate.fit_select(HEADS[head], HeadOptions(precision="fp32"), *data)
+    selection = evaluate.fit_select(HEADS[head], HeadOptions(precision=precision, device=device), *data)
+    if device == "cuda":
+        torch.cuda.synchronize()
     return time.perf_counter() - started, selection
 
 
@@ -54,22 +61,33 @@ def main() -> None:
     parser.add_argument("--busy", type=int, default=0, help="processes spinning on the CPU during the run")
     parser.add_argument("--columns", default="1836,544")
     parser.add_argument("--heads", default="mlp,linear")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="the torch heads' autocast: fp32, bf16 or fp16 [fp32]")
     args = parser.parse_args()
-    print(f"CPU: {cpu_name()}; torch threads {torch.get_num_threads()}; busy processes {args.busy}")
+    ways = ["one by one", "stacked"] if args.device == "cuda" else ["one by one", "threads", "stacked"]
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name()}"
+    print(f"{where}; torch threads {torch.get_num_threads()}; busy processes {args.busy}; {args.precision}")
     spinners = [multiprocessing.Process(target=spin, args=(3600,), daemon=True) for _ in range(args.busy)]
     for p in spinners:
         p.start()
     try:
-        print(f"{'head':<7}{'columns':>8}{'before s':>10}{'after s':>9}{'before/after':>14}  epochs run  val acc before/after")
+        small = features(64, rows=64, val=32)
+        for head in args.heads.split(","):  # first calls (torch's lazy imports, CUDA context), timed by none
+            for way in ways:
+                timed(head, small, way, args.device, args.precision)
+        print(f"{'head':<7}{'columns':>8}" + "".join(f"{w + ' s':>14}" for w in ways)
+              + "".join(f"{ways[0] + '/' + w:>22}" for w in ways[1:]) + "  epochs  val acc (each way)")
         for columns in (int(c) for c in args.columns.split(",")):
             data = features(columns)
             for head in args.heads.split(","):
-                before, a = timed(head, data, concurrent=False)
-                after, b = timed(head, data, concurrent=True)
-                same = [c["val_accuracy"] for c in a.candidates] == [c["val_accuracy"] for c in b.candidates]
-                epochs = len(b.head.history_["train_loss"])
-                print(f"{head:<7}{columns:>8}{before:>10.1f}{after:>9.1f}{before / after:>13.2f}x  {epochs:>10}  "
-                      f"{a.val_accuracy:.4f}/{b.val_accuracy:.4f}{'' if same else '  (candidates differ!)'}")
+                runs = [timed(head, data, way, args.device, args.precision) for way in ways]
+                accs = "/".join(f"{s.val_accuracy:.4f}" for _, s in runs)
+                same = all([c["val_accuracy"] for c in s.candidates] == [c["val_accuracy"] for c in runs[0][1].candidates]
+                           for _, s in runs)
+                epochs = len(runs[0][1].head.history_["train_loss"])
+                print(f"{head:<7}{columns:>8}" + "".join(f"{t:>14.2f}" for t, _ in runs)
+                      + "".join(f"{runs[0][0] / t:>21.2f}x" for t, _ in runs[1:])
+                      + f"  {epochs:>6}  {accs}{'' if same else '  (candidates differ!)'}", flush=True)
     finally:
         for p in spinners:
             p.terminate()

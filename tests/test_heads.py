@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.base import clone
@@ -66,17 +68,45 @@ def test_seeded_dropout_drops_and_rescales_like_torch_dropout():
     assert torch.equal(layer.eval()(torch.ones(3, 4)), torch.ones(3, 4))
 
 
-def test_concurrent_candidates_give_the_sequential_selection(monkeypatch):
+def test_concurrent_and_stacked_candidates_give_the_sequential_selection(monkeypatch):
     from featcache.fuse import evaluate
 
     X, y = blobs(n=300)
     options = HeadOptions(hidden=(16,), epochs=8, batch_size=32, patience=None)
     runs = []
-    for concurrent in (False, True):
-        monkeypatch.setattr(evaluate, "CONCURRENT_CPU_FITS", concurrent)
+    for way in ("one by one", "threads", "stacked"):
+        monkeypatch.setattr(evaluate, "TORCH_FITS", way)
         selection = evaluate.fit_select(HEADS["mlp"], options, X[:240], y[:240], X[240:], y[240:])
         runs.append((selection.candidates, selection.head.history_, selection.head.predict_proba(X[240:])))
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1] and np.array_equal(runs[0][2], runs[1][2])
+    assert runs[2][0] == runs[0][0]  # stacked: the same up to float rounding
+    np.testing.assert_allclose(runs[2][2], runs[0][2], atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer,hidden,lr", [("adam", (16, 8), 0.05), ("adamw", (16,), 0.01), ("sgd", (), 0.05)])
+def test_stacked_candidates_train_as_each_does_alone(optimizer, hidden, lr):
+    """The candidates as one stacked network (a GPU's way) against each fitted alone: same epochs kept and stopped
+    at (one stops early and leaves the stack, with its optimizer state), same curves and probabilities."""
+    from featcache.fuse.torch_stack import fit_stacked, stackable
+
+    X, y = blobs(n=260, dim=12, seed=1)
+    X += np.random.default_rng(2).normal(0, 3, X.shape).astype(np.float32)  # overlapping: the decays matter
+    options = HeadOptions(hidden=hidden, dropout=0.3, optimizer=optimizer, lr=lr, epochs=25, batch_size=32,
+                          patience=2, grid={"weight_decay": (0.0, 3.0, 0.01)})
+    entry = HEADS["mlp"]
+    candidates = entry.candidates(options, 200)
+    heads = [entry.make(options, **p) for p in candidates]
+    assert stackable(heads) and not stackable(heads[:1] + [entry.make(replace(options, lr=0.1))])
+    fit_stacked(heads, X[:200], y[:200], eval_set=(X[200:], y[200:]))
+    stops = set()
+    for params, stacked in zip(candidates, heads):
+        alone = entry.make(options, **params).fit(X[:200], y[:200], eval_set=(X[200:], y[200:]))
+        assert stacked.best_epoch_ == alone.best_epoch_
+        for key, curve in alone.history_.items():
+            np.testing.assert_allclose(stacked.history_[key], curve, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(stacked.predict_proba(X[200:]), alone.predict_proba(X[200:]), atol=1e-4)
+        stops.add(len(alone.history_["train_loss"]))
+    assert len(stops) > 1  # candidates stopped at different epochs: the stack narrowed
 
 
 def test_torch_head_records_curves_and_stops_early_on_validation():

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.fuse.torch_stack import fit_stacked, stackable
 
 MIN_VAL_PER_CLASS = 20  # fewer validation images of a class than this: choices made on it are noise
 GRID_FLAGS = {"C": "--C", "weight_decay": "--weight-decay"}  # the flag that sets each grid
-CONCURRENT_CPU_FITS = True  # torch heads' candidates side by side on the CPU (benchmarks/head_fit.py turns it off)
+# How a torch head's candidates (weight decays) train: "auto" is "threads" on the CPU (side by side, one thread
+# each) and "stacked" on a GPU (one network with a candidate axis: fuse.torch_stack); benchmarks/head_fit.py sets
+# "one by one", "threads" or "stacked" to compare them.
+TORCH_FITS = "auto"
 
 
 def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +63,13 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
             return head.fit(X_train, y_train, eval_set=(X_val, y_val))
         return head.fit(X_train, y_train)
 
-    concurrent = CONCURRENT_CPU_FITS and entry.torch and options.device == "cpu" and not hasattr(X_train, "chunks")
-    for params, head in zip(candidates, _fit_all(fit, candidates, concurrent)):
+    way = _torch_way(options.device) if entry.torch and not hasattr(X_train, "chunks") else "one by one"
+    heads = [entry.make(options, **params) for params in candidates] if way == "stacked" else []
+    if stackable(heads):
+        fitted = fit_stacked(heads, X_train, y_train, (X_val, y_val))
+    else:
+        fitted = _fit_all(fit, candidates, way == "threads")
+    for params, head in zip(candidates, fitted):
         acc = float(np.mean(head.predict(X_val) == y_val))
         tried.append({"params": params, "val_accuracy": acc})
         if best is None or acc > best[2]:
@@ -107,6 +116,16 @@ def selection_warnings(head_name: str, selection: Selection, epochs: int | None 
         out.append(f"{head_name} kept its last epoch ({epochs}): the validation loss was still falling, "
                    f"so it never stopped early; raise --epochs")
     return out
+
+
+def _torch_way(device: str) -> str:
+    """How a torch head's candidates train on ``device`` (``TORCH_FITS``): on the CPU side by side in threads, on a
+    GPU stacked (k times fewer kernel launches; unmeasured there: gpu.sh's head_fit step). benchmarks/head_fit.py on
+    2 CPU cores: stacked matched the threads for the mlp on a quiet machine and was 1.6-2x faster for the linear
+    head, but 2.8x slower for the mlp on a busy one (a stacked step's two OpenMP threads wait at barriers)."""
+    if TORCH_FITS != "auto":
+        return TORCH_FITS
+    return "threads" if device == "cpu" else "stacked"
 
 
 def _fit_all(fit, candidates: list, concurrent: bool):
