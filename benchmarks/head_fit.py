@@ -82,8 +82,8 @@ def main() -> None:
             for head in args.heads.split(","):
                 runs = [timed(head, data, way, args.device, args.precision) for way in ways]
                 accs = "/".join(f"{s.val_accuracy:.4f}" for _, s in runs)
-                same = all([c["val_accuracy"] for c in s.candidates] == [c["val_accuracy"] for c in runs[0][1].candidates]
-                           for _, s in runs)
+                chosen = [[c["val_accuracy"] for c in s.candidates] for _, s in runs]
+                same = all(c == chosen[0] for c in chosen)
                 epochs = len(runs[0][1].head.history_["train_loss"])
                 print(f"{head:<7}{columns:>8}" + "".join(f"{t:>14.2f}" for t, _ in runs)
                       + "".join(f"{runs[0][0] / t:>21.2f}x" for t, _ in runs[1:])

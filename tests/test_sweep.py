@@ -1,5 +1,7 @@
 """The sweep: solvers against scikit-learn, k-NN against brute force, a small sweep end to end, resume, bad input."""
 
+import csv
+import io
 import json
 
 import numpy as np
@@ -115,7 +117,13 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     assert all(r["chosen"] for r in rows) and {r["head"] for r in rows} == {"logreg", "svm", "knn"}
     assert (folder / "fewshot.csv").exists()
     [run] = run_folders(tmp_path / "runs")
-    assert load_record(run).head in ("logreg", "svm")
+    # the kept run is the first seed's replicate: that seed's choice, the svm linear as swept
+    top = next(csv.DictReader(io.StringIO("\n".join(table))))
+    first = next(r for r in rows if (r["seed"], r["shots"], "+".join(r["taps"]), r["head"]) == (0, 0, top["taps"], top["head"]))
+    record = load_record(run)
+    params = dict(record.selection["params"])
+    assert record.head == top["head"] in ("logreg", "svm") and params.pop("kernel", "linear") == "linear"
+    assert params == first["chosen"] and len(record.selection["candidates"]) == 1
     # Interrupted after 10 evaluations: the re-run computes only the missing ones and ends with the same table.
     lines = (folder / "rows.jsonl").read_text().splitlines()
     (folder / "rows.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][:15])  # the last line cut short
@@ -131,6 +139,30 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     assert f"Sweep {folder.name}" in page
     for text in ('alt="Each tap alone', 'alt="Every pair of taps', 'alt="Few-shot', "Top combinations", "k-NN</caption>"):
         assert text in page, text
+
+
+@pytest.mark.parametrize(("choices", "most"), [((0.1, 0.001, 0.001), 0.001), ((0.1, 0.001), 0.1)])
+def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, monkeypatch, choices, most):
+    """The table shows each combination's most frequent choice over the seeds (ties: the first seed's); the run
+    kept is the first seed's replicate (its own choice, its split) and the svm stays linear, as the sweep solved it."""
+    from featcache.fuse import train
+    from featcache.fuse.heads import HEADS, HeadOptions
+    from featcache.sweep import run as sweep_run
+
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    rows = [{"seed": seed, "taps": ["tiny:stage3"], "head": "svm", "shots": 0, "repeat": 0, "width": 8,
+             "chosen": {"C": C}, "val_acc": 0.9, "test_acc": 0.8, "macro_f1": 0.8, "fit_s": 0.1}
+            for seed, C in enumerate(choices)]
+    (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table, _ = sweep_run._tables(folder)
+    assert json.loads(table["chosen"][0]) == {"C": most}
+    asked = []
+    monkeypatch.setattr(train, "fuse_train", lambda cfg, log: asked.append(cfg))
+    sweep_run._keep(_cfg(tmp_path, seeds=tuple(range(len(choices)))), table, folder, log=lambda m: None)
+    [cfg] = asked
+    assert cfg.options.seed == 0 and cfg.options.grid == {"C": (0.1,), "kernel": ("linear",)}
+    assert [c["kernel"] for c in HEADS["svm"].candidates(cfg.options, 100)] == ["linear"]  # no RBF on small data
 
 
 def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):

@@ -53,7 +53,8 @@ def feature_options(f):
         click.option("--pooling", default="avg", show_default=True,
                      help="Global pooling of each tap: avg, max or avgmax; cls (a transformer's class token)."),
         click.option("--precision", default="auto", show_default=True,
-                     help="auto (bf16/fp16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16."),
+                     help="auto (bf16/fp16 autocast on a GPU; on a CPU bf16 where it multiplies bf16 "
+                          "natively, else fp32), fp32, bf16 or fp16."),
         click.option("--dtype", default="float16", show_default=True, help="Storage dtype: float16 or float32."),
         click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True),
     ]

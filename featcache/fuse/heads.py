@@ -98,7 +98,8 @@ SMALL_DATA = 2000  # rows below which the RBF SVM joins the svm candidates
 HEADS.register("logreg")(HeadEntry(_logreg, lambda o, n: [{"C": c} for c in o.grid.get("C", C_GRID)]))
 HEADS.register("svm")(HeadEntry(
     _svm,
-    lambda o, n: [{"C": c, "kernel": k} for k in (("linear", "rbf") if n < SMALL_DATA else ("linear",))
+    lambda o, n: [{"C": c, "kernel": k}
+                  for k in o.grid.get("kernel", ("linear", "rbf") if n < SMALL_DATA else ("linear",))
                   for c in o.grid.get("C", SVM_C_GRID)],
     final=_calibrated_svm,
 ))

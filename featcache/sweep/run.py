@@ -13,8 +13,8 @@ each (combination, head) is chosen on validation and scored in turn. It writes:
 - ``sweep.json``: the request.
 
 The best ``--keep`` (combination, head) by validation accuracy are then trained as ordinary
-runs by fuse-train with the chosen hyper-parameter, so runs, predict, report and the
-fine-tune warm start use them unchanged.
+runs by fuse-train, each as the first seed's replicate (that seed's split and choice; the svm
+linear, as swept), so runs, predict, report and the fine-tune warm start use them unchanged.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
     import torch
     from tqdm.auto import tqdm
 
+    log = _warning_once(log)  # the kept runs' fuse-train repeats the sweep's warnings (a small validation split)
     combos = combinations(cfg)  # every check before any long work
     feat = cfg.features
     if cfg.run_extract:
@@ -102,9 +104,21 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
     for line in _top(table):
         log(line)
     if cfg.keep:
-        _keep(cfg, table, log)
+        _keep(cfg, table, folder, log)
     log(f"sweep written to {folder} (table.csv: every combination and head)")
     return folder
+
+
+def _warning_once(log):
+    said = set()
+
+    def once(message: str) -> None:
+        if message.startswith("warning:"):
+            if message in said:
+                return
+            said.add(message)
+        log(message)
+    return once
 
 
 def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple[dict, dict]:
@@ -227,17 +241,21 @@ def _interval(values) -> float:
     return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
 
 
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _tables(folder: Path):
     import pandas as pd
 
-    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(_rows(folder))
     frame["taps"] = frame["taps"].map("+".join)
     frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
     full = frame[frame["shots"] == 0]
     table = full.groupby(["taps", "head"], sort=False).agg(
         n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
-        chosen=("chosen", lambda c: c.mode().iloc[0]), val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
+        chosen=("chosen", lambda c: Counter(c).most_common(1)[0][0]),  # the most frequent; ties: the first seed's
+        val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
         test_acc_ci=("test_acc", _interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
         seeds=("seed", "nunique")).reset_index()
     # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
@@ -266,14 +284,20 @@ def _top(table, n: int = 10) -> list[str]:
     return lines
 
 
-def _keep(cfg: SweepConfig, table, log) -> None:
-    """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs."""
+def _keep(cfg: SweepConfig, table, folder: Path, log) -> None:
+    """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs: each
+    the first seed's replicate, with the hyper-parameter that seed chose (not the table's most frequent choice,
+    which another seed's split made), the svm as the sweep solved it (linear: no RBF candidate)."""
     from featcache.fuse.train import FuseTrainConfig, fuse_train
 
+    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in _rows(folder)
+             if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
     kept = table[table["head"] != "knn"].head(cfg.keep)
     for row in kept.itertuples():
-        chosen = json.loads(row.chosen)
+        chosen = first[(tuple(row.taps.split("+")), row.head)]
         grid = {name: (value,) for name, value in chosen.items() if name in ("C", "weight_decay")}
+        if row.head == "svm":
+            grid["kernel"] = ("linear",)
         options = replace(cfg.options, seed=cfg.seeds[0], grid={**cfg.options.grid, **grid})
         run_cfg = FuseTrainConfig(features=replace(cfg.features, data=replace(cfg.features.data, seed=cfg.seeds[0])),
                                   taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
