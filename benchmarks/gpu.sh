@@ -45,7 +45,8 @@ step sweep_pairs 300 python benchmarks/sweep.py --device $DEV --sweep-only --hea
 # this step runs) against one C at a time, warm-started (the CPU's: at once took 1.4x its time on 2 cores)
 step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --train $TRAIN --test $TEST
 # The torch heads' candidates (weight decays) one by one against stacked as one network (fuse.torch_stack: the
-# GPU's way, unmeasured there until this step runs; on 2 CPU cores the threads' way is kept, see RESULTS.md).
+# GPU's way, unmeasured there until this step runs; on 2 CPU cores the linear head is stacked in one thread
+# and the mlp trains in threads, see RESULTS.md).
 step head_fit 240 python benchmarks/head_fit.py --device $DEV
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV

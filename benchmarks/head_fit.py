@@ -2,9 +2,10 @@
 
 (a) one by one   the candidates (weight decays) one after the other, each with torch's default
                  thread count: what fuse-train did until issue 12
-(b) threads      the candidates side by side, one thread each: fuse-train's and the sweep's way on the CPU
+(b) threads      the candidates side by side, one thread each: the mlp's way on the CPU
 (c) stacked      the candidates as one network with a candidate axis (``fuse.torch_stack``): their way
                  on a GPU
+(d) stacked, one thread   the same in one torch thread: the linear head's way on the CPU
 
 All train the same heads (same seeds, same epochs and early stopping) through
 ``fuse.evaluate.fit_select``. The features are synthetic, shaped like the issue's runs:
@@ -46,7 +47,7 @@ def spin(seconds: float) -> None:
 
 
 def timed(head: str, data, way: str, device: str, precision: str) -> tuple[float, evaluate.Selection]:
-    evaluate.TORCH_FITS = way
+    evaluate.TORCH_FITS = way  # fit_select sets the one thread of "stacked, one thread" itself
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -64,7 +65,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", help="the torch heads' autocast: fp32, bf16 or fp16 [fp32]")
     args = parser.parse_args()
-    ways = ["one by one", "stacked"] if args.device == "cuda" else ["one by one", "threads", "stacked"]
+    ways = ["one by one", "stacked"] if args.device == "cuda" else \
+        ["one by one", "threads", "stacked", "stacked, one thread"]
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU: {cpu_name()}"
     print(f"{where}; torch threads {torch.get_num_threads()}; busy processes {args.busy}; {args.precision}")
     spinners = [multiprocessing.Process(target=spin, args=(3600,), daemon=True) for _ in range(args.busy)]
@@ -75,8 +77,9 @@ def main() -> None:
         for head in args.heads.split(","):  # first calls (torch's lazy imports, CUDA context), timed by none
             for way in ways:
                 timed(head, small, way, args.device, args.precision)
-        print(f"{'head':<7}{'columns':>8}" + "".join(f"{w + ' s':>14}" for w in ways)
-              + "".join(f"{ways[0] + '/' + w:>22}" for w in ways[1:]) + "  epochs  val acc (each way)")
+        names = {"one by one": "(a)", "threads": "(b)", "stacked": "(c)", "stacked, one thread": "(d)"}
+        print(f"{'head':<7}{'columns':>8}" + "".join(f"{names[w] + ' s':>8}" for w in ways)
+              + "".join(f"{'a/' + names[w][1]:>8}" for w in ways[1:]) + "  epochs  val acc (each way)")
         for columns in (int(c) for c in args.columns.split(",")):
             data = features(columns)
             for head in args.heads.split(","):
@@ -85,8 +88,8 @@ def main() -> None:
                 chosen = [[c["val_accuracy"] for c in s.candidates] for _, s in runs]
                 same = all(c == chosen[0] for c in chosen)
                 epochs = len(runs[0][1].head.history_["train_loss"])
-                print(f"{head:<7}{columns:>8}" + "".join(f"{t:>14.2f}" for t, _ in runs)
-                      + "".join(f"{runs[0][0] / t:>21.2f}x" for t, _ in runs[1:])
+                print(f"{head:<7}{columns:>8}" + "".join(f"{t:>8.2f}" for t, _ in runs)
+                      + "".join(f"{runs[0][0] / t:>7.2f}x" for t, _ in runs[1:])
                       + f"  {epochs:>6}  {accs}{'' if same else '  (candidates differ!)'}", flush=True)
     finally:
         for p in spinners:

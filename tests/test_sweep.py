@@ -146,7 +146,7 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     """The table shows each combination's most frequent choice over the seeds (ties: the first seed's); the run
     kept is the first seed's replicate (its own choice, its split) and the svm stays linear, as the sweep solved it."""
     from featcache.fuse import train
-    from featcache.fuse.heads import HEADS, HeadOptions
+    from featcache.fuse.heads import HEADS
     from featcache.sweep import run as sweep_run
 
     folder = tmp_path / "sweep"

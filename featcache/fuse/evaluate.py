@@ -9,6 +9,7 @@ already fitted head.
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +19,8 @@ from featcache.fuse.torch_stack import fit_stacked, stackable
 
 MIN_VAL_PER_CLASS = 20  # fewer validation images of a class than this: choices made on it are noise
 GRID_FLAGS = {"C": "--C", "weight_decay": "--weight-decay"}  # the flag that sets each grid
-# How a torch head's candidates (weight decays) train: "auto" is "threads" on the CPU (side by side, one thread
-# each) and "stacked" on a GPU (one network with a candidate axis: fuse.torch_stack); benchmarks/head_fit.py sets
-# "one by one", "threads" or "stacked" to compare them.
+# How a torch head's candidates (weight decays) train: "auto" is _torch_way's rule; benchmarks/head_fit.py sets
+# "one by one", "threads", "stacked" or "stacked, one thread" to compare them.
 TORCH_FITS = "auto"
 
 
@@ -63,10 +63,11 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
             return head.fit(X_train, y_train, eval_set=(X_val, y_val))
         return head.fit(X_train, y_train)
 
-    way = _torch_way(options.device) if entry.torch and not hasattr(X_train, "chunks") else "one by one"
-    heads = [entry.make(options, **params) for params in candidates] if way == "stacked" else []
-    if stackable(heads):
-        fitted = fit_stacked(heads, X_train, y_train, (X_val, y_val))
+    heads = [entry.make(options, **params) for params in candidates] if entry.torch else []
+    way = _torch_way(options.device, heads) if heads and not hasattr(X_train, "chunks") else "one by one"
+    if way.startswith("stacked") and stackable(heads):
+        with _torch_threads(1 if way == "stacked, one thread" else None):
+            fitted = fit_stacked(heads, X_train, y_train, (X_val, y_val))
     else:
         fitted = _fit_all(fit, candidates, way == "threads")
     for params, head in zip(candidates, fitted):
@@ -118,14 +119,32 @@ def selection_warnings(head_name: str, selection: Selection, epochs: int | None 
     return out
 
 
-def _torch_way(device: str) -> str:
-    """How a torch head's candidates train on ``device`` (``TORCH_FITS``): on the CPU side by side in threads, on a
-    GPU stacked (k times fewer kernel launches; unmeasured there: gpu.sh's head_fit step). benchmarks/head_fit.py on
-    2 CPU cores: stacked matched the threads for the mlp on a quiet machine and was 1.6-2x faster for the linear
-    head, but 2.8x slower for the mlp on a busy one (a stacked step's two OpenMP threads wait at barriers)."""
+def _torch_way(device: str, heads: list) -> str:
+    """How a torch head's candidates train on ``device`` (``TORCH_FITS``): on a GPU stacked as one network (k times
+    fewer kernel launches; unmeasured there: gpu.sh's head_fit step); on the CPU the linear head stacked in one
+    thread, a head with hidden layers side by side in threads, one thread each. benchmarks/head_fit.py on 2 CPU
+    cores (benchmarks/RESULTS.md): the linear head stacked in one thread took 0.44 / 0.27 s against the threads'
+    0.67 / 0.45 s on a quiet machine (1,836 / 544 columns), 0.69 / 0.46 s against 1.07 / 0.90 s on a busy one; the
+    mlp stacked in one thread took 1.7x the threads' time on a quiet machine, in two threads 2.8x on a busy one."""
     if TORCH_FITS != "auto":
         return TORCH_FITS
-    return "threads" if device == "cpu" else "stacked"
+    if device != "cpu":
+        return "stacked"
+    return "threads" if heads[0].hidden else "stacked, one thread"
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` for the block (None: left as they are)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _fit_all(fit, candidates: list, concurrent: bool):
