@@ -116,10 +116,12 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     assert len(rows) == 2 * 6 * 3 + 2 * 2 * 6 * 3  # seeds x combos x heads, and the few-shot draws
     assert all(r["chosen"] for r in rows) and {r["head"] for r in rows} == {"logreg", "svm", "knn"}
     assert (folder / "fewshot.csv").exists()
+    assert json.loads((folder / "sweep.json").read_text())["taps"] == ["tiny:stage1", "tiny:stage2", "tiny:stage3"]
     [run] = run_folders(tmp_path / "runs")
     # the kept run is the first seed's replicate: that seed's choice, the svm linear as swept
     top = next(csv.DictReader(io.StringIO("\n".join(table))))
-    first = next(r for r in rows if (r["seed"], r["shots"], "+".join(r["taps"]), r["head"]) == (0, 0, top["taps"], top["head"]))
+    first = next(r for r in rows
+                 if (r["seed"], r["shots"], "+".join(r["taps"]), r["head"]) == (0, 0, top["taps"], top["head"]))
     record = load_record(run)
     params = dict(record.selection["params"])
     assert record.head == top["head"] in ("logreg", "svm") and params.pop("kernel", "linear") == "linear"
@@ -139,6 +141,27 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     assert f"Sweep {folder.name}" in page
     for text in ('alt="Each tap alone', 'alt="Every pair of taps', 'alt="Few-shot', "Top combinations", "k-NN</caption>"):
         assert text in page, text
+
+
+def test_the_reports_depth_lines_follow_network_order_not_the_ranking(tmp_path):
+    """The table is ranked by validation; the depth plot and the pair heatmap read the taps in network order, from
+    the sweep's own list (sweep.json), any tap it lacks after them."""
+    import pandas as pd
+
+    from featcache.reporting.sweeps import _bounded, depth_lines, network_order
+
+    order = ["a:stem", "a:block2", "a:block10", "b:x1", "b:x2"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"taps": order[:-1]}))
+    table = pd.DataFrame({"taps": ["a:block10", "b:x2", "a:stem", "b:x1", "a:block2"], "head": "logreg",
+                          "test_acc": [0.9, 0.8, 0.5, 0.6, 0.7], "test_acc_ci": 0.3})  # ranked: best first
+    assert network_order(tmp_path, table) == order
+    lines = depth_lines(table, order)
+    assert list(lines) == ["a · logreg", "b · logreg"]
+    x, rows = lines["a · logreg"]
+    assert x == [1, 2, 3] and list(rows["test_acc"]) == [0.5, 0.7, 0.9]
+    assert _bounded([0.9, 0.1], [0.3, 0.3]).tolist() == [[0.3, 0.1], pytest.approx([0.1, 0.3])]  # within [0, 1]
+    (tmp_path / "sweep.json").write_text("[1, 2]")  # not the sweep's: the table's own order
+    assert network_order(tmp_path, table) == list(table["taps"])
 
 
 @pytest.mark.parametrize(("choices", "most"), [((0.1, 0.001, 0.001), 0.001), ((0.1, 0.001), 0.1)])

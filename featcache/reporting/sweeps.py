@@ -6,6 +6,7 @@ Reads only the tables a sweep wrote (CSV, no code); draws with reporting.figures
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,14 @@ def sweep_section(folder: Path) -> dict:
 
     table = pd.read_csv(folder / "table.csv")
     out = {"name": folder.name, "n_rows": len(table)}
+    order = network_order(folder, table)
     singles = table[table["n_taps"] == 1]
     if len(singles):
-        out["depth"] = depth(singles)
+        out["depth"] = depth(singles, order)
     pairs = table[table["n_taps"] == 2]
     if len(pairs):
         head = table.iloc[0]["head"]  # the head of the best row by validation
-        out["pairs"] = pair_heatmap(pairs[pairs["head"] == head], head)
+        out["pairs"] = pair_heatmap(pairs[pairs["head"] == head], head, order, singles[singles["head"] == head])
     fewshot = folder / "fewshot.csv"
     if fewshot.exists():
         out["fewshot"] = fewshot_curve(pd.read_csv(fewshot), table)
@@ -39,36 +41,71 @@ def sweep_section(folder: Path) -> dict:
     return out
 
 
-def depth(singles) -> bytes:
+def network_order(folder: Path, table) -> list[str]:
+    """Every tap in network order, backbone by backbone: the sweep's own list (``taps`` of its sweep.json), then
+    any tap the table names that the list lacks, in the table's order (the table itself is ranked by validation)."""
+    try:
+        listed = json.loads((folder / "sweep.json").read_text()).get("taps")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    listed = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
+    return list(dict.fromkeys(listed + [t for taps in table["taps"] for t in taps.split("+")]))
+
+
+def _bounded(acc, ci):
+    """The error bars of accuracies ``acc`` with half-widths ``ci``, cut at 0 and 1 (an accuracy lies there)."""
+    acc, ci = np.asarray(acc, float), np.asarray(ci, float)
+    return np.vstack([np.minimum(ci, acc), np.minimum(ci, 1 - acc)])
+
+
+def depth_lines(singles, order: list[str]) -> dict:
+    """{"backbone · head": (each tap's place in its backbone, 1 = earliest; its rows)}, the rows in network order."""
+    backbone = singles["taps"].str.rsplit(":", n=1).str[0]
+    singles = singles.assign(backbone=backbone, rank=singles["taps"].map(order.index))
+    singles = singles.sort_values("rank", kind="stable")
+    lines = {}
+    for (name, head), rows in singles.groupby(["backbone", "head"], sort=False):
+        own = [t for t in order if t.rsplit(":", 1)[0] == name]  # this backbone's taps, earliest first
+        lines[f"{name} · {head}"] = ([own.index(t) + 1 for t in rows["taps"]], rows)
+    return lines
+
+
+def depth(singles, order: list[str]) -> bytes:
     """Test accuracy of each tap alone, in network order: one line per backbone and head."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    singles = singles.assign(backbone=singles["taps"].str.rsplit(":", n=1).str[0],
-                             tap=singles["taps"].str.rsplit(":", n=1).str[1])
-    for (backbone, head), rows in singles.groupby(["backbone", "head"], sort=False):
-        ax.errorbar(np.arange(1, len(rows) + 1), rows["test_acc"], yerr=rows["test_acc_ci"], marker="o", capsize=2,
-                    label=f"{backbone} · {head}")
+    for label, (x, rows) in depth_lines(singles, order).items():
+        ax.errorbar(x, rows["test_acc"], yerr=_bounded(rows["test_acc"], rows["test_acc_ci"]), marker="o", capsize=2,
+                    label=label)
     ax.set_xlabel("tap, in network order (1 = earliest)")
     ax.set_ylabel("test accuracy")
+    ax.set_ylim(top=1.02)
     ax.set_title("Which layer transfers best", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return png(fig)
 
 
-def pair_heatmap(pairs, head: str) -> bytes:
-    """Test accuracy of every pair of taps (one head), as a symmetric matrix."""
+def pair_heatmap(pairs, head: str, order: list[str], singles=None) -> bytes:
+    """Test accuracy of every pair of taps (one head), as a symmetric matrix in network order; on its diagonal each
+    tap alone (``singles``, the same head), where the sweep had it."""
     plt = _plt()
-    names = list(dict.fromkeys(t for taps in pairs["taps"] for t in taps.split("+")))
+    named = {t for taps in pairs["taps"] for t in taps.split("+")}
+    names = [t for t in order if t in named]
+    where = {t: i for i, t in enumerate(names)}
     grid = np.full((len(names), len(names)), np.nan)
     for taps, acc in zip(pairs["taps"], pairs["test_acc"]):
-        a, b = (names.index(t) for t in taps.split("+"))
+        a, b = (where[t] for t in taps.split("+"))
         grid[a, b] = grid[b, a] = acc
+    if singles is not None:
+        for tap, acc in zip(singles["taps"], singles["test_acc"]):
+            if tap in where:
+                grid[where[tap], where[tap]] = acc
     fig, ax = plt.subplots(figsize=(0.45 * len(names) + 3, 0.45 * len(names) + 2))
     shown = ax.imshow(grid, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"Pairs of taps, {head}: test accuracy", fontsize=10)
+    ax.set_title(f"Pairs of taps, {head}: test accuracy (diagonal: the tap alone)", fontsize=10)
     fig.colorbar(shown, ax=ax, shrink=0.8)
     return png(fig)
 
@@ -81,8 +118,8 @@ def fewshot_curve(fewshot, table) -> bytes:
         ranked = table[table["head"] == head]
         best = ranked.iloc[0]["taps"] if len(ranked) else rows.iloc[0]["taps"]
         rows = rows[rows["taps"] == best].sort_values("shots")
-        ax.errorbar(rows["shots"], rows["test_acc"], yerr=rows["test_acc_ci"], marker="o", capsize=3,
-                    label=f"{head} · {best}")
+        ax.errorbar(rows["shots"], rows["test_acc"], yerr=_bounded(rows["test_acc"], rows["test_acc_ci"]),
+                    marker="o", capsize=3, label=f"{head} · {best}")
     ax.set_xscale("log")
     ax.set_xlabel("training images per class")
     ax.set_ylabel("test accuracy")

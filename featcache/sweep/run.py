@@ -10,7 +10,7 @@ each (combination, head) is chosen on validation and scored in turn. It writes:
 - ``table.csv`` (and ``table.parquet`` when pandas can write it): one row per (combination,
   head), averaged over seeds, with the 95% interval of test accuracy;
 - ``fewshot.csv``: per (combination, head, shots), mean and 95% interval over the draws;
-- ``sweep.json``: the request.
+- ``sweep.json``: the request, and every tap in network order (the report's depth axis).
 
 The best ``--keep`` (combination, head) by validation accuracy are then trained as ordinary
 runs by fuse-train, each as the first seed's replicate (that seed's split and choice; the svm
@@ -61,7 +61,8 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
         _check_shots(cfg, labels["train"])
         device = torch.device(cfg.options.device)
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write(folder / "sweep.json", json.dumps(_request(cfg, paths), indent=2, default=str))
+        listed = [str(r) for r in all_taps(feat.backbones)]  # network order, for the report (not in the folder's hash)
+        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), "taps": listed}, indent=2, default=str))
         splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
         if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
             log(f"warning: {note}")  # before the bar, so that the two do not share a line
