@@ -83,8 +83,9 @@ def test_concurrent_and_stacked_candidates_give_the_sequential_selection(monkeyp
     np.testing.assert_allclose(runs[2][2], runs[0][2], atol=1e-5)
 
 
-@pytest.mark.parametrize("optimizer,hidden,lr", [("adam", (16, 8), 0.05), ("adamw", (16,), 0.01), ("sgd", (), 0.05)])
-def test_stacked_candidates_train_as_each_does_alone(optimizer, hidden, lr):
+@pytest.mark.parametrize("optimizer,hidden,lr,precision", [("adam", (16, 8), 0.05, "fp32"), ("adamw", (16,), 0.01, "fp32"),
+                                                          ("sgd", (), 0.05, "fp32"), ("adam", (16, 8), 0.05, "bf16")])
+def test_stacked_candidates_train_as_each_does_alone(optimizer, hidden, lr, precision):
     """The candidates as one stacked network (a GPU's way) against each fitted alone: same epochs kept and stopped
     at (one stops early and leaves the stack, with its optimizer state), same curves and probabilities."""
     from featcache.fuse.torch_stack import fit_stacked, stackable
@@ -92,7 +93,7 @@ def test_stacked_candidates_train_as_each_does_alone(optimizer, hidden, lr):
     X, y = blobs(n=260, dim=12, seed=1)
     X += np.random.default_rng(2).normal(0, 3, X.shape).astype(np.float32)  # overlapping: the decays matter
     options = HeadOptions(hidden=hidden, dropout=0.3, optimizer=optimizer, lr=lr, epochs=25, batch_size=32,
-                          patience=2, grid={"weight_decay": (0.0, 3.0, 0.01)})
+                          patience=2, grid={"weight_decay": (0.0, 3.0, 0.01)}, precision=precision)
     entry = HEADS["mlp"]
     candidates = entry.candidates(options, 200)
     heads = [entry.make(options, **p) for p in candidates]
