@@ -105,10 +105,11 @@ def _train(stack, heads, Xt, yt, generator, dropout_rng, validate):
                         stack.keep(i, j)
                         best_epochs[j] = epoch
         if stopped:
-            alive = [j for i, j in enumerate(alive) if i not in stopped]
+            kept = [i for i in range(len(alive)) if i not in stopped]
+            alive = [alive[i] for i in kept]
             if not alive:
                 break
-            opt = stack.narrow([i for i in range(len(stack.order)) if i not in stopped], opt, first)
+            opt = stack.narrow(kept, opt, first)
     for j, history in enumerate(histories):
         if best_epochs[j] is None:  # no validation, or no finite validation loss: the last weights
             stack.keep(alive.index(j), j)
@@ -131,7 +132,6 @@ class _Stack:
             for tensor, axis in ((weight, 1 if n == 0 else 0), (bias, 0)):
                 self.params.append(torch.nn.Parameter(tensor.contiguous().to(device)))
                 self.axes.append(axis)
-        self.order = list(range(k))  # the head each position of the candidate axis belongs to
         self.best = [None] * k
         self.device, self.precision = device, head.precision
 
@@ -202,7 +202,6 @@ class _Stack:
                             if isinstance(value, torch.Tensor) and value.shape == old.shape else value
                             for key, value in state.items()}
         self.params = params
-        self.order = [self.order[i] for i in positions]
         return new
 
     def module_of(self, j: int, head):
