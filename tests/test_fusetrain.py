@@ -128,6 +128,14 @@ def test_dead_taps_are_refused_by_name_unless_allowed(cached):
     assert "stage3         400 x 16       DEAD: constant" in shown and "stage2         400 x 12\n" in shown
     assert json.loads(CliRunner().invoke(cli, ["info", "--json", str(path)]).output)["dead_taps"].keys() == {
         "stage1", "stage3"}
+    # --taps auto on the command line (it went around the selection once): the dead taps leave the candidates
+    flags = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train",
+             "400", "--limit-test", "150", "--cache-dir", str(cached / "cache"), "--runs-dir", str(cached / "auto")]
+    result = CliRunner().invoke(cli, ["fuse-train", *flags, "--taps", "auto", "--head", "logreg"])
+    assert result.exit_code == 0, result.output
+    assert "note: tap tiny:stage1 is dead" in result.output and "note: tap tiny:stage3 is dead" in result.output
+    [run] = (cached / "auto").iterdir()
+    assert load_record(run).taps == ["tiny:stage2"] and "--taps auto chose tiny:stage2" in result.output
 
 
 def test_tap_health_is_the_same_read_whole_or_in_chunks(monkeypatch):

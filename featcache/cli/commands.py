@@ -109,13 +109,13 @@ def fuse_train(**params):
     writes a run folder with its record and trained head. A combination already trained
     with identical options on identical caches is served from its run (--force trains again).
     """
-    from featcache.fuse.train import fuse_train as run
     from featcache.records import run_folders
 
-    cfg = STAGES["fuse-train"].build(params)
+    stage = STAGES["fuse-train"]
+    cfg = stage.build(params)
     runs_dir = cfg.runs_dir
     before = set(run_folders(runs_dir))
-    runs = run(cfg, log=click.echo)
+    runs = stage.run(cfg, params, click.echo).runs  # the stage's own way, --taps auto included, as pipelines run it
     written = len([r for r in runs if r not in before])
     served = f", {len(runs) - written} served from existing runs" if written < len(runs) else ""
     click.echo(f"{written} run{'s' if written != 1 else ''} written to {runs_dir}{served}; compare them with: "

@@ -92,21 +92,30 @@ def check_taps(caches: dict, path_of: dict, refs) -> None:
                                  f"--backbone {ref.backbone}")
 
 
-def check_alive(caches: dict, path_of: dict, refs, allow_dead: bool, log, train: dict | None = None) -> None:
-    """No tap is dead (constant, or mostly below float16's range) unless allowed; ``train``: rows already read."""
+def check_alive(caches: dict, path_of: dict, refs, allow_dead, log, train: dict | None = None) -> set:
+    """No tap is dead (constant, or mostly below float16's range) unless allowed; ``train``: rows already read.
+    ``allow_dead="drop"`` (taps nobody named: ``--taps auto``): the dead ones are returned, to be left out."""
+    dropped = set()
     for ref in sorted(refs):
         reason = caches[ref.backbone].dead(ref.tap, (train or {}).get(ref))
-        if reason and allow_dead:
+        if reason and allow_dead == "drop":
+            log(f"note: tap {ref} is dead ({reason}): left out")
+            dropped.add(ref)
+        elif reason and allow_dead:
             log(f"warning: tap {ref} is dead ({reason}); used anyway (--allow-dead-taps)")
         elif reason:
             raise FeatcacheError(f"tap {ref} is dead in {path_of[ref.backbone]}: {reason}. A head learns nothing "
                                  f"from it: extract again with --dtype float32, choose other --taps, or pass "
                                  f"--allow-dead-taps to use it anyway")
+    return dropped
 
 
-def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool = False, log=print) -> Features:
+def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool | str = False, log=print) -> Features:
+    """The taps ``refs`` of both splits, float32. A dead tap is refused, unless ``allow_dead`` (True: used, with a
+    warning; "drop": left out of the result, with a note)."""
     started = time.perf_counter()
     taps = {}
+    refs = set(refs)
     with contextlib.ExitStack() as stack:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
         classes, labels, index = shared_rows(caches, paths)
@@ -116,7 +125,10 @@ def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool = 
             for ref in refs:
                 taps[(split, ref)] = caches[ref.backbone].read(split, ref.tap).astype(np.float32)
             if split == "train":  # checked on the rows just read, before the test split is read
-                check_alive(caches, paths, refs, allow_dead, log, {ref: taps[("train", ref)] for ref in refs})
+                dropped = check_alive(caches, paths, refs, allow_dead, log, {ref: taps[("train", ref)] for ref in refs})
+                refs -= dropped
+                for ref in dropped:
+                    del taps[("train", ref)]
     return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
 
 

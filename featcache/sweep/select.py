@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import validation_split
@@ -27,8 +28,12 @@ def choose_taps(cfg, log=print):
     feat = cfg.features
     if cfg.run_extract:
         extract(feat, log=log)
-    refs = all_taps(feat.backbones)
-    data = load_features(locate_caches(feat), set(refs), cfg.allow_dead_taps, log)
+    # every tap a candidate but the dead ones (constant, or lost below float16's range), unless --allow-dead-taps
+    data = load_features(locate_caches(feat), set(all_taps(feat.backbones)), cfg.allow_dead_taps or "drop", log)
+    refs = [r for r in all_taps(feat.backbones) if ("train", r) in data.taps]
+    if not refs:
+        raise FeatcacheError("--taps auto found every tap dead: extract again with --dtype float32, or pass "
+                             "--allow-dead-taps to choose among them anyway")
     labels = data.labels["train"]
     fit_rows, val_rows = validation_split(labels, cfg.val_fraction, feat.data.seed)
     device = torch.device(cfg.options.device)
