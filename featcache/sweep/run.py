@@ -278,10 +278,10 @@ def _write_tables(folder: Path, table, fewshot) -> None:
 
 
 def _top(table, n: int = 10) -> list[str]:
-    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<18} taps"]
+    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
     for row in table.head(n).itertuples():
         lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {row.test_acc_ci:6.4f}  {row.head:<7} "
-                     f"{row.chosen[:18]:<18} {row.taps}")
+                     f"{row.chosen[:24]:<24} {row.taps}")
     return lines
 
 
