@@ -19,8 +19,9 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
 }
 
 DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224 ROWS=50000
+HEADS_PRECISION=bf16  # what --precision auto gives the torch heads on a GPU
 if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
-    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000
+    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000 HEADS_PRECISION=fp32
 fi
 ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
 
@@ -47,6 +48,6 @@ step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --trai
 # The torch heads' candidates (weight decays) one by one against stacked as one network (fuse.torch_stack: the
 # GPU's way, unmeasured there until this step runs; on 2 CPU cores the linear head is stacked in one thread
 # and the mlp trains in threads, see RESULTS.md).
-step head_fit 240 python benchmarks/head_fit.py --device $DEV
+step head_fit 240 python benchmarks/head_fit.py --device $DEV --precision $HEADS_PRECISION
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV
