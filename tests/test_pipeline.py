@@ -97,6 +97,31 @@ def test_pipeline_runs_every_stage_then_reuses_what_exists(tmp_path, monkeypatch
     assert statuses(run(tmp_path / "p.toml").output)["finetune#1"] == "reused"  # the epochs = 1 run, still there
 
 
+def test_a_sweep_stage_keeps_its_runs_for_the_report_and_is_reused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    text = TINY.format(tmp=tmp_path, head="logreg").split("[[fuse-train]]")[0] + """
+[[sweep]]
+backbone = ["tiny"]
+combos = "singles"
+head = ["logreg,knn"]
+keep = 1
+
+[report]
+gradcam-images = 0
+grid-images = 4
+"""
+    path = write(tmp_path, text)
+    first = run(path)
+    assert first.exit_code == 0, first.output
+    assert statuses(first.output) == {"extract#1": "ran", "sweep#1": "ran", "report#1": "ran"}
+    [kept] = [p for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir() and p.name != "sweeps"]
+    page = (tmp_path / "reports" / "tiny.html").read_text()
+    assert kept.name in page and "Sweep digits-tiny" in page
+    again = run(path)
+    assert statuses(again.output) == {"extract#1": "reused", "sweep#1": "reused", "report#1": "ran"}
+    assert [p for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir() and p.name != "sweeps"] == [kept]
+
+
 @pytest.mark.parametrize("edit, message", [
     (("epochs = 1", "epoch = 1"), r"p.toml: \[\[finetune\]\] #1: unknown key 'epoch'; did you mean 'epochs'\?"),
     (("[[fuse-train]]", "[[fuse_train]]"), r"p.toml: \[fuse_train\]: unknown section; did you mean \[fuse-train\]\?"),
@@ -160,6 +185,8 @@ def test_dry_run_shows_each_stages_options_and_runs_nothing(tmp_path, monkeypatc
                  'weights = "random"', 'runs-dir = "runs/quickstart"'):
         assert f"  {line}\n" in stages
     assert "patience" not in stages and "force" not in stages  # at their defaults: not listed
+    swept = result.output.split("sweep #1\n", 1)[1].split("fuse-train #1\n", 1)[0]
+    assert '  head = ["logreg,knn"]\n' in swept and "  keep = 1\n" in swept and "taps" not in swept
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
@@ -172,9 +199,9 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
                            "--set", "limit-train=300", "--set", "limit-test=100"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "6 stages ran, 0 reused" in done.stdout
+    assert "7 stages ran, 0 reused" in done.stdout
     page = (tmp_path / "reports" / "quickstart.html").read_text()
-    assert "Backbone weights are random" in page
+    assert "Backbone weights are random" in page and "Sweep digits-resnet18+mobilenet_v2" in page
     assert page.count('<figure class="gradcam">') >= 6 and page.count('<figure class="curves">') >= 4
 
 

@@ -181,7 +181,7 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     table, _ = sweep_run._tables(folder)
     assert json.loads(table["chosen"][0]) == {"C": most}
     asked = []
-    monkeypatch.setattr(train, "fuse_train", lambda cfg, log: asked.append(cfg))
+    monkeypatch.setattr(train, "fuse_train", lambda cfg, log: asked.append(cfg) or [])
     sweep_run._keep(_cfg(tmp_path, seeds=tuple(range(len(choices)))), table, folder, log=lambda m: None)
     [cfg] = asked
     assert cfg.options.seed == 0 and cfg.options.grid == {"C": (0.1,), "kernel": ("linear",)}

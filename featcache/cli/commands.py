@@ -203,7 +203,7 @@ def report(trust_pickles, **params):
                    "repeat for several.")
 @click.option("--dry-run", is_flag=True, help="Check the file and list its stages with their options, running nothing.")
 def run_command(pipeline_file, settings, dry_run):
-    """Run a study's pipeline file (TOML) stage by stage: extract, fuse-train, finetune, report.
+    """Run a study's pipeline file (TOML) stage by stage: extract, sweep, fuse-train, finetune, report.
 
     Caches and runs that already exist are reused; a summary says what ran and what was
     reused. Each stage table holds its command's flags, e.g. image-size = 128.

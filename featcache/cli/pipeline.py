@@ -1,4 +1,5 @@
-"""A study as one declarative TOML file, run stage by stage: extract, fuse-train, finetune, report.
+"""A study as one declarative TOML file, run stage by stage: extract, sweep, fuse-train,
+finetune, report.
 
 Flow: pipelines/*.toml -> **pipeline** -> the stages, through the CLI's own flag parsing.
 A stage table holds its command's options under their flag names (``image-size = 128``
@@ -43,7 +44,7 @@ class StageResult:
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str  # extract, fuse-train, finetune or report
+    kind: str  # extract, sweep, fuse-train, finetune or report
     index: int  # 1-based among the tables of its kind
     params: dict  # parsed by the command's click options
     config: object  # built from params once, when the file is loaded
@@ -186,7 +187,8 @@ def load_pipeline(path: Path, commands: dict[str, click.Command], overrides: dic
     if "name" not in head:
         raise _fail(path, "[pipeline]", "missing key 'name'")
     if not any(s in data for s in STAGES):
-        raise _fail(path, "stages", "none found: add [[extract]], [[fuse-train]], [[finetune]] or [report]")
+        raise _fail(path, "stages",
+                    "none found: add [[extract]], [[sweep]], [[fuse-train]], [[finetune]] or [report]")
     defaults = data.get("defaults", {})
     known = set().union(*(_options(commands[s]) for s in STAGES))
     for key in defaults:
@@ -254,8 +256,8 @@ def stage_options(stage: Stage, command) -> list[str]:
     for param in command.params:
         value = stage.params.get(param.name)
         default = param.default() if callable(param.default) else param.default
-        if param.multiple and default is not None:
-            default = tuple(default)
+        if param.multiple:  # no default given: click's own "unset" marker, which is not a tuple
+            default = tuple(default) if isinstance(default, (list, tuple)) else ()
         if value in (None, (), False) or value == default:
             continue
         name = next((o[2:] for o in param.opts if o.startswith("--")), param.name)

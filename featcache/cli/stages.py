@@ -32,7 +32,9 @@ class StageSpec:
         build: the command's parsed parameters -> the stage's frozen config.
         run: ``(config, params, log) -> Outcome``.
         reuse: "cache" (the stage serves an identical request from its own cache), "ledger"
-            (the pipeline remembers the runs an identical request wrote) or "never".
+            (the pipeline remembers the runs an identical request wrote), "itself" (the sweep keeps its
+            finished evaluations in its folder, and its kept runs are served as fuse-train serves them) or
+            "never".
         repeatable: a pipeline may hold several tables of it (``[[extract]]``).
         takes_runs: in a pipeline, a config without runs gets the runs of the stages before it.
     """
@@ -65,6 +67,16 @@ def _fuse_train(config, params, log) -> Outcome:
     return Outcome("ran", [str(r) for r in runs], runs)
 
 
+def _sweep(config, params, log) -> Outcome:
+    from featcache.records import run_folders
+    from featcache.sweep.run import sweep_and_keep
+
+    before = set(run_folders(config.runs_dir))
+    folder, computed, kept = sweep_and_keep(config, log=log, progress=not params.get("quiet", False))
+    fresh = computed or any(run not in before for run in kept)  # else every evaluation and kept run was there
+    return Outcome("ran" if fresh else "reused", [str(folder), *map(str, kept)], kept)
+
+
 def _finetune(config, params, log) -> Outcome:
     from featcache.finetuning.run import finetune
 
@@ -81,6 +93,7 @@ def _report(config, params, log) -> Outcome:
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("extract", flags.extract_config, _extract, reuse="cache"),
+    StageSpec("sweep", flags.sweep_config, _sweep, reuse="itself"),
     StageSpec("fuse-train", flags.fuse_train_config, _fuse_train, reuse="ledger"),
     StageSpec("finetune", flags.finetune_config, _finetune, reuse="ledger"),
     StageSpec("report", flags.report_config, _report, reuse="never", repeatable=False, takes_runs=True),

@@ -59,7 +59,7 @@ def sweep(quiet, **params):
     device; k-NN votes over cosine neighbours. Writes RUNS/sweeps/NAME/table.csv; an
     interrupted sweep resumes where it stopped.
     """
-    from featcache.cli.flags import sweep_config
-    from featcache.sweep.run import sweep as run
+    from featcache.cli.stages import STAGES
 
-    run(sweep_config(params), log=click.echo, progress=not quiet)
+    stage = STAGES["sweep"]  # the stage's own way, as a pipeline's [[sweep]] runs it
+    stage.run(stage.build(params), {**params, "quiet": quiet}, click.echo)

@@ -40,6 +40,11 @@ from featcache.sweep.probes import BATCHED, presolve, probe
 
 def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
     """Run (or resume) the sweep; return its folder. ``progress``: a bar over the evaluations left."""
+    return sweep_and_keep(cfg, log, progress)[0]
+
+
+def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple[Path, int, list[Path]]:
+    """:func:`sweep`, returning (its folder, the evaluations it computed, the run folders of its ``--keep``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -52,6 +57,7 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
     folder = _folder(cfg, paths)
     done = _finished(folder)
     todo = _jobs(cfg, combos)
+    count = 0
     if all(_key(job) in done for job in todo):
         log(f"every evaluation of this sweep is in {folder}: writing its tables")
     else:
@@ -66,7 +72,7 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
         splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
         if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
             log(f"warning: {note}")  # before the bar, so that the two do not share a line
-        started, count = time.perf_counter(), 0
+        started = time.perf_counter()
         bar = tqdm(total=sum(_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                    leave=False)
         with bar, open(folder / "rows.jsonl", "a") as out:
@@ -104,10 +110,9 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
     _write_tables(folder, table, fewshot)
     for line in _top(table):
         log(line)
-    if cfg.keep:
-        _keep(cfg, table, folder, log)
+    kept = _keep(cfg, table, folder, log) if cfg.keep else []
     log(f"sweep written to {folder} (table.csv: every combination and head)")
-    return folder
+    return folder, count, kept
 
 
 def _warning_once(log):
@@ -285,7 +290,7 @@ def _top(table, n: int = 10) -> list[str]:
     return lines
 
 
-def _keep(cfg: SweepConfig, table, folder: Path, log) -> None:
+def _keep(cfg: SweepConfig, table, folder: Path, log) -> list[Path]:
     """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs: each
     the first seed's replicate, with the hyper-parameter that seed chose (not the table's most frequent choice,
     which another seed's split made), the svm as the sweep solved it (linear: no RBF candidate)."""
@@ -293,8 +298,8 @@ def _keep(cfg: SweepConfig, table, folder: Path, log) -> None:
 
     first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in _rows(folder)
              if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
-    kept = table[table["head"] != "knn"].head(cfg.keep)
-    for row in kept.itertuples():
+    runs = []
+    for row in table[table["head"] != "knn"].head(cfg.keep).itertuples():
         chosen = first[(tuple(row.taps.split("+")), row.head)]
         grid = {name: (value,) for name, value in chosen.items() if name in ("C", "weight_decay")}
         if row.head == "svm":
@@ -303,4 +308,5 @@ def _keep(cfg: SweepConfig, table, folder: Path, log) -> None:
         run_cfg = FuseTrainConfig(features=replace(cfg.features, data=replace(cfg.features.data, seed=cfg.seeds[0])),
                                   taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
                                   options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
-        fuse_train(run_cfg, log=log)
+        runs += fuse_train(run_cfg, log=log)
+    return runs
