@@ -193,6 +193,8 @@ def _write_caches(jobs: list[Job], paths: list[Path], rows: dict[str, tuple[int,
             if members[0].job.progress and images:
                 members[0].job.log(f"{'+'.join(m.job.spec.name for m in members)}: {rates(clock, images)}")
             clocks.update({id(m.job): clock for m in members})
+        for writer in writers:  # the batches the writers still hold reach the file here, where a failure cleans up
+            writer.commit()
     except FeatcacheError:
         for writer in writers:  # the same input would fail again: leave nothing behind
             writer.close()
