@@ -188,6 +188,18 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     assert [c["kernel"] for c in HEADS["svm"].candidates(cfg.options, 100)] == ["linear"]  # no RBF on small data
 
 
+def test_a_narrower_request_on_the_same_folder_tables_only_its_own_evaluations(tmp_path):
+    """rows.jsonl keeps every evaluation made with these caches and options (a wider request reuses them);
+    table.csv and the ranking are the request's own."""
+    wide = sweep(_cfg(tmp_path, heads=("logreg",), keep=0), log=lambda m: None)  # 3 taps and 3 pairs
+    said = []
+    narrow = sweep(_cfg(tmp_path, heads=("logreg",), keep=0, combos="0", taps=("early,late",)), log=said.append)
+    assert narrow == wide and any("every evaluation of this sweep is in" in line for line in said)
+    assert len((wide / "rows.jsonl").read_text().splitlines()) == 6
+    table = list(csv.DictReader(io.StringIO((narrow / "table.csv").read_text())))
+    assert [(row["taps"], row["head"]) for row in table] == [("tiny:stage1+tiny:stage3", "logreg")]
+
+
 def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):
     from featcache.fuse.train import FuseTrainConfig, fuse_train
     from featcache.records import load_record

@@ -8,7 +8,8 @@ each (combination, head) is chosen on validation and scored in turn. It writes:
 - ``rows.jsonl``: one line per finished evaluation, appended as it finishes; a re-run of the
   same request skips those (an interrupted sweep resumes where it stopped);
 - ``table.csv`` (and ``table.parquet`` when pandas can write it): one row per (combination,
-  head), averaged over seeds, with the 95% interval of test accuracy;
+  head) of this request (rows.jsonl keeps earlier requests' evaluations too, for reuse), averaged
+  over seeds, with the 95% interval of test accuracy;
 - ``fewshot.csv``: per (combination, head, shots), mean and 95% interval over the draws;
 - ``sweep.json``: the request, and every tap in network order (the report's depth axis).
 
@@ -106,7 +107,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
                         bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
                         bar.update()
         log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
-    table, fewshot = _tables(folder)
+    table, fewshot = _tables(folder, {_key(job) for job in todo})
     _write_tables(folder, table, fewshot)
     for line in _top(table):
         log(line)
@@ -251,10 +252,12 @@ def _rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
 
 
-def _tables(folder: Path):
+def _tables(folder: Path, keys: set | None = None):
+    """(table, fewshot) of the rows in ``folder`` (only those of ``keys``, this request's evaluations: the folder
+    also keeps what earlier requests on the same caches and options evaluated, for them to reuse)."""
     import pandas as pd
 
-    frame = pd.DataFrame(_rows(folder))
+    frame = pd.DataFrame([r for r in _rows(folder) if keys is None or _key(r) in keys])
     frame["taps"] = frame["taps"].map("+".join)
     frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
     full = frame[frame["shots"] == 0]
