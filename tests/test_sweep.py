@@ -188,6 +188,16 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     assert [c["kernel"] for c in HEADS["svm"].candidates(cfg.options, 100)] == ["linear"]  # no RBF on small data
 
 
+def test_a_runs_folder_holding_only_a_sweep_gets_a_report_of_it(tmp_path):
+    from featcache.reporting.page import ReportConfig, write_report
+
+    sweep(_cfg(tmp_path, combos="singles", heads=("logreg",), keep=0), log=lambda m: None)
+    page = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html", gradcam_images=0),
+                        log=lambda m: None).read_text()
+    assert "Sweep digits-tiny" in page and "0 runs" in page and 'id="comparison"' not in page
+    assert "random</strong> (not pretrained) in this sweep" in page  # the sweep's weights, from its sweep.json
+
+
 def test_a_narrower_request_on_the_same_folder_tables_only_its_own_evaluations(tmp_path):
     """rows.jsonl keeps every evaluation made with these caches and options (a wider request reuses them);
     table.csv and the ranking are the request's own."""

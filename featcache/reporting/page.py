@@ -239,7 +239,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
     else:
         folders = run_folders(cfg.runs_dir)
-    if not folders:
+    if not folders and (cfg.runs or not sweep_folders(cfg.runs_dir)):  # a sweep alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     records = [load_record(f) for f in folders]
     if cfg.gradcam_images > 0:

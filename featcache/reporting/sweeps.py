@@ -23,7 +23,7 @@ def sweep_section(folder: Path) -> dict:
     import pandas as pd
 
     table = pd.read_csv(folder / "table.csv")
-    out = {"name": folder.name, "n_rows": len(table)}
+    out = {"name": folder.name, "n_rows": len(table), "random": _request(folder).get("weights") == "random"}
     order = network_order(folder, table)
     singles = table[table["n_taps"] == 1]
     if len(singles):
@@ -44,12 +44,18 @@ def sweep_section(folder: Path) -> dict:
 def network_order(folder: Path, table) -> list[str]:
     """Every tap in network order, backbone by backbone: the sweep's own list (``taps`` of its sweep.json), then
     any tap the table names that the list lacks, in the table's order (the table itself is ranked by validation)."""
-    try:
-        listed = json.loads((folder / "sweep.json").read_text()).get("taps")
-    except (OSError, ValueError, AttributeError):
-        listed = None
+    listed = _request(folder).get("taps")
     listed = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
     return list(dict.fromkeys(listed + [t for taps in table["taps"] for t in taps.split("+")]))
+
+
+def _request(folder: Path) -> dict:
+    """The sweep's sweep.json (plain JSON), or {} where it is missing or not a table."""
+    try:
+        request = json.loads((folder / "sweep.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return request if isinstance(request, dict) else {}
 
 
 def _bounded(acc, ci):

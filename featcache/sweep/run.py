@@ -11,7 +11,7 @@ each (combination, head) is chosen on validation and scored in turn. It writes:
   head) of this request (rows.jsonl keeps earlier requests' evaluations too, for reuse), averaged
   over seeds, with the 95% interval of test accuracy;
 - ``fewshot.csv``: per (combination, head, shots), mean and 95% interval over the draws;
-- ``sweep.json``: the request, and every tap in network order (the report's depth axis).
+- ``sweep.json``: the request, every tap in network order (the report's depth axis) and the weights.
 
 The best ``--keep`` (combination, head) by validation accuracy are then trained as ordinary
 runs by fuse-train, each as the first seed's replicate (that seed's split and choice; the svm
@@ -68,8 +68,9 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         _check_shots(cfg, labels["train"])
         device = torch.device(cfg.options.device)
         folder.mkdir(parents=True, exist_ok=True)
-        listed = [str(r) for r in all_taps(feat.backbones)]  # network order, for the report (not in the folder's hash)
-        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), "taps": listed}, indent=2, default=str))
+        # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
+        shown = {"taps": [str(r) for r in all_taps(feat.backbones)], "weights": str(feat.weights)}
+        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
         splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
         if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
             log(f"warning: {note}")  # before the bar, so that the two do not share a line
