@@ -127,6 +127,9 @@ def fewshot_curve(fewshot, table) -> bytes:
         ax.errorbar(rows["shots"], rows["test_acc"], yerr=_bounded(rows["test_acc"], rows["test_acc_ci"]),
                     marker="o", capsize=3, label=f"{head} · {best}")
     ax.set_xscale("log")
+    shots = sorted(int(k) for k in fewshot["shots"].unique())
+    ax.set_xticks(shots, [str(k) for k in shots])  # the shots drawn, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("training images per class")
     ax.set_ylabel("test accuracy")
     ax.set_title("Few-shot", fontsize=10)
