@@ -159,6 +159,20 @@ def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
     assert "skipped as unreadable (3):" in info.output and "truncated.jpg" in info.output
 
 
+@pytest.mark.parametrize("command", [["fuse-train", "--head", "logreg"],
+                                     ["sweep", "--combos", "singles", "--head", "logreg", "--keep", "0"]])
+def test_the_commands_that_extract_first_take_skip_bad_images_as_the_error_says(tmp_path, command):
+    root = messy_folder(tmp_path / "photos")
+    args = [*command, "--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu",
+            "--dataset", "folder", "--data-dir", str(root), "--test-fraction", "0.3", "--extract",
+            "--cache-dir", str(tmp_path / "c"), "--runs-dir", str(tmp_path / "runs")]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code == 2 and "or pass --skip-bad-images to leave unreadable images out" in refused.output
+    result = CliRunner().invoke(cli, [*args, "--skip-bad-images"])
+    assert result.exit_code == 0, result.output
+    assert "skipped 3 unreadable image(s), recorded in the cache" in result.output
+
+
 @pytest.mark.parametrize("workers", ["0", "2"])
 def test_device_jpeg_decode_takes_the_whole_messy_folder_like_the_cpu_path(tmp_path, monkeypatch, workers):
     """The GPU path (JPEG bytes from the workers, batched decode_jpeg and resize on the device), run on

@@ -15,7 +15,7 @@ import click
 
 from featcache.cli import browse, sweeping  # noqa: F401  register backbones, info, runs, predict and sweep
 from featcache.cli.group import cli, trusting
-from featcache.cli.options import data_options, feature_options
+from featcache.cli.options import data_options, feature_options, skip_bad_images_option
 from featcache.cli.stages import STAGES
 from featcache.extraction.config import available_cores
 
@@ -31,8 +31,7 @@ from featcache.extraction.config import available_cores
               help=f"Processes decoding image files [default: on a GPU run every core this machine gives featcache "
                    f"({available_cores()}); on a CPU run 0, since the network already uses every core].")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (pays off on large datasets).")
-@click.option("--skip-bad-images", is_flag=True,
-              help="Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping.")
+@skip_bad_images_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def extract(quiet, **params):
     """Run frozen backbones once and cache every tap's pooled features in HDF5.
@@ -53,11 +52,6 @@ def extract(quiet, **params):
     if not ranks().main:  # under torchrun, rank 0 speaks for the job
         return
     for r in results:
-        if r.skipped:
-            click.echo(f"{r.backbone}: skipped {len(r.skipped)} unreadable image(s), recorded in the cache "
-                       f"(featcache info lists them):")
-            for item in r.skipped:
-                click.echo(f"  {item['error']}")
         if r.status == "cached":
             click.echo(f"{r.backbone}: already cached at {r.path} (served in {r.seconds:.2f} s)")
         else:
@@ -97,6 +91,7 @@ def extract(quiet, **params):
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
+@skip_bad_images_option
 @click.option("--out-of-core", is_flag=True,
               help="Stream row chunks from the caches instead of loading them (torch heads: linear, mlp).")
 @click.option("--force", is_flag=True, help="Train again even where an identical request already has a run.")

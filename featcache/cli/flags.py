@@ -94,9 +94,10 @@ def fuse_train_config(params: dict):
 
     p = params
     options = head_options(p)
-    return FuseTrainConfig(features=feature_config(p, tuple(p["backbone_names"])), taps=tuple(p["taps"]),
-                           heads=csv_values(p["heads"]), tap_norm=p["tap_norm"], val_fraction=p["val_fraction"],
-                           options=options, runs_dir=p["runs_dir"], run_extract=p["run_extract"],
+    features = feature_config(p, tuple(p["backbone_names"]), skip_bad_images=p["skip_bad_images"])
+    return FuseTrainConfig(features=features, taps=tuple(p["taps"]), heads=csv_values(p["heads"]), tap_norm=p["tap_norm"],
+                           val_fraction=p["val_fraction"], options=options, runs_dir=p["runs_dir"],
+                           run_extract=p["run_extract"],
                            out_of_core=p["out_of_core"], force=p["force"],
                            allow_dead_taps=p["allow_dead_taps"])
 
@@ -119,7 +120,8 @@ def sweep_config(p: dict):
     """The SweepConfig of ``featcache sweep``'s parsed flags."""
     from featcache.sweep.config import SweepConfig, parse_ints
 
-    return SweepConfig(features=feature_config(p, tuple(p["backbone_names"])), combos=p["combos"],
+    features = feature_config(p, tuple(p["backbone_names"]), skip_bad_images=p["skip_bad_images"])
+    return SweepConfig(features=features, combos=p["combos"],
                        taps=tuple(p["taps"]), heads=csv_values(p["heads"]), val_fraction=p["val_fraction"],
                        seeds=parse_ints("--seeds", p["seeds"]) or (p["seed"],), shots=parse_ints("--shots", p["shots"]),
                        repeats=p["repeats"], keep=p["keep"], max_combos=p["max_combos"], options=head_options(p),

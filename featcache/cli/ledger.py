@@ -23,7 +23,8 @@ from featcache.files import atomic_write
 if TYPE_CHECKING:
     from featcache.cli.pipeline import Stage
 
-UI_ONLY = ("quiet", "resume", "trust_pickles", "force")  # options that do not change a stage's result
+# options that do not change a stage's result (--skip-bad-images: the cache either holds the rows or was not written)
+UI_ONLY = ("quiet", "resume", "trust_pickles", "force", "skip_bad_images")
 LEDGER = "pipeline-ledger.json"
 
 

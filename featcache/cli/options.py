@@ -61,3 +61,9 @@ def feature_options(f):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+# --skip-bad-images, on extract and on the commands whose --extract extracts first (the bad-image error names it)
+skip_bad_images_option = click.option(
+    "--skip-bad-images", is_flag=True,
+    help="Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping.")

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from featcache.cli.group import cli
-from featcache.cli.options import data_options, feature_options
+from featcache.cli.options import data_options, feature_options, skip_bad_images_option
 
 
 @cli.command()
@@ -50,6 +50,7 @@ from featcache.cli.options import data_options, feature_options
 @click.option("--device", default="auto", show_default=True, help="Where the probes are solved: auto, cpu or cuda.")
 @click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
 @click.option("--extract", "run_extract", is_flag=True, help="Extract missing caches first.")
+@skip_bad_images_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 def sweep(quiet, **params):
     """Evaluate every tap, pair or combination of the cached taps with every head, at once.

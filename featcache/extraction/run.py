@@ -90,7 +90,14 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
                                             "batch_size": cfg.batch_size, "processes": r.world,
                                             "shared_pass": [j.spec.name for j in jobs], "phases": result.timings})
             results[job.spec.name] = result
-    return [dataclasses.replace(results[name], precision=precision) for name in cfg.backbones]
+    out = [dataclasses.replace(results[name], precision=precision) for name in cfg.backbones]
+    for result in out:  # said here, so that fuse-train --extract and sweep --extract say it too
+        if result.skipped:
+            say(f"{result.backbone}: skipped {len(result.skipped)} unreadable image(s), recorded in the cache "
+                f"(featcache info lists them):")
+            for item in result.skipped:
+                say(f"  {item['error']}")
+    return out
 
 
 def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]:
