@@ -148,20 +148,20 @@ def test_the_reports_depth_lines_follow_network_order_not_the_ranking(tmp_path):
     the sweep's own list (sweep.json), any tap it lacks after them."""
     import pandas as pd
 
-    from featcache.reporting.sweeps import _bounded, depth_lines, network_order
+    from featcache.reporting.sweeps import _bounded, depth_lines, network_order, sweep_request
 
     order = ["a:stem", "a:block2", "a:block10", "b:x1", "b:x2"]
     (tmp_path / "sweep.json").write_text(json.dumps({"taps": order[:-1]}))
     table = pd.DataFrame({"taps": ["a:block10", "b:x2", "a:stem", "b:x1", "a:block2"], "head": "logreg",
                           "test_acc": [0.9, 0.8, 0.5, 0.6, 0.7], "test_acc_ci": 0.3})  # ranked: best first
-    assert network_order(tmp_path, table) == order
+    assert network_order(sweep_request(tmp_path), table) == order
     lines = depth_lines(table, order)
     assert list(lines) == ["a · logreg", "b · logreg"]
     x, rows = lines["a · logreg"]
     assert x == [1, 2, 3] and list(rows["test_acc"]) == [0.5, 0.7, 0.9]
     assert _bounded([0.9, 0.1], [0.3, 0.3]).tolist() == [[0.3, 0.1], pytest.approx([0.1, 0.3])]  # within [0, 1]
     (tmp_path / "sweep.json").write_text("[1, 2]")  # not the sweep's: the table's own order
-    assert network_order(tmp_path, table) == list(table["taps"])
+    assert network_order(sweep_request(tmp_path), table) == list(table["taps"])
 
 
 @pytest.mark.parametrize(("choices", "most"), [((0.1, 0.001, 0.001), 0.001), ((0.1, 0.001), 0.1)])
@@ -171,6 +171,7 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     from featcache.fuse import train
     from featcache.fuse.heads import HEADS
     from featcache.sweep import run as sweep_run
+    from featcache.sweep.tables import read_rows, tables
 
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -178,11 +179,11 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
              "chosen": {"C": C}, "val_acc": 0.9, "test_acc": 0.8, "macro_f1": 0.8, "fit_s": 0.1}
             for seed, C in enumerate(choices)]
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table, _ = sweep_run._tables(folder)
+    table, _ = tables(read_rows(folder))
     assert json.loads(table["chosen"][0]) == {"C": most}
     asked = []
     monkeypatch.setattr(train, "fuse_train", lambda cfg, log: asked.append(cfg) or [])
-    sweep_run._keep(_cfg(tmp_path, seeds=tuple(range(len(choices)))), table, folder, log=lambda m: None)
+    sweep_run._keep(_cfg(tmp_path, seeds=tuple(range(len(choices)))), table, rows, log=lambda m: None)
     [cfg] = asked
     assert cfg.options.seed == 0 and cfg.options.grid == {"C": (0.1,), "kernel": ("linear",)}
     assert [c["kernel"] for c in HEADS["svm"].candidates(cfg.options, 100)] == ["linear"]  # no RBF on small data
@@ -382,11 +383,11 @@ def test_the_rotation_of_wide_features_is_exact_when_built_a_block_of_columns_at
 
 
 def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
-    from featcache.sweep.run import _tables
+    from featcache.sweep.tables import read_rows, tables
 
     rows = [{"seed": 0, "taps": [t], "head": "logreg", "shots": 0, "repeat": 0, "width": w, "chosen": {"C": 1.0},
              "val_acc": v, "test_acc": a, "macro_f1": a, "fit_s": 0.1}
             for t, w, v, a in (("wide", 900, 0.9, 0.99), ("narrow", 100, 0.9, 0.5), ("best", 500, 0.95, 0.1))]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table, _ = _tables(tmp_path)
+    table, _ = tables(read_rows(tmp_path))
     assert list(table["taps"]) == ["best", "narrow", "wide"]  # test accuracy never breaks a tie

@@ -23,8 +23,9 @@ def sweep_section(folder: Path) -> dict:
     import pandas as pd
 
     table = pd.read_csv(folder / "table.csv")
-    out = {"name": folder.name, "n_rows": len(table), "random": _request(folder).get("weights") == "random"}
-    order = network_order(folder, table)
+    request = sweep_request(folder)  # read once: the weights and the taps' order
+    out = {"name": folder.name, "n_rows": len(table), "random": request.get("weights") == "random"}
+    order = network_order(request, table)
     singles = table[table["n_taps"] == 1]
     if len(singles):
         out["depth"] = depth(singles, order)
@@ -41,15 +42,15 @@ def sweep_section(folder: Path) -> dict:
     return out
 
 
-def network_order(folder: Path, table) -> list[str]:
+def network_order(request: dict, table) -> list[str]:
     """Every tap in network order, backbone by backbone: the sweep's own list (``taps`` of its sweep.json), then
     any tap the table names that the list lacks, in the table's order (the table itself is ranked by validation)."""
-    listed = _request(folder).get("taps")
+    listed = request.get("taps")
     listed = [t for t in listed if isinstance(t, str)] if isinstance(listed, list) else []
     return list(dict.fromkeys(listed + [t for taps in table["taps"] for t in taps.split("+")]))
 
 
-def _request(folder: Path) -> dict:
+def sweep_request(folder: Path) -> dict:
     """The sweep's sweep.json (plain JSON), or {} where it is missing or not a table."""
     try:
         request = json.loads((folder / "sweep.json").read_text())

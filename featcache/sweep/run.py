@@ -1,7 +1,7 @@
 """The sweep: every tap combination x head x seed (x few-shot draw) from one load of the caches.
 
 Flow: caches -> fusion (per-tap standardisation on the training rows) -> **run** -> probes ->
-the sweep folder ``RUNS/sweeps/<name>/``. For each seed and few-shot draw, the logistic regressions
+the sweep folder ``RUNS/sweeps/<name>/`` (its rows and tables: sweep/tables). For each seed and few-shot draw, the logistic regressions
 of every combination left are solved together first (:func:`~featcache.sweep.probes.presolve`), then
 each (combination, head) is chosen on validation and scored in turn. It writes:
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinations
 from featcache.sweep.probes import BATCHED, presolve, probe
+from featcache.sweep.tables import finished, public, read_rows, row_key, tables, top_lines, write_tables
 
 
 def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
@@ -56,10 +56,10 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         extract(feat, log=log)
     paths = locate_caches(feat)
     folder = _folder(cfg, paths)
-    done = _finished(folder)
+    done = finished(folder)
     todo = _jobs(cfg, combos)
     count = 0
-    if all(_key(job) in done for job in todo):
+    if all(row_key(job) in done for job in todo):
         log(f"every evaluation of this sweep is in {folder}: writing its tables")
     else:
         data = load_features(paths, set(all_taps(feat.backbones)), allow_dead=True, log=log)
@@ -75,7 +75,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
             log(f"warning: {note}")  # before the bar, so that the two do not share a line
         started = time.perf_counter()
-        bar = tqdm(total=sum(_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
+        bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                    leave=False)
         with bar, open(folder / "rows.jsonl", "a") as out:
             for seed in cfg.seeds:
@@ -84,7 +84,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
                 y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
                 y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
                 options = replace(cfg.options, seed=seed)
-                pending = [job for job in todo if job["seed"] == seed and _key(job) not in done]
+                pending = [job for job in todo if job["seed"] == seed and row_key(job) not in done]
                 for draw in dict.fromkeys((job["shots"], job["repeat"]) for job in pending):
                     group = [job for job in pending if (job["shots"], job["repeat"]) == draw]
                     parts, labels_of = dict(X), dict(y)
@@ -98,21 +98,22 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
                         if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
                             refs = job["refs"]
                             fused = fused_parts(parts, refs)
-                        result = probe(job["head"], fused, labels_of, n_classes, options, solved=solved.get(_key(job)),
+                        result = probe(job["head"], fused, labels_of, n_classes, options, solved=solved.get(row_key(job)),
                                        rotated=rotations.get(tuple(refs)))
-                        row = {**_public(job), "width": int(fused["fit"].shape[1]), **result}
+                        row = {**public(job), "width": int(fused["fit"].shape[1]), **result}
                         out.write(json.dumps(row, default=str) + "\n")
                         out.flush()
-                        done.add(_key(job))
+                        done.add(row_key(job))
                         count += 1
                         bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
                         bar.update()
         log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
-    table, fewshot = _tables(folder, {_key(job) for job in todo})
-    _write_tables(folder, table, fewshot)
-    for line in _top(table):
+    rows = read_rows(folder)  # read once: the tables and the kept runs' choices
+    table, fewshot = tables(rows, {row_key(job) for job in todo})
+    write_tables(folder, table, fewshot)
+    for line in top_lines(table):
         log(line)
-    kept = _keep(cfg, table, folder, log) if cfg.keep else []
+    kept = _keep(cfg, table, rows, log) if cfg.keep else []
     log(f"sweep written to {folder} (table.csv: every combination and head)")
     return folder, count, kept
 
@@ -140,7 +141,7 @@ def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple
             bar.set_postfix_str(f"{head}: {len(jobs)} combinations at once", refresh=True)
             problems = [[fit[r] for r in job["refs"]] for job in jobs]
             for job, (fits, rotated) in zip(jobs, presolve(head, problems, y, n_classes, options, rotations=bool(svm))):
-                solved[_key(job)] = fits
+                solved[row_key(job)] = fits
                 if rotated is not None and tuple(job["refs"]) in svm:
                     rotations[tuple(job["refs"])] = rotated
     return solved, rotations
@@ -153,36 +154,6 @@ def _jobs(cfg: SweepConfig, combos) -> list[dict]:
     jobs += [{"seed": s, "refs": refs, "head": h, "shots": k, "repeat": r}
              for s in cfg.seeds for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]
     return jobs
-
-
-def _public(job: dict) -> dict:
-    return {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
-            "repeat": job["repeat"]}
-
-
-def _key(job: dict) -> str:
-    row = _public(job) if "refs" in job else job
-    return json.dumps([row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]])
-
-
-def _finished(folder: Path) -> set[str]:
-    """Keys of the evaluations already in rows.jsonl. A line cut short by an interruption is dropped from the
-    file, so that the rows appended next start on a line of their own."""
-    path = folder / "rows.jsonl"
-    if not path.exists():
-        return set()
-    text = path.read_text()
-    done, good = set(), []
-    for line in text.splitlines():
-        try:
-            done.add(_key(json.loads(line)))
-            good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue
-    kept = "".join(line + "\n" for line in good)
-    if kept != text:
-        atomic_write(path, kept)
-    return done
 
 
 def _request(cfg: SweepConfig, paths: dict) -> dict:
@@ -239,69 +210,13 @@ def _draw(labels: np.ndarray, shots: int, seed: int, repeat: int) -> np.ndarray:
                                    for c in np.unique(labels)]))
 
 
-def _interval(values) -> float:
-    """Half-width of the 95% interval of the mean (Student's t); 0 for a single value."""
-    from scipy import stats
-
-    values = np.asarray(values, dtype=float)
-    if len(values) < 2:
-        return 0.0
-    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
-
-
-def _rows(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _tables(folder: Path, keys: set | None = None):
-    """(table, fewshot) of the rows in ``folder`` (only those of ``keys``, this request's evaluations: the folder
-    also keeps what earlier requests on the same caches and options evaluated, for them to reuse)."""
-    import pandas as pd
-
-    frame = pd.DataFrame([r for r in _rows(folder) if keys is None or _key(r) in keys])
-    frame["taps"] = frame["taps"].map("+".join)
-    frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
-    full = frame[frame["shots"] == 0]
-    table = full.groupby(["taps", "head"], sort=False).agg(
-        n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
-        chosen=("chosen", lambda c: Counter(c).most_common(1)[0][0]),  # the most frequent; ties: the first seed's
-        val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
-        test_acc_ci=("test_acc", _interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
-        seeds=("seed", "nunique")).reset_index()
-    # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
-    table = table.sort_values(["val_acc", "width"], ascending=[False, True], kind="stable").reset_index(drop=True)
-    few = frame[frame["shots"] > 0]
-    fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
-        test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", _interval), draws=("test_acc", "size")).reset_index()
-    return table, fewshot
-
-
-def _write_tables(folder: Path, table, fewshot) -> None:
-    atomic_write(folder / "table.csv", table.to_csv(index=False))
-    if len(fewshot):
-        atomic_write(folder / "fewshot.csv", fewshot.to_csv(index=False))
-    try:
-        table.to_parquet(folder / "table.parquet", index=False)
-    except (ImportError, ValueError):  # no pyarrow / fastparquet here: the CSV holds the same table
-        pass
-
-
-def _top(table, n: int = 10) -> list[str]:
-    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
-    for row in table.head(n).itertuples():
-        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {row.test_acc_ci:6.4f}  {row.head:<7} "
-                     f"{row.chosen[:24]:<24} {row.taps}")
-    return lines
-
-
-def _keep(cfg: SweepConfig, table, folder: Path, log) -> list[Path]:
+def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
     """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs: each
     the first seed's replicate, with the hyper-parameter that seed chose (not the table's most frequent choice,
     which another seed's split made), the svm as the sweep solved it (linear: no RBF candidate)."""
     from featcache.fuse.train import FuseTrainConfig, fuse_train
 
-    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in _rows(folder)
-             if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
+    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
     runs = []
     for row in table[table["head"] != "knn"].head(cfg.keep).itertuples():
         chosen = first[(tuple(row.taps.split("+")), row.head)]

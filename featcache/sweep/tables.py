@@ -1,0 +1,102 @@
+"""A sweep's rows and tables: ``rows.jsonl`` (one evaluation a line, the resume's record) and the tables made of it.
+
+Flow: sweep/run -> **tables** -> ``table.csv``, ``fewshot.csv`` (read by reporting.sweeps). A row is keyed by
+(seed, taps, head, shots, repeat); the table averages a (combination, head) over seeds with a 95% interval and
+ranks on validation accuracy alone.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from featcache.files import atomic_write
+
+
+def public(job: dict) -> dict:
+    return {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
+            "repeat": job["repeat"]}
+
+
+def row_key(job: dict) -> str:
+    row = public(job) if "refs" in job else job
+    return json.dumps([row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]])
+
+
+def finished(folder: Path) -> set[str]:
+    """Keys of the evaluations already in rows.jsonl. A line cut short by an interruption is dropped from the
+    file, so that the rows appended next start on a line of their own."""
+    path = folder / "rows.jsonl"
+    if not path.exists():
+        return set()
+    text = path.read_text()
+    done, good = set(), []
+    for line in text.splitlines():
+        try:
+            done.add(row_key(json.loads(line)))
+            good.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    kept = "".join(line + "\n" for line in good)
+    if kept != text:
+        atomic_write(path, kept)
+    return done
+
+
+def interval(values) -> float:
+    """Half-width of the 95% interval of the mean (Student's t); 0 for a single value."""
+    from scipy import stats
+
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return 0.0
+    return float(stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)))
+
+
+def read_rows(folder: Path) -> list[dict]:
+    """Every evaluation in the folder's rows.jsonl."""
+    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+
+
+def tables(rows: list[dict], keys: set | None = None):
+    """(table, fewshot) of ``rows`` (only those of ``keys``, a request's evaluations: a sweep folder also keeps
+    what earlier requests on the same caches and options evaluated, for them to reuse)."""
+    import pandas as pd
+
+    frame = pd.DataFrame([r for r in rows if keys is None or row_key(r) in keys])
+    frame["taps"] = frame["taps"].map("+".join)
+    frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
+    full = frame[frame["shots"] == 0]
+    table = full.groupby(["taps", "head"], sort=False).agg(
+        n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
+        chosen=("chosen", lambda c: Counter(c).most_common(1)[0][0]),  # the most frequent; ties: the first seed's
+        val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
+        test_acc_ci=("test_acc", interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
+        seeds=("seed", "nunique")).reset_index()
+    # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
+    table = table.sort_values(["val_acc", "width"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    few = frame[frame["shots"] > 0]
+    fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
+        test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", interval), draws=("test_acc", "size")).reset_index()
+    return table, fewshot
+
+
+def write_tables(folder: Path, table, fewshot) -> None:
+    atomic_write(folder / "table.csv", table.to_csv(index=False))
+    if len(fewshot):
+        atomic_write(folder / "fewshot.csv", fewshot.to_csv(index=False))
+    try:
+        table.to_parquet(folder / "table.parquet", index=False)
+    except (ImportError, ValueError):  # no pyarrow / fastparquet here: the CSV holds the same table
+        pass
+
+
+def top_lines(table, n: int = 10) -> list[str]:
+    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
+    for row in table.head(n).itertuples():
+        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {row.test_acc_ci:6.4f}  {row.head:<7} "
+                     f"{row.chosen[:24]:<24} {row.taps}")
+    return lines
