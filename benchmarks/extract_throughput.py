@@ -29,7 +29,14 @@ from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import autocast, cpu_has_native_bf16, resolve_device, resolve_precision, tap_model
+from featcache.backbones.taps import (
+    autocast,
+    cpu_has_native_bf16,
+    onednn_isa_cap,
+    resolve_device,
+    resolve_precision,
+    tap_model,
+)
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig, to_input
 from featcache.extraction.config import ExtractConfig, preprocess_for
@@ -114,7 +121,8 @@ def main():
     request = tiled_digits(args.repeat, limit_train=args.images, limit_test=10)
     images = load_dataset(request).splits["train"].images
     n = len(images) + 10  # featcache also extracts the 10 test images
-    print(f"CPU: {cpu_name()}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; (a) and (b) run at "
+    cap = f", oneDNN capped at {onednn_isa_cap().upper()}" if onednn_isa_cap() else ""
+    print(f"CPU: {cpu_name()}{cap}, native bf16: {'yes' if cpu_has_native_bf16() else 'no'}; (a) and (b) run at "
           f"--precision {args.precision} = {precision}, (c) and (d) in fp32 as the studies do")
     print(f"device {device} ({torch.get_num_threads()} threads), precision {precision}, batch {args.batch_size}, "
           f"{args.image_size or 'native'} px, {len(images)} digits images (+10 test for featcache), torch {torch.__version__}")

@@ -198,6 +198,14 @@ def test_auto_precision_on_a_cpu_is_bf16_only_where_it_multiplies_bf16_natively(
     for flags in ({"avx2", "avx512_bf16"}, {"asimd", "bf16"}, {"amx_bf16"}):
         monkeypatch.setattr(taps, "cpu_flags", lambda flags=flags: flags if native else {"avx2", "fma"})
         assert taps.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    # oneDNN capped below its bf16 kernels emulates bf16: fp32, whatever the CPU has
+    monkeypatch.setattr(taps, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    for name, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("DNNL_MAX_CPU_ISA", "avx512_core")):
+        with monkeypatch.context() as capped:
+            capped.setenv(name, value)
+            assert taps.resolve_precision("auto", cpu) == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap above bf16 changes nothing
+    assert taps.resolve_precision("auto", cpu) == "bf16"
 
 
 def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_folder):

@@ -9,6 +9,7 @@ fine-tuning, prediction and Grad-CAM all build their networks here.
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 from featcache.backbones.registry import BackboneSpec
@@ -187,14 +188,27 @@ def resolve_precision(precision: str, device) -> str:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
 
-    Elsewhere (AVX2-only x86, say) bf16 autocast is emulated and slower than fp32.
+    Elsewhere (AVX2-only x86, say) bf16 autocast is emulated and slower than fp32. oneDNN's ISA cap
+    (``ONEDNN_MAX_CPU_ISA=AVX2``, used on shared machines and to mimic older CPUs) counts: capped below
+    its bf16 kernels, oneDNN emulates bf16 (4x slower than fp32 for resnet50 on a Zen 4 capped at AVX2).
     """
     import torch
 
+    if onednn_isa_cap() in ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     queries = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if all(callable(q) for q in queries):  # torch's own answer (private API: checked, with a fallback)
         return any(q() for q in queries)
     return bool(cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+# oneDNN's ISA names below AVX512_CORE_BF16: capped at one of these, bf16 convolutions are emulated.
+ONEDNN_ISAS_WITHOUT_BF16 = {"sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni"}
+
+
+def onednn_isa_cap() -> str:
+    """The ISA oneDNN is capped at (``ONEDNN_MAX_CPU_ISA``, or its old name ``DNNL_MAX_CPU_ISA``), lower case; '' if none."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().lower()
 
 
 def cpu_flags() -> set[str]:
