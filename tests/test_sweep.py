@@ -133,6 +133,13 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=said.append)
     assert f"{len(rows) - 10} evaluations in" in " ".join(said)
     assert (folder / "table.csv").read_text().splitlines()[0] == table[0]
+    # the closing lines give each head's few-shot curve for its best combination on validation (the table's order)
+    best = {}
+    for line in csv.DictReader(io.StringIO("\n".join(table))):
+        best.setdefault(line["head"], line["taps"])
+    few = [line for line in said if line.startswith("  ") and " shots " in line]
+    assert [line.split()[0] for line in few] == ["logreg", "svm", "knn"]
+    assert all(line.endswith(f"  {best[line.split()[0]]}") and "2 shots 0." in line for line in few)
     # The report shows the sweep: depth curve, pair heatmap, few-shot curve, top and k-NN tables.
     from featcache.reporting.page import ReportConfig, write_report
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.reporting.figures import _plt, png
+from featcache.sweep.tables import fewshot_best
 
 
 def sweep_folders(runs_dir: Path) -> list[Path]:
@@ -121,10 +122,7 @@ def fewshot_curve(fewshot, table) -> bytes:
     """Mean test accuracy against shots per class, with 95% intervals, for the best combination of each head."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 3))
-    for head, rows in fewshot.groupby("head", sort=False):
-        ranked = table[table["head"] == head]
-        best = ranked.iloc[0]["taps"] if len(ranked) else rows.iloc[0]["taps"]
-        rows = rows[rows["taps"] == best].sort_values("shots")
+    for head, (best, rows) in fewshot_best(fewshot, table).items():
         ax.errorbar(rows["shots"], rows["test_acc"], yerr=_bounded(rows["test_acc"], rows["test_acc_ci"]),
                     marker="o", capsize=3, label=f"{head} · {best}")
     ax.set_xscale("log")

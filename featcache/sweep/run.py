@@ -36,7 +36,7 @@ from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinations
 from featcache.sweep.probes import BATCHED, presolve, probe
-from featcache.sweep.tables import finished, public, read_rows, row_key, tables, top_lines, write_tables
+from featcache.sweep.tables import fewshot_lines, finished, public, read_rows, row_key, tables, top_lines, write_tables
 
 
 def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
@@ -111,10 +111,11 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
     rows = read_rows(folder)  # read once: the tables and the kept runs' choices
     table, fewshot = tables(rows, {row_key(job) for job in todo})
     write_tables(folder, table, fewshot)
-    for line in top_lines(table):
+    for line in top_lines(table) + fewshot_lines(fewshot, table):
         log(line)
     kept = _keep(cfg, table, rows, log) if cfg.keep else []
-    log(f"sweep written to {folder} (table.csv: every combination and head)")
+    log(f"sweep written to {folder} (table.csv: every combination and head"
+        + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "") + ")")
     return folder, count, kept
 
 

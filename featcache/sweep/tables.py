@@ -94,6 +94,29 @@ def write_tables(folder: Path, table, fewshot) -> None:
         pass
 
 
+def fewshot_best(fewshot, table) -> dict:
+    """head -> (taps, its few-shot rows by shots): each head's best combination on full-data validation
+    (the table's order), so the few-shot figures shown never pick a combination on test."""
+    out = {}
+    for head, rows in fewshot.groupby("head", sort=False):
+        ranked = table[table["head"] == head]
+        best = ranked.iloc[0]["taps"] if len(ranked) else rows.iloc[0]["taps"]
+        out[head] = (best, rows[rows["taps"] == best].sort_values("shots"))
+    return out
+
+
+def fewshot_lines(fewshot, table) -> list[str]:
+    if not len(fewshot):
+        return []
+    lines = [f"few-shot test accuracy, mean ±95% over {int(fewshot['draws'].max())} draws, for each head's best "
+             "combination on validation (fewshot.csv: every combination):"]
+    for head, (taps, rows) in fewshot_best(fewshot, table).items():
+        cells = "  ".join(f"{int(r.shots)} shot{'s' if r.shots > 1 else ''} {r.test_acc:.4f}±{r.test_acc_ci:.4f}"
+                          for r in rows.itertuples())
+        lines.append(f"  {head:<7} {cells}  {taps}")
+    return lines
+
+
 def top_lines(table, n: int = 10) -> list[str]:
     lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
     for row in table.head(n).itertuples():
