@@ -152,6 +152,24 @@ def test_device_resize_matches_pil_resize_closely():
     assert (device - via_pil).abs().mean() < 0.05
 
 
+@pytest.mark.parametrize("size, interpolation, crop", [(40, "bilinear", 1.0), (40, "bicubic", 1.0), (12, "bicubic", 0.875),
+                                                      (16, "bilinear", 0.875)])
+def test_normalising_before_or_after_the_resize_gives_the_same_input(size, interpolation, crop):
+    """to_input normalises on the smaller side (before an upsampling, after a downsampling): the same
+    values as resizing the [0, 1] pixels, clipping bicubic's overshoot to them, then normalising."""
+    from featcache.data.preprocess import resized
+
+    pre = PreprocessConfig(image_size=size, interpolation=interpolation, crop_pct=crop)
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 16, 20, 3), dtype=np.uint8))
+    x = to_input(images, pre)
+    plain = resized(images, pre)
+    if interpolation == "bicubic":
+        assert plain.min() == 0.0 and plain.max() == 1.0  # noise overshoots: the clipping is tested too
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in (pre.mean, pre.std))
+    assert x.shape == (3, 3, size, size) and x.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(x, (plain - mean) / std, atol=1e-5, rtol=0)
+
+
 def test_center_crop_keeps_the_middle(tmp_path):
     from PIL import Image
 

@@ -101,20 +101,31 @@ class PreprocessConfig:
 
 
 def to_input(images, pre: PreprocessConfig):
-    """uint8 (N, H, W, 3) on the device -> normalised float (N, 3, S, S), channels_last."""
+    """uint8 (N, H, W, 3) on the device -> normalised float (N, 3, S, S), channels_last.
+
+    Normalising is affine per channel and resizing and cropping are linear, so they commute: the
+    normalisation is one multiply-add on whichever side has fewer pixels (8x8 digits at 224 px: before
+    the resize, 3x faster than three passes over the resized batch; the same values to float rounding).
+    """
     import torch
 
-    x = resized(images, pre)
-    mean, std = _mean_std(tuple(pre.mean), tuple(pre.std), x.device)
-    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+    x = images.permute(0, 3, 1, 2).float()  # NHWC memory is channels_last
+    scale, shift = _affine(tuple(pre.mean), tuple(pre.std), x.device)  # x * scale + shift = (x / 255 - mean) / std
+    if x.shape[-2] * x.shape[-1] < pre.image_size**2:
+        x = _fitted(torch.addcmul(shift, x, scale), pre, shift, scale * 255.0 + shift)
+    else:
+        x = torch.addcmul(shift, _fitted(x, pre, 0.0, 255.0), scale)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple, std: tuple, device):
-    """Normalisation constants on the device, made once: a fresh host-to-GPU copy per batch would sync."""
+def _affine(mean: tuple, std: tuple, device):
+    """(scale, shift) of the normalisation of 0-255 values, made once per device: a fresh host-to-GPU copy
+    per batch would sync."""
     import torch
 
-    return (torch.tensor(mean, device=device).view(1, 3, 1, 1), torch.tensor(std, device=device).view(1, 3, 1, 1))
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in (mean, std))
+    return (1.0 / (255.0 * std)).float().to(device), (-mean / std).float().to(device)
 
 
 def resize_plan(h: int, w: int, pre: PreprocessConfig) -> tuple[int, int, int, int]:
@@ -136,9 +147,14 @@ def resize_plan(h: int, w: int, pre: PreprocessConfig) -> tuple[int, int, int, i
 
 def resized(images, pre: PreprocessConfig):
     """uint8 (N, H, W, 3) -> float (N, 3, S, S) in [0, 1], resized as ``pre`` says (what the backbone sees)."""
+    return _fitted(images.permute(0, 3, 1, 2).float().div_(255.0), pre, 0.0, 1.0)  # NHWC memory is channels_last
+
+
+def _fitted(x, pre: PreprocessConfig, low, high):
+    """float (N, 3, H, W) -> (N, 3, S, S) by the one resize rule; bicubic's overshoot clipped to [low, high]
+    (PIL clips to the pixel range: the bounds are that range in ``x``'s units, per channel if tensors)."""
     import torch.nn.functional as F
 
-    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # NHWC memory is channels_last
     size = pre.image_size
     h, w = x.shape[-2:]
     if (h, w) != (size, size):
@@ -146,6 +162,6 @@ def resized(images, pre: PreprocessConfig):
         if (nh, nw) != (h, w):
             x = F.interpolate(x, size=(nh, nw), mode=pre.interpolation, antialias=True, align_corners=False)
             if pre.interpolation == "bicubic":
-                x = x.clamp_(0.0, 1.0)  # bicubic overshoots; PIL clips to the pixel range
+                x = x.clamp_(low, high)
         x = x[..., top : top + size, left : left + size]
     return x
