@@ -60,17 +60,21 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run_featcache(cfg: ExtractConfig) -> float:
+def run_featcache(cfg: ExtractConfig, n: int) -> float:
+    """Seconds of one ``extract`` of ``n`` images, with where they went: the fixed costs are the run less
+    every image at the steady batches' rate (the first batch's own images are work, its warm-up is not)."""
     start = time.perf_counter()
     results = extract(cfg, progress=False)
     seconds = time.perf_counter() - start
     assert all(r.status == "extracted" for r in results)
     phases = results[0].timings
     steady = phases["pass"] - phases.get("first batch", 0.0)  # the loop over batches, less the first one
+    fixed = seconds - n * steady / (n - min(cfg.batch_size, n - 1))
     print(f"    featcache phases: {seconds:.2f} s in all; setup {phases['setup']:.2f} s, first batch "
           f"{phases.get('first batch', 0):.2f} s, steady batches {steady:.2f} s (host time in data "
           f"{phases.get('data', 0):.2f}, network {phases.get('network', 0):.2f}; writer thread busy "
-          f"{phases.get('writes', 0):.2f}); outside the steady batches {100 * (1 - steady / seconds):.1f}%", flush=True)
+          f"{phases.get('writes', 0):.2f}); outside the steady batches {100 * (1 - steady / seconds):.1f}%, "
+          f"fixed costs {fixed:.2f} s = {100 * fixed / seconds:.1f}%", flush=True)
     return seconds
 
 
@@ -141,7 +145,7 @@ def main():
                                 precision=args.precision, device=args.device, batch_size=args.batch_size,
                                 num_workers=2, cache_dir=Path(tmp))
             size = preprocess_for(cfg, spec).image_size
-            a = n / run_featcache(cfg)
+            a = n / run_featcache(cfg, n)
             cfg = dataclasses.replace(cfg, preprocess=preprocess_for(cfg, spec))  # (b)-(d) see the same input
             model = tap_model(spec, "random", 0, "avg", device)
             b = len(images) / timed_forward(model, images, cfg, device, precision)
@@ -149,7 +153,7 @@ def main():
             d = len(images) / timed_forward(trunk(name, device), images, cfg, device, layout=torch.contiguous_format)
             compiled = None
             if args.compile:
-                compiled = n / run_featcache(dataclasses.replace(cfg, compile=True, cache_dir=Path(tmp) / "c"))
+                compiled = n / run_featcache(dataclasses.replace(cfg, compile=True, cache_dir=Path(tmp) / "c"), n)
         rows.append((name, a, b, c, d, compiled))
         extra = f"  (a') with --compile {compiled:7.1f} img/s  a'/c {compiled / c:4.2f}" if compiled else ""
         print(f"{name:13s} (a) featcache {a:7.1f} img/s  (b) bare forward {b:7.1f}  (c) usual recipe {c:7.1f}  "
@@ -160,7 +164,7 @@ def main():
                                 preprocess=PreprocessConfig.from_model(image_size=args.image_size),
                                 precision=args.precision, device=args.device, batch_size=args.batch_size,
                                 num_workers=2, cache_dir=Path(tmp))
-            together = run_featcache(cfg)
+            together = run_featcache(cfg, n)
         apart = sum(n / row[1] for row in rows)
         print(f"(e) all {len(names)} backbones in one featcache extract: {together:.1f} s, against {apart:.1f} s "
               f"for the separate runs (a): {apart / together:.2f}x")
