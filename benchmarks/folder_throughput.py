@@ -115,6 +115,8 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None,
                         help="featcache's --num-workers [default: featcache's own]; the usual recipe uses every core")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats must be 1 or more")
     args.backbone = args.backbone or ["resnet18", "mobilenet_v2"]
     device = resolve_device(args.device)
     print(f"CPU: {cpu_name()} (native bf16: {cpu_has_native_bf16()}); device {device}"
@@ -142,7 +144,7 @@ def main() -> None:
             pairs.append((folder_s, memory_s))
             print(f"repeat {k + 1}: (f) {folder_s:.2f} s, (m) {memory_s:.2f} s, f/m {memory_s / folder_s:.2f}")
             for label, timings in (("  (f)", phases), ("  (m)", memory_phases)):
-                print(f"{label} phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()))
+                print(f"{label} phases: " + ", ".join(f"{phase} {s:.2f} s" for phase, s in timings.items()))
         usual_s = usual_seconds(root, args)
     both = "+".join(args.backbone)
     print(f"{n} {args.format} files of {args.source_size} px at {args.image_size} px, {both}, batch {args.batch_size}")
