@@ -62,14 +62,15 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
     if all(row_key(job) in done for job in todo):
         log(f"every evaluation of this sweep is in {folder}: writing its tables")
     else:
-        data = load_features(paths, set(all_taps(feat.backbones)), allow_dead=True, log=log)
+        every_tap = all_taps(feat.backbones)  # in network order
+        data = load_features(paths, set(every_tap), allow_dead=True, log=log)
         labels = data.labels
         n_classes = len(data.classes)
         _check_shots(cfg, labels["train"])
         device = torch.device(cfg.options.device)
         folder.mkdir(parents=True, exist_ok=True)
         # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
-        shown = {"taps": [str(r) for r in all_taps(feat.backbones)], "weights": str(feat.weights)}
+        shown = {"taps": [str(r) for r in every_tap], "weights": str(feat.weights)}
         atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
         splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
         if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
