@@ -36,7 +36,7 @@ from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig
 from featcache.finetuning.config import FinetuneConfig
 from featcache.finetuning.run import finetune
-from featcache.records import load_record
+from featcache.runs.records import load_record
 
 LAST_BLOCKS = {"resnet50": ("layer4",), "mobilenet_v2": ("features.17", "features.18")}
 

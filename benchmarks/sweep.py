@@ -43,9 +43,9 @@ from featcache.extraction.run import extract
 from featcache.fuse.evaluate import fit_select
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.train import FuseTrainConfig, fuse_train
-from featcache.records import load_record
-from featcache.sweep.config import SweepConfig
-from featcache.sweep.run import sweep
+from featcache.runs.records import load_record
+from featcache.sweeping.config import SweepConfig
+from featcache.sweeping.run import sweep
 
 
 def main():
@@ -154,7 +154,7 @@ def _fit_rows(features, refs, val_fraction: float, device):
 
     from featcache.fuse.caches import load_features, locate_caches
     from featcache.fuse.evaluate import validation_split
-    from featcache.sweep.run import standardised
+    from featcache.sweeping.run import standardised
 
     data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
     fit, val = validation_split(data.labels["train"], val_fraction, 0)
@@ -169,7 +169,7 @@ def compare_solvers(problems: list, y) -> None:
     import torch
 
     from featcache.fuse.heads import C_GRID, SVM_C_GRID
-    from featcache.sweep import hinge_rows, lanes, solvers
+    from featcache.sweeping import hinge_rows, lanes, solvers
 
     k = int(y.max()) + 1
 
@@ -231,7 +231,7 @@ def _svm_rows(X):
     """The rows the svm's Newton solves on (``solve_path``'s rotation) and the map of a solution back to ``X``'s."""
     import torch
 
-    from featcache.sweep import solvers
+    from featcache.sweeping import solvers
 
     Z, V, _ = solvers.rotate(X)
     if Z is None:
@@ -245,8 +245,8 @@ def large(args):
     from featcache.fuse.caches import load_features, locate_caches
     from featcache.fuse.evaluate import validation_split
     from featcache.fuse.fusion import parse_taps
-    from featcache.sweep.probes import probe
-    from featcache.sweep.run import fused_parts, standardised
+    from featcache.sweeping.probes import probe
+    from featcache.sweeping.run import fused_parts, standardised
 
     with tempfile.TemporaryDirectory() as tmp:
         features = ExtractConfig(data=tiled_digits(35, limit_train=args.rows, limit_test=args.rows // 5),

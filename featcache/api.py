@@ -1,132 +1,135 @@
-"""The Python API: each stage as a function, for the notebooks featcache's users work in.
+"""The Python API: each stage as a function, made from the stage's request.
 
-A front-end beside the command line, not below it: keyword arguments are the command's
-flags with underscores (``--image-size`` -> ``image_size``; a repeatable flag takes a
-string or a list), parsed by the command's own click options and turned into the same
-config by the same stage table. So a call and the command with the same flags run the
-same request, hit the same cache and raise the same one-line :class:`FeatcacheError`.
+Above the pipeline package, beside the command line and never through it. A function's keyword
+arguments are its request's fields (``help(featcache.extract)`` lists them, with types and
+defaults) and take typed values: ``mean=(0.5, 0.5, 0.5)``, ``taps=["early", "late"]``,
+``head=("logreg", "svm")``, paths as ``pathlib.Path``. :func:`featcache.requests.build` checks
+them as it checks a command's flags; an error names the keyword and the value passed. A call
+and the command with the same values build the same request, hit the same cache and write the
+same runs.
 
     import featcache
     featcache.extract(backbone=["resnet18", "mobilenet_v2"], weights="random", image_size=64)
-    X, y = featcache.load_features(backbone=["resnet18", "mobilenet_v2"], weights="random",
-                                   image_size=64, taps="early,late", split="train")
+    X, y, classes = featcache.load_features(backbone=["resnet18", "mobilenet_v2"], weights="random",
+                                            image_size=64, taps=["early", "late"], split="train")
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
-import click
 import numpy as np
 
-from featcache.cli.commands import cli
-from featcache.cli.group import trusting
-from featcache.cli.stages import STAGES
-from featcache.comparison import runs_table
-from featcache.errors import FeatcacheError, unknown
-from featcache.extraction.run import extract as run_extract
-from featcache.fuse.caches import load_features as load
-from featcache.fuse.caches import locate_caches
-from featcache.fuse.fusion import parse_taps
-from featcache.records import pipeline_runs
+from featcache.errors import FeatcacheError
+from featcache.pipeline.request import PipelineRequest
+from featcache.pipeline.stages import STAGES, Outcome
+from featcache.requests import API, build, docs, signature
 
 
-def _params(command: str, kwargs: dict) -> dict:
-    """Keyword arguments -> the command's parsed parameters, exactly as its flags would give them."""
-    cmd = cli.commands[command]
-    by_name = {}
-    for param in cmd.params:
-        if isinstance(param, click.Option):
-            flag = next((o for o in param.opts if o.startswith("--")), None)
-            if flag:
-                by_name[flag[2:].replace("-", "_")] = param
-        else:
-            by_name[param.name] = param
-    args: list[str] = []
-    for key, value in kwargs.items():
-        param = by_name.get(key)
-        if param is None:
-            raise unknown(f"{command}() keyword", key, by_name)
-        values = list(value) if isinstance(value, (list, tuple)) else [value]
-        if isinstance(param, click.Argument):
-            args += [str(v) for v in values]
-        elif param.is_flag:
-            if value:
-                args.append(param.opts[0])
-        else:
-            for v in values:
-                args += [next(o for o in param.opts if o.startswith("--")), str(v)]
-    try:
-        ctx = cmd.make_context(command, args)
-    except click.ClickException as exc:
-        raise FeatcacheError(exc.format_message()) from None
-    return dict(ctx.params)
+def _silent(message: str) -> None:
+    pass
 
 
-def _run(command: str, kwargs: dict, quiet: bool = False):
-    spec = STAGES[command]
-    params = _params(command, kwargs)
-    params.setdefault("quiet", quiet)
-    with trusting(params.get("trust_pickles", False)):
-        return spec.run(spec.build(params), params, print)
+def _log(request) -> Callable[[str], None]:
+    return _silent if getattr(request, "quiet", False) else print
 
 
-def extract(**kwargs) -> Path | list[Path]:
-    """``featcache extract``: cache every tap of the backbones; returns the cache file (a list for several)."""
-    params = _params("extract", kwargs)
-    results = run_extract(STAGES["extract"].build(params), progress=not params["quiet"])
-    paths = [r.path for r in results]
+def _function(stage: str, result: Callable[[Outcome], object], summary: str) -> Callable:
+    """The API function of ``stage``: keyword arguments -> its request -> its runner -> ``result(outcome)``."""
+    spec = STAGES[stage]
+    name = stage.replace("-", "_")
+
+    def function(**kwargs):
+        request = build(spec.request, kwargs, API)
+        return result(spec.run(request, _log(request)))
+
+    function.__name__ = function.__qualname__ = name
+    function.__module__ = __name__
+    function.__signature__ = signature(spec.request)
+    function.__doc__ = f"{summary}\n\nKeyword arguments (``featcache {stage} --help`` says the same):\n\n" + docs(spec.request)
+    return function
+
+
+def _paths(outcome: Outcome):
+    paths = [r.path for r in outcome.result]
     return paths[0] if len(paths) == 1 else paths
 
 
-def load_features(taps: str = "late", split: str = "train", **kwargs) -> tuple[np.ndarray, np.ndarray]:
-    """The fused matrix of ``taps`` for one split, as fuse-train sees it before normalisation, and its labels.
-
-    Takes the cache flags of ``fuse-train`` (backbone, dataset, weights, image_size, ...);
-    the caches must exist (``extract`` first, or pass ``extract=True`` to make them).
-    """
-    if split not in ("train", "test"):
-        raise FeatcacheError(f"split must be 'train' or 'test'. Got {split!r} instead.")
-    config = STAGES["fuse-train"].build(_params("fuse-train", {**kwargs, "taps": taps}))
-    refs = parse_taps(taps, config.features.backbones)
-    if config.run_extract:
-        STAGES["extract"].run(config.features, {}, print)
-    features = load(locate_caches(config.features), set(refs), config.allow_dead_taps)
-    X = np.concatenate([features.taps[split, ref] for ref in refs], axis=1)
-    return X, features.labels[split]
-
-
-def fuse_train(**kwargs) -> list[Path]:
-    """``featcache fuse-train``: every taps x head combination; returns the run folders written."""
-    return _run("fuse-train", kwargs).runs
-
-
-def finetune(**kwargs) -> Path:
-    """``featcache finetune``: the unfrozen variant; returns its run folder."""
-    [run] = _run("finetune", kwargs).runs
-    return run
-
-
-def sweep(**kwargs):
-    """``featcache sweep``: every tap combination x head; returns its table (a DataFrame, best validation
-    accuracy first), with the sweep folder in ``table.attrs["folder"]``."""
+def _table(outcome: Outcome):
     import pandas as pd
 
-    from featcache.cli.flags import sweep_config
-    from featcache.sweep.run import sweep as run_sweep
-
-    params = _params("sweep", kwargs)
-    folder = run_sweep(sweep_config(params), progress=not params["quiet"])
-    table = pd.read_csv(folder / "table.csv")
-    table.attrs["folder"] = folder
+    table = pd.read_csv(outcome.result / "table.csv")
+    table.attrs["folder"] = outcome.result
     return table
 
 
-def runs(runs_dir: str | Path = "runs", pipeline: str | None = None):
+def _result(outcome: Outcome):
+    return outcome.result
+
+
+extract = _function("extract", _paths, "``featcache extract``: cache every tap of the backbones; returns the cache "
+                                       "file (a list for several).")
+fuse_train = _function("fuse-train", _result, "``featcache fuse-train``: every taps x head combination; "
+                                                         "returns the run folders written or served.")
+sweep = _function("sweep", _table, "``featcache sweep``: every tap combination x head; returns its table (a "
+                                   "DataFrame, best validation accuracy first), with the sweep folder in "
+                                   "``table.attrs['folder']``.")
+finetune = _function("finetune", _result, "``featcache finetune``: the unfrozen variant; returns its run folder.")
+report = _function("report", _result, "``featcache report``: one HTML page (and its CSV) of the runs; returns the "
+                                      "page's path.")
+predict = _function("predict", _result, "``featcache predict``: [(file, label, probability)] for each "
+                                                   "image.")
+
+
+def run_pipeline(**kwargs):
+    """``featcache run``: a pipeline file, stage by stage; returns what each stage did (a list of StageResult)."""
+    from featcache.pipeline.files import load_pipeline, parse_override, run_pipeline as run
+
+    request = build(PipelineRequest, kwargs, API)
+    pipeline = load_pipeline(request.pipeline, dict(parse_override(text) for text in request.set))
+    return [] if request.dry_run else run(pipeline, log=print)
+
+
+run_pipeline.__signature__ = signature(PipelineRequest)
+
+
+def load_features(taps=("late",), split: str = "train", **kwargs) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The fused matrix of ``taps`` for one split, as fuse-train sees it before normalisation, its labels and
+    the class names: ``X, y, classes = featcache.load_features(...)``.
+
+    Takes fuse-train's keywords (backbone, dataset, weights, image_size, ...); the caches must exist
+    (``extract`` first, or pass ``extract=True`` to make them).
+    """
+    from featcache.fuse.caches import load_features as load
+    from featcache.fuse.caches import locate_caches
+    from featcache.fuse.fusion import parse_taps
+    from featcache.fuse.request import FuseRequest
+
+    if split not in ("train", "test"):
+        raise FeatcacheError(f"split must be 'train' or 'test'. Got {split!r} instead.")
+    request = build(FuseRequest, {**kwargs, "taps": [",".join(taps)] if isinstance(taps, (list, tuple)) else taps},
+                    API)
+    config = request.config()
+    [refs] = [parse_taps(t, config.features.backbones) for t in config.taps]
+    if config.run_extract:
+        STAGES["extract"].run(build(STAGES["extract"].request, _extract_fields(request), API), _log(request))
+    features = load(locate_caches(config.features), set(refs), config.allow_dead_taps)
+    X = np.concatenate([features.taps[split, ref] for ref in refs], axis=1)
+    return X, features.labels[split], list(features.classes)
+
+
+def _extract_fields(request) -> dict:
+    """The fields of ``request`` that an extraction of its caches takes."""
+    from dataclasses import fields
+
+    mine = {f.name for f in fields(STAGES["extract"].request)}
+    return {f.name: getattr(request, f.name) for f in fields(request) if f.name in mine}
+
+
+def runs_table(runs_dir: str | Path = "runs", pipeline: str | None = None):
     """``featcache runs``: the comparison table of every run in ``runs_dir`` (and one folder down), as a DataFrame."""
-    return runs_table(pipeline_runs(Path(runs_dir), pipeline))
+    from featcache.runs.comparison import runs_table as table
+    from featcache.runs.records import pipeline_runs
 
-
-def report(**kwargs) -> Path:
-    """``featcache report``: one HTML page (and its CSV) of the runs; returns the page's path."""
-    return Path(_run("report", kwargs).outputs[0])
+    return table(pipeline_runs(Path(runs_dir), pipeline))

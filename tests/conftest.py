@@ -82,7 +82,7 @@ def hostile_runs(tmp: Path) -> Path:
 
     from featcache.extraction.run import extract
     from featcache.fuse.train import FuseTrainConfig, fuse_train
-    from featcache.records import RECORD
+    from featcache.runs.records import RECORD
 
     photos = write_image_folder(tmp / HOSTILE["folder"], classes=(HOSTILE["class"], "dog"), per_class=8)
     cfg = tiny_config(tmp, data=DataRequest(name="folder", data_dir=photos), dtype="float32", num_workers=0)

@@ -169,7 +169,7 @@ def test_two_discovered_backbones_go_through_every_stage(tmp_path):
     for k in range(2):
         files.append(tmp_path / f"im{k}.png")
         Image.fromarray(np.full((20, 24, 3), 60 * k, np.uint8)).save(files[-1])
-    from featcache.records import run_folders
+    from featcache.runs.records import run_folders
 
     folders = run_folders(tmp_path / "runs")
     assert len(folders) == 2

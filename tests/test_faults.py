@@ -26,7 +26,7 @@ from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.run import extract
 from featcache.extraction.store import partial_file
-from featcache.records import load_record
+from featcache.runs.records import load_record
 
 KILLS = 20
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import tiny_config
 
 from featcache.cli.commands import cli
-from featcache.comparison import COLUMNS, runs_table
+from featcache.runs.comparison import COLUMNS, runs_table
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
@@ -16,8 +16,8 @@ from featcache.extraction.run import extract
 from featcache.fuse import train as fusetrain
 from featcache.fuse.heads import HeadOptions
 from featcache.fuse.train import FuseTrainConfig, fuse_train, locate_caches
-from featcache.records import load_record
-from featcache.run_files import load_head
+from featcache.runs.records import load_record
+from featcache.fuse.saved import load_head
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
 OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)
@@ -231,7 +231,7 @@ def test_cli_fuse_train_runs_and_csv(cached):
     (["--taps", "lat"], "Got 'lat' instead; did you mean 'late'"),
     (["--head", "mlpp"], "did you mean 'mlp'"),
     (["--tap-norm", "zscore"], "'--tap-norm' option must be one of"),
-    (["--hidden", "big"], "--hidden takes comma-separated widths"),
+    (["--hidden", "big"], "Invalid value for '--hidden': 'big' is not comma-separated whole numbers"),
     (["--val-fraction", "1.5"], "--val-fraction must lie between 0 and 1"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(cached, args, pattern):

@@ -31,7 +31,7 @@ def blobs(n=300, classes=3, dim=6, seed=0):
     return X.astype(np.float32), y
 
 
-@pytest.mark.parametrize("name", sorted(HEADS))
+@pytest.mark.parametrize("name", sorted(h for h, entry in HEADS.items() if entry.make is not None))
 def test_every_head_fits_predicts_and_scores(name):
     X, y = blobs()
     entry = HEADS[name]

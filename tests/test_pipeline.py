@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli.commands import cli
-from featcache.cli.pipeline import load_pipeline
+from featcache.pipeline.files import load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
@@ -127,13 +127,13 @@ grid-images = 4
     (("[[fuse-train]]", "[[fuse_train]]"), r"p.toml: \[fuse_train\]: unknown section; did you mean \[fuse-train\]\?"),
     (("[pipeline]\nname = \"tiny\"", "[info]\nname = \"tiny\""), r"\[info\]: unknown section"),
     (("name = \"tiny\"", "title = \"tiny\""), r"\[pipeline\]: unknown key 'title'"),
-    (("epochs = 1", "epochs = \"six\""), r"\[\[finetune\]\] #1 epochs: Invalid value for '--epochs': 'six' is not a valid integer"),
-    (("quiet = true", "quiet = \"yes\""), r"\[\[extract\]\] #1: quiet is a switch: true or false. Got 'yes' instead"),
-    (("hidden = \"16\"", "hidden = [16, 8]"), r"\[\[finetune\]\] #1: hidden takes one value. Got a list of 2 instead"),
-    (("image-size = 32", "image-size = {a = 1}"), r"\[defaults\]|image-size takes a number or a string"),
+    (("epochs = 1", "epochs = \"six\""), r"\[\[finetune\]\] #1: Invalid value for 'epochs': 'six' is not a valid integer"),
+    (("quiet = true", "quiet = \"yes\""), r"\[\[extract\]\] #1: Invalid value for 'quiet': 'yes' is not true or false"),
+    (("hidden = \"16\"", "hidden = \"wide\""), r"\[\[finetune\]\] #1: Invalid value for 'hidden': 'wide' is not comma-separated whole numbers"),
+    (("image-size = 32", "image-size = {a = 1}"), r"#1: Invalid value for 'image-size': \{'a': 1\} is not a valid integer"),
     (("limit-test = 40", "limit-tset = 40"), r"\[defaults\]: unknown key 'limit-tset'; did you mean 'limit-test'\?"),
     (("taps = \"late\"", "taps = \"late\"\n[[finetune]]\nunfreeze = \"last-two\""),
-     r"p.toml: \[\[finetune\]\] #2: The '--unfreeze' option must be none, last-block, last-N"),
+     r"p.toml: \[\[finetune\]\] #2: The 'unfreeze' option must be none, last-block, last-N"),
 ])
 def test_bad_pipeline_files_name_the_file_and_key(tmp_path, edit, message):
     text = TINY.format(tmp=tmp_path, head="logreg")
@@ -170,7 +170,7 @@ def test_missing_file_is_one_line():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.toml")), ids=lambda p: p.name)
 def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path):
-    pipeline = load_pipeline(path, cli.commands)
+    pipeline = load_pipeline(path)
     head = tomllib.loads(path.read_text())["pipeline"]
     assert head.get("reproduces") and head.get("reported")
     assert pipeline.stages and pipeline.stages[-1].kind == "report"
@@ -186,7 +186,7 @@ def test_dry_run_shows_each_stages_options_and_runs_nothing(tmp_path, monkeypatc
         assert f"  {line}\n" in stages
     assert "patience" not in stages and "force" not in stages  # at their defaults: not listed
     swept = result.output.split("sweep #1\n", 1)[1].split("fuse-train #1\n", 1)[0]
-    assert '  head = ["logreg,knn"]\n' in swept and "  keep = 1\n" in swept and "taps" not in swept
+    assert '  head = ["logreg", "knn"]\n' in swept and "  keep = 1\n" in swept and "taps" not in swept
     assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
 
 
@@ -235,18 +235,18 @@ head = ["logreg"]
 
 def test_set_overrides_defaults_and_stage_tables_in_every_stage_that_takes_the_option(tmp_path):
     text = TINY.format(tmp=tmp_path, head="logreg").replace("epochs = 1", "epochs = 1\nimage_size = 48")
-    pipeline = load_pipeline(write(tmp_path, text), cli.commands, {"image-size": 40, "epochs": 3, "runs-dir": str(tmp_path / "r")})
-    sizes = {s.kind: s.params["image_size"] for s in pipeline.stages if "image_size" in s.params}
+    pipeline = load_pipeline(write(tmp_path, text), {"image-size": 40, "epochs": 3, "runs-dir": str(tmp_path / "r")})
+    sizes = {s.kind: s.request.image_size for s in pipeline.stages if hasattr(s.request, "image_size")}
     assert sizes == {"extract": 40, "fuse-train": 40, "finetune": 40}  # the finetune table said image_size = 48
     [tune] = [s for s in pipeline.stages if s.kind == "finetune"]
-    assert tune.params["epochs"] == 3 and pipeline.runs_dir == tmp_path / "r"
-    assert tune.config.runs_dir == tmp_path / "r"
+    assert tune.request.epochs == 3 and pipeline.runs_dir == tmp_path / "r"
+    assert tune.request.config().runs_dir == tmp_path / "r"
 
 
 @pytest.mark.parametrize("setting, message", [
     ("epoch=1", r"--set: unknown key 'epoch'; did you mean 'epochs'\?"),
     ("weights", r"--set takes KEY=VALUE, e.g. --set weights=random. Got 'weights' instead"),
-    ("epochs=many", r"^Error: --set epochs=\.\.\.: Invalid value for '--epochs': 'many' is not a valid integer"),
+    ("epochs=many", r"^Error: --set epochs=\.\.\.: Invalid value for 'epochs': 'many' is not a valid integer"),
 ])
 def test_bad_set_is_one_line(tmp_path, setting, message):
     import re
@@ -348,6 +348,6 @@ def test_every_study_pipeline_runs_end_to_end_on_small_generated_data(tmp_path, 
     ("data_dir=/tmp/x y", ("data-dir", "/tmp/x y")), ("taps=[\"late\", \"early,late\"]", ("taps", ["late", "early,late"])),
 ])
 def test_set_values_are_read_as_toml_else_as_text(text, parsed):
-    from featcache.cli.pipeline import parse_override
+    from featcache.pipeline.files import parse_override
 
     assert parse_override(text) == parsed

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from featcache.comparison import comparison_table
+from featcache.runs.comparison import comparison_table
 from featcache.errors import FeatcacheError
-from featcache.records import SCHEMA, RunRecord, load_record
+from featcache.runs.records import SCHEMA, RunRecord, load_record
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -63,7 +63,7 @@ def test_runs_report_and_predict_find_a_pipelines_runs_one_folder_down(report_ru
 
 
 def test_a_run_is_found_by_name_one_folder_down(report_runs, tmp_path):
-    from featcache.records import resolve_run
+    from featcache.runs.records import resolve_run
 
     _, runs = report_runs
     copy = shutil.copytree(runs[0], tmp_path / "runs" / "study" / runs[0].name)

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli.commands import cli
-from featcache.comparison import COLUMNS
-from featcache.records import load_record
+from featcache.runs.comparison import COLUMNS
+from featcache.runs.records import load_record
 from featcache.reporting.page import ReportConfig, write_report
 
 

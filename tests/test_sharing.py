@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from conftest import write_image_folder
 
 from featcache.cli.commands import cli
-from featcache.run_files import load_head
+from featcache.fuse.saved import load_head
 
 
 class Planted:
@@ -69,13 +69,13 @@ def test_an_old_run_folder_loads_when_trusted(frozen, tmp_path):
 
 
 def test_a_pipeline_file_cannot_trust_pickles_or_name_code(tmp_path):
-    from featcache.cli.pipeline import load_pipeline
+    from featcache.pipeline.files import load_pipeline
 
     for table in ('[report]\ntrust-pickles = true\n', '[extract]\nbackbone = "!!python/object:os.system"\n',
                   '[pipeline]\nname = "x"\nmodule = "os"\n'):
         path = tmp_path / "p.toml"
         path.write_text('[pipeline]\nname = "x"\n' * (not table.startswith("[pipeline]")) + table)
         with pytest.raises(Exception) as caught:
-            pipeline = load_pipeline(path, cli.commands)
-            [stage.config for stage in pipeline.stages]
+            pipeline = load_pipeline(path)
+            [stage.request.config() for stage in pipeline.stages]
         assert type(caught.value).__name__ == "FeatcacheError", table

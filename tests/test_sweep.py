@@ -16,10 +16,10 @@ from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
-from featcache.sweep.config import SweepConfig, combinations
-from featcache.sweep.knn import neighbours, vote
-from featcache.sweep.run import sweep
-from featcache.sweep.solvers import objective_value, scores_of, solve_path
+from featcache.sweeping.config import SweepConfig, combinations
+from featcache.sweeping.knn import neighbours, vote
+from featcache.sweeping.run import sweep
+from featcache.sweeping.solvers import objective_value, scores_of, solve_path
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_the_svm_path_reaches_scikit_learns_solution(digits):
 @pytest.mark.parametrize("rows", [1200, 40])  # more rows than features, or fewer: through the rows' Gram matrix
 def test_logistic_regressions_solved_together_reach_scikit_learns_solutions(digits, monkeypatch, batch_bytes, rows):
     """Problems of different widths, sharing blocks, every C at once: each reaches LogisticRegression's objective."""
-    from featcache.sweep import lanes
+    from featcache.sweeping import lanes
 
     monkeypatch.setattr(lanes, "BATCH_BYTES", batch_bytes)
     X, y, X_test, y_test = digits
@@ -68,7 +68,7 @@ def test_logistic_regressions_solved_together_reach_scikit_learns_solutions(digi
 
 def test_the_svm_reuses_the_rotation_of_the_logistic_regressions(digits):
     """40 rows of 64 features in two blocks: the svm on the rotation solve_many made equals the svm rotating itself."""
-    from featcache.sweep import lanes
+    from featcache.sweeping import lanes
 
     X, y, _, _ = digits
     left, right, labels = torch.tensor(X[:40, :40]), torch.tensor(X[:40, 40:]), torch.tensor(y[:40])
@@ -106,7 +106,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
-    from featcache.records import load_record, run_folders
+    from featcache.runs.records import load_record, run_folders
 
     folder = sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=lambda m: None)
     table = (folder / "table.csv").read_text().splitlines()
@@ -177,8 +177,8 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
     kept is the first seed's replicate (its own choice, its split) and the svm stays linear, as the sweep solved it."""
     from featcache.fuse import train
     from featcache.fuse.heads import HEADS
-    from featcache.sweep import run as sweep_run
-    from featcache.sweep.tables import read_rows, tables
+    from featcache.sweeping import run as sweep_run
+    from featcache.sweeping.tables import read_rows, tables
 
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -186,7 +186,7 @@ def test_a_kept_run_is_the_first_seeds_choice_with_the_svm_as_swept(tmp_path, mo
              "chosen": {"C": C}, "val_acc": 0.9, "test_acc": 0.8, "macro_f1": 0.8, "fit_s": 0.1}
             for seed, C in enumerate(choices)]
     (folder / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table, _ = tables(read_rows(folder))
+    table, _, _ = tables(read_rows(folder))
     assert json.loads(table["chosen"][0]) == {"C": most}
     asked = []
     monkeypatch.setattr(train, "fuse_train", lambda cfg, log: asked.append(cfg) or [])
@@ -220,7 +220,7 @@ def test_a_narrower_request_on_the_same_folder_tables_only_its_own_evaluations(t
 
 def test_a_single_seed_logreg_row_matches_fuse_train(tmp_path):
     from featcache.fuse.train import FuseTrainConfig, fuse_train
-    from featcache.records import load_record
+    from featcache.runs.records import load_record
 
     folder = sweep(_cfg(tmp_path, combos="singles", heads=("logreg",), keep=0), log=lambda m: None)
     rows = {r["taps"][0]: r for r in map(json.loads, (folder / "rows.jsonl").read_text().splitlines())}
@@ -258,18 +258,20 @@ def test_the_python_api_returns_the_table(tmp_path, capsys):
     assert len(table) == 3 * 2 and set(table["head"]) == {"logreg", "knn"}
     assert list(table["val_acc"]) == sorted(table["val_acc"], reverse=True)
     assert (table.attrs["folder"] / "rows.jsonl").exists()
-    assert "sweep:   0%|          | 0/6 [" in capsys.readouterr().err  # the evaluations' progress bar
-    featcache.sweep(backbone="tiny", weights="random", image_size=32, limit_train=200, limit_test=60, combos="singles",
-                    head="logreg,knn", keep=0, device="cpu", cache_dir=tmp_path / "cache", runs_dir=tmp_path / "quiet",
-                    quiet=True)  # evaluated afresh in another runs folder, without a bar
     said = capsys.readouterr()
-    assert "6 evaluations in" in said.out and "sweep:" not in said.err
+    assert "sweep:   0%|          | 0/6 [" in said.err  # the evaluations' progress bar
+    assert "6 evaluations in" in said.out
     assert "warning: the validation split holds 20 images" in said.out  # 200 rows, 10% to validation
+    quiet = featcache.sweep(backbone="tiny", weights="random", image_size=32, limit_train=200, limit_test=60,
+                            combos="singles", head=["logreg", "knn"], keep=0, device="cpu", cache_dir=tmp_path / "cache",
+                            runs_dir=tmp_path / "quiet", quiet=True)  # evaluated afresh in another runs folder
+    assert capsys.readouterr() == ("", "")  # quiet=True: no bar, no line
+    assert len(quiet) == 6
 
 
 def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
     import featcache
-    from featcache.records import load_record
+    from featcache.runs.records import load_record
 
     said = []
     import builtins
@@ -291,7 +293,7 @@ def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
 
 @pytest.mark.parametrize("rows, form", [(40, "rows"), (100, "rows"), (40, "features")])
 def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, monkeypatch, rows, form):
-    from featcache.sweep import hinge_rows
+    from featcache.sweeping import hinge_rows
 
     X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form,
     X, y = X[:rows], y[:rows]  # or, where the rows' Gram matrix would not fit, every class on the rotated features
@@ -305,7 +307,7 @@ def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, m
 
 
 def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time_does(digits):
-    from featcache.sweep.hinge_rows import newton_rows, rows_form
+    from featcache.sweeping.hinge_rows import newton_rows, rows_form
 
     X, y, _, _ = digits  # 100 rows of 64 features: the rows' form, every (C, class) a lane (the GPU's way)
     X, y, Cs = X[:100], y[:100], [0.01, 0.1, 10.0]
@@ -319,8 +321,8 @@ def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time
 @pytest.mark.parametrize("entries", [None, 2 * 30**2])  # every lane's square at once, or two lanes at a time
 def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_are_the_dense_ones(monkeypatch,
                                                                                                    entries):
-    from featcache.sweep import hinge
-    from featcache.sweep.hinge_rows import inverse_hessian_times, rows_form
+    from featcache.sweeping import hinge
+    from featcache.sweeping.hinge_rows import inverse_hessian_times, rows_form
 
     if entries:
         monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", entries)
@@ -348,8 +350,8 @@ def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_
 
 @pytest.mark.parametrize("block", [None, 10])  # the Gram matrices whole, or by blocks of 10 columns, the last short
 def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits, monkeypatch, block):
-    from featcache.sweep import hinge
-    from featcache.sweep.hinge import newton_features
+    from featcache.sweeping import hinge
+    from featcache.sweeping.hinge import newton_features
 
     if block:
         monkeypatch.setattr(hinge, "GRAM_BLOCK", block)
@@ -365,7 +367,7 @@ def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits
 
 
 def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits, monkeypatch):
-    from featcache.sweep import hinge
+    from featcache.sweeping import hinge
 
     X, y, _, _ = digits
     monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", 0)
@@ -377,7 +379,7 @@ def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits
 
 
 def test_the_rotation_of_wide_features_is_exact_when_built_a_block_of_columns_at_a_time(monkeypatch):
-    from featcache.sweep import solvers
+    from featcache.sweeping import solvers
 
     X = torch.randn(30, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     monkeypatch.setattr(solvers, "COLUMN_BLOCK", 7)  # 15 blocks, the last one short
@@ -390,11 +392,11 @@ def test_the_rotation_of_wide_features_is_exact_when_built_a_block_of_columns_at
 
 
 def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
-    from featcache.sweep.tables import read_rows, tables
+    from featcache.sweeping.tables import read_rows, tables
 
     rows = [{"seed": 0, "taps": [t], "head": "logreg", "shots": 0, "repeat": 0, "width": w, "chosen": {"C": 1.0},
              "val_acc": v, "test_acc": a, "macro_f1": a, "fit_s": 0.1}
             for t, w, v, a in (("wide", 900, 0.9, 0.99), ("narrow", 100, 0.9, 0.5), ("best", 500, 0.95, 0.1))]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    table, _ = tables(read_rows(tmp_path))
+    table, _, _ = tables(read_rows(tmp_path))
     assert list(table["taps"]) == ["best", "narrow", "wide"]  # test accuracy never breaks a tie

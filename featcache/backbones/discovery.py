@@ -1,6 +1,6 @@
 """Discovery: the taps of any torchvision classification model or timm model, found from the model itself.
 
-Second stage (data -> **backbones** -> extraction), beside the declared registry. A looked-up
+Stage 2 (data -> **backbones** -> extraction), beside the declared registry. A looked-up
 name that is not declared comes here and leaves as an ordinary :class:`BackboneSpec`, so
 everything downstream sees one kind of spec:
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 
 from featcache.backbones.graph import graph_taps, stage_modules, traced
-from featcache.backbones.registry import BackboneSpec, InputConfig, Tap, stage_aliases
+from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.backbones.weights import timm_input
 from featcache.errors import FeatcacheError, closest
 
@@ -39,20 +39,19 @@ def timm_names(pattern: str = "") -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def discover(name: str) -> BackboneSpec:
-    """The spec of a torchvision model or ``timm:NAME``; an unknown name is one line with the closest of both."""
+def discover(name: str, declared: tuple[str, ...] = ()) -> BackboneSpec:
+    """The spec of a torchvision model or ``timm:NAME``; an unknown name is one line with the closest of
+    both and of the ``declared`` names."""
     if name.startswith(TIMM):
         return _timm_spec(name[len(TIMM):])
     if name in torchvision_names():
         return _torchvision_spec(name)
-    raise unknown_backbone(name)
+    raise unknown_backbone(name, declared)
 
 
-def unknown_backbone(name: str) -> FeatcacheError:
-    from featcache.backbones.registry import BACKBONES
-
+def unknown_backbone(name: str, declared: tuple[str, ...] = ()) -> FeatcacheError:
     bare = name.removeprefix(TIMM)
-    guesses = [g for g in (closest(name, list(BACKBONES) + torchvision_names()),
+    guesses = [g for g in (closest(name, list(declared) + torchvision_names()),
                            closest(TIMM + bare, timm_names())) if g]
     hint = f"; did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else "."
     return FeatcacheError(f"unknown backbone {name!r} (not a declared backbone, a torchvision classification model "

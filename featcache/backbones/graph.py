@@ -11,7 +11,7 @@ that ends at it and holds no other stride (``layer1``, ``features.30``).
 
 from __future__ import annotations
 
-from featcache.backbones.registry import Tap
+from featcache.backbones.spec import Tap
 from featcache.errors import FeatcacheError
 
 POOL_OPS = ("max_pool2d", "avg_pool2d", "MaxPool2d", "AvgPool2d")

@@ -1,6 +1,6 @@
 """Taps: a backbone cut at its declared stages, every tap pooled, in one forward pass.
 
-Second box of the flow (data -> **backbones** -> extraction). What runs the network:
+Stage 2 (data -> **backbones** -> extraction). What runs the network:
 ``tap_model`` (the cut, BatchNorm folded, channels_last), global pooling, the device and
 precision rules (``resolve_device``, ``resolve_precision``, ``autocast``). Extraction,
 fine-tuning, prediction and Grad-CAM all build their networks here.

@@ -1,6 +1,6 @@
 """Weights: which numbers a backbone runs with, and how its weights want images fed.
 
-Second stage (data -> **backbones** -> extraction). ``--weights`` is ``imagenet`` (torchvision's
+Stage 2 (data -> **backbones** -> extraction). ``--weights`` is ``imagenet`` (torchvision's
 default weights or timm's default pretrained tag), a named tag (a torchvision weights enum
 member such as ``IMAGENET1K_V2``, a timm tag such as ``a1_in1k``), ``random`` (seeded), or the
 path of a local state-dict file. :func:`weights_identity` is what the cache fingerprint
@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from featcache.backbones.registry import BackboneSpec
+from featcache.backbones.spec import BackboneSpec
 from featcache.data.preprocess import LEGACY
 from featcache.errors import FeatcacheError
 

@@ -1,4 +1,4 @@
-"""Commands that look rather than train: the backbones, a cache file, the runs, predictions.
+"""Commands that look rather than train: the backbones, a cache file, the runs.
 
 Registered on the ``featcache`` group (cli.group); each imports its stage module when run,
 so ``featcache --help`` does not load torch.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from featcache.cli.group import cli, trusting
+from featcache.cli.group import cli
 from featcache.errors import FeatcacheError
 
 
@@ -116,8 +116,8 @@ def runs(runs_dir, pipeline, sort, columns, width, csv_path):
     """
     import shutil
 
-    from featcache.comparison import as_text, pick, runs_table
-    from featcache.records import no_runs, pipeline_runs
+    from featcache.runs.comparison import as_text, pick, runs_table
+    from featcache.runs.records import no_runs, pipeline_runs
 
     runs_dir = pipeline_runs(runs_dir, pipeline)
     table = runs_table(runs_dir)
@@ -128,28 +128,3 @@ def runs(runs_dir, pipeline, sort, columns, width, csv_path):
     if csv_path:
         table.to_csv(csv_path, index=False)
         click.echo(f"written {csv_path}")
-
-
-@cli.command()
-@click.option("--run", "run_name", required=True, help="A run folder, or its name inside --runs-dir.")
-@click.argument("images", nargs=-1, required=True)
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=Path("runs"), show_default=True)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--trust-pickles", is_flag=True,
-              help="Also load run folders written by featcache 0.1, whose pickled heads can run code. "
-                   "Only for folders you trust.")
-def predict(run_name, images, runs_dir, device, trust_pickles):
-    """Classify images with a run's backbones, preprocessing and head.
-
-    Each IMAGE is a file, a folder (every image inside, recursively) or a quoted glob
-    pattern such as 'photos/**/*.jpg'.
-    """
-    from featcache.data.images import image_paths
-    from featcache.predict import predict_files
-    from featcache.records import resolve_run
-
-    run = resolve_run(run_name, runs_dir)
-    with trusting(trust_pickles):
-        predictions = predict_files(run, image_paths(images), device=device)
-    for file, label, prob in predictions:
-        click.echo(f"{file}\t{label}\t{prob:.4f}")

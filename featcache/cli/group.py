@@ -1,7 +1,7 @@
 """The ``featcache`` command group: how a user error becomes one line and exit status 2.
 
-Every command registers on :data:`cli` (stage commands in ``commands``, the ones that
-look at caches and runs in ``browse``).
+Every command registers on :data:`cli` (the stages' commands, made from their requests, in
+``commands``; the ones that look at caches and runs in ``browse``).
 """
 
 from __future__ import annotations
@@ -10,15 +10,6 @@ import click
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
-
-
-def trusting(trust_pickles: bool):
-    """``--trust-pickles``: the block may load featcache 0.1 run folders (pickles); otherwise nothing changes."""
-    import contextlib
-
-    from featcache.run_files import trusting_pickles  # loads scikit-learn: only when a command runs
-
-    return trusting_pickles() if trust_pickles else contextlib.nullcontext()
 
 
 class UserError(click.ClickException):

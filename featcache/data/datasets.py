@@ -1,6 +1,6 @@
 """Dataset registry: cifar10, folder and digits -> class names and per-split images + labels.
 
-First box of the flow (**dataset** -> backbone -> extract -> store). Each entry gives a
+Stage 1 (**data** -> backbones -> extraction). Each entry gives a
 cheap ``identity`` (for the cache fingerprint, never loading pixels) and a ``load`` that
 returns a :class:`Dataset`. Small images stay in memory as uint8 ``(N, H, W, 3)`` so the
 extractor can ship whole batches to the device; photo folders are lists of files that

@@ -1,6 +1,6 @@
 """Preprocessing: how images become backbone input, one rule for every path.
 
-First box of the flow (**data** -> backbones). ``PreprocessConfig`` (image size, resize
+Stage 1 (**data** -> backbones). ``PreprocessConfig`` (image size, resize
 rule, crop fraction, interpolation, mean/std: all of it in the cache fingerprint) and the
 on-device half of the rule: uint8 batches resized and normalised where the network runs
 (``to_input``). A field left None is the backbone's own (how its weights were trained):

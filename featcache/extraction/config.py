@@ -14,10 +14,10 @@ from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
 from featcache.backbones.weights import input_defaults, weights_identity
-from featcache.data.datasets import DataRequest, dataset_identity
+from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
 from featcache.errors import FeatcacheError, check_choice
-from featcache.extraction.store import FORMAT
+from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
 
 POOLINGS = ("avg", "max", "avgmax", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -74,6 +74,23 @@ class ExtractConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise FeatcacheError(f"--num-workers must be 0 or more. Got {self.num_workers} instead.")
 
+    def record_fields(self) -> dict:
+        """The request as a run record's ``config`` holds it: the one writer of these keys (fuse-train and
+        finetune add their own beside them), read back by :meth:`from_record`."""
+        data = self.data
+        return {"dataset": data.name, "data_dir": data.data_dir, "backbones": list(self.backbones),
+                "weights": self.weights, **self.preprocess.fields(), "pooling": self.pooling,
+                "precision": self.precision, "dtype": self.dtype, "seed": data.seed, "limit_train": data.limit_train,
+                "limit_test": data.limit_test, "test_fraction": data.test_fraction}
+
+    @classmethod
+    def from_record(cls, config: dict, device: str = "cpu") -> ExtractConfig:
+        """The request (dataset, backbones, weights, preprocessing) of a run record's ``config``."""
+        data = DataRequest(name=config["dataset"], data_dir=config["data_dir"], limit_train=config["limit_train"],
+                           limit_test=config["limit_test"], test_fraction=config["test_fraction"], seed=config["seed"])
+        return cls(data=data, backbones=tuple(config["backbones"]), weights=config["weights"],
+                   preprocess=PreprocessConfig.from_fields(config), pooling=config["pooling"], device=device)
+
 
 def preprocess_for(cfg: ExtractConfig, spec: BackboneSpec) -> PreprocessConfig:
     """The request's preprocessing with its unset fields taken from how ``spec``'s weights were fed,
@@ -124,4 +141,38 @@ def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str, dataset:
     }
     if spec.versions:
         out["versions"] = spec.versions
+    return out
+
+
+@dataclass(frozen=True)
+class CacheIdentity:
+    """One backbone's cache file for a request: its fingerprint and path, made once.
+
+    Extraction writes it, fuse-train and the sweep read it, finetune and the pipeline ledger key
+    their results by it: all through :func:`cache_identities`.
+    """
+
+    backbone: str
+    spec: BackboneSpec
+    fingerprint: dict
+    path: Path
+
+    @property
+    def hash(self) -> str:
+        return fingerprint_hash(self.fingerprint)
+
+
+def cache_identities(cfg: ExtractConfig, precision: str | None = None) -> dict[str, CacheIdentity]:
+    """backbone -> its :class:`CacheIdentity`; ``precision`` resolved from the request's device when not given
+    (extraction passes the one its process resolved, under torchrun each rank's)."""
+    if precision is None:
+        from featcache.backbones.taps import resolve_device, resolve_precision
+
+        precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
+    key, identity = dataset_key(cfg.data), dataset_identity(cfg.data)  # a folder's identity reads every file: once
+    out = {}
+    for name in cfg.backbones:
+        spec = BACKBONES.lookup(name)
+        fp = fingerprint(cfg, spec, precision, identity)
+        out[name] = CacheIdentity(name, spec, fp, cache_file(cfg.cache_dir, key, name, fp))
     return out

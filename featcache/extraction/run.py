@@ -1,4 +1,4 @@
-"""Stage 1: one forward pass per batch, every tap pooled, streamed to the HDF5 store.
+"""Stage 3 (extraction): one forward pass per batch, every tap pooled, streamed to the HDF5 store.
 
 Flow: data -> backbones -> **extraction.run** (one shared pass: passes) -> store. In-memory images (CIFAR-10, digits)
 travel to the device as uint8 batches and are resized and normalised there; image files
@@ -15,16 +15,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_precision, tap_model
-from featcache.data.datasets import Dataset, dataset_identity, dataset_key, load_dataset
+from featcache.data.datasets import Dataset, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError
 from featcache.extraction import distributed
-from featcache.extraction.config import ExtractConfig, fingerprint, preprocess_for
+from featcache.extraction.config import ExtractConfig, cache_identities, preprocess_for
 from featcache.extraction.passes import Job, Member, one_pass, rates
 from featcache.extraction.reader import FeatureCache
-from featcache.extraction.store import CacheWriter, cache_file, locked, write_timing
+from featcache.extraction.store import CacheWriter, locked, write_timing
 
 
 @dataclass(frozen=True)
@@ -50,21 +49,16 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     distributed.init(r)
     device = distributed.device_for(r, cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    key = dataset_key(cfg.data)
     say = log if r.main else (lambda message: None)
     results: dict[str, ExtractResult] = {}
     todo = []
     started = time.perf_counter()
-    identity = dataset_identity(cfg.data)
-    for name in cfg.backbones:
-        spec = BACKBONES.lookup(name)
-        fp = fingerprint(cfg, spec, precision, identity)
-        path = cache_file(cfg.cache_dir, key, name, fp)
-        hit = distributed.agree(r, _served(name, path, started))
+    for name, cache in cache_identities(cfg, precision).items():
+        hit = distributed.agree(r, _served(name, cache.path, started))
         if hit is not None:
             results[name] = hit
         else:
-            todo.append((spec, fp, path))
+            todo.append((cache.spec, cache.fingerprint, cache.path))
     if todo:
         # Data and weights are loaded before anything is written, so their errors leave nothing behind.
         tick = time.perf_counter()

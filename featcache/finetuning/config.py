@@ -18,9 +18,9 @@ from featcache.errors import FeatcacheError, require, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.finetuning.model import parse_policy
 from featcache.fuse.fusion import TapNormalizer
-from featcache.records import RunRecord, record_features
+from featcache.fuse.heads import heads_for
+from featcache.runs.records import RunRecord
 
-FT_HEADS = ("mlp", "linear", "resblocks")
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class FinetuneConfig:
     num_workers: int = 2
 
     def __post_init__(self):
-        if self.head not in FT_HEADS:
-            raise unknown("--head", self.head, FT_HEADS)
+        if self.head not in heads_for("finetune"):
+            raise unknown("--head", self.head, heads_for("finetune"))
         if self.augment not in AUGMENTS:
             raise unknown("--augment", self.augment, AUGMENTS)
         TapNormalizer(self.tap_norm)
@@ -75,22 +75,14 @@ def partial_dir(cfg: FinetuneConfig) -> Path:
 
 
 def config_dict(cfg: FinetuneConfig) -> dict:
-    feat = cfg.features
     out = {k: v for k, v in asdict(cfg).items() if k not in ("features",)}
-    out.update({
-        "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
-        "weights": feat.weights, **feat.preprocess.fields(),
-        "pooling": feat.pooling, "precision": feat.precision, "dtype": "float32", "seed": feat.data.seed,
-        "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
-        "test_fraction": feat.data.test_fraction,
-    })
-    return out
+    return {**out, **cfg.features.record_fields(), "dtype": "float32"}  # the fine-tune's features are never stored
 
 
 def finetune_config_from_record(record: RunRecord) -> FinetuneConfig:
 
     c = record.config
-    return FinetuneConfig(features=record_features(record), taps=",".join(record.taps), head=c["head"],
+    return FinetuneConfig(features=ExtractConfig.from_record(record.config), taps=",".join(record.taps), head=c["head"],
                           hidden=tuple(c["hidden"]), dropout=c["dropout"], res_blocks=c["res_blocks"],
                           tap_norm=c["tap_norm"], unfreeze=c["unfreeze"], epochs=max(1, c["epochs"]))
 

@@ -1,4 +1,4 @@
-"""Stage 3: the unfrozen variants, trained end to end with the frozen path's pieces.
+"""Stage 6 (finetuning): the unfrozen variants, trained end to end with the frozen path's pieces.
 
 Flow: dataset -> :mod:`featcache.data.augment` -> :mod:`featcache.finetuning.model` (backbones with some
 blocks trainable -> taps -> pooling -> per-tap normalisation -> concatenation -> head) ->
@@ -24,7 +24,7 @@ import numpy as np
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device, resolve_precision
-from featcache.comparison import base_label
+from featcache.runs.comparison import base_label
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
@@ -50,8 +50,9 @@ from featcache.finetuning.model import TapNorm, apply_unfreeze, build_net, train
 from featcache.finetuning.saved import init_from_run
 from featcache.fuse.evaluate import score, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
+from featcache.fuse.saved import save_head
 from featcache.fuse.torch_head import make_optimizer
-from featcache.records import RunRecord, library_versions, load_record, result_line, save_run
+from featcache.runs.records import RunRecord, library_versions, load_record, result_line, save_run
 
 # --- the training loop -----------------------------------------------------------------
 
@@ -244,7 +245,8 @@ def _finish(cfg: FinetuneConfig, setup: _Setup, state: Progress, trainable: dict
         versions=library_versions(),
         warnings=list(setup.notes),
     )
-    run = save_run(cfg.runs_dir, base_label(record), record, setup.normalizer, net.state_dict())
+    state = net.state_dict()
+    run = save_run(cfg.runs_dir, base_label(record), record, lambda folder: save_head(folder, setup.normalizer, state))
     shutil.rmtree(folder, ignore_errors=True)
     return run
 

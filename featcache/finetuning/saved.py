@@ -15,8 +15,9 @@ from featcache.finetuning.config import FinetuneConfig, finetune_config_from_rec
 from featcache.finetuning.model import build_net
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.torch_head import TorchClassifier
-from featcache.records import RunRecord, load_record
-from featcache.run_files import load_head
+from featcache.runs.records import RunRecord, load_record
+from featcache.fuse.saved import load_head
+from featcache.runs.predict import register_predictor
 
 
 def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):
@@ -64,3 +65,25 @@ def load_finetuned(run_dir: Path, record: RunRecord, device):
     net = build_net(cfg, refs, normalizer, len(record.classes), device)
     net.load_state_dict(weights)
     return net.eval(), cfg
+
+
+@register_predictor("finetuned")
+def finetuned_proba(run_dir: Path, record: RunRecord, files: list[Path], device: str, batch_size: int):
+    """(probabilities, class names) of a fine-tuned run on ``files``: its model rebuilt, fed as it was trained."""
+    import torch
+
+    from featcache.backbones.taps import resolve_device
+    from featcache.data.images import load_image
+    from featcache.data.preprocess import to_input
+    from featcache.extraction.config import shared_preprocess
+
+    dev = resolve_device(device)
+    net, cfg = load_finetuned(run_dir, record, dev)
+    pre = shared_preprocess(cfg.features, "fine-tuning")
+    images = [load_image(file, pre) for file in files]  # an unreadable file is one line naming it
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.stack(images[start : start + batch_size])).to(dev)
+            out.append(torch.softmax(net(to_input(batch, pre)).float(), 1).cpu().numpy())
+    return np.concatenate(out), list(record.classes)

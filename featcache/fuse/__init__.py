@@ -1,6 +1,7 @@
 """Fuse: select cached taps, normalise each, concatenate, and train interchangeable heads.
 
-Fourth stage (extraction -> **fuse** -> records -> reporting). ``fusion`` builds the fused
-matrix, ``heads`` the estimators, ``evaluate`` the honest splits and metrics, ``stream`` the
-out-of-core path, ``train`` the fuse-train run. Hands run folders to records.
+Stage 5 of 8 (extraction, runs -> **fuse** -> finetuning, sweeping -> reporting). ``fusion``
+builds the fused matrix, ``heads`` is the head registry, ``evaluate`` the honest splits and
+metrics, ``stream`` the out-of-core path, ``saved`` how heads save and load themselves, ``train``
+the fuse-train run. Writes run folders through runs.
 """

@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device, resolve_precision
 from featcache.backbones.weights import input_defaults
-from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
+from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
-from featcache.extraction.config import ExtractConfig, fingerprint
+from featcache.extraction.config import ExtractConfig, cache_identities
 from featcache.extraction.reader import FeatureCache
-from featcache.extraction.store import cache_file
 from featcache.fuse.fusion import TapRef
 
 
@@ -45,12 +43,9 @@ def extract_command(cfg: ExtractConfig, backbone: str) -> str:
 
 def locate_caches(cfg: ExtractConfig) -> dict[str, Path]:
     """backbone -> finished cache file for this request; a missing one is an error."""
-    precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
-    key = dataset_key(cfg.data)
     found = {}
-    identity = dataset_identity(cfg.data)
-    for name in cfg.backbones:
-        path = cache_file(cfg.cache_dir, key, name, fingerprint(cfg, BACKBONES.lookup(name), precision, identity))
+    for name, cache in cache_identities(cfg).items():
+        path = cache.path
         if not path.exists():
             raise FeatcacheError(
                 f"no cached features for {name} in {path.parent} with these settings: run "

@@ -1,4 +1,4 @@
-"""Stage 2: select taps, normalise each, concatenate (NumPy only, no I/O).
+"""Stage 5 (fuse): select taps, normalise each, concatenate (NumPy only, no I/O).
 
 Flow: store -> **fusion** -> heads. The studies concatenate pooled features as they come;
 ResNet50 + MobileNetV2 features differ in scale by an order of magnitude, so by default

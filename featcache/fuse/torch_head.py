@@ -16,8 +16,8 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featcache.backbones.taps import autocast
 from featcache.errors import check_choice
+from featcache.fuse.options import OPTIMIZERS
 
-OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 class TorchClassifier(ClassifierMixin, BaseEstimator):

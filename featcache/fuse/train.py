@@ -1,4 +1,4 @@
-"""Stage 2 driver: load cached taps once, then fuse and train every (taps, head) combination.
+"""Stage 5 (fuse) driver: load cached taps once, then fuse and train every (taps, head) combination.
 
 Flow: store -> caches -> fusion -> heads -> evaluate -> records. A combination already trained
 with identical options on identical caches is served from its run folder.
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.comparison import base_label
-from featcache.errors import FeatcacheError
+from featcache.runs.comparison import base_label
+from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
@@ -31,9 +31,10 @@ from featcache.fuse.caches import (
 )
 from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
-from featcache.fuse.heads import HEADS, HeadOptions
+from featcache.fuse.saved import save_head
+from featcache.fuse.heads import HEADS, HeadOptions, heads_for
 from featcache.fuse.stream import FusedRows, fit_normalizer
-from featcache.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
+from featcache.runs.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,9 @@ class FuseTrainConfig:
 
     def __post_init__(self):
         for head in self.heads:
-            if not HEADS.lookup(head).torch and self.out_of_core:
+            if head not in heads_for("fuse-train"):
+                raise unknown("--head", head, heads_for("fuse-train"))
+            if not HEADS[head].torch and self.out_of_core:
                 raise FeatcacheError(f"--out-of-core streams features to the torch heads (linear, mlp); {head} needs "
                                      f"them in memory: use --head linear or mlp, or drop --out-of-core")
         TapNormalizer(self.tap_norm)
@@ -189,7 +192,8 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
         notes = selection_warnings(head_name, selection, cfg.options.epochs if HEADS[head_name].torch else None)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
         record = replace(record, warnings=[*fusion.notes, *notes])
-        run = save_run(cfg.runs_dir, base_label(record), record, fusion.normalizer, selection.head)
+        run = save_run(cfg.runs_dir, base_label(record), record,
+                       lambda folder: save_head(folder, fusion.normalizer, selection.head))
         log(result_line(run, record))
         for note in notes:
             log(f"warning: {note}")
@@ -199,13 +203,8 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
 
 def _run_config(cfg: FuseTrainConfig) -> dict:
     """The request as a run record's ``config`` holds it."""
-    feat = cfg.features
     return {
-        "dataset": feat.data.name, "data_dir": feat.data.data_dir, "backbones": list(feat.backbones),
-        "weights": feat.weights, **feat.preprocess.fields(),
-        "pooling": feat.pooling, "precision": feat.precision, "dtype": feat.dtype, "seed": feat.data.seed,
-        "limit_train": feat.data.limit_train, "limit_test": feat.data.limit_test,
-        "test_fraction": feat.data.test_fraction, "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
+        **cfg.features.record_fields(), "tap_norm": cfg.tap_norm, "val_fraction": cfg.val_fraction,
         "out_of_core": cfg.out_of_core,
         "head_options": dict(vars(cfg.options)),
         **({"tap_selection": list(cfg.tap_selection)} if cfg.tap_selection else {}),

@@ -1,5 +1,6 @@
-"""Reporting: one self-contained HTML page (and CSV) from run folders.
+"""Reporting: one self-contained HTML page (and CSV) from run and sweep folders.
 
-Last stage (records -> **reporting**). ``page`` renders the template (autoescaped),
-``figures`` draws, ``explain`` computes Grad-CAM. Reads run records; writes nothing else.
+Stage 8 of 8 (runs, sweeping -> **reporting**). ``page`` renders the template (autoescaped),
+``figures`` draws, ``explain`` computes Grad-CAM, ``sweeps`` the sweep section. Reads run
+records; writes nothing else.
 """

@@ -25,8 +25,8 @@ from featcache.finetuning.model import build_net
 from featcache.finetuning.saved import load_finetuned
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.torch_head import TorchClassifier
-from featcache.records import RunRecord, record_features
-from featcache.run_files import load_head
+from featcache.runs.records import RunRecord, record_features
+from featcache.fuse.saved import load_head
 
 
 class _Probed(torch.nn.Module):

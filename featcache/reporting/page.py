@@ -20,14 +20,14 @@ import numpy as np
 from featcache import __version__
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device
-from featcache.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
+from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import preprocess_for
 from featcache.extraction.store import read_timing
 from featcache.files import atomic_write
-from featcache.records import (
+from featcache.runs.records import (
     RunRecord,
     load_record,
     no_runs,

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.fuse.heads import HEADS
 from featcache.reporting.figures import _plt, png
-from featcache.sweep.tables import fewshot_best
+from featcache.sweeping.tables import fewshot_best
 
 
 def sweep_folders(runs_dir: Path) -> list[Path]:
@@ -38,8 +39,9 @@ def sweep_section(folder: Path) -> dict:
     if fewshot.exists():
         out["fewshot"] = fewshot_curve(pd.read_csv(fewshot), table)
     columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s"]
-    out["top"] = table[table["head"] != "knn"].head(10)[columns].to_dict("records")
-    out["knn"] = table[table["head"] == "knn"].head(10)[columns].to_dict("records")
+    neighbours = table["head"].map(lambda h: h in HEADS and HEADS[h].sweep == "neighbours").astype(bool)
+    out["top"] = table[~neighbours].head(10)[columns].to_dict("records")
+    out["knn"] = table[neighbours].head(10)[columns].to_dict("records")
     return out
 
 

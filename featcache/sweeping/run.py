@@ -2,7 +2,7 @@
 
 Flow: caches -> fusion (per-tap standardisation on the training rows) -> **run** -> probes ->
 the sweep folder ``RUNS/sweeps/<name>/`` (its rows and tables: sweep/tables). For each seed and few-shot draw, the logistic regressions
-of every combination left are solved together first (:func:`~featcache.sweep.probes.presolve`), then
+of every combination left are solved together first (:func:`~featcache.sweeping.probes.presolve`), then
 each (combination, head) is chosen on validation and scored in turn. It writes:
 
 - ``rows.jsonl``: one line per finished evaluation, appended as it finishes; a re-run of the
@@ -34,9 +34,21 @@ from featcache.files import atomic_write
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
-from featcache.sweep.config import FAST_HEADS, SweepConfig, all_taps, combinations
-from featcache.sweep.probes import BATCHED, presolve, probe
-from featcache.sweep.tables import fewshot_lines, finished, public, read_rows, row_key, tables, top_lines, write_tables
+from featcache.fuse.heads import HEADS
+from featcache.sweeping.config import SweepConfig, all_taps, combinations
+from featcache.sweeping.probes import batched, presolve, probe
+from featcache.sweeping.scorers import scored
+from featcache.sweeping.tables import (
+    fewshot_lines,
+    finished,
+    public,
+    read_rows,
+    row_key,
+    score_lines,
+    tables,
+    top_lines,
+    write_tables,
+)
 
 
 def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
@@ -99,8 +111,11 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
                         if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
                             refs = job["refs"]
                             fused = fused_parts(parts, refs)
-                        result = probe(job["head"], fused, labels_of, n_classes, options, solved=solved.get(row_key(job)),
-                                       rotated=rotations.get(tuple(refs)))
+                        if job.get("kind") == "score":
+                            result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes)
+                        else:
+                            result = probe(job["head"], fused, labels_of, n_classes, options,
+                                           solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)))
                         row = {**public(job), "width": int(fused["fit"].shape[1]), **result}
                         out.write(json.dumps(row, default=str) + "\n")
                         out.flush()
@@ -110,13 +125,14 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
                         bar.update()
         log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     rows = read_rows(folder)  # read once: the tables and the kept runs' choices
-    table, fewshot = tables(rows, {row_key(job) for job in todo})
-    write_tables(folder, table, fewshot)
-    for line in top_lines(table) + fewshot_lines(fewshot, table):
+    table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
+    write_tables(folder, table, fewshot, scores)
+    for line in top_lines(table) + fewshot_lines(fewshot, table) + score_lines(scores):
         log(line)
     kept = _keep(cfg, table, rows, log) if cfg.keep else []
     log(f"sweep written to {folder} (table.csv: every combination and head"
-        + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "") + ")")
+        + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "")
+        + (", scores.csv: every combination's scores" if len(scores) else "") + ")")
     return folder, count, kept
 
 
@@ -137,8 +153,8 @@ def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple
     their rotated features, for the same combination's svm})."""
     solved, rotations = {}, {}
     svm = {tuple(job["refs"]) for job in group if job["head"] == "svm"}
-    for head in BATCHED:
-        jobs = [job for job in group if job["head"] == head]
+    for head in batched():
+        jobs = [job for job in group if job["head"] == head and job.get("kind") != "score"]
         if jobs:
             bar.set_postfix_str(f"{head}: {len(jobs)} combinations at once", refresh=True)
             problems = [[fit[r] for r in job["refs"]] for job in jobs]
@@ -152,7 +168,9 @@ def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple
 def _jobs(cfg: SweepConfig, combos) -> list[dict]:
     jobs = [{"seed": s, "refs": refs, "head": h, "shots": 0, "repeat": 0}
             for s in cfg.seeds for refs in combos for h in cfg.heads]
-    fast = [h for h in cfg.heads if h in FAST_HEADS]
+    jobs += [{"seed": s, "refs": refs, "head": name, "shots": 0, "repeat": 0, "kind": "score"}
+             for s in cfg.seeds for refs in combos for name in cfg.scores]
+    fast = [h for h in cfg.heads if HEADS[h].fewshot]
     jobs += [{"seed": s, "refs": refs, "head": h, "shots": k, "repeat": r}
              for s in cfg.seeds for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]
     return jobs
@@ -220,7 +238,8 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
 
     first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
     runs = []
-    for row in table[table["head"] != "knn"].head(cfg.keep).itertuples():
+    keepable = table["head"].map(lambda h: h in HEADS and HEADS[h].keep).astype(bool)
+    for row in table[keepable].head(cfg.keep).itertuples():
         chosen = first[(tuple(row.taps.split("+")), row.head)]
         grid = {name: (value,) for name, value in chosen.items() if name in ("C", "weight_decay")}
         if row.head == "svm":

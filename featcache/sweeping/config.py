@@ -15,11 +15,10 @@ from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError, require, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.fuse.fusion import TapRef, parse_taps
-from featcache.fuse.heads import HeadOptions
+from featcache.fuse.heads import HeadOptions, heads_for
+from featcache.sweeping.scorers import SCORERS
 
-SWEEP_HEADS = ("logreg", "svm", "linear", "mlp", "knn")
 DEFAULT_HEADS = ("logreg", "svm", "linear", "knn")
-FAST_HEADS = ("logreg", "svm", "knn")  # solved on the device: few-shot draws use these
 
 
 @dataclass(frozen=True)
@@ -30,6 +29,7 @@ class SweepConfig:
     combos: str = "pairs"  # singles | pairs | N (every combination of up to N taps; 0: only the --taps given)
     taps: tuple[str, ...] = ()  # explicit combinations, each like "early,late"
     heads: tuple[str, ...] = DEFAULT_HEADS
+    scores: tuple[str, ...] = ()  # scorers (sweeping.scorers): computed for every combination and seed
     val_fraction: float = 0.1
     seeds: tuple[int, ...] = (0,)
     shots: tuple[int, ...] = ()
@@ -42,14 +42,18 @@ class SweepConfig:
 
     def __post_init__(self):
         for head in self.heads:
-            if head not in SWEEP_HEADS:
-                raise unknown("--head", head, SWEEP_HEADS)
+            if head not in heads_for("sweep"):
+                raise unknown("--head", head, heads_for("sweep"))
         require(bool(self.heads), "--head", "''", "name at least one head")
+        for name in self.scores:
+            SCORERS.lookup(name)
         require(self.combos in ("singles", "pairs") or self.combos.isdigit(),
                 "--combos", self.combos, "be singles, pairs or a number of taps N (0: only the --taps given)")
         require(self.combos != "0" or bool(self.taps), "--combos", self.combos, "come with --taps when it is 0")
         require(0 < self.val_fraction < 1, "--val-fraction", self.val_fraction, "lie between 0 and 1")
         require(bool(self.seeds), "--seeds", "''", "list at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), "--seeds", ",".join(map(str, self.seeds)),
+                "list each seed once (a repeated seed would count its rows twice)")
         require(all(k >= 1 for k in self.shots), "--shots", self.shots, "be positive numbers of images per class")
         require(self.repeats >= 2 or not self.shots, "--repeats", self.repeats, "be at least 2 (an interval needs two draws)")
         require(self.keep >= 0, "--keep", self.keep, "be 0 or more")

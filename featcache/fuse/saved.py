@@ -1,7 +1,9 @@
 """What a run folder stores beside ``record.json``, in formats that cannot run code when read.
 
-Beside records (fuse / finetuning -> records, **run_files** -> predict / reporting). Run
-folders are shared, so nothing here is a pickle:
+Inside fuse, the one interface through which heads save and load themselves: fuse-train and
+finetune write a run's model files through :func:`save_head` (handed to
+:func:`featcache.runs.records.save_run`), predict, the report and ``--init-head`` read them
+with :func:`load_head`. Run folders are shared, so nothing here is a pickle:
 
 - ``normalizer.safetensors``: each tap's mean and scale (metadata: method, widths);
 - ``head.safetensors`` + ``head.json``: a torch head's weights, and its parameters, classes
@@ -43,6 +45,11 @@ def trusting_pickles():
         yield
     finally:
         _trust.reset(token)
+
+
+def trusting(trust_pickles: bool):
+    """``--trust-pickles``: the block may load featcache 0.1 run folders (pickles); otherwise nothing changes."""
+    return trusting_pickles() if trust_pickles else contextlib.nullcontext()
 
 
 def save_head(folder: Path, normalizer: TapNormalizer, head) -> None:

@@ -1,5 +1,9 @@
 """A sweep's rows and tables: ``rows.jsonl`` (one evaluation a line, the resume's record) and the tables made of it.
 
+A row is of one of two kinds: a probe's (a head fitted, its accuracies; no ``kind`` key, as before kinds existed)
+or a scorer's (``"kind": "score"``, its value under ``score``); ``table.csv`` holds the probes, ``scores.csv``
+the scores.
+
 Flow: sweep/run -> **tables** -> ``table.csv``, ``fewshot.csv`` (read by reporting.sweeps). A row is keyed by
 (seed, taps, head, shots, repeat); the table averages a (combination, head) over seeds with a 95% interval and
 ranks on validation accuracy alone.
@@ -14,16 +18,21 @@ from pathlib import Path
 import numpy as np
 
 from featcache.files import atomic_write
+from featcache.sweeping.scorers import SCORERS
 
 
 def public(job: dict) -> dict:
-    return {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
-            "repeat": job["repeat"]}
+    row = {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
+           "repeat": job["repeat"]}
+    return {**row, "kind": "score"} if job.get("kind") == "score" else row
 
 
 def row_key(job: dict) -> str:
+    """A row's identity: (seed, taps, head, shots, repeat), and ``score`` for a scorer's row (a probe's row keeps
+    the key it had before rows had kinds, so existing sweep folders resume)."""
     row = public(job) if "refs" in job else job
-    return json.dumps([row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]])
+    key = [row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]]
+    return json.dumps(key + ["score"] if row.get("kind") == "score" else key)
 
 
 def finished(folder: Path) -> set[str]:
@@ -66,7 +75,9 @@ def tables(rows: list[dict], keys: set | None = None):
     what earlier requests on the same caches and options evaluated, for them to reuse)."""
     import pandas as pd
 
-    frame = pd.DataFrame([r for r in rows if keys is None or row_key(r) in keys])
+    mine = [r for r in rows if keys is None or row_key(r) in keys]
+    scores = score_table([r for r in mine if r.get("kind") == "score"])
+    frame = pd.DataFrame([r for r in mine if r.get("kind") != "score"])
     frame["taps"] = frame["taps"].map("+".join)
     frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
     full = frame[frame["shots"] == 0]
@@ -81,13 +92,41 @@ def tables(rows: list[dict], keys: set | None = None):
     few = frame[frame["shots"] > 0]
     fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
         test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", interval), draws=("test_acc", "size")).reset_index()
-    return table, fewshot
+    return table, fewshot, scores
 
 
-def write_tables(folder: Path, table, fewshot) -> None:
+def score_table(rows: list[dict]):
+    """(taps, score) -> its mean over seeds, the width and the seconds, best first within each score."""
+    import pandas as pd
+
+    if not rows:
+        return pd.DataFrame(columns=["taps", "score", "value", "n_taps", "width", "seeds", "fit_s"])
+    frame = pd.DataFrame(rows)
+    frame["taps"] = frame["taps"].map("+".join)
+    table = frame.groupby(["taps", "head"], sort=False).agg(
+        value=("score", "mean"), n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
+        seeds=("seed", "nunique"), fit_s=("fit_s", "mean")).reset_index().rename(columns={"head": "score"})
+    better = table["score"].map(lambda s: 1.0 if s not in SCORERS or SCORERS[s].larger_is_better else -1.0)
+    table = table.assign(_rank=-better * table["value"]).sort_values(["score", "_rank", "width"], kind="stable")
+    return table.drop(columns="_rank").reset_index(drop=True)
+
+
+def score_lines(scores, n: int = 5) -> list[str]:
+    lines = []
+    for name, rows in scores.groupby("score", sort=False):
+        lines.append(f"{name}: the best {min(n, len(rows))} of {len(rows)} combinations by this score (scores.csv):")
+        lines += [f"  {row.value:12.5g}  {row.taps}" for row in rows.head(n).itertuples()]
+    return lines
+
+
+def write_tables(folder: Path, table, fewshot, scores=None) -> None:
     atomic_write(folder / "table.csv", table.to_csv(index=False))
     if len(fewshot):
         atomic_write(folder / "fewshot.csv", fewshot.to_csv(index=False))
+    if scores is not None and len(scores):
+        atomic_write(folder / "scores.csv", scores.to_csv(index=False))
+    elif scores is not None:
+        (folder / "scores.csv").unlink(missing_ok=True)  # an earlier request's: this one asked for no score
     try:
         table.to_parquet(folder / "table.parquet", index=False)
     except (ImportError, ValueError):  # no pyarrow / fastparquet here: the CSV holds the same table

@@ -3,7 +3,7 @@
 Flow: fuse / finetuning -> **records** -> reporting. A run folder holds ``record.json`` (config, cache
 fingerprints, chosen hyper-parameters, metrics, per-epoch curves, timings, library
 versions) and the trained head in formats that run no code when read (see
-:mod:`featcache.run_files`). A folder is written under a temporary name and renamed when
+:mod:`featcache.fuse.saved`). A folder is written under a temporary name and renamed when
 complete, so a run folder is never half-written.
 """
 
@@ -16,15 +16,14 @@ import platform
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache import __version__
 from featcache.data.datasets import DataRequest
-from featcache.data.preprocess import PreprocessConfig
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
-from featcache.run_files import save_head
 
 RECORD = "record.json"
 SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
@@ -105,8 +104,12 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-")[:80]
 
 
-def save_run(runs_dir: Path, label: str, record: RunRecord, normalizer, head) -> Path:
-    """Write a complete run folder ``runs_dir/<time>-<label>`` and return its path."""
+def save_run(runs_dir: Path, label: str, record: RunRecord, write_model: Callable[[Path], None]) -> Path:
+    """Write a complete run folder ``runs_dir/<time>-<label>`` and return its path.
+
+    ``write_model(folder)`` writes the trained model's files (the stage that trained it knows how:
+    :func:`featcache.fuse.saved.save_head`); the record is written beside them.
+    """
     runs_dir = Path(runs_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{_slug(label)}"
@@ -117,7 +120,7 @@ def save_run(runs_dir: Path, label: str, record: RunRecord, normalizer, head) ->
     tmp = runs_dir / f".{final.name}.tmp"
     try:
         tmp.mkdir(parents=True)
-        save_head(tmp, normalizer, head)
+        write_model(tmp)
         (tmp / RECORD).write_text(dataclasses.replace(record, run=final.name).to_json())
         os.replace(tmp, final)
     except OSError as exc:
@@ -159,24 +162,14 @@ def load_record(folder: Path) -> RunRecord:
     return RunRecord.from_json(data, path)
 
 
-def record_request(record: RunRecord):
-    """The DataRequest (dataset, subsets, split seed) a run was trained on."""
-    c = record.config
-    return DataRequest(name=c["dataset"], data_dir=c["data_dir"], limit_train=c["limit_train"],
-                       limit_test=c["limit_test"], test_fraction=c["test_fraction"], seed=c["seed"])
-
-
-def record_preprocess(record: RunRecord):
-    """The preprocessing a run asked for (None fields: each backbone's own; extraction.config.preprocess_for
-    resolves them)."""
-    return PreprocessConfig.from_fields(record.config)
-
-
-def record_features(record: RunRecord, device: str = "cpu"):
+def record_features(record: RunRecord, device: str = "cpu") -> ExtractConfig:
     """The ExtractConfig (dataset, backbones, weights, preprocessing) a run was trained with."""
-    c = record.config
-    return ExtractConfig(data=record_request(record), backbones=tuple(c["backbones"]), weights=c["weights"],
-                         preprocess=record_preprocess(record), pooling=c["pooling"], device=device)
+    return ExtractConfig.from_record(record.config, device)
+
+
+def record_request(record: RunRecord) -> DataRequest:
+    """The DataRequest (dataset, subsets, split seed) a run was trained on."""
+    return record_features(record).data
 
 
 def resolve_run(run: str, runs_dir: Path) -> Path:

@@ -1,7 +1,7 @@
 """Many logistic regressions at once: every C of many tap combinations, one batched L-BFGS.
 
 Flow: sweep/run -> probes -> **lanes** (-> solvers.rotate). A lane is one (combination, C). Each
-combination's features are rotated into their row space (:func:`~featcache.sweep.solvers.rotate`:
+combination's features are rotated into their row space (:func:`~featcache.sweeping.solvers.rotate`:
 at most as many columns as rows, orthogonal), padded with zero columns to the widest of the batch
 and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
 products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
@@ -198,16 +198,16 @@ def _batch_bytes(blocks, G: int, k: int) -> int:
 
 
 def _rotated(blocks: list, grams: dict):
-    """(Z, S, back): the fused blocks rotated into their row space as :func:`~featcache.sweep.solvers.rotate` does,
+    """(Z, S, back): the fused blocks rotated into their row space as :func:`~featcache.sweeping.solvers.rotate` does,
     the lengths of ``Z``'s (orthogonal) columns, and the map of a solution on ``Z``'s columns back to the fused
     features' (``back(u)``: (r, k) -> (d, k)).
 
     With fewer rows than features the rows' Gram matrix is the sum of the blocks' (each computed once, in
     float64, kept in ``grams`` by block), ``Z = U S`` from its eigenvectors, and ``w = X' U S^-1 u`` block
-    by block; otherwise :func:`~featcache.sweep.solvers.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
+    by block; otherwise :func:`~featcache.sweeping.solvers.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
     import torch
 
-    from featcache.sweep.solvers import rotate, row_space
+    from featcache.sweeping.solvers import rotate, row_space
 
     n = len(blocks[0])
     if n >= sum(b.shape[1] for b in blocks):
@@ -228,7 +228,7 @@ def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol
     (one problem's rotated copy alive at a time besides it: at 45,000 rows a copy is 323 MB)."""
     import torch
 
-    from featcache.sweep.solvers import CURVATURE
+    from featcache.sweeping.solvers import CURVATURE
 
     first = batch[0][0]
     n = len(y)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES
 from featcache.errors import unknown
-from featcache.records import RunRecord, list_records
+from featcache.runs.records import RunRecord, list_records
 
 COLUMNS = ["run", "label", "dataset", "backbones", "weights", "taps", "fusion", "head", "chosen", "variant",
            "val_acc", "test_acc", "macro_f1", "fit_s", "warnings"]

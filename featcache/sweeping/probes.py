@@ -12,15 +12,19 @@ import numpy as np
 
 from featcache.fuse.evaluate import fit_select
 from featcache.fuse.heads import C_GRID, HEADS, SVM_C_GRID, HeadOptions
-from featcache.sweep.knn import KS, neighbours, vote
-from featcache.sweep.lanes import solve_many
-from featcache.sweep.solvers import scores_of, solve_path
+from featcache.sweeping.knn import KS, neighbours, vote
+from featcache.sweeping.lanes import solve_many
+from featcache.sweeping.solvers import scores_of, solve_path
 
-BATCHED = ("logreg",)  # heads whose fits :func:`presolve` makes for many combinations at once
+
+
+def batched() -> list[str]:
+    """The heads whose fits :func:`presolve` makes for many combinations at once."""
+    return [name for name, entry in HEADS.items() if entry.sweep == "batched"]
 
 
 def presolve(head: str, problems: list, y, n_classes: int, options: HeadOptions, rotations: bool = False) -> list:
-    """For a head of ``BATCHED``: every problem's fits (a problem: its taps' fit blocks, side by side), solved
+    """For a :func:`batched` head: every problem's fits (a problem: its taps' fit blocks, side by side), solved
     together. Returns per problem ``(solved, rotated)``: its fits with their share of the seconds, for
     :func:`probe`'s ``solved``; with ``rotations``, the rotation of its features to reuse for its svm
     (:func:`probe`'s ``rotated``), or None."""
@@ -45,11 +49,12 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
     started = time.perf_counter()
     if solved is not None:
         started -= solved[1]
-    if head in ("logreg", "svm"):
+    way = HEADS.lookup(head).sweep
+    if way in ("batched", "path"):
         Cs = _grid(head, options)
         if solved is not None:
             solutions = solved[0]
-        elif head in BATCHED:
+        elif way == "batched":
             [solutions] = solve_many([[X["fit"]]], y["fit"], Cs, n_classes)
         else:
             solutions = solve_path(X["fit"], y["fit"], Cs, head, n_classes, rotated=rotated)
@@ -57,7 +62,7 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         best = int(np.argmax(accs))  # the first of equals: the smallest C listed first wins ties
         predicted = scores_of(X["test"], solutions[best]).argmax(1) if "test" in X else None
         grid, chosen = [{"C": c} for c in Cs], {"C": Cs[best]}
-    elif head == "knn":
+    elif way == "neighbours":
         ks = [k for k in KS if k <= len(X["fit"])] or [len(X["fit"])]
         sims, idx = neighbours(X["fit"], X["val"], max(ks))
         accs = [_accuracy(vote(sims, idx, y["fit"], k, n_classes), y["val"]) for k in ks]
@@ -67,7 +72,7 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         if "test" in X:
             sims, idx = neighbours(X["fit"], X["test"], ks[best])
             predicted = vote(sims, idx, y["fit"], ks[best], n_classes).argmax(1)
-    else:  # linear, mlp: fuse-train's own heads, their candidates side by side
+    else:  # "fit" (linear, mlp, any head fuse-train can fit): its candidates side by side
         numpy = {part: X[part].float().cpu().numpy() for part in X}
         labels = {part: y[part].cpu().numpy() for part in y}
         selection = fit_select(HEADS.lookup(head), options, numpy["fit"], labels["fit"], numpy["val"], labels["val"])

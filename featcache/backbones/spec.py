@@ -1,0 +1,128 @@
+"""What featcache knows about a backbone, as data: its taps, aliases, blocks and input defaults.
+
+Inside backbones, below the registry and discovery (spec -> registry / discovery / graph /
+weights): each backbone lists its stage outputs in order with the module (graph node) name,
+channel count and stride, as timm's ``feature_info`` does, and the aliases ``early`` (end of the
+stride-8 stage), ``mid`` (end of the stride-16 stage) and ``late`` (the final feature map).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from featcache.errors import unknown
+
+ALIASES = ("early", "mid", "late")
+LAYOUTS = ("nchw", "nhwc", "tokens")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """One stage output.
+
+    Attributes:
+        node: the tap's name in the cache (a declared backbone's module name, else ``stageN`` / ``blockN``).
+        channels: channels of the map (the token width for a transformer).
+        stride: input pixels per map cell (the patch size for a transformer).
+        module: the network's own module or graph-node name, where it differs from ``node``.
+        layout: ``nchw`` maps, ``nhwc`` maps (torchvision's Swin) or ``tokens`` (N, T, D) with the
+            prefix (class) tokens first.
+    """
+
+    node: str
+    channels: int
+    stride: int
+    module: str = ""
+    layout: str = "nchw"
+
+    @property
+    def graph_node(self) -> str:
+        """What the network calls this output (``create_feature_extractor``'s return node)."""
+        return self.module or self.node
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """How a model's pretrained weights were fed: the defaults of its preprocessing."""
+
+    image_size: int = 224
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bilinear"
+    crop_pct: float = 1.0
+    fixed_size: bool = False  # position embeddings for this size only (most ViTs)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything featcache knows about one backbone.
+
+    Attributes:
+        name: registry key, e.g. ``resnet50``.
+        build: ``build(weights)`` returns the torchvision model; ``weights`` is a
+            torchvision weights enum member or None for random initialisation.
+        taps: stage outputs in forward order.
+        aliases: ``early``/``mid``/``late`` -> tap node.
+        weights_name: torchvision weights enum name (``get_model_weights`` key) or None
+            when no pretrained weights exist.
+        head_prefixes: state-dict prefixes of the classifier, ignored when loading a
+            local state dict (a fine-tuned classifier may have any number of classes).
+        blocks: module-name prefixes of the trainable blocks in forward order, the units
+            of ``--unfreeze last-N``.
+        last_block: the modules ``--unfreeze last-block`` makes trainable.
+        source: ``declared``, ``torchvision`` or ``timm`` (discovered).
+        input: the preprocessing the weights expect; None for the declared four, whose fixed
+            defaults (224 px, ImageNet mean/std, bilinear, no crop margin) their caches were made with.
+        prefix_tokens: class/register tokens ahead of the patch tokens (transformers).
+        versions: library versions that define the network, part of a discovered model's fingerprint.
+    """
+
+    name: str
+    build: Callable
+    taps: tuple[Tap, ...]
+    aliases: dict[str, str]
+    weights_name: str | None = None
+    head_prefixes: tuple[str, ...] = field(default_factory=tuple)
+    blocks: tuple[str, ...] = field(default_factory=tuple)
+    last_block: tuple[str, ...] = field(default_factory=tuple)
+    source: str = "declared"
+    input: InputConfig | None = None
+    prefix_tokens: int = 0
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        return tuple(t.node for t in self.taps)
+
+    @property
+    def uniform_names(self) -> tuple[str, ...]:
+        """``stage1..N`` (``block1..N`` for a transformer's blocks): the same names for every model."""
+        word = "block" if self.taps and self.taps[0].layout == "tokens" else "stage"
+        return tuple(f"{word}{i + 1}" for i in range(len(self.taps)))
+
+    def tap(self, name: str) -> Tap:
+        """The tap called ``name``: its cache name, alias, uniform ``stageN`` name or module name."""
+        node = self.aliases.get(name, name)
+        for uniform, tap in zip(self.uniform_names, self.taps):
+            if node in (tap.node, uniform, tap.module):
+                return tap
+        raise unknown(f"--taps of {self.name}", name, (*self.tap_names, *self.aliases))
+
+    def alias_of(self, node: str) -> str:
+        """``early`` / ``mid`` / ``late`` for a tap that has one, else its name."""
+        return {n: a for a, n in self.aliases.items()}.get(node, node)
+
+
+def stage_aliases(taps: tuple[Tap, ...]) -> dict[str, str]:
+    """``early``: the last stride-8 tap, ``mid``: the last stride-16 tap, ``late``: the final one.
+
+    A model without those strides (a plain ViT: every block at stride 16) takes the ends of the
+    first and second thirds of its taps instead.
+    """
+    names = [t.node for t in taps]
+    last_at = {t.stride: t.node for t in taps[:-1]}
+    if 8 in last_at and 16 in last_at:
+        return {"early": last_at[8], "mid": last_at[16], "late": names[-1]}
+    n = len(names)
+    return {"early": names[max(0, n // 3 - 1)], "mid": names[max(0, 2 * n // 3 - 1)], "late": names[-1]}

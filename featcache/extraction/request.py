@@ -1,0 +1,88 @@
+"""``ExtractRequest``: what ``featcache extract`` (and its API function and pipeline table) asks for.
+
+Inside extraction (request -> config -> run). :class:`FeatureFields` are the fields every request
+that reads a cache shares (the backbones, the dataset, weights and preprocessing: what picks
+a cache file); each stage's request adds its own. :meth:`FeatureFields.features` is the one
+place those fields become an :class:`~featcache.extraction.config.ExtractConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.data.preprocess import INTERPOLATIONS, RESIZES, PreprocessConfig
+from featcache.data.request import DataFields
+from featcache.extraction.config import DEVICES, DTYPES, POOLINGS, PRECISIONS, ExtractConfig, available_cores
+from featcache.requests import option
+
+
+def _at_least_one(value) -> bool:
+    return value >= 1
+
+
+@dataclass(frozen=True)
+class FeatureFields(DataFields):
+    """The backbones, dataset, weights and preprocessing: everything that picks a cache file."""
+
+    backbone: tuple[str, ...] = option(("resnet50",), metavar="NAME",
+                                       help="Backbone; repeat for several (featcache backbones lists them; any "
+                                            "torchvision model, or timm:NAME).")
+    weights: str = option("imagenet", help="imagenet (torchvision's default weights / timm's default tag), a weights "
+                                           "tag (IMAGENET1K_V2, a1_in1k ...: featcache backbones NAME lists them), "
+                                           "random, or the path of a local state dict.")
+    image_size: int | None = option(None, help="Input size in pixels (square) [default: the backbone's: 224 for the "
+                                               "study backbones, what the weights were trained at for any other].")
+    resize: str = option("center-crop", choices=RESIZES,
+                         help="center-crop: shorter side to --image-size / --crop-pct, then centre crop; stretch: "
+                              "resize to a square.")
+    crop_pct: float | None = option(None, help="Share of the resized image the centre crop keeps [default: the "
+                                               "weights' own; 1 for the study backbones].")
+    interpolation: str | None = option(None, choices=INTERPOLATIONS,
+                                       help="Resize interpolation [default: the weights' own; bilinear for the study "
+                                            "backbones].")
+    mean: tuple[float, float, float] | None = option(None, metavar="R,G,B",
+                                                     help="Normalisation mean [default: the weights' own].")
+    std: tuple[float, float, float] | None = option(None, metavar="R,G,B",
+                                                    help="Normalisation std [default: the weights' own].")
+    pooling: str = option("avg", choices=POOLINGS,
+                          help="Global pooling of each tap (cls: a transformer's class token).")
+    precision: str = option("auto", choices=PRECISIONS,
+                            help="auto: bf16/fp16 autocast on a GPU; on a CPU bf16 where it multiplies bf16 "
+                                 "natively, else fp32.")
+    dtype: str = option("float16", choices=DTYPES, help="Storage dtype of the cached taps.")
+    cache_dir: Path = option(Path("cache"), help="Where cache files live.")
+
+    def preprocess(self) -> PreprocessConfig:
+        """The preprocessing flags; those not given stay None (the backbone's own)."""
+        return PreprocessConfig.from_model(image_size=self.image_size, resize=self.resize, crop_pct=self.crop_pct,
+                                           interpolation=self.interpolation, mean=self.mean, std=self.std)
+
+    def features(self, device: str, **speed) -> ExtractConfig:
+        """The ExtractConfig these fields describe; ``speed``: batch size, workers, ... (no effect on numbers)."""
+        return ExtractConfig(data=self.data_request(), backbones=self.backbone, weights=self.weights,
+                             preprocess=self.preprocess(), pooling=self.pooling, precision=self.precision,
+                             dtype=self.dtype, device=device, cache_dir=self.cache_dir, **speed)
+
+
+SKIP_BAD_IMAGES = "Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping."
+QUIET = "No progress bars (from Python: nothing printed at all)."
+
+
+@dataclass(frozen=True)
+class ExtractRequest(FeatureFields):
+    """``featcache extract``: run frozen backbones once and cache every tap's pooled features."""
+
+    device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
+    batch_size: int = option(64, check=_at_least_one, rule="be at least 1", help="Images per forward pass.")
+    num_workers: int | None = option(None, check=lambda v: v >= 0, rule="be 0 or more",
+                                     help=f"Processes decoding image files [default: on a GPU run every core this "
+                                          f"machine gives featcache ({available_cores()}); on a CPU run 0, since the "
+                                          f"network already uses every core].")
+    compile: bool = option(False, help="torch.compile the backbone (pays off on large datasets).")
+    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    quiet: bool = option(False, short="-q", help=QUIET)
+
+    def config(self) -> ExtractConfig:
+        return self.features(self.device, batch_size=self.batch_size, num_workers=self.num_workers,
+                             compile=self.compile, skip_bad_images=self.skip_bad_images)

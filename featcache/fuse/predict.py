@@ -1,0 +1,51 @@
+"""A frozen run's predictions on new image files: its backbones as extracted, its taps fused, its head.
+
+Inside fuse (saved -> **predict**), registered as the ``frozen`` run kind of
+:mod:`featcache.runs.predict`. Features are rounded to the cache's storage dtype, as they were
+for training; only the backbones the run's taps read are built.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.taps import resolve_device, tap_model
+from featcache.data.images import load_image
+from featcache.data.preprocess import to_input
+from featcache.extraction.config import ExtractConfig, preprocess_for
+from featcache.fuse.saved import load_head
+from featcache.runs.predict import register_predictor
+
+
+@register_predictor("frozen")
+def frozen_proba(run_dir: Path, record, files: list[Path], device: str, batch_size: int):
+    """(probabilities, class names of their columns) of a fuse-train run on ``files``."""
+    import torch
+
+    cfg = record.config
+    feat = ExtractConfig.from_record(cfg)
+    dev = resolve_device(device)
+    normalizer, head = load_head(run_dir)
+    refs = [tuple(t.rsplit(":", 1)) for t in record.taps]
+    storage = np.float16 if cfg["dtype"] == "float16" else np.float32
+    pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
+    decoded: dict = {}  # one decode per distinct preprocessing
+    for backbone in dict.fromkeys(b for b, _ in refs):
+        spec = BACKBONES.lookup(backbone)
+        pre = preprocess_for(feat, spec)
+        if pre not in decoded:
+            decoded[pre] = [load_image(file, pre) for file in files]
+        images = decoded[pre]
+        model = tap_model(spec, cfg["weights"], cfg["seed"], cfg["pooling"], dev)
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.stack(images[start : start + batch_size])).to(dev)
+                out = model(to_input(batch, pre))
+                for b, tap in refs:
+                    if b == backbone:
+                        pooled[(b, tap)].append(out[tap].float().cpu().numpy().astype(storage))
+    X = normalizer.transform([np.concatenate(pooled[ref]) for ref in refs])
+    return head.predict_proba(X), [record.classes[int(k)] for k in head.classes_]

@@ -1,0 +1,40 @@
+"""``ReportRequest``: what ``featcache report`` (its API function and a pipeline's ``[report]``) asks for.
+
+Inside reporting (request -> page): the fields, and the one place they become a
+:class:`~featcache.reporting.page.ReportConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.requests import option
+from featcache.runs.request import TRUST_PICKLES
+
+
+@dataclass(frozen=True)
+class ReportRequest:
+    """``featcache report``: one self-contained HTML page comparing runs."""
+
+    runs: tuple[str, ...] = option((), argument=True, metavar="[RUN]...",
+                                   help="Runs to report (folders or names in --runs-dir) [default: every run there].")
+    runs_dir: Path = option(Path("runs"), help="Where runs live; without RUN arguments every run in it is reported.")
+    pipeline: str | None = option(None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
+    out: Path = option(Path("reports/report.html"), short="-o",
+                       help="The HTML file; the table is also written beside it as .csv.")
+    title: str = option("featcache report", help="The page's title.")
+    grid_images: int = option(12, check=lambda v: v >= 0, rule="be 0 or more",
+                              help="Test images in each prediction grid.")
+    gradcam_images: int = option(4, check=lambda v: v >= 0, rule="be 0 or more",
+                                 help="Images per Grad-CAM grid; 0: none.")
+    device: str = option("cpu", choices=("auto", "cpu", "cuda"), help="Where Grad-CAM runs.")
+    trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
+
+    def config(self):
+        from featcache.reporting.page import ReportConfig
+        from featcache.runs.records import pipeline_runs
+
+        return ReportConfig(runs=self.runs, runs_dir=pipeline_runs(self.runs_dir, self.pipeline), out=self.out,
+                            title=self.title, grid_images=self.grid_images, gradcam_images=self.gradcam_images,
+                            device=self.device)

@@ -1,0 +1,27 @@
+"""``PredictRequest``: what ``featcache predict`` (and ``featcache.predict``) asks for.
+
+Inside runs (request -> predict): a run and the image files to classify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.requests import option
+
+DEVICES = ("auto", "cpu", "cuda")
+TRUST_PICKLES = ("Also load run folders written by featcache 0.1, whose pickled heads can run code. Only for folders "
+                 "you trust.")
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """``featcache predict``: classify images with a run's backbones, preprocessing and head."""
+
+    run: str = option(help="A run folder, or its name inside --runs-dir.", metavar="RUN")
+    images: tuple[str, ...] = option(help="Image files, folders (every image inside, recursively) or quoted glob "
+                                          "patterns such as 'photos/**/*.jpg'.", argument=True, metavar="IMAGE...")
+    runs_dir: Path = option(Path("runs"), help="Where runs live.")
+    device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
+    trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)

@@ -1,0 +1,62 @@
+"""``SweepRequest``: what ``featcache sweep`` (its API function and pipeline table) asks for.
+
+Inside the sweep (request -> config -> run): the fields, and the one place they become a
+:class:`~featcache.sweeping.config.SweepConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.extraction.config import DEVICES
+from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
+from featcache.fuse.heads import heads_for, heads_help
+from featcache.fuse.request import HeadFields
+from featcache.requests import option
+from featcache.sweeping.scorers import SCORERS, scorers_help
+
+
+@dataclass(frozen=True)
+class SweepRequest(HeadFields, FeatureFields):
+    """``featcache sweep``: every tap, pair or combination of the cached taps with every head, at once."""
+
+    combos: str = option("pairs", metavar="singles|pairs|N",
+                         help="singles: every tap alone; pairs: every tap and every pair (within and across "
+                              "backbones); N: every combination of up to N taps; 0: only the --taps given.")
+    taps: tuple[str, ...] = option((), metavar="TAPS",
+                                   help="An explicit combination to add, e.g. early,late or "
+                                        "resnet50:late,mobilenet_v2:late; repeat for several.")
+    head: tuple[str, ...] = option(("logreg", "svm", "linear", "knn"), split=True, metavar="NAME[,NAME]", choices=lambda: heads_for("sweep"),
+                                   help=lambda: "Comma-separated or repeated. " + heads_help("sweep"))
+    score: tuple[str, ...] = option((), split=True, metavar="NAME[,NAME]", choices=lambda: list(SCORERS),
+                                    help=lambda: "Scores that train no head, for every combination (scores.csv): "
+                                                 + scorers_help())
+    seeds: tuple[int, ...] | None = option(None, metavar="0,1,2",
+                                           help="Repeat everything random (validation split, torch heads, few-shot "
+                                                "draws) per seed; the table shows the mean and a 95% interval "
+                                                "[default: --seed].")
+    shots: tuple[int, ...] = option((), metavar="1,5,10",
+                                    help="Few-shot: also train on K images per class, --repeats draws each (the heads "
+                                         "cheap enough: logreg, svm, knn).")
+    repeats: int = option(5, help="Few-shot draws per number of shots.")
+    keep: int = option(3, help="Train the best K (combination, head) by validation accuracy as ordinary runs "
+                               "(heads that store a model).")
+    max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
+    val_fraction: float = option(0.1, help="Stratified share of train that chooses every hyper-parameter.")
+    device: str = option("auto", choices=DEVICES, help="Where the probes are solved.")
+    runs_dir: Path = option(Path("runs"), help="Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
+    extract: bool = option(False, help="Extract missing caches first.")
+    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    quiet: bool = option(False, short="-q", help=QUIET)
+
+    def config(self):
+        from featcache.sweeping.config import SweepConfig
+
+        return SweepConfig(features=self.features(self.device, skip_bad_images=self.skip_bad_images),
+                           combos=self.combos, taps=self.taps, heads=self.head, scores=self.score,
+                           val_fraction=self.val_fraction,
+                           seeds=self.seeds if self.seeds is not None else (self.seed,), shots=self.shots,
+                           repeats=self.repeats, keep=self.keep, max_combos=self.max_combos,
+                           options=self.head_options(self.device, self.precision, self.seed),
+                           runs_dir=self.runs_dir, run_extract=self.extract)
