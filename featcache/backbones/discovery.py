@@ -17,7 +17,7 @@ import functools
 
 from featcache.backbones.graph import graph_taps, stage_modules, traced
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
-from featcache.backbones.weights import timm_input
+from featcache.backbones.sources import MODEL_SOURCES, timm_input
 from featcache.errors import FeatcacheError, closest
 
 TIMM = "timm:"
@@ -65,9 +65,7 @@ def _torchvision_spec(name: str) -> BackboneSpec:
     import torch
     import torchvision
 
-    def build(weights):
-        return torchvision.models.get_model(name, weights=weights)
-
+    build = MODEL_SOURCES["torchvision"].builder(name)
     try:
         model = _on_meta(build)
         size = getattr(model, "image_size", None) or _weights_size(name)  # a ViT takes its built size only
@@ -128,9 +126,7 @@ def _timm_spec(name: str) -> BackboneSpec:
     if not timm.is_model(name):
         raise unknown_backbone(TIMM + name)
 
-    def build(tag):
-        return timm.create_model(name if tag is None else f"{name}.{tag}", pretrained=tag is not None)
-
+    build = MODEL_SOURCES["timm"].builder(name)
     with torch.device("meta"):
         model = build(None).eval()
     if not hasattr(model, "forward_intermediates") or not getattr(model, "feature_info", None):

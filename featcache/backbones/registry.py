@@ -11,8 +11,7 @@ the same data from :mod:`featcache.backbones.discovery` when first looked up.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from featcache.backbones.sources import MODEL_SOURCES
 from featcache.backbones.spec import ALIASES, LAYOUTS, BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.errors import FeatcacheError
 from featcache.registry import Registry
@@ -53,20 +52,11 @@ def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     return BACKBONES.register(spec.name)(spec)
 
 
-def _torchvision(name: str) -> Callable:
-    def build(weights):
-        import torchvision
-
-        return torchvision.models.get_model(name, weights=weights)
-
-    return build
-
-
 def _resnet(name: str, widths: tuple[int, int, int, int]) -> BackboneSpec:
     layers = tuple(Tap(f"layer{i + 1}", w, 4 * 2**i) for i, w in enumerate(widths))
     return BackboneSpec(
         name=name,
-        build=_torchvision(name),
+        build=MODEL_SOURCES["declared"].builder(name),
         taps=layers,
         aliases={"early": "layer2", "mid": "layer3", "late": "layer4"},
         weights_name=name,
@@ -81,7 +71,7 @@ register_backbone(_resnet("resnet50", (256, 512, 1024, 2048)))
 register_backbone(
     BackboneSpec(
         name="mobilenet_v2",
-        build=_torchvision("mobilenet_v2"),
+        build=MODEL_SOURCES["declared"].builder("mobilenet_v2"),
         taps=(
             Tap("features.1", 16, 2),
             Tap("features.3", 24, 4),
@@ -100,7 +90,7 @@ register_backbone(
 register_backbone(
     BackboneSpec(
         name="vgg16",
-        build=_torchvision("vgg16"),
+        build=MODEL_SOURCES["declared"].builder("vgg16"),
         taps=(
             Tap("features.4", 64, 2),
             Tap("features.9", 128, 4),

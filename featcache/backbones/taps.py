@@ -8,11 +8,11 @@ fine-tuning, prediction and Grad-CAM all build their networks here.
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 from featcache.backbones.registry import BackboneSpec
+from featcache.backbones.sources import source_of
 from featcache.backbones.weights import build_backbone
 from featcache.errors import FeatcacheError
 
@@ -77,54 +77,11 @@ def from_grid(grid, raw, layout: str, prefix: int = 0):
 
 
 def map_extractor(spec: BackboneSpec, backbone, taps):
-    """A module returning ``{tap: raw output}`` of ``backbone`` for the named taps, in one pass.
-
-    torchvision models (declared or discovered): ``create_feature_extractor`` at each tap's graph
-    node; timm models: their own ``forward_intermediates``. Parameter names stay the network's own
-    (what ``--unfreeze`` prefixes name).
-    """
-    if spec.source == "timm":
-        return TimmTaps(spec, backbone, taps)
-    from torchvision.models.feature_extraction import create_feature_extractor
-
-    return create_feature_extractor(backbone, return_nodes={spec.tap(t).graph_node: t for t in taps}).eval()
-
-
-@functools.lru_cache(maxsize=1)
-def _timm_taps_class():
-    import torch
-
-    class TimmTaps(torch.nn.Module):
-        """timm's ``forward_intermediates`` as ``{tap: output}``; a transformer's tokens come back (N, T, D)."""
-
-        def __init__(self, spec, net, taps):
-            super().__init__()
-            self.net = net
-            self.names = tuple(taps)
-            self.indices = [spec.tap_names.index(spec.tap(t).node) for t in taps]
-            self.tokens = spec.taps[0].layout == "tokens"
-            self.prefix = spec.prefix_tokens
-
-        def forward(self, x):
-            extra = {"return_prefix_tokens": True} if self.tokens and self.prefix else {}
-            order = sorted(set(self.indices))
-            outs = self.net.forward_intermediates(x, indices=order, intermediates_only=True, stop_early=True, **extra)
-            by_index = dict(zip(order, outs))
-            result = {}
-            for name, i in zip(self.names, self.indices):
-                out = by_index[i]
-                if self.tokens:
-                    grid, prefix = out if isinstance(out, tuple) else (out, None)
-                    out = grid.flatten(2).transpose(1, 2)
-                    out = torch.cat([prefix, out], dim=1) if prefix is not None else out
-                result[name] = out
-            return result
-
-    return TimmTaps
-
-
-def TimmTaps(spec, net, taps):  # noqa: N802 - a class made on first use, so importing this module needs no torch
-    return _timm_taps_class()(spec, net, taps)
+    """A module returning ``{tap: raw output}`` of ``backbone`` for the named taps, in one pass: its model
+    source's cut (torchvision's ``create_feature_extractor`` at each tap's graph node, timm's own
+    ``forward_intermediates``). Parameter names are the network's own behind the source's
+    ``param_prefix`` (what ``--unfreeze`` prefixes name)."""
+    return source_of(spec).extractor(spec, backbone, taps)
 
 
 def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device):
@@ -134,7 +91,7 @@ def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device)
 
     taps = spec.taps
     extractor = map_extractor(spec, build_backbone(spec, weights, seed), spec.tap_names)
-    if spec.source != "timm":
+    if source_of(spec).fold_batchnorm:
         # Fold BatchNorm into the convolutions. In place: deep-copying torchvision's
         # feature extractor puts it back into training mode, where folding is invalid.
         extractor = fuse(extractor, inplace=True)

@@ -13,6 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from featcache.backbones.sources import source_of
 from featcache.backbones.spec import BackboneSpec
 from featcache.data.preprocess import LEGACY
 from featcache.errors import FeatcacheError
@@ -34,48 +35,14 @@ def check_weights(weights: str) -> None:
 
 def tags(spec: BackboneSpec) -> list[str]:
     """The pretrained weights a backbone has: torchvision enum members or timm tags (no download)."""
-    if spec.source == "timm":
-        import timm
-
-        return [n.split(".", 1)[1] for n in timm.list_pretrained(spec.weights_name + ".*")]
-    if spec.weights_name is None:
-        return []
-    import torchvision
-
-    return [w.name for w in torchvision.models.get_model_weights(spec.weights_name)]
+    return source_of(spec).tags(spec)
 
 
 def pretrained(spec: BackboneSpec, weights: str):
     """The torchvision weights enum member, or the timm tag, that ``weights`` names; None for random / a file."""
     if weights == "random" or is_path(weights):
         return None
-    if spec.source == "timm":
-        import timm
-
-        known = tags(spec)
-        tag = timm.models.get_pretrained_cfg(spec.weights_name).tag if weights == "imagenet" else weights
-        if weights == "imagenet" and not known:
-            tag = None
-        if tag not in known:
-            raise _no_such(spec, weights, known)
-        return tag
-    if spec.weights_name is None:
-        raise FeatcacheError(f"backbone {spec.name} has no imagenet weights: use --weights random or --weights PATH")
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(spec.weights_name)
-    if weights == "imagenet":
-        return enum.DEFAULT
-    try:
-        return enum[weights]
-    except KeyError:
-        raise _no_such(spec, weights, [w.name for w in enum]) from None
-
-
-def _no_such(spec: BackboneSpec, weights: str, known: list[str]) -> FeatcacheError:
-    listed = ", ".join(known) if known else "none"
-    return FeatcacheError(f"--weights {weights}: {spec.name} has no such weights (its pretrained weights: {listed}); "
-                          f"or use imagenet, random or the path of a state-dict file")
+    return source_of(spec).named(spec, weights)
 
 
 def _sha256(path: Path) -> str:
@@ -96,27 +63,7 @@ def weights_identity(spec: BackboneSpec, weights: str, seed: int) -> dict:
         return {"kind": "random", "seed": seed}
     if is_path(weights):
         return {"kind": "file", "sha256": _sha256(Path(weights))}
-    w = pretrained(spec, weights)
-    kind = "imagenet" if weights == "imagenet" else "tag"
-    if spec.source == "timm":
-        cfg = _timm_cfg(spec, w)
-        return {"kind": kind, "id": f"timm/{spec.weights_name}.{w}", "hub": cfg.get("hf_hub_id") or cfg.get("url")}
-    return {"kind": kind, "id": str(w), "url": w.url}
-
-
-def _timm_cfg(spec: BackboneSpec, tag: str | None) -> dict:
-    import timm
-
-    name = spec.weights_name if tag is None else f"{spec.weights_name}.{tag}"
-    return timm.models.get_pretrained_cfg(name).to_dict()
-
-
-def timm_input(cfg: dict) -> dict:
-    """A timm pretrained config's preprocessing, in featcache's terms."""
-    mode = cfg.get("interpolation")
-    return {"image_size": cfg.get("input_size", (3, 224, 224))[-1], "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
-            "interpolation": mode if mode in ("bilinear", "bicubic") else "bicubic",
-            "crop_pct": float(cfg.get("crop_pct", 0.875))}
+    return source_of(spec).identity(spec, pretrained(spec, weights), "imagenet" if weights == "imagenet" else "tag")
 
 
 def input_defaults(spec: BackboneSpec, weights: str) -> dict:
@@ -125,16 +72,7 @@ def input_defaults(spec: BackboneSpec, weights: str) -> dict:
     (how the architecture is fed); the declared four keep the fixed ``LEGACY`` values."""
     if spec.input is None:
         return dict(LEGACY)
-    w = pretrained(spec, weights)
-    if spec.source == "timm":
-        return timm_input(_timm_cfg(spec, w))
-    import torchvision
-
-    t = (w or torchvision.models.get_model_weights(spec.weights_name).DEFAULT).transforms()
-    mode = getattr(t.interpolation, "value", str(t.interpolation))
-    return {"image_size": t.crop_size[0], "mean": tuple(t.mean), "std": tuple(t.std),
-            "interpolation": mode if mode in ("bilinear", "bicubic") else "bilinear",
-            "crop_pct": round(t.crop_size[0] / t.resize_size[0], 4)}
+    return source_of(spec).input_defaults(spec, pretrained(spec, weights))
 
 
 def build_backbone(spec: BackboneSpec, weights: str, seed: int):
@@ -148,7 +86,7 @@ def build_backbone(spec: BackboneSpec, weights: str, seed: int):
             model = spec.build(w)
         except Exception as exc:  # no network: URLError, OSError, huggingface_hub's errors, RuntimeError ...
             raise FeatcacheError(f"cannot get the {weights} weights of {spec.name} ({type(exc).__name__}: no network "
-                                 f"and no cached copy{_where(spec, w)}): use --weights random, or --weights PATH "
+                                 f"and no cached copy{source_of(spec).where(spec, w)}): use --weights random, or --weights PATH "
                                  f"with a local state-dict file") from exc
     else:
         with torch.random.fork_rng(devices=[]):
@@ -157,14 +95,6 @@ def build_backbone(spec: BackboneSpec, weights: str, seed: int):
         if weights != "random":
             load_state_dict_file(model, Path(weights), spec)
     return model.eval().requires_grad_(False)
-
-
-def _where(spec: BackboneSpec, w) -> str:
-    if spec.source == "timm":
-        return " in the Hugging Face cache"
-    import torch
-
-    return f" at {Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(w.url)}"
 
 
 def load_state_dict_file(model, path: Path, spec: BackboneSpec) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
+from featcache.backbones.sources import source_of
 from featcache.backbones.taps import map_extractor, pool
 from featcache.backbones.weights import build_backbone
 from featcache.errors import FeatcacheError
@@ -57,7 +58,7 @@ def apply_unfreeze(extractor, spec: BackboneSpec, policy: str) -> list[str]:
         prefixes = tuple(p for group in prefixes for p in group.split("+"))  # a discovered stage: several modules
     names = []
     for name, param in extractor.named_parameters():
-        own = name.removeprefix("net.") if spec.source == "timm" else name  # timm's wrapper holds the model as .net
+        own = name.removeprefix(source_of(spec).param_prefix)  # timm's wrapper holds the model as .net
         on = prefixes is None or any(own == p or own.startswith(p + ".") for p in prefixes)
         param.requires_grad_(on)
         if on:
