@@ -84,7 +84,8 @@ predict = _function("predict", _result, "``featcache predict``: [(file, label, p
 
 def run_pipeline(**kwargs):
     """``featcache run``: a pipeline file, stage by stage; returns what each stage did (a list of StageResult)."""
-    from featcache.pipeline.files import load_pipeline, parse_override, run_pipeline as run
+    from featcache.pipeline.files import load_pipeline, parse_override
+    from featcache.pipeline.files import run_pipeline as run
 
     request = build(PipelineRequest, kwargs, API)
     pipeline = load_pipeline(request.pipeline, dict(parse_override(text) for text in request.set))

@@ -301,6 +301,17 @@ def changed(request) -> dict:
             if getattr(request, p.name) != p.default}
 
 
+def request_hash(value, length: int = 16) -> str:
+    """The one hash of what a result depends on (a run's request, a sweep's folder, a pipeline stage, an
+    unfinished fine-tune): SHA-256 of its JSON with sorted keys (paths and other objects as text), cut to
+    ``length`` hex digits. Stable across featcache versions: run folders, sweep folders and ledgers name
+    their results by it."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:length]
+
+
 def signature(cls):
     """An ``inspect.Signature`` of keyword-only parameters, one per field: what ``help()`` and a notebook's
     completion show for an API function made from ``cls``."""

@@ -8,8 +8,8 @@ from featcache.backbones.registry import BACKBONES
 from featcache.data.datasets import DataRequest, load_dataset
 from featcache.errors import FeatcacheError
 from featcache.fuse.heads import HEADS, HeadOptions
-from featcache.runs.records import load_record
 from featcache.reporting.explain import gradcam, head_module
+from featcache.runs.records import load_record
 
 TEST = load_dataset(DataRequest(name="digits", limit_train=200, limit_test=60)).splits["test"]
 

@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.weights import build_backbone
 from featcache.cli.commands import cli
-from featcache.runs.comparison import runs_table
 from featcache.data.augment import augmentation
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
@@ -24,9 +23,10 @@ from featcache.finetuning.run import finetune
 from featcache.finetuning.saved import init_from_run
 from featcache.fuse.fusion import TapRef
 from featcache.fuse.heads import HeadOptions
-from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
-from featcache.runs.records import load_record
 from featcache.fuse.saved import load_head
+from featcache.fuse.train import FuseTrainConfig, fuse_train, load_features, locate_caches
+from featcache.runs.comparison import runs_table
+from featcache.runs.records import load_record
 
 DATA = DataRequest(name="digits", limit_train=200, limit_test=60)
 

@@ -8,16 +8,16 @@ from click.testing import CliRunner
 from conftest import tiny_config
 
 from featcache.cli.commands import cli
-from featcache.runs.comparison import COLUMNS, runs_table
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.fuse import train as fusetrain
 from featcache.fuse.heads import HeadOptions
-from featcache.fuse.train import FuseTrainConfig, fuse_train, locate_caches
-from featcache.runs.records import load_record
 from featcache.fuse.saved import load_head
+from featcache.fuse.train import FuseTrainConfig, fuse_train, locate_caches
+from featcache.runs.comparison import COLUMNS, runs_table
+from featcache.runs.records import load_record
 
 DATA = DataRequest(name="digits", limit_train=400, limit_test=150)
 OPTIONS = HeadOptions(hidden=(32,), epochs=15, batch_size=64, patience=3)

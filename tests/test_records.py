@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from featcache.runs.comparison import comparison_table
 from featcache.errors import FeatcacheError
+from featcache.runs.comparison import comparison_table
 from featcache.runs.records import SCHEMA, RunRecord, load_record
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -13,9 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from featcache.cli.commands import cli
+from featcache.reporting.page import ReportConfig, write_report
 from featcache.runs.comparison import COLUMNS
 from featcache.runs.records import load_record
-from featcache.reporting.page import ReportConfig, write_report
 
 
 @pytest.fixture(scope="module")

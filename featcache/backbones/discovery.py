@@ -16,8 +16,8 @@ from __future__ import annotations
 import functools
 
 from featcache.backbones.graph import graph_taps, stage_modules, traced
-from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.backbones.sources import MODEL_SOURCES, timm_input
+from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.errors import FeatcacheError, closest
 
 TIMM = "timm:"

@@ -6,8 +6,6 @@ Inside finetuning (config -> model / loop -> run). Also read back by the reporti
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,8 +17,8 @@ from featcache.extraction.config import ExtractConfig
 from featcache.finetuning.model import parse_policy
 from featcache.fuse.fusion import TapNormalizer
 from featcache.fuse.heads import heads_for
+from featcache.requests import request_hash
 from featcache.runs.records import RunRecord
-
 
 
 @dataclass(frozen=True)
@@ -70,8 +68,7 @@ class FinetuneConfig:
 def partial_dir(cfg: FinetuneConfig) -> Path:
     """Where an unfinished fine-tune keeps its checkpoint: fixed by what changes the result."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "num_workers", "runs_dir")}
-    text = json.dumps(settings, sort_keys=True, default=str)
-    return Path(cfg.runs_dir) / f".finetune-{hashlib.sha256(text.encode()).hexdigest()[:12]}.partial"
+    return Path(cfg.runs_dir) / f".finetune-{request_hash(settings, 12)}.partial"
 
 
 def config_dict(cfg: FinetuneConfig) -> dict:

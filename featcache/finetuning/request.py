@@ -19,8 +19,6 @@ from featcache.requests import option
 from featcache.runs.request import TRUST_PICKLES
 
 
-
-
 @dataclass(frozen=True)
 class FinetuneRequest(FeatureFields):
     """``featcache finetune``: train unfrozen variants end to end."""

@@ -24,7 +24,6 @@ import numpy as np
 
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device, resolve_precision
-from featcache.runs.comparison import base_label
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
@@ -52,6 +51,7 @@ from featcache.fuse.evaluate import score, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.saved import save_head
 from featcache.fuse.torch_head import make_optimizer
+from featcache.runs.comparison import base_label
 from featcache.runs.records import RunRecord, library_versions, load_record, result_line, save_run
 
 # --- the training loop -----------------------------------------------------------------

@@ -14,10 +14,10 @@ from featcache.errors import FeatcacheError
 from featcache.finetuning.config import FinetuneConfig, finetune_config_from_record
 from featcache.finetuning.model import build_net
 from featcache.fuse.fusion import TapRef
-from featcache.fuse.torch_head import TorchClassifier
-from featcache.runs.records import RunRecord, load_record
 from featcache.fuse.saved import load_head
+from featcache.fuse.torch_head import TorchClassifier
 from featcache.runs.predict import register_predictor
+from featcache.runs.records import RunRecord, load_record
 
 
 def init_from_run(run_dir: Path, refs: list[TapRef], cfg: FinetuneConfig):

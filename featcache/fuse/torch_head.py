@@ -19,7 +19,6 @@ from featcache.errors import check_choice
 from featcache.fuse.options import OPTIMIZERS
 
 
-
 class TorchClassifier(ClassifierMixin, BaseEstimator):
     """A PyTorch classifier head with the scikit-learn estimator contract.
 

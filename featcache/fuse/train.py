@@ -7,15 +7,12 @@ with identical options on identical caches is served from its run folder.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from featcache.runs.comparison import base_label
 from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.reader import FeatureCache
@@ -31,9 +28,11 @@ from featcache.fuse.caches import (
 )
 from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer, parse_taps
-from featcache.fuse.saved import save_head
 from featcache.fuse.heads import HEADS, HeadOptions, heads_for
+from featcache.fuse.saved import save_head
 from featcache.fuse.stream import FusedRows, fit_normalizer
+from featcache.requests import request_hash
+from featcache.runs.comparison import base_label
 from featcache.runs.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
 
 
@@ -86,9 +85,7 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
 
 def _request_key(cfg: FuseTrainConfig, refs, head: str, paths: dict[str, Path]) -> str:
     """What one run's result depends on: its options, taps, head and the caches' fingerprints."""
-    text = json.dumps([_run_config(cfg), [str(r) for r in refs], head, sorted(p.name for p in paths.values())],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return request_hash([_run_config(cfg), [str(r) for r in refs], head, sorted(p.name for p in paths.values())])
 
 
 def _served(cfg: FuseTrainConfig, tapsets, paths, log) -> dict:

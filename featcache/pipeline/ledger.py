@@ -9,12 +9,12 @@ is reused while they are all still there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 from featcache.extraction.config import cache_identities
 from featcache.files import atomic_write
+from featcache.requests import request_hash
 
 # fields that do not change a stage's result (--skip-bad-images: the cache either holds the rows or was not written)
 UI_ONLY = ("quiet", "resume", "trust_pickles", "force", "skip_bad_images")
@@ -29,8 +29,7 @@ def stage_key(kind: str, request) -> str:
     """
     inputs = {name: cache.hash for name, cache in cache_identities(request.config().features).items()}
     settled = {k: v for k, v in dataclasses.asdict(request).items() if k not in UI_ONLY}
-    text = json.dumps([kind, settled, inputs], sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return request_hash([kind, settled, inputs])
 
 
 def _ledger(runs_dir: Path) -> dict:

@@ -24,9 +24,9 @@ from featcache.finetuning.config import FinetuneConfig
 from featcache.finetuning.model import build_net
 from featcache.finetuning.saved import load_finetuned
 from featcache.fuse.fusion import TapRef
+from featcache.fuse.saved import load_head
 from featcache.fuse.torch_head import TorchClassifier
 from featcache.runs.records import RunRecord, record_features
-from featcache.fuse.saved import load_head
 
 
 class _Probed(torch.nn.Module):

@@ -20,13 +20,16 @@ import numpy as np
 from featcache import __version__
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import pooled_dim, resolve_device
-from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import preprocess_for
 from featcache.extraction.store import read_timing
 from featcache.files import atomic_write
+from featcache.reporting import figures
+from featcache.reporting.explain import gradcam, overlay
+from featcache.reporting.sweeps import sweep_folders, sweep_section
+from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
     RunRecord,
     load_record,
@@ -36,9 +39,6 @@ from featcache.runs.records import (
     resolve_run,
     run_folders,
 )
-from featcache.reporting import figures
-from featcache.reporting.explain import gradcam, overlay
-from featcache.reporting.sweeps import sweep_folders, sweep_section
 
 REPORT_COLUMNS = ["label", "dataset", "weights", "fusion", "chosen", "variant", "val_acc", "test_acc", "macro_f1",
                   "fit_s", "warnings"]  # the page's table; the CSV beside it has every column

@@ -17,7 +17,6 @@ from featcache.sweeping.lanes import solve_many
 from featcache.sweeping.solvers import scores_of, solve_path
 
 
-
 def batched() -> list[str]:
     """The heads whose fits :func:`presolve` makes for many combinations at once."""
     return [name for name, entry in HEADS.items() if entry.sweep == "batched"]

@@ -20,7 +20,6 @@ linear, as swept), so runs, predict, report and the fine-tune warm start use the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import replace
@@ -35,6 +34,7 @@ from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.fuse.heads import HEADS
+from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations
 from featcache.sweeping.probes import batched, presolve, probe
 from featcache.sweeping.scorers import scored
@@ -186,7 +186,7 @@ def _request(cfg: SweepConfig, paths: dict) -> dict:
 
 
 def _folder(cfg: SweepConfig, paths: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(_request(cfg, paths), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    digest = request_hash(_request(cfg, paths), 10)
     name = "+".join(b.replace(":", "-") for b in cfg.features.backbones)[:60]
     return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
 
