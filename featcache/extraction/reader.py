@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.extraction.store import canonical
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
 HEALTH_ROWS = 4096  # rows read at a time when checking a tap (bounded memory, as --out-of-core needs)
@@ -29,11 +30,15 @@ class TapHealth:
     def __init__(self, stored_float16: bool):
         self.float16 = stored_float16
         self.rows, self.lo, self.hi = 0, None, None
-        self.nonzero = self.tiny = 0
+        self.nonzero = self.tiny = self.nonfinite = 0
         self.largest = 0.0
 
     def update(self, block: np.ndarray) -> TapHealth:
         block = np.asarray(block, dtype=np.float32)
+        finite = np.isfinite(block)
+        if not finite.all():  # a damaged file: counted, and the rest judged on the finite values
+            self.nonfinite += int(block.size - np.count_nonzero(finite))
+            block = np.where(finite, block, 0.0)
         if len(block):
             lo, hi = block.min(axis=0), block.max(axis=0)
             self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
@@ -47,6 +52,8 @@ class TapHealth:
 
     def dead(self) -> str | None:
         """Why the tap is dead, in a few words, or None if it is not."""
+        if self.nonfinite:
+            return f"{self.nonfinite} stored values are not finite (NaN or infinity): the file is damaged"
         if self.rows > 1 and np.array_equal(self.lo, self.hi):
             value = float(self.lo.flat[0]) + 0.0 if self.lo.size else 0.0  # + 0.0: -0 reads as 0
             return f"constant over every training image (all {value:.3g})"
@@ -59,7 +66,10 @@ class TapHealth:
 class FeatureCache:
     """Read access to a finished cache file (or, with ``allow_partial``, a partial one)."""
 
-    def __init__(self, path, allow_partial: bool = False):
+    def __init__(self, path, allow_partial: bool = False, expected: dict | None = None):
+        """Open ``path``; a finished cache is checked before anything is read: its metadata parses, its
+        splits and shapes are those its fingerprint declares (no absurd allocation), and, given
+        ``expected`` (the request's fingerprint), it is the cache of that request."""
         import h5py
 
         self.path = Path(path)
@@ -74,9 +84,47 @@ class FeatureCache:
             raise FeatcacheError(f"{self.path} is an HDF5 file but not a featcache cache (no fingerprint)")
         self._kept_rows: dict[str, np.ndarray | slice] = {}
         self._health: dict[str, str | None] = {}
-        if not (allow_partial or bool(self.file.attrs["complete"])):
+        try:
+            if not (allow_partial or bool(self.file.attrs.get("complete", False))):
+                raise FeatcacheError(f"{self.path} is not finished: re-run the featcache extract command that made it")
+            if expected is not None and canonical(self.fingerprint) != canonical(expected):
+                raise FeatcacheError(f"{self.path} holds another request's features (its stored fingerprint differs "
+                                     f"from this request's): delete it and run featcache extract again")
+            if self.complete:
+                self._check_layout()
+        except FeatcacheError:
             self.file.close()
-            raise FeatcacheError(f"{self.path} is not finished: re-run the featcache extract command that made it")
+            raise
+        except (KeyError, OSError, ValueError, TypeError, AttributeError) as exc:  # h5py's errors on damaged metadata
+            self.file.close()
+            raise FeatcacheError(f"{self.path} is a damaged feature cache ({type(exc).__name__}: "
+                                 f"{str(exc)[:120]}): delete it and run featcache extract again") from None
+
+    def _check_layout(self) -> None:
+        """Each split holds labels, index and every declared tap with the same rows, each tap as wide as the
+        fingerprint declares: read from the metadata alone, before any array is read or allocated."""
+        fingerprint = self.fingerprint
+        if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("taps"), list):
+            raise FeatcacheError(f"{self.path} is a damaged feature cache (its fingerprint lists no taps): delete "
+                                 f"it and run featcache extract again")
+        double = fingerprint.get("pooling") == "avgmax"  # avg and max side by side: twice the channels
+        widths = {str(node): int(channels) * (2 if double else 1) for node, channels in fingerprint["taps"]}
+        json.loads(self.file.attrs["classes"])
+        for split in ("train", "test"):
+            if split not in self.file or "taps" not in self.file[split] or "labels" not in self.file[split]:
+                raise FeatcacheError(f"{self.path} is a damaged feature cache (no {split} split): delete it and run "
+                                     f"featcache extract again")
+            group = self.file[split]
+            rows = group["labels"].shape
+            if len(rows) != 1 or group["index"].shape != rows:
+                raise FeatcacheError(f"{self.path} is a damaged feature cache ({split} labels of shape {rows}): "
+                                     f"delete it and run featcache extract again")
+            for tap, data in group["taps"].items():
+                want = (rows[0], widths.get(tap, -1))
+                if data.shape != want:
+                    raise FeatcacheError(f"{self.path} is a damaged feature cache ({split} tap {tap} has shape "
+                                         f"{data.shape}, its fingerprint declares {want}): delete it and run "
+                                         f"featcache extract again")
 
     def __enter__(self):
         return self
@@ -89,7 +137,11 @@ class FeatureCache:
 
     @property
     def fingerprint(self) -> dict:
-        return json.loads(self.file.attrs["fingerprint"])
+        try:
+            return json.loads(self.file.attrs["fingerprint"])
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            raise FeatcacheError(f"{self.path} is a damaged feature cache (its fingerprint is not JSON: {exc}): "
+                                 f"delete it and run featcache extract again") from None
 
     @property
     def classes(self) -> list[str]:

@@ -54,7 +54,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     todo = []
     started = time.perf_counter()
     for name, cache in cache_identities(cfg, precision).items():
-        hit = distributed.agree(r, _served(name, cache.path, started))
+        hit = distributed.agree(r, _served(name, cache.path, started, cache.fingerprint))
         if hit is not None:
             results[name] = hit
         else:
@@ -104,7 +104,7 @@ def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]
         for job in sorted(jobs, key=lambda j: str(j.path)):
             locks.enter_context(locked(job.path, on_wait=lambda p=job.path: job.log(
                 f"waiting for another featcache process writing {p} ...")))
-            hit = _served(job.spec.name, job.path, started)  # the other writer may have finished it while we waited
+            hit = _served(job.spec.name, job.path, started, job.fp)  # the other writer may have finished it while we waited
             if hit is not None:
                 out[job.spec.name] = hit
             else:
@@ -125,11 +125,11 @@ def _load_once(cfg: ExtractConfig, r) -> Dataset:
     return dataset
 
 
-def _served(name: str, path: Path, started: float) -> ExtractResult | None:
-    """The cache hit at ``path``, or None; a corrupt or foreign file there is a clear error."""
+def _served(name: str, path: Path, started: float, expected: dict) -> ExtractResult | None:
+    """The cache hit at ``path``, or None; a corrupt file there, or another request's, is a clear error."""
     if not path.exists():
         return None
-    with FeatureCache(path) as cache:
+    with FeatureCache(path, expected=expected) as cache:
         skipped = tuple(cache.skipped)
     return ExtractResult(name, path, "cached", time.perf_counter() - started, 0, skipped)
 

@@ -46,7 +46,9 @@ def locate_caches(cfg: ExtractConfig) -> dict[str, Path]:
     found = {}
     for name, cache in cache_identities(cfg).items():
         path = cache.path
-        if not path.exists():
+        if path.exists():
+            FeatureCache(path, expected=cache.fingerprint).close()  # the request's own, and sound
+        else:
             raise FeatcacheError(
                 f"no cached features for {name} in {path.parent} with these settings: run "
                 f"{extract_command(cfg, name)} (or add --extract)"
@@ -118,13 +120,25 @@ def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool | 
         check_taps(caches, paths, refs)
         for split in ("train", "test"):
             for ref in refs:
-                taps[(split, ref)] = caches[ref.backbone].read(split, ref.tap).astype(np.float32)
+                taps[(split, ref)] = finite(caches[ref.backbone].read(split, ref.tap).astype(np.float32), ref, split,
+                                            paths[ref.backbone])
             if split == "train":  # checked on the rows just read, before the test split is read
                 dropped = check_alive(caches, paths, refs, allow_dead, log, {ref: taps[("train", ref)] for ref in refs})
                 refs -= dropped
                 for ref in dropped:
                     del taps[("train", ref)]
     return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
+
+
+def finite(block: np.ndarray, ref, split: str, path: Path) -> np.ndarray:
+    """``block``, unless it holds NaN or infinity (a damaged or tampered file): then one line naming the tap."""
+    finite_mask = np.isfinite(block)
+    if not finite_mask.all():
+        rows = int(np.count_nonzero(~finite_mask.all(axis=1)))
+        raise FeatcacheError(f"tap {ref} in {path} holds {block.size - int(np.count_nonzero(finite_mask))} non-finite "
+                             f"values (NaN or infinity) in {rows} {split} rows: the file is damaged; delete it and "
+                             f"run featcache extract again")
+    return block
 
 
 def float32_bytes(paths: dict[str, Path], refs) -> int:

@@ -1,0 +1,91 @@
+"""Shared files and second processes: a cache, pipeline file or sweep folder from someone else, or a second
+process on the same files, never overwrites, corrupts, crashes or counts twice (issue 29's audit cases)."""
+
+import json
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featcache.cli.commands import cli
+
+FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--dtype", "float32",
+         "--limit-train", "120", "--limit-test", "40"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line(result, pattern):
+    import re
+
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and re.search(pattern, lines[0]), result.output
+
+
+@pytest.fixture
+def cache(tmp_path):
+    """A finished cache of FLAGS in tmp_path/cache, and its path."""
+    assert invoke("extract", *FLAGS, "--cache-dir", tmp_path / "cache", "-q").exit_code == 0
+    [path] = (tmp_path / "cache").rglob("*.h5")
+    return path
+
+
+def test_a_cache_of_another_request_under_this_requests_name_is_refused(tmp_path, cache):
+    other = tmp_path / "other"
+    assert invoke("extract", *FLAGS[:-2], "--limit-test", "30", "--cache-dir", other, "-q").exit_code == 0
+    [foreign] = other.rglob("*.h5")
+    shutil.copy(foreign, cache)  # a valid cache, but of --limit-test 30
+    message = r"holds another request's features \(its stored fingerprint differs from this request's\)"
+    one_line(invoke("fuse-train", *FLAGS, "--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs"), message)
+    one_line(invoke("extract", *FLAGS, "--cache-dir", tmp_path / "cache"), message)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_non_finite_values_in_a_cache_are_named_by_every_reader(tmp_path, cache):
+    with h5py.File(cache, "r+") as f:
+        data = f["train/taps/stage2"]
+        block = data[:5]
+        block[:, :3] = np.nan
+        data[:5] = block
+    message = r"tap tiny:stage2 in .* holds 15 non-finite values \(NaN or infinity\) in 5 train rows: the file is damaged"
+    runs = tmp_path / "runs"
+    one_line(invoke("fuse-train", *FLAGS, "--taps", "mid", "--cache-dir", tmp_path / "cache", "--runs-dir", runs),
+             message)
+    one_line(invoke("sweep", *FLAGS, "--combos", "singles", "--head", "logreg", "--cache-dir", tmp_path / "cache",
+                    "--runs-dir", runs), message)
+    shown = invoke("info", cache)
+    assert shown.exit_code == 0 and "15 stored values are not finite" in shown.output, shown.output
+
+
+def test_an_absurd_declared_shape_is_refused_before_anything_is_allocated(tmp_path, cache):
+    import resource
+
+    with h5py.File(cache, "r+") as f:
+        del f["train/taps/stage3"]
+        f["train/taps"].create_dataset("stage3", shape=(120, 2_000_000_000), dtype="float16", chunks=(1, 1 << 20))
+    assert cache.stat().st_size < 5_000_000
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (24 << 30, hard))  # 2 TiB would fail here, not swap
+    try:
+        message = r"damaged feature cache \(train tap stage3 has shape \(120, 2000000000\), its fingerprint declares"
+        one_line(invoke("info", cache), message)
+        one_line(invoke("sweep", *FLAGS, "--combos", "singles", "--head", "logreg", "--cache-dir", tmp_path / "cache",
+                        "--runs-dir", tmp_path / "runs"), message)
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_a_cache_without_a_train_split_or_with_broken_metadata_is_one_line(tmp_path, cache):
+    broken = tmp_path / "broken.h5"
+    shutil.copy(cache, broken)
+    with h5py.File(broken, "r+") as f:
+        del f["train"]
+    one_line(invoke("info", broken), r"broken.h5 is a damaged feature cache \(no train split\)")
+    with h5py.File(broken, "r+") as f:
+        f.attrs["fingerprint"] = '{"format": 3, "taps": [[broken'
+    one_line(invoke("info", broken), r"broken.h5 is a damaged feature cache \(its fingerprint is not JSON")
