@@ -41,6 +41,8 @@ class Meta:
         argument: positional on the command line (``RUN...``).
         shared: a shared pipeline file may set it (False: only a person, on the command line or in Python).
         cli: a command-line option at all (False: a field set by the stages, e.g. a pipeline's own output).
+        writes: a path featcache writes to (a shared pipeline file may only name one below the folder it runs
+            in).
     """
 
     help: str | Callable[[], str] = ""
@@ -54,6 +56,7 @@ class Meta:
     argument: bool = False
     shared: bool = True
     cli: bool = True
+    writes: bool = False
 
 
 def option(default=dataclasses.MISSING, *, help, **meta):

@@ -89,3 +89,72 @@ def test_a_cache_without_a_train_split_or_with_broken_metadata_is_one_line(tmp_p
     with h5py.File(broken, "r+") as f:
         f.attrs["fingerprint"] = '{"format": 3, "taps": [[broken'
     one_line(invoke("info", broken), r"broken.h5 is a damaged feature cache \(its fingerprint is not JSON")
+
+
+PIPELINE = """
+[pipeline]
+name = "{name}"
+
+[defaults]
+backbone = ["tiny"]
+weights = "random"
+image-size = 32
+device = "cpu"
+limit-train = 120
+limit-test = 40
+{defaults}
+
+[[fuse-train]]
+extract = true
+
+[report]
+gradcam-images = 0
+grid-images = 2
+{report}
+"""
+
+
+@pytest.mark.parametrize(("name", "defaults", "report", "message"), [
+    ("x", "", 'out = "{victim}"', r"\[report\] out: '/.*victim.txt' leaves the folder featcache runs in"),
+    ("../../escaped", "", "", r"\[pipeline\] name: must be a plain name .* Got '../../escaped' instead"),
+    ("x", 'runs-dir = "../runs"', "", r"\[defaults\] runs-dir: '../runs' leaves the folder featcache runs in"),
+    ("x", 'cache-dir = "~/cache"', "", r"\[defaults\] cache-dir: '~/cache' leaves the folder featcache runs in"),
+])
+def test_a_shared_pipeline_file_writes_only_below_the_folder_it_runs_in(tmp_path, monkeypatch, name, defaults,
+                                                                          report, message):
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    path = work / "p.toml"
+    path.write_text(PIPELINE.format(name=name, defaults=defaults, report=report.format(victim=victim)))
+    one_line(invoke("run", path), message)
+    assert victim.read_text() == "mine" and not (tmp_path / "victim.csv").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["victim.txt", "work"]
+    assert [p.name for p in work.iterdir()] == ["p.toml"]  # nothing ran
+
+
+def test_the_command_line_may_name_any_folder_a_pipeline_file_may_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "p.toml"
+    path.write_text(PIPELINE.format(name="x", defaults="", report=""))
+    result = invoke("run", path, "--dry-run", "--set", f"runs-dir={tmp_path.parent / 'elsewhere'}")
+    assert result.exit_code == 0 and f'runs-dir = "{tmp_path.parent / "elsewhere"}"' in result.output
+
+
+def test_a_report_never_replaces_a_file_featcache_did_not_write(tmp_path, report_runs):
+    runs_dir, _ = report_runs
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my notes</html>")
+    flags = ["--runs-dir", runs_dir, "--gradcam-images", "0", "--grid-images", "2"]
+    one_line(invoke("report", *flags, "-o", mine), r"notes.html exists and featcache did not write it: choose another "
+                                                   r"-o, or pass --force to replace it")
+    assert mine.read_text() == "<html>my notes</html>"
+    table = tmp_path / "page.csv"
+    table.write_text("a,b\n1,2\n")
+    one_line(invoke("report", *flags, "-o", tmp_path / "page.html"), r"page.csv exists and featcache did not write it")
+    assert table.read_text() == "a,b\n1,2\n" and not (tmp_path / "page.html").exists()
+    assert invoke("report", *flags, "-o", mine, "--force").exit_code == 0 and "my notes" not in mine.read_text()
+    again = invoke("report", *flags, "-o", mine)  # featcache's own page: replaced without --force
+    assert again.exit_code == 0, again.output

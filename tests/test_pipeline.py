@@ -26,7 +26,7 @@ weights = "random"
 image-size = 32
 dtype = "float32"
 device = "cpu"
-cache-dir = "{tmp}/cache"
+cache-dir = "cache"  # relative: a pipeline file writes only below the folder it runs in
 quiet = true
 
 [[extract]]

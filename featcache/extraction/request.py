@@ -51,7 +51,7 @@ class FeatureFields(DataFields):
                             help="auto: bf16/fp16 autocast on a GPU; on a CPU bf16 where it multiplies bf16 "
                                  "natively, else fp32.")
     dtype: str = option("float16", choices=DTYPES, help="Storage dtype of the cached taps.")
-    cache_dir: Path = option(Path("cache"), help="Where cache files live.")
+    cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:
         """The preprocessing flags; those not given stay None (the backbone's own)."""

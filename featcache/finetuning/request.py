@@ -45,7 +45,7 @@ class FinetuneRequest(FeatureFields):
     init_head: Path | None = option(None, metavar="RUN", help="A fuse-train run whose head is phase 1.")
     device: str = option("auto", choices=DEVICES, help="Where the model trains.")
     num_workers: int = option(2, help="Processes decoding image files.")
-    runs_dir: Path = option(Path("runs"), help="Where run folders are written.")
+    runs_dir: Path = option(Path("runs"), writes=True, help="Where run folders are written.")
     resume: bool = option(False, help="Continue an interrupted run of the same command from its last epoch.")
     quiet: bool = option(False, short="-q", help=QUIET)
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)

@@ -75,7 +75,7 @@ class FuseRequest(HeadFields, FeatureFields):
     val_fraction: float = option(0.1, help="Stratified share of train held out to choose hyper-parameters and "
                                            "MLP epochs.")
     device: str = option("auto", choices=DEVICES, help="Where the torch heads train.")
-    runs_dir: Path = option(Path("runs"), help="Where run folders are written.")
+    runs_dir: Path = option(Path("runs"), writes=True, help="Where run folders are written.")
     extract: bool = option(False, help="Extract missing caches first.")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
     out_of_core: bool = option(False, help="Stream row chunks from the caches instead of loading them (torch "

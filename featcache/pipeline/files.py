@@ -18,6 +18,7 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import json
+import re
 import time
 import tomllib
 from dataclasses import dataclass, field
@@ -73,6 +74,15 @@ def _unknown_key(path: Path, where: str, key: str, known) -> FeatcacheError:
     return _fail(path, where, f"unknown key '{key}'{hint}")
 
 
+def _stays_inside(path: Path, where: str, value) -> None:
+    """A path a shared pipeline file asks featcache to write to stays below the folder it runs in: relative,
+    without ``..`` (the same path given with ``--set`` on the command line is the user's own choice)."""
+    if isinstance(value, str) and (Path(value).is_absolute() or ".." in Path(value).parts or value.startswith("~")):
+        raise _fail(path, where, f"{value!r} leaves the folder featcache runs in: a pipeline file may only write "
+                                 f"below it (a relative path without '..'); give it with --set on the command "
+                                 f"line if you mean it")
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` from ``--set``: the value read as TOML (1, 1e-4, true, ["a", "b"]), else as a string."""
     key, sep, raw = text.partition("=")
@@ -122,14 +132,22 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
             raise _fail(path, f"[pipeline] {key}", f"must be a string. Got {head[key]!r} instead")
     if "name" not in head:
         raise _fail(path, "[pipeline]", "missing key 'name'")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", head["name"]) or ".." in head["name"]:
+        raise _fail(path, "[pipeline] name", f"must be a plain name (letters, digits, '.', '_', '-'): it names "
+                                             f"runs/NAME and reports/NAME.html. Got {head['name']!r} instead")
+    if "runs-dir" in head:
+        _stays_inside(path, "[pipeline] runs-dir", head["runs-dir"])
     if not any(s in data for s in PIPELINE_STAGES):
         raise _fail(path, "stages",
                     "none found: add [[extract]], [[sweep]], [[fuse-train]], [[finetune]] or [report]")
     known = {key: p for kind in PIPELINE_STAGES for key, p in keys(kind).items()}
+    writes = {key for kind in PIPELINE_STAGES for key, p in keys(kind).items() if p.meta.writes}
     defaults = {k.replace("_", "-"): v for k, v in data.get("defaults", {}).items()}
     for key in data.get("defaults", {}):
         if key.replace("_", "-") not in known:
             raise _unknown_key(path, "[defaults]", key, known)
+        if key.replace("_", "-") in writes:
+            _stays_inside(path, f"[defaults] {key}", data["defaults"][key])
     for key, value in overrides.items():
         if key not in known:
             raise _unknown_key(path, "--set", key, known)
@@ -147,6 +165,8 @@ def load_pipeline(path: Path, overrides: dict | None = None) -> Pipeline:
             for key in table:
                 if key.replace("_", "-") not in mine:
                     raise _unknown_key(path, where, key, mine)
+                if mine[key.replace("_", "-")].meta.writes:
+                    _stays_inside(path, f"{where} {key}", table[key])
             merged = {k: v for k, v in defaults.items() if k in mine}
             if "runs-dir" in mine:
                 merged["runs-dir"] = str(runs_dir)

@@ -29,7 +29,7 @@ from featcache.files import atomic_write
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 from featcache.reporting.sweeps import sweep_folders, sweep_section
-from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
+from featcache.runs.comparison import COLUMNS, HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
     RunRecord,
     load_record,
@@ -55,6 +55,7 @@ class ReportConfig:
     grid_images: int = 12
     gradcam_images: int = 4
     device: str = "cpu"
+    force: bool = False  # replace an -o file (and its CSV) that featcache did not write
 
 
 def head_text(record: RunRecord) -> str:
@@ -245,6 +246,10 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if cfg.gradcam_images > 0:
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
+    for path in (out, out.with_suffix(".csv")):
+        if not cfg.force and path.is_file() and not _ours(path):
+            raise FeatcacheError(f"{path} exists and featcache did not write it: choose another -o, or pass --force "
+                                 f"to replace it")
     try:  # fail before the drawing, not after: the folder must take a new file
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
@@ -286,6 +291,20 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
     log(f"report written to {out} and {out.with_suffix('.csv')} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _ours(path: Path) -> bool:
+    """A report page or table featcache wrote: the page names featcache as its generator (or, before that
+    tag, in its "generated ... by featcache" line), the table starts with the comparison table's header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return False
+    if path.suffix == ".csv":
+        return head.splitlines()[:1] == [",".join(COLUMNS)]
+    return '<meta name="generator" content="featcache' in head or (
+        head.startswith("<!DOCTYPE html>") and " by featcache " in head)
 
 
 def _write_atomic(path: Path, text: str) -> None:

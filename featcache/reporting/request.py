@@ -21,7 +21,7 @@ class ReportRequest:
                                    help="Runs to report (folders or names in --runs-dir) [default: every run there].")
     runs_dir: Path = option(Path("runs"), help="Where runs live; without RUN arguments every run in it is reported.")
     pipeline: str | None = option(None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
-    out: Path = option(Path("reports/report.html"), short="-o",
+    out: Path = option(Path("reports/report.html"), short="-o", writes=True,
                        help="The HTML file; the table is also written beside it as .csv.")
     title: str = option("featcache report", help="The page's title.")
     grid_images: int = option(12, check=lambda v: v >= 0, rule="be 0 or more",
@@ -30,6 +30,8 @@ class ReportRequest:
                                  help="Images per Grad-CAM grid; 0: none.")
     device: str = option("cpu", choices=("auto", "cpu", "cuda"), help="Where Grad-CAM runs.")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
+    force: bool = option(False, shared=False, help="Replace the -o file (and the CSV beside it) even where "
+                                                    "featcache did not write them.")
 
     def config(self):
         from featcache.reporting.page import ReportConfig
@@ -37,4 +39,4 @@ class ReportRequest:
 
         return ReportConfig(runs=self.runs, runs_dir=pipeline_runs(self.runs_dir, self.pipeline), out=self.out,
                             title=self.title, grid_images=self.grid_images, gradcam_images=self.gradcam_images,
-                            device=self.device)
+                            device=self.device, force=self.force)

@@ -45,7 +45,7 @@ class SweepRequest(HeadFields, FeatureFields):
     max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
     val_fraction: float = option(0.1, help="Stratified share of train that chooses every hyper-parameter.")
     device: str = option("auto", choices=DEVICES, help="Where the probes are solved.")
-    runs_dir: Path = option(Path("runs"), help="Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
+    runs_dir: Path = option(Path("runs"), writes=True, help="Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
     extract: bool = option(False, help="Extract missing caches first.")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
     quiet: bool = option(False, short="-q", help=QUIET)
