@@ -1,16 +1,20 @@
-"""The one atomic write: a file is either its old self or complete, never half-written.
+"""The one atomic write, and the one lock: a file is either its old self or complete, and one writer at a time.
 
 Below every stage: reports, timing records, the pipeline ledger and fine-tune checkpoints
 are written through :func:`atomic_write`. (A cache file and a run folder are built under a
-temporary name of their own and renamed the same way, because they grow over time.)
+temporary name of their own and renamed the same way, because they grow over time.) A cache,
+a sweep folder and a run request have one writer at a time through :func:`lock`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 from collections.abc import Callable
 from pathlib import Path
+
+from featcache.errors import FeatcacheError
 
 
 def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> Path:
@@ -35,3 +39,28 @@ def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> P
             tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def lock(lock_path: Path, on_wait: Callable[[], None] | None = None, what: str = "folder",
+         fix: str = "choose another folder"):
+    """Hold an exclusive lock on ``lock_path`` (created if missing, and left in place: a lock file is
+    never a result); a second holder calls ``on_wait`` once, then waits. The lock goes with the process,
+    also when it is killed."""
+    lock_path = Path(lock_path)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_path, "a")
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write in {what} {lock_path.parent}: {exc.strerror}; {fix}") from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait:
+                on_wait()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

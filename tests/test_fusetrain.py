@@ -97,7 +97,7 @@ def test_an_identical_request_is_served_from_its_run_unless_forced(cached, monke
     assert fuse_train(cfg, log=lambda m: None) == first
     forced = fuse_train(train_cfg(cached, taps=("late",), force=True), log=lambda m: None)
     changed = fuse_train(train_cfg(cached, taps=("late",), val_fraction=0.2), log=lambda m: None)
-    assert len({first[0], forced[0], changed[0]}) == 3 and len(list((cached / "runs").iterdir())) == 6
+    assert len({first[0], forced[0], changed[0]}) == 3 and len(list((cached / "runs").glob("[!.]*"))) == 6
 
 
 def _set_tap(cached, tap, values):
@@ -134,7 +134,7 @@ def test_dead_taps_are_refused_by_name_unless_allowed(cached):
     result = CliRunner().invoke(cli, ["fuse-train", *flags, "--taps", "auto", "--head", "logreg"])
     assert result.exit_code == 0, result.output
     assert "note: tap tiny:stage1 is dead" in result.output and "note: tap tiny:stage3 is dead" in result.output
-    [run] = (cached / "auto").iterdir()
+    [run] = (cached / "auto").glob("[!.]*")
     assert load_record(run).taps == ["tiny:stage2"] and "--taps auto chose tiny:stage2" in result.output
 
 
@@ -256,7 +256,7 @@ def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
     assert run_cli("extract", *data, "-q", "--num-workers", "0").exit_code == 0
     trained = run_cli("fuse-train", *data, "--runs-dir", tmp_path / "runs", "--head", "logreg", "--val-fraction", "0.25")
     assert trained.exit_code == 0, trained.output
-    [run] = (tmp_path / "runs").iterdir()
+    [run] = (tmp_path / "runs").glob("[!.]*")
     files = sorted(image_folder.rglob("*.png"))
     result = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", *files)
     assert result.exit_code == 0, result.output

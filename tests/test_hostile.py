@@ -158,3 +158,60 @@ def test_a_report_never_replaces_a_file_featcache_did_not_write(tmp_path, report
     assert invoke("report", *flags, "-o", mine, "--force").exit_code == 0 and "my notes" not in mine.read_text()
     again = invoke("report", *flags, "-o", mine)  # featcache's own page: replaced without --force
     assert again.exit_code == 0, again.output
+
+
+def test_four_processes_on_the_same_request_end_as_one(tmp_path):
+    """Four identical extracts, then fuse-trains, then sweeps at once: one cache, one run folder, each sweep row
+    once and one kept run, the same tables as a single process writes."""
+    import pandas as pd
+    from test_faults import Forker
+
+    def each(folder):
+        cache, runs = folder / "cache", folder / "runs"
+        return {"extract": ["extract", *FLAGS, "--cache-dir", cache, "-q"],
+                "fuse-train": ["fuse-train", *FLAGS, "--cache-dir", cache, "--runs-dir", runs, "--head", "logreg"],
+                "sweep": ["sweep", *FLAGS, "--cache-dir", cache, "--runs-dir", runs / "swept", "--combos", "singles",
+                          "--head", "logreg,knn", "--keep", "1", "--seeds", "0,1", "-q"]}
+
+    alone, together = each(tmp_path / "alone"), each(tmp_path / "together")
+    forker = Forker()
+    try:
+        for stage in ("extract", "fuse-train", "sweep"):
+            assert forker.run(alone[stage]) == 0, stage
+            pids = [forker.start(together[stage]) for _ in range(4)]
+            assert [forker.wait(pid) for pid in pids] == [0] * 4, stage
+    finally:
+        forker.close()
+    [one] = (tmp_path / "alone" / "cache").rglob("*.h5")
+    [four] = (tmp_path / "together" / "cache").rglob("*.h5")
+    with h5py.File(one) as a, h5py.File(four) as b:
+        assert all(np.array_equal(a[f"{s}/taps/{t}"][:], b[f"{s}/taps/{t}"][:]) for s in ("train", "test")
+                   for t in ("stage1", "stage2", "stage3"))
+    runs = [p for p in (tmp_path / "together" / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert sorted(p.name.split("-", 2)[-1] for p in runs) == ["swept", "tiny-late-logreg"]
+    [folder] = (tmp_path / "together" / "runs" / "swept" / "sweeps").glob("[!.]*")
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    keys = [json.dumps([r["seed"], r["taps"], r["head"]]) for r in rows]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 2  # seeds x taps x heads, each once
+    kept = [p for p in (tmp_path / "together" / "runs" / "swept").glob("[!.]*") if p.name != "sweeps"]
+    assert len(kept) == 1
+    [reference] = (tmp_path / "alone" / "runs" / "swept" / "sweeps").glob("[!.]*")
+    columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "seeds"]
+    assert pd.read_csv(folder / "table.csv")[columns].equals(pd.read_csv(reference / "table.csv")[columns])
+
+
+def test_a_row_written_twice_counts_once_and_repeated_seeds_are_refused(tmp_path, cache):
+    import pandas as pd
+
+    flags = [*FLAGS, "--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs", "--combos", "singles",
+             "--head", "logreg", "--keep", "0", "-q"]
+    assert invoke("sweep", *flags, "--seeds", "0,1").exit_code == 0
+    [folder] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
+    before = pd.read_csv(folder / "table.csv")
+    rows = folder / "rows.jsonl"
+    rows.write_text(rows.read_text() * 2)  # what two writers without a lock left behind
+    assert invoke("sweep", *flags, "--seeds", "0,1").exit_code == 0
+    assert pd.read_csv(folder / "table.csv").drop(columns="fit_s").equals(before.drop(columns="fit_s"))
+    one_line(invoke("sweep", *flags, "--seeds", "0,0,1"), r"--seeds must list each seed once \(a repeated seed would "
+                                                          r"count its rows twice\). Got 0,0,1 instead.")
+    one_line(invoke("sweep", *flags, "--seeds", ""), r"--seeds must list at least one seed. Got '' instead.")

@@ -75,7 +75,7 @@ def test_pipeline_runs_every_stage_then_reuses_what_exists(tmp_path, monkeypatch
     assert statuses(first.output) == {"extract#1": "ran", "fuse-train#1": "ran", "finetune#1": "ran",
                                       "report#1": "ran"}
     assert "4 stages ran, 0 reused" in first.output
-    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir())
+    runs = sorted(p.name for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir())
     assert len(runs) == 3  # two fusions x logreg, one fine-tune
     page = (tmp_path / "reports" / "tiny.html").read_text()
     assert all(name in page for name in runs) and (tmp_path / "reports" / "tiny.csv").exists()
@@ -83,7 +83,7 @@ def test_pipeline_runs_every_stage_then_reuses_what_exists(tmp_path, monkeypatch
     again = run(path)
     assert statuses(again.output) == {"extract#1": "reused", "fuse-train#1": "reused", "finetune#1": "reused",
                                       "report#1": "ran"}
-    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir()) == runs
+    assert sorted(p.name for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir()) == runs
 
     changed = run(write(tmp_path, TINY.format(tmp=tmp_path, head="mlp")))
     assert statuses(changed.output)["fuse-train#1"] == "ran"
@@ -114,12 +114,12 @@ grid-images = 4
     first = run(path)
     assert first.exit_code == 0, first.output
     assert statuses(first.output) == {"extract#1": "ran", "sweep#1": "ran", "report#1": "ran"}
-    [kept] = [p for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir() and p.name != "sweeps"]
+    [kept] = [p for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir() and p.name != "sweeps"]
     page = (tmp_path / "reports" / "tiny.html").read_text()
     assert kept.name in page and "Sweep digits-tiny" in page
     again = run(path)
     assert statuses(again.output) == {"extract#1": "reused", "sweep#1": "reused", "report#1": "ran"}
-    assert [p for p in (tmp_path / "runs" / "tiny").iterdir() if p.is_dir() and p.name != "sweeps"] == [kept]
+    assert [p for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir() and p.name != "sweeps"] == [kept]
 
 
 @pytest.mark.parametrize("edit, message", [

@@ -145,14 +145,14 @@ def test_a_head_registered_in_a_test_is_offered_by_the_commands_that_take_it(tmp
     trained = invoke("fuse-train", *FAST, "--head", "toynb", "--extract", "--cache-dir", tmp_path / "cache",
                      "--runs-dir", runs)
     assert trained.exit_code == 0, trained.output
-    [run] = [p for p in runs.iterdir() if p.is_dir()]
+    [run] = [p for p in runs.glob("[!.]*") if p.is_dir()]
     assert "toynb" in run.name and (run / "head.skops").is_file()
     swept = invoke("sweep", *FAST, "--head", "toynb,logreg", "--combos", "singles", "--keep", "0",
                    "--cache-dir", tmp_path / "cache", "--runs-dir", runs)
     assert swept.exit_code == 0, swept.output
     import pandas as pd
 
-    [folder] = (runs / "sweeps").iterdir()
+    [folder] = (runs / "sweeps").glob("[!.]*")
     table = pd.read_csv(folder / "table.csv")
     assert set(table["head"]) == {"toynb", "logreg"} and len(table) == 6
     refused = invoke("finetune", *FAST, "--head", "toynb", "--cache-dir", tmp_path / "cache", "--runs-dir", runs)
@@ -208,7 +208,7 @@ def test_a_scorer_registered_in_a_test_scores_every_combination_of_the_sweep(tmp
     result = invoke("sweep", *flags, "--score", "toywidth,hscore")
     assert result.exit_code == 0, result.output
     assert "toywidth: the best 5 of 6 combinations by this score" in result.output
-    [folder] = (runs / "sweeps").iterdir()
+    [folder] = (runs / "sweeps").glob("[!.]*")
     scores = pd.read_csv(folder / "scores.csv")
     widths = scores[scores["score"] == "toywidth"]
     assert len(widths) == 6 and (widths["value"] == widths["width"]).all() and (widths["seeds"] == 2).all()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -38,7 +37,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.errors import FeatcacheError
-from featcache.files import atomic_write
+from featcache.files import atomic_write, lock
 
 FORMAT = 1
 CHUNK_BYTES = 1 << 20
@@ -97,25 +96,9 @@ def read_timing(path: Path) -> dict | None:
         return None
 
 
-@contextlib.contextmanager
 def locked(path: Path, on_wait=None):
-    """Hold an exclusive lock for writing ``path``; a second writer waits here."""
-    lock_path = path.with_name(path.name + ".lock")
-    try:
-        handle = open(lock_path, "a")
-    except OSError as exc:
-        raise FeatcacheError(f"cannot write in cache folder {path.parent}: {exc.strerror}; choose another --cache-dir") from exc
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait:
-                on_wait()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    """Hold the exclusive lock for writing the cache ``path``; a second writer waits here."""
+    return lock(path.with_name(path.name + ".lock"), on_wait, "cache folder", "choose another --cache-dir")
 
 
 def _no_times_group(parent, name: str):

@@ -17,6 +17,7 @@ from featcache.errors import FeatcacheError, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
+from featcache.files import lock
 from featcache.fuse.caches import (
     Features,
     check_alive,
@@ -76,10 +77,19 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
     if cfg.run_extract:
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)
-    served = _served(cfg, tapsets, paths, log)
-    todo = [(refs, heads) for refs in tapsets
-            if (heads := tuple(h for h in cfg.heads if (refs, h) not in served))]
-    trained = _train(cfg, todo, paths, log) if todo else {}
+    keys = sorted({_request_key(cfg, refs, h, paths) for refs in tapsets for h in cfg.heads})
+    with contextlib.ExitStack() as held:
+        # One writer per identical request: a second fuse-train of it waits here, then is served the first's run
+        # (a lock per request, taken in one order, so different requests in one runs folder train side by side).
+        for key in keys:
+            held.enter_context(lock(Path(cfg.runs_dir) / ".locks" / f"{key}.lock", what="runs folder",
+                                    fix="choose another --runs-dir",
+                                    on_wait=lambda: log(f"another featcache process is training this request in "
+                                                        f"{cfg.runs_dir}: waiting for it")))
+        served = _served(cfg, tapsets, paths, log)
+        todo = [(refs, heads) for refs in tapsets
+                if (heads := tuple(h for h in cfg.heads if (refs, h) not in served))]
+        trained = _train(cfg, todo, paths, log) if todo else {}
     return [served.get((refs, h)) or trained[(refs, h)] for refs in tapsets for h in cfg.heads]
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
-from featcache.files import atomic_write
+from featcache.files import atomic_write, lock
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
@@ -58,82 +59,94 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
 
 def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple[Path, int, list[Path]]:
     """:func:`sweep`, returning (its folder, the evaluations it computed, the run folders of its ``--keep``)."""
-    import torch
-    from tqdm.auto import tqdm
-
     log = _warning_once(log)  # the kept runs' fuse-train repeats the sweep's warnings (a small validation split)
     combos = combinations(cfg)  # every check before any long work
-    feat = cfg.features
     if cfg.run_extract:
-        extract(feat, log=log)
-    paths = locate_caches(feat)
+        extract(cfg.features, log=log)
+    paths = locate_caches(cfg.features)
     folder = _folder(cfg, paths)
-    done = finished(folder)
-    todo = _jobs(cfg, combos)
-    count = 0
-    if all(row_key(job) in done for job in todo):
-        log(f"every evaluation of this sweep is in {folder}: writing its tables")
-    else:
-        every_tap = all_taps(feat.backbones)  # in network order
-        data = load_features(paths, set(every_tap), allow_dead=True, log=log)
-        labels = data.labels
-        n_classes = len(data.classes)
-        _check_shots(cfg, labels["train"])
-        device = torch.device(cfg.options.device)
-        folder.mkdir(parents=True, exist_ok=True)
-        # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
-        shown = {"taps": [str(r) for r in every_tap], "weights": str(feat.weights)}
-        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
-        splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
-        if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
-            log(f"warning: {note}")  # before the bar, so that the two do not share a line
-        started = time.perf_counter()
-        bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
-                   leave=False)
-        with bar, open(folder / "rows.jsonl", "a") as out:
-            for seed in cfg.seeds:
-                fit_rows, val_rows = splits[seed]
-                X = standardised(data, fit_rows, val_rows, device)
-                y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
-                y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
-                options = replace(cfg.options, seed=seed)
-                pending = [job for job in todo if job["seed"] == seed and row_key(job) not in done]
-                for draw in dict.fromkeys((job["shots"], job["repeat"]) for job in pending):
-                    group = [job for job in pending if (job["shots"], job["repeat"]) == draw]
-                    parts, labels_of = dict(X), dict(y)
-                    if draw[0]:  # the few-shot rows of this draw, the same for every combination and head
-                        rows = _draw(labels["train"][fit_rows], draw[0], seed, draw[1])
-                        parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
-                        labels_of["fit"] = y["fit"][rows]
-                    solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
-                    refs, fused = None, None
-                    for job in group:
-                        if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
-                            refs = job["refs"]
-                            fused = fused_parts(parts, refs)
-                        if job.get("kind") == "score":
-                            result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes)
-                        else:
-                            result = probe(job["head"], fused, labels_of, n_classes, options,
-                                           solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)))
-                        row = {**public(job), "width": int(fused["fit"].shape[1]), **result}
-                        out.write(json.dumps(row, default=str) + "\n")
-                        out.flush()
-                        done.add(row_key(job))
-                        count += 1
-                        bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
-                        bar.update()
-        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
-    rows = read_rows(folder)  # read once: the tables and the kept runs' choices
-    table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
-    write_tables(folder, table, fewshot, scores)
-    for line in top_lines(table) + fewshot_lines(fewshot, table) + score_lines(scores):
-        log(line)
-    kept = _keep(cfg, table, rows, log) if cfg.keep else []
+    if cfg.shots:  # checked on the labels alone, before the sweep takes its folder
+        with FeatureCache(next(iter(paths.values()))) as cache:
+            _check_shots(cfg, cache.labels("train"))
+    # One writer per sweep folder: a second identical sweep waits, then finds every row done and its kept runs
+    # served (two at once duplicated every row and kept every run twice).
+    with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"another featcache sweep is writing "
+              f"{folder}: waiting for it"), what="sweeps folder", fix="choose another --runs-dir"):
+        done = finished(folder)
+        todo = _jobs(cfg, combos)
+        count = 0
+        if all(row_key(job) in done for job in todo):
+            log(f"every evaluation of this sweep is in {folder}: writing its tables")
+        else:
+            count = _evaluate(cfg, paths, folder, todo, done, log, progress)
+        rows = read_rows(folder)  # read once: the tables and the kept runs' choices
+        table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
+        write_tables(folder, table, fewshot, scores)
+        for line in top_lines(table) + fewshot_lines(fewshot, table) + score_lines(scores):
+            log(line)
+        kept = _keep(cfg, table, rows, log) if cfg.keep else []
     log(f"sweep written to {folder} (table.csv: every combination and head"
         + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "")
         + (", scores.csv: every combination's scores" if len(scores) else "") + ")")
     return folder, count, kept
+
+
+def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool) -> int:
+    """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl as it finishes; returns how many."""
+    import torch
+    from tqdm.auto import tqdm
+
+    feat = cfg.features
+    every_tap = all_taps(feat.backbones)  # in network order
+    data = load_features(paths, set(every_tap), allow_dead=True, log=log)
+    labels = data.labels
+    n_classes = len(data.classes)
+    device = torch.device(cfg.options.device)
+    folder.mkdir(parents=True, exist_ok=True)
+    # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
+    shown = {"taps": [str(r) for r in every_tap], "weights": str(feat.weights)}
+    atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
+    splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
+    if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
+        log(f"warning: {note}")  # before the bar, so that the two do not share a line
+    started, count = time.perf_counter(), 0
+    bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
+               leave=False)
+    with bar, open(folder / "rows.jsonl", "a") as out:
+        for seed in cfg.seeds:
+            fit_rows, val_rows = splits[seed]
+            X = standardised(data, fit_rows, val_rows, device)
+            y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
+            y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
+            options = replace(cfg.options, seed=seed)
+            pending = [job for job in todo if job["seed"] == seed and row_key(job) not in done]
+            for draw in dict.fromkeys((job["shots"], job["repeat"]) for job in pending):
+                group = [job for job in pending if (job["shots"], job["repeat"]) == draw]
+                parts, labels_of = dict(X), dict(y)
+                if draw[0]:  # the few-shot rows of this draw, the same for every combination and head
+                    rows = _draw(labels["train"][fit_rows], draw[0], seed, draw[1])
+                    parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
+                    labels_of["fit"] = y["fit"][rows]
+                solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
+                refs, fused = None, None
+                for job in group:
+                    if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
+                        refs = job["refs"]
+                        fused = fused_parts(parts, refs)
+                    if job.get("kind") == "score":
+                        result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes)
+                    else:
+                        result = probe(job["head"], fused, labels_of, n_classes, options,
+                                       solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)))
+                    out.write(json.dumps({**public(job), "width": int(fused["fit"].shape[1]), **result}, default=str)
+                              + "\n")
+                    out.flush()
+                    done.add(row_key(job))
+                    count += 1
+                    bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
+                    bar.update()
+    log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
+    return count
 
 
 def _warning_once(log):

@@ -75,7 +75,13 @@ def tables(rows: list[dict], keys: set | None = None):
     what earlier requests on the same caches and options evaluated, for them to reuse)."""
     import pandas as pd
 
-    mine = [r for r in rows if keys is None or row_key(r) in keys]
+    seen: set[str] = set()  # a row is counted once, however many times a file holds it
+    mine = []
+    for row in rows:
+        key = row_key(row)
+        if key not in seen and (keys is None or key in keys):
+            seen.add(key)
+            mine.append(row)
     scores = score_table([r for r in mine if r.get("kind") == "score"])
     frame = pd.DataFrame([r for r in mine if r.get("kind") != "score"])
     frame["taps"] = frame["taps"].map("+".join)
