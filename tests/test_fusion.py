@@ -61,3 +61,21 @@ def test_per_tap_normalisation_recovers_what_plain_concatenation_loses():
         scores[method] = head.score(norm.transform([quiet[test], loud[test]]), y[test])
     assert scores["standard"] > 0.8
     assert scores["standard"] - scores["none"] > 0.3, scores
+
+
+@pytest.mark.parametrize("scale", [1e-13, 1e8])
+def test_standardisation_is_scale_free(scale):
+    """A tap of values around 1e-13 (efficientnet's late taps with random weights, stored as float32) or 1e8
+    standardises to what the same tap times 1e13 (or divided by 1e8) does: no absolute floor on the scale."""
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 4
+    X = (rng.normal(size=(200, 16)) + np.eye(4, 16)[y] * 2).astype(np.float64)
+    X[:, 5] = 3.0  # a constant column stays constant (zero), not amplified
+    tiny = (X * scale).astype(np.float32)
+    plain = X.astype(np.float32)
+    a = TapNormalizer("standard").fit_transform([tiny])
+    b = TapNormalizer("standard").fit_transform([plain])
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert np.all(a[:, 5] == 0)
+    fit = lambda Z: LogisticRegression(max_iter=500).fit(Z[:150], y[:150]).score(Z[150:], y[150:])  # noqa: E731
+    assert fit(a) == fit(b) > 0.9

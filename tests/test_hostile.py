@@ -215,3 +215,85 @@ def test_a_row_written_twice_counts_once_and_repeated_seeds_are_refused(tmp_path
     one_line(invoke("sweep", *flags, "--seeds", "0,0,1"), r"--seeds must list each seed once \(a repeated seed would "
                                                           r"count its rows twice\). Got 0,0,1 instead.")
     one_line(invoke("sweep", *flags, "--seeds", ""), r"--seeds must list at least one seed. Got '' instead.")
+
+
+def test_one_damaged_run_or_sweep_folder_leaves_the_rest_of_the_report(tmp_path, report_runs):
+    source, runs = report_runs
+    folder = tmp_path / "runs"
+    shutil.copytree(source / "runs", folder)
+    assert invoke("sweep", *FLAGS, "--cache-dir", tmp_path / "cache", "--runs-dir", folder, "--combos", "singles",
+                  "--head", "logreg", "--keep", "0", "--extract", "-q").exit_code == 0
+    copy = {run.name: folder / run.name for run in runs}
+    frozen = [c for name, c in copy.items() if "logreg" in name and "early" not in name][0]
+    torch_head = [c for name, c in copy.items() if (c / "head.json").is_file()][0]
+    garbage = [c for c in copy.values() if c not in (frozen, torch_head)][0]
+    import pickle
+
+    (frozen / "normalizer.safetensors").write_bytes(pickle.dumps({"a": 1}))  # a pickle under a safetensors name
+    (torch_head / "head.json").write_text('{"classes": "x"}')
+    (garbage / "record.json").write_text('{"kind": "frozen", "taps": 3')
+    [sweep] = (folder / "sweeps").glob("[!.]*")
+    (sweep / "table.csv").write_bytes(bytes(range(256)) * 8)
+    page = tmp_path / "r.html"
+    result = invoke("report", "--runs-dir", folder, "-o", page, "--grid-images", "2", "--gradcam-images", "1")
+    assert result.exit_code == 0, result.output
+    html = page.read_text()
+    for name in (garbage.name, f"sweeps/{sweep.name}"):
+        assert f"<li><code>{name}</code>:" in html  # listed as not shown, with why
+    assert f"{frozen / 'normalizer.safetensors'} is damaged or not a file featcache wrote" in html  # its Grad-CAM
+    assert f"{torch_head / 'head.json'} is damaged or not a file featcache wrote" in html
+    assert html.count('<section class="run"') == len(runs) - 1  # every readable run drawn, the damaged two too
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(photos / "a.png")
+    one_line(invoke("predict", "--run", frozen, photos, "--device", "cpu"),
+             r"normalizer.safetensors is damaged or not a file featcache wrote \(SafetensorError")
+    one_line(invoke("predict", "--run", torch_head, photos, "--device", "cpu"), r"head.json is damaged or not a file")
+
+
+def test_damaged_sweep_files_are_mended_by_running_the_sweep_again(tmp_path, cache):
+    import pandas as pd
+
+    flags = [*FLAGS, "--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs", "--combos", "singles",
+             "--head", "logreg", "--keep", "0", "-q"]
+    assert invoke("sweep", *flags).exit_code == 0
+    [folder] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
+    before = pd.read_csv(folder / "table.csv").drop(columns="fit_s")
+    lines = (folder / "rows.jsonl").read_text().splitlines()
+    hollow = {**json.loads(lines[0]), "val_acc": None, "test_acc": None}  # its keys, no values
+    (folder / "rows.jsonl").write_bytes(b"\xff\xfe\x00garbage\n" + json.dumps(hollow).encode() + b"\n"
+                                        + "\n".join(lines[1:]).encode() + b"\n")
+    (folder / "sweep.json").write_text('{"caches": ["a')
+    again = invoke("sweep", *flags)
+    assert again.exit_code == 0, again.output
+    assert "resuming: 2 of 3 evaluations are already in" in again.output
+    assert pd.read_csv(folder / "table.csv").drop(columns="fit_s").equals(before)
+    assert json.loads((folder / "sweep.json").read_text())["weights"] == "random"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["extract", "--image-size", "100000"], r"--image-size must be at most 4096 pixels"),
+    (["sweep", "--combos", "40", "--max-combos", "100000000000000"],
+     r"--max-combos must lie between 1 and 1,000,000 \(a table longer than that is read by nobody\). Got"),
+])
+def test_requests_too_large_to_run_are_refused_up_front(tmp_path, args, message):
+    command, *rest = args
+    flags = [a for a in FLAGS if a not in ("--image-size", "32")]
+    one_line(invoke(command, *flags, *rest, "--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs")
+             if command == "sweep" else invoke(command, *flags, *rest, "--cache-dir", tmp_path / "cache"), message)
+    assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_during_a_sweep_says_how_to_resume(tmp_path, cache, monkeypatch):
+    import featcache.sweeping.run as run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "_evaluate", interrupted)
+    result = invoke("sweep", *FLAGS, "--cache-dir", tmp_path / "cache", "--runs-dir", tmp_path / "runs", "--combos",
+                    "singles", "--head", "logreg", "-q")
+    assert result.exit_code == 130
+    assert result.output.strip() == "interrupted: run the same command again: the sweep resumes from the rows it finished"

@@ -141,6 +141,7 @@ def test_skip_bad_images_carries_on_lists_and_records_them(tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "skipped 3 unreadable image(s), recorded in the cache" in result.output
+    assert "extracted 21 images (3 more unreadable, left out) into" in result.output  # not "24 images"
     for name in ("truncated.jpg", "empty.png", "notes.jpg"):
         assert name in result.output
     [path] = (tmp_path / "c").rglob("*.h5")

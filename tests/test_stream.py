@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import tiny
 from click.testing import CliRunner
 from conftest import TESTS_DIR, tiny_config
 
@@ -20,14 +21,16 @@ from featcache.extraction.store import CacheWriter, cache_file
 from featcache.fuse.fusion import TapNormalizer, TapRef
 from featcache.fuse.stream import FusedRows, fit_normalizer
 
-FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "40", "--device", "cpu", "--seed", "7"]
+FLAGS = ["--backbone", "tinywide", "--weights", "random", "--image-size", "40", "--device", "cpu", "--seed", "7"]
 
 
-def synthetic_cache(tmp_path, n_train, n_test, dim, classes=10, seed=0):
-    """A cache in the real layout (tiny's fingerprint for FLAGS) holding large synthetic features."""
-    cfg = tiny_config(tmp_path, preprocess=PreprocessConfig(image_size=40), data=DataRequest(name="digits", seed=7))
-    fp = fingerprint(cfg, BACKBONES["tiny"], "fp32")
-    path = cache_file(cfg.cache_dir, dataset_key(cfg.data), "tiny", fp)
+def synthetic_cache(tmp_path, n_train, n_test, classes=10, seed=0):
+    """A cache in the real layout (tinywide's fingerprint for FLAGS) holding large synthetic features."""
+    dim = tiny.WIDE
+    cfg = tiny_config(tmp_path, preprocess=PreprocessConfig(image_size=40), data=DataRequest(name="digits", seed=7),
+                      backbones=("tinywide",))
+    fp = fingerprint(cfg, BACKBONES["tinywide"], "fp32")
+    path = cache_file(cfg.cache_dir, dataset_key(cfg.data), "tinywide", fp)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     means = rng.normal(0, 0.06, (classes, dim)).astype(np.float32)
@@ -45,11 +48,11 @@ def synthetic_cache(tmp_path, n_train, n_test, dim, classes=10, seed=0):
 
 
 def test_streamed_rows_and_normaliser_equal_the_in_memory_ones(tmp_path):
-    cache_dir, path = synthetic_cache(tmp_path, 3000, 500, 64)
+    cache_dir, path = synthetic_cache(tmp_path, 3000, 500)
     rows = np.sort(np.random.default_rng(1).choice(3000, 2000, replace=False))
     with FeatureCache(path) as cache:
-        refs = [TapRef("tiny", "stage1"), TapRef("tiny", "stage3")]
-        stream = FusedRows({"tiny": cache}, refs, "train", rows, chunk_rows=257)  # many uneven chunks
+        refs = [TapRef("tinywide", "stage1"), TapRef("tinywide", "stage3")]
+        stream = FusedRows({"tinywide": cache}, refs, "train", rows, chunk_rows=257)  # many uneven chunks
         streamed = fit_normalizer("standard", stream)
         blocks = [cache.read("train", r.tap).astype(np.float32)[rows] for r in refs]
         loaded = TapNormalizer("standard").fit(blocks)
@@ -86,14 +89,14 @@ def capped(limit):
 
 
 def test_out_of_core_trains_under_a_memory_cap_the_in_memory_path_cannot(tmp_path):
-    n_train, n_test, dim = 60_000, 6_000, 1024
-    cache_dir, path = synthetic_cache(tmp_path, n_train, n_test, dim)
+    n_train, n_test, dim = 60_000, 6_000, tiny.WIDE
+    cache_dir, path = synthetic_cache(tmp_path, n_train, n_test)
     matrix = n_train * dim * 4  # the fused training matrix in float32: 246 MB
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # thread stacks count against the cap: keep them fixed
     common = ["fuse-train", *FLAGS, "--head", "linear", "--epochs", "3", "--batch-size", "1024", "--lr", "1e-3",
               "--weight-decay", "0"]  # one candidate: what is measured is memory
     # What the same command holds with a small cache: the interpreter, torch, scikit-learn, one chunk.
-    small_dir, _ = synthetic_cache(tmp_path / "small", 2000, 200, dim)
+    small_dir, _ = synthetic_cache(tmp_path / "small", 2000, 200)
     small = [*common, "--cache-dir", str(small_dir), "--runs-dir", str(tmp_path / "small-runs"), "--out-of-core"]
     measured = subprocess.run([sys.executable, "-c", MEASURE.format(tests=str(TESTS_DIR), args=small)],
                               capture_output=True, text=True, env=env, check=True)

@@ -67,3 +67,29 @@ TINY2 = BackboneSpec(
 
 if "tiny2" not in BACKBONES:
     register_backbone(TINY2)
+
+# A third, whose last tap is 1,024 wide: the streaming tests' synthetic caches hold features that wide, and
+# a cache's tap must be as wide as its backbone declares.
+WIDE = 1024
+
+
+class WideNet(TinyNet):
+    def __init__(self):
+        super().__init__()
+        self.stage3 = _stage(12, WIDE)
+        self.fc = nn.Linear(WIDE, 10)
+
+
+TINYWIDE = BackboneSpec(
+    name="tinywide",
+    build=lambda weights: WideNet(),
+    taps=(Tap("stage1", 8, 4), Tap("stage2", 12, 8), Tap("stage3", WIDE, 16)),
+    aliases=TINY.aliases,
+    weights_name=None,
+    head_prefixes=("fc.",),
+    blocks=TINY.blocks,
+    last_block=TINY.last_block,
+)
+
+if "tinywide" not in BACKBONES:
+    register_backbone(TINYWIDE)

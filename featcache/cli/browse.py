@@ -120,7 +120,10 @@ def runs(runs_dir, pipeline, sort, columns, width, csv_path):
     from featcache.runs.records import no_runs, pipeline_runs
 
     runs_dir = pipeline_runs(runs_dir, pipeline)
-    table = runs_table(runs_dir)
+    unreadable: list = []
+    table = runs_table(runs_dir, unreadable)
+    for folder, why in unreadable:
+        click.echo(f"warning: {folder} left out: {why}", err=True)
     if table.empty:
         raise no_runs(runs_dir, "train some with featcache fuse-train")
     shown = pick(table, columns, sort)

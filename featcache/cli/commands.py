@@ -58,8 +58,9 @@ def extract(request):
             say(f"{r.backbone}: already cached at {r.path} (served in {r.seconds:.2f} s)")
         else:
             rate = r.images / r.seconds if r.seconds else 0.0
-            say(f"{r.backbone}: {r.status} {r.images} images into {r.path} in {r.seconds:.1f} s ({rate:.1f} img/s, "
-                f"{r.precision})")
+            left_out = f" ({len(r.skipped)} more unreadable, left out)" if r.skipped else ""
+            say(f"{r.backbone}: {r.status} {r.images - len(r.skipped)} images{left_out} into {r.path} in "
+                f"{r.seconds:.1f} s ({rate:.1f} img/s, {r.precision})")
     say(f"done in {time.perf_counter() - started:.1f} s; inspect with: featcache info {results[-1].path}")
 
 

@@ -21,6 +21,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 RESIZES = ("center-crop", "stretch")
+MAX_IMAGE_SIZE = 4096
 INTERPOLATIONS = ("bilinear", "bicubic")
 LEGACY = {"image_size": 224, "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "interpolation": "bilinear", "crop_pct": 1.0}
 MODEL_FIELDS = tuple(LEGACY)  # None in a request: the backbone's own value
@@ -43,6 +44,9 @@ class PreprocessConfig:
     crop_pct: float | None = 1.0
 
     def __post_init__(self):
+        if self.image_size is not None and self.image_size > MAX_IMAGE_SIZE:
+            raise FeatcacheError(f"--image-size must be at most {MAX_IMAGE_SIZE} pixels (a batch of larger images does "
+                                 f"not fit in memory). Got {self.image_size} instead.")
         if self.image_size is not None and self.image_size < 8:
             raise FeatcacheError(f"--image-size must be at least 8 pixels. Got {self.image_size} instead.")
         check_choice("--resize", self.resize, RESIZES)

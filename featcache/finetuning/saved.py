@@ -63,7 +63,12 @@ def load_finetuned(run_dir: Path, record: RunRecord, device):
     normalizer, weights = load_head(run_dir)
     refs = [TapRef(*t.rsplit(":", 1)) for t in record.taps]
     net = build_net(cfg, refs, normalizer, len(record.classes), device)
-    net.load_state_dict(weights)
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:  # missing, unexpected or misshapen tensors: not this run's model
+        raise FeatcacheError(f"{Path(run_dir) / 'model.safetensors'} does not hold this run's model "
+                             f"({str(exc).splitlines()[0][:100]}): train the run again, or ask for the folder "
+                             f"again") from None
     return net.eval(), cfg
 
 

@@ -72,19 +72,42 @@ def save_head(folder: Path, normalizer: TapNormalizer, head) -> None:
 
 
 def load_head(folder: Path):
-    """(normalizer, fitted head) of a run folder; for a fine-tuned run, (normalizer, model state dict)."""
+    """(normalizer, fitted head) of a run folder; for a fine-tuned run, (normalizer, model state dict).
+
+    A file that is damaged, or not what its name says (a pickle renamed normalizer.safetensors, a
+    head.json of other keys), is one :class:`FeatcacheError` naming it.
+    """
     folder = Path(folder)
     if not (folder / "normalizer.safetensors").is_file():
         return _load_legacy(folder)
-    normalizer = _load_normalizer(folder / "normalizer.safetensors")
+    normalizer = _readable(folder / "normalizer.safetensors", _load_normalizer)
     if (folder / "model.safetensors").is_file():
-        return normalizer, _tensors(folder / "model.safetensors")
+        return normalizer, _readable(folder / "model.safetensors", _tensors)
     if (folder / "head.safetensors").is_file():
-        saved = json.loads((folder / "head.json").read_text())
-        saved["classes"] = np.asarray(saved["classes"])
-        saved["params"]["hidden"] = tuple(saved["params"]["hidden"])
-        return normalizer, TorchClassifier.from_state({**saved, "state": _tensors(folder / "head.safetensors")})
-    return normalizer, _load_skops(folder / "head.skops")
+        state = _readable(folder / "head.safetensors", _tensors)
+        return normalizer, _readable(folder / "head.json", lambda path: _torch_head(path, state))
+    return normalizer, _readable(folder / "head.skops", _load_skops)
+
+
+def _readable(path: Path, load):
+    """``load(path)``, with anything a damaged or foreign file raises worded as one line naming it."""
+    try:
+        return load(path)
+    except FeatcacheError:
+        raise
+    except Exception as exc:  # safetensors, skops, json and the head's own checks each raise their own kinds
+        raise FeatcacheError(f"{path} is damaged or not a file featcache wrote ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0][:120] if str(exc) else 'unreadable'}): train the run "
+                             f"again, or ask for the folder again") from None
+
+
+def _torch_head(path: Path, state: dict):
+    saved = json.loads(path.read_text())
+    saved["classes"] = np.asarray(saved["classes"])
+    if saved["classes"].ndim != 1:
+        raise ValueError(f"classes must be a list. Got {saved['classes']!r} instead")
+    saved["params"]["hidden"] = tuple(saved["params"]["hidden"])
+    return TorchClassifier.from_state({**saved, "state": state})
 
 
 def _load_skops(path: Path):

@@ -242,7 +242,8 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         folders = run_folders(cfg.runs_dir)
     if not folders and (cfg.runs or not sweep_folders(cfg.runs_dir)):  # a sweep alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
-    records = [load_record(f) for f in folders]
+    unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
+    folders, records = _readable_runs(folders, bool(cfg.runs), unreadable, log)
     if cfg.gradcam_images > 0:
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
@@ -263,7 +264,11 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     sections = []
     for folder, record, label in zip(folders, records, labels(records)):
         log(f"report: drawing {label} ({record.run})")
-        sections.append({**_section(folder, record, images, cfg, built), "label": label})
+        try:
+            sections.append({**_section(folder, record, images, cfg, built), "label": label})
+        except Exception as exc:  # a record whose fields hold what no figure can draw: the rest of the page goes on
+            sections.append({"record": record, "label": label, "variant": variant(record), "head": record.head,
+                             "figures": {}, "notes": {"architecture": f"this run cannot be drawn: {_why(exc)}"}})
     samples = {}
     for record in records:
         request = record_request(record)
@@ -272,8 +277,15 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
                 samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images))}
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
-    sweeps = [{**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}}
-              for sw in map(sweep_section, sweep_folders(cfg.runs_dir))]
+    sweeps = []
+    for folder in sweep_folders(cfg.runs_dir):
+        try:
+            sw = sweep_section(folder)
+        except Exception as exc:  # a damaged table.csv or sweep.json: named on the page, the rest still drawn
+            unreadable.append({"name": f"sweeps/{folder.name}", "why": _why(exc)})
+            log(f"report: sweep {folder} is unreadable ({_why(exc)}): shown as such")
+            continue
+        sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r.run for r in records if r.config["weights"] == "random"]
@@ -285,12 +297,36 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         table=table.to_dict("records"), columns=REPORT_COLUMNS, headers={c: HEADERS.get(c, c) for c in REPORT_COLUMNS},
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
-        time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps,
+        time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps, unreadable=unreadable,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
     log(f"report written to {out} and {out.with_suffix('.csv')} in {time.perf_counter() - started:.1f} s")
     return out
+
+
+def _readable_runs(folders: list[Path], named: bool, unreadable: list, log) -> tuple[list[Path], list[RunRecord]]:
+    """The folders whose record reads and tables, with their records; the others go to ``unreadable`` (a run
+    named on the command line is an error instead: the user asked for it)."""
+    kept, records = [], []
+    for folder in folders:
+        try:
+            record = load_record(folder)
+            comparison_table([record])  # its fields are what the table reads
+        except Exception as exc:
+            if named:
+                raise FeatcacheError(f"run {folder} cannot be reported: {_why(exc)}") from None
+            unreadable.append({"name": folder.name, "why": _why(exc)})
+            log(f"report: run {folder} is unreadable ({_why(exc)}): shown as such")
+            continue
+        kept.append(folder)
+        records.append(record)
+    return kept, records
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return text if isinstance(exc, FeatcacheError) else f"{type(exc).__name__}: {text[:160]}"
 
 
 def _ours(path: Path) -> bool:

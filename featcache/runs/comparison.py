@@ -123,9 +123,10 @@ def comparison_table(records: list[RunRecord]):
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def runs_table(runs_dir: Path):
-    """The comparison table of every run in ``runs_dir``."""
-    return comparison_table(list_records(runs_dir))
+def runs_table(runs_dir: Path, unreadable: list | None = None):
+    """The comparison table of every run in ``runs_dir`` (given ``unreadable``, the runs whose record cannot be
+    read are left out and listed there)."""
+    return comparison_table(list_records(runs_dir, unreadable))
 
 
 def pick(table, columns: str | None, sort: str | None):

@@ -26,6 +26,10 @@ from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig
 
 RECORD = "record.json"
+FIELD_TYPES = {"taps": list, "head": str, "dim": int, "classes": list, "config": dict, "rows": dict, "selection": dict,
+               "metrics": dict, "timings": dict, "versions": dict, "caches": dict, "warnings": list, "run": str,
+               "request": str}
+KIND_WORDS = {list: "a list", str: "a string", int: "a whole number", dict: "an object"}
 SCHEMA = 1  # version of record.json; featcache 0.1.0 wrote version 1 without the field
 KINDS = ("frozen", "finetuned")
 
@@ -73,6 +77,13 @@ class RunRecord:
     def __post_init__(self):
         if self.kind not in KINDS:
             raise FeatcacheError(f"a run record's kind must be one of {', '.join(KINDS)}. Got {self.kind!r} instead.")
+        for name, kind in FIELD_TYPES.items():  # a record from elsewhere is checked before anything reads it
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+                raise FeatcacheError(f"a run record's {name} must be {KIND_WORDS[kind]}. Got {type(value).__name__} "
+                                     f"instead.")
+        if not all(isinstance(t, str) for t in self.taps) or not all(isinstance(c, str) for c in self.classes):
+            raise FeatcacheError("a run record's taps and classes must be lists of names")
 
     @property
     def finetuned(self) -> bool:
@@ -154,7 +165,9 @@ def load_record(folder: Path) -> RunRecord:
     if not path.is_file():
         raise FeatcacheError(f"{folder} is not a run folder (no {RECORD}): list runs with featcache runs")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FeatcacheError(f"{path} is not a run record (not text: damaged, or another kind of file)") from None
     except json.JSONDecodeError as exc:
         raise FeatcacheError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
     if not isinstance(data, dict):
@@ -201,8 +214,18 @@ def run_folders(runs_dir: Path) -> list[Path]:
     return found
 
 
-def list_records(runs_dir: Path) -> list[RunRecord]:
-    return [load_record(p) for p in run_folders(runs_dir)]
+def list_records(runs_dir: Path, unreadable: list | None = None) -> list[RunRecord]:
+    """The records of every run in ``runs_dir``; given ``unreadable``, a run whose record cannot be read is left
+    out and added there as (folder, why) instead of stopping the listing."""
+    records = []
+    for folder in run_folders(runs_dir):
+        try:
+            records.append(load_record(folder))
+        except FeatcacheError as exc:
+            if unreadable is None:
+                raise
+            unreadable.append((folder, str(exc)))
+    return records
 
 
 def no_runs(runs_dir: Path, hint: str) -> FeatcacheError:

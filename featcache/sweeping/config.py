@@ -19,6 +19,7 @@ from featcache.fuse.heads import HeadOptions, heads_for
 from featcache.sweeping.scorers import SCORERS
 
 DEFAULT_HEADS = ("logreg", "svm", "linear", "knn")
+MAX_COMBOS = 1_000_000  # above any --max-combos: the combinations are listed in memory
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,8 @@ class SweepConfig:
         require(all(k >= 1 for k in self.shots), "--shots", self.shots, "be positive numbers of images per class")
         require(self.repeats >= 2 or not self.shots, "--repeats", self.repeats, "be at least 2 (an interval needs two draws)")
         require(self.keep >= 0, "--keep", self.keep, "be 0 or more")
-        require(self.max_combos >= 1, "--max-combos", self.max_combos, "be at least 1")
+        require(1 <= self.max_combos <= MAX_COMBOS, "--max-combos", self.max_combos,
+                f"lie between 1 and {MAX_COMBOS:,} (a table longer than that is read by nobody)")
 
 
 def all_taps(backbones: tuple[str, ...]) -> list[TapRef]:

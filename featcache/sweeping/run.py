@@ -75,10 +75,17 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         done = finished(folder)
         todo = _jobs(cfg, combos)
         count = 0
-        if all(row_key(job) in done for job in todo):
+        finished_here = sum(row_key(job) in done for job in todo)
+        if finished_here == len(todo):
             log(f"every evaluation of this sweep is in {folder}: writing its tables")
         else:
+            if finished_here:
+                log(f"resuming: {finished_here} of {len(todo)} evaluations are already in {folder}")
             count = _evaluate(cfg, paths, folder, todo, done, log, progress)
+        # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
+        # (written each time: a damaged sweep.json of a finished sweep is mended by running it again)
+        shown = {"taps": [str(r) for r in all_taps(cfg.features.backbones)], "weights": str(cfg.features.weights)}
+        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
         rows = read_rows(folder)  # read once: the tables and the kept runs' choices
         table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
         write_tables(folder, table, fewshot, scores)
@@ -103,9 +110,6 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
     folder.mkdir(parents=True, exist_ok=True)
-    # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
-    shown = {"taps": [str(r) for r in every_tap], "weights": str(feat.weights)}
-    atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
     splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
     if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
         log(f"warning: {note}")  # before the bar, so that the two do not share a line

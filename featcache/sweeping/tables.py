@@ -41,18 +41,34 @@ def finished(folder: Path) -> set[str]:
     path = folder / "rows.jsonl"
     if not path.exists():
         return set()
-    text = path.read_text()
+    text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file's bytes make bad lines, not a crash
     done, good = set(), []
     for line in text.splitlines():
         try:
-            done.add(row_key(json.loads(line)))
+            row = json.loads(line)
+            if not _complete(row):
+                continue
+            done.add(row_key(row))
             good.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
     kept = "".join(line + "\n" for line in good)
     if kept != text:
         atomic_write(path, kept)
     return done
+
+
+PROBE_VALUES = ("val_acc", "test_acc", "macro_f1", "fit_s", "width")
+
+
+def _complete(row) -> bool:
+    """A row the tables can count: its key, and numbers where its kind has them (a row with its keys but no
+    values is dropped, and evaluated again, rather than tabled as NaN)."""
+    if not isinstance(row, dict):
+        return False
+    values = ("score", "fit_s", "width") if row.get("kind") == "score" else PROBE_VALUES
+    return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
+                                         and np.isfinite(row[k]) for k in values)
 
 
 def interval(values) -> float:
