@@ -69,7 +69,7 @@ def test_standardisation_is_scale_free(scale):
     standardises to what the same tap times 1e13 (or divided by 1e8) does: no absolute floor on the scale."""
     rng = np.random.default_rng(0)
     y = np.arange(200) % 4
-    X = (rng.normal(size=(200, 16)) + np.eye(4, 16)[y] * 2).astype(np.float64)
+    X = (rng.normal(size=(200, 16)) + np.eye(4, 16)[y] * 4).astype(np.float64)
     X[:, 5] = 3.0  # a constant column stays constant (zero), not amplified
     tiny = (X * scale).astype(np.float32)
     plain = X.astype(np.float32)

@@ -400,3 +400,38 @@ def test_the_table_ranks_on_validation_alone_ties_to_the_narrower(tmp_path):
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     table, _, _ = tables(read_rows(tmp_path))
     assert list(table["taps"]) == ["best", "narrow", "wide"]  # test accuracy never breaks a tie
+
+
+def test_kept_runs_hold_only_the_backbones_their_taps_read(tmp_path, monkeypatch, image_folder):
+    from click.testing import CliRunner
+
+    import featcache.fuse.predict as frozen_predict
+    from featcache.cli.commands import cli
+    from featcache.runs.records import load_record
+
+    runs = tmp_path / "runs"
+    args = ["sweep", "--backbone", "tiny", "--backbone", "tiny2", "--weights", "random", "--image-size", "32",
+            "--device", "cpu", "--limit-train", "150", "--limit-test", "40", "--combos", "singles", "--head", "logreg",
+            "--keep", "3", "--score", "hscore", "--extract", "--cache-dir", str(tmp_path / "cache"), "--runs-dir",
+            str(runs), "-q"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    kept = sorted(p for p in runs.glob("[!.]*") if p.name != "sweeps")
+    records = [load_record(p) for p in kept]
+    assert len(kept) == 3 and len({p.name for p in kept}) == 3
+    for record in records:
+        assert record.config["backbones"] == sorted({t.rsplit(":", 1)[0] for t in record.taps})
+    labels = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs), "--columns", "label"]).output.splitlines()[1:]
+    assert len(set(labels)) == 3  # no two kept runs read the same
+    built, original = [], frozen_predict.tap_model
+
+    def counted(spec, *args, **kwargs):
+        built.append(spec.name)
+        return original(spec, *args, **kwargs)
+
+    monkeypatch.setattr(frozen_predict, "tap_model", counted)
+    photo = next(image_folder.rglob("*.png"))
+    for path, record in zip(kept, records):
+        built.clear()
+        assert CliRunner().invoke(cli, ["predict", "--run", str(path), str(photo), "--device", "cpu"]).exit_code == 0
+        assert built == record.config["backbones"]

@@ -69,6 +69,18 @@ def normalize_tap(block, method: str, mean=None, scale=None):
     return block
 
 
+RELATIVE_FLOOR = 1e-6
+
+
+def _scale(std: np.ndarray) -> np.ndarray:
+    """Each column's standard deviation, floored relative to the tap's largest (not at an absolute value): a tap
+    of values near 1e-13 standardises as the same tap times 1e13 does. A column that barely moves next to its
+    tap's others is not blown up; a constant tap keeps scale 1 (its centred values are 0 anyway)."""
+    largest = float(std.max()) if std.size else 0.0
+    floor = largest * RELATIVE_FLOOR if largest > 0 else 1.0
+    return np.maximum(std, floor).astype(np.float32)
+
+
 class TapNormalizer:
     """Per-tap normalisation fitted on training rows, then concatenation.
 
@@ -92,8 +104,7 @@ class TapNormalizer:
         self.dims_ = [len(s) for s in sums]
         if self.method == "standard":
             self.mean_ = [(s / n).astype(np.float32) for s in sums]
-            self.scale_ = [np.maximum(np.sqrt(np.maximum(q / n - (s / n) ** 2, 0)), 1e-6).astype(np.float32)
-                           for s, q in zip(sums, squares)]
+            self.scale_ = [_scale(np.sqrt(np.maximum(q / n - (s / n) ** 2, 0))) for s, q in zip(sums, squares)]
         return self
 
     def transform(self, blocks: list[np.ndarray]) -> np.ndarray:

@@ -250,10 +250,12 @@ def _draw(labels: np.ndarray, shots: int, seed: int, repeat: int) -> np.ndarray:
 def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
     """The best ``--keep`` (combination, head) by validation accuracy, trained as ordinary fuse-train runs: each
     the first seed's replicate, with the hyper-parameter that seed chose (not the table's most frequent choice,
-    which another seed's split made), the svm as the sweep solved it (linear: no RBF candidate)."""
+    which another seed's split made), the svm as the sweep solved it (linear: no RBF candidate), and only the
+    backbones its taps read (its label, predict and Grad-CAM then build only those)."""
     from featcache.fuse.train import FuseTrainConfig, fuse_train
 
-    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows if r["seed"] == cfg.seeds[0] and r["shots"] == 0}
+    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows
+             if r["seed"] == cfg.seeds[0] and r["shots"] == 0 and r.get("kind") != "score"}
     runs = []
     keepable = table["head"].map(lambda h: h in HEADS and HEADS[h].keep).astype(bool)
     for row in table[keepable].head(cfg.keep).itertuples():
@@ -262,7 +264,9 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
         if row.head == "svm":
             grid["kernel"] = ("linear",)
         options = replace(cfg.options, seed=cfg.seeds[0], grid={**cfg.options.grid, **grid})
-        run_cfg = FuseTrainConfig(features=replace(cfg.features, data=replace(cfg.features.data, seed=cfg.seeds[0])),
+        used = tuple(dict.fromkeys(tap.rsplit(":", 1)[0] for tap in row.taps.split("+")))
+        features = replace(cfg.features, backbones=used, data=replace(cfg.features.data, seed=cfg.seeds[0]))
+        run_cfg = FuseTrainConfig(features=features,
                                   taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
                                   options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
         runs += fuse_train(run_cfg, log=log)
