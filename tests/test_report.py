@@ -215,3 +215,36 @@ def test_an_empty_heatmap_is_drawn_as_the_plain_image_and_named(monkeypatch):
     out = figures.gradcam_grid(image, {"r:late": [np.zeros((8, 8, 3))]}, [0], [0], ["a"], {"r:late": (2, 2)},
                                {"r:late": [True]})
     assert out.startswith(b"\x89PNG") and texts == ["2x2 map; empty: all-zero gradients"]
+
+
+def test_the_report_chooses_on_validation_never_on_test(tmp_path, report_runs):
+    """Bold rows and the sweep's layer and pair plots rank by validation accuracy: the plots draw from tables with
+    no test column at all, and the run with the best test but not the best validation accuracy is not bold."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    from featcache.reporting.sweeps import depth, pair_heatmap
+
+    source, runs = report_runs
+    folder = tmp_path / "runs"
+    shutil.copytree(source / "runs", folder)
+    chosen, tested = [folder / runs[0].name, folder / runs[1].name]
+    for run, (val, test) in ((chosen, (0.99, 0.5)), (tested, (0.6, 0.98))):
+        record = json.loads((run / "record.json").read_text())
+        record["selection"]["val_accuracy"], record["metrics"]["accuracy"] = val, test
+        (run / "record.json").write_text(json.dumps(record))
+    page = tmp_path / "r.html"
+    result = CliRunner().invoke(cli, ["report", "--runs-dir", str(folder), "-o", str(page), "--gradcam-images", "0",
+                                      "--grid-images", "0"])
+    assert result.exit_code == 0, result.output
+    bold = [line for line in page.read_text().splitlines() if '<tr class="best">' in line]
+    assert len(bold) == 1
+    rows = page.read_text().split('<tr class="best">', 1)[1].split("</tr>", 1)[0]
+    assert chosen.name in rows and tested.name not in rows
+    no_test = pd.DataFrame({"taps": ["a:x", "a:y", "a:x+a:y"], "head": "logreg", "val_acc": [0.5, 0.7, 0.8],
+                            "val_acc_ci": 0.0, "n_taps": [1, 1, 2]})
+    assert depth(no_test[no_test["n_taps"] == 1], ["a:x", "a:y"]).startswith(b"\x89PNG")
+    assert pair_heatmap(no_test[no_test["n_taps"] == 2], "logreg", ["a:x", "a:y"],
+                        no_test[no_test["n_taps"] == 1]).startswith(b"\x89PNG")

@@ -111,7 +111,7 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     folder = sweep(_cfg(tmp_path, seeds=(0, 1), shots=(2,), repeats=2), log=lambda m: None)
     table = (folder / "table.csv").read_text().splitlines()
     assert len(table) == 1 + 6 * 3  # 3 taps + 3 pairs, 3 heads
-    assert table[0].startswith("taps,head,n_taps,width,chosen,val_acc,test_acc,test_acc_ci,macro_f1,fit_s,seeds")
+    assert table[0].startswith("taps,head,n_taps,width,chosen,val_acc,val_acc_ci,test_acc,test_acc_ci,macro_f1,fit_s,seeds")
     rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
     assert len(rows) == 2 * 6 * 3 + 2 * 2 * 6 * 3  # seeds x combos x heads, and the few-shot draws
     assert all(r["chosen"] for r in rows) and {r["head"] for r in rows} == {"logreg", "svm", "knn"}

@@ -38,7 +38,7 @@ def sweep_section(folder: Path) -> dict:
     fewshot = folder / "fewshot.csv"
     if fewshot.exists():
         out["fewshot"] = fewshot_curve(pd.read_csv(fewshot), table)
-    columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s"]
+    columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s", "seeds"]
     neighbours = table["head"].map(lambda h: h in HEADS and HEADS[h].sweep == "neighbours").astype(bool)
     out["top"] = table[~neighbours].head(10)[columns].to_dict("records")
     out["knn"] = table[neighbours].head(10)[columns].to_dict("records")
@@ -81,14 +81,15 @@ def depth_lines(singles, order: list[str]) -> dict:
 
 
 def depth(singles, order: list[str]) -> bytes:
-    """Test accuracy of each tap alone, in network order: one line per backbone and head."""
+    """Validation accuracy of each tap alone, in network order: one line per backbone and head. Validation, not
+    test: a reader picks a layer from this plot, and the test split never drives a choice."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
     for label, (x, rows) in depth_lines(singles, order).items():
-        ax.errorbar(x, rows["test_acc"], yerr=_bounded(rows["test_acc"], rows["test_acc_ci"]), marker="o", capsize=2,
-                    label=label)
+        ci = rows["val_acc_ci"] if "val_acc_ci" in rows else np.zeros(len(rows))
+        ax.errorbar(x, rows["val_acc"], yerr=_bounded(rows["val_acc"], ci), marker="o", capsize=2, label=label)
     ax.set_xlabel("tap, in network order (1 = earliest)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("validation accuracy")
     ax.set_ylim(top=1.02)
     ax.set_title("Which layer transfers best", fontsize=10)
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -97,25 +98,25 @@ def depth(singles, order: list[str]) -> bytes:
 
 
 def pair_heatmap(pairs, head: str, order: list[str], singles=None) -> bytes:
-    """Test accuracy of every pair of taps (one head), as a symmetric matrix in network order; on its diagonal each
-    tap alone (``singles``, the same head), where the sweep had it."""
+    """Validation accuracy of every pair of taps (one head), as a symmetric matrix in network order; on its diagonal
+    each tap alone (``singles``, the same head), where the sweep had it. Validation: a reader picks a pair here."""
     plt = _plt()
     named = {t for taps in pairs["taps"] for t in taps.split("+")}
     names = [t for t in order if t in named]
     where = {t: i for i, t in enumerate(names)}
     grid = np.full((len(names), len(names)), np.nan)
-    for taps, acc in zip(pairs["taps"], pairs["test_acc"]):
+    for taps, acc in zip(pairs["taps"], pairs["val_acc"]):
         a, b = (where[t] for t in taps.split("+"))
         grid[a, b] = grid[b, a] = acc
     if singles is not None:
-        for tap, acc in zip(singles["taps"], singles["test_acc"]):
+        for tap, acc in zip(singles["taps"], singles["val_acc"]):
             if tap in where:
                 grid[where[tap], where[tap]] = acc
     fig, ax = plt.subplots(figsize=(0.45 * len(names) + 3, 0.45 * len(names) + 2))
     shown = ax.imshow(grid, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.set_title(f"Pairs of taps, {head}: test accuracy (diagonal: the tap alone)", fontsize=10)
+    ax.set_title(f"Pairs of taps, {head}: validation accuracy (diagonal: the tap alone)", fontsize=10)
     fig.colorbar(shown, ax=ax, shrink=0.8)
     return png(fig)
 

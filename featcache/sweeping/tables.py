@@ -106,7 +106,7 @@ def tables(rows: list[dict], keys: set | None = None):
     table = full.groupby(["taps", "head"], sort=False).agg(
         n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
         chosen=("chosen", lambda c: Counter(c).most_common(1)[0][0]),  # the most frequent; ties: the first seed's
-        val_acc=("val_acc", "mean"), test_acc=("test_acc", "mean"),
+        val_acc=("val_acc", "mean"), val_acc_ci=("val_acc", interval), test_acc=("test_acc", "mean"),
         test_acc_ci=("test_acc", interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
         seeds=("seed", "nunique")).reset_index()
     # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
@@ -181,6 +181,7 @@ def fewshot_lines(fewshot, table) -> list[str]:
 def top_lines(table, n: int = 10) -> list[str]:
     lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
     for row in table.head(n).itertuples():
-        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {row.test_acc_ci:6.4f}  {row.head:<7} "
+        ci = f"{row.test_acc_ci:6.4f}" if row.seeds > 1 else f"{'-':>6}"  # one seed: no interval, not ±0
+        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {ci}  {row.head:<7} "
                      f"{row.chosen[:24]:<24} {row.taps}")
     return lines
