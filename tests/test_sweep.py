@@ -435,3 +435,25 @@ def test_kept_runs_hold_only_the_backbones_their_taps_read(tmp_path, monkeypatch
         built.clear()
         assert CliRunner().invoke(cli, ["predict", "--run", str(path), str(photo), "--device", "cpu"]).exit_code == 0
         assert built == record.config["backbones"]
+
+
+def test_ties_with_the_best_on_validation_are_said_and_broken_toward_the_cheaper_model():
+    from featcache.sweeping.tables import tables, top_lines
+
+    def row(seed, taps, val, width):
+        return {"seed": seed, "taps": taps, "head": "logreg", "shots": 0, "repeat": 0, "width": width,
+                "chosen": {"C": 1}, "val_acc": val, "test_acc": 0.5, "macro_f1": 0.5, "fit_s": 0.1}
+
+    rows = [row(0, ["b:late", "a:late"], 1.0, 24), row(0, ["a:late"], 1.0, 16), row(0, ["b:early"], 1.0, 16),
+            row(0, ["a:early"], 0.9, 8)]
+    table, _, _ = tables(rows)
+    assert list(table["taps"]) == ["a:late", "b:early", "b:late+a:late", "a:early"]  # narrower first, test unread
+    assert list(table["ties_best"]) == [True, True, True, False]
+    said = top_lines(table)[-1]
+    assert said.startswith("3 of 4 (combination, head) rows tie with the best on validation (1.0000, exactly)")
+    seeds = [row(s, ["a:late"], v, 16) for s, v in ((0, 0.9), (1, 1.0))] + [row(s, ["a:early"], v, 8)
+                                                                             for s, v in ((0, 0.94), (1, 0.9))]
+    table, _, _ = tables(seeds)  # 0.95 +- a wide interval: 0.92 lies within it
+    assert list(table["ties_best"]) == [True, True] and "within its 95% interval" in top_lines(table)[-1]
+    alone, _, _ = tables([row(0, ["a:late"], 1.0, 16), row(0, ["a:early"], 0.5, 8)])
+    assert not any("tie" in line for line in top_lines(alone))

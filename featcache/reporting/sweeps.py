@@ -40,6 +40,8 @@ def sweep_section(folder: Path) -> dict:
         out["fewshot"] = fewshot_curve(pd.read_csv(fewshot), table)
     columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s", "seeds"]
     neighbours = table["head"].map(lambda h: h in HEADS and HEADS[h].sweep == "neighbours").astype(bool)
+    if "ties_best" in table and table["ties_best"].sum() > 1:  # said out loud: validation cannot choose among these
+        out["tied"] = table[table["ties_best"].astype(bool)][["taps", "head", "val_acc", "width"]].to_dict("records")
     out["top"] = table[~neighbours].head(10)[columns].to_dict("records")
     out["knn"] = table[neighbours].head(10)[columns].to_dict("records")
     return out

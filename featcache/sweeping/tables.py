@@ -109,12 +109,38 @@ def tables(rows: list[dict], keys: set | None = None):
         val_acc=("val_acc", "mean"), val_acc_ci=("val_acc", interval), test_acc=("test_acc", "mean"),
         test_acc_ci=("test_acc", interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
         seeds=("seed", "nunique")).reset_index()
-    # ranked on validation only; ties go to the narrower combination, then to the order asked (never to test)
-    table = table.sort_values(["val_acc", "width"], ascending=[False, True], kind="stable").reset_index(drop=True)
+    # ranked on validation only; ties go to the cheaper model: fewer columns, then fewer backbones, then the order
+    # asked (network order: earlier taps first) -- never to test
+    table["n_backbones"] = table["taps"].map(lambda t: len({tap.rsplit(":", 1)[0] for tap in t.split("+")}))
+    table = table.sort_values(["val_acc", "width", "n_backbones"], ascending=[False, True, True],
+                              kind="stable").reset_index(drop=True)
+    table["ties_best"] = ties_best(table)
     few = frame[frame["shots"] > 0]
     fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
         test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", interval), draws=("test_acc", "size")).reset_index()
     return table, fewshot, scores
+
+
+def ties_best(table) -> np.ndarray:
+    """Which rows tie with the best on validation: the same mean validation accuracy, or with several seeds within
+    the best row's 95% interval of it (what the seeds cannot tell apart)."""
+    if not len(table):
+        return np.zeros(0, dtype=bool)
+    best = table.iloc[0]
+    margin = best["val_acc_ci"] if best["seeds"] > 1 else 0.0
+    return (table["val_acc"] >= best["val_acc"] - margin - 1e-12).to_numpy()
+
+
+def tie_line(table) -> str | None:
+    """The closing line that says a tie out loud, or None when the best stands alone."""
+    tied = int(table["ties_best"].sum()) if "ties_best" in table else 0
+    if tied < 2:
+        return None
+    within = "within its 95% interval over the seeds" if table.iloc[0]["seeds"] > 1 else "exactly"
+    return (f"{tied} of {len(table)} (combination, head) rows tie with the best on validation "
+            f"({table.iloc[0]['val_acc']:.4f}, {within}): the first listed is the cheapest of them (fewest columns, "
+            f"then fewest backbones, then earliest taps); table.csv marks them all in ties_best. With so many ties "
+            f"validation cannot choose: more validation images, or more --seeds, can")
 
 
 def score_table(rows: list[dict]):
@@ -184,4 +210,5 @@ def top_lines(table, n: int = 10) -> list[str]:
         ci = f"{row.test_acc_ci:6.4f}" if row.seeds > 1 else f"{'-':>6}"  # one seed: no interval, not ±0
         lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {ci}  {row.head:<7} "
                      f"{row.chosen[:24]:<24} {row.taps}")
-    return lines
+    tie = tie_line(table)
+    return lines + ([tie] if tie else [])
