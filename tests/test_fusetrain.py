@@ -1,5 +1,6 @@
 """fuse-train end to end on digits with the tiny backbone and random weights (fast)."""
 
+import csv
 import json
 
 import numpy as np
@@ -274,6 +275,20 @@ def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
     assert folder.output == pattern.output == result.output
     missing = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", str(tmp_path / "nope.jpg"))
     assert missing.exit_code == 2 and f"no image at {tmp_path / 'nope.jpg'}: check the path" in missing.output
+    # --top-k and --output: the K best labels with probabilities, on screen and as a table
+    table = tmp_path / "p.csv"
+    top = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", "--top-k", "2",
+                  "--output", table, *files)
+    assert top.exit_code == 0, top.output
+    ranked = [line.split("\t") for line in top.stdout.strip().splitlines()]
+    assert [r[:2] for r in ranked] == [line[:2] for line in lines]  # the best label first, as without --top-k
+    assert all({r[1], r[3]} == {"cat", "dog"} and float(r[2]) >= float(r[4]) for r in ranked)
+    written = list(csv.DictReader(table.open()))
+    assert len(written) == 2 * len(files) and written[0]["rank"] == "1" and written[1]["rank"] == "2"
+    assert abs(float(written[0]["probability"]) + float(written[1]["probability"]) - 1) < 1e-6
+    bad = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--output", tmp_path / "p.txt",
+                  *files)
+    assert bad.exit_code == 2 and "--output " in bad.output and "written as .csv or .parquet" in bad.output
 
 
 def test_predict_errors(tmp_path):

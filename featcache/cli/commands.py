@@ -124,10 +124,13 @@ def predict(request):
 
     Each IMAGE is a file, a folder (every image inside, recursively) or a quoted glob
     pattern such as 'photos/**/*.jpg'. Prints one tab-separated line per image: file, label,
-    probability.
+    probability (with --top-k K, the K most probable labels each with its probability);
+    --output FILE also writes them as CSV or Parquet.
     """
     for line in STAGES["predict"].run(request, click.echo).outputs:
         click.echo(line)
+    if request.output is not None:
+        click.echo(f"written {request.output}", err=True)
 
 
 RUN_HELP = """Run a study's pipeline file (TOML) stage by stage: extract, sweep, fuse-train, finetune, report.

@@ -113,13 +113,19 @@ def _predict(request: PredictRequest, log) -> Outcome:
     import featcache.fuse.predict  # noqa: F401
     from featcache.data.images import image_paths
     from featcache.fuse.saved import trusting
-    from featcache.runs.predict import predict_files
+    from featcache.runs.predict import check_output, predict_files, write_predictions
     from featcache.runs.records import resolve_run
 
     run = resolve_run(request.run, request.runs_dir)
+    if request.output is not None:
+        check_output(request.output)  # before any network is built
     with trusting(request.trust_pickles):
-        predictions = predict_files(run, image_paths(request.images), device=request.device)
-    return Outcome("ran", [f"{file}\t{label}\t{prob:.4f}" for file, label, prob in predictions], [], predictions)
+        predictions = predict_files(run, image_paths(request.images), device=request.device, top_k=request.top_k)
+    if request.output is not None:
+        write_predictions(request.output, predictions)
+    lines = [f"{file}\t{label}\t{prob:.4f}" for file, label, prob in predictions] if request.top_k == 1 else [
+        f"{file}\t" + "\t".join(f"{label}\t{prob:.4f}" for label, prob in ranked) for file, ranked in predictions]
+    return Outcome("ran", lines, [], predictions)
 
 
 STAGES: dict[str, StageSpec] = {s.name: s for s in (

@@ -24,4 +24,9 @@ class PredictRequest:
                                           "patterns such as 'photos/**/*.jpg'.", argument=True, metavar="IMAGE...")
     runs_dir: Path = option(Path("runs"), help="Where runs live.")
     device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
+    top_k: int = option(1, check=lambda k: k >= 1, rule="be at least 1",
+                        help="Give the K most probable classes of each image, each with its probability.")
+    output: Path | None = option(None, writes=True, metavar="FILE",
+                                 help="Also write the predictions to FILE: .csv or .parquet (one row per image and "
+                                      "rank: file, rank, label, probability).")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
