@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, closest
 from featcache.pipeline.request import PipelineRequest
 from featcache.pipeline.stages import STAGES, Outcome
-from featcache.requests import API, build, docs, signature
+from featcache.requests import API, build, docs, params, signature
 
 
 def _silent(message: str) -> None:
@@ -109,6 +109,11 @@ def load_features(taps=("late",), split: str = "train", **kwargs) -> tuple[np.nd
 
     if split not in ("train", "test"):
         raise FeatcacheError(f"split must be 'train' or 'test'. Got {split!r} instead.")
+    known = ["taps", "split", *(p.name for p in params(FuseRequest))]
+    for name in kwargs:
+        if name not in known:  # a typo of split is not "did you mean seed?"
+            guess = closest(name, known)
+            raise FeatcacheError(f"unknown keyword '{name}'" + (f"; did you mean '{guess}'?" if guess else ""))
     request = build(FuseRequest, {**kwargs, "taps": [",".join(taps)] if isinstance(taps, (list, tuple)) else taps},
                     API)
     config = request.config()

@@ -83,3 +83,8 @@ def test_quiet_prints_nothing_and_dir_lists_the_stages(tmp_path, flags, capsys):
 
     assert "image_size" in inspect.signature(featcache.extract).parameters
     assert "image_size: Input size in pixels" in featcache.extract.__doc__
+
+
+def test_a_typo_of_load_features_own_keywords_suggests_them(flags):
+    with pytest.raises(featcache.FeatcacheError, match=r"^unknown keyword 'splitt'; did you mean 'split'\?"):
+        featcache.load_features(**flags, splitt="test")
