@@ -12,7 +12,9 @@ Python, ``image-size`` in a pipeline file).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import re
 import types
 import typing
@@ -40,7 +42,6 @@ class Meta:
         metavar: how ``--help`` shows the value.
         argument: positional on the command line (``RUN...``).
         shared: a shared pipeline file may set it (False: only a person, on the command line or in Python).
-        cli: a command-line option at all (False: a field set by the stages, e.g. a pipeline's own output).
         writes: a path featcache writes to (a shared pipeline file may only name one below the folder it runs
             in).
     """
@@ -55,7 +56,6 @@ class Meta:
     metavar: str = ""
     argument: bool = False
     shared: bool = True
-    cli: bool = True
     writes: bool = False
 
 
@@ -118,21 +118,12 @@ API = Front("api", lambda p: p.name)
 PIPELINE = Front("pipeline", lambda p: p.flag)
 
 
-def params(cls) -> list[Param]:
+@functools.cache
+def params(cls) -> tuple[Param, ...]:
     """Every field of the request class ``cls``, in declaration order."""
     hints = typing.get_type_hints(cls)
-    out = []
-    for f in dataclasses.fields(cls):
-        meta = f.metadata.get(META)
-        if meta is None:
-            continue
-        default = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
-        out.append(Param(f.name, hints[f.name], default, meta))
-    return out
-
-
-def param(cls, name: str) -> Param:
-    return {p.name: p for p in params(cls)}[name]
+    return tuple(Param(f.name, hints[f.name], f.default, f.metadata[META])
+                 for f in dataclasses.fields(cls) if META in f.metadata)
 
 
 def base_type(hint):
@@ -144,7 +135,8 @@ def base_type(hint):
 
 
 def _optional(hint) -> bool:
-    return (isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union) and type(None) in typing.get_args(hint)
+    union = isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union
+    return union and type(None) in typing.get_args(hint)
 
 
 class InvalidValue(Exception):
@@ -162,28 +154,14 @@ def _scalar(value, kind):
         if isinstance(value, bool):
             return value
         raise InvalidValue(_KIND[bool])
-    if kind is int:
-        if isinstance(value, bool):
-            raise InvalidValue(_KIND[int])
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value.strip())
-            except ValueError:
-                pass
-        raise InvalidValue(_KIND[int])
-    if kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                pass
-        raise InvalidValue(_KIND[float])
+    if kind in (int, float):
+        if isinstance(value, str):  # from the command line or --set: the text of a number
+            with contextlib.suppress(ValueError):
+                return kind(value.strip())
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if kind is float or isinstance(value, int) or value.is_integer():  # 3.0 is a whole number, 3.5 is not
+                return kind(value)
+        raise InvalidValue(_KIND[kind])
     if kind is Path:
         if isinstance(value, (str, Path)):
             return Path(value)

@@ -3,6 +3,8 @@
 Importable on its own (``import tiny``) so subprocesses in the tests can register it too.
 """
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -80,16 +82,8 @@ class WideNet(TinyNet):
         self.fc = nn.Linear(WIDE, 10)
 
 
-TINYWIDE = BackboneSpec(
-    name="tinywide",
-    build=lambda weights: WideNet(),
-    taps=(Tap("stage1", 8, 4), Tap("stage2", 12, 8), Tap("stage3", WIDE, 16)),
-    aliases=TINY.aliases,
-    weights_name=None,
-    head_prefixes=("fc.",),
-    blocks=TINY.blocks,
-    last_block=TINY.last_block,
-)
+TINYWIDE = dataclasses.replace(TINY, name="tinywide", build=lambda weights: WideNet(),
+                               taps=(*TINY.taps[:2], Tap("stage3", WIDE, 16)))
 
 if "tinywide" not in BACKBONES:
     register_backbone(TINYWIDE)

@@ -74,5 +74,5 @@ def request_command(name: str, cls, body: Callable, **settings) -> click.Command
     def callback(**values):
         return body(build(cls, values, CLI))
 
-    return click.Command(name, callback=callback, params=[option_for(p) for p in params(cls) if p.meta.cli],
+    return click.Command(name, callback=callback, params=[option_for(p) for p in params(cls)],
                          help=body.__doc__, **settings)
