@@ -68,3 +68,20 @@ def test_a_run_is_found_by_name_one_folder_down(report_runs, tmp_path):
     _, runs = report_runs
     copy = shutil.copytree(runs[0], tmp_path / "runs" / "study" / runs[0].name)
     assert resolve_run(runs[0].name, tmp_path / "runs") == copy
+
+
+@pytest.mark.parametrize("width", [100, 60, 30])
+def test_the_runs_table_fits_the_terminal_and_keeps_what_tells_runs_apart(width):
+    import pandas as pd
+
+    from featcache.runs.comparison import TERMINAL_COLUMNS, as_text
+
+    long = "r18+efficientnet_b0+timm:convnext_atto"
+    table = pd.DataFrame({"label": [f"{long} · {taps} · logreg" for taps in ("stage1", "stage2+stage3", "block4")],
+                          "chosen": "C=0.1", "val_acc": [0.9, 0.8, 0.7], "test_acc": 0.5, "macro_f1": 0.5,
+                          "fit_s": 1.0, "warnings": 2, "run": [f"20261205-0{i}-{long}-{i}" for i in range(3)]})
+    text = as_text(table[TERMINAL_COLUMNS], width)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= width
+    assert len({line.split("  ")[0] for line in lines[1:]}) == 3  # the labels still differ
+    assert all(line.split("  ")[0].rstrip().endswith("· logreg") for line in lines[1:])  # cut at the start

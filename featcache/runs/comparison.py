@@ -20,6 +20,9 @@ HEADERS = {"run": "run folder", "label": "run", "val_acc": "val acc", "test_acc"
            "fit_s": "fit s", "chosen": "chosen", "warnings": "warn"}
 # when a table is too wide, these text columns give way first, each down to a width that still reads
 SHRINK = (("run", 16), ("chosen", 12), ("taps", 16), ("fusion", 12), ("variant", 10), ("label", 24))
+# left out, in this order, when cutting is not enough: what least tells runs apart first
+DROP = ("run", "warnings", "fit_s", "macro_f1", "dataset", "weights", "backbones", "fusion", "chosen", "variant",
+        "test_acc", "taps", "head", "val_acc")
 TERMINAL_COLUMNS = ["label", "chosen", "val_acc", "test_acc", "macro_f1", "fit_s", "warnings", "run"]
 ABBREVIATIONS = {"weight_decay": "wd"}
 SHORT_NAMES = {"resnet18": "r18", "resnet50": "r50", "mobilenet_v2": "mnv2", "vgg16": "vgg16"}
@@ -145,20 +148,32 @@ def pick(table, columns: str | None, sort: str | None):
 
 
 def as_text(table, width: int = 100) -> str:
-    """The table as aligned text no wider than ``width``: text columns are cut (ending in …) in the order
-    of ``SHRINK`` (the run folder first, the label last), each no narrower than it still reads."""
+    """The table as aligned text never wider than ``width``: text columns are cut in the order of ``SHRINK``
+    (the run folder first, the label last), each to no narrower than it still reads, then, if that is not
+    enough, the columns that least tell runs apart are left out (``DROP``), the label last of all. A label is
+    cut at its start (``…taps · head · variant``): its end is what tells two runs of one sweep apart."""
     cells = {c: [HEADERS.get(c, c)] + [_cell(c, v) for v in table[c]] for c in table.columns}
     widths = {c: max(map(len, v)) for c, v in cells.items()}
+
+    def excess() -> int:
+        return sum(widths.values()) + 2 * (len(widths) - 1) - width
+
     for column, narrowest in SHRINK:
-        excess = sum(widths.values()) + 2 * (len(widths) - 1) - width
-        if excess > 0 and column in widths:
-            widths[column] = max(min(narrowest, widths[column]), widths[column] - excess)
+        if excess() > 0 and column in widths:
+            widths[column] = max(min(narrowest, widths[column]), widths[column] - excess())
+    for column in DROP:
+        if excess() > 0 and column in widths and len(widths) > 1:
+            del widths[column]
+    if excess() > 0:  # one column left, and still too wide: cut it to the width
+        only = next(iter(widths))
+        widths[only] = max(2, width)
     numeric = {c for c in table.columns if table[c].dtype.kind in "if"}
     lines = []
-    for row in zip(*cells.values()):
+    for row in zip(*(cells[c] for c in widths)):
         parts = []
-        for c, text in zip(cells, row):
-            text = text if len(text) <= widths[c] else text[: widths[c] - 1] + "…"
+        for c, text in zip(widths, row):
+            if len(text) > widths[c]:
+                text = "…" + text[len(text) - widths[c] + 1:] if c == "label" else text[: widths[c] - 1] + "…"
             parts.append(text.rjust(widths[c]) if c in numeric else text.ljust(widths[c]))
         lines.append("  ".join(parts).rstrip())
     return "\n".join(lines)
