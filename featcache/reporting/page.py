@@ -28,11 +28,11 @@ from featcache.extraction.store import read_timing
 from featcache.files import atomic_write
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
+from featcache.reporting.guard import check_replaceable, readable_runs, why
 from featcache.reporting.sweeps import sweep_folders, sweep_section
-from featcache.runs.comparison import COLUMNS, HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
+from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
     RunRecord,
-    load_record,
     no_runs,
     record_features,
     record_request,
@@ -243,14 +243,11 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     if not folders and (cfg.runs or not sweep_folders(cfg.runs_dir)):  # a sweep alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
-    folders, records = _readable_runs(folders, bool(cfg.runs), unreadable, log)
+    folders, records = readable_runs(folders, bool(cfg.runs), unreadable, log)
     if cfg.gradcam_images > 0:
         resolve_device(cfg.device)  # a missing GPU is one line now, not a note in every section
     out = Path(cfg.out)
-    for path in (out, out.with_suffix(".csv")):
-        if not cfg.force and path.is_file() and not _ours(path):
-            raise FeatcacheError(f"{path} exists and featcache did not write it: choose another -o, or pass --force "
-                                 f"to replace it")
+    check_replaceable(out, cfg.force)
     try:  # fail before the drawing, not after: the folder must take a new file
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
@@ -268,7 +265,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             sections.append({**_section(folder, record, images, cfg, built), "label": label})
         except Exception as exc:  # a record whose fields hold what no figure can draw: the rest of the page goes on
             sections.append({"record": record, "label": label, "variant": variant(record), "head": record.head,
-                             "figures": {}, "notes": {"architecture": f"this run cannot be drawn: {_why(exc)}"}})
+                             "figures": {}, "notes": {"architecture": f"this run cannot be drawn: {why(exc)}"}})
     samples = {}
     for record in records:
         request = record_request(record)
@@ -282,8 +279,8 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         try:
             sw = sweep_section(folder)
         except Exception as exc:  # a damaged table.csv or sweep.json: named on the page, the rest still drawn
-            unreadable.append({"name": f"sweeps/{folder.name}", "why": _why(exc)})
-            log(f"report: sweep {folder} is unreadable ({_why(exc)}): shown as such")
+            unreadable.append({"name": f"sweeps/{folder.name}", "why": why(exc)})
+            log(f"report: sweep {folder} is unreadable ({why(exc)}): shown as such")
             continue
         sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
     parts, cache_rows = _time_spent(records)
@@ -303,44 +300,6 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
     log(f"report written to {out} and {out.with_suffix('.csv')} in {time.perf_counter() - started:.1f} s")
     return out
-
-
-def _readable_runs(folders: list[Path], named: bool, unreadable: list, log) -> tuple[list[Path], list[RunRecord]]:
-    """The folders whose record reads and tables, with their records; the others go to ``unreadable`` (a run
-    named on the command line is an error instead: the user asked for it)."""
-    kept, records = [], []
-    for folder in folders:
-        try:
-            record = load_record(folder)
-            comparison_table([record])  # its fields are what the table reads
-        except Exception as exc:
-            if named:
-                raise FeatcacheError(f"run {folder} cannot be reported: {_why(exc)}") from None
-            unreadable.append({"name": folder.name, "why": _why(exc)})
-            log(f"report: run {folder} is unreadable ({_why(exc)}): shown as such")
-            continue
-        kept.append(folder)
-        records.append(record)
-    return kept, records
-
-
-def _why(exc: Exception) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return text if isinstance(exc, FeatcacheError) else f"{type(exc).__name__}: {text[:160]}"
-
-
-def _ours(path: Path) -> bool:
-    """A report page or table featcache wrote: the page names featcache as its generator (or, before that
-    tag, in its "generated ... by featcache" line), the table starts with the comparison table's header."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(4096).decode("utf-8", errors="replace")
-    except OSError:
-        return False
-    if path.suffix == ".csv":
-        return head.splitlines()[:1] == [",".join(COLUMNS)]
-    return '<meta name="generator" content="featcache' in head or (
-        head.startswith("<!DOCTYPE html>") and " by featcache " in head)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from featcache.extraction.config import DEVICES
 from featcache.requests import option
 from featcache.runs.request import TRUST_PICKLES
 
@@ -28,7 +29,7 @@ class ReportRequest:
                               help="Test images in each prediction grid.")
     gradcam_images: int = option(4, check=lambda v: v >= 0, rule="be 0 or more",
                                  help="Images per Grad-CAM grid; 0: none.")
-    device: str = option("cpu", choices=("auto", "cpu", "cuda"), help="Where Grad-CAM runs.")
+    device: str = option("cpu", choices=DEVICES, help="Where Grad-CAM runs.")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
     force: bool = option(False, shared=False, help="Replace the -o file (and the CSV beside it) even where "
                                                     "featcache did not write them.")

@@ -8,9 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from featcache.extraction.config import DEVICES
 from featcache.requests import option
 
-DEVICES = ("auto", "cpu", "cuda")
 TRUST_PICKLES = ("Also load run folders written by featcache 0.1, whose pickled heads can run code. Only for folders "
                  "you trust.")
 
