@@ -3,7 +3,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cifar_fixture import CLASSES, use_generated_cifar10
+from cifar_fixture import CLASSES, write_cifar10
 
 from featcache.data.datasets import DataRequest, dataset_identity, dataset_key, load_dataset
 from featcache.errors import FeatcacheError
@@ -35,8 +35,9 @@ def test_bad_limits_are_refused():
         DataRequest(limit_train=0)
 
 
-def test_cifar10_reads_the_real_python_format_through_torchvision(tmp_path, monkeypatch):
-    root = use_generated_cifar10(monkeypatch, tmp_path / "data")
+def test_cifar10_reads_the_real_python_format_through_torchvision(tmp_path):
+    write_cifar10(tmp_path / "data")  # its md5 sums are not torchvision's: the files load as they are
+    root = tmp_path / "data"
     data = load_dataset(DataRequest(name="cifar10", data_dir=root))
     train, test = data.splits["train"], data.splits["test"]
     assert data.classes == tuple(CLASSES) and dataset_key(DataRequest(name="cifar10")) == "cifar10"
@@ -48,11 +49,15 @@ def test_cifar10_reads_the_real_python_format_through_torchvision(tmp_path, monk
     assert list(train.labels[:20]) == first["labels"]
 
 
-def test_cifar10_with_a_changed_file_is_refused(tmp_path, monkeypatch):
-    root = use_generated_cifar10(monkeypatch, tmp_path / "data")
-    with open(root / "cifar-10-batches-py" / "test_batch", "ab") as f:
-        f.write(b"x")
-    with pytest.raises(FeatcacheError, match="CIFAR-10 not found or corrupted in .*pass --download"):
+def test_a_changed_cifar10_file_changes_the_identity_and_a_broken_one_is_refused(tmp_path):
+    root = tmp_path / "data"
+    write_cifar10(root)
+    before = dataset_identity(DataRequest(name="cifar10", data_dir=root))
+    with open(root / "cifar-10-batches-py" / "test_batch", "r+b") as f:
+        f.truncate(100)
+    assert dataset_identity(DataRequest(name="cifar10", data_dir=root)) != before
+    with pytest.raises(FeatcacheError, match="cifar10 not found or not in torchvision's CIFAR10 format in .*"
+                                             "cifar-10-batches-py .*--data-dir must hold cifar-10-batches-py/"):
         load_dataset(DataRequest(name="cifar10", data_dir=root))
 
 
@@ -67,13 +72,13 @@ def test_a_failed_cifar10_download_leaves_no_folder_behind(tmp_path, monkeypatch
         raise URLError("no network")
 
     monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
-    with pytest.raises(FeatcacheError, match=r"cannot download CIFAR-10 into .*no network"):
+    with pytest.raises(FeatcacheError, match=r"cannot download cifar10 into .*no network"):
         load_dataset(DataRequest(name="cifar10", data_dir=tmp_path / "data" / "cifar10", download=True))
     assert list(tmp_path.iterdir()) == []  # neither data/ nor data/cifar10/ was there before
 
 
 def test_cifar10_missing_directory_says_how_to_fix(tmp_path):
-    with pytest.raises(FeatcacheError, match=r"CIFAR-10 not found .*--data-dir"):
+    with pytest.raises(FeatcacheError, match=r"cifar10 not found .*--data-dir must hold cifar-10-batches-py/"):
         load_dataset(DataRequest(name="cifar10", data_dir=tmp_path / "nothing"))
 
 

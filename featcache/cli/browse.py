@@ -1,4 +1,4 @@
-"""Commands that look rather than train: the backbones, a cache file, the runs.
+"""Commands that look rather than train: the datasets, the backbones, a cache file, the runs.
 
 Registered on the ``featcache`` group (cli.group); each imports its stage module when run,
 so ``featcache --help`` does not load torch.
@@ -12,6 +12,27 @@ import click
 
 from featcache.cli.group import cli
 from featcache.errors import FeatcacheError
+
+
+@cli.command()
+@click.argument("name", required=False)
+def datasets(name):
+    """List the dataset sources (--dataset NAME); NAME shows one: what it reads, its splits, its label type.
+
+    torchvision's datasets load from a local directory in their own format (--data-dir; --download where
+    torchvision can), with their official splits: a dataset's own validation split is the validation split,
+    elsewhere validation is carved from train. hf, manifest and webdataset read Hugging Face datasets, CSV /
+    Parquet manifests and WebDataset shards.
+    """
+    from featcache.data.datasets import DATASETS
+
+    if name:
+        entry = DATASETS.lookup(name)
+        lines = entry.describe(name) if entry.describe else [f"{name}: {entry.about}"]
+        click.echo("\n".join(lines))
+        return
+    for key in sorted(DATASETS):
+        click.echo(f"{key:<14} {DATASETS[key].about}")
 
 
 @cli.command()

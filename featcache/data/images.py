@@ -11,6 +11,7 @@ scaled to 8 bits instead of saturating. A file that cannot be decoded raises
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -27,6 +28,25 @@ WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 class BadImage(FeatcacheError):
     """A file that is not a readable image; the message names it."""
+
+
+class Blob:
+    """An image that is not a file of its own: a member of a tar shard, a cell of an Arrow table, an item of a
+    torchvision dataset. It stands where a file's path stands (``Split.files``, :func:`load_image`,
+    :func:`decode_rgb`); :meth:`read` gives its encoded bytes (decoded by the same fast path as a file's),
+    or pixels (a PIL image or an array) where the source holds them decoded; ``str()`` names it in errors."""
+
+    def read(self):
+        raise NotImplementedError
+
+
+def _blob_value(blob: Blob):
+    try:
+        return blob.read()
+    except BadImage:
+        raise
+    except Exception as exc:  # a source's reader fails in its own way: one line naming the image
+        raise BadImage(f"cannot read image {blob}: {type(exc).__name__}: {exc}") from None
 
 
 def _to_rgb(image):
@@ -49,19 +69,47 @@ def open_rgb(path):
     """Decode a file into an RGB PIL image; :class:`BadImage` if it cannot be read."""
     from PIL import Image
 
+    if isinstance(path, Blob):
+        value = _blob_value(path)
+        if isinstance(value, Image.Image):
+            return _to_rgb(value)
+        if isinstance(value, np.ndarray):
+            return _array_rgb(value, path)
+        if not value:
+            raise BadImage(f"cannot read image {path}: empty")
+        source = io.BytesIO(value)
+    else:
+        source = path
     try:
         with warnings.catch_warnings():
             # Large photos are legitimate here; Pillow still refuses real decompression bombs with an error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 return _to_rgb(image)
     except FileNotFoundError:
         raise BadImage(f"image {path} is missing (moved or deleted after the folder was listed)") from None
     except Exception as exc:  # Pillow raises many types for bad files: each becomes one line naming the file
-        reason = "empty file" if Path(path).is_file() and Path(path).stat().st_size == 0 else \
-            f"{type(exc).__name__}: {exc}"
+        reason = "empty file" if not isinstance(path, Blob) and Path(path).is_file() and \
+            Path(path).stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
         raise BadImage(f"cannot read image {path}: {reason}") from None
+
+
+def _array_rgb(values: np.ndarray, name):
+    """Pixels a source holds decoded: (H, W), (H, W, 1|3|4) or (1|3, H, W), uint8 or wider -> RGB PIL image."""
+    from PIL import Image
+
+    values = np.asarray(values)
+    if values.ndim == 3 and values.shape[0] in (1, 3) and values.shape[-1] not in (1, 3, 4):
+        values = values.transpose(1, 2, 0)  # CHW, as SVHN and STL-10 store them
+    if values.ndim == 3 and values.shape[-1] == 1:
+        values = values[..., 0]
+    if values.ndim not in (2, 3) or (values.ndim == 3 and values.shape[-1] not in (3, 4)):
+        raise BadImage(f"cannot read image {name}: an array of shape {values.shape} is not an image")
+    if values.dtype != np.uint8:
+        top = 1.0 if values.dtype.kind == "f" and values.max() <= 1.0 else (65535.0 if values.max() > 255 else 255.0)
+        values = np.clip(values.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(values)))
 
 
 FAST_SUFFIXES = (".jpg", ".jpeg", ".png")  # what torchvision's libjpeg-turbo / libpng decoders read
@@ -110,16 +158,22 @@ def _plain_bytes(path) -> bytes | None:
     decompression-bomb limit); None where PIL should decide. A missing file is :class:`BadImage`."""
     from PIL import Image
 
-    name = os.fspath(path)
-    if os.path.splitext(name)[1].lower() not in FAST_SUFFIXES:
-        return None
-    try:
-        with open(name, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise BadImage(f"image {path} is missing (moved or deleted after the folder was listed)") from None
-    except OSError:
-        return None
+    if isinstance(path, Blob):  # no name to go by: the header below tells a JPEG or PNG
+        data = _blob_value(path)
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            return None
+        data = bytes(data)
+    else:
+        name = os.fspath(path)
+        if os.path.splitext(name)[1].lower() not in FAST_SUFFIXES:
+            return None
+        try:
+            with open(name, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise BadImage(f"image {path} is missing (moved or deleted after the folder was listed)") from None
+        except OSError:
+            return None
     header = _header(data)
     if header is None:
         return None  # not a plain 8-bit JPEG or PNG (or empty): PIL decides, and names what is wrong

@@ -28,18 +28,32 @@ class DataFields:
 
     dataset: str = option("digits", help="The dataset source; digits is scikit-learn's bundled 8x8 digits (offline).",
                           choices=lambda: sorted(DATASETS))
-    data_dir: Path | None = option(None, help="Where the data lives (cifar10: holds cifar-10-batches-py/; folder: one "
-                                              "sub-folder per class, optionally under train/ and test/).")
-    download: bool = option(False, help="cifar10: download the data into --data-dir if missing.")
+    data_dir: Path | None = option(None, help="Where the data lives: a torchvision dataset's root (cifar10: holds "
+                                              "cifar-10-batches-py/; featcache datasets NAME says what), a folder "
+                                              "(one sub-folder per class, optionally under train/ and test/), a "
+                                              "manifest file, a folder of WebDataset shards, or a Hugging Face "
+                                              "save_to_disk folder / Parquet files.")
+    download: bool = option(False, help="torchvision datasets and --hf-name: download the data if missing "
+                                        "(checksums verified after the download).")
+    hf_name: str | None = option(None, help="hf: a Hugging Face dataset name, read from the local cache (fetched "
+                                            "only with --download).", metavar="NAME")
+    hf_config: str | None = option(None, help="hf: the dataset's configuration (subset) name.", metavar="NAME")
+    image_column: str | None = option(None, help="hf and manifest: the image column (found automatically for hf; "
+                                                 "'path' for a manifest).", metavar="COLUMN")
+    label_column: str | None = option(None, help="hf, manifest and webdataset: the label column (hf: the ClassLabel "
+                                                 "one; manifest: 'label'; webdataset: .cls, or this field of the "
+                                                 ".json).", metavar="COLUMN")
     limit_train: int | None = option(None, help="Stratified subset of N training images.", metavar="N",
                                      check=_positive, rule="be a positive number of images")
     limit_test: int | None = option(None, help="Stratified subset of M test images.", metavar="M",
                                     check=_positive, rule="be a positive number of images")
-    test_fraction: float = option(0.2, help="digits and folders without train/test: share of images held out for test.",
+    test_fraction: float = option(0.2, help="Datasets without a test split (digits, folders without train/test, "
+                                            "...): share of images held out for test.",
                                   check=_fraction, rule="lie between 0 and 1")
     seed: int = option(0, help="Seed for splits, subsets and random weights.")
 
     def data_request(self) -> DataRequest:
         return DataRequest(name=self.dataset, data_dir=self.data_dir, download=self.download,
                            limit_train=self.limit_train, limit_test=self.limit_test,
-                           test_fraction=self.test_fraction, seed=self.seed)
+                           test_fraction=self.test_fraction, seed=self.seed, hf_name=self.hf_name,
+                           hf_config=self.hf_config, image_column=self.image_column, label_column=self.label_column)

@@ -15,6 +15,7 @@ from pathlib import Path
 from featcache.backbones.registry import BACKBONES, BackboneSpec
 from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
+from featcache.data.source import SOURCE_FIELDS
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
 from featcache.errors import FeatcacheError, check_choice
 from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
@@ -81,13 +82,14 @@ class ExtractConfig:
         return {"dataset": data.name, "data_dir": data.data_dir, "backbones": list(self.backbones),
                 "weights": self.weights, **self.preprocess.fields(), "pooling": self.pooling,
                 "precision": self.precision, "dtype": self.dtype, "seed": data.seed, "limit_train": data.limit_train,
-                "limit_test": data.limit_test, "test_fraction": data.test_fraction}
+                "limit_test": data.limit_test, "test_fraction": data.test_fraction, **data.source_fields()}
 
     @classmethod
     def from_record(cls, config: dict, device: str = "cpu") -> ExtractConfig:
         """The request (dataset, backbones, weights, preprocessing) of a run record's ``config``."""
         data = DataRequest(name=config["dataset"], data_dir=config["data_dir"], limit_train=config["limit_train"],
-                           limit_test=config["limit_test"], test_fraction=config["test_fraction"], seed=config["seed"])
+                           limit_test=config["limit_test"], test_fraction=config["test_fraction"], seed=config["seed"],
+                           **{name: config[name] for name in SOURCE_FIELDS if config.get(name) is not None})
         return cls(data=data, backbones=tuple(config["backbones"]), weights=config["weights"],
                    preprocess=PreprocessConfig.from_fields(config), pooling=config["pooling"], device=device)
 

@@ -186,6 +186,17 @@ class FeatureCache:
     def labels(self, split: str) -> np.ndarray:
         return self.file[split]["labels"][:][self._kept(split)]
 
+    def official_val(self, split: str = "train") -> np.ndarray | None:
+        """bool per served row: the dataset's own validation split (None where the dataset has none)."""
+        group = self.file[split]
+        if "official_val" not in group:
+            return None
+        raw = group["official_val"][:]
+        if raw.shape != group["labels"].shape:
+            raise FeatcacheError(f"{self.path} is a damaged feature cache (official_val does not match the rows): "
+                                 f"delete it and run featcache extract again")
+        return raw.astype(bool)[self._kept(split)]
+
     def index(self, split: str) -> np.ndarray:
         return self.file[split]["index"][:][self._kept(split)]
 

@@ -148,7 +148,7 @@ def _extract_sharded(jobs: list[Job], r) -> dict[str, ExtractResult]:
         skipped: list[dict] = []
         if r.main:
             with locked(job.path):
-                writer = CacheWriter(job.path, job.fp, {s: (d.labels, d.index) for s, d in dataset.splits.items()},
+                writer = CacheWriter(job.path, job.fp, {s: _rows(d) for s, d in dataset.splits.items()},
                                      job.tap_dims, job.cfg.dtype, dataset.classes, job.run)
                 distributed.merge(writer, list(zip(shards[job.spec.name], rows_of)), batch_size)
                 skipped = _skipped(writer, dataset)
@@ -175,7 +175,7 @@ def _write_caches(jobs: list[Job], paths: list[Path], rows: dict[str, tuple[int,
     try:
         for job, path in zip(jobs, paths):
             writers.append(CacheWriter(
-                path, job.fp, {s: (d.labels[slice(*rows[s])], d.index[slice(*rows[s])]) for s, d in dataset.splits.items()},
+                path, job.fp, {s: _rows(d, slice(*rows[s])) for s, d in dataset.splits.items()},
                 job.tap_dims, job.cfg.dtype, dataset.classes, job.run,
             ))
             if writers[-1].resumed and writers[-1].run_attrs != job.run:
@@ -212,6 +212,11 @@ def _write_caches(jobs: list[Job], paths: list[Path], rows: dict[str, tuple[int,
         writer.finish(skipped)
         out.append(("resumed" if writer.resumed else "extracted", todo, skipped, dict(clocks.get(id(job), {}))))
     return out
+
+
+def _rows(split, rows: slice = slice(None)) -> tuple:
+    """What a cache file holds of a split's rows besides features: labels, source index, official validation."""
+    return split.labels[rows], split.index[rows], None if split.official_val is None else split.official_val[rows]
 
 
 def _skipped(writer, dataset: Dataset, rows: dict[str, tuple[int, int]] | None = None) -> list[dict]:

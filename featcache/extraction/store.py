@@ -7,6 +7,7 @@ Between extraction and fusion in the flow (extract -> **store** -> fusion). One 
       attrs        fingerprint (canonical JSON), featcache_version, format, classes, complete
       /<split>/labels       int64 (N,)
       /<split>/index        int64 (N,)  position in the source dataset
+      /train/official_val   uint8 (N,)  1: the row is the dataset's own validation split (only where it has one)
       /<split>/taps/<tap>   float16 (N, C) by default, chunked by rows
       /<split> attrs        rows_done
 
@@ -128,7 +129,7 @@ class CacheWriter:
     Args:
         path: the final file name; the writer works on ``path.partial``.
         fingerprint: everything that changes the numbers (stored as canonical JSON).
-        splits: split name -> (labels, index) arrays; they fix the number of rows.
+        splits: split name -> (labels, index[, official validation mask or None]) arrays; they fix the rows.
         tap_dims: tap name -> feature dimension after pooling.
         dtype: storage dtype, ``float16`` or ``float32``.
         classes: class names, stored for the stages that follow.
@@ -168,11 +169,13 @@ class CacheWriter:
         f.attrs["classes"] = json.dumps(list(classes))
         f.attrs["run"] = json.dumps(run_attrs, sort_keys=True)
         f.attrs["complete"] = False
-        for name, (labels, index) in splits.items():
+        for name, (labels, index, *official) in splits.items():
             group = _no_times_group(f, name)
             group.attrs["rows_done"] = 0
             group.create_dataset("labels", data=np.asarray(labels, np.int64), track_times=False)
             group.create_dataset("index", data=np.asarray(index, np.int64), track_times=False)
+            if official and official[0] is not None:
+                group.create_dataset("official_val", data=np.asarray(official[0], np.uint8), track_times=False)
             group.create_dataset("skipped", shape=(len(labels),), dtype=np.uint8, fillvalue=0, track_times=False)
             taps = _no_times_group(group, "taps")
             for tap, dim in tap_dims.items():
@@ -188,7 +191,7 @@ class CacheWriter:
             return None
         try:
             ok = f.attrs.get("fingerprint") == canonical(fingerprint) and f.attrs.get("format") == FORMAT
-            for name, (labels, _) in splits.items():
+            for name, (labels, *_) in splits.items():
                 ok = ok and name in f and np.array_equal(f[name]["labels"][:], labels)
                 ok = ok and all(f[name]["taps"][t].shape == (len(labels), d) for t, d in tap_dims.items())
                 ok = ok and 0 <= int(f[name].attrs["rows_done"]) <= len(labels)

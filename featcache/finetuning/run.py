@@ -126,7 +126,8 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     if init is not None and init[2] != list(data.classes):
         raise FeatcacheError(f"--init-head {cfg.init_head} was trained on other classes ({', '.join(init[2][:5])}, ...): "
                              f"pass the dataset flags of that run")
-    fit_rows, val_rows = validation_split(data.splits["train"].labels, cfg.val_fraction, feat.data.seed)
+    fit_rows, val_rows = validation_split(data.splits["train"].labels, cfg.val_fraction, feat.data.seed,
+                                          data.splits["train"].official_val)
     if cfg.head == "resblocks":
         check_one_image_batches(refs[0], feat.preprocess.image_size, cfg.batch_size, len(fit_rows))
     notes = tuple(n for n in [small_validation(data.splits["train"].labels[val_rows])] if n)

@@ -67,6 +67,7 @@ class Features:
     taps: dict[tuple[str, TapRef], np.ndarray]  # (split, ref) -> (N, C) float32
     fingerprints: dict[str, dict]
     load_seconds: float
+    official_val: np.ndarray | None = None  # bool per train row: the dataset's own validation split, if it has one
 
 
 def shared_rows(caches: dict, path_of: dict) -> tuple[list[str], dict, dict]:
@@ -80,6 +81,11 @@ def shared_rows(caches: dict, path_of: dict) -> tuple[list[str], dict, dict]:
                 raise FeatcacheError(f"{path_of[backbone]} holds other {split} rows than the other backbones' caches")
             labels[split], index[split] = y, cache.index(split)
     return classes, labels, index
+
+
+def official_val(caches: dict) -> np.ndarray | None:
+    """The train rows that are the dataset's own validation split (the same in every cache), or None."""
+    return next(iter(caches.values())).official_val("train") if caches else None
 
 
 def check_taps(caches: dict, path_of: dict, refs) -> None:
@@ -116,6 +122,7 @@ def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool | 
     with contextlib.ExitStack() as stack:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
         classes, labels, index = shared_rows(caches, paths)
+        official = official_val(caches)
         fps = {b: c.fingerprint for b, c in caches.items()}
         check_taps(caches, paths, refs)
         for split in ("train", "test"):
@@ -127,7 +134,7 @@ def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool | 
                 refs -= dropped
                 for ref in dropped:
                     del taps[("train", ref)]
-    return Features(classes, labels, index, taps, fps, time.perf_counter() - started)
+    return Features(classes, labels, index, taps, fps, time.perf_counter() - started, official)
 
 
 def finite(block: np.ndarray, ref, split: str, path: Path) -> np.ndarray:

@@ -24,10 +24,14 @@ GRID_FLAGS = {"C": "--C", "weight_decay": "--weight-decay"}  # the flag that set
 TORCH_FITS = "auto"
 
 
-def validation_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified (train rows, validation rows) of the training split, each in order."""
+def validation_split(labels: np.ndarray, fraction: float, seed: int,
+                     official: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified (train rows, validation rows) of the training split, each in order; where the dataset has
+    its own validation split (``official``: a bool per row), those rows, and none carved."""
     from sklearn.model_selection import train_test_split
 
+    if official is not None and official.any():
+        return np.flatnonzero(~official), np.flatnonzero(official)
     if not 0 < fraction < 1:
         raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {fraction} instead.")
     rows = np.arange(len(labels))

@@ -25,6 +25,7 @@ from featcache.fuse.caches import (
     float32_bytes,
     load_features,
     locate_caches,
+    official_val,
     shared_rows,
 )
 from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
@@ -125,7 +126,7 @@ def _train(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     written = {}
     try:
         data = load_features(paths, refs_needed, cfg.allow_dead_taps, log)
-        fit_rows, val_rows, split_notes = _split(data.labels["train"], cfg, log)
+        fit_rows, val_rows, split_notes = _split(data.labels["train"], cfg, log, data.official_val)
         for refs, heads in todo:
             train_blocks = [data.taps[("train", r)] for r in refs]
             normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
@@ -151,8 +152,8 @@ def _fuse_train_streaming(cfg: FuseTrainConfig, todo, paths, log) -> dict:
         caches = {b: stack.enter_context(FeatureCache(p)) for b, p in paths.items()}
         classes, labels, index = shared_rows(caches, paths)
         data = Features(classes, labels, index, {}, {b: c.fingerprint for b, c in caches.items()},
-                        time.perf_counter() - started)
-        fit_rows, val_rows, split_notes = _split(labels["train"], cfg, log)
+                        time.perf_counter() - started, official_val(caches))
+        fit_rows, val_rows, split_notes = _split(labels["train"], cfg, log, data.official_val)
         for refs, heads in todo:
             check_taps(caches, paths, refs)
             check_alive(caches, paths, refs, cfg.allow_dead_taps, log)
@@ -176,10 +177,10 @@ class _Fusion:
     notes: tuple = ()  # warnings about the split itself, recorded in every run
 
 
-def _split(labels, cfg: FuseTrainConfig, log) -> tuple:
+def _split(labels, cfg: FuseTrainConfig, log, official=None) -> tuple:
     """(fit rows, validation rows, warnings) of the training split; a validation split too small to choose
     on is said once here and recorded in every run."""
-    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed)
+    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed, official)
     notes = tuple(n for n in [small_validation(labels[val_rows])] if n)
     for note in notes:
         log(f"warning: {note}")

@@ -110,7 +110,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed) for seed in cfg.seeds}
+    splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed, data.official_val) for seed in cfg.seeds}
     if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
         log(f"warning: {note}")  # before the bar, so that the two do not share a line
     started, count = time.perf_counter(), 0

@@ -36,7 +36,7 @@ def choose_taps(cfg, log=print):
         raise FeatcacheError("--taps auto found every tap dead: extract again with --dtype float32, or pass "
                              "--allow-dead-taps to choose among them anyway")
     labels = data.labels["train"]
-    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, feat.data.seed)
+    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, feat.data.seed, data.official_val)
     device = torch.device(cfg.options.device)
     X = standardised(data, fit_rows, val_rows, device, test=False)
     y = {"fit": torch.as_tensor(labels[fit_rows], device=device), "val": torch.as_tensor(labels[val_rows], device=device)}

@@ -1,0 +1,305 @@
+"""Hugging Face datasets: a ``save_to_disk`` folder, Parquet or Arrow files, or a dataset name from the local cache.
+
+Stage 1 (data: the ``hf`` source of ``source.DATASETS``). The ``datasets`` library finds the files and the
+features (which column is the Image, which the ClassLabel and its names); the pixels are then read straight from
+the Arrow files (memory-mapped) or Parquet row groups, one image's bytes at a time in the DataLoader workers, so a
+dataset larger than memory is never loaded whole. The splits are the dataset's own: ``train``, ``validation``
+(also ``valid``, ``val``, ``dev``) as the official validation split, ``test``; a dataset without a test split has
+one carved from train (``--test-fraction``).
+
+Nothing is downloaded unless ``--download``: a name that is not in the local Hugging Face cache says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from featcache.data.images import Blob
+from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
+    stat_identity
+from featcache.errors import FeatcacheError
+
+OUR_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
+
+
+def need(module: str, what: str):
+    """Import an optional dependency, or one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise FeatcacheError(f"{what} needs the {module} package: pip install 'featcache[hub]'") from None
+
+
+def _split_of(file_name: str) -> str | None:
+    """The split a Parquet/Arrow file belongs to by the Hub's naming (``train-00000-of-00002.parquet``,
+    ``data/test-*.arrow``, ``validation.parquet``), or None."""
+    stem = file_name.split(".")[0]
+    head = stem.split("-")[0].split("_")[0].lower()
+    return head if head in OUR_SPLITS else None
+
+
+def _files(request: DataRequest) -> dict[str, list[Path]]:
+    """The dataset's own split name -> its Arrow or Parquet files, in order."""
+    if request.hf_name:
+        return _cached(request)
+    if request.data_dir is None:
+        raise FeatcacheError("--dataset hf needs --data-dir (a save_to_disk folder, or Parquet / Arrow files) or "
+                             "--hf-name NAME (a dataset in the local Hugging Face cache)")
+    root = Path(request.data_dir)
+    if not root.exists():
+        raise FeatcacheError(f"{root} does not exist: --data-dir must be a save_to_disk folder or Parquet / Arrow files")
+    if (root / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk
+        try:
+            names = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        except (ValueError, KeyError, TypeError):
+            raise FeatcacheError(f"{root / 'dataset_dict.json'} is damaged: save the dataset again") from None
+        return {name: _arrow_files(root / name) for name in names}
+    if (root / "state.json").is_file():  # one Dataset saved with save_to_disk
+        return {"train": _arrow_files(root)}
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".parquet", ".arrow"))
+    if not files or any(p.suffix not in (".parquet", ".arrow") for p in files):
+        raise FeatcacheError(f"{root} holds no Hugging Face dataset: expected a save_to_disk folder "
+                             f"(dataset_dict.json or state.json) or .parquet / .arrow files")
+    out: dict[str, list[Path]] = {}
+    for path in files:
+        out.setdefault(_split_of(path.name) or "train", []).append(path)
+    return out
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        return [folder / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FeatcacheError(f"{folder} is not a save_to_disk folder (no readable state.json)") from None
+
+
+def _cached(request: DataRequest) -> dict[str, list[Path]]:
+    """A Hub dataset's Arrow files in the local cache (downloaded first with --download)."""
+    if not request.download:
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    datasets = need("datasets", "--dataset hf")
+    if not request.download:
+        with _suppress_attr():
+            datasets.config.HF_HUB_OFFLINE = True
+            datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        loaded = datasets.load_dataset(request.hf_name, request.hf_config)
+    except Exception as exc:  # offline misses and bad names come as many types
+        hint = "" if request.download else " (nothing is downloaded without --download)"
+        raise FeatcacheError(f"cannot load Hugging Face dataset {request.hf_name!r}"
+                             f"{f' config {request.hf_config!r}' if request.hf_config else ''} from the local "
+                             f"cache{hint}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
+    return {name: [Path(f["filename"]) for f in ds.cache_files] for name, ds in loaded.items()}
+
+
+class _suppress_attr:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *rest):
+        return kind is AttributeError
+
+
+def _schema(path: Path):
+    pa = need("pyarrow", "--dataset hf")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.read_schema(path)
+    with pa.memory_map(str(path)) as source:
+        return _open_arrow(pa, source).schema
+
+
+def _open_arrow(pa, source):
+    try:
+        return pa.ipc.open_stream(source)  # what datasets writes
+    except pa.ArrowInvalid:
+        source.seek(0)
+        return pa.ipc.open_file(source)
+
+
+def _features(schema) -> dict:
+    """column -> its datasets feature (as a dict: {"_type": "Image"}, {"_type": "ClassLabel", "names": [...]})."""
+    meta = (schema.metadata or {}).get(b"huggingface")
+    if meta:
+        try:
+            return json.loads(meta)["info"]["features"]
+        except (ValueError, KeyError, TypeError):
+            pass
+    return {}
+
+
+def _is_image(schema, features: dict, column: str) -> bool:
+    import pyarrow as pa
+
+    feature = features.get(column)
+    if isinstance(feature, dict) and feature.get("_type") == "Image":
+        return True
+    kind = schema.field(column).type
+    return pa.types.is_struct(kind) and {kind.field(k).name for k in range(kind.num_fields)} == {"bytes", "path"}
+
+
+def columns(schema, request: DataRequest) -> tuple[str, str, list[str] | None]:
+    """(image column, label column, class names from the ClassLabel feature or None)."""
+    features = _features(schema)
+    names = list(schema.names)
+    image = request.image_column or _only([c for c in names if _is_image(schema, features, c)], "Image", names,
+                                          "--image-column")
+    label = request.label_column or _only(
+        [c for c in names if isinstance(features.get(c), dict) and features[c].get("_type") == "ClassLabel"],
+        "ClassLabel", names, "--label-column")
+    for flag, column in (("--image-column", image), ("--label-column", label)):
+        if column not in names:
+            raise FeatcacheError(f"{flag} {column}: the dataset has no such column; its columns are {', '.join(names)}")
+    feature = features.get(label) if isinstance(features.get(label), dict) else {}
+    return image, label, (list(feature["names"]) if feature.get("_type") == "ClassLabel" else None)
+
+
+def _only(found: list[str], kind: str, names: list[str], flag: str) -> str:
+    if len(found) == 1:
+        return found[0]
+    which = f"{len(found)} {kind} columns ({', '.join(found)})" if found else f"no {kind} column"
+    raise FeatcacheError(f"the dataset has {which}: name the column with {flag}; its columns are {', '.join(names)}")
+
+
+class ArrowImages:
+    """Reads one image's bytes from Arrow files (memory-mapped) or Parquet files (a row group at a time), in
+    whichever process asks: picklable, opened lazily."""
+
+    def __init__(self, files: list[Path], column: str, name: str):
+        self.files, self.column, self.name = [str(f) for f in files], column, name
+        self._tables = None
+        self._group = (None, None)  # (file, row group) -> its column, for Parquet
+
+    def __getstate__(self):
+        return {"files": self.files, "column": self.column, "name": self.name}
+
+    def __setstate__(self, state):
+        self.__init__([Path(f) for f in state["files"]], state["column"], state["name"])
+
+    def blob(self, position: int) -> Blob:
+        return _Cell(self, position)
+
+    def _open(self):
+        if self._tables is None:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            self._tables = []  # (file, start row, rows, table or ParquetFile, row group starts)
+            start = 0
+            for f in self.files:
+                if f.endswith(".parquet"):
+                    pf = pq.ParquetFile(f)
+                    groups = np.cumsum([0] + [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)])
+                    self._tables.append((f, start, int(groups[-1]), pf, groups))
+                    start += int(groups[-1])
+                else:
+                    table = _open_arrow(pa, pa.memory_map(f)).read_all()  # memory-mapped: no copy
+                    self._tables.append((f, start, table.num_rows, table.column(self.column), None))
+                    start += table.num_rows
+        return self._tables
+
+    def value(self, position: int):
+        for f, start, rows, source, groups in self._open():
+            if start <= position < start + rows:
+                row = position - start
+                if groups is None:
+                    return source[row].as_py()
+                group = int(np.searchsorted(groups, row, side="right") - 1)
+                if self._group[0] != (f, group):  # the workers read rows in order: one row group read per group
+                    self._group = ((f, group), source.read_row_group(group, columns=[self.column]).column(0))
+                return self._group[1][row - int(groups[group])].as_py()
+        raise IndexError(position)
+
+
+class _Cell(Blob):
+    def __init__(self, images: ArrowImages, position: int):
+        self.images, self.position = images, position
+
+    def read(self):
+        value = self.images.value(self.position)
+        if isinstance(value, dict):  # the Image feature: {"bytes": ..., "path": ...}
+            if value.get("bytes"):
+                return value["bytes"]
+            value = value.get("path")
+        if isinstance(value, str) and value:
+            with open(value, "rb") as f:
+                return f.read()
+        if isinstance(value, (bytes, bytearray)):
+            return bytes(value)
+        raise ValueError(f"holds {type(value).__name__}, not an image")
+
+    def __str__(self):
+        return f"{self.images.name} row {self.position}"
+
+
+def _labels(files: list[Path], column: str) -> list:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = []
+    for f in files:
+        if f.suffix == ".parquet":
+            values += pq.read_table(f, columns=[column]).column(0).to_pylist()
+        else:
+            with pa.memory_map(str(f)) as source:
+                values += _open_arrow(pa, source).read_all().column(column).to_pylist()
+    return values
+
+
+def _load(request: DataRequest) -> Dataset:
+    need("pyarrow", "--dataset hf")
+    found = _files(request)
+    ours = {}
+    for theirs, files in found.items():
+        if theirs.lower() in OUR_SPLITS and OUR_SPLITS[theirs.lower()] not in ours:
+            ours[OUR_SPLITS[theirs.lower()]] = (theirs, files)
+    if "train" not in ours:
+        raise FeatcacheError(f"the dataset has no train split (its splits: {', '.join(found)})")
+    image, label, names = columns(_schema(ours["train"][1][0]), request)
+    raw = {part: _labels(files, label) for part, (_, files) in ours.items()}
+    for part, values in raw.items():
+        if any(v is None or v == "" or (isinstance(v, int) and v < 0) for v in values):
+            bad = next(i for i, v in enumerate(values) if v is None or v == "" or (isinstance(v, int) and v < 0))
+            raise FeatcacheError(f"row {bad} of the {ours[part][0]} split has no label in column {label!r}")
+    if names is None:  # no ClassLabel: the distinct values, sorted, name the classes
+        distinct = sorted({v for values in raw.values() for v in values})
+        names, number = [str(v) for v in distinct], {v: k for k, v in enumerate(distinct)}
+        raw = {part: [number[v] for v in values] for part, values in raw.items()}
+    parts = {}
+    for part, (theirs, files) in ours.items():
+        labels = np.asarray(raw[part], dtype=np.int64)
+        index = np.arange(len(labels), dtype=np.int64)
+        where = request.hf_name or Path(request.data_dir).name
+        parts[part] = Split(labels=labels, index=index, files=Rows([(ArrowImages(files, image, f"{where}/{theirs}"),
+                                                                      index)]))
+    about = {"source": "Hugging Face datasets", "columns": {"image": image, "label": label},
+             "splits": {part: theirs for part, (theirs, _) in ours.items()}}
+    return Dataset(_key(request), tuple(names), official_splits(parts, request), about)
+
+
+def _key(request: DataRequest) -> str:
+    name = request.hf_name or (Path(request.data_dir).resolve().name if request.data_dir else "none")
+    return "hf-" + name.replace("/", "--") + (f"-{request.hf_config}" if request.hf_config else "")
+
+
+def _identity(request: DataRequest) -> dict:
+    files = _files(request)
+    return {"source": "huggingface", "hf_name": request.hf_name, "hf_config": request.hf_config,
+            "image_column": request.image_column, "label_column": request.label_column,
+            "files": {split: stat_identity(paths) for split, paths in sorted(files.items())},
+            "test_fraction": request.test_fraction}
+
+
+DATASETS.register("hf")(DatasetEntry(
+    key=_key, identity=_identity, load=_load,
+    about="a Hugging Face dataset: --data-dir a save_to_disk folder or Parquet / Arrow files, or --hf-name NAME",
+))
