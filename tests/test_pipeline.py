@@ -351,3 +351,31 @@ def test_set_values_are_read_as_toml_else_as_text(text, parsed):
     from featcache.pipeline.files import parse_override
 
     assert parse_override(text) == parsed
+
+
+def test_the_transfer_suite_sweeps_every_dataset_and_tabulates_the_best_by_validation(tmp_path):
+    """pipelines/transfer-suite.toml on small local copies of its four datasets, in their real formats."""
+    import json
+
+    import source_fixtures as fx
+
+    data = tmp_path / "data"
+    fx.cifar100(data, n_train=300, n_test=100)
+    fx.flowers102(data)
+    fx.dtd(data)
+    fx.oxford_pets(data)
+    settings = {"backbone": '["tiny"]', "weights": "random", "image-size": 32, "device": "cpu", "data-dir": data,
+                "cache-dir": tmp_path / "cache", "runs-dir": tmp_path / "runs", "out": tmp_path / "report.html",
+                "quiet": "true", "gradcam-images": 0, "combos": "singles"}
+    result = run(ROOT / "pipelines" / "transfer-suite.toml", *(a for k, v in settings.items() for a in ("--set", f"{k}={v}")))
+    assert result.exit_code == 0, result.output[-3000:]
+    sweeps = sorted((tmp_path / "runs" / "sweeps").glob("[!.]*"))
+    requests = {json.loads((s / "sweep.json").read_text())["dataset"]: json.loads((s / "sweep.json").read_text())
+                for s in sweeps}
+    assert sorted(requests) == ["cifar100", "dtd", "flowers102", "oxfordiiitpet"]
+    assert requests["flowers102"]["validation"] == "official" and requests["cifar100"]["validation"] == "carved"
+    page = (tmp_path / "report.html").read_text()
+    suite = page.split('<h2 id="suite">Datasets</h2>', 1)[1].split("</table>", 1)[0]
+    for name in requests:
+        assert f"<td>{name}</td>" in suite
+    assert "the dataset&#39;s own validation split (6 images)" in page and "carved from train" in page

@@ -152,8 +152,9 @@ def _open(name: str, spec: TorchvisionSet, keywords: dict, request: DataRequest)
 
     cls = getattr(tv, spec.cls)
     root = _root(request)
-    download = request.download and spec.download
-    if request.download and not spec.download:
+    present = (root / spec.folder).exists() if spec.folder else all((root / f).exists() for f in spec.files)
+    download = request.download and spec.download and not present  # a copy on disk is read as it is
+    if request.download and not spec.download and not present:
         raise FeatcacheError(f"torchvision cannot download {name}: place its files under {root / spec.folder} "
                              f"by hand (featcache datasets {name} says which)")
     made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the first folder we make

@@ -29,7 +29,7 @@ from featcache.files import atomic_write
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 from featcache.reporting.guard import check_replaceable, readable_runs, why
-from featcache.reporting.sweeps import sweep_folders, sweep_section
+from featcache.reporting.sweeps import dataset_suite, sweep_folders, sweep_section
 from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
     RunRecord,
@@ -205,10 +205,27 @@ def _section(run_dir: Path, record: RunRecord, images: _Images, cfg: ReportConfi
     return out
 
 
+def _facts(data, record: RunRecord) -> list[str]:
+    """What the Data section says of a dataset: its source, split sizes, where validation comes from, classes."""
+    sizes = {name: len(split) for name, split in data.splits.items()}
+    val = data.splits["train"].official_val
+    n_val = int(val.sum()) if val is not None else 0
+    names = ", ".join(data.classes[:20]) + (f" and {len(data.classes) - 20} more" if len(data.classes) > 20 else "")
+    return [f"source: {data.about.get('source', record.config['dataset'])}",
+            f"{sizes['train'] - n_val} train, {n_val} validation, {sizes['test']} test images" if n_val else
+            f"{sizes['train']} train images (validation carved from them), {sizes['test']} test images",
+            f"validation: {data.validation}",
+            f"{len(data.classes)} classes: {names}"]
+
+
+SAMPLE_CLASSES = 12  # the Data section's grid shows this many classes at most (CIFAR-100's 300 cells took 20 s)
+
+
 def _samples(record: RunRecord, images: _Images, per_class: int = 3) -> bytes:
     data = images.dataset(record)
     labels = np.asarray(data.splits["train"].labels)
-    rows = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in range(len(data.classes))])
+    shown = range(min(len(data.classes), SAMPLE_CLASSES))
+    rows = np.concatenate([np.flatnonzero(labels == k)[:per_class] for k in shown])
     return figures.image_grid(images.rows(record, "train", rows), [data.classes[k] for k in labels[rows]],
                               columns=per_class * min(4, len(data.classes)), cell=1.1)
 
@@ -271,7 +288,9 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         request = record_request(record)
         if request not in samples:
             try:
-                samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images))}
+                samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images)),
+                                    "facts": _facts(images.dataset(record), record),
+                                    "classes": len(images.dataset(record).classes)}
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
     sweeps = []
@@ -283,6 +302,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             log(f"report: sweep {folder} is unreadable ({why(exc)}): shown as such")
             continue
         sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
+    suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
     random_runs = [r.run for r in records if r.config["weights"] == "random"]
@@ -295,6 +315,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps, unreadable=unreadable,
+        suite=suite,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))

@@ -26,7 +26,9 @@ def sweep_section(folder: Path) -> dict:
 
     table = pd.read_csv(folder / "table.csv")
     request = sweep_request(folder)  # read once: the weights and the taps' order
-    out = {"name": folder.name, "n_rows": len(table), "random": request.get("weights") == "random"}
+    out = {"name": folder.name, "n_rows": len(table), "random": request.get("weights") == "random",
+           "dataset": _dataset_name(request), "backbones": request.get("backbones") or [],
+           "best": table.iloc[0][["taps", "head", "val_acc", "test_acc"]].to_dict() if len(table) else None}
     order = network_order(request, table)
     singles = table[table["n_taps"] == 1]
     if len(singles):
@@ -45,6 +47,22 @@ def sweep_section(folder: Path) -> dict:
     out["top"] = table[~neighbours].head(10)[columns].to_dict("records")
     out["knn"] = table[neighbours].head(10)[columns].to_dict("records")
     return out
+
+
+def _dataset_name(request: dict) -> str:
+    """The sweep's dataset as the report names it: a folder's, manifest's or HF dataset's own name."""
+    name = str(request.get("dataset", "?"))
+    where = request.get("data_dir")
+    if name in ("folder", "manifest", "hf", "webdataset") and isinstance(where, str) and where:
+        return f"{name} {Path(where).name}"
+    return name
+
+
+def dataset_suite(sweeps: list[dict]) -> list[dict]:
+    """One row per dataset swept (several sweeps of one dataset: each its own row): the best tap and head by
+    validation, and that row's test accuracy, which chose nothing."""
+    return [{"dataset": sw["dataset"], "backbones": " + ".join(map(str, sw["backbones"])), "sweep": sw["name"],
+             **sw["best"]} for sw in sweeps if sw.get("best")]
 
 
 def network_order(request: dict, table) -> list[str]:

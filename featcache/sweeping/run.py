@@ -84,7 +84,9 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
             count = _evaluate(cfg, paths, folder, todo, done, log, progress)
         # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
         # (written each time: a damaged sweep.json of a finished sweep is mended by running it again)
-        shown = {"taps": [str(r) for r in all_taps(cfg.features.backbones)], "weights": str(cfg.features.weights)}
+        shown = {"taps": [str(r) for r in all_taps(cfg.features.backbones)], "weights": str(cfg.features.weights),
+                 "data_dir": None if cfg.features.data.data_dir is None else str(cfg.features.data.data_dir),
+                 "validation": _validation(paths)}
         atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
         rows = read_rows(folder)  # read once: the tables and the kept runs' choices
         table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
@@ -200,6 +202,13 @@ def _request(cfg: SweepConfig, paths: dict) -> dict:
             "dataset": cfg.features.data.name, "val_fraction": cfg.val_fraction,
             "options": {"grid": o.grid, "hidden": o.hidden, "dropout": o.dropout, "optimizer": o.optimizer, "lr": o.lr,
                         "epochs": o.epochs, "batch_size": o.batch_size, "patience": o.patience}}
+
+
+def _validation(paths: dict) -> str:
+    """Where the sweep's validation rows come from: the dataset's own split, or carved from train."""
+    with FeatureCache(next(iter(paths.values()))) as cache:
+        official = cache.official_val("train")
+    return "official" if official is not None and official.any() else "carved"
 
 
 def _folder(cfg: SweepConfig, paths: dict) -> Path:
