@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu.sh --small                 the same steps on the CPU with a few images: a smoke test
 # Each step has its own time limit so one slow step cannot eat the others. Record what it
 # prints in RESULTS.md with the device named. Needs torch, torchvision, h5py, scikit-learn,
-# click, pandas, matplotlib, jinja2 and grad-cam (carry its wheel where it is missing).
+# click, pandas, matplotlib, jinja2 and grad-cam (carry its wheel where it is missing); the sources step also
+# datasets and pyarrow (featcache[hub]: carry their wheels too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -51,3 +52,6 @@ step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --trai
 step head_fit 240 python benchmarks/head_fit.py --device $DEV --precision $HEADS_PRECISION
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV
+# Issue 30: the manifest, Hugging Face (Arrow, Parquet) and WebDataset sources against a folder of the same JPEGs,
+# decoded on the GPU (target: each >= 0.9x the folder's images/s).
+step sources 360 python benchmarks/source_throughput.py --device $DEV --images $NF --source-size 320 --image-size $SIZE --backbone resnet50 --batch-size $BATCH --repeats 3

@@ -263,3 +263,52 @@ def test_every_source_is_a_registry_entry_with_a_line_about_it():
     for name in ("hf", "manifest", "webdataset", "flowers102", "digits", "folder"):
         assert DATASETS.lookup(name).about, name
     assert json.dumps(sorted(DATASETS))  # plain names
+
+
+def test_worker_processes_read_arrow_cells_and_shard_members_as_the_main_process_does(same_images, tmp_path):
+    """The readers travel to DataLoader workers (pickled): the features are those read in the process."""
+    from featcache.extraction.reader import FeatureCache
+    from featcache.extraction.run import extract
+
+    for source in ("hf parquet", "shards"):
+        name, where, options = same_images[source]
+        data = DataRequest(name=name, data_dir=where, **options)
+        got = []
+        for workers in (0, 1):
+            cfg = tiny_config(tmp_path / f"{source}-{workers}", data=data, num_workers=workers)
+            [result] = extract(cfg, progress=False, log=lambda m: None)
+            with FeatureCache(result.path) as cache:
+                got.append(cache.read("train", "stage3"))
+        assert np.array_equal(*got), source
+
+
+def test_a_finetune_reads_its_images_from_shards(same_images, tmp_path):
+    from test_finetune import ft_config
+
+    from featcache.finetuning.run import finetune
+    from featcache.runs.records import load_record
+
+    name, where, options = same_images["shards"]
+    features = tiny_config(tmp_path, data=DataRequest(name=name, data_dir=where), dtype="float32")
+    run = finetune(ft_config(tmp_path, features=features, epochs=1, num_workers=1), log=lambda m: None, progress=False)
+    record = load_record(run)
+    assert record.config["dataset"] == "webdataset" and record.classes == ["0", "1"]
+    assert record.rows["test"] == 4
+
+
+def test_predict_classifies_a_manifest_a_shard_and_a_saved_hf_dataset_like_their_files(same_images, tmp_path):
+    from featcache.data.datasets import image_entries
+    from featcache.fuse.train import FuseTrainConfig, fuse_train
+    from featcache.runs.predict import predict_files
+
+    cfg = tiny_config(tmp_path, data=DataRequest(name="folder", data_dir=same_images["folder"][1]))
+    [run] = fuse_train(FuseTrainConfig(features=cfg, taps=("late",), heads=("logreg",), runs_dir=tmp_path / "runs",
+                                       run_extract=True), log=lambda m: None)
+    files = image_entries([same_images["folder"][1]])
+    want = [(label, round(p, 6)) for _, label, p in predict_files(run, files, device="cpu")]
+    for source in ("csv", "save_to_disk"):
+        got = predict_files(run, image_entries([same_images[source][1]]), device="cpu")
+        assert sorted((label, round(p, 6)) for _, label, p in got) == sorted(want), source
+    shards = sorted(same_images["shards"][1].glob("*.tar"))
+    got = predict_files(run, image_entries(shards), device="cpu")
+    assert len(got) == len(want) and str(got[0][0]).endswith("train-000000.tar:sample00000.png")

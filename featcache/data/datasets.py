@@ -151,3 +151,23 @@ DATASETS.register("folder")(
         about="a folder of one sub-folder of images per class (optionally under train/ and test/): --data-dir DIR",
     )
 )
+
+
+def image_entries(args) -> list:
+    """What ``featcache predict`` classifies: files, folders and glob patterns (:func:`images.image_paths`), and
+    whole sources given by their file: a manifest (``.csv``, ``.tsv``, ``.parquet``: the images it names), a
+    WebDataset shard (``.tar``: each sample's image), a Hugging Face ``save_to_disk`` folder (each row's image)."""
+    from featcache.data.images import image_paths
+
+    out: list = []
+    for arg in map(str, args):
+        path = Path(arg)
+        if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".parquet"):
+            out += manifest.image_files(path)
+        elif path.is_file() and path.suffix.lower() == ".tar":
+            out += shards.image_members(path)
+        elif path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+            out += hub.image_rows(path)
+        else:
+            out += image_paths([arg])
+    return out

@@ -303,3 +303,16 @@ DATASETS.register("hf")(DatasetEntry(
     key=_key, identity=_identity, load=_load,
     about="a Hugging Face dataset: --data-dir a save_to_disk folder or Parquet / Arrow files, or --hf-name NAME",
 ))
+
+
+def image_rows(folder: Path, column: str | None = None) -> list[Blob]:
+    """Every row's image of every split of a saved HF dataset (labels not needed): what ``featcache predict``
+    classifies when given such a folder."""
+    out = []
+    for split, files in _files(DataRequest(name="hf", data_dir=folder)).items():
+        schema = _schema(files[0])
+        image = column or _only([c for c in schema.names if _is_image(schema, _features(schema), c)], "Image",
+                                list(schema.names), "--image-column")
+        reader = ArrowImages(files, image, f"{Path(folder).name}/{split}")
+        out += [reader.blob(k) for k in range(sum(rows for _, _, rows, _, _ in reader._open()))]
+    return out

@@ -34,7 +34,7 @@ def _path(request: DataRequest) -> Path:
     return path
 
 
-def _read(request: DataRequest):
+def _read(request: DataRequest, need_label: bool = True):
     import pandas as pd
 
     path = _path(request)
@@ -50,7 +50,7 @@ def _read(request: DataRequest):
         raise FeatcacheError(f"cannot read manifest {path}: {str(exc).splitlines()[0][:200]}") from None
     image = request.image_column or "path"
     label = request.label_column or "label"
-    for flag, column in (("--image-column", image), ("--label-column", label)):
+    for flag, column in (("--image-column", image), ("--label-column", label))[: 2 if need_label else 1]:
         if column not in table.columns:
             raise FeatcacheError(f"manifest {path} has no {column!r} column ({flag}); its columns are "
                                  f"{', '.join(map(str, table.columns))}")
@@ -125,3 +125,10 @@ DATASETS.register("manifest")(DatasetEntry(
     key=_key, identity=_identity, load=_load,
     about="a CSV / Parquet file of path, label (and split) columns: --data-dir FILE",
 ))
+
+
+def image_files(path: Path, column: str | None = None) -> list[Path]:
+    """Every image a manifest names (labels not needed): what ``featcache predict labels.csv`` classifies."""
+    _, table, image, _ = _read(DataRequest(name="manifest", data_dir=path, image_column=column,
+                                           label_column=None), need_label=False)
+    return _files(path, table, image)

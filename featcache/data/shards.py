@@ -185,3 +185,20 @@ DATASETS.register("webdataset")(DatasetEntry(
     key=_key, identity=_identity, load=_load,
     about="WebDataset .tar shards: --data-dir a folder of train-*.tar, val-*.tar, test-*.tar",
 ))
+
+
+def image_members(shard: Path) -> list[Blob]:
+    """Every sample's image in a shard, labelled or not: what ``featcache predict shard.tar`` classifies."""
+    samples = []
+    try:
+        with tarfile.open(shard, "r:") as tar:
+            seen = set()
+            for member in tar:
+                key, ext = _key_and_ext(member.name)
+                if member.isfile() and ext in IMAGE_KEYS and key not in seen:
+                    seen.add(key)
+                    samples.append((str(shard), member.name, member.offset_data, member.size))
+    except (tarfile.TarError, OSError) as exc:
+        raise FeatcacheError(f"{shard} is not a readable tar shard: {exc}") from None
+    images = ShardImages(samples)
+    return [images.blob(k) for k in range(len(samples))]

@@ -111,7 +111,7 @@ def _report(request: ReportRequest, log) -> Outcome:
 def _predict(request: PredictRequest, log) -> Outcome:
     import featcache.finetuning.saved  # noqa: F401  registers the run kinds' predictors
     import featcache.fuse.predict  # noqa: F401
-    from featcache.data.images import image_paths
+    from featcache.data.datasets import image_entries
     from featcache.fuse.saved import trusting
     from featcache.runs.predict import check_output, predict_files, write_predictions
     from featcache.runs.records import resolve_run
@@ -120,7 +120,7 @@ def _predict(request: PredictRequest, log) -> Outcome:
     if request.output is not None:
         check_output(request.output)  # before any network is built
     with trusting(request.trust_pickles):
-        predictions = predict_files(run, image_paths(request.images), device=request.device, top_k=request.top_k)
+        predictions = predict_files(run, image_entries(request.images), device=request.device, top_k=request.top_k)
     if request.output is not None:
         write_predictions(request.output, predictions)
     lines = [f"{file}\t{label}\t{prob:.4f}" for file, label, prob in predictions] if request.top_k == 1 else [

@@ -20,8 +20,10 @@ class PredictRequest:
     """``featcache predict``: classify images with a run's backbones, preprocessing and head."""
 
     run: str = option(help="A run folder, or its name inside --runs-dir.", metavar="RUN")
-    images: tuple[str, ...] = option(help="Image files, folders (every image inside, recursively) or quoted glob "
-                                          "patterns such as 'photos/**/*.jpg'.", argument=True, metavar="IMAGE...")
+    images: tuple[str, ...] = option(help="Image files, folders (every image inside, recursively), quoted glob "
+                                          "patterns such as 'photos/**/*.jpg', a manifest (.csv / .parquet: the "
+                                          "images it names), a WebDataset shard (.tar) or a Hugging Face "
+                                          "save_to_disk folder.", argument=True, metavar="IMAGE...")
     runs_dir: Path = option(Path("runs"), help="Where runs live.")
     device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
     top_k: int = option(1, check=lambda k: k >= 1, rule="be at least 1",
