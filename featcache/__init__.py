@@ -11,6 +11,7 @@ one stage table (pipeline) by the command line (``featcache.cli``) and the Pytho
     featcache.fuse_train(backbone=["resnet18", "mobilenet_v2"], weights="random", image_size=64,
                          taps=["late"], head=["logreg", "mlp"])
     featcache.sweep(backbone=["resnet18"], weights="random", image_size=64, combos="pairs")  # every tap x head
+    featcache.rank(backbone=["resnet*", "mobilenet*"], weights="random", image_size=64)  # every model's taps scored
     featcache.runs_table()  # the comparison table of every run, a pandas DataFrame
 
 Keyword arguments are the request fields of each stage (``help(featcache.extract)``), with
@@ -20,7 +21,8 @@ typed values; errors raise FeatcacheError naming the keyword.
 from featcache.errors import FeatcacheError
 
 __version__ = "0.1.0"
-API = ("extract", "load_features", "fuse_train", "sweep", "finetune", "predict", "report", "runs_table", "run_pipeline")
+API = ("extract", "load_features", "fuse_train", "sweep", "rank", "finetune", "predict", "report", "runs_table",
+       "run_pipeline")
 __all__ = ["FeatcacheError", *API]
 
 

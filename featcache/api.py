@@ -72,6 +72,9 @@ extract = _function("extract", _paths, "``featcache extract``: cache every tap o
                                        "file (a list for several).")
 fuse_train = _function("fuse-train", _result, "``featcache fuse-train``: every taps x head combination; "
                                                          "returns the run folders written or served.")
+rank = _function("rank", _table, "``featcache rank``: every tap of the models the patterns match, scored by "
+                                 "transferability scores; returns the table (a DataFrame: model, tap, width, "
+                                 "parameters, images/s, each score; ``.attrs['folder']`` is the ranking's folder).")
 sweep = _function("sweep", _table, "``featcache sweep``: every tap combination x head; returns its table (a "
                                    "DataFrame, best validation accuracy first), with the sweep folder in "
                                    "``table.attrs['folder']``.")

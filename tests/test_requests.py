@@ -23,7 +23,8 @@ from featcache.requests import API, PIPELINE, base_type, build, params
 
 REQUESTS = {**{name: spec.request for name, spec in STAGES.items()}, "run": PipelineRequest}
 FIELDS = [(name, p) for name, cls in REQUESTS.items() for p in params(cls)]
-TEXT = {"weights": "random", "combos": "singles", "unfreeze": "all", "title": "t", "pipeline": "p", "run": "r"}
+TEXT = {"weights": "random", "combos": "singles", "unfreeze": "all", "title": "t", "pipeline": "p", "run": "r",
+        "keep_caches": "top-2"}
 
 
 def sample(p):
@@ -222,5 +223,5 @@ def test_a_scorer_registered_in_a_test_scores_every_combination_of_the_sweep(tmp
     again = invoke("sweep", *flags, "--score", "toywidth,hscore")
     assert "every evaluation of this sweep is in" in again.output
     bad = invoke("sweep", *flags, "--score", "logmee")
-    assert bad.exit_code == 2 and "The '--score' option must be one of {hscore, logme, toywidth}. Got 'logmee' " \
+    assert bad.exit_code == 2 and "The '--score' option must be one of {hscore, hscore_reg, logme, nleep, toywidth}. Got 'logmee' " \
                                   "instead; did you mean 'logme'?" in bad.output

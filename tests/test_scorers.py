@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from featcache.sweeping.scorers import SCORERS, h_score, logme
+from featcache.sweeping.scorers import SCORERS, h_score, h_score_regularised, leep_of, logme, nleep
 
 
 def data(n=120, d=10, classes=3, seed=0, signal=1.0):
@@ -20,41 +20,87 @@ def h_score_by_definition(X, y, classes):
 
 
 def logme_by_definition(F, y, classes):
-    """LogME as the paper writes it: A = alpha I + beta F'F solved directly, log det A by slogdet."""
+    """LogME's fixed point as the papers write it: A = alpha I + beta F'F solved directly, m = beta A^-1 F'y,
+    log det A by slogdet; the spectrum the authors' code sums over (N > D: F'F's nonzero eigenvalues; N <= D:
+    F's N singular values squared), so log det A is taken less (D - K) log alpha."""
     N, D = F.shape
+    spectrum = np.linalg.eigvalsh(F.T @ F) if N > D else np.linalg.svd(F, compute_uv=False) ** 2
+    if N > D:  # the nonzero spectrum, by numpy's rank rule
+        spectrum = spectrum[spectrum > spectrum.max() * max(N, D) * np.finfo(float).eps]
     total = 0.0
     for c in range(classes):
         t = (y == c).astype(float)
         alpha, beta = 1.0, 1.0
-        s = np.linalg.eigvalsh(F.T @ F)
         for _ in range(11):
+            old = alpha / beta
             A = alpha * np.eye(D) + beta * F.T @ F
             m = beta * np.linalg.solve(A, F.T @ t)
-            gamma = np.sum(beta * s / (alpha + beta * s))
-            a_de, b_de = m @ m, np.sum((t - F @ m) ** 2)
-            old = alpha / beta
-            alpha, beta = gamma / (a_de + 1e-5), (N - gamma) / (b_de + 1e-5)
-            if abs(alpha / beta - old) / old < 0.01:
+            gamma = np.sum(beta * spectrum / (alpha + beta * spectrum))
+            m_tm, res2 = m @ m, np.sum((t - F @ m) ** 2)
+            alpha, beta = gamma / (m_tm + 1e-5), (N - gamma) / (res2 + 1e-5)
+            if abs(alpha / beta - old) / old <= 1e-3:
                 break
-        A = alpha * np.eye(D) + beta * F.T @ F
-        evidence = (D / 2 * np.log(alpha) + N / 2 * np.log(beta) - 0.5 * np.linalg.slogdet(A)[1]
-                    - beta / 2 * (b_de + 1e-5) - alpha / 2 * (a_de + 1e-5) - N / 2 * np.log(2 * np.pi))
+        log_det = np.linalg.slogdet(alpha * np.eye(D) + beta * F.T @ F)[1] - (D - len(spectrum)) * np.log(alpha)
+        evidence = (D / 2 * np.log(alpha) + N / 2 * np.log(beta) - 0.5 * log_det - beta / 2 * res2
+                    - alpha / 2 * m_tm - N / 2 * np.log(2 * np.pi))
         total += evidence / N
     return total / classes
 
 
-@pytest.mark.parametrize(("n", "d", "classes"), [(120, 10, 3), (40, 60, 2), (300, 8, 10)],
-                         ids=["N>D", "N<D", "10 classes"])
+def h_score_regularised_by_definition(X, y, classes):
+    """scikit-learn's Ledoit-Wolf estimate of the covariance and its shrinkage a, then the paper's formula."""
+    from sklearn.covariance import ledoit_wolf
+
+    shrunk, a = ledoit_wolf(X, assume_centered=True)
+    means = np.stack([X[y == c].mean(0) for c in range(classes)])[y]
+    return np.trace(np.linalg.solve(shrunk, (1 - a) * np.cov(means.T, bias=True)))
+
+
+def leep_by_definition(theta, y, classes):
+    """Nguyen et al.'s equations, a loop per sum."""
+    n, z = theta.shape
+    joint = np.array([[sum(theta[i, k] for i in range(n) if y[i] == c) / n for k in range(z)] for c in range(classes)])
+    cond = joint / joint.sum(axis=0)
+    return np.mean([np.log(sum(cond[y[i], k] * theta[i, k] for k in range(z))) for i in range(n)])
+
+
+@pytest.mark.parametrize(("n", "d", "classes"), [(120, 10, 3), (40, 60, 2), (300, 8, 10), (200, 30, 2),
+                                               (400, 120, 100)],
+                         ids=["N>D", "N<D", "10 classes", "2 classes", "100 classes"])
 def test_scores_match_their_definitions(n, d, classes):
     X, y = data(n, d, classes)
     assert h_score(X, y, classes) == pytest.approx(h_score_by_definition(X, y, classes), rel=1e-6)
     assert logme(X, y, classes) == pytest.approx(logme_by_definition(X, y, classes), rel=1e-6)
+    assert h_score_regularised(X, y, classes) == pytest.approx(h_score_regularised_by_definition(X, y, classes),
+                                                               rel=1e-6)
+
+
+def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own():
+    from featcache.sweeping.scorers import SCORERS, moments
+
+    X, y = data(150, 12, 3)
+    parts = [X[:, :4], X[:, 4:9], X[:, 9:]]
+    every = moments(parts, y, 3)
+    for name in ("logme", "hscore", "hscore_reg"):
+        entry = SCORERS[name]
+        pair = entry.from_moments(every.select([0, 2]))
+        assert pair == pytest.approx(entry.score(np.hstack([parts[0], parts[2]]), y, 3), rel=1e-9), name
+
+
+def test_leep_and_nleep():
+    rng = np.random.default_rng(1)
+    theta = rng.dirichlet(np.ones(5), size=30)
+    y = np.arange(30) % 3
+    assert leep_of(theta, y, 3) == pytest.approx(leep_by_definition(theta, y, 3), rel=1e-9)
+    X, y = data(150, 10, 3)
+    assert nleep(X, y, 3) == nleep(X, y, 3) <= 0  # seeded: the same every run
 
 
 def test_rank_deficient_features_and_larger_means_better():
     X, y = data()
     doubled = np.hstack([X, X])  # rank 10 in 20 columns
     assert np.isfinite(logme(doubled, y, 3)) and h_score(doubled, y, 3) == pytest.approx(h_score(X, y, 3), rel=1e-6)
+    assert logme(doubled, y, 3) == pytest.approx(logme_by_definition(doubled, y, 3), rel=1e-6)
     noise, _ = data(signal=0.0)
     for name, entry in SCORERS.items():
         assert entry.larger_is_better

@@ -98,6 +98,21 @@ def sweep(request):
         _interrupted("run the same command again: the sweep resumes from the rows it finished")
 
 
+@stage("rank")
+def rank(request):
+    """Which pretrained model, which layer? Score every tap of many backbones, training nothing.
+
+    --backbone takes names and glob patterns ('resnet*', 'timm:convnext*'). Models are extracted a few at a
+    time in one shared pass, every tap scored from one Gram matrix (LogME, H-score ...); a model that fails is
+    recorded with its reason and the ranking goes on. Runs again resume where they stopped. --confirm K
+    checks the scores against the logreg probe on this data (Kendall tau per score).
+    """
+    try:
+        STAGES["rank"].run(request, click.echo)
+    except KeyboardInterrupt:
+        _interrupted("run the same command again: the finished models are kept")
+
+
 @stage("finetune")
 def finetune(request):
     """Train unfrozen variants end to end: backbones -> taps -> pooling -> normalisation -> head.

@@ -15,6 +15,7 @@ from pathlib import Path
 from featcache.extraction.request import ExtractRequest
 from featcache.finetuning.request import FinetuneRequest
 from featcache.fuse.request import FuseRequest
+from featcache.ranking.request import RankRequest
 from featcache.reporting.request import ReportRequest
 from featcache.runs.request import PredictRequest
 from featcache.sweeping.request import SweepRequest
@@ -128,7 +129,15 @@ def _predict(request: PredictRequest, log) -> Outcome:
     return Outcome("ran", lines, [], predictions)
 
 
+def _rank(request: RankRequest, log) -> Outcome:
+    from featcache.ranking.run import rank
+
+    folder = rank(request, log=log, progress=not request.quiet)
+    return Outcome("ran", [str(folder / "table.csv")], [], folder)
+
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("rank", RankRequest, _rank, reuse="itself"),
     StageSpec("extract", ExtractRequest, _extract, reuse="cache"),
     StageSpec("sweep", SweepRequest, _sweep, reuse="itself"),
     StageSpec("fuse-train", FuseRequest, _fuse_train, reuse="ledger"),

@@ -38,7 +38,7 @@ from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations
 from featcache.sweeping.probes import batched, presolve, probe
-from featcache.sweeping.scorers import scored
+from featcache.sweeping.scorers import SCORERS, moments, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
     finished,
@@ -134,13 +134,15 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
                     labels_of["fit"] = y["fit"][rows]
                 solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
+                gram = _gram(group, parts["fit"], labels_of["fit"], n_classes)
                 refs, fused = None, None
                 for job in group:
                     if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
                         refs = job["refs"]
                         fused = fused_parts(parts, refs)
                     if job.get("kind") == "score":
-                        result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes)
+                        stats = gram[0].select([gram[1][r] for r in refs]) if gram else None
+                        result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
                     else:
                         result = probe(job["head"], fused, labels_of, n_classes, options,
                                        solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)))
@@ -153,6 +155,16 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     bar.update()
     log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     return count
+
+
+def _gram(group: list[dict], fit: dict, labels, n_classes: int):
+    """(the moments of every tap the group's scores name, ref -> its block), or None where no score of the group
+    takes moments: one Gram for all the combinations, each scored from its block."""
+    wanted = [job for job in group if job.get("kind") == "score" and SCORERS.lookup(job["head"]).from_moments]
+    if not wanted:
+        return None
+    refs = list(dict.fromkeys(ref for job in wanted for ref in job["refs"]))
+    return moments([fit[r] for r in refs], labels, n_classes), {ref: k for k, ref in enumerate(refs)}
 
 
 def _warning_once(log):

@@ -1,0 +1,57 @@
+"""``RankRequest``: what ``featcache rank`` (its API function and pipeline table) asks for.
+
+Inside ranking (request -> run): the fields; :func:`featcache.ranking.run.rank` does the work.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from featcache.extraction.config import DEVICES
+from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
+from featcache.requests import option
+from featcache.sweeping.scorers import SCORERS, scorers_help
+
+
+def _keep_rule(value: str) -> bool:
+    return value in ("all", "none") or re.fullmatch(r"top-[1-9][0-9]*", value) is not None
+
+
+@dataclass(frozen=True)
+class RankRequest(FeatureFields):
+    """``featcache rank``: score every tap of many backbones with transferability scores, training nothing."""
+
+    backbone: tuple[str, ...] = option((), metavar="PATTERN",
+                                       help="Backbone names or glob patterns, repeatable: 'resnet*' (torchvision "
+                                            "and declared), 'timm:convnext*' (timm); featcache backbones --all "
+                                            "PATTERN lists what a pattern matches.")
+    score: tuple[str, ...] = option(("logme", "hscore"), split=True, metavar="NAME[,NAME]",
+                                    choices=lambda: list(SCORERS),
+                                    help=lambda: "Scores of every tap (the first orders the table): " + scorers_help())
+    pretrained_only: bool = option(False, help="Keep only the models that have weights to load (timm's pretrained "
+                                               "list, torchvision's weights enums).")
+    max_models: int = option(50, check=lambda v: v >= 1, rule="be at least 1",
+                             help="Refuse a larger match up front (the count is said).")
+    models_at_once: int = option(4, check=lambda v: v >= 1, rule="be at least 1",
+                                 help="Models extracted in one shared pass over the data; their features are all that "
+                                      "is held in memory at once.")
+    keep_caches: str = option("all", check=_keep_rule, rule="be all, none or top-K (e.g. top-3)",
+                              metavar="all|none|top-K",
+                              help="Which caches the ranking leaves behind: all, none, or those of the best K "
+                                   "models by the first score (caches that existed before are always kept).")
+    confirm: int = option(0, check=lambda v: v >= 0, rule="be 0 or more", metavar="K",
+                          help="Check the scores on this data: train the batched logreg probe and k-NN on the top K "
+                               "taps by each score, and give each score's Kendall tau against the probe's "
+                               "validation accuracy.")
+    val_fraction: float = option(0.1, help="Stratified share of train held out: the scores use the rest, the "
+                                           "--confirm probes choose on it.")
+    device: str = option("auto", choices=DEVICES, help="Where the backbones run and the scores are computed.")
+    batch_size: int = option(64, check=lambda v: v >= 1, rule="be at least 1", help="Images per forward pass.")
+    num_workers: int | None = option(None, check=lambda v: v >= 0, rule="be 0 or more",
+                                     help="Processes decoding image files.")
+    runs_dir: Path = option(Path("runs"), writes=True,
+                            help="Where the ranking's folder goes (runs/ranks/NAME: rows.jsonl, table.csv).")
+    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    quiet: bool = option(False, short="-q", help=QUIET)

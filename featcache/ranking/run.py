@@ -1,0 +1,367 @@
+"""``featcache rank``: which pretrained model, which of its layers? Every tap of many backbones scored, nothing trained.
+
+Stage 8 (ranking), after the sweep whose scores and probes it uses. The patterns (``'resnet*'``,
+``'timm:convnext*'``) are resolved to model names first, and a match larger than ``--max-models`` is refused
+before anything runs. Models then go in groups of ``--models-at-once``: one shared pass extracts the group
+(each image decoded once for all of them), each model's taps are standardised on the training rows and scored
+from one Gram matrix of them all, and the group's features are dropped before the next group: no more than one
+group's features are in memory. A model that fails to build or run is recorded with its one-line reason, and
+the ranking goes on. The folder ``runs/ranks/NAME`` holds:
+
+- ``rows.jsonl``: one line per model as it finishes (its taps' scores, or why it failed); a killed ranking
+  resumes from it, and a finished model is not done again;
+- ``table.csv`` (and ``table.parquet`` with pyarrow): model, tap, width, parameters, images/s, each score,
+  ordered by the first score; failures at the end with their reason;
+- with ``--confirm K``: ``confirm.csv``, the batched logreg probe and k-NN on the top K taps by each score, and
+  ``tau.csv``, each score's Kendall tau against the probe's validation accuracy: how far to trust it here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fnmatch
+import json
+from pathlib import Path
+
+import numpy as np
+
+from featcache.backbones.discovery import timm_names, torchvision_names
+from featcache.backbones.registry import BACKBONES
+from featcache.errors import FeatcacheError
+from featcache.extraction.reader import FeatureCache
+from featcache.extraction.store import read_timing, timing_file
+from featcache.files import atomic_write, lock
+from featcache.fuse.evaluate import validation_split
+from featcache.requests import request_hash
+from featcache.sweeping.scorers import SCORERS, moments, scored
+
+TIMM = "timm:"
+
+
+def resolve(patterns, pretrained_only: bool = False) -> list[str]:
+    """Every model name the patterns match (declared, torchvision, timm:NAME), each once, in pattern order."""
+    if not patterns:
+        raise FeatcacheError("featcache rank needs --backbone: names or patterns such as 'resnet*' or 'timm:convnext*'")
+    every = list(dict.fromkeys([*sorted(BACKBONES), *torchvision_names()]))
+    out: list[str] = []
+    for pattern in patterns:
+        if pattern.startswith(TIMM):
+            found = [n for n in timm_names() if fnmatch.fnmatchcase(n, pattern)]
+        elif any(ch in pattern for ch in "*?["):
+            found = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
+        else:
+            found = [BACKBONES.lookup(pattern).name]  # a plain name: the registry names the closest if unknown
+        if not found:
+            from difflib import get_close_matches
+
+            close = get_close_matches(pattern, every + timm_names(), n=3)
+            raise FeatcacheError(f"--backbone {pattern!r} matches no model" + (f"; did you mean {', '.join(close)}?"
+                                 if close else "") + " featcache backbones --all PATTERN lists what matches")
+        out += [n for n in found if n not in out]
+    if pretrained_only:
+        out = [n for n in out if has_weights(n)]
+        if not out:
+            raise FeatcacheError(f"no model matching {', '.join(patterns)} has pretrained weights")
+    return out
+
+
+def has_weights(name: str) -> bool:
+    """Whether the model has weights to load: timm's pretrained list, torchvision's weights enum."""
+    if name.startswith(TIMM):
+        import timm
+
+        return name[len(TIMM):] in {n.split(".")[0] for n in timm.list_pretrained(name[len(TIMM):] + "*")}
+    import torchvision
+
+    try:
+        return len(list(torchvision.models.get_model_weights(name))) > 0
+    except (ValueError, KeyError):
+        return False
+
+
+def parameters(name: str) -> int | None:
+    """The model's number of parameters, built on the meta device (nothing allocated), or None."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = BACKBONES.lookup(name).build(None)
+        return int(sum(p.numel() for p in model.parameters()))
+    except Exception:  # a model that cannot be built says so when it is extracted
+        return None
+
+
+def _tap_count(name: str) -> int:
+    try:
+        return len(BACKBONES.lookup(name).taps)
+    except Exception:  # a model that cannot be found or traced fails, recorded, when it is extracted
+        return 0
+
+
+def folder_of(request, models: list[str]) -> Path:
+    from featcache.data.datasets import dataset_key
+
+    key = dataset_key(request.data_request())
+    digest = request_hash({"models": models, "scores": list(request.score), "weights": request.weights,
+                           "data": dataclasses.asdict(request.data_request()), "image_size": request.image_size,
+                           "pooling": request.pooling, "val_fraction": request.val_fraction,
+                           "dtype": request.dtype, "resize": request.resize}, 10)
+    return Path(request.runs_dir) / "ranks" / f"{key}-{digest}"
+
+
+def read_rows(folder: Path) -> dict[str, dict]:
+    """model -> its row, from rows.jsonl; a line cut short by a kill is left out (that model is done again)."""
+    out = {}
+    path = folder / "rows.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            with contextlib.suppress(ValueError):
+                row = json.loads(line)
+                if isinstance(row, dict) and "model" in row:
+                    out.setdefault(row["model"], row)
+    return out
+
+
+def rank(request, log=print, progress: bool = True) -> Path:
+    """Rank every model the request's patterns match; return the ranking's folder."""
+    from tqdm.auto import tqdm
+
+    models = resolve(request.backbone, request.pretrained_only)
+    if len(models) > request.max_models:
+        raise FeatcacheError(f"--backbone {' '.join(request.backbone)} matches {len(models)} models, more than "
+                             f"--max-models {request.max_models}: narrow the patterns or raise --max-models")
+    if request.confirm and request.keep_caches == "none":
+        raise FeatcacheError("--confirm needs the caches of the taps it checks: use --keep-caches all (or top-K) "
+                             "with --confirm")
+    if request.confirm:
+        known = sum(_tap_count(m) for m in models)
+        if request.confirm > known:
+            raise FeatcacheError(f"--confirm {request.confirm} is more than the {known} taps of the matched models: "
+                                 f"use --confirm {known} or fewer")
+    needs_rows = [n for n in request.score if SCORERS.lookup(n).from_moments is None]
+    folder = folder_of(request, models)
+    folder.mkdir(parents=True, exist_ok=True)
+    with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"waiting for another featcache rank "
+                                                                          f"writing {folder} ...")):
+        done = read_rows(folder)
+        todo = [m for m in models if m not in done]
+        if done:
+            log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
+        bar = tqdm(total=len(models), initial=len(models) - len(todo), unit="model", desc="rank",
+                   disable=not progress, leave=False)
+        with bar, open(folder / "rows.jsonl", "a") as out:
+            for start in range(0, len(todo), request.models_at_once):
+                group = todo[start:start + request.models_at_once]
+                for row in _group(request, group, needs_rows, bar, log):
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                    done[row["model"]] = row
+                    bar.update()
+        rows = [done[m] for m in models]
+        table = write_table(folder, rows, list(request.score))
+        _prune(request, rows, log)
+        if request.confirm:
+            confirm(request, folder, table, log)
+    for line in summary(table, list(request.score), rows):
+        log(line)
+    log(f"ranking written to {folder} (table.csv: every model and tap)")
+    return folder
+
+
+def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
+    """Extract the group in one shared pass (each model alone if the pass fails) and score each model."""
+    from featcache.extraction.run import extract
+
+    bar.set_postfix_str(f"extracting {', '.join(group)}"[:60], refresh=True)
+    quiet = lambda message: None  # noqa: E731  (the bar says what happens)
+    try:
+        results = {r.backbone: r for r in extract(_config(request, group), progress=False, log=quiet)}
+    except Exception as exc:  # one model that fails must not fail the others: each alone, to find it
+        if len(group) == 1:
+            return [_failed(group[0], exc)]
+        results = {}
+        for name in group:
+            try:
+                [results[name]] = extract(_config(request, [name]), progress=False, log=quiet)
+            except Exception as alone:
+                results[name] = alone
+    rows = []
+    for name in group:
+        result = results[name]
+        if isinstance(result, Exception):
+            rows.append(_failed(name, result))
+            continue
+        bar.set_postfix_str(f"scoring {name}"[:60], refresh=True)
+        try:
+            rows.append(_scored(request, name, result, needs_rows))
+        except Exception as exc:
+            rows.append(_failed(name, exc))
+    return rows
+
+
+def _config(request, names: list[str]):
+    cfg = dataclasses.replace(request, backbone=tuple(names)).features(
+        request.device, batch_size=request.batch_size, num_workers=request.num_workers,
+        skip_bad_images=request.skip_bad_images)
+    return cfg
+
+
+def _failed(name: str, exc: BaseException) -> dict:
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        raise exc
+    text = str(exc).strip().splitlines()
+    reason = text[0] if isinstance(exc, FeatcacheError) and text else \
+        f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+    return {"model": name, "status": "failed", "reason": reason}
+
+
+def _scored(request, name: str, result, needs_rows) -> dict:
+    """One model's row: every tap scored by every score, on the training rows the probes would fit on."""
+    import torch
+
+    timing = read_timing(result.path) or {}
+    rate = (timing["images"] / timing["seconds"]) if timing.get("seconds") and timing.get("images") else None
+    with FeatureCache(result.path) as cache:
+        labels = cache.labels("train")
+        fit_rows, _ = validation_split(labels, request.val_fraction, request.seed, cache.official_val("train"))
+        n_classes = len(cache.classes)
+        if len(np.unique(labels[fit_rows])) < 2:
+            raise FeatcacheError("the training rows hold one class: a score needs at least two")
+        taps = cache.tap_names("train")
+        blocks = []
+        for tap in taps:
+            block = cache.read("train", tap)[fit_rows].astype(np.float64)
+            block -= block.mean(axis=0)
+            scale = block.std(axis=0)
+            blocks.append(block / np.where(scale > 1e-12 * max(float(scale.max()), 1e-300), scale, 1.0))
+    y = labels[fit_rows]
+    every = moments(blocks, y, n_classes)
+    scores = []
+    for k, tap in enumerate(taps):
+        values = {}
+        for score in request.score:
+            X = torch.from_numpy(blocks[k]) if score in needs_rows else None
+            values[score] = scored(score, X, torch.from_numpy(y), n_classes, every.select([k]))["score"]
+        scores.append({"tap": tap, "width": int(blocks[k].shape[1]), "scores": values})
+    if request.keep_caches == "none" and result.status != "cached":
+        result.path.unlink(missing_ok=True)
+        timing_file(result.path).unlink(missing_ok=True)
+    return {"model": name, "status": "ok", "params": parameters(name), "images_per_s": rate,
+            "cache": str(result.path), "extracted": result.status != "cached", "taps": scores}
+
+
+def write_table(folder: Path, rows: list[dict], scores: list[str]):
+    """table.csv (and .parquet): a row per (model, tap), best first by the first score; failures last."""
+    import pandas as pd
+
+    records = []
+    for row in rows:
+        if row["status"] != "ok":
+            records.append({"model": row["model"], "tap": "", "status": "failed", "reason": row["reason"]})
+            continue
+        for tap in row["taps"]:
+            records.append({"model": row["model"], "tap": tap["tap"], "status": "ok", "reason": "",
+                            "width": tap["width"], "params": row["params"], "images_per_s": row["images_per_s"],
+                            **{s: tap["scores"].get(s) for s in scores}})
+    table = pd.DataFrame(records, columns=["model", "tap", "status", "reason", "width", "params", "images_per_s",
+                                           *scores])
+    ok = table[table["status"] == "ok"].sort_values(scores[0], ascending=not SCORERS[scores[0]].larger_is_better,
+                                                    kind="stable")
+    table = pd.concat([ok, table[table["status"] != "ok"]], ignore_index=True)
+    atomic_write(folder / "table.csv", table.to_csv(index=False))
+    with contextlib.suppress(ImportError):
+        import io
+
+        buffer = io.BytesIO()
+        table.to_parquet(buffer, index=False)
+        atomic_write(folder / "table.parquet", buffer.getvalue())
+    return table
+
+
+def _prune(request, rows: list[dict], log) -> None:
+    """--keep-caches top-K: the caches this ranking made for other models are removed."""
+    if not request.keep_caches.startswith("top-"):
+        return
+    k = int(request.keep_caches[4:])
+    first = request.score[0]
+    sign = 1 if SCORERS[first].larger_is_better else -1
+    best = {r["model"]: max(sign * t["scores"][first] for t in r["taps"]) for r in rows if r["status"] == "ok"}
+    keep = set(sorted(best, key=lambda m: -best[m])[:k])
+    for row in rows:
+        if row["status"] == "ok" and row["model"] not in keep and row.get("extracted"):
+            Path(row["cache"]).unlink(missing_ok=True)
+            timing_file(Path(row["cache"])).unlink(missing_ok=True)
+
+
+def summary(table, scores: list[str], rows: list[dict]) -> list[str]:
+    ok = table[table["status"] == "ok"]
+    lines = [f"{'model':<28} {'tap':<14} {'width':>6} " + " ".join(f"{s:>10}" for s in scores)]
+    for _, r in ok.head(10).iterrows():
+        lines.append(f"{r['model'][:28]:<28} {r['tap'][:14]:<14} {int(r['width']):>6} "
+                     + " ".join(f"{r[s]:>10.4f}" for s in scores))
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines.append(f"{len(failed)} model(s) failed and are left out of the ranking:")
+        lines += [f"  {r['model']}: {r['reason']}" for r in failed]
+    return lines
+
+
+def confirm(request, folder: Path, table, log) -> None:
+    """The batched logreg probe and k-NN on the top K taps by each score; each score's Kendall tau against the
+    probe's validation accuracy (tau.csv), said in one line per score."""
+    import pandas as pd
+    import torch
+    from scipy.stats import kendalltau
+
+    from featcache.fuse.heads import HeadOptions
+    from featcache.sweeping.probes import probe
+
+    ok = table[table["status"] == "ok"]
+    if request.confirm > len(ok):
+        raise FeatcacheError(f"--confirm {request.confirm} is more than the {len(ok)} taps ranked: use --confirm "
+                             f"{len(ok)} or fewer")
+    picked = []
+    for score in request.score:
+        order = ok.sort_values(score, ascending=not SCORERS[score].larger_is_better, kind="stable")
+        picked += [(m, t) for m, t in zip(order["model"].head(request.confirm), order["tap"].head(request.confirm))]
+    picked = list(dict.fromkeys(picked))
+    options = HeadOptions(device="cpu", seed=request.seed)
+    results = []
+    for model, tap in picked:
+        cache_path = _cache_of(request, model)
+        with FeatureCache(cache_path) as cache:
+            labels = {s: cache.labels(s) for s in ("train", "test")}
+            fit_rows, val_rows = validation_split(labels["train"], request.val_fraction, request.seed,
+                                                  cache.official_val("train"))
+            train, test = cache.read("train", tap).astype(np.float32), cache.read("test", tap).astype(np.float32)
+            n_classes = len(cache.classes)
+        mean, scale = train[fit_rows].mean(axis=0), train[fit_rows].std(axis=0)
+        scale = np.where(scale > 0, scale, 1.0)
+        X = {"fit": train[fit_rows], "val": train[val_rows], "test": test}
+        X = {k: torch.from_numpy((v - mean) / scale) for k, v in X.items()}
+        y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
+        y = {k: torch.from_numpy(v) for k, v in y.items()}
+        row = {"model": model, "tap": tap}
+        for head in ("logreg", "knn"):
+            got = probe(head, X, y, n_classes, options)
+            row.update({f"{head}_val_acc": got["val_acc"], f"{head}_test_acc": got["test_acc"]})
+        results.append(row)
+    checked = pd.DataFrame(results).merge(ok[["model", "tap", *request.score]], on=["model", "tap"])
+    atomic_write(folder / "confirm.csv", checked.to_csv(index=False))
+    taus = []
+    for score in request.score:
+        tau, _ = kendalltau(checked[score], checked["logreg_val_acc"])
+        taus.append({"score": score, "kendall_tau": float(tau), "taps": len(checked)})
+        log(f"{score}: Kendall tau {tau:+.3f} against the logreg probe's validation accuracy on {len(checked)} taps")
+    atomic_write(folder / "tau.csv", pd.DataFrame(taus).to_csv(index=False))
+
+
+def _cache_of(request, model: str) -> Path:
+    from featcache.extraction.config import cache_identities
+
+    [identity] = cache_identities(_config(request, [model])).values()
+    if not identity.path.exists():
+        raise FeatcacheError(f"--confirm needs the cache of {model}, which --keep-caches removed: use --keep-caches "
+                             f"all with --confirm")
+    return identity.path

@@ -1,0 +1,128 @@
+"""featcache rank: many backbones' taps scored, a failing model recorded, resumable, checked against probes."""
+
+import dataclasses
+import json
+
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny import TINY, TinyNet
+
+from featcache.backbones.registry import BACKBONES, register_backbone
+from featcache.cli.commands import cli
+from featcache.errors import FeatcacheError
+
+
+def _seeded(k):
+    def build(weights):
+        torch.manual_seed(100 + k)  # each model its own random weights, so the scores differ
+        return TinyNet()
+    return build
+
+
+def _broken(weights):
+    raise RuntimeError("this network cannot be built")
+
+
+for _k, _name in enumerate(("rank_a", "rank_b", "rank_c", "rank_d", "rank_e", "rank_f")):
+    if _name not in BACKBONES:
+        register_backbone(dataclasses.replace(TINY, name=_name, build=_broken if _name == "rank_c" else _seeded(_k)))
+
+ARGS = ["--dataset", "digits", "--limit-train", "150", "--limit-test", "60", "--weights", "random",
+        "--image-size", "32", "--device", "cpu", "--num-workers", "0", "-q"]
+
+
+def rank(tmp_path, *extra, folder="runs"):
+    result = CliRunner().invoke(cli, ["rank", "--backbone", "rank_*", *ARGS, "--cache-dir", str(tmp_path / "cache"),
+                                      "--runs-dir", str(tmp_path / folder), *extra])
+    return result
+
+
+def test_a_rank_over_six_models_records_the_failing_one_and_goes_on(tmp_path):
+    result = rank(tmp_path, "--models-at-once", "2", "--score", "logme,hscore,hscore_reg")
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    table = pd.read_csv(folder / "table.csv")
+    ok = table[table["status"] == "ok"]
+    assert sorted(set(ok["model"])) == ["rank_a", "rank_b", "rank_d", "rank_e", "rank_f"] and len(ok) == 15
+    assert list(ok["logme"]) == sorted(ok["logme"], reverse=True)  # best first by the first score
+    failed = table[table["status"] == "failed"]
+    assert list(failed["model"]) == ["rank_c"] and "this network cannot be built" in failed["reason"].iloc[0]
+    assert "1 model(s) failed" in result.output and "rank_c: " in result.output
+    assert (ok["params"] > 0).all() and (ok["images_per_s"] > 0).all() and set(ok["width"]) == {8, 12, 16}
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    assert [r["model"] for r in rows] == ["rank_a", "rank_b", "rank_c", "rank_d", "rank_e", "rank_f"]
+    again = rank(tmp_path, "--models-at-once", "2", "--score", "logme,hscore,hscore_reg", folder="again")
+    assert again.exit_code == 0
+    [other] = (tmp_path / "again" / "ranks").glob("[!.]*")
+    assert pd.read_csv(other / "table.csv").equals(table)  # the same numbers, every run
+
+
+def test_a_killed_rank_resumes_without_redoing_a_finished_model(tmp_path, monkeypatch):
+    import featcache.ranking.run as run
+
+    real, calls = run._group, []
+
+    def killed_after_one_group(request, group, *args):
+        calls.append(list(group))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(request, group, *args)
+
+    monkeypatch.setattr(run, "_group", killed_after_one_group)
+    assert rank(tmp_path, "--models-at-once", "2").exit_code != 0
+    monkeypatch.setattr(run, "_group", lambda request, group, *args: calls.append(list(group)) or real(request, group,
+                                                                                                     *args))
+    result = rank(tmp_path, "--models-at-once", "2")
+    assert result.exit_code == 0, result.output
+    assert calls == [["rank_a", "rank_b"], ["rank_c", "rank_d"], ["rank_c", "rank_d"], ["rank_e", "rank_f"]]
+    assert "resuming: 2 of 6 models" in result.output
+
+
+def test_confirm_gives_each_scores_kendall_tau_as_scipy_does(tmp_path):
+    from scipy.stats import kendalltau
+
+    result = rank(tmp_path, "--confirm", "4", "--score", "logme,hscore")
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    checked, taus = pd.read_csv(folder / "confirm.csv"), pd.read_csv(folder / "tau.csv")
+    assert 4 <= len(checked) <= 8 and {"logreg_val_acc", "knn_test_acc"} <= set(checked.columns)
+    for _, row in taus.iterrows():
+        assert row["kendall_tau"] == pytest.approx(kendalltau(checked[row["score"]], checked["logreg_val_acc"])[0])
+    assert "Kendall tau" in result.output
+
+
+def test_keep_caches_none_leaves_no_cache_the_ranking_made(tmp_path):
+    assert rank(tmp_path, "--keep-caches", "none", "--score", "hscore").exit_code == 0
+    assert not list((tmp_path / "cache").rglob("*.h5"))
+    assert rank(tmp_path, "--keep-caches", "top-2", "--score", "hscore", folder="top").exit_code == 0
+    assert len(list((tmp_path / "cache").rglob("*.h5"))) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--score", "logmee"], "did you mean 'logme'"),
+    (["--backbone", "nothing_like_it*"], "matches no model"),
+    (["--max-models", "3"], "matches 6 models, more than --max-models 3"),
+    (["--confirm", "99"], "--confirm 99 is more than the"),
+    (["--keep-caches", "some"], "be all, none or top-K"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, extra, message):
+    result = rank(tmp_path, *extra)
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "cache").exists()
+
+
+def test_rank_from_python_and_a_pipeline_table_build_the_same_request():
+    import featcache
+    from featcache.pipeline.stages import STAGES
+    from featcache.requests import API, PIPELINE, build
+
+    assert "rank" in STAGES and callable(featcache.rank)
+    from_python = build(STAGES["rank"].request, {"backbone": ["rank_*"], "score": ["logme", "hscore"]}, API)
+    from_file = build(STAGES["rank"].request, {"backbone": ["rank_*"], "score": "logme,hscore"}, PIPELINE)
+    assert from_python == from_file and from_python.score == ("logme", "hscore")
+    with pytest.raises(FeatcacheError, match="needs --backbone"):
+        from featcache.ranking.run import resolve
+
+        resolve(())
