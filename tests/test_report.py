@@ -48,6 +48,8 @@ def test_report_is_one_self_contained_file_with_every_section(report):
     assert page.count('<figure class="curves">') == epoch_runs
     assert page.count("is fitted in one go (no epochs)") == n - epoch_runs
     assert "fine-tuned (last-block)" in page and "Backbone weights are random" in page
+    data = page.split('<h2 id="data">Data</h2>', 1)[1].split("</figure>", 1)[0]
+    assert "validation: carved from train (stratified, seeded)" in data and "10 classes: 0, 1, 2" in data
 
 
 def test_csv_next_to_the_html_holds_the_comparison_table(report):

@@ -54,6 +54,15 @@ def test_flowers102_uses_its_official_validation_split(tmp_path):
     assert list(train.labels[:3]) == [0, 1, 2] and "own validation split (6 images)" in data.validation
 
 
+def test_the_reports_data_facts_say_where_validation_comes_from(tmp_path):
+    from featcache.reporting.page import _facts
+
+    fx.flowers102(tmp_path)
+    facts = _facts(load("flowers102", tmp_path), record=None)
+    assert facts[:3] == ["source: torchvision.datasets.Flowers102", "6 train, 6 validation, 6 test images",
+                         "validation: the dataset's own validation split (6 images)"]
+
+
 def test_dtd_and_pets_take_their_classification_labels(tmp_path):
     fx.dtd(tmp_path)
     dtd = load("dtd", tmp_path)
@@ -297,6 +306,7 @@ def test_a_finetune_reads_its_images_from_shards(same_images, tmp_path):
 
 
 def test_predict_classifies_a_manifest_a_shard_and_a_saved_hf_dataset_like_their_files(same_images, tmp_path):
+    import featcache.fuse.predict  # noqa: F401  registers the frozen runs' predictor
     from featcache.data.datasets import image_entries
     from featcache.fuse.train import FuseTrainConfig, fuse_train
     from featcache.runs.predict import predict_files
@@ -311,4 +321,4 @@ def test_predict_classifies_a_manifest_a_shard_and_a_saved_hf_dataset_like_their
         assert sorted((label, round(p, 6)) for _, label, p in got) == sorted(want), source
     shards = sorted(same_images["shards"][1].glob("*.tar"))
     got = predict_files(run, image_entries(shards), device="cpu")
-    assert len(got) == len(want) and str(got[0][0]).endswith("train-000000.tar:sample00000.png")
+    assert len(got) == len(want) and str(got[0][0]).endswith("-000000.tar:sample00000.png")

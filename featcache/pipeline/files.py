@@ -21,7 +21,7 @@ import json
 import re
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from featcache.errors import FeatcacheError, closest
@@ -195,9 +195,12 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
         log(f"== {stage.kind} #{stage.index}")
         started = time.perf_counter()
         spec = STAGES[stage.kind]
-        if spec.takes_runs and not stage.request.runs and not runs:
+        swept = any(r.stage in ("sweep", "rank") for r in results)  # a sweep alone is worth a page
+        if spec.takes_runs and not stage.request.runs and not runs and not swept:
             raise _fail(pipeline.path, f"[{stage.kind}]", "no runs to report: add a fuse-train or finetune stage")
         request = with_runs(spec, stage.request, runs, pipeline.runs_dir)
+        if spec.takes_runs and not runs and not stage.request.runs:
+            request = replace(request, runs_dir=pipeline.runs_dir)  # its sweeps' folder
         key = stage_key(stage.kind, request) if spec.reuse == "ledger" else None
         names = recorded(Path(request.runs_dir), key) if key else None
         if names is not None:

@@ -205,13 +205,14 @@ def _section(run_dir: Path, record: RunRecord, images: _Images, cfg: ReportConfi
     return out
 
 
-def _facts(data, record: RunRecord) -> list[str]:
+def _facts(data, record: RunRecord | None) -> list[str]:
     """What the Data section says of a dataset: its source, split sizes, where validation comes from, classes."""
     sizes = {name: len(split) for name, split in data.splits.items()}
     val = data.splits["train"].official_val
     n_val = int(val.sum()) if val is not None else 0
     names = ", ".join(data.classes[:20]) + (f" and {len(data.classes) - 20} more" if len(data.classes) > 20 else "")
-    return [f"source: {data.about.get('source', record.config['dataset'])}",
+    source = data.about.get("source") or (record.config["dataset"] if record else data.key)
+    return [f"source: {source}",
             f"{sizes['train'] - n_val} train, {n_val} validation, {sizes['test']} test images" if n_val else
             f"{sizes['train']} train images (validation carved from them), {sizes['test']} test images",
             f"validation: {data.validation}",
