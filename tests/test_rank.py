@@ -91,6 +91,14 @@ def test_confirm_gives_each_scores_kendall_tau_as_scipy_does(tmp_path):
     for _, row in taus.iterrows():
         assert row["kendall_tau"] == pytest.approx(kendalltau(checked[row["score"]], checked["logreg_val_acc"])[0])
     assert "Kendall tau" in result.output
+    report = CliRunner().invoke(cli, ["report", "--runs-dir", str(tmp_path / "runs"), "-o", str(tmp_path / "r.html")])
+    assert report.exit_code == 0, report.output
+    page = (tmp_path / "r.html").read_text()
+    section = page.split('<h2 id="rank-1">', 1)[1].split("<h2", 1)[0]
+    assert "6 models, 15 taps scored by logme, hscore" in section and "rank_c</code>: " in section
+    assert section.count('<img src="data:image/png;base64,') == 2  # agreement and the Pareto front
+    for _, row in taus.iterrows():
+        assert f"<strong>{row['score']}</strong> {row['kendall_tau']:+.2f}" in section
 
 
 def test_keep_caches_none_leaves_no_cache_the_ranking_made(tmp_path):
@@ -126,3 +134,13 @@ def test_rank_from_python_and_a_pipeline_table_build_the_same_request():
         from featcache.ranking.run import resolve
 
         resolve(())
+
+
+def test_the_pareto_front_keeps_the_points_no_other_beats_on_speed_and_accuracy():
+    import numpy as np
+
+    from featcache.reporting.ranks import front
+
+    rate = np.array([100.0, 50.0, 400.0, 200.0, 300.0])
+    accuracy = np.array([0.9, 0.95, 0.6, 0.7, 0.5])
+    assert list(front(rate, accuracy)) == [2, 3, 0, 1]  # 300 img/s at 0.5 is beaten by 400 at 0.6

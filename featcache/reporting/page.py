@@ -29,6 +29,7 @@ from featcache.files import atomic_write
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 from featcache.reporting.guard import check_replaceable, readable_runs, why
+from featcache.reporting.ranks import rank_folders, rank_section
 from featcache.reporting.sweeps import dataset_suite, sweep_folders, sweep_section
 from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
@@ -258,7 +259,8 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
     else:
         folders = run_folders(cfg.runs_dir)
-    if not folders and (cfg.runs or not sweep_folders(cfg.runs_dir)):  # a sweep alone is worth a page
+    if not folders and (cfg.runs or not (sweep_folders(cfg.runs_dir) or rank_folders(cfg.runs_dir))):
+        # a sweep or a ranking alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
     folders, records = readable_runs(folders, bool(cfg.runs), unreadable, log)
@@ -303,6 +305,15 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             log(f"report: sweep {folder} is unreadable ({why(exc)}): shown as such")
             continue
         sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
+    ranks = []
+    for folder in rank_folders(cfg.runs_dir):
+        try:
+            section = rank_section(folder)
+        except Exception as exc:  # a damaged table: named on the page, the rest still drawn
+            unreadable.append({"name": f"ranks/{folder.name}", "why": why(exc)})
+            log(f"report: ranking {folder} is unreadable ({why(exc)}): shown as such")
+            continue
+        ranks.append({**section, **{k: _uri(section[k]) for k in ("agreement", "pareto") if section.get(k)}})
     suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
@@ -316,7 +327,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps, unreadable=unreadable,
-        suite=suite,
+        suite=suite, ranks=ranks,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
