@@ -71,7 +71,20 @@ def cifar_size(args, root: Path) -> None:
         value = SCORERS[name].from_moments(moments([std["fit"][r] for r in refs], y["fit"], n_classes))
         seconds = time.perf_counter() - started
         print(f"  {name:<11} {seconds:6.2f} s (Gram included), {logreg / seconds:5.1f}x faster than logreg "
-              f"(target >= 10), value {value:.4f}", flush=True)
+              f"(target >= 10), value {value:.6f}", flush=True)
+    import featcache.sweeping.scorers as scorers
+
+    exact = scorers.EXACT_FLOPS
+    scorers.EXACT_FLOPS = float("inf")  # the same Gram multiplied in float64: what the float32 products cost
+    try:
+        started = time.perf_counter()
+        every = moments([std["fit"][r] for r in refs], y["fit"], n_classes)
+        gram64 = time.perf_counter() - started
+        print(f"  a float64 Gram took {gram64:.2f} s; the scores from it:", flush=True)
+        for name in LINEAR:
+            print(f"    {name:<11} {SCORERS[name].from_moments(every):.6f}", flush=True)
+    finally:
+        scorers.EXACT_FLOPS = exact
 
 
 def every_pair(args, root: Path) -> None:

@@ -144,3 +144,16 @@ def test_the_pareto_front_keeps_the_points_no_other_beats_on_speed_and_accuracy(
     rate = np.array([100.0, 50.0, 400.0, 200.0, 300.0])
     accuracy = np.array([0.9, 0.95, 0.6, 0.7, 0.5])
     assert list(front(rate, accuracy)) == [2, 3, 0, 1]  # 300 img/s at 0.5 is beaten by 400 at 0.6
+
+
+def test_a_sweep_with_head_none_gives_the_scores_alone(tmp_path):
+    flags = ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers", "0")], "--cache-dir", str(tmp_path / "cache"), "--runs-dir",
+             str(tmp_path / "runs"), "--extract", "--combos", "pairs"]
+    result = CliRunner().invoke(cli, [*flags, "--head", "none", "--score", "logme,hscore_reg"])
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
+    scores = pd.read_csv(folder / "scores.csv")
+    assert len(scores) == 2 * 6 and set(scores["score"]) == {"logme", "hscore_reg"}  # 3 taps + 3 pairs
+    assert len(pd.read_csv(folder / "table.csv")) == 0 and "val   test" not in result.output
+    refused = CliRunner().invoke(cli, [*flags, "--head", "none"])
+    assert refused.exit_code == 2 and "come with --score" in refused.output

@@ -75,12 +75,14 @@ def test_scores_match_their_definitions(n, d, classes):
                                                                rel=1e-6)
 
 
-def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own():
+@pytest.mark.parametrize(("n", "d"), [(150, 12), (30, 90)], ids=["Gram blocks", "summed kernels"])
+def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own(n, d):
     from featcache.sweeping.scorers import SCORERS, moments
 
-    X, y = data(150, 12, 3)
-    parts = [X[:, :4], X[:, 4:9], X[:, 9:]]
+    X, y = data(n, d, 3)
+    parts = [X[:, : d // 3], X[:, d // 3 : d // 2], X[:, d // 2 :]]
     every = moments(parts, y, 3)
+    assert (every.kernels is not None) == (n < d)
     for name in ("logme", "hscore", "hscore_reg"):
         entry = SCORERS[name]
         pair = entry.from_moments(every.select([0, 2]))

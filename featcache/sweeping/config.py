@@ -45,7 +45,8 @@ class SweepConfig:
         for head in self.heads:
             if head not in heads_for("sweep"):
                 raise unknown("--head", head, heads_for("sweep"))
-        require(bool(self.heads), "--head", "''", "name at least one head")
+        require(bool(self.heads) or bool(self.scores), "--head", "none" if not self.heads else "''",
+                "name at least one head, or come with --score (none: the scores alone)")
         for name in self.scores:
             SCORERS.lookup(name)
         require(self.combos in ("singles", "pairs") or self.combos.isdigit(),

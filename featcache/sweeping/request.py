@@ -27,8 +27,10 @@ class SweepRequest(HeadFields, FeatureFields):
     taps: tuple[str, ...] = option((), metavar="TAPS",
                                    help="An explicit combination to add, e.g. early,late or "
                                         "resnet50:late,mobilenet_v2:late; repeat for several.")
-    head: tuple[str, ...] = option(("logreg", "svm", "linear", "knn"), split=True, metavar="NAME[,NAME]", choices=lambda: heads_for("sweep"),
-                                   help=lambda: "Comma-separated or repeated. " + heads_help("sweep"))
+    head: tuple[str, ...] = option(("logreg", "svm", "linear", "knn"), split=True, metavar="NAME[,NAME]",
+                                   choices=lambda: [*heads_for("sweep"), "none"],
+                                   help=lambda: "Comma-separated or repeated; none: no probe, the --score "
+                                                "scores alone. " + heads_help("sweep"))
     score: tuple[str, ...] = option((), split=True, metavar="NAME[,NAME]", choices=lambda: list(SCORERS),
                                     help=lambda: "Scores that train no head, for every combination (scores.csv): "
                                                  + scorers_help())
@@ -54,7 +56,8 @@ class SweepRequest(HeadFields, FeatureFields):
         from featcache.sweeping.config import SweepConfig
 
         return SweepConfig(features=self.features(self.device, skip_bad_images=self.skip_bad_images),
-                           combos=self.combos, taps=self.taps, heads=self.head, scores=self.score,
+                           combos=self.combos, taps=self.taps,
+                           heads=() if self.head == ("none",) else self.head, scores=self.score,
                            val_fraction=self.val_fraction,
                            seeds=self.seeds if self.seeds is not None else (self.seed,), shots=self.shots,
                            repeats=self.repeats, keep=self.keep, max_combos=self.max_combos,

@@ -45,38 +45,67 @@ SCORERS = Registry("--score")
 
 @dataclass
 class Moments:
-    """What the linear scores need of features ``F`` (N, D) and one-hot labels ``Y`` (N, C).
+    """What the linear scores need of features ``F`` (N, D) and one-hot labels ``Y`` (N, C), for a combination of
+    taps without passing over the rows again.
 
-    ``gram`` = F'F (D, D), ``cross`` = F'Y (D, C), ``counts`` (C,), ``row_sq`` (N, T): each row's squared norm
-    within each of the T taps, ``blocks``: each tap's columns. A combination of taps is :meth:`select`: a block
-    of the Gram, no pass over the rows. Where N <= D the rows and their one-hot labels are kept too
-    (``rows``, ``onehot``): LogME then decomposes the rows themselves, as its authors do.
+    With more rows than columns: ``gram`` = F'F (D, D) and ``cross`` = F'Y (D, C); a combination is a block of
+    them. With fewer rows than columns (and the N x N kernels smaller than the Gram): ``kernels`` (T, N, N),
+    each tap's F_t F_t', and ``onehot`` Y; a combination's kernel is their sum. Either way ``counts`` (C,),
+    ``row_sq`` (N, T): each row's squared norm within each tap, and ``blocks``: each tap's columns.
     """
 
-    gram: np.ndarray
-    cross: np.ndarray
     counts: np.ndarray
     row_sq: np.ndarray
     blocks: list
-    rows: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    cross: np.ndarray | None = None
+    kernels: np.ndarray | None = None
     onehot: np.ndarray | None = None
 
     @property
     def n(self) -> int:
         return len(self.row_sq)
 
+    @property
+    def d(self) -> int:
+        return sum(b.stop - b.start for b in self.blocks)
+
+    @property
+    def kernel(self) -> np.ndarray:
+        return self.kernels.sum(axis=0) if len(self.kernels) > 1 else self.kernels[0]
+
     def select(self, which: list[int]) -> Moments:
         """The moments of taps ``which`` side by side (indices into ``blocks``)."""
+        widths = [self.blocks[k].stop - self.blocks[k].start for k in which]
+        starts = np.cumsum([0] + widths)
+        blocks = [slice(int(a), int(b)) for a, b in zip(starts, starts[1:])]
+        if self.kernels is not None:
+            return Moments(self.counts, self.row_sq[:, which], blocks, kernels=self.kernels[which], onehot=self.onehot)
         columns = np.concatenate([np.arange(self.blocks[k].start, self.blocks[k].stop) for k in which])
-        starts = np.cumsum([0] + [self.blocks[k].stop - self.blocks[k].start for k in which])
-        return Moments(self.gram[np.ix_(columns, columns)], self.cross[columns], self.counts,
-                       self.row_sq[:, which], [slice(int(a), int(b)) for a, b in zip(starts, starts[1:])],
-                       None if self.rows is None else self.rows[:, columns], self.onehot)
+        return Moments(self.counts, self.row_sq[:, which], blocks, gram=self.gram[np.ix_(columns, columns)],
+                       cross=self.cross[columns])
+
+    def spectrum(self):
+        """(eigenvalues, eigenvectors, projections): of F'F with (V'F'Y)^2 / s^2 per class, or of FF' with
+        (U'Y)^2 -- the squared coordinates of each class's one-hot column in the features' left singular basis."""
+        if self.kernels is not None:
+            eig, vectors = np.linalg.eigh(self.kernel)
+            return np.clip(eig, 0, None), vectors, (vectors.T @ self.onehot) ** 2
+        eig, vectors = np.linalg.eigh(self.gram)
+        eig = np.clip(eig, 0, None)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            x2 = np.where(eig[:, None] > 0, (vectors.T @ self.cross) ** 2 / eig[:, None], 0.0)
+        return eig, vectors, x2
+
+
+EXACT_FLOPS = 5e9  # a Gram cheaper than this is multiplied in float64; a larger one in float32, summed in float64
 
 
 def moments(parts: list, y, n_classes: int, chunk: int = 8192) -> Moments:
-    """The moments of taps ``parts`` (each (N, D_t), NumPy or torch, standardised) side by side, in float64,
-    accumulated over row chunks on the parts' device: memory D x D, not N x D in float64."""
+    """The moments of taps ``parts`` (each (N, D_t), NumPy or torch, standardised) side by side, accumulated in
+    float64 over row chunks on the parts' device (memory D x D, or T x N x N, never N x D in float64). A large
+    Gram's products are float32, their sums float64: on 45,000 x 1,792 that halves the time and moves LogME
+    by under 1e-6 relative (benchmarks/RESULTS.md)."""
     import torch
 
     parts = [torch.as_tensor(p) for p in parts]
@@ -84,25 +113,23 @@ def moments(parts: list, y, n_classes: int, chunk: int = 8192) -> Moments:
     widths = [p.shape[1] for p in parts]
     total, n = sum(widths), parts[0].shape[0]
     labels = torch.as_tensor(np.asarray(y.cpu() if hasattr(y, "cpu") else y), dtype=torch.int64, device=device)
+    host = labels.cpu().numpy()
+    counts = np.bincount(host, minlength=n_classes).astype(np.float64)
+    edges = np.cumsum([0] + widths)
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges, edges[1:])]
+    row_sq = torch.stack([p.to(torch.float64).pow(2).sum(dim=1) for p in parts], dim=1).cpu().numpy()
+    if n <= total and len(parts) * n * n <= total * total:  # fewer rows than columns: the rows' kernels
+        kernels = torch.stack([(lambda q: q @ q.T)(p.to(torch.float64)) for p in parts]).cpu().numpy()
+        return Moments(counts, row_sq, blocks, kernels=kernels, onehot=np.eye(n_classes)[host])
+    product = torch.float64 if n * total * total <= EXACT_FLOPS else torch.float32
     gram = torch.zeros((total, total), dtype=torch.float64, device=device)
     cross = torch.zeros((total, n_classes), dtype=torch.float64, device=device)
-    row_sq = torch.zeros((n, len(parts)), dtype=torch.float64, device=device)
     for start in range(0, n, chunk):
-        block = torch.cat([p[start:start + chunk].to(torch.float64) for p in parts], dim=1)
-        onehot = torch.nn.functional.one_hot(labels[start:start + chunk], n_classes).to(torch.float64)
-        gram += block.T @ block
-        cross += block.T @ onehot
-        col = 0
-        for k, width in enumerate(widths):
-            row_sq[start:start + chunk, k] = block[:, col:col + width].pow(2).sum(dim=1)
-            col += width
-    edges = np.cumsum([0] + widths)
-    keep = n <= total
-    host = labels.cpu().numpy()
-    return Moments(gram.cpu().numpy(), cross.cpu().numpy(), np.bincount(host, minlength=n_classes).astype(np.float64),
-                   row_sq.cpu().numpy(), [slice(int(a), int(b)) for a, b in zip(edges, edges[1:])],
-                   torch.cat([p.to(torch.float64) for p in parts], dim=1).cpu().numpy() if keep else None,
-                   np.eye(n_classes)[host] if keep else None)
+        block = torch.cat([p[start:start + chunk].to(product) for p in parts], dim=1)
+        onehot = torch.nn.functional.one_hot(labels[start:start + chunk], n_classes).to(product)
+        gram += (block.T @ block).to(torch.float64)
+        cross += (block.T @ onehot).to(torch.float64)
+    return Moments(counts, row_sq, blocks, gram=gram.cpu().numpy(), cross=cross.cpu().numpy())
 
 
 def scored(name: str, X, y, n_classes: int, stats: Moments | None = None) -> dict:
@@ -123,16 +150,18 @@ def scorers_help() -> str:
     return "; ".join(f"{name}: {entry.help}" for name, entry in SCORERS.items())
 
 
-def _between(m: Moments) -> np.ndarray:
-    """The class means' covariance, from F'Y and the counts (F is centred)."""
-    present = m.counts > 0
-    means = m.cross[:, present] / m.counts[present]
-    return (means * m.counts[present]) @ means.T / m.n
+def _rank_rule(eig: np.ndarray, m: Moments) -> np.ndarray:
+    """The nonzero part of a spectrum, by numpy's rank rule."""
+    return eig > max(float(eig.max()), 0.0) * max(m.n, m.d) * np.finfo(np.float64).eps
 
 
 def h_score_moments(m: Moments) -> float:
-    cov = m.gram / m.n
-    return float(np.trace(np.linalg.pinv(cov, rcond=1e-10, hermitian=True) @ _between(m)))
+    # tr(cov^+ cov(E[f|y])) = sum over classes of |U_r' y_c|^2 / n_c: the class indicators' share in the
+    # features' column space (U_r: its orthonormal basis), from either decomposition
+    eig, _, x2 = m.spectrum()
+    keep = _rank_rule(eig, m)
+    present = m.counts > 0
+    return float((x2[keep][:, present] / m.counts[present]).sum())
 
 
 def h_score(X: np.ndarray, y: np.ndarray, n_classes: int) -> float:
@@ -144,11 +173,13 @@ def h_score(X: np.ndarray, y: np.ndarray, n_classes: int) -> float:
 
 def shrinkage(m: Moments) -> float:
     """Ledoit and Wolf's shrinkage of the features' covariance, as scikit-learn's ``ledoit_wolf_shrinkage``
-    computes it for centred features, from the moments alone: F'F, its trace and the rows' fourth moments."""
-    n, d = m.n, m.gram.shape[0]
-    trace = np.trace(m.gram) / n
+    computes it for centred features, from the moments alone: ||F'F||^2 (= ||FF'||^2), its trace and the rows'
+    fourth moments."""
+    n, d = m.n, m.d
+    square = m.gram if m.kernels is None else m.kernel
+    trace = np.trace(square) / n
     mu = trace / d
-    delta_ = float((m.gram ** 2).sum()) / n ** 2
+    delta_ = float((square ** 2).sum()) / n ** 2
     beta_ = float((m.row_sq.sum(axis=1) ** 2).sum())
     beta = (beta_ / n - delta_) / (d * n)
     delta = (delta_ - 2 * mu * trace + d * mu ** 2) / d
@@ -157,11 +188,16 @@ def shrinkage(m: Moments) -> float:
 
 
 def h_score_regularised_moments(m: Moments) -> float:
-    d = m.gram.shape[0]
-    cov = m.gram / m.n
+    # with F'F = V diag(e) V' (or FF' = U diag(e) U'), ((1 - a) F'F / N + lam I)^-1 (1 - a) F'PF / N has the trace
+    # (1 - a) / N sum_i e_i q_i / ((1 - a) e_i / N + lam), q_i = sum_c (u_i' y_c)^2 / n_c, lam = a tr(cov) / D
     a = shrinkage(m)
-    shrunk = (1 - a) * cov + a * np.trace(cov) / d * np.eye(d)
-    return float(np.trace(np.linalg.solve(shrunk, (1 - a) * _between(m))))
+    eig, _, x2 = m.spectrum()
+    lam = a * eig.sum() / m.n / m.d
+    present = m.counts > 0
+    q = (x2[:, present] / m.counts[present]).sum(axis=1)
+    denominator = (1 - a) * eig / m.n + lam
+    keep = denominator > 0
+    return float((1 - a) / m.n * (eig[keep] * q[keep] / denominator[keep]).sum())
 
 
 def h_score_regularised(X: np.ndarray, y: np.ndarray, n_classes: int) -> float:
@@ -175,19 +211,13 @@ def h_score_regularised(X: np.ndarray, y: np.ndarray, n_classes: int) -> float:
 
 def logme_moments(m: Moments) -> float:
     """LogME's fixed-point form from the moments (see :func:`logme`)."""
-    n, d = m.n, m.gram.shape[0]
-    if m.rows is not None:  # N <= D: the authors' SVD of F itself, its N singular values
-        u, s, _ = np.linalg.svd(m.rows, full_matrices=False)
-        sigma = s ** 2
-        x2s = (u.T @ m.onehot) ** 2
-    else:  # N > D: F'F's eigenvectors, the nonzero spectrum only (the authors' truncated_svd), "nonzero" read as
-        # numpy's rank rule: the authors' 1e-10 on singular values keeps a rank-deficient Gram's rounding noise
-        eig, vectors = np.linalg.eigh(m.gram)
-        keep = eig > max(float(eig.max()), 0.0) * max(n, d) * np.finfo(np.float64).eps
-        sigma, vectors = eig[keep], vectors[:, keep]
-        x2s = (vectors.T @ m.cross) ** 2 / sigma[:, None]  # (U'y)^2 = (V'F'y)^2 / s^2, every class at once
-    classes = range(len(m.counts))
-    return float(np.mean([_evidence(sigma, x2s[:, c], m.counts[c] - x2s[:, c].sum(), n, d) for c in classes]))
+    eig, _, x2s = m.spectrum()
+    if m.kernels is None:  # N > D: the nonzero spectrum only (the authors' truncated_svd), by numpy's rank rule
+        keep = _rank_rule(eig, m)  # (the authors' 1e-10 on singular values keeps a rank-deficient Gram's noise)
+        eig, x2s = eig[keep], x2s[keep]
+    # N <= D: FF''s N eigenvalues, the authors' N singular values squared
+    return float(np.mean([_evidence(eig, x2s[:, c], m.counts[c] - x2s[:, c].sum(), m.n, m.d)
+                          for c in range(len(m.counts))]))
 
 
 def _evidence(sigma: np.ndarray, x2: np.ndarray, res_x2: float, n: int, d: int) -> float:

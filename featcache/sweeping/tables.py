@@ -99,7 +99,8 @@ def tables(rows: list[dict], keys: set | None = None):
             seen.add(key)
             mine.append(row)
     scores = score_table([r for r in mine if r.get("kind") == "score"])
-    frame = pd.DataFrame([r for r in mine if r.get("kind") != "score"])
+    probes = [r for r in mine if r.get("kind") != "score"]
+    frame = pd.DataFrame(probes) if probes else pd.DataFrame(columns=PROBE_COLUMNS)
     frame["taps"] = frame["taps"].map("+".join)
     frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
     full = frame[frame["shots"] == 0]
@@ -119,6 +120,10 @@ def tables(rows: list[dict], keys: set | None = None):
     fewshot = few.groupby(["taps", "head", "shots"], sort=False).agg(
         test_acc=("test_acc", "mean"), test_acc_ci=("test_acc", interval), draws=("test_acc", "size")).reset_index()
     return table, fewshot, scores
+
+
+PROBE_COLUMNS = ["seed", "taps", "head", "shots", "repeat", "width", "chosen", "val_acc", "test_acc", "macro_f1",
+                 "fit_s"]  # the rows the probes write (--head none: none, and an empty table)
 
 
 def ties_best(table) -> np.ndarray:
@@ -205,6 +210,8 @@ def fewshot_lines(fewshot, table) -> list[str]:
 
 
 def top_lines(table, n: int = 10) -> list[str]:
+    if not len(table):  # --head none: the scores' lines alone
+        return []
     lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
     for row in table.head(n).itertuples():
         ci = f"{row.test_acc_ci:6.4f}" if row.seeds > 1 else f"{'-':>6}"  # one seed: no interval, not ±0
