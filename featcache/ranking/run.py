@@ -33,6 +33,7 @@ from featcache.extraction.reader import FeatureCache
 from featcache.extraction.store import read_timing, timing_file
 from featcache.files import atomic_write, lock
 from featcache.fuse.evaluate import validation_split
+from featcache.fuse.fusion import TapNormalizer
 from featcache.requests import request_hash
 from featcache.sweeping.scorers import SCORERS, moments, scored
 
@@ -217,33 +218,25 @@ def _failed(name: str, exc: BaseException) -> dict:
 
 
 def _scored(request, name: str, result, needs_rows) -> dict:
-    """One model's row: every tap scored by every score, on the training rows the probes would fit on."""
+    """One model's row: every tap scored by every score, on the training rows the probes would fit on; one tap's
+    features in memory at a time (each is scored alone, so no tap needs another's Gram)."""
     import torch
 
     timing = read_timing(result.path) or {}
     rate = (timing["images"] / timing["seconds"]) if timing.get("seconds") and timing.get("images") else None
+    scores = []
     with FeatureCache(result.path) as cache:
         labels = cache.labels("train")
         fit_rows, _ = validation_split(labels, request.val_fraction, request.seed, cache.official_val("train"))
-        n_classes = len(cache.classes)
-        if len(np.unique(labels[fit_rows])) < 2:
+        n_classes, y = len(cache.classes), labels[fit_rows]
+        if len(np.unique(y)) < 2:
             raise FeatcacheError("the training rows hold one class: a score needs at least two")
-        taps = cache.tap_names("train")
-        blocks = []
-        for tap in taps:
-            block = cache.read("train", tap)[fit_rows].astype(np.float64)
-            block -= block.mean(axis=0)
-            scale = block.std(axis=0)
-            blocks.append(block / np.where(scale > 1e-12 * max(float(scale.max()), 1e-300), scale, 1.0))
-    y = labels[fit_rows]
-    every = moments(blocks, y, n_classes)
-    scores = []
-    for k, tap in enumerate(taps):
-        values = {}
-        for score in request.score:
-            X = torch.from_numpy(blocks[k]) if score in needs_rows else None
-            values[score] = scored(score, X, torch.from_numpy(y), n_classes, every.select([k]))["score"]
-        scores.append({"tap": tap, "width": int(blocks[k].shape[1]), "scores": values})
+        for tap in cache.tap_names("train"):
+            block = TapNormalizer("standard").fit_transform([cache.read("train", tap)[fit_rows]])  # the sweep's rule
+            stats = moments([block], y, n_classes)
+            values = {score: scored(score, torch.from_numpy(block) if score in needs_rows else None,
+                                    torch.from_numpy(y), n_classes, stats)["score"] for score in request.score}
+            scores.append({"tap": tap, "width": int(block.shape[1]), "scores": values})
     if request.keep_caches == "none" and result.status != "cached":
         result.path.unlink(missing_ok=True)
         timing_file(result.path).unlink(missing_ok=True)
@@ -336,10 +329,9 @@ def confirm(request, folder: Path, table, log) -> None:
                                                   cache.official_val("train"))
             train, test = cache.read("train", tap).astype(np.float32), cache.read("test", tap).astype(np.float32)
             n_classes = len(cache.classes)
-        mean, scale = train[fit_rows].mean(axis=0), train[fit_rows].std(axis=0)
-        scale = np.where(scale > 0, scale, 1.0)
+        norm = TapNormalizer("standard").fit([train[fit_rows]])  # the fit rows' statistics, for every part
         X = {"fit": train[fit_rows], "val": train[val_rows], "test": test}
-        X = {k: torch.from_numpy((v - mean) / scale) for k, v in X.items()}
+        X = {k: torch.from_numpy(norm.transform([v])) for k, v in X.items()}
         y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
         y = {k: torch.from_numpy(v) for k, v in y.items()}
         row = {"model": model, "tap": tap}
