@@ -107,7 +107,7 @@ def every_pair(args, root: Path) -> None:
     every = moments([std["fit"][r] for r in refs], y["fit"], n_classes)
     index = {r: k for k, r in enumerate(refs)}
     for c in combos:
-        block = every.select([index[r] for r in c])
+        block = every.select([index[r] for r in c])  # decomposed once, for its three scores (the sweep's way)
         for name in LINEAR:
             SCORERS[name].from_moments(block)
     scores = time.perf_counter() - started

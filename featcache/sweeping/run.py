@@ -135,13 +135,15 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     labels_of["fit"] = y["fit"][rows]
                 solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
                 gram = _gram(group, parts["fit"], labels_of["fit"], n_classes)
-                refs, fused = None, None
+                refs, fused, stats = None, None, None
                 for job in group:
                     if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
                         refs = job["refs"]
                         fused = fused_parts(parts, refs)
+                        stats = None  # its block of the Gram, decomposed once for all its scores
                     if job.get("kind") == "score":
-                        stats = gram[0].select([gram[1][r] for r in refs]) if gram else None
+                        if stats is None and gram:
+                            stats = gram[0].select([gram[1][r] for r in refs])
                         result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
                     else:
                         result = probe(job["head"], fused, labels_of, n_classes, options,

@@ -86,16 +86,20 @@ class Moments:
                        cross=self.cross[columns])
 
     def spectrum(self):
-        """(eigenvalues, eigenvectors, projections): of F'F with (V'F'Y)^2 / s^2 per class, or of FF' with
-        (U'Y)^2 -- the squared coordinates of each class's one-hot column in the features' left singular basis."""
-        if self.kernels is not None:
-            eig, vectors = np.linalg.eigh(self.kernel)
-            return np.clip(eig, 0, None), vectors, (vectors.T @ self.onehot) ** 2
-        eig, vectors = np.linalg.eigh(self.gram)
-        eig = np.clip(eig, 0, None)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            x2 = np.where(eig[:, None] > 0, (vectors.T @ self.cross) ** 2 / eig[:, None], 0.0)
-        return eig, vectors, x2
+        """(eigenvalues, projections): of F'F with (V'F'Y)^2 / s^2 per class, or of FF' with (U'Y)^2 -- the
+        squared coordinates of each class's one-hot column in the features' left singular basis. Decomposed
+        once: every score of the combination reads the same."""
+        if getattr(self, "_spectrum", None) is None:
+            if self.kernels is not None:
+                eig, vectors = np.linalg.eigh(self.kernel)
+                self._spectrum = np.clip(eig, 0, None), (vectors.T @ self.onehot) ** 2
+            else:
+                eig, vectors = np.linalg.eigh(self.gram)
+                eig = np.clip(eig, 0, None)
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    x2 = np.where(eig[:, None] > 0, (vectors.T @ self.cross) ** 2 / eig[:, None], 0.0)
+                self._spectrum = eig, x2
+        return self._spectrum
 
 
 EXACT_FLOPS = 5e9  # a Gram cheaper than this is multiplied in float64; a larger one in float32, summed in float64
@@ -158,7 +162,7 @@ def _rank_rule(eig: np.ndarray, m: Moments) -> np.ndarray:
 def h_score_moments(m: Moments) -> float:
     # tr(cov^+ cov(E[f|y])) = sum over classes of |U_r' y_c|^2 / n_c: the class indicators' share in the
     # features' column space (U_r: its orthonormal basis), from either decomposition
-    eig, _, x2 = m.spectrum()
+    eig, x2 = m.spectrum()
     keep = _rank_rule(eig, m)
     present = m.counts > 0
     return float((x2[keep][:, present] / m.counts[present]).sum())
@@ -191,7 +195,7 @@ def h_score_regularised_moments(m: Moments) -> float:
     # with F'F = V diag(e) V' (or FF' = U diag(e) U'), ((1 - a) F'F / N + lam I)^-1 (1 - a) F'PF / N has the trace
     # (1 - a) / N sum_i e_i q_i / ((1 - a) e_i / N + lam), q_i = sum_c (u_i' y_c)^2 / n_c, lam = a tr(cov) / D
     a = shrinkage(m)
-    eig, _, x2 = m.spectrum()
+    eig, x2 = m.spectrum()
     lam = a * eig.sum() / m.n / m.d
     present = m.counts > 0
     q = (x2[:, present] / m.counts[present]).sum(axis=1)
@@ -211,7 +215,7 @@ def h_score_regularised(X: np.ndarray, y: np.ndarray, n_classes: int) -> float:
 
 def logme_moments(m: Moments) -> float:
     """LogME's fixed-point form from the moments (see :func:`logme`)."""
-    eig, _, x2s = m.spectrum()
+    eig, x2s = m.spectrum()
     if m.kernels is None:  # N > D: the nonzero spectrum only (the authors' truncated_svd), by numpy's rank rule
         keep = _rank_rule(eig, m)  # (the authors' 1e-10 on singular values keeps a rank-deficient Gram's noise)
         eig, x2s = eig[keep], x2s[keep]
