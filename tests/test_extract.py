@@ -253,3 +253,18 @@ def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_fold
             y = half[key]
             cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-30)
             assert cos.min() >= 0.999, (name, key, float(cos.min()))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_a_forced_half_precision_that_is_emulated_warns_once_with_its_cost(tmp_path, monkeypatch, native):
+    from featcache.backbones import taps
+
+    monkeypatch.setattr(taps, "cpu_has_native_bf16", lambda: native)
+    said = []
+    extract(tiny_config(tmp_path, precision="bf16"), progress=False, log=said.append)
+    warnings = [m for m in said if "emulated" in m]
+    assert len(warnings) == (0 if native else 1)
+    if warnings:
+        assert "resnet50 ran 4x slower than fp32" in warnings[0] and "--precision auto picks fp32" in warnings[0]
+    assert taps.emulated("fp16", torch.device("cpu")) and not taps.emulated("auto", torch.device("cpu"))
+    assert not taps.emulated("bf16", torch.device("cuda"))

@@ -142,6 +142,15 @@ def resolve_precision(precision: str, device) -> str:
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
+def emulated(precision: str, device) -> str | None:
+    """A warning when a forced half precision runs emulated (a CPU without native bf16, or fp16 on any CPU),
+    with what it was measured to cost; None where the precision is native or was chosen by ``auto``."""
+    if device.type != "cpu" or precision not in ("bf16", "fp16") or (precision == "bf16" and cpu_has_native_bf16()):
+        return None
+    return (f"warning: --precision {precision} is emulated on this CPU (no native {precision} arithmetic): resnet50 "
+            f"ran 4x slower than fp32 so (benchmarks/RESULTS.md); --precision auto picks fp32 here")
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX on x86, the BF16 extension on Arm.
 

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.backbones.taps import resolve_precision, tap_model
+from featcache.backbones.taps import emulated, resolve_precision, tap_model
 from featcache.data.datasets import Dataset, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError
@@ -50,6 +50,8 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     device = distributed.device_for(r, cfg.device)
     precision = resolve_precision(cfg.precision, device)
     say = log if r.main else (lambda message: None)
+    if warning := emulated(cfg.precision, device):
+        say(warning)
     results: dict[str, ExtractResult] = {}
     todo = []
     started = time.perf_counter()

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import pooled_dim, resolve_device, resolve_precision
+from featcache.backbones.taps import emulated, pooled_dim, resolve_device, resolve_precision
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
@@ -116,6 +116,8 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
 
     feat = cfg.features
     device = resolve_device(feat.device)
+    if warning := emulated(feat.precision, device):
+        log(warning)
     refs = list(parse_taps(cfg.taps, feat.backbones))
     if cfg.head == "resblocks":
         check_resblocks_taps(refs)
