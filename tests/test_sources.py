@@ -322,3 +322,26 @@ def test_predict_classifies_a_manifest_a_shard_and_a_saved_hf_dataset_like_their
     shards = sorted(same_images["shards"][1].glob("*.tar"))
     got = predict_files(run, image_entries(shards), device="cpu")
     assert len(got) == len(want) and str(got[0][0]).endswith("-000000.tar:sample00000.png")
+
+
+def test_an_empty_split_and_a_missing_extra_are_one_line_each(tmp_path, monkeypatch):
+    import builtins
+
+    from featcache.data.source import Split, official_splits
+
+    items = fx.sample_images()
+    manifest = fx.as_manifest(tmp_path / "m.csv", fx.as_folder(tmp_path / "f", items), items)
+
+    empty = Split(labels=np.zeros(0, np.int64), index=np.zeros(0, np.int64), files=())
+    with pytest.raises(FeatcacheError, match="the test split holds no images: check --data-dir"):
+        official_splits({"train": load("manifest", manifest).splits["train"], "test": empty}, DataRequest())
+    real = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name.split(".")[0] in ("datasets", "pyarrow"):
+            raise ImportError(name)
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(FeatcacheError, match=r"--dataset hf needs the datasets package: pip install 'featcache\[hub\]'"):
+        load_dataset(DataRequest(name="hf", hf_name="some/name"))
