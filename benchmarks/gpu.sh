@@ -52,6 +52,9 @@ step sweep_solvers 300 python benchmarks/sweep.py --device $DEV --solvers --trai
 step head_fit 240 python benchmarks/head_fit.py --device $DEV --precision $HEADS_PRECISION
 # Issue 15, point 10: logreg, svm and knn probes on 50,000 x 1,792 fused late taps (target <= 5 s each on a GPU).
 step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $DEV
+# Issue 31: LogME, H-score and the regularised H-score (one Gram) against the logreg probe: 45,000 x 1,792 (target
+# >= 10x), and every tap and pair of resnet50 x mobilenet_v2 on 1,000 digits (target >= 20x).
+step scores 420 python benchmarks/scores.py --device $DEV --rows $ROWS
 # Issue 30: the manifest, Hugging Face (Arrow, Parquet) and WebDataset sources against a folder of the same JPEGs,
 # decoded on the GPU (target: each >= 0.9x the folder's images/s).
 step sources 360 python benchmarks/source_throughput.py --device $DEV --images $NF --source-size 320 --image-size $SIZE --backbone resnet50 --batch-size $BATCH --repeats 3
