@@ -325,8 +325,6 @@ def test_predict_classifies_a_manifest_a_shard_and_a_saved_hf_dataset_like_their
 
 
 def test_an_empty_split_and_a_missing_extra_are_one_line_each(tmp_path, monkeypatch):
-    import builtins
-
     from featcache.data.source import Split, official_splits
 
     items = fx.sample_images()
@@ -335,13 +333,8 @@ def test_an_empty_split_and_a_missing_extra_are_one_line_each(tmp_path, monkeypa
     empty = Split(labels=np.zeros(0, np.int64), index=np.zeros(0, np.int64), files=())
     with pytest.raises(FeatcacheError, match="the test split holds no images: check --data-dir"):
         official_splits({"train": load("manifest", manifest).splits["train"], "test": empty}, DataRequest())
-    real = builtins.__import__
+    import sys
 
-    def no_datasets(name, *args, **kwargs):
-        if name.split(".")[0] in ("datasets", "pyarrow"):
-            raise ImportError(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (None: import raises ImportError)
     with pytest.raises(FeatcacheError, match=r"--dataset hf needs the datasets package: pip install 'featcache\[hub\]'"):
         load_dataset(DataRequest(name="hf", hf_name="some/name"))
