@@ -210,6 +210,17 @@ def test_hf_with_a_validation_split_uses_it_and_reads_string_labels(tmp_path):
     data = load("hf", tmp_path / "dd", label_column="species")
     assert data.classes == ("ant", "bee") and int(data.splits["train"].official_val.sum()) == 4
     assert len(data.splits["test"]) == 6
+    chosen = load("hf", tmp_path / "dd", label_column="species", hf_splits="train=test,test=train")
+    assert len(chosen.splits["train"]) == 6 and len(chosen.splits["test"]) == 8  # named splits, no validation
+    assert chosen.splits["train"].official_val is None
+    with pytest.raises(FeatcacheError, match="--hf-splits val=dev: the dataset has no split 'dev' "
+                                             r"\(its splits: train, validation, test\)"):
+        load("hf", tmp_path / "dd", label_column="species", hf_splits="train=train,val=dev")
+    with pytest.raises(FeatcacheError, match="hf_splits must map train"):
+        from featcache.data.request import DataFields
+        from featcache.requests import API, build
+
+        build(DataFields, {"hf_splits": "val=validation"}, API)
 
 
 def test_a_manifest_counts_missing_files_as_bad_images_and_refuses_empty_labels(tmp_path, same_images):

@@ -259,7 +259,14 @@ def _load(request: DataRequest) -> Dataset:
     need("pyarrow", "--dataset hf")
     found = _files(request)
     ours = {}
-    for theirs, files in found.items():
+    if request.hf_splits:  # named by the user: train=A,val=B,test=C
+        for part in request.hf_splits.split(","):
+            mine, theirs = (x.strip() for x in part.split("=", 1))
+            if theirs not in found:
+                raise FeatcacheError(f"--hf-splits {mine}={theirs}: the dataset has no split {theirs!r} (its splits: "
+                                     f"{', '.join(found)})")
+            ours[mine] = (theirs, found[theirs])
+    for theirs, files in ([] if request.hf_splits else found.items()):
         if theirs.lower() in OUR_SPLITS and OUR_SPLITS[theirs.lower()] not in ours:
             ours[OUR_SPLITS[theirs.lower()]] = (theirs, files)
     if "train" not in ours:
@@ -294,6 +301,7 @@ def _key(request: DataRequest) -> str:
 def _identity(request: DataRequest) -> dict:
     files = _files(request)
     return {"source": "huggingface", "hf_name": request.hf_name, "hf_config": request.hf_config,
+            **({"hf_splits": request.hf_splits} if request.hf_splits else {}),
             "image_column": request.image_column, "label_column": request.label_column,
             "files": {split: stat_identity(paths) for split, paths in sorted(files.items())},
             "test_fraction": request.test_fraction}

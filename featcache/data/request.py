@@ -18,6 +18,13 @@ def _positive(value) -> bool:
     return value >= 1
 
 
+def _split_map(value: str) -> bool:
+    pairs = [part.split("=", 1) for part in value.split(",")]
+    ours = [p[0].strip() for p in pairs]
+    return all(len(p) == 2 and p[1].strip() for p in pairs) and "train" in ours and \
+        set(ours) <= {"train", "val", "test"} and len(ours) == len(set(ours))
+
+
 def _fraction(value) -> bool:
     return 0 < value < 1
 
@@ -38,6 +45,11 @@ class DataFields:
     hf_name: str | None = option(None, help="hf: a Hugging Face dataset name, read from the local cache (fetched "
                                             "only with --download).", metavar="NAME")
     hf_config: str | None = option(None, help="hf: the dataset's configuration (subset) name.", metavar="NAME")
+    hf_splits: str | None = option(None, metavar="train=A[,val=B][,test=C]", check=_split_map,
+                                   rule="map train (and optionally val, test) to the dataset's split names, "
+                                        "e.g. train=training,test=evaluation",
+                                   help="hf: which of the dataset's splits are train, validation and test [default: "
+                                        "train; validation, valid, val or dev; test]; a split left out is carved.")
     image_column: str | None = option(None, help="hf and manifest: the image column (found automatically for hf; "
                                                  "'path' for a manifest).", metavar="COLUMN")
     label_column: str | None = option(None, help="hf, manifest and webdataset: the label column (hf: the ClassLabel "
@@ -56,4 +68,4 @@ class DataFields:
         return DataRequest(name=self.dataset, data_dir=self.data_dir, download=self.download,
                            limit_train=self.limit_train, limit_test=self.limit_test,
                            test_fraction=self.test_fraction, seed=self.seed, hf_name=self.hf_name,
-                           hf_config=self.hf_config, image_column=self.image_column, label_column=self.label_column)
+                           hf_config=self.hf_config, hf_splits=self.hf_splits, image_column=self.image_column, label_column=self.label_column)

@@ -77,6 +77,7 @@ class DataRequest:
     seed: int = 0
     hf_name: str | None = None
     hf_config: str | None = None
+    hf_splits: str | None = None
     image_column: str | None = None
     label_column: str | None = None
 
@@ -95,7 +96,7 @@ class DataRequest:
         return {name: getattr(self, name) for name in SOURCE_FIELDS if getattr(self, name) is not None}
 
 
-SOURCE_FIELDS = ("hf_name", "hf_config", "image_column", "label_column")
+SOURCE_FIELDS = ("hf_name", "hf_config", "hf_splits", "image_column", "label_column")
 
 
 @dataclass(frozen=True)
