@@ -55,6 +55,8 @@ step sweep_large 420 python benchmarks/sweep.py --large --rows $ROWS --device $D
 # Issue 31: LogME, H-score and the regularised H-score (one Gram) against the logreg probe: 45,000 x 1,792 (target
 # >= 10x), and every tap and pair of resnet50 x mobilenet_v2 on 1,000 digits (target >= 20x).
 step scores 420 python benchmarks/scores.py --device $DEV --rows $ROWS
+# Issue 31, point 7: featcache rank over 20 small timm models (wall, peak memory, disk).
+step rank 240 python benchmarks/rank_models.py --device $DEV
 # Issue 30: the manifest, Hugging Face (Arrow, Parquet) and WebDataset sources against a folder of the same JPEGs,
 # decoded on the GPU (target: each >= 0.9x the folder's images/s).
 step sources 360 python benchmarks/source_throughput.py --device $DEV --images $NF --source-size 320 --image-size $SIZE --backbone resnet50 --batch-size $BATCH --repeats 3

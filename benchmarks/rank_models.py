@@ -6,7 +6,7 @@ NFNet, MambaOut ...) and two small real ones. Prints the closing table, the fail
 wall seconds, the peak resident memory of the process, and the disk the caches take with ``--keep-caches all``
 and then ``none`` (a second ranking into a new folder).
 
-    python benchmarks/rank_models.py
+    python benchmarks/rank_models.py [--device cuda]
 """
 
 from __future__ import annotations
@@ -29,9 +29,14 @@ def disk(folder: Path) -> int:
 
 
 def main() -> None:
-    print(f"CPU: {cpu_name()}")
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_name()}; device {args.device}")
     common = dict(backbone=MODELS, dataset="digits", limit_train=1000, limit_test=300, weights="random",
-                  image_size=64, device="cpu", score=["logme", "hscore", "hscore_reg"], max_models=25, quiet=True)
+                  image_size=64, device=args.device, score=["logme", "hscore", "hscore_reg"], max_models=25, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         started = time.perf_counter()

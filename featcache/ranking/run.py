@@ -319,7 +319,10 @@ def confirm(request, folder: Path, table, log) -> None:
         order = ok.sort_values(score, ascending=not SCORERS[score].larger_is_better, kind="stable")
         picked += [(m, t) for m, t in zip(order["model"].head(request.confirm), order["tap"].head(request.confirm))]
     picked = list(dict.fromkeys(picked))
-    options = HeadOptions(device="cpu", seed=request.seed)
+    from featcache.backbones.taps import resolve_device
+
+    device = resolve_device(request.device)  # the probes run where the sweep's would
+    options = HeadOptions(device=device.type, seed=request.seed)
     results = []
     for model, tap in picked:
         cache_path = _cache_of(request, model)
@@ -331,9 +334,9 @@ def confirm(request, folder: Path, table, log) -> None:
             n_classes = len(cache.classes)
         norm = TapNormalizer("standard").fit([train[fit_rows]])  # the fit rows' statistics, for every part
         X = {"fit": train[fit_rows], "val": train[val_rows], "test": test}
-        X = {k: torch.from_numpy(norm.transform([v])) for k, v in X.items()}
+        X = {k: torch.from_numpy(norm.transform([v])).to(device) for k, v in X.items()}
         y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
-        y = {k: torch.from_numpy(v) for k, v in y.items()}
+        y = {k: torch.from_numpy(v).to(device) for k, v in y.items()}
         row = {"model": model, "tap": tap}
         for head in ("logreg", "knn"):
             got = probe(head, X, y, n_classes, options)
