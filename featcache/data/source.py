@@ -200,7 +200,8 @@ def join(train: Split, val: Split) -> Split:
     if train.files is not None:
         both_lazy = isinstance(train.files, Rows) and isinstance(val.files, Rows)
         files = train.files.join(val.files) if both_lazy else tuple(train.files) + tuple(val.files)
-    return Split(labels=both(train.labels, val.labels), index=both(train.index, val.index),
+    after = int(train.index.max()) + 1 if len(train.index) else 0  # one index per row: validation's come after
+    return Split(labels=both(train.labels, val.labels), index=both(train.index, val.index + after),
                  images=both(train.images, val.images), files=files,
                  official_val=np.concatenate([np.zeros(len(train), bool), np.ones(len(val), bool)]))
 

@@ -15,8 +15,8 @@ from pathlib import Path
 from featcache.backbones.registry import BACKBONES, BackboneSpec
 from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
-from featcache.data.source import SOURCE_FIELDS
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
+from featcache.data.source import SOURCE_FIELDS
 from featcache.errors import FeatcacheError, check_choice
 from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
 
