@@ -349,3 +349,12 @@ def test_an_empty_split_and_a_missing_extra_are_one_line_each(tmp_path, monkeypa
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (None: import raises ImportError)
     with pytest.raises(FeatcacheError, match=r"--dataset hf needs the datasets package: pip install 'featcache\[hub\]'"):
         load_dataset(DataRequest(name="hf", hf_name="some/name"))
+
+
+def test_nothing_is_downloaded_without_download_even_where_torchvision_would(tmp_path, monkeypatch):
+    """SEMEION's class downloads by default; without --download featcache never asks it to."""
+    import torchvision.datasets.semeion as semeion
+
+    monkeypatch.setattr(semeion, "download_url", lambda *a, **k: pytest.fail("a download was attempted"))
+    with pytest.raises(FeatcacheError, match="semeion not found .*--data-dir must hold semeion.data"):
+        load("semeion", tmp_path)

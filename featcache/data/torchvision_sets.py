@@ -14,6 +14,7 @@ names, sizes and modification times, so a changed file re-extracts.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import shutil
 import sys
@@ -73,6 +74,16 @@ TORCHVISION_SETS = {
     "mnist": TorchvisionSet("MNIST", "MNIST", 10, TRAIN_TEST),
     "fashionmnist": TorchvisionSet("FashionMNIST", "FashionMNIST", 10, TRAIN_TEST),
     "kmnist": TorchvisionSet("KMNIST", "KMNIST", 10, TRAIN_TEST),
+    "emnist": TorchvisionSet("EMNIST", "EMNIST", 47, TRAIN_TEST, kwargs={"split": "balanced"},
+                             note="the balanced split's 47 classes (digits and letters)"),
+    "qmnist": TorchvisionSet("QMNIST", "QMNIST", 10, {"train": {"what": "train"}, "test": {"what": "test"}}),
+    "semeion": TorchvisionSet("SEMEION", "", 10, {"train": {}}, files=("semeion.data",), names=DIGITS,
+                              note="no official split"),
+    "clevrcount": TorchvisionSet("CLEVRClassification", "clevr", 8,
+                                 {"train": {"split": "train"}, "test": {"split": "val"}},
+                                 names=tuple(str(k) for k in range(3, 11)),
+                                 note="objects per scene, 3 to 10; its test split has no labels, so its 'val' split "
+                                      "is the test set"),
     "usps": TorchvisionSet("USPS", "", 10, TRAIN_TEST, files=("usps.bz2", "usps.t.bz2"), names=DIGITS),
     "svhn": TorchvisionSet("SVHN", "", 10, SPLIT_TRAIN_TEST, files=("train_32x32.mat", "test_32x32.mat"),
                            names=DIGITS, note="the cropped digits; the 'extra' split is not used"),
@@ -158,7 +169,9 @@ def _open(name: str, spec: TorchvisionSet, keywords: dict, request: DataRequest)
         raise FeatcacheError(f"torchvision cannot download {name}: place its files under {root / spec.folder} "
                              f"by hand (featcache datasets {name} says which)")
     made = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)  # the first folder we make
-    args = {**spec.kwargs, **keywords, **({"download": True} if download else {})}
+    args = {**spec.kwargs, **keywords}
+    if "download" in inspect.signature(cls.__init__).parameters:  # explicit: SEMEION downloads by default
+        args["download"] = download
     try:
         with _files_as_they_are(cls, download), _quiet():
             return cls(root=str(root), **args)
