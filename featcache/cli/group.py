@@ -30,9 +30,12 @@ def cli():
     """Extract every layer of frozen CNN backbones once, then fuse and compare heads fast.
 
     \b
+    featcache datasets                       list dataset sources, their splits and labels
     featcache backbones                      list backbones, taps and aliases
+    featcache rank --backbone 'resnet*'      which model? every tap of many backbones, scored
     featcache extract --backbone resnet50    cache every tap of a frozen backbone
     featcache info CACHE.h5                  show what a cache file holds
+    featcache sweep --combos pairs           every tap and pair x every head, at once
     featcache fuse-train --taps late --head logreg,mlp    fuse cached taps, train heads
     featcache finetune --unfreeze last-block   train unfrozen variants end to end
     featcache runs                           compare every run
