@@ -56,7 +56,8 @@ def test_a_rank_over_six_models_records_the_failing_one_and_goes_on(tmp_path):
     again = rank(tmp_path, "--models-at-once", "2", "--score", "logme,hscore,hscore_reg", folder="again")
     assert again.exit_code == 0
     [other] = (tmp_path / "again" / "ranks").glob("[!.]*")
-    assert pd.read_csv(other / "table.csv").equals(table)  # the same numbers, every run
+    measured = ["images_per_s"]  # timed each run; every other number is the same, every run
+    assert pd.read_csv(other / "table.csv").drop(columns=measured).equals(table.drop(columns=measured))
 
 
 def test_a_killed_rank_resumes_without_redoing_a_finished_model(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ from featcache.backbones.discovery import timm_names, torchvision_names
 from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
-from featcache.extraction.store import read_timing, timing_file
+from featcache.extraction.store import timing_file
 from featcache.files import atomic_write, lock
 from featcache.fuse.evaluate import validation_split
 from featcache.fuse.fusion import TapNormalizer
@@ -222,8 +222,7 @@ def _scored(request, name: str, result, needs_rows) -> dict:
     features in memory at a time (each is scored alone, so no tap needs another's Gram)."""
     import torch
 
-    timing = read_timing(result.path) or {}
-    rate = (timing["images"] / timing["seconds"]) if timing.get("seconds") and timing.get("images") else None
+    rate = speed(request, name)
     scores = []
     with FeatureCache(result.path) as cache:
         labels = cache.labels("train")
@@ -242,6 +241,39 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         timing_file(result.path).unlink(missing_ok=True)
     return {"model": name, "status": "ok", "params": parameters(name), "images_per_s": rate,
             "cache": str(result.path), "extracted": result.status != "cached", "taps": scores}
+
+
+def speed(request, name: str, least_seconds: float = 0.5) -> float | None:
+    """Images/s of the model's network on this device: batches of random inputs at its input size, after one
+    warm-up batch. Measured apart because the extraction's pass is shared by a group of models (its time is
+    theirs together) and may have been served from a cache."""
+    import time
+
+    import torch
+
+    from featcache.backbones.taps import autocast, resolve_device, resolve_precision, tap_model
+    from featcache.extraction.config import preprocess_for
+
+    try:
+        cfg, spec = _config(request, [name]), BACKBONES.lookup(name)
+        device = resolve_device(cfg.device)
+        size = preprocess_for(cfg, spec).image_size
+        model = tap_model(spec, "random", 0, cfg.pooling, device)  # the weights' values do not change its speed
+        x = torch.randn(min(request.batch_size, 32), 3, size, size, device=device)
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
+            model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started, batches = time.perf_counter(), 0
+            while batches < 3 or (time.perf_counter() - started < least_seconds and batches < 50):
+                model(x)
+                batches += 1
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return batches * len(x) / (time.perf_counter() - started)
+    except Exception:  # the model scored already; a speed it cannot give is left empty
+        return None
 
 
 def write_table(folder: Path, rows: list[dict], scores: list[str]):

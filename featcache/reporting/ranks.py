@@ -74,7 +74,7 @@ def pareto(confirm) -> bytes | None:
         ax.annotate(f"{rows['model'].iloc[i]}:{rows['tap'].iloc[i]}", (rate[i], accuracy[i]), fontsize=7,
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("images/s of the model's extraction on this device")
+    ax.set_xlabel("images/s of the model's network on this device")
     ax.set_ylabel("logreg validation accuracy")
     ax.legend(fontsize=7)
     ax.set_title("Which model is best for its cost", fontsize=10)
