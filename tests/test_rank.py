@@ -62,6 +62,7 @@ def test_a_rank_over_six_models_records_the_failing_one_and_goes_on(tmp_path):
 
 def test_a_killed_rank_resumes_without_redoing_a_finished_model(tmp_path, monkeypatch):
     import featcache.ranking.run as run
+    from featcache.ranking.run import read_rows
 
     real, calls = run._group, []
 
@@ -75,10 +76,14 @@ def test_a_killed_rank_resumes_without_redoing_a_finished_model(tmp_path, monkey
     assert rank(tmp_path, "--models-at-once", "2").exit_code != 0
     monkeypatch.setattr(run, "_group", lambda request, group, *args: calls.append(list(group)) or real(request, group,
                                                                                                      *args))
+    [rows] = (tmp_path / "runs" / "ranks").glob("[!.]*/rows.jsonl")
+    with open(rows, "a") as f:
+        f.write('{"model": "rank_c", "status": "ok", "ta')  # a row cut short by the kill
     result = rank(tmp_path, "--models-at-once", "2")
     assert result.exit_code == 0, result.output
     assert calls == [["rank_a", "rank_b"], ["rank_c", "rank_d"], ["rank_c", "rank_d"], ["rank_e", "rank_f"]]
     assert "resuming: 2 of 6 models" in result.output
+    assert sorted(read_rows(rows.parent)) == ["rank_a", "rank_b", "rank_c", "rank_d", "rank_e", "rank_f"]
 
 
 def test_confirm_gives_each_scores_kendall_tau_as_scipy_does(tmp_path):
@@ -105,7 +110,8 @@ def test_confirm_gives_each_scores_kendall_tau_as_scipy_does(tmp_path):
 def test_keep_caches_none_leaves_no_cache_the_ranking_made(tmp_path):
     assert rank(tmp_path, "--keep-caches", "none", "--score", "hscore").exit_code == 0
     assert not list((tmp_path / "cache").rglob("*.h5"))
-    assert rank(tmp_path, "--keep-caches", "top-2", "--score", "hscore", folder="top").exit_code == 0
+    result = rank(tmp_path, "--keep-caches", "top-2", "--score", "hscore", "--confirm", "4", folder="top")
+    assert result.exit_code == 0, result.output  # confirmed first, from every cache; then pruned
     assert len(list((tmp_path / "cache").rglob("*.h5"))) == 2
 
 

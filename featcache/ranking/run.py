@@ -30,6 +30,7 @@ from featcache.backbones.discovery import timm_names, torchvision_names
 from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
+from featcache.extraction.request import FeatureFields
 from featcache.extraction.store import timing_file
 from featcache.files import atomic_write, lock
 from featcache.fuse.evaluate import validation_split
@@ -104,10 +105,10 @@ def folder_of(request, models: list[str]) -> Path:
     from featcache.data.datasets import dataset_key
 
     key = dataset_key(request.data_request())
-    digest = request_hash({"models": models, "scores": list(request.score), "weights": request.weights,
-                           "data": dataclasses.asdict(request.data_request()), "image_size": request.image_size,
-                           "pooling": request.pooling, "val_fraction": request.val_fraction,
-                           "dtype": request.dtype, "resize": request.resize}, 10)
+    features = {f.name: getattr(request, f.name) for f in dataclasses.fields(FeatureFields)
+                if f.name not in ("backbone", "cache_dir")}  # everything that changes the numbers, as a cache's
+    digest = request_hash({"models": models, "scores": list(request.score), "val_fraction": request.val_fraction,
+                           **features}, 10)
     return Path(request.runs_dir) / "ranks" / f"{key}-{digest}"
 
 
@@ -122,6 +123,16 @@ def read_rows(folder: Path) -> dict[str, dict]:
                 if isinstance(row, dict) and "model" in row:
                     out.setdefault(row["model"], row)
     return out
+
+
+def _end_line(path: Path) -> None:
+    """A line cut short by a kill gets its end, so the next row starts a line of its own (the cut one is
+    skipped by :func:`read_rows`, and its model done again)."""
+    if path.exists() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
 
 
 def rank(request, log=print, progress: bool = True) -> Path:
@@ -151,6 +162,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
             log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
         bar = tqdm(total=len(models), initial=len(models) - len(todo), unit="model", desc="rank",
                    disable=not progress, leave=False)
+        _end_line(folder / "rows.jsonl")
         with bar, open(folder / "rows.jsonl", "a") as out:
             for start in range(0, len(todo), request.models_at_once):
                 group = todo[start:start + request.models_at_once]
@@ -161,9 +173,9 @@ def rank(request, log=print, progress: bool = True) -> Path:
                     bar.update()
         rows = [done[m] for m in models]
         table = write_table(folder, rows, list(request.score))
-        _prune(request, rows, log)
-        if request.confirm:
+        if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
             confirm(request, folder, table, log)
+        _prune(request, rows, log)
     for line in summary(table, list(request.score), rows):
         log(line)
     log(f"ranking written to {folder} (table.csv: every model and tap)")
