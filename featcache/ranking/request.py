@@ -35,8 +35,8 @@ class RankRequest(FeatureFields):
     max_models: int = option(50, check=lambda v: v >= 1, rule="be at least 1",
                              help="Refuse a larger match up front (the count is said).")
     models_at_once: int = option(4, check=lambda v: v >= 1, rule="be at least 1",
-                                 help="Models extracted in one shared pass over the data; their features are all that "
-                                      "is held in memory at once.")
+                                 help="Models extracted in one shared pass over the data (each image decoded once "
+                                      "for all of them).")
     keep_caches: str = option("all", check=_keep_rule, rule="be all, none or top-K (e.g. top-3)",
                               metavar="all|none|top-K",
                               help="Which caches the ranking leaves behind: all, none, or those of the best K "

@@ -3,9 +3,8 @@
 Stage 8 (ranking), after the sweep whose scores and probes it uses. The patterns (``'resnet*'``,
 ``'timm:convnext*'``) are resolved to model names first, and a match larger than ``--max-models`` is refused
 before anything runs. Models then go in groups of ``--models-at-once``: one shared pass extracts the group
-(each image decoded once for all of them), each model's taps are standardised on the training rows and scored
-from one Gram matrix of them all, and the group's features are dropped before the next group: no more than one
-group's features are in memory. A model that fails to build or run is recorded with its one-line reason, and
+(each image decoded once for all of them) into its caches, then each tap is read back alone, standardised on the
+training rows and scored from its Gram (or kernel): one tap's features in memory at a time. A model that fails to build or run is recorded with its one-line reason, and
 the ranking goes on. The folder ``runs/ranks/NAME`` holds:
 
 - ``rows.jsonl``: one line per model as it finishes (its taps' scores, or why it failed); a killed ranking
