@@ -21,7 +21,8 @@ from featcache.data.source import (DATASETS, SPLITS, Dataset, DatasetEntry, Data
 from featcache.errors import FeatcacheError
 
 __all__ = ["DATASETS", "Dataset", "DatasetEntry", "DataRequest", "Split", "dataset_identity", "dataset_key",
-           "load_dataset"]
+           "image_entries", "load_dataset"]
+
 
 def dataset_key(request: DataRequest) -> str:
     return DATASETS.lookup(request.name).key(request)

@@ -86,10 +86,9 @@ def _cached(request: DataRequest) -> dict[str, list[Path]]:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     datasets = need("datasets", "--dataset hf")
-    if not request.download:
-        with _suppress_attr():
-            datasets.config.HF_HUB_OFFLINE = True
-            datasets.config.HF_DATASETS_OFFLINE = True
+    if not request.download:  # datasets read the variables above at its import: it may have been imported already
+        datasets.config.HF_HUB_OFFLINE = True
+        datasets.config.HF_DATASETS_OFFLINE = True
     try:
         loaded = datasets.load_dataset(request.hf_name, request.hf_config)
     except Exception as exc:  # offline misses and bad names come as many types
@@ -98,14 +97,6 @@ def _cached(request: DataRequest) -> dict[str, list[Path]]:
                              f"{f' config {request.hf_config!r}' if request.hf_config else ''} from the local "
                              f"cache{hint}: {str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}") from None
     return {name: [Path(f["filename"]) for f in ds.cache_files] for name, ds in loaded.items()}
-
-
-class _suppress_attr:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, *rest):
-        return kind is AttributeError
 
 
 def _schema(path: Path):
@@ -187,6 +178,9 @@ class ArrowImages:
 
     def blob(self, position: int) -> Blob:
         return _Cell(self, position)
+
+    def __len__(self) -> int:
+        return sum(rows for _, _, rows, _, _ in self._open())
 
     def _open(self):
         if self._tables is None:
@@ -322,5 +316,5 @@ def image_rows(folder: Path, column: str | None = None) -> list[Blob]:
         image = column or _only([c for c in schema.names if _is_image(schema, _features(schema), c)], "Image",
                                 list(schema.names), "--image-column")
         reader = ArrowImages(files, image, f"{Path(folder).name}/{split}")
-        out += [reader.blob(k) for k in range(sum(rows for _, _, rows, _, _ in reader._open()))]
+        out += [reader.blob(k) for k in range(len(reader))]
     return out

@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fnmatch
 import json
 from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones.discovery import timm_names, torchvision_names
-from featcache.backbones.registry import BACKBONES
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
@@ -34,71 +31,9 @@ from featcache.extraction.store import timing_file
 from featcache.files import atomic_write, lock
 from featcache.fuse.evaluate import validation_split
 from featcache.fuse.fusion import TapNormalizer
+from featcache.ranking.models import parameters, resolve, speed, tap_count
 from featcache.requests import request_hash
 from featcache.sweeping.scorers import SCORERS, moments, scored
-
-TIMM = "timm:"
-
-
-def resolve(patterns, pretrained_only: bool = False) -> list[str]:
-    """Every model name the patterns match (declared, torchvision, timm:NAME), each once, in pattern order."""
-    if not patterns:
-        raise FeatcacheError("featcache rank needs --backbone: names or patterns such as 'resnet*' or 'timm:convnext*'")
-    every = list(dict.fromkeys([*sorted(BACKBONES), *torchvision_names()]))
-    out: list[str] = []
-    for pattern in patterns:
-        if pattern.startswith(TIMM):
-            found = [n for n in timm_names() if fnmatch.fnmatchcase(n, pattern)]
-        elif any(ch in pattern for ch in "*?["):
-            found = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
-        else:
-            found = [BACKBONES.lookup(pattern).name]  # a plain name: the registry names the closest if unknown
-        if not found:
-            from difflib import get_close_matches
-
-            close = get_close_matches(pattern, every + timm_names(), n=3)
-            raise FeatcacheError(f"--backbone {pattern!r} matches no model" + (f"; did you mean {', '.join(close)}?"
-                                 if close else "") + " featcache backbones --all PATTERN lists what matches")
-        out += [n for n in found if n not in out]
-    if pretrained_only:
-        out = [n for n in out if has_weights(n)]
-        if not out:
-            raise FeatcacheError(f"no model matching {', '.join(patterns)} has pretrained weights")
-    return out
-
-
-def has_weights(name: str) -> bool:
-    """Whether the model has weights to load: timm's pretrained list, torchvision's weights enum."""
-    if name.startswith(TIMM):
-        import timm
-
-        return name[len(TIMM):] in {n.split(".")[0] for n in timm.list_pretrained(name[len(TIMM):] + "*")}
-    import torchvision
-
-    try:
-        return len(list(torchvision.models.get_model_weights(name))) > 0
-    except (ValueError, KeyError):
-        return False
-
-
-def parameters(name: str) -> int | None:
-    """The model's number of parameters, built on the meta device (nothing allocated), or None."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = BACKBONES.lookup(name).build(None)
-        return int(sum(p.numel() for p in model.parameters()))
-    except Exception:  # a model that cannot be built says so when it is extracted
-        return None
-
-
-def _tap_count(name: str) -> int:
-    try:
-        return len(BACKBONES.lookup(name).taps)
-    except Exception:  # a model that cannot be found or traced fails, recorded, when it is extracted
-        return 0
-
 
 def folder_of(request, models: list[str]) -> Path:
     from featcache.data.datasets import dataset_key
@@ -146,7 +81,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
         raise FeatcacheError("--confirm needs the caches of the taps it checks: use --keep-caches all (or top-K) "
                              "with --confirm")
     if request.confirm:
-        known = sum(_tap_count(m) for m in models)
+        known = sum(tap_count(m) for m in models)
         if request.confirm > known:
             raise FeatcacheError(f"--confirm {request.confirm} is more than the {known} taps of the matched models: "
                                  f"use --confirm {known} or fewer")
@@ -219,9 +154,7 @@ def _config(request, names: list[str]):
     return cfg
 
 
-def _failed(name: str, exc: BaseException) -> dict:
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        raise exc
+def _failed(name: str, exc: Exception) -> dict:
     text = str(exc).strip().splitlines()
     reason = text[0] if isinstance(exc, FeatcacheError) and text else \
         f"{type(exc).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
@@ -233,7 +166,7 @@ def _scored(request, name: str, result, needs_rows) -> dict:
     features in memory at a time (each is scored alone, so no tap needs another's Gram)."""
     import torch
 
-    rate = speed(request, name)
+    rate = speed(_config(request, [name]), name, request.batch_size)
     scores = []
     with FeatureCache(result.path) as cache:
         labels = cache.labels("train")
@@ -252,39 +185,6 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         timing_file(result.path).unlink(missing_ok=True)
     return {"model": name, "status": "ok", "params": parameters(name), "images_per_s": rate,
             "cache": str(result.path), "extracted": result.status != "cached", "taps": scores}
-
-
-def speed(request, name: str, least_seconds: float = 0.5) -> float | None:
-    """Images/s of the model's network on this device: batches of random inputs at its input size, after one
-    warm-up batch. Measured apart because the extraction's pass is shared by a group of models (its time is
-    theirs together) and may have been served from a cache."""
-    import time
-
-    import torch
-
-    from featcache.backbones.taps import autocast, resolve_device, resolve_precision, tap_model
-    from featcache.extraction.config import preprocess_for
-
-    try:
-        cfg, spec = _config(request, [name]), BACKBONES.lookup(name)
-        device = resolve_device(cfg.device)
-        size = preprocess_for(cfg, spec).image_size
-        model = tap_model(spec, "random", 0, cfg.pooling, device)  # the weights' values do not change its speed
-        x = torch.randn(min(request.batch_size, 32), 3, size, size, device=device)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode(), autocast(device, resolve_precision(cfg.precision, device)):
-            model(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started, batches = time.perf_counter(), 0
-            while batches < 3 or (time.perf_counter() - started < least_seconds and batches < 50):
-                model(x)
-                batches += 1
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-        return batches * len(x) / (time.perf_counter() - started)
-    except Exception:  # the model scored already; a speed it cannot give is left empty
-        return None
 
 
 def write_table(folder: Path, rows: list[dict], scores: list[str]):

@@ -291,9 +291,9 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         request = record_request(record)
         if request not in samples:
             try:
+                data = images.dataset(record)
                 samples[request] = {"title": dataset_text(record), "uri": _uri(_samples(record, images)),
-                                    "facts": _facts(images.dataset(record), record),
-                                    "classes": len(images.dataset(record).classes)}
+                                    "facts": _facts(data, record), "classes": len(data.classes)}
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
     sweeps = []
