@@ -42,6 +42,26 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int,
     return np.sort(train), np.sort(val)
 
 
+def cv_folds(labels: np.ndarray, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``--cv K``: K stratified (fit rows, validation rows) pairs of the training split, shuffled by ``seed``; every
+    training row (a dataset's own validation rows included) is validated on once. The test split is not touched."""
+    from sklearn.model_selection import StratifiedKFold
+
+    check_cv(labels, k)
+    folds = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(labels)), labels)
+    return [(np.sort(fit), np.sort(val)) for fit, val in folds]
+
+
+def check_cv(labels: np.ndarray, k: int) -> None:
+    """One line before any work where ``--cv K`` cannot make K stratified folds of ``labels``."""
+    counts = np.bincount(labels)
+    smallest = int(counts[counts > 0].min())
+    if k > smallest:
+        raise FeatcacheError(f"--cv {k} needs at least {k} training images of every class (one per fold); the smallest "
+                             f"class has {smallest}: use --cv {max(2, smallest)} or fewer" if smallest >= 2 else
+                             f"--cv needs at least 2 training images of every class; the smallest class has {smallest}")
+
+
 @dataclass
 class Selection:
     head: object  # fitted on the training rows with the chosen parameters
@@ -49,13 +69,15 @@ class Selection:
     val_accuracy: float
     candidates: list  # [{"params": ..., "val_accuracy": ...}] in the order tried
     fit_seconds: float
+    fitted: list | None = None  # every candidate's fitted head, in the order tried (cross-validation scores them all)
 
 
-def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
+def fit_select(entry, options, X_train, y_train, X_val, y_val, final: bool = True) -> Selection:
     """Fit every candidate on train, keep the best by validation accuracy (first wins ties).
 
     The validation accuracy recorded is the candidate's; an entry with ``final`` (the
-    SVM) is then refitted on the same training rows with probabilities.
+    SVM) is then refitted on the same training rows with probabilities (not with ``final=False``:
+    cross-validation's folds only score their candidates).
     """
     started = time.perf_counter()
     best, tried = None, []
@@ -80,18 +102,67 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val) -> Selection:
         if best is None or acc > best[2]:
             best = (head, params, acc)
     head, params, acc = best
-    if entry.final is not None:  # refit only the chosen parameters in their final form
+    if entry.final is not None and final:  # refit only the chosen parameters in their final form
         head = entry.final(options, **params).fit(X_train, y_train)
-    return Selection(head, params, acc, tried, time.perf_counter() - started)
+    return Selection(head, params, acc, tried, time.perf_counter() - started, list(fitted))
 
 
-def small_validation(y_val) -> str | None:
-    """The warning for a validation split too small to choose on, or None."""
+def cross_validate(entry, options, blocks: list, y, folds: list, normalise) -> Selection:
+    """``--cv K`` for one fusion and head: every candidate fitted on each fold's fit rows and scored on its held-out
+    rows; the candidate with the best mean accuracy over the folds (the first of equals) is chosen, and fitted once
+    more on every training row. ``blocks``: the fusion's taps on the training rows; ``normalise(blocks, fit_rows,
+    rows_list)`` returns those rows' fused features, normalised on ``fit_rows``. A torch head, which has no
+    validation rows left to stop on, trains for the median of the epochs the folds kept.
+
+    The Selection's ``val_accuracy`` is that mean; each candidate carries its ``fold_accuracies``."""
+    started = time.perf_counter()
+    per_fold = []
+    for fit_rows, val_rows in folds:
+        X_fit, X_val = normalise(blocks, fit_rows, [fit_rows, val_rows])
+        per_fold.append(fit_select(entry, options, X_fit, y[fit_rows], X_val, y[val_rows], final=False))
+    accs = np.array([[c["val_accuracy"] for c in sel.candidates] for sel in per_fold])  # folds x candidates
+    mean = accs.mean(axis=0)
+    best = int(np.argmax(mean))
+    params = per_fold[0].candidates[best]["params"]
+    final_options = options
+    epochs = [getattr(sel.fitted[best], "best_epoch_", None) for sel in per_fold]
+    if entry.torch and all(isinstance(e, int) for e in epochs):
+        from dataclasses import replace
+
+        final_options = replace(options, epochs=max(1, int(np.median(epochs))))
+    every = np.arange(len(y))
+    [X_all] = normalise(blocks, every, [every])
+    head = (entry.final or entry.make)(final_options, **params).fit(X_all, y)
+    candidates = [{"params": c["params"], "val_accuracy": float(mean[i]), "fold_accuracies": accs[:, i].tolist()}
+                  for i, c in enumerate(per_fold[0].candidates)]
+    return Selection(head, params, float(mean[best]), candidates, time.perf_counter() - started)
+
+
+def small_validation(y_val, y_train=None, cv: int = 0) -> str | None:
+    """The warning for a validation split too small to choose on, with the arithmetic of what would do, or None.
+
+    ``y_train``: every training row's label (the rows a larger --val-fraction or ``--cv`` would validate on);
+    ``cv``: the folds, when cross-validating (``y_val`` is then every training row)."""
     counts = np.unique(np.asarray(y_val), return_counts=True)[1]
     if counts.min() >= MIN_VAL_PER_CLASS:
         return None
-    return (f"the validation split holds {len(y_val)} images ({counts.min()} of the rarest class; under "
-            f"{MIN_VAL_PER_CLASS} per class): choices made on it are noisy; use more images or a larger --val-fraction")
+    if cv:
+        return (f"cross-validated over {cv} folds, every choice still rests on {counts.min()} images of the rarest "
+                f"class (under {MIN_VAL_PER_CLASS}): choices made on it are noisy; more images of it would help")
+    said = (f"the validation split holds {len(y_val)} images ({counts.min()} of the rarest class; under "
+            f"{MIN_VAL_PER_CLASS} per class): choices made on it are noisy")
+    if y_train is None:
+        return said + "; use more images or a larger --val-fraction"
+    rarest = int(np.unique(np.asarray(y_train), return_counts=True)[1].min())
+    need = MIN_VAL_PER_CLASS / rarest
+    larger = (f"{MIN_VAL_PER_CLASS} per class would take --val-fraction {need:.2f} of the {rarest} training images of "
+              f"the rarest class{', leaving too few to train on' if need > 0.5 else ''}" if need < 1 else
+              f"{MIN_VAL_PER_CLASS} per class is more than the {rarest} training images of the rarest class")
+    if rarest < 2:
+        return f"{said}; {larger}"
+    k = min(5, rarest)
+    return f"{said}; {larger}; --cv {k} validates on every training image instead ({rarest} of the rarest class, " \
+           f"over {k} folds)"
 
 
 def selection_warnings(head_name: str, selection: Selection, epochs: int | None = None) -> list[str]:

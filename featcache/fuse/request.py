@@ -57,6 +57,15 @@ class HeadFields:
                            device=dev.type, precision=resolve_precision(precision, dev), seed=seed, grid=grid)
 
 
+def cv_option():
+    """``--cv K``, the same flag in fuse-train and the sweep (a new field each: a dataclass owns its fields)."""
+    return option(0, metavar="K", check=lambda k: k == 0 or k >= 2, rule="be 0 (off) or a number of folds of 2 or more",
+                  help="Stratified K-fold cross-validation over the training rows instead of one validation split: "
+                       "every candidate is fitted on each fold, the best mean over the folds chosen (then fitted on "
+                       "every training row); for small data, where a validation split would hold few images per "
+                       "class. The test split is untouched. 0: off.")
+
+
 TAPS_HELP = ("Taps to concatenate: aliases (early, mid, late) or node names, for every backbone, or qualified as "
              "resnet50:late. Repeat for several fusions.")
 
@@ -74,6 +83,7 @@ class FuseRequest(HeadFields, FeatureFields):
                            help="Per-tap normalisation before concatenation, fitted on train.")
     val_fraction: float = option(0.1, help="Stratified share of train held out to choose hyper-parameters and "
                                            "MLP epochs.")
+    cv: int = cv_option()
     device: str = option("auto", choices=DEVICES, help="Where the torch heads train.")
     runs_dir: Path = option(Path("runs"), writes=True, help="Where run folders are written.")
     extract: bool = option(False, help="Extract missing caches first.")
@@ -93,4 +103,4 @@ class FuseRequest(HeadFields, FeatureFields):
             heads=self.head, tap_norm=self.tap_norm, val_fraction=self.val_fraction,
             options=self.head_options(self.device, self.precision, self.seed), runs_dir=self.runs_dir,
             run_extract=self.extract, out_of_core=self.out_of_core, force=self.force,
-            allow_dead_taps=self.allow_dead_taps)
+            allow_dead_taps=self.allow_dead_taps, cv=self.cv)

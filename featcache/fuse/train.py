@@ -28,7 +28,15 @@ from featcache.fuse.caches import (
     official_val,
     shared_rows,
 )
-from featcache.fuse.evaluate import fit_select, score, selection_warnings, small_validation, validation_split
+from featcache.fuse.evaluate import (
+    cross_validate,
+    cv_folds,
+    fit_select,
+    score,
+    selection_warnings,
+    small_validation,
+    validation_split,
+)
 from featcache.fuse.fusion import TapNormalizer, parse_taps
 from featcache.fuse.heads import HEADS, HeadOptions, heads_for
 from featcache.fuse.saved import save_head
@@ -54,6 +62,7 @@ class FuseTrainConfig:
     force: bool = False  # train again even when an identical request already has a run
     allow_dead_taps: bool = False  # train on taps whose stored values carry no signal (warned, not refused)
     tap_selection: tuple = ()  # --taps auto: the greedy path that chose the taps, recorded in each run
+    cv: int = 0  # --cv K: hyper-parameters chosen by stratified K-fold cross-validation over train (0: a validation split)
 
     def __post_init__(self):
         for head in self.heads:
@@ -63,6 +72,8 @@ class FuseTrainConfig:
                 raise FeatcacheError(f"--out-of-core streams features to the torch heads (linear, mlp); {head} needs "
                                      f"them in memory: use --head linear or mlp, or drop --out-of-core")
         TapNormalizer(self.tap_norm)
+        if self.cv:
+            check_cv_request(self.cv, out_of_core=self.out_of_core, auto="auto" in self.taps)
         if not 0 < self.val_fraction < 1:
             raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {self.val_fraction} instead.")
 
@@ -127,13 +138,15 @@ def _train(cfg: FuseTrainConfig, todo, paths, log) -> dict:
     try:
         data = load_features(paths, refs_needed, cfg.allow_dead_taps, log)
         fit_rows, val_rows, split_notes = _split(data.labels["train"], cfg, log, data.official_val)
+        folds = cv_folds(data.labels["train"], cfg.cv, cfg.features.data.seed) if cfg.cv else None
         for refs, heads in todo:
             train_blocks = [data.taps[("train", r)] for r in refs]
             normalizer = TapNormalizer(cfg.tap_norm).fit([b[fit_rows] for b in train_blocks])
             X_fit = normalizer.transform([b[fit_rows] for b in train_blocks])
-            X_val = normalizer.transform([b[val_rows] for b in train_blocks])
+            X_val = None if folds else normalizer.transform([b[val_rows] for b in train_blocks])
             X_test = normalizer.transform([data.taps[("test", r)] for r in refs])
-            fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows), split_notes)
+            fusion = _Fusion(refs, normalizer, (X_fit, X_val, X_test), (fit_rows, val_rows), split_notes,
+                             (train_blocks, folds) if folds else None)
             written.update(_train_heads(cfg, heads, fusion, data, paths, log))
     except (MemoryError, OSError) as exc:
         if isinstance(exc, OSError) and "memory allocation failed" not in str(exc):
@@ -173,15 +186,21 @@ class _Fusion:
     refs: tuple
     normalizer: TapNormalizer
     X: tuple  # (fit, val, test): arrays, or FusedRows streamed from the caches
-    rows: tuple  # (fit rows, val rows) of the train split
+    rows: tuple  # (fit rows, val rows) of the train split (cross-validating: every training row, twice)
     notes: tuple = ()  # warnings about the split itself, recorded in every run
+    cv: tuple | None = None  # --cv: (the taps' training blocks, the folds)
 
 
 def _split(labels, cfg: FuseTrainConfig, log, official=None) -> tuple:
     """(fit rows, validation rows, warnings) of the training split; a validation split too small to choose
-    on is said once here and recorded in every run."""
-    fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed, official)
-    notes = tuple(n for n in [small_validation(labels[val_rows])] if n)
+    on is said once here and recorded in every run. Cross-validating, both are every training row (the folds
+    validate on each once; the chosen head is fitted on all)."""
+    if cfg.cv:
+        fit_rows = val_rows = np.arange(len(labels))
+        notes = tuple(n for n in [small_validation(labels, cv=cfg.cv)] if n)
+    else:
+        fit_rows, val_rows = validation_split(labels, cfg.val_fraction, cfg.features.data.seed, official)
+        notes = tuple(n for n in [small_validation(labels[val_rows], labels)] if n)
     for note in notes:
         log(f"warning: {note}")
     return fit_rows, val_rows, notes
@@ -195,7 +214,13 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
     y_all, y_test = data.labels["train"], data.labels["test"]
     written = {}
     for head_name in heads:
-        selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val, y_all[val_rows])
+        if fusion.cv:
+            blocks, folds = fusion.cv
+            selection = cross_validate(HEADS.lookup(head_name), cfg.options, blocks, y_all, folds,
+                                       _normalise(cfg.tap_norm))
+        else:
+            selection = fit_select(HEADS.lookup(head_name), cfg.options, X_fit, y_all[fit_rows], X_val,
+                                   y_all[val_rows])
         metrics = score(selection.head, X_test, y_test, data.classes)
         notes = selection_warnings(head_name, selection, cfg.options.epochs if HEADS[head_name].torch else None)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
@@ -209,6 +234,27 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
     return written
 
 
+def _normalise(tap_norm: str):
+    """``normalise(blocks, fit_rows, parts)``: the fused ``blocks`` at each row list of ``parts``, normalised per tap
+    on ``fit_rows`` (a fold's own: its held-out rows never shape the scale)."""
+    def normalise(blocks, fit_rows, parts):
+        normalizer = TapNormalizer(tap_norm).fit([b[fit_rows] for b in blocks])
+        return [normalizer.transform([b[rows] for b in blocks]) for rows in parts]
+    return normalise
+
+
+def check_cv_request(cv: int, out_of_core: bool = False, auto: bool = False) -> None:
+    """One line for a ``--cv`` that cannot be honoured, before any work."""
+    if cv < 2:
+        raise FeatcacheError(f"--cv must be 0 (a validation split) or a number of folds of 2 or more. Got {cv} instead.")
+    if out_of_core:
+        raise FeatcacheError("--cv fits every candidate on each fold in memory: drop --out-of-core, or use "
+                             "--val-fraction")
+    if auto:
+        raise FeatcacheError("--taps auto chooses taps on one validation split; with --cv, compare taps with "
+                             "`featcache sweep --cv K` and name the best with --taps")
+
+
 def _run_config(cfg: FuseTrainConfig) -> dict:
     """The request as a run record's ``config`` holds it."""
     return {
@@ -216,6 +262,7 @@ def _run_config(cfg: FuseTrainConfig) -> dict:
         "out_of_core": cfg.out_of_core,
         "head_options": dict(vars(cfg.options)),
         **({"tap_selection": list(cfg.tap_selection)} if cfg.tap_selection else {}),
+        **({"cv": cfg.cv} if cfg.cv else {}),  # absent without it: earlier runs keep their request keys
     }
 
 
@@ -231,7 +278,8 @@ def _record(cfg, fusion: _Fusion, head_name, selection, metrics, data, paths) ->
         config=_run_config(cfg),
         request=_request_key(cfg, refs, head_name, paths),
         caches={b: {"path": str(p), "fingerprint": data.fingerprints[b]} for b, p in paths.items()},
-        rows={"train": len(fit_rows), "val": len(val_rows), "test": len(data.labels["test"])},
+        rows={"train": len(fit_rows), "val": len(val_rows), "test": len(data.labels["test"]),
+              **({"cv": cfg.cv} if cfg.cv else {})},
         selection={"params": selection.params, "val_accuracy": selection.val_accuracy,
                       "candidates": selection.candidates,
                       "best_epoch": getattr(selection.head, "best_epoch_", None)},

@@ -32,6 +32,7 @@ class SweepConfig:
     heads: tuple[str, ...] = DEFAULT_HEADS
     scores: tuple[str, ...] = ()  # scorers (sweeping.scorers): computed for every combination and seed
     val_fraction: float = 0.1
+    cv: int = 0  # --cv K: stratified K-fold cross-validation over train instead of one validation split (0: off)
     seeds: tuple[int, ...] = (0,)
     shots: tuple[int, ...] = ()
     repeats: int = 5
@@ -53,6 +54,10 @@ class SweepConfig:
                 "--combos", self.combos, "be singles, pairs or a number of taps N (0: only the --taps given)")
         require(self.combos != "0" or bool(self.taps), "--combos", self.combos, "come with --taps when it is 0")
         require(0 < self.val_fraction < 1, "--val-fraction", self.val_fraction, "lie between 0 and 1")
+        if self.cv:
+            from featcache.fuse.train import check_cv_request
+
+            check_cv_request(self.cv)
         require(bool(self.seeds), "--seeds", "''", "list at least one seed")
         require(len(set(self.seeds)) == len(self.seeds), "--seeds", ",".join(map(str, self.seeds)),
                 "list each seed once (a repeated seed would count its rows twice)")
@@ -61,6 +66,11 @@ class SweepConfig:
         require(self.keep >= 0, "--keep", self.keep, "be 0 or more")
         require(1 <= self.max_combos <= MAX_COMBOS, "--max-combos", self.max_combos,
                 f"lie between 1 and {MAX_COMBOS:,} (a table longer than that is read by nobody)")
+
+
+    def replicates(self) -> list[tuple[int, int | None]]:
+        """(seed, fold) of every replicate: each seed's validation split, or with ``cv`` each seed's K folds."""
+        return [(seed, fold) for seed in self.seeds for fold in (range(self.cv) if self.cv else [None])]
 
 
 def all_taps(backbones: tuple[str, ...]) -> list[TapRef]:

@@ -38,11 +38,15 @@ def _grid(head: str, options: HeadOptions) -> list:
     return list(options.grid.get("C", C_GRID if head == "logreg" else SVM_C_GRID))
 
 
-def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, solved=None, rotated=None) -> dict:
+def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, solved=None, rotated=None,
+          every: bool = False) -> dict:
     """``X`` / ``y``: {"fit", "val", "test"} -> tensors. Returns the chosen parameters, the validation accuracy
     of every candidate, test accuracy and macro-F1 of the chosen one, and the seconds it took (with
     ``solved``'s share: :func:`presolve`'s output for this combination; ``rotated``: its rotation, for the
-    svm). Without a "test" entry (choosing taps) nothing is scored on test."""
+    svm). Without a "test" entry (choosing taps) nothing is scored on test.
+
+    ``every`` (a fold of ``--cv``): each candidate is ``[params, validation accuracy, test accuracy, macro-F1]``,
+    so that the candidate chosen on the mean over the folds has its test figures (the fold alone chooses nothing)."""
     from sklearn.metrics import f1_score
 
     started = time.perf_counter()
@@ -61,6 +65,8 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         best = int(np.argmax(accs))  # the first of equals: the smallest C listed first wins ties
         predicted = scores_of(X["test"], solutions[best]).argmax(1) if "test" in X else None
         grid, chosen = [{"C": c} for c in Cs], {"C": Cs[best]}
+        if every and "test" in X:
+            everyone = [scores_of(X["test"], W).argmax(1) for W in solutions]
     elif way == "neighbours":
         ks = [k for k in KS if k <= len(X["fit"])] or [len(X["fit"])]
         sims, idx = neighbours(X["fit"], X["val"], max(ks))
@@ -69,8 +75,10 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         grid, chosen = [{"k": k} for k in ks], {"k": ks[best]}
         predicted = None
         if "test" in X:
-            sims, idx = neighbours(X["fit"], X["test"], ks[best])
+            sims, idx = neighbours(X["fit"], X["test"], max(ks) if every else ks[best])
             predicted = vote(sims, idx, y["fit"], ks[best], n_classes).argmax(1)
+            if every:
+                everyone = [vote(sims, idx, y["fit"], k, n_classes).argmax(1) for k in ks]
     else:  # "fit" (linear, mlp, any head fuse-train can fit): its candidates side by side
         numpy = {part: X[part].float().cpu().numpy() for part in X}
         labels = {part: y[part].cpu().numpy() for part in y}
@@ -79,14 +87,22 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         grid = [c["params"] for c in selection.candidates]
         chosen = selection.params
         predicted = selection.head.predict(numpy["test"]) if "test" in X else None
+        if every and "test" in X:
+            everyone = [head.predict(numpy["test"]) for head in selection.fitted]
     out = {"chosen": chosen, "val_acc": float(max(accs)), "candidates": [[g, a] for g, a in zip(grid, accs)]}
     if predicted is None:
         return {**out, "fit_s": time.perf_counter() - started}
     truth = y["test"].cpu().numpy()
-    predicted = np.asarray(predicted.cpu() if hasattr(predicted, "cpu") else predicted)
-    return {**out, "test_acc": float(np.mean(predicted == truth)),
-            "macro_f1": float(f1_score(truth, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)),
-            "fit_s": time.perf_counter() - started}
+
+    def figures(predicted) -> tuple[float, float]:
+        predicted = np.asarray(predicted.cpu() if hasattr(predicted, "cpu") else predicted)
+        return (float(np.mean(predicted == truth)),
+                float(f1_score(truth, predicted, average="macro", labels=np.arange(n_classes), zero_division=0)))
+
+    if every:
+        out["candidates"] = [[g, a, *figures(p)] for g, a, p in zip(grid, accs, everyone)]
+    test_acc, macro_f1 = figures(predicted)
+    return {**out, "test_acc": test_acc, "macro_f1": macro_f1, "fit_s": time.perf_counter() - started}
 
 
 def _accuracy(scores, labels) -> float:

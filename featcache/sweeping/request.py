@@ -12,7 +12,7 @@ from pathlib import Path
 from featcache.extraction.config import DEVICES
 from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
 from featcache.fuse.heads import heads_for, heads_help
-from featcache.fuse.request import HeadFields
+from featcache.fuse.request import HeadFields, cv_option
 from featcache.requests import option
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
@@ -46,6 +46,7 @@ class SweepRequest(HeadFields, FeatureFields):
                                "(heads that store a model).")
     max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
     val_fraction: float = option(0.1, help="Stratified share of train that chooses every hyper-parameter.")
+    cv: int = cv_option()
     device: str = option("auto", choices=DEVICES, help="Where the probes are solved.")
     runs_dir: Path = option(Path("runs"), writes=True, help="Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
     extract: bool = option(False, help="Extract missing caches first.")
@@ -58,7 +59,7 @@ class SweepRequest(HeadFields, FeatureFields):
         return SweepConfig(features=self.features(self.device, skip_bad_images=self.skip_bad_images),
                            combos=self.combos, taps=self.taps,
                            heads=() if self.head == ("none",) else self.head, scores=self.score,
-                           val_fraction=self.val_fraction,
+                           val_fraction=self.val_fraction, cv=self.cv,
                            seeds=self.seeds if self.seeds is not None else (self.seed,), shots=self.shots,
                            repeats=self.repeats, keep=self.keep, max_combos=self.max_combos,
                            options=self.head_options(self.device, self.precision, self.seed),

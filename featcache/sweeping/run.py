@@ -32,7 +32,7 @@ from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.files import atomic_write, lock
 from featcache.fuse.caches import load_features, locate_caches
-from featcache.fuse.evaluate import small_validation, validation_split
+from featcache.fuse.evaluate import check_cv, cv_folds, small_validation, validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
@@ -65,9 +65,11 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         extract(cfg.features, log=log)
     paths = locate_caches(cfg.features)
     folder = _folder(cfg, paths)
-    if cfg.shots:  # checked on the labels alone, before the sweep takes its folder
+    if cfg.shots or cfg.cv:  # checked on the labels alone, before the sweep takes its folder
         with FeatureCache(next(iter(paths.values()))) as cache:
             _check_shots(cfg, cache.labels("train"))
+            if cfg.cv:
+                check_cv(cache.labels("train"), cfg.cv)
     # One writer per sweep folder: a second identical sweep waits, then finds every row done and its kept runs
     # served (two at once duplicated every row and kept every run twice).
     with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"another featcache sweep is writing "
@@ -86,7 +88,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         # (written each time: a damaged sweep.json of a finished sweep is mended by running it again)
         shown = {"taps": [str(r) for r in all_taps(cfg.features.backbones)], "weights": str(cfg.features.weights),
                  "data_dir": None if cfg.features.data.data_dir is None else str(cfg.features.data.data_dir),
-                 "validation": _validation(paths)}
+                 "validation": f"cv{cfg.cv}" if cfg.cv else _validation(paths)}
         atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
         rows = read_rows(folder)  # read once: the tables and the kept runs' choices
         table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
@@ -112,20 +114,22 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
     folder.mkdir(parents=True, exist_ok=True)
-    splits = {seed: validation_split(labels["train"], cfg.val_fraction, seed, data.official_val) for seed in cfg.seeds}
-    if note := small_validation(labels["train"][splits[cfg.seeds[0]][1]]):
+    splits = _splits(cfg, labels["train"], data.official_val)
+    held = labels["train"] if cfg.cv else labels["train"][splits[cfg.replicates()[0]][1]]  # what validates
+    if note := small_validation(held, labels["train"], cfg.cv):
         log(f"warning: {note}")  # before the bar, so that the two do not share a line
     started, count = time.perf_counter(), 0
     bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                leave=False)
     with bar, open(folder / "rows.jsonl", "a") as out:
-        for seed in cfg.seeds:
-            fit_rows, val_rows = splits[seed]
+        for seed, fold in cfg.replicates():
+            fit_rows, val_rows = splits[(seed, fold)]
             X = standardised(data, fit_rows, val_rows, device)
             y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
             y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
             options = replace(cfg.options, seed=seed)
-            pending = [job for job in todo if job["seed"] == seed and row_key(job) not in done]
+            pending = [job for job in todo
+                       if (job["seed"], job.get("fold")) == (seed, fold) and row_key(job) not in done]
             for draw in dict.fromkeys((job["shots"], job["repeat"]) for job in pending):
                 group = [job for job in pending if (job["shots"], job["repeat"]) == draw]
                 parts, labels_of = dict(X), dict(y)
@@ -147,7 +151,8 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                         result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
                     else:
                         result = probe(job["head"], fused, labels_of, n_classes, options,
-                                       solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)))
+                                       solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)),
+                                       every=fold is not None)
                     out.write(json.dumps({**public(job), "width": int(fused["fit"].shape[1]), **result}, default=str)
                               + "\n")
                     out.flush()
@@ -157,6 +162,14 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     bar.update()
     log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     return count
+
+
+def _splits(cfg: SweepConfig, labels, official) -> dict:
+    """(seed, fold) -> (fit rows, validation rows) of every replicate: a seed's validation split (a dataset's own,
+    where it has one), or with ``--cv`` each of a seed's K stratified folds."""
+    if not cfg.cv:
+        return {(seed, None): validation_split(labels, cfg.val_fraction, seed, official) for seed in cfg.seeds}
+    return {(seed, fold): rows for seed in cfg.seeds for fold, rows in enumerate(cv_folds(labels, cfg.cv, seed))}
 
 
 def _gram(group: list[dict], fit: dict, labels, n_classes: int):
@@ -199,13 +212,16 @@ def _presolved(group: list, fit: dict, y, n_classes: int, options, bar) -> tuple
 
 
 def _jobs(cfg: SweepConfig, combos) -> list[dict]:
-    jobs = [{"seed": s, "refs": refs, "head": h, "shots": 0, "repeat": 0}
-            for s in cfg.seeds for refs in combos for h in cfg.heads]
-    jobs += [{"seed": s, "refs": refs, "head": name, "shots": 0, "repeat": 0, "kind": "score"}
-             for s in cfg.seeds for refs in combos for name in cfg.scores]
-    fast = [h for h in cfg.heads if HEADS[h].fewshot]
-    jobs += [{"seed": s, "refs": refs, "head": h, "shots": k, "repeat": r}
-             for s in cfg.seeds for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]
+    """Every evaluation of the request, grouped by replicate; a fold (``--cv``) is part of a job's key."""
+    jobs = []
+    for seed, fold in cfg.replicates():
+        at = {"seed": seed, **({"fold": fold} if fold is not None else {})}
+        jobs += [{**at, "refs": refs, "head": h, "shots": 0, "repeat": 0} for refs in combos for h in cfg.heads]
+        jobs += [{**at, "refs": refs, "head": name, "shots": 0, "repeat": 0, "kind": "score"}
+                 for refs in combos for name in cfg.scores]
+        fast = [h for h in cfg.heads if HEADS[h].fewshot]
+        jobs += [{**at, "refs": refs, "head": h, "shots": k, "repeat": r}
+                 for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]
     return jobs
 
 
@@ -214,6 +230,7 @@ def _request(cfg: SweepConfig, paths: dict) -> dict:
     o = cfg.options
     return {"caches": sorted(p.name for p in paths.values()), "backbones": list(cfg.features.backbones),
             "dataset": cfg.features.data.name, "val_fraction": cfg.val_fraction,
+            **({"cv": cfg.cv} if cfg.cv else {}),  # absent without it: earlier sweep folders keep their names
             "options": {"grid": o.grid, "hidden": o.hidden, "dropout": o.dropout, "optimizer": o.optimizer, "lr": o.lr,
                         "epochs": o.epochs, "batch_size": o.batch_size, "patience": o.patience}}
 
@@ -257,10 +274,11 @@ def standardised(data, fit_rows, val_rows, device, test: bool = True) -> dict:
 def _check_shots(cfg: SweepConfig, labels: np.ndarray) -> None:
     if cfg.shots:
         smallest = int(np.bincount(labels)[np.unique(labels)].min())
-        if max(cfg.shots) * (1 + cfg.val_fraction) > smallest:
+        held = 1 / (cfg.cv - 1) if cfg.cv else cfg.val_fraction  # validation rows per fit row
+        if max(cfg.shots) * (1 + held) > smallest:
             raise FeatcacheError(f"--shots {max(cfg.shots)} asks for more training images per class than the smallest "
                                  f"class leaves after the validation split (about "
-                                 f"{int(smallest / (1 + cfg.val_fraction))}): use smaller --shots")
+                                 f"{int(smallest / (1 + held))}): use smaller --shots")
 
 
 def _draw(labels: np.ndarray, shots: int, seed: int, repeat: int) -> np.ndarray:
@@ -279,6 +297,8 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
 
     first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows
              if r["seed"] == cfg.seeds[0] and r["shots"] == 0 and r.get("kind") != "score"}
+    if cfg.cv:  # cross-validated: the choice of the mean over the folds (the table's), fitted on every training row
+        first = {(tuple(row.taps.split("+")), row.head): json.loads(row.chosen) for row in table.itertuples()}
     runs = []
     keepable = table["head"].map(lambda h: h in HEADS and HEADS[h].keep).astype(bool)
     for row in table[keepable].head(cfg.keep).itertuples():
@@ -291,6 +311,6 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
         features = replace(cfg.features, backbones=used, data=replace(cfg.features.data, seed=cfg.seeds[0]))
         run_cfg = FuseTrainConfig(features=features,
                                   taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
-                                  options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
+                                  cv=cfg.cv, options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
         runs += fuse_train(run_cfg, log=log)
     return runs

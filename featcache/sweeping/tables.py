@@ -23,16 +23,19 @@ from featcache.sweeping.scorers import SCORERS
 
 def public(job: dict) -> dict:
     row = {"seed": job["seed"], "taps": [str(r) for r in job["refs"]], "head": job["head"], "shots": job["shots"],
-           "repeat": job["repeat"]}
+           "repeat": job["repeat"], **({"fold": job["fold"]} if job.get("fold") is not None else {})}
     return {**row, "kind": "score"} if job.get("kind") == "score" else row
 
 
 def row_key(job: dict) -> str:
-    """A row's identity: (seed, taps, head, shots, repeat), and ``score`` for a scorer's row (a probe's row keeps
-    the key it had before rows had kinds, so existing sweep folders resume)."""
+    """A row's identity: (seed, taps, head, shots, repeat), ``score`` for a scorer's row and the fold of a ``--cv``
+    row (a probe's row of one validation split keeps the key it had before rows had kinds or folds, so existing
+    sweep folders resume)."""
     row = public(job) if "refs" in job else job
     key = [row["seed"], row["taps"], row["head"], row["shots"], row["repeat"]]
-    return json.dumps(key + ["score"] if row.get("kind") == "score" else key)
+    key += ["score"] if row.get("kind") == "score" else []
+    key += ["fold", row["fold"]] if row.get("fold") is not None else []
+    return json.dumps(key)
 
 
 def finished(folder: Path) -> set[str]:
@@ -104,12 +107,17 @@ def tables(rows: list[dict], keys: set | None = None):
     frame["taps"] = frame["taps"].map("+".join)
     frame["chosen"] = frame["chosen"].map(lambda c: json.dumps(c, sort_keys=True))
     full = frame[frame["shots"] == 0]
+    folded = "fold" in full and full["fold"].notna().any()
+    if folded:  # --cv: one candidate chosen per combination on the mean over every fold
+        full = cross_validated(full)
     table = full.groupby(["taps", "head"], sort=False).agg(
         n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
         chosen=("chosen", lambda c: Counter(c).most_common(1)[0][0]),  # the most frequent; ties: the first seed's
         val_acc=("val_acc", "mean"), val_acc_ci=("val_acc", interval), test_acc=("test_acc", "mean"),
         test_acc_ci=("test_acc", interval), macro_f1=("macro_f1", "mean"), fit_s=("fit_s", "mean"),
         seeds=("seed", "nunique")).reset_index()
+    # replicates: seeds, or with --cv seeds x folds; the intervals are over them
+    table["folds"] = full.groupby(["taps", "head"], sort=False)["fold"].nunique().to_numpy() if folded else 1
     # ranked on validation only; ties go to the cheaper model: fewer columns, then fewer backbones, then the order
     # asked (network order: earlier taps first) -- never to test
     table["n_backbones"] = table["taps"].map(lambda t: len({tap.rsplit(":", 1)[0] for tap in t.split("+")}))
@@ -122,6 +130,30 @@ def tables(rows: list[dict], keys: set | None = None):
     return table, fewshot, scores
 
 
+def cross_validated(full):
+    """``--cv`` rows with each fold's figures replaced by those of the candidate with the best mean validation
+    accuracy over every fold of the combination (the first of equals, in the grid's order), as scikit-learn's
+    GridSearchCV chooses: a fold's own favourite is not the choice. Its test accuracy is each fold model's at that
+    candidate (rows of ``--cv`` carry every candidate's test figures)."""
+    import pandas as pd
+
+    out = []
+    for _, rows in full.groupby(["taps", "head"], sort=False):
+        tried: dict[str, list] = {}  # candidate -> [(row, val, test, f1)]
+        for i, row in enumerate(rows.itertuples()):
+            for params, val, test, f1 in row.candidates:
+                tried.setdefault(json.dumps(params, sort_keys=True), []).append((i, val, test, f1))
+        whole = {c: v for c, v in tried.items() if len(v) == len(rows)} or tried  # tried on every fold
+        best = max(whole, key=lambda c: np.mean([v for _, v, _, _ in whole[c]]))  # the first of equals
+        chosen = rows.copy()
+        figures = {i: (val, test, f1) for i, val, test, f1 in whole[best]}
+        chosen["chosen"] = best
+        for k, name in enumerate(("val_acc", "test_acc", "macro_f1")):
+            chosen[name] = [figures.get(i, (np.nan,) * 3)[k] for i in range(len(rows))]
+        out.append(chosen)
+    return pd.concat(out) if out else full
+
+
 PROBE_COLUMNS = ["seed", "taps", "head", "shots", "repeat", "width", "chosen", "val_acc", "test_acc", "macro_f1",
                  "fit_s"]  # the rows the probes write (--head none: none, and an empty table)
 
@@ -132,7 +164,7 @@ def ties_best(table) -> np.ndarray:
     if not len(table):
         return np.zeros(0, dtype=bool)
     best = table.iloc[0]
-    margin = best["val_acc_ci"] if best["seeds"] > 1 else 0.0
+    margin = best["val_acc_ci"] if replicates(best) > 1 else 0.0
     return (table["val_acc"] >= best["val_acc"] - margin - 1e-12).to_numpy()
 
 
@@ -141,11 +173,17 @@ def tie_line(table) -> str | None:
     tied = int(table["ties_best"].sum()) if "ties_best" in table else 0
     if tied < 2:
         return None
-    within = "within its 95% interval over the seeds" if table.iloc[0]["seeds"] > 1 else "exactly"
+    over = "folds" if table.iloc[0].get("folds", 1) > 1 else "seeds"
+    within = f"within its 95% interval over the {over}" if replicates(table.iloc[0]) > 1 else "exactly"
     return (f"{tied} of {len(table)} (combination, head) rows tie with the best on validation "
             f"({table.iloc[0]['val_acc']:.4f}, {within}): the first listed is the cheapest of them (fewest columns, "
             f"then fewest backbones, then earliest taps); table.csv marks them all in ties_best. With so many ties "
-            f"validation cannot choose: more validation images, or more --seeds, can")
+            f"validation cannot choose: more validation images, --cv, or more --seeds, can")
+
+
+def replicates(row) -> int:
+    """How many replicates a table row averages: its seeds, times its folds with ``--cv``."""
+    return int(row["seeds"]) * int(row.get("folds", 1))
 
 
 def score_table(rows: list[dict]):
@@ -212,10 +250,12 @@ def fewshot_lines(fewshot, table) -> list[str]:
 def top_lines(table, n: int = 10) -> list[str]:
     if not len(table):  # --head none: the scores' lines alone
         return []
-    lines = [f"{'val':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
-    for row in table.head(n).itertuples():
-        ci = f"{row.test_acc_ci:6.4f}" if row.seeds > 1 else f"{'-':>6}"  # one seed: no interval, not ±0
-        lines.append(f"{row.val_acc:6.4f} {row.test_acc:6.4f} {ci}  {row.head:<7} "
+    cv = int(table["folds"].max()) if "folds" in table else 1
+    lines = [f"{'cv' if cv > 1 else 'val':>6} {'±95%':>6} {'test':>6} {'±95%':>6}  {'head':<7} {'chosen':<24} taps"]
+    for _, row in table.head(n).iterrows():
+        several = replicates(row) > 1  # one replicate: no interval, not ±0
+        ci = {k: f"{row[k]:6.4f}" if several else f"{'-':>6}" for k in ("val_acc_ci", "test_acc_ci")}
+        lines.append(f"{row.val_acc:6.4f} {ci['val_acc_ci']} {row.test_acc:6.4f} {ci['test_acc_ci']}  {row['head']:<7} "
                      f"{row.chosen[:24]:<24} {row.taps}")
     tie = tie_line(table)
     return lines + ([tie] if tie else [])
