@@ -121,3 +121,15 @@ def test_bad_cv_requests_are_one_line(tmp_path, kw, message):
 
     with pytest.raises(FeatcacheError, match=message):
         FuseTrainConfig(features=_features(tmp_path), **kw)
+
+
+def test_the_sweeps_macro_f1_is_scikit_learns():
+    from sklearn.metrics import f1_score
+
+    from featcache.sweeping.probes import macro_f1
+
+    rng = np.random.default_rng(0)
+    for k, n in ((2, 5), (5, 40), (10, 300)):
+        truth, predicted = rng.integers(0, k, n), rng.integers(0, k - 1, n)  # the last class never predicted
+        assert macro_f1(truth, predicted, k + 1) == pytest.approx(
+            f1_score(truth, predicted, average="macro", labels=np.arange(k + 1), zero_division=0), abs=1e-12)

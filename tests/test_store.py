@@ -6,6 +6,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import TESTS_DIR, tiny_config
+from torch import nn
 
 from featcache.data.datasets import DataRequest
 from featcache.data.preprocess import PreprocessConfig
@@ -107,3 +108,65 @@ def test_foreign_or_unfinished_files_are_never_read_as_caches(tmp_path):
         FeatureCache(tmp_path / "text.h5")
     with pytest.raises(FeatcacheError, match="no cache file at"):
         FeatureCache(tmp_path / "missing.h5")
+
+
+class _Times(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+def _scaled_spec():
+    """tiny with taps far outside float16's range: stage1 near 1e-13 (random efficientnet_b0's late stages), stage2
+    back in range (as pretrained taps are), stage3 near 1e8 (over float16's largest, 65,504)."""
+    import dataclasses
+
+    import tiny
+
+    from featcache.backbones.registry import BACKBONES, register_backbone
+
+    def build(weights):
+        net = tiny.TinyNet()
+        net.stage1 = nn.Sequential(net.stage1, _Times(1e-13))
+        net.stage2 = nn.Sequential(_Times(1e13), net.stage2)
+        net.stage3 = nn.Sequential(net.stage3, _Times(1e8))
+        return net
+
+    spec = dataclasses.replace(tiny.TINY, name="tinyscaled", build=build)
+    if "tinyscaled" not in BACKBONES:
+        register_backbone(spec)
+    return spec
+
+
+def test_float16_storage_keeps_taps_outside_its_range_alive_at_the_same_size(tmp_path):
+    """A tap near 1e-13 or 1e8 is stored multiplied by a power of two (the same two bytes a value): read back it
+    matches float32 storage to float16's precision (cosine >= 0.9999 per image), no tap is dead or refused; a tap in
+    float16's range is stored as before, byte for byte; predict rounds its features as the cache does."""
+    from featcache.fuse.predict import as_stored
+
+    _scaled_spec()
+    read = {}
+    for dtype in ("float16", "float32"):
+        cfg = tiny_config(tmp_path, data=DataRequest(name="digits", limit_train=48, limit_test=8), batch_size=16,
+                          backbones=("tinyscaled",), dtype=dtype, preprocess=PreprocessConfig(image_size=32))
+        [result] = extract(cfg, progress=False, log=lambda m: None)
+        with FeatureCache(result.path) as cache:
+            assert cache.summary()["dead_taps"] == {}
+            read[dtype] = {tap: cache.read("train", tap) for tap in cache.tap_names("train")}
+            stored = {tap: cache.file["train"]["taps"][tap] for tap in cache.tap_names("train")}
+            assert all(d.dtype == dtype for d in stored.values())
+            if dtype == "float16":
+                scales = {tap: d.attrs.get("scale") for tap, d in stored.items()}
+                assert scales["stage2"] is None and scales["stage1"] > 1e12 and scales["stage3"] < 1e-4
+                raw_stage2 = stored["stage2"][:]
+    for tap, exact in read["float32"].items():
+        assert 1e-15 < np.abs(exact).max() < 1e10
+        half = read["float16"][tap].astype(np.float32)
+        cosine = (half * exact).sum(1) / np.linalg.norm(half, axis=1) / np.linalg.norm(exact, axis=1)
+        assert cosine.min() >= 0.9999, tap
+        assert np.allclose(half, exact, rtol=2.0**-10, atol=0), tap  # float16's 11 significant bits
+        assert np.array_equal(as_stored(exact, np.float16), half), tap
+    assert np.array_equal(raw_stage2, read["float32"]["stage2"].astype(np.float16))

@@ -19,6 +19,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from featcache.backbones.taps import resolve_device
 
 TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract
@@ -122,8 +124,20 @@ def merge(writer, shards: list[tuple[Path, dict[str, tuple[int, int]]]], batch_s
                 group = shard[split]
                 for offset in range(0, stop - start, batch_size):
                     chunk = slice(offset, min(offset + batch_size, stop - start))
-                    features = {tap: group["taps"][tap][chunk] for tap in group["taps"]}
+                    features = {tap: _rescaled(writer, split, tap, group["taps"][tap], chunk) for tap in group["taps"]}
                     writer.write(split, start + offset, features, skipped=group["skipped"][chunk])
+
+
+def _rescaled(writer, split: str, tap: str, dataset, chunk):
+    """A shard's stored rows as the cache stores them: each rank chose its taps' storage scales on its own first
+    batch, the cache keeps the first rank's (powers of two: the rescaling is exact)."""
+    from featcache.extraction.store import stored_scale
+
+    raw = dataset[chunk]
+    own = stored_scale(dataset)
+    values = raw.astype(np.float32) / own if own != 1.0 else raw
+    scale = writer.scale_for(split, tap, float(np.abs(values).max()) if len(values) else 0.0)
+    return raw if scale == own else (values * scale).astype(raw.dtype)
 
 
 def remove_shards(paths: list[Path]) -> None:

@@ -92,6 +92,7 @@ class Member:
         self.taps = list(job.tap_dims)
         self.dims = list(job.tap_dims.values())
         self.warm = False
+        self.scales: dict[str, list[float]] = {}  # split -> each tap's storage scale (float16: store.storage_scale)
 
     def launch(self, x, split: str, row: int, start: int, bad, clock: Clock):
         """Queue one batch on the device; the features are fetched later by :meth:`land`.
@@ -105,6 +106,8 @@ class Member:
         with clock("network" if self.warm else "first batch"), autocast(self.job.device, self.job.precision):
             pooled = self.model(x)
             parts = [pooled[t].float() for t in self.taps]
+            if self.job.cfg.dtype == "float16":
+                parts = self._scaled(split, parts)
             flat = torch.cat(parts, dim=1).to(torch.float16 if self.job.cfg.dtype == "float16" else torch.float32)
             # per tap: largest |value| before storage (float16 underflow), then per column: all stored values finite
             stats = torch.cat([torch.stack([p.abs().amax() for p in parts]), torch.isfinite(flat).all(dim=0).float()])
@@ -118,6 +121,16 @@ class Member:
                 event.record()
         self.warm = True
         return self, split, row - start, bad, fetched, event
+
+    def _scaled(self, split: str, parts: list) -> list:
+        """``parts`` multiplied by their taps' storage scales; a split's first batch decides them (one wait for the
+        device, once per split), or the file's, when it resumes."""
+        import torch
+
+        if split not in self.scales:
+            largest = torch.stack([p.abs().amax() for p in parts]).cpu().tolist()
+            self.scales[split] = [self.writer.scale_for(split, t, m) for t, m in zip(self.taps, largest)]
+        return [p if s == 1.0 else p * s for p, s in zip(parts, self.scales[split])]
 
     def land(self, split: str, offset: int, bad, fetched, event, clock: Clock, writes) -> int:
         """Wait for a queued batch and hand it to the writer thread; returns its rows."""

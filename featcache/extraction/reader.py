@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.extraction.store import canonical
+from featcache.extraction.store import canonical, stored_scale
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
 HEALTH_ROWS = 4096  # rows read at a time when checking a tap (bounded memory, as --out-of-core needs)
@@ -27,8 +27,8 @@ class TapHealth:
     significant bits left, or rounded to zero).
     """
 
-    def __init__(self, stored_float16: bool):
-        self.float16 = stored_float16
+    def __init__(self, stored_float16: bool, scale: float = 1.0):
+        self.float16, self.scale = stored_float16, scale  # scale: what the values were stored multiplied by
         self.rows, self.lo, self.hi = 0, None, None
         self.nonzero = self.tiny = self.nonfinite = 0
         self.largest = 0.0
@@ -45,7 +45,7 @@ class TapHealth:
             self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
             magnitude = np.abs(block)
             self.nonzero += np.count_nonzero(magnitude)
-            self.tiny += np.count_nonzero((magnitude > 0) & (magnitude < FLOAT16_TINY))
+            self.tiny += np.count_nonzero((magnitude > 0) & (magnitude * self.scale < FLOAT16_TINY))
             self.largest = max(self.largest, float(magnitude.max()))
         self.rows += len(block)
         return self
@@ -59,7 +59,7 @@ class TapHealth:
             return f"constant over every training image (all {value:.3g})"
         if self.float16 and self.nonzero and self.tiny > self.nonzero / 2:
             return (f"{self.tiny / self.nonzero:.0%} of its nonzero values lie below float16's normal range "
-                    f"(largest {self.largest:.2g})")
+                    f"(largest {self.largest * self.scale:.2g} as stored)")
         return None
 
 
@@ -201,21 +201,24 @@ class FeatureCache:
         return self.file[split]["index"][:][self._kept(split)]
 
     def read(self, split: str, tap: str, rows=None) -> np.ndarray:
-        """A tap's features (N, C); ``rows`` (a slice of served rows) reads a chunk only."""
+        """A tap's features (N, C); ``rows`` (a slice of served rows) reads a chunk only. A tap stored multiplied by
+        a scale (float16 outside its range: store.storage_scale) is divided by it, as float32."""
         kept = self._kept(split)
         data = self.file[split]["taps"][tap]
         if isinstance(kept, slice):
-            return data[rows if rows is not None else slice(None)]
-        wanted = kept if rows is None else kept[rows]
-        if len(wanted) == 0:
-            return data[0:0]
-        return data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
+            values = data[rows if rows is not None else slice(None)]
+        else:
+            wanted = kept if rows is None else kept[rows]
+            values = data[0:0] if len(wanted) == 0 else data[int(wanted[0]) : int(wanted[-1]) + 1][wanted - wanted[0]]
+        scale = stored_scale(data)
+        return values if scale == 1.0 else values.astype(np.float32) / np.float32(scale)
 
     def dead(self, tap: str, rows: np.ndarray | None = None) -> str | None:
         """Why ``tap`` is dead on the training rows (see :class:`TapHealth`), or None. Checked in row
         chunks; ``rows``, the tap's training rows already read by the caller, are not read again."""
         if tap not in self._health:
-            health = TapHealth(self.file["train"]["taps"][tap].dtype == np.float16)
+            stored = self.file["train"]["taps"][tap]
+            health = TapHealth(stored.dtype == np.float16, stored_scale(stored))
             for start in range(0, self.n_rows("train"), HEALTH_ROWS):
                 chunk = slice(start, start + HEALTH_ROWS)
                 health.update(rows[chunk] if rows is not None else self.read("train", tap, chunk))

@@ -8,7 +8,9 @@ Between extraction and fusion in the flow (extract -> **store** -> fusion). One 
       /<split>/labels       int64 (N,)
       /<split>/index        int64 (N,)  position in the source dataset
       /train/official_val   uint8 (N,)  1: the row is the dataset's own validation split (only where it has one)
-      /<split>/taps/<tap>   float16 (N, C) by default, chunked by rows
+      /<split>/taps/<tap>   float16 (N, C) by default, chunked by rows; attrs ``scale`` (a power of two) where
+                            the tap's values lie outside float16's comfortable range (:func:`storage_scale`):
+                            stored = value x scale, read back divided by it
       /<split> attrs        rows_done
 
 Writes go to ``<file>.partial``; every dataset is allocated when the file is created, so
@@ -49,6 +51,30 @@ COMMIT_SECONDS = 0.25  # rows_done is brought up to date (two flushes) at most t
 # and the network's host side need (on 8,192 32 px PNGs through resnet18 + mobilenet_v2, 258 writes of a
 # batch each took 0.64 s)
 BUFFER_BYTES = 32 << 20
+
+
+# float16 keeps 11 significant bits between 2^-14 and 65,504. A tap whose first batch's largest |value| lies in
+# [2^-8, 2^12] (pretrained networks' pooled features: tenths to hundreds; the tests' tiny network: hundredths) is
+# stored as it is; one outside (random weights: efficientnet_b0's late stages near 1e-13) is multiplied by a power of
+# two that brings that largest value to [16, 32): exact (a power of two changes only the exponent), the same two
+# bytes a value, 2^11 of headroom above and 2^18 of normal range below it.
+COMFORTABLE = (2.0**-8, 2.0**12)
+
+
+def storage_scale(largest: float) -> float:
+    """The power of two a float16 tap is stored multiplied by, from its first batch's largest |value|: 1 inside
+    ``COMFORTABLE`` (and for a batch of zeros or non-finite values), else 2^(4 - floor(log2 largest))."""
+    import math
+
+    if not (math.isfinite(largest) and largest > 0) or COMFORTABLE[0] <= largest <= COMFORTABLE[1]:
+        return 1.0
+    return 2.0 ** (4 - math.floor(math.log2(largest)))
+
+
+def stored_scale(dataset) -> float:
+    """The scale a stored tap was multiplied by (1 where it carries none: every cache written before scales)."""
+    scale = dataset.attrs.get("scale", 1.0)
+    return float(scale) if np.isfinite(scale) and scale > 0 else 1.0
 
 
 def canonical(fingerprint: dict) -> str:
@@ -207,6 +233,20 @@ class CacheWriter:
     @property
     def run_attrs(self) -> dict:
         return json.loads(self.file.attrs["run"])
+
+    def scale_for(self, split: str, tap: str, largest: float) -> float:
+        """The scale ``tap``'s values of ``split`` are stored multiplied by: the one this file already holds (a
+        resumed run keeps it), else :func:`storage_scale` of ``largest`` (the split's first batch), recorded before
+        any of its rows are (float32 storage: 1)."""
+        dataset = self.file[split]["taps"][tap]
+        if dataset.dtype != np.float16:
+            return 1.0
+        if "scale" in dataset.attrs:
+            return stored_scale(dataset)
+        scale = storage_scale(largest)
+        if scale != 1.0:
+            dataset.attrs["scale"] = scale
+        return scale
 
     def rows_done(self, split: str) -> int:
         """Rows of ``split`` written so far, committed or not."""

@@ -46,6 +46,17 @@ def frozen_proba(run_dir: Path, record, files: list[Path], device: str, batch_si
                 out = model(to_input(batch, pre))
                 for b, tap in refs:
                     if b == backbone:
-                        pooled[(b, tap)].append(out[tap].float().cpu().numpy().astype(storage))
+                        pooled[(b, tap)].append(as_stored(out[tap].float().cpu().numpy(), storage))
     X = normalizer.transform([np.concatenate(pooled[ref]) for ref in refs])
     return head.predict_proba(X), [record.classes[int(k)] for k in head.classes_]
+
+
+def as_stored(values: np.ndarray, storage) -> np.ndarray:
+    """``values`` rounded as the cache stores them: float16 after a power-of-two scale where they lie outside its
+    range (the same significant bits whatever power of two the cache chose), float32 as they are."""
+    from featcache.extraction.store import storage_scale
+
+    if storage != np.float16:
+        return values.astype(storage)
+    scale = storage_scale(float(np.abs(values).max()) if values.size else 0.0)
+    return values.astype(np.float16) if scale == 1.0 else (values * scale).astype(np.float16).astype(np.float32) / scale

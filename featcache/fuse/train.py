@@ -43,7 +43,14 @@ from featcache.fuse.saved import save_head
 from featcache.fuse.stream import FusedRows, fit_normalizer
 from featcache.requests import request_hash
 from featcache.runs.comparison import base_label
-from featcache.runs.records import RunRecord, library_versions, load_record, result_line, run_folders, save_run
+from featcache.runs.records import (
+    RunRecord,
+    library_versions,
+    load_record,
+    result_line,
+    run_folders,
+    save_run,
+)
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,12 @@ from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.files import atomic_write, lock
 from featcache.fuse.caches import load_features, locate_caches
-from featcache.fuse.evaluate import check_cv, cv_folds, small_validation, validation_split
+from featcache.fuse.evaluate import (
+    check_cv,
+    cv_folds,
+    small_validation,
+    validation_split,
+)
 from featcache.fuse.fusion import TapNormalizer
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
