@@ -152,3 +152,78 @@ def runs(runs_dir, pipeline, sort, columns, width, csv_path):
     if csv_path:
         table.to_csv(csv_path, index=False)
         click.echo(f"written {csv_path}")
+
+
+@cli.group()
+def cache():
+    """List the cache files of a folder, what uses them, and remove the ones you name.
+
+    \b
+    featcache cache list                         every cache: size, age, the runs and sweeps that read it
+    featcache cache prune --unused --dry-run     what --unused would remove, removing nothing
+    featcache cache prune --older-than 30d --larger-than 1G
+    """
+
+
+_CACHE_DIR = click.option("--cache-dir", type=click.Path(path_type=Path), default=Path("cache"), show_default=True,
+                          help="The folder featcache extract writes caches to.")
+_RUNS_DIR = click.option("--runs-dir", "runs_dirs", type=click.Path(path_type=Path), multiple=True,
+                         default=(Path("runs"),), show_default=True,
+                         help="Runs folders whose runs and sweeps count as users of a cache; repeat for several.")
+
+
+@cache.command("list")
+@_CACHE_DIR
+@_RUNS_DIR
+@click.option("--json", "as_json", is_flag=True, help="Every cache as JSON.")
+def cache_list(cache_dir, runs_dirs, as_json):
+    """Every cache file (finished, partial or damaged), oldest first: dataset, backbone, size, age, users."""
+    import json
+    import time
+
+    from featcache.extraction.housekeeping import human_age, human_size, list_caches
+
+    caches = list_caches(cache_dir, list(runs_dirs))
+    if as_json:
+        click.echo(json.dumps([c.as_dict() for c in caches], indent=2))
+        return
+    now = time.time()
+    for c in caches:
+        used = f"{len(c.users)} user{'s' if len(c.users) != 1 else ''}" if c.users else "unused"
+        click.echo(f"{human_size(c.size):>10}  {human_age(now - c.modified):>4}  {c.state:<8}  {used:<8}  "
+                   f"{c.dataset}/{c.path.name}")
+    click.echo(f"{len(caches)} cache files, {human_size(sum(c.size for c in caches))} in {cache_dir} "
+               f"({sum(not c.users for c in caches)} unused by any run or sweep in {', '.join(map(str, runs_dirs))})")
+
+
+@cache.command("prune")
+@_CACHE_DIR
+@_RUNS_DIR
+@click.option("--older-than", default=None, metavar="AGE", help="Written longer ago than this: 30d, 12h, 2w.")
+@click.option("--larger-than", default=None, metavar="SIZE", help="Larger than this: 500M, 2G.")
+@click.option("--unused", is_flag=True, help="Read by no run or sweep in --runs-dir.")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_prune(cache_dir, runs_dirs, older_than, larger_than, unused, dry_run):
+    """Remove the cache files that meet every criterion given (at least one), with their timing files.
+
+    A cache another featcache process is writing is left alone. Only files named as featcache names caches
+    (BACKBONE-HASH.h5, .h5.partial) are ever removed.
+    """
+    from featcache.extraction.housekeeping import chosen, human_size, list_caches, parse_age, parse_size, remove
+
+    age = parse_age(older_than) if older_than is not None else None
+    size = parse_size(larger_than) if larger_than is not None else None
+    doomed = chosen(list_caches(cache_dir, list(runs_dirs)), age, size, unused)
+    freed, busy = 0, []
+    for c in doomed:
+        if dry_run:
+            click.echo(f"would remove {c.path} ({human_size(c.size)})")
+            freed += c.size
+        elif remove(c):
+            click.echo(f"removed {c.path} ({human_size(c.size)})")
+            freed += c.size
+        else:
+            busy.append(c)
+            click.echo(f"left {c.path}: another featcache process is writing it")
+    verb = "would free" if dry_run else "freed"
+    click.echo(f"{len(doomed) - len(busy)} cache files, {verb} {human_size(freed)}")

@@ -35,6 +35,7 @@ def cli():
     featcache rank --backbone 'resnet*'      which model? every tap of many backbones, scored
     featcache extract --backbone resnet50    cache every tap of a frozen backbone
     featcache info CACHE.h5                  show what a cache file holds
+    featcache cache list                     every cache, its size and the runs that use it (prune: remove)
     featcache sweep --combos pairs           every tap and pair x every head, at once
     featcache fuse-train --taps late --head logreg,mlp    fuse cached taps, train heads
     featcache finetune --unfreeze last-block   train unfrozen variants end to end
