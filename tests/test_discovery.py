@@ -178,3 +178,35 @@ def test_two_discovered_backbones_go_through_every_stage(tmp_path):
         assert "im0.png" in predicted and "im1.png" in predicted
     run("report", *runs, "-o", tmp_path / "report.html", "--device", "cpu")
     assert "convnext_atto" in (tmp_path / "report.html").read_text()
+
+
+def _taps_of(name: str):
+    """(name, (tap strides) or the one-line reason discovery refused it), in a worker process."""
+    import tiny  # noqa: F401  (the suite's CPU rules, as in every test process)
+
+    from featcache.backbones.discovery import _torchvision_spec
+    from featcache.errors import FeatcacheError
+
+    try:
+        return name, tuple(t.stride for t in _torchvision_spec(name).taps)
+    except FeatcacheError as exc:
+        return name, str(exc)
+
+
+def test_every_torchvision_classification_model_has_its_taps_found_on_the_meta_device():
+    """All of torchvision's classification models (80 in 0.2x, maxvit_t included: its window tensors are not maps),
+    traced on the meta device in two worker processes: each has taps, in network order of non-decreasing stride,
+    the last the deepest."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from featcache.backbones.discovery import torchvision_names
+
+    names = torchvision_names()
+    assert len(names) >= 80 and "maxvit_t" in names
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        found = dict(pool.map(_taps_of, names, chunksize=4))
+    refused = {name: why for name, why in found.items() if isinstance(why, str)}
+    assert not refused, refused
+    for name, strides in found.items():
+        assert len(strides) >= 3 and list(strides) == sorted(strides) and strides[-1] >= 14, (name, strides)

@@ -90,7 +90,11 @@ def _spatial(g: Graph, node) -> tuple[str, int, int] | None:
         return None
     small = g.small.get(node) if g.small else None
     if len(shape) == 4:
-        h_axis = 2 if (shape[2] == shape[3] or shape[1] != shape[2]) else 1
+        # a square input gives square maps: (N, C, H, H) or (N, H, H, C). Anything else is not a map, e.g. MaxViT's
+        # windows (N, windows, 49 positions, C), which are cut points inside its blocks
+        if shape[2] != shape[3] and shape[1] != shape[2]:
+            return None
+        h_axis = 2 if shape[2] == shape[3] else 1
         if small is not None and small[h_axis] == shape[h_axis]:
             return None  # does not scale with the input: pooled
         if shape[h_axis] <= 1 and small is None:

@@ -100,7 +100,7 @@ def preprocess_for(cfg: ExtractConfig, spec: BackboneSpec) -> PreprocessConfig:
     pre = cfg.preprocess.resolved(input_defaults(spec, cfg.weights))
     if spec.input is not None and spec.input.fixed_size and pre.image_size != spec.input.image_size:
         raise FeatcacheError(f"{spec.name} takes {spec.input.image_size} x {spec.input.image_size} images only (its "
-                             f"position embeddings are fixed): use --image-size {spec.input.image_size}")
+                             f"position embeddings or attention windows are built for that size): use --image-size {spec.input.image_size}")
     largest = max(t.stride for t in spec.taps)
     if pre.image_size < largest:
         raise FeatcacheError(f"--image-size {pre.image_size} is too small for {spec.name}, whose last stage reduces "
