@@ -145,6 +145,7 @@ def test_a_backbone_given_without_chosen_taps_is_left_out_of_the_diagram(report,
     ([0, 1, 2, 0], [1, 2, 0, 1], 1, [0]),  # all wrong, one asked: used to be none (Grad-CAM then crashed)
     ([0, 1, 2, 0], [1, 2, 0, 0], 3, [0, 1, 3]),  # one right: filled up with mistakes
     ([0, 1], [0, 0], 5, [0, 1]),  # fewer images than asked
+    ([0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4, 4, [0, 4, 8, 12]),  # each class
 ])
 def test_shown_test_images_fill_up_to_n(true, predicted, n, shown):
     import numpy as np
@@ -250,3 +251,24 @@ def test_the_report_chooses_on_validation_never_on_test(tmp_path, report_runs):
     assert depth(no_test[no_test["n_taps"] == 1], ["a:x", "a:y"]).startswith(b"\x89PNG")
     assert pair_heatmap(no_test[no_test["n_taps"] == 2], "logreg", ["a:x", "a:y"],
                         no_test[no_test["n_taps"] == 1]).startswith(b"\x89PNG")
+
+
+def test_time_spent_counts_a_shared_extraction_pass_once(tmp_path):
+    """Three backbones extracted in one 2.4 s pass: 2.4 s of extraction, not 7.2 (each cache's timing file holds
+    the pass's seconds); a cache extracted alone adds its own."""
+    import json
+    from types import SimpleNamespace
+
+    from featcache.extraction.store import timing_file
+    from featcache.reporting.page import _time_spent
+
+    caches = {}
+    for name, seconds, shared in (("a", 2.4, ["a", "b", "c"]), ("b", 2.4, ["a", "b", "c"]),
+                                  ("c", 2.4, ["a", "b", "c"]), ("d", 1.0, ["d"])):
+        path = tmp_path / f"{name}-0123456789ab.h5"
+        timing_file(path).write_text(json.dumps({"seconds": seconds, "images": 10, "shared_pass": shared}))
+        caches[name] = {"path": str(path), "fingerprint": name}
+    record = SimpleNamespace(caches=caches, finetuned=False, timings={"fit_seconds": 0.5})
+    parts, rows = _time_spent([record])
+    assert parts["extraction (each pass once)"] == pytest.approx(3.4)
+    assert [r["shared"] for r in rows] == [["b", "c"], ["a", "c"], ["a", "b"], []]

@@ -165,7 +165,7 @@ def test_the_reports_depth_lines_follow_network_order_not_the_ranking(tmp_path):
     lines = depth_lines(table, order)
     assert list(lines) == ["a · logreg", "b · logreg"]
     x, rows = lines["a · logreg"]
-    assert x == [1, 2, 3] and list(rows["test_acc"]) == [0.5, 0.7, 0.9]
+    assert x == [0, 0.5, 1] and list(rows["test_acc"]) == [0.5, 0.7, 0.9]  # relative depth: 3 taps of a
     assert _bounded([0.9, 0.1], [0.3, 0.3]).tolist() == [[0.3, 0.1], pytest.approx([0.1, 0.3])]  # within [0, 1]
     (tmp_path / "sweep.json").write_text("[1, 2]")  # not the sweep's: the table's own order
     assert network_order(sweep_request(tmp_path), table) == list(table["taps"])

@@ -115,9 +115,17 @@ class _Images:
 def pick_shown(true: np.ndarray, predicted: np.ndarray, n: int) -> np.ndarray:
     """Positions of up to n test images to show: about a third mistakes when there are any, the rest right,
     and mistakes again where too few are right (a weak run is still shown n images)."""
-    wrong, right = np.flatnonzero(true != predicted), np.flatnonzero(true == predicted)
+    wrong, right = (_by_class(np.flatnonzero(mask), true) for mask in (true != predicted, true == predicted))
     n_wrong = min(len(wrong), max(n // 3, n - len(right)))
     return np.sort(np.concatenate([right[: n - n_wrong], wrong[:n_wrong]]))
+
+
+def _by_class(rows: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """``rows`` taken class by class in turn (each class's first row, then each one's second ...), so that the first
+    few shown cover every class rather than the first classes of a test split sorted by class."""
+    groups = [rows[labels[rows] == c] for c in np.unique(labels[rows])]
+    order = [g[i] for i in range(max((len(g) for g in groups), default=0)) for g in groups if i < len(g)]
+    return np.asarray(order, dtype=np.int64)
 
 
 def _architecture(record: RunRecord) -> bytes:
@@ -237,14 +245,19 @@ def _time_spent(records: list[RunRecord]) -> tuple[dict, list[dict]]:
     for r in records:
         for backbone, cache in r.caches.items():
             caches[cache["path"]] = backbone
-    rows = []
+    rows, passes = [], {}
     for path, backbone in caches.items():
         timing = read_timing(Path(path))
+        shared = timing.get("shared_pass") if isinstance(timing, dict) else None
+        shared = [b for b in shared if isinstance(b, str)] if isinstance(shared, list) else []
         rows.append({"cache": path, "backbone": backbone,
                      "seconds": timing["seconds"] if timing else None,
-                     "images": timing["images"] if timing else None})
+                     "images": timing["images"] if timing else None,
+                     "shared": [b for b in shared if b != backbone] if len(shared) > 1 else []})
+        if timing:  # backbones extracted in one pass share its seconds: counted once
+            passes[(tuple(sorted(shared)) or (path,), timing["seconds"], timing["images"])] = timing["seconds"] or 0.0
     parts = {
-        "extraction (each cache once)": sum(r["seconds"] or 0.0 for r in rows),
+        "extraction (each pass once)": sum(passes.values()),
         "head training (frozen runs)": sum(r.timings["fit_seconds"] for r in records if not r.finetuned),
         "fine-tuning": sum(r.timings["fit_seconds"] for r in records if r.finetuned),
     }

@@ -36,6 +36,7 @@ def sweep_section(folder: Path) -> dict:
     pairs = table[table["n_taps"] == 2]
     if len(pairs):
         head = table.iloc[0]["head"]  # the head of the best row by validation
+        out["pairs_head"] = head
         out["pairs"] = pair_heatmap(pairs[pairs["head"] == head], head, order, singles[singles["head"] == head])
     fewshot = folder / "fewshot.csv"
     if fewshot.exists():
@@ -89,14 +90,15 @@ def _bounded(acc, ci):
 
 
 def depth_lines(singles, order: list[str]) -> dict:
-    """{"backbone · head": (each tap's place in its backbone, 1 = earliest; its rows)}, the rows in network order."""
+    """{"backbone · head": (each tap's depth in its backbone, 0 = its first tap, 1 = its last; its rows)}, the rows
+    in network order. Relative depth, not the tap's index: backbones with 4 and 7 taps end at the same place."""
     backbone = singles["taps"].str.rsplit(":", n=1).str[0]
     singles = singles.assign(backbone=backbone, rank=singles["taps"].map(order.index))
     singles = singles.sort_values("rank", kind="stable")
     lines = {}
     for (name, head), rows in singles.groupby(["backbone", "head"], sort=False):
         own = [t for t in order if t.rsplit(":", 1)[0] == name]  # this backbone's taps, earliest first
-        lines[f"{name} · {head}"] = ([own.index(t) + 1 for t in rows["taps"]], rows)
+        lines[f"{name} · {head}"] = ([own.index(t) / max(1, len(own) - 1) for t in rows["taps"]], rows)
     return lines
 
 
@@ -105,14 +107,24 @@ def depth(singles, order: list[str]) -> bytes:
     test: a reader picks a layer from this plot, and the test split never drives a choice."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 3.2))
-    for label, (x, rows) in depth_lines(singles, order).items():
+    lines = depth_lines(singles, order)
+    # one colour per backbone, one line style and marker per head: no two lines look alike
+    backbones = list(dict.fromkeys(label.split(" · ")[0] for label in lines))
+    heads = list(dict.fromkeys(label.split(" · ")[1] for label in lines))
+    colours = plt.get_cmap("tab10" if len(backbones) <= 10 else "tab20")
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for label, (x, rows) in lines.items():
+        name, head = label.split(" · ")
+        b, h = backbones.index(name), heads.index(head)
         ci = rows["val_acc_ci"] if "val_acc_ci" in rows else np.zeros(len(rows))
-        ax.errorbar(x, rows["val_acc"], yerr=_bounded(rows["val_acc"], ci), marker="o", capsize=2, label=label)
-    ax.set_xlabel("tap, in network order (1 = earliest)")
+        ax.errorbar(x, rows["val_acc"], yerr=_bounded(rows["val_acc"], ci), color=colours(b % colours.N),
+                    linestyle=styles[h % len(styles)], marker=markers[h % len(markers)], capsize=2, label=label)
+    ax.set_xlabel("depth of the tap in its backbone (0 = first tap, 1 = last)")
     ax.set_ylabel("validation accuracy")
     ax.set_ylim(top=1.02)
+    ax.set_xlim(-0.05, 1.05)
     ax.set_title("Which layer transfers best", fontsize=10)
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return png(fig)
 
