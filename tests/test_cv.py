@@ -106,7 +106,14 @@ def test_a_cv_sweep_ranks_on_the_mean_over_folds_and_keeps_a_run_fitted_on_every
     record = load_record(kept)
     assert record.rows["cv"] == 3 and record.rows["train"] == 150
     assert json.loads(table.iloc[0]["chosen"]) == {k: v for k, v in record.selection["params"].items() if k == "C"}
-    # a sweep with another --cv is another request: its own folder
+    from featcache.reporting.page import ReportConfig, write_report
+
+    page = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html", gradcam_images=0,
+                                     grid_images=0), log=lambda m: None).read_text()
+    assert "chosen on validation (the mean over 3 cross-validation folds)" in page
+    top = page.split("Top combinations", 1)[1].split("</table>", 1)[0]
+    assert "–" not in top  # three folds: an interval, not a dash
+        # a sweep with another --cv is another request: its own folder
     other = sweep_and_keep(SweepConfig(**{**vars(cfg), "cv": 2, "keep": 0}), log=lambda m: None)[0]
     assert other != folder
 

@@ -41,7 +41,11 @@ def sweep_section(folder: Path) -> dict:
     fewshot = folder / "fewshot.csv"
     if fewshot.exists():
         out["fewshot"] = fewshot_curve(pd.read_csv(fewshot), table)
-    columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s", "seeds"]
+    if "folds" not in table:  # a sweep table written before --cv: one split per seed
+        table["folds"] = 1
+    out["folds"] = int(table["folds"].max()) if len(table) else 1
+    columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s", "seeds",
+               "folds"]
     neighbours = table["head"].map(lambda h: h in HEADS and HEADS[h].sweep == "neighbours").astype(bool)
     if "ties_best" in table and table["ties_best"].sum() > 1:  # said out loud: validation cannot choose among these
         out["tied"] = table[table["ties_best"].astype(bool)][["taps", "head", "val_acc", "width"]].to_dict("records")
