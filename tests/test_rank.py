@@ -161,6 +161,56 @@ def test_a_sweep_with_head_none_gives_the_scores_alone(tmp_path):
     [folder] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
     scores = pd.read_csv(folder / "scores.csv")
     assert len(scores) == 2 * 6 and set(scores["score"]) == {"logme", "hscore_reg"}  # 3 taps + 3 pairs
-    assert len(pd.read_csv(folder / "table.csv")) == 0 and "val   test" not in result.output
+    assert len(pd.read_csv(folder / "table.csv")) == 0 and "   val   ±95%" not in result.output  # no probe lines
     refused = CliRunner().invoke(cli, [*flags, "--head", "none"])
     assert refused.exit_code == 2 and "come with --score" in refused.output
+
+
+def test_leep_and_nce_read_the_logits_tap_which_is_the_models_own_output(tmp_path):
+    """--logits stores the source classifier's output as a tap (the tiny network's fc on its pooled last stage,
+    exactly); rank's LEEP and NCE score that tap alone, the sweep's one row per backbone; without --logits the
+    sweep refuses them in one line, and a model without a classifier says so."""
+    import numpy as np
+
+    from featcache.backbones.sources import with_logits
+    from featcache.backbones.weights import build_backbone
+    from featcache.extraction.reader import FeatureCache
+    from featcache.sweeping.scorers import leep, nce
+
+    result = CliRunner().invoke(cli, ["rank", "--backbone", "rank_a", *ARGS, "--cache-dir", str(tmp_path / "cache"),
+                                      "--runs-dir", str(tmp_path / "runs"), "--score", "logme,leep,nce", "--dtype",
+                                      "float32"])
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    table = pd.read_csv(folder / "table.csv").set_index("tap")
+    assert sorted(table.index) == ["logits", "stage1", "stage2", "stage3"] and table.loc["logits", "width"] == 10
+    assert table["leep"].notna().tolist() == [t == "logits" for t in table.index] == table["nce"].notna().tolist()
+    [cache] = (tmp_path / "cache").rglob("rank_a-*.h5")
+    with FeatureCache(cache) as c:
+        logits, pooled, labels = c.read("train", "logits"), c.read("train", "stage3"), c.labels("train")
+    fc = build_backbone(BACKBONES["rank_a"], "random", 0).fc
+    with torch.no_grad():
+        expected = fc(torch.from_numpy(pooled)).numpy()
+    assert np.allclose(logits, expected, atol=1e-4)
+    from featcache.fuse.evaluate import validation_split
+
+    fit_rows, _ = validation_split(labels, 0.1, 0, None)
+    assert table.loc["logits", "leep"] == pytest.approx(leep(logits[fit_rows], labels[fit_rows], 10), rel=1e-6)
+    assert table.loc["logits", "nce"] == pytest.approx(nce(logits[fit_rows], labels[fit_rows], 10), rel=1e-6)
+
+    flags = ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers", "0")], "--cache-dir",
+             str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"), "--extract", "--combos", "singles",
+             "--head", "none", "--score", "leep,logme"]
+    refused = CliRunner().invoke(cli, flags)
+    assert refused.exit_code == 2 and "--score leep reads the source classifier's predictions: add --logits" in \
+        refused.output
+    swept = CliRunner().invoke(cli, [*flags, "--logits", "--dtype", "float32"])
+    assert swept.exit_code == 0, swept.output
+    scores = pd.read_csv(next((tmp_path / "runs" / "sweeps").glob("[!.]*")) / "scores.csv")
+    assert sorted(scores[scores["score"] == "leep"]["taps"]) == ["rank_a:logits"]
+    assert sorted(scores[scores["score"] == "logme"]["taps"]) == ["rank_a:stage1", "rank_a:stage2", "rank_a:stage3"]
+    assert scores[scores["score"] == "leep"]["value"].iloc[0] == pytest.approx(table.loc["logits", "leep"], rel=1e-6)
+
+    headless = dataclasses.replace(TINY, name="rank_headless", build=lambda w: torch.nn.Sequential(TinyNet().stem))
+    with pytest.raises(FeatcacheError, match="rank_headless has no source classifier .*LEEP and NCE need one"):
+        with_logits(headless)

@@ -223,5 +223,5 @@ def test_a_scorer_registered_in_a_test_scores_every_combination_of_the_sweep(tmp
     again = invoke("sweep", *flags, "--score", "toywidth,hscore")
     assert "every evaluation of this sweep is in" in again.output
     bad = invoke("sweep", *flags, "--score", "logmee")
-    assert bad.exit_code == 2 and "The '--score' option must be one of {hscore, hscore_reg, logme, nleep, toywidth}. Got 'logmee' " \
+    assert bad.exit_code == 2 and "The '--score' option must be one of {hscore, hscore_reg, leep, logme, nce, nleep, toywidth}. Got 'logmee' " \
                                   "instead; did you mean 'logme'?" in bad.output

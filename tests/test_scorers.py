@@ -107,3 +107,22 @@ def test_rank_deficient_features_and_larger_means_better():
     for name, entry in SCORERS.items():
         assert entry.larger_is_better
         assert entry.score(X, y, 3) > entry.score(noise, y, 3), name  # features that hold the labels score higher
+
+
+def test_nce_is_the_negative_conditional_entropy_of_the_labels_given_the_source_labels():
+    """NCE (Tran et al. 2019) from counts by loops; LEEP of logits is LEEP of their softmax."""
+    from featcache.sweeping.scorers import leep, nce, softmax
+
+    rng = np.random.default_rng(0)
+    logits, y = rng.normal(size=(200, 7)), rng.integers(0, 3, 200)
+    z = logits.argmax(1)
+    total = 0.0
+    for a in range(3):
+        for b in range(7):
+            p_ab = np.mean((y == a) & (z == b))
+            if p_ab > 0:
+                total += p_ab * np.log(p_ab / np.mean(z == b))
+    assert nce(logits, y, 3) == pytest.approx(total, rel=1e-12) and total < 0
+    assert leep(logits, y, 3) == pytest.approx(leep_of(softmax(logits), y, 3), rel=1e-12)
+    perfect = np.eye(3)[y] * 10  # source labels that are the target labels: no uncertainty left
+    assert nce(perfect, y, 3) == pytest.approx(0.0, abs=1e-12)

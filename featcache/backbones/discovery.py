@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 
 from featcache.backbones.graph import graph_taps, stage_modules, traced
-from featcache.backbones.sources import MODEL_SOURCES, timm_input
+from featcache.backbones.sources import MODEL_SOURCES, on_meta, timm_input
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.errors import FeatcacheError, closest
 
@@ -67,7 +67,7 @@ def _torchvision_spec(name: str) -> BackboneSpec:
 
     build = MODEL_SOURCES["torchvision"].builder(name)
     try:
-        model = _on_meta(build)
+        model = on_meta(build)
         size = getattr(model, "image_size", None) or _weights_size(name)  # a ViT takes its built size only
         graph = traced(model, size)
     except Exception as exc:  # FX cannot trace it (data-dependent control flow ...): one line, no traceback
@@ -91,34 +91,6 @@ def _torchvision_spec(name: str) -> BackboneSpec:
         prefix_tokens=1 if hasattr(model, "class_token") else 0,
         versions={"torchvision": torchvision.__version__, "torch": torch.__version__.split("+")[0]},
     )
-
-
-def _on_meta(build):
-    """The network with random weights on the meta device (no memory, no time). Where its construction computes
-    with real numbers (RegNet's widths), it is built on the CPU with each parameter moved to the meta device as it
-    is registered, so the initialisation that follows costs nothing (regnet_y_128gf: 0.3 s against 21 s)."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            return build(None).eval()
-    except (NotImplementedError, RuntimeError):
-        pass
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, param)
-        if param is not None:
-            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    torch.nn.Module.register_parameter = on_meta
-    try:
-        return build(None).eval().to("meta")
-    except (NotImplementedError, RuntimeError):  # its construction reads a parameter's values: built for real
-        pass
-    finally:
-        torch.nn.Module.register_parameter = register
-    return build(None).eval().to("meta")
 
 
 def _weights_size(name: str) -> int:

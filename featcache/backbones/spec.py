@@ -26,8 +26,9 @@ class Tap:
         channels: channels of the map (the token width for a transformer).
         stride: input pixels per map cell (the patch size for a transformer).
         module: the network's own module or graph-node name, where it differs from ``node``.
-        layout: ``nchw`` maps, ``nhwc`` maps (torchvision's Swin) or ``tokens`` (N, T, D) with the
-            prefix (class) tokens first.
+        layout: ``nchw`` maps, ``nhwc`` maps (torchvision's Swin), ``tokens`` (N, T, D) with the
+            prefix (class) tokens first, or ``logits``: the source classifier's output (N, classes), stored
+            as it is (``--logits``: what LEEP and NCE read).
     """
 
     node: str
@@ -40,6 +41,13 @@ class Tap:
     def graph_node(self) -> str:
         """What the network calls this output (``create_feature_extractor``'s return node)."""
         return self.module or self.node
+
+    def width(self, pooling: str) -> int:
+        """Columns of the tap as cached: its channels pooled (avg and max side by side: twice); logits as they are."""
+        return self.channels if self.layout == "logits" else self.channels * (2 if pooling == "avgmax" else 1)
+
+
+LOGITS = "logits"  # the tap name of a source classifier's output
 
 
 @dataclass(frozen=True)

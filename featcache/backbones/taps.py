@@ -37,6 +37,8 @@ def pool(x, pooling: str, layout: str = "nchw", prefix: int = 0):
     ``nchw`` / ``nhwc`` maps pool over space; ``tokens`` (N, T, D) pool over the patch tokens, and
     ``cls`` takes the class token (the first of the ``prefix`` tokens).
     """
+    if layout == "logits":  # the classifier's output: nothing to pool
+        return x
     import torch
 
     if layout == "tokens":

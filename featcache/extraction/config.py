@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
+from featcache.backbones.sources import with_logits
 from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
@@ -57,6 +58,7 @@ class ExtractConfig:
     cache_dir: Path = Path("cache")
     compile: bool = False
     skip_bad_images: bool = False  # leave unreadable files out (recorded in the cache) instead of stopping
+    logits: bool = False  # also cache the source classifier's output as a tap, ``logits`` (for LEEP and NCE)
 
     def __post_init__(self):
         if not self.backbones:
@@ -82,7 +84,8 @@ class ExtractConfig:
         return {"dataset": data.name, "data_dir": data.data_dir, "backbones": list(self.backbones),
                 "weights": self.weights, **self.preprocess.fields(), "pooling": self.pooling,
                 "precision": self.precision, "dtype": self.dtype, "seed": data.seed, "limit_train": data.limit_train,
-                "limit_test": data.limit_test, "test_fraction": data.test_fraction, **data.source_fields()}
+                "limit_test": data.limit_test, "test_fraction": data.test_fraction, **data.source_fields(),
+                **({"logits": True} if self.logits else {})}  # absent without it: earlier runs keep their keys
 
     @classmethod
     def from_record(cls, config: dict, device: str = "cpu") -> ExtractConfig:
@@ -91,7 +94,8 @@ class ExtractConfig:
                            limit_test=config["limit_test"], test_fraction=config["test_fraction"], seed=config["seed"],
                            **{name: config[name] for name in SOURCE_FIELDS if config.get(name) is not None})
         return cls(data=data, backbones=tuple(config["backbones"]), weights=config["weights"],
-                   preprocess=PreprocessConfig.from_fields(config), pooling=config["pooling"], device=device)
+                   preprocess=PreprocessConfig.from_fields(config), pooling=config["pooling"], device=device,
+                   logits=config.get("logits") is True)
 
 
 def preprocess_for(cfg: ExtractConfig, spec: BackboneSpec) -> PreprocessConfig:
@@ -174,7 +178,7 @@ def cache_identities(cfg: ExtractConfig, precision: str | None = None) -> dict[s
     key, identity = dataset_key(cfg.data), dataset_identity(cfg.data)  # a folder's identity reads every file: once
     out = {}
     for name in cfg.backbones:
-        spec = BACKBONES.lookup(name)
+        spec = with_logits(BACKBONES.lookup(name)) if cfg.logits else BACKBONES.lookup(name)
         fp = fingerprint(cfg, spec, precision, identity)
         out[name] = CacheIdentity(name, spec, fp, cache_file(cfg.cache_dir, key, name, fp))
     return out

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BackboneSpec
-from featcache.backbones.taps import autocast, compiled, pooled_dim
+from featcache.backbones.taps import autocast, compiled
 from featcache.data.datasets import Dataset, Split
 from featcache.data.device_decode import FileBytes, decode_batch
 from featcache.data.images import FileImages
@@ -268,7 +268,7 @@ class Job:
 
     @property
     def tap_dims(self) -> dict[str, int]:
-        return {t.node: pooled_dim(t.channels, self.cfg.pooling) for t in self.spec.taps}
+        return {t.node: t.width(self.cfg.pooling) for t in self.spec.taps}
 
     @property
     def run(self) -> dict:

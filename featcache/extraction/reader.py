@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
+from featcache.backbones.spec import LOGITS
 from featcache.extraction.store import canonical, stored_scale
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
@@ -108,7 +109,8 @@ class FeatureCache:
             raise FeatcacheError(f"{self.path} is a damaged feature cache (its fingerprint lists no taps): delete "
                                  f"it and run featcache extract again")
         double = fingerprint.get("pooling") == "avgmax"  # avg and max side by side: twice the channels
-        widths = {str(node): int(channels) * (2 if double else 1) for node, channels in fingerprint["taps"]}
+        widths = {str(node): int(channels) * (2 if double and node != LOGITS else 1)  # logits: stored as they are
+                  for node, channels in fingerprint["taps"]}
         json.loads(self.file.attrs["classes"])
         for split in ("train", "test"):
             if split not in self.file or "taps" not in self.file[split] or "labels" not in self.file[split]:

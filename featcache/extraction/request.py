@@ -51,6 +51,8 @@ class FeatureFields(DataFields):
                             help="auto: bf16/fp16 autocast on a GPU; on a CPU bf16 where it multiplies bf16 "
                                  "natively, else fp32.")
     dtype: str = option("float16", choices=DTYPES, help="Storage dtype of the cached taps.")
+    logits: bool = option(False, help="Also cache the source classifier's output as a tap, logits (one score per "
+                                      "source class, not pooled): what --score leep,nce read. A cache of its own.")
     cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:
@@ -62,7 +64,7 @@ class FeatureFields(DataFields):
         """The ExtractConfig these fields describe; ``speed``: batch size, workers, ... (no effect on numbers)."""
         return ExtractConfig(data=self.data_request(), backbones=self.backbone, weights=self.weights,
                              preprocess=self.preprocess(), pooling=self.pooling, precision=self.precision,
-                             dtype=self.dtype, device=device, cache_dir=self.cache_dir, **speed)
+                             dtype=self.dtype, device=device, cache_dir=self.cache_dir, logits=self.logits, **speed)
 
 
 SKIP_BAD_IMAGES = "Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping."

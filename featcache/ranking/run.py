@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.backbones.spec import LOGITS
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
@@ -148,10 +149,11 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
 
 
 def _config(request, names: list[str]):
+    """The extraction of ``names``; with the source classifier's logits as a tap where a score reads them."""
     cfg = dataclasses.replace(request, backbone=tuple(names)).features(
         request.device, batch_size=request.batch_size, num_workers=request.num_workers,
         skip_bad_images=request.skip_bad_images)
-    return cfg
+    return dataclasses.replace(cfg, logits=True) if any(SCORERS.lookup(s).source for s in request.score) else cfg
 
 
 def _failed(name: str, exc: Exception) -> dict:
@@ -175,10 +177,16 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         if len(np.unique(y)) < 2:
             raise FeatcacheError("the training rows hold one class: a score needs at least two")
         for tap in cache.tap_names("train"):
-            block = TapNormalizer("standard").fit_transform([cache.read("train", tap)[fit_rows]])  # the sweep's rule
+            raw = cache.read("train", tap)[fit_rows]
+            block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
             stats = moments([block], y, n_classes)
             values = {score: scored(score, torch.from_numpy(block) if score in needs_rows else None,
-                                    torch.from_numpy(y), n_classes, stats)["score"] for score in request.score}
+                                    torch.from_numpy(y), n_classes, stats)["score"]
+                      for score in request.score if not SCORERS.lookup(score).source}
+            if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
+                values.update({score: scored(score, torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(y),
+                                             n_classes)["score"]
+                               for score in request.score if SCORERS.lookup(score).source})
             scores.append({"tap": tap, "width": int(block.shape[1]), "scores": values})
     if request.keep_caches == "none" and result.status != "cached":
         result.path.unlink(missing_ok=True)
@@ -222,7 +230,8 @@ def _prune(request, rows: list[dict], log) -> None:
     k = int(request.keep_caches[4:])
     first = request.score[0]
     sign = 1 if SCORERS[first].larger_is_better else -1
-    best = {r["model"]: max(sign * t["scores"][first] for t in r["taps"]) for r in rows if r["status"] == "ok"}
+    best = {r["model"]: max((sign * v for t in r["taps"] if (v := t["scores"].get(first)) is not None),
+                            default=-np.inf) for r in rows if r["status"] == "ok"}
     keep = set(sorted(best, key=lambda m: -best[m])[:k])
     for row in rows:
         if row["status"] == "ok" and row["model"] not in keep and row.get("extracted"):
@@ -259,7 +268,8 @@ def confirm(request, folder: Path, table, log) -> None:
                              f"{len(ok)} or fewer")
     picked = []
     for score in request.score:
-        order = ok.sort_values(score, ascending=not SCORERS[score].larger_is_better, kind="stable")
+        order = ok[ok[score].notna()].sort_values(score, ascending=not SCORERS[score].larger_is_better,
+                                                   kind="stable")  # LEEP, NCE: the logits taps alone
         picked += [(m, t) for m, t in zip(order["model"].head(request.confirm), order["tap"].head(request.confirm))]
     picked = list(dict.fromkeys(picked))
     from featcache.backbones.taps import resolve_device
@@ -289,7 +299,7 @@ def confirm(request, folder: Path, table, log) -> None:
     atomic_write(folder / "confirm.csv", checked.to_csv(index=False))
     taus = []
     for score in request.score:
-        tau, _ = kendalltau(checked[score], checked["logreg_val_acc"])
+        tau, _ = kendalltau(checked[score], checked["logreg_val_acc"], nan_policy="omit")
         taus.append({"score": score, "kendall_tau": float(tau), "taps": len(checked)})
         log(f"{score}: Kendall tau {tau:+.3f} against the logreg probe's validation accuracy on {len(checked)} taps")
     atomic_write(folder / "tau.csv", pd.DataFrame(taus).to_csv(index=False))

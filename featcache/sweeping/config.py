@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES
+from featcache.backbones.spec import LOGITS
 from featcache.errors import FeatcacheError, require, unknown
 from featcache.extraction.config import ExtractConfig
 from featcache.fuse.fusion import TapRef, parse_taps
@@ -49,7 +50,9 @@ class SweepConfig:
         require(bool(self.heads) or bool(self.scores), "--head", "none" if not self.heads else "''",
                 "name at least one head, or come with --score (none: the scores alone)")
         for name in self.scores:
-            SCORERS.lookup(name)
+            if SCORERS.lookup(name).source and not self.features.logits:
+                raise FeatcacheError(f"--score {name} reads the source classifier's predictions: add --logits (extract "
+                                     f"then stores them as a tap, logits)")
         require(self.combos in ("singles", "pairs") or self.combos.isdigit(),
                 "--combos", self.combos, "be singles, pairs or a number of taps N (0: only the --taps given)")
         require(self.combos != "0" or bool(self.taps), "--combos", self.combos, "come with --taps when it is 0")
@@ -71,6 +74,14 @@ class SweepConfig:
     def replicates(self) -> list[tuple[int, int | None]]:
         """(seed, fold) of every replicate: each seed's validation split, or with ``cv`` each seed's K folds."""
         return [(seed, fold) for seed in self.seeds for fold in (range(self.cv) if self.cv else [None])]
+
+
+def logits_taps(cfg: SweepConfig) -> list[TapRef]:
+    """Each backbone's ``logits`` tap where a score reads a source classifier (LEEP, NCE): scored alone, never
+    fused or probed."""
+    if not any(SCORERS.lookup(name).source for name in cfg.scores):
+        return []
+    return [TapRef(name, LOGITS) for name in cfg.features.backbones]
 
 
 def all_taps(backbones: tuple[str, ...]) -> list[TapRef]:

@@ -41,7 +41,7 @@ from featcache.fuse.evaluate import (
 from featcache.fuse.fusion import TapNormalizer
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
-from featcache.sweeping.config import SweepConfig, all_taps, combinations
+from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
 from featcache.sweeping.scorers import SCORERS, moments, scored
 from featcache.sweeping.tables import (
@@ -114,7 +114,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
 
     feat = cfg.features
     every_tap = all_taps(feat.backbones)  # in network order
-    data = load_features(paths, set(every_tap), allow_dead=True, log=log)
+    data = load_features(paths, set(every_tap) | set(logits_taps(cfg)), allow_dead=True, log=log)
     labels = data.labels
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
@@ -150,7 +150,10 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                         refs = job["refs"]
                         fused = fused_parts(parts, refs)
                         stats = None  # its block of the Gram, decomposed once for all its scores
-                    if job.get("kind") == "score":
+                    if job.get("kind") == "score" and SCORERS.lookup(job["head"]).source:  # the logits as stored
+                        raw = torch.as_tensor(data.taps[("train", refs[0])][fit_rows])
+                        result = scored(job["head"], raw, y["fit"], n_classes)
+                    elif job.get("kind") == "score":
                         if stats is None and gram:
                             stats = gram[0].select([gram[1][r] for r in refs])
                         result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
@@ -223,7 +226,9 @@ def _jobs(cfg: SweepConfig, combos) -> list[dict]:
         at = {"seed": seed, **({"fold": fold} if fold is not None else {})}
         jobs += [{**at, "refs": refs, "head": h, "shots": 0, "repeat": 0} for refs in combos for h in cfg.heads]
         jobs += [{**at, "refs": refs, "head": name, "shots": 0, "repeat": 0, "kind": "score"}
-                 for refs in combos for name in cfg.scores]
+                 for refs in combos for name in cfg.scores if not SCORERS.lookup(name).source]
+        jobs += [{**at, "refs": (ref,), "head": name, "shots": 0, "repeat": 0, "kind": "score"}  # a model's own
+                 for ref in logits_taps(cfg) for name in cfg.scores if SCORERS.lookup(name).source]
         fast = [h for h in cfg.heads if HEADS[h].fewshot]
         jobs += [{**at, "refs": refs, "head": h, "shots": k, "repeat": r}
                  for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]

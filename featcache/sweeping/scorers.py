@@ -28,12 +28,15 @@ class Scorer:
         larger_is_better: False for a score where smaller means better transfer.
         from_moments: ``(Moments) -> float``, the same score from the combination's moments alone (a Gram
             block), where the score allows; the sweep and ``rank`` then never pass over the rows for it.
+        source: the score reads a source classifier's output: ``X`` is then the ``logits`` tap as stored (not
+            standardised), one per backbone (extracted with ``--logits``).
     """
 
     score: Callable[[np.ndarray, np.ndarray, int], float]
     help: str
     larger_is_better: bool = True
     from_moments: Callable | None = None
+    source: bool = False
 
     def __post_init__(self):
         if not callable(self.score):
@@ -281,6 +284,32 @@ def leep_of(theta: np.ndarray, y: np.ndarray, n_classes: int) -> float:
     return float(np.mean(np.log(np.clip((theta * conditional[y]).sum(axis=1), 1e-300, None))))
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.asarray(logits, np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def leep(logits: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    """LEEP (Nguyen et al., ICML 2020) of a source classifier's ``logits`` (N, Z): :func:`leep_of` its softmax.
+    At most 0; larger is better."""
+    return leep_of(softmax(logits), np.asarray(y), n_classes)
+
+
+def nce(logits: np.ndarray, y: np.ndarray, n_classes: int) -> float:
+    """NCE, negative conditional entropy (Tran et al., "Transferability and hardness of supervised classification
+    tasks", ICCV 2019): ``-H(Y | Z)`` of the target labels given the source classifier's hard labels ``Z =
+    argmax logits``, from their empirical joint: ``sum_{y,z} p(y, z) log p(y | z)``. At most 0; larger is better."""
+    z = np.asarray(logits).argmax(axis=1)
+    y = np.asarray(y)
+    joint = np.zeros((n_classes, np.asarray(logits).shape[1]))
+    np.add.at(joint, (y, z), 1.0)
+    joint /= len(y)
+    marginal = joint.sum(axis=0, keepdims=True)
+    seen = joint > 0
+    return float(np.sum(joint[seen] * np.log((joint / np.where(marginal > 0, marginal, 1.0))[seen])))
+
+
 SCORERS.register("logme")(Scorer(logme, "LogME, fixed-point form (You et al. 2021, 2022), log evidence per row, "
                                         "larger is better", from_moments=logme_moments))
 SCORERS.register("hscore")(Scorer(h_score, "H-score (Bao et al. 2019), larger is better", from_moments=h_score_moments))
@@ -289,3 +318,7 @@ SCORERS.register("hscore_reg")(Scorer(h_score_regularised, "regularised H-score,
                                       from_moments=h_score_regularised_moments))
 SCORERS.register("nleep")(Scorer(nleep, "NLEEP, LEEP over a Gaussian mixture (Li et al. 2021), at most 0, larger is "
                                         "better"))
+SCORERS.register("leep")(Scorer(leep, "LEEP (Nguyen et al. 2020) of the source classifier's predictions (needs "
+                                      "--logits), at most 0, larger is better", source=True))
+SCORERS.register("nce")(Scorer(nce, "NCE (Tran et al. 2019), -H(target | source label), of the source classifier's hard "
+                                    "labels (needs --logits), at most 0, larger is better", source=True))
