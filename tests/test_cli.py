@@ -90,9 +90,15 @@ def test_corrupt_image_is_named_and_nothing_is_left_behind(tmp_path, image_folde
     assert leftovers == []
 
 
-def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path):
+def test_float16_overflow_says_use_float32_and_leaves_no_cache(tmp_path, monkeypatch):
+    """Values beyond float16's range after the tap's storage scale (chosen on the first batch, with 2^11 of
+    headroom: a later batch that outgrows it) are refused in one line. Stood in for by a scale of 1 on a tap near
+    1e6 x its usual values."""
     from featcache.backbones.registry import BACKBONES
     from featcache.backbones.weights import build_backbone
+    from featcache.extraction import store
+
+    monkeypatch.setattr(store, "storage_scale", lambda largest: 1.0)
 
     state = build_backbone(BACKBONES["tiny"], "random", 0).state_dict()
     state["stage3.0.weight"] = state["stage3.0.weight"] * 1e6  # features far beyond float16's 65504

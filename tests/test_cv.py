@@ -140,3 +140,10 @@ def test_the_sweeps_macro_f1_is_scikit_learns():
         truth, predicted = rng.integers(0, k, n), rng.integers(0, k - 1, n)  # the last class never predicted
         assert macro_f1(truth, predicted, k + 1) == pytest.approx(
             f1_score(truth, predicted, average="macro", labels=np.arange(k + 1), zero_division=0), abs=1e-12)
+
+
+def test_the_warning_says_when_no_validation_fraction_can_hold_twenty_per_class():
+    train = np.repeat(np.arange(3), 12)
+    note = small_validation(train[::6], train)
+    assert "20 per class would take more than all 12 training images of the rarest class; --cv 5" in note
+    assert "would take all 20 training" in small_validation(train[::6], np.repeat(np.arange(3), 20))

@@ -4,13 +4,10 @@ import fcntl
 import json
 import os
 import time
+from types import SimpleNamespace
 
 from click.testing import CliRunner
-from conftest import tiny_config
-
 from featcache.cli.commands import cli
-from featcache.data.datasets import DataRequest
-from featcache.extraction.run import extract
 from featcache.extraction.store import timing_file
 
 
@@ -18,16 +15,28 @@ def invoke(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def test_list_and_prune_by_age_size_and_use_never_touch_other_files_or_a_cache_being_written(tmp_path):
-    from featcache.fuse.train import FuseTrainConfig, fuse_train
+def _cache(path, complete=True):
+    """A finished featcache cache as far as listing reads one: its name and attributes (the layout's own test is
+    tests/test_store.py), and its timing file."""
+    import h5py
 
-    runs = tmp_path / "runs"
-    used = tiny_config(tmp_path)
-    fuse_train(FuseTrainConfig(features=used, runs_dir=runs, run_extract=True), log=lambda m: None)
-    [old] = extract(tiny_config(tmp_path, data=DataRequest(name="digits", limit_train=60, limit_test=20)),
-                    progress=False, log=lambda m: None)
-    cache_dir = tmp_path / "cache"
-    [used_path] = [p for p in cache_dir.rglob("*.h5") if p != old.path]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.attrs["fingerprint"] = "{}"
+        f.attrs["complete"] = complete
+        f.create_dataset("train/taps/stage3", data=[[0.5] * 16] * 40)
+    timing_file(path).write_text("{}")
+    return path
+
+
+def test_list_and_prune_by_age_size_and_use_never_touch_other_files_or_a_cache_being_written(tmp_path):
+    runs, cache_dir = tmp_path / "runs", tmp_path / "cache"
+    used_path = _cache(cache_dir / "digits" / "tiny-aaaaaaaaaaaa.h5")
+    old = SimpleNamespace(path=_cache(cache_dir / "digits" / "tiny-bbbbbbbbbbbb.h5"))
+    (runs / "run1").mkdir(parents=True)  # a run that read the first cache, by its path on another machine
+    (runs / "run1" / "record.json").write_text(json.dumps({"caches": {"tiny": {"path": "/elsewhere/tiny-aaaaaaaaaaaa.h5"}}}))
+    (runs / "sweeps" / "s1").mkdir(parents=True)  # and a sweep, by file name
+    (runs / "sweeps" / "s1" / "sweep.json").write_text(json.dumps({"caches": ["tiny-aaaaaaaaaaaa.h5"]}))
     week_ago = time.time() - 8 * 86400
     os.utime(old.path, (week_ago, week_ago))
     partial = old.path.with_name("tiny2-0123456789ab.h5.partial")
@@ -40,7 +49,7 @@ def test_list_and_prune_by_age_size_and_use_never_touch_other_files_or_a_cache_b
     lines = listed.output.splitlines()
     assert len(lines) == 4 and "3 cache files" in lines[-1] and "2 unused by any run or sweep" in lines[-1]
     assert "8d  complete  unused" in lines[0] and old.path.name in lines[0]  # oldest first
-    assert "1 user " in listed.output and "partial" in listed.output and "notes.h5" not in listed.output
+    assert "2 users" in listed.output and "partial" in listed.output and "notes.h5" not in listed.output
     records = json.loads(invoke("cache", "list", "--cache-dir", cache_dir, "--runs-dir", runs, "--json").output)
     assert [r["path"] for r in records if r["users"]] == [str(used_path)]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.taps import resolve_device
+from featcache.errors import FeatcacheError
 
 TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract
 
@@ -137,7 +138,12 @@ def _rescaled(writer, split: str, tap: str, dataset, chunk):
     own = stored_scale(dataset)
     values = raw.astype(np.float32) / own if own != 1.0 else raw
     scale = writer.scale_for(split, tap, float(np.abs(values).max()) if len(values) else 0.0)
-    return raw if scale == own else (values * scale).astype(raw.dtype)
+    if scale == own:
+        return raw
+    stored = (values * scale).astype(raw.dtype)
+    if not np.isfinite(stored).all():  # this rank's values outgrow the first rank's scale
+        raise FeatcacheError(f"features of {tap} overflow {raw.dtype}: use --dtype float32")
+    return stored
 
 
 def remove_shards(paths: list[Path]) -> None:

@@ -155,9 +155,12 @@ def small_validation(y_val, y_train=None, cv: int = 0) -> str | None:
         return said + "; use more images or a larger --val-fraction"
     rarest = int(np.unique(np.asarray(y_train), return_counts=True)[1].min())
     need = MIN_VAL_PER_CLASS / rarest
-    larger = (f"{MIN_VAL_PER_CLASS} per class would take --val-fraction {need:.2f} of the {rarest} training images of "
-              f"the rarest class{', leaving too few to train on' if need > 0.5 else ''}" if need < 1 else
-              f"{MIN_VAL_PER_CLASS} per class is more than the {rarest} training images of the rarest class")
+    if need < 1:
+        larger = (f"{MIN_VAL_PER_CLASS} per class would take --val-fraction {need:.2f} of the {rarest} training images "
+                  f"of the rarest class{', leaving too few to train on' if need > 0.5 else ''}")
+    else:
+        larger = (f"{MIN_VAL_PER_CLASS} per class would take {'all' if need == 1 else 'more than all'} {rarest} "
+                  f"training images of the rarest class")
     if rarest < 2:
         return f"{said}; {larger}"
     k = min(5, rarest)
