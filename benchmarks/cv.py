@@ -13,6 +13,7 @@ chose the same C for every combination.
 
     python benchmarks/cv.py                       # 160 training images (about 3 minutes on 2 cores)
     python benchmarks/cv.py --train 400 --combos singles
+    python benchmarks/cv.py --device cuda     # the cv step of benchmarks/gpu.sh
 """
 
 from __future__ import annotations
@@ -43,14 +44,18 @@ def main():
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--combos", default="pairs")
     parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="where the network and the sweep's probes run")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         features = ExtractConfig(data=DataRequest(name="digits", limit_train=args.train, limit_test=args.test),
                                  backbones=tuple(args.backbones.split(",")), weights="random",
-                                 preprocess=PreprocessConfig(image_size=args.image_size), device="cpu",
+                                 preprocess=PreprocessConfig(image_size=args.image_size), device=args.device,
                                  cache_dir=Path(tmp) / "cache")
         extract(features, log=lambda m: None)
-        base = dict(features=features, combos=args.combos, heads=("logreg", "svm", "knn"), keep=0)
+        from featcache.fuse.heads import HeadOptions
+
+        base = dict(features=features, combos=args.combos, heads=("logreg", "svm", "knn"), keep=0,
+                    options=HeadOptions(device=args.device))
         n = len(combinations(SweepConfig(**base)))
         print(f"{n} combinations of {args.backbones} taps x logreg, svm, knn on {args.train} digits at "
               f"{args.image_size} px, {args.folds} folds", flush=True)

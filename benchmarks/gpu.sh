@@ -21,8 +21,9 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
 
 DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224 ROWS=50000
 HEADS_PRECISION=bf16  # what --precision auto gives the torch heads on a GPU
+CV_COMBOS=pairs
 if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
-    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000 HEADS_PRECISION=fp32
+    DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000 HEADS_PRECISION=fp32 CV_COMBOS=singles
 fi
 ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
 
@@ -60,3 +61,7 @@ step rank 240 python benchmarks/rank_models.py --device $DEV
 # Issue 30: the manifest, Hugging Face (Arrow, Parquet) and WebDataset sources against a folder of the same JPEGs,
 # decoded on the GPU (target: each >= 0.9x the folder's images/s).
 step sources 360 python benchmarks/source_throughput.py --device $DEV --images $NF --source-size 320 --image-size $SIZE --backbone resnet50 --batch-size $BATCH --repeats 3
+# issue 32: --cv 5 against five seeds (the folds served as seeds are) and GridSearchCV; float16 storage with a
+# per-tap scale against float32 (cosine, dead taps), on the GPU's precision
+step cv 300 python benchmarks/cv.py --device $DEV --combos $CV_COMBOS
+step storage 240 python benchmarks/storage_fidelity.py --device $DEV --train $((TRAIN < 128 ? TRAIN : 128))

@@ -9,6 +9,7 @@ the two files' sizes and times.
 
     python benchmarks/storage_fidelity.py
     python benchmarks/storage_fidelity.py --backbones efficientnet_b0 --train 256 --image-size 96
+    python benchmarks/storage_fidelity.py --device cuda      # the storage step of benchmarks/gpu.sh
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def main():
     parser.add_argument("--backbones", default="efficientnet_b0,mobilenet_v2,resnet18")
     parser.add_argument("--train", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     worst = 1.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,7 +42,7 @@ def main():
             read, info = {}, {}
             for dtype in ("float16", "float32"):
                 cfg = ExtractConfig(data=DataRequest(name="digits", limit_train=args.train, limit_test=16),
-                                    backbones=(backbone,), weights="random", dtype=dtype, device="cpu",
+                                    backbones=(backbone,), weights="random", dtype=dtype, device=args.device,
                                     preprocess=PreprocessConfig(image_size=args.image_size), cache_dir=Path(tmp) / dtype)
                 start = time.perf_counter()
                 [result] = extract(cfg, progress=False, log=lambda m: None)
