@@ -196,7 +196,8 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
     # As shipped but on fewer images (the stages, heads and report are the demo's; the suite stays quick)
     done = subprocess.run([sys.executable, "-m", "featcache", "run", str(ROOT / "pipelines" / "quickstart.toml"),
-                           "--set", "limit-train=200", "--set", "limit-test=60", "--set", "image-size=32"],
+                           "--set", "limit-train=200", "--set", "limit-test=60", "--set", "image-size=32",
+                           "--set", "gradcam-images=1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "7 stages ran, 0 reused" in done.stdout
