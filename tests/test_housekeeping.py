@@ -37,6 +37,9 @@ def test_list_and_prune_by_age_size_and_use_never_touch_other_files_or_a_cache_b
     (runs / "run1" / "record.json").write_text(json.dumps({"caches": {"tiny": {"path": "/elsewhere/tiny-aaaaaaaaaaaa.h5"}}}))
     (runs / "sweeps" / "s1").mkdir(parents=True)  # and a sweep, by file name
     (runs / "sweeps" / "s1" / "sweep.json").write_text(json.dumps({"caches": ["tiny-aaaaaaaaaaaa.h5"]}))
+    (runs / "ranks" / "r1").mkdir(parents=True)  # and a ranking, whose --confirm reads its models' caches
+    (runs / "ranks" / "r1" / "rows.jsonl").write_text(json.dumps({"model": "tiny", "cache": "/x/tiny-aaaaaaaaaaaa.h5"})
+                                                      + "\n" + json.dumps({"model": "bad", "status": "failed"}) + "\n")
     week_ago = time.time() - 8 * 86400
     os.utime(old.path, (week_ago, week_ago))
     partial = old.path.with_name("tiny2-0123456789ab.h5.partial")
@@ -47,9 +50,9 @@ def test_list_and_prune_by_age_size_and_use_never_touch_other_files_or_a_cache_b
     listed = invoke("cache", "list", "--cache-dir", cache_dir, "--runs-dir", runs)
     assert listed.exit_code == 0, listed.output
     lines = listed.output.splitlines()
-    assert len(lines) == 4 and "3 cache files" in lines[-1] and "2 unused by any run or sweep" in lines[-1]
+    assert len(lines) == 4 and "3 cache files" in lines[-1] and "2 unused by any run, sweep or ranking" in lines[-1]
     assert "8d  complete  unused" in lines[0] and old.path.name in lines[0]  # oldest first
-    assert "2 users" in listed.output and "partial" in listed.output and "notes.h5" not in listed.output
+    assert "3 users" in listed.output and "partial" in listed.output and "notes.h5" not in listed.output
     records = json.loads(invoke("cache", "list", "--cache-dir", cache_dir, "--runs-dir", runs, "--json").output)
     assert [r["path"] for r in records if r["users"]] == [str(used_path)]
 

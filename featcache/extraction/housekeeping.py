@@ -2,9 +2,9 @@
 
 Flow: cli (browse) -> **housekeeping** (reads store's layout). A cache is ``<backbone>-<hash12>.h5`` with its
 ``.timing.json``, or an unfinished ``<backbone>-<hash12>.h5.partial``; nothing else in the folder is listed or
-touched. Its users are the run folders (``record.json``: ``caches``) and sweep folders (``sweep.json``:
-``caches``) under the runs folders given, matched by file name (the fingerprint's hash), so runs copied
-elsewhere still count. A cache whose lock another featcache process holds (being written) is never removed.
+touched. Its users are the run folders (``record.json``: ``caches``), sweep folders (``sweep.json``: ``caches``)
+and rankings (``ranks/*/rows.jsonl``: each model's ``cache``) under the runs folders given, matched by file name
+(the fingerprint's hash), so runs copied elsewhere still count. A cache whose lock another featcache process holds (being written) is never removed.
 """
 
 from __future__ import annotations
@@ -85,7 +85,26 @@ def users_of(runs_dirs: list[Path]) -> dict[str, list[str]]:
             for file in runs_dir.rglob(name):
                 for cache in _caches_named(file):
                     users.setdefault(cache, []).append(str(file.parent))
+        for file in runs_dir.rglob("ranks/*/rows.jsonl"):  # a ranking's models, one line each with its cache
+            for cache in _ranked(file):
+                users.setdefault(cache, []).append(str(file.parent))
     return users
+
+
+def _ranked(file: Path) -> set[str]:
+    try:
+        lines = file.read_text(errors="replace").splitlines()
+    except OSError:
+        return set()
+    named = set()
+    for line in lines:
+        try:
+            cache = json.loads(line).get("cache")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(cache, str):
+            named.add(Path(cache).name)
+    return named
 
 
 def _caches_named(file: Path) -> list[str]:
