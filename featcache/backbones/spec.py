@@ -43,11 +43,16 @@ class Tap:
         return self.module or self.node
 
     def width(self, pooling: str) -> int:
-        """Columns of the tap as cached: its channels pooled (avg and max side by side: twice); logits as they are."""
-        return self.channels if self.layout == "logits" else self.channels * (2 if pooling == "avgmax" else 1)
+        """Columns of the tap as cached: its channels pooled; logits as they are."""
+        return self.channels if self.layout == "logits" else pooled_dim(self.channels, pooling)
 
 
 LOGITS = "logits"  # the tap name of a source classifier's output
+
+
+def pooled_dim(channels: int, pooling: str) -> int:
+    """Columns of a map of ``channels`` pooled by ``pooling`` (avg and max side by side: twice)."""
+    return 2 * channels if pooling == "avgmax" else channels
 
 
 @dataclass(frozen=True)

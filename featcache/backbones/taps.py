@@ -27,10 +27,6 @@ def autocast(device, precision: str):
                           enabled=precision in AUTOCAST)
 
 
-def pooled_dim(channels: int, pooling: str) -> int:
-    return 2 * channels if pooling == "avgmax" else channels
-
-
 def pool(x, pooling: str, layout: str = "nchw", prefix: int = 0):
     """Global pooling of one tap to (N, C), or (N, 2C) for ``avgmax``.
 

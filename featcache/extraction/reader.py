@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.backbones.spec import LOGITS
+from featcache.backbones.spec import LOGITS, pooled_dim
 from featcache.extraction.store import canonical, stored_scale
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
@@ -108,8 +108,8 @@ class FeatureCache:
         if not isinstance(fingerprint, dict) or not isinstance(fingerprint.get("taps"), list):
             raise FeatcacheError(f"{self.path} is a damaged feature cache (its fingerprint lists no taps): delete "
                                  f"it and run featcache extract again")
-        double = fingerprint.get("pooling") == "avgmax"  # avg and max side by side: twice the channels
-        widths = {str(node): int(channels) * (2 if double and node != LOGITS else 1)  # logits: stored as they are
+        pooling = fingerprint.get("pooling")
+        widths = {str(node): int(channels) if node == LOGITS else pooled_dim(int(channels), pooling)  # logits: as is
                   for node, channels in fingerprint["taps"]}
         json.loads(self.file.attrs["classes"])
         for split in ("train", "test"):

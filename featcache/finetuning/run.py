@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import emulated, pooled_dim, resolve_device, resolve_precision
+from featcache.backbones.taps import emulated, resolve_device, resolve_precision
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError
@@ -136,7 +136,7 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     for note in notes:  # said once the request is known to be good
         log(f"warning: {note}")
     started = time.perf_counter()
-    dims = [pooled_dim(BACKBONES.lookup(r.backbone).tap(r.tap).channels, feat.pooling) for r in refs]
+    dims = [BACKBONES.lookup(r.backbone).tap(r.tap).width(feat.pooling) for r in refs]
     identity = TapNormalizer("none").fit([np.zeros((1, d), np.float32) for d in dims])
     torch.manual_seed(feat.data.seed)  # the head's initialisation
     net = build_net(cfg, refs, init[0] if init else identity, len(data.classes), device)

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache import __version__
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import pooled_dim, resolve_device
+from featcache.backbones.taps import resolve_device
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError
@@ -141,7 +141,7 @@ def _architecture(record: RunRecord) -> bytes:
                 continue
             try:
                 t = BACKBONES.lookup(name).tap(tap)
-                taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {pooled_dim(t.channels, c['pooling'])}"))
+                taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {t.width(c['pooling'])}"))
             except FeatcacheError:
                 taps.append((tap, "(backbone not registered here)"))
         trainable = "frozen" if not record.finetuned else f"unfreeze {c['unfreeze']}"

@@ -305,10 +305,11 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
     backbones its taps read (its label, predict and Grad-CAM then build only those)."""
     from featcache.fuse.train import FuseTrainConfig, fuse_train
 
-    first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows
-             if r["seed"] == cfg.seeds[0] and r["shots"] == 0 and r.get("kind") != "score"}
     if cfg.cv:  # cross-validated: the choice of the mean over the folds (the table's), fitted on every training row
         first = {(tuple(row.taps.split("+")), row.head): json.loads(row.chosen) for row in table.itertuples()}
+    else:
+        first = {(tuple(r["taps"]), r["head"]): r["chosen"] for r in rows
+                 if r["seed"] == cfg.seeds[0] and r["shots"] == 0 and r.get("kind") != "score"}
     runs = []
     keepable = table["head"].map(lambda h: h in HEADS and HEADS[h].keep).astype(bool)
     for row in table[keepable].head(cfg.keep).itertuples():
