@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+import featcache.sweeping.scorers as scorers
 from featcache.sweeping.scorers import SCORERS, h_score, h_score_regularised, leep_of, logme, nleep
 
 
@@ -64,10 +65,19 @@ def leep_by_definition(theta, y, classes):
     return np.mean([np.log(sum(cond[y[i], k] * theta[i, k] for k in range(z))) for i in range(n)])
 
 
+@pytest.fixture(params=["small", "large"])
+def route(request, monkeypatch):
+    """Both ways to the same numbers: numpy's eigh alone (a small matrix), or -- as from 1,024 columns or rows --
+    a Cholesky solve for the H-scores and the spectrum by tridiagonal form, MRRR and the reflections."""
+    if request.param == "large":
+        monkeypatch.setattr(scorers, "LARGE", 3)
+    return request.param
+
+
 @pytest.mark.parametrize(("n", "d", "classes"), [(120, 10, 3), (40, 60, 2), (300, 8, 10), (200, 30, 2),
                                                (400, 120, 100)],
                          ids=["N>D", "N<D", "10 classes", "2 classes", "100 classes"])
-def test_scores_match_their_definitions(n, d, classes):
+def test_scores_match_their_definitions(n, d, classes, route):
     X, y = data(n, d, classes)
     assert h_score(X, y, classes) == pytest.approx(h_score_by_definition(X, y, classes), rel=1e-6)
     assert logme(X, y, classes) == pytest.approx(logme_by_definition(X, y, classes), rel=1e-6)
@@ -77,16 +87,21 @@ def test_scores_match_their_definitions(n, d, classes):
 
 @pytest.mark.parametrize(("n", "d"), [(150, 12), (30, 90)], ids=["Gram blocks", "summed kernels"])
 def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own(n, d):
+    """Each pair from the moments of all the taps: a block of one Gram; with fewer rows than columns a sum of
+    the taps' kernels, or -- a pair narrower than its rows -- a block of the narrow taps' Gram."""
     from featcache.sweeping.scorers import SCORERS, moments
 
     X, y = data(n, d, 3)
-    parts = [X[:, : d // 3], X[:, d // 3 : d // 2], X[:, d // 2 :]]
+    parts = [X[:, : d // 9], X[:, d // 9 : d // 4], X[:, d // 4 :]]
     every = moments(parts, y, 3)
     assert (every.kernels is not None) == (n < d)
-    for name in ("logme", "hscore", "hscore_reg"):
-        entry = SCORERS[name]
-        pair = entry.from_moments(every.select([0, 2]))
-        assert pair == pytest.approx(entry.score(np.hstack([parts[0], parts[2]]), y, 3), rel=1e-9), name
+    for which in ([0, 1], [0, 2], [1, 2]):
+        block = every.select(which)
+        assert (block.kernels is None) == (n > d or sum(parts[k].shape[1] for k in which) < n)
+        for name in ("logme", "hscore", "hscore_reg"):
+            entry = SCORERS[name]
+            assert entry.from_moments(block) == pytest.approx(
+                entry.score(np.hstack([parts[k] for k in which]), y, 3), rel=1e-9), (name, which)
 
 
 def test_leep_and_nleep():
@@ -96,6 +111,41 @@ def test_leep_and_nleep():
     assert leep_of(theta, y, 3) == pytest.approx(leep_by_definition(theta, y, 3), rel=1e-9)
     X, y = data(150, 10, 3)
     assert nleep(X, y, 3) == nleep(X, y, 3) <= 0  # seeded: the same every run
+
+
+def test_the_large_matrix_steps_equal_numpys_eigh():
+    """The spectrum by tridiagonal form + MRRR + reflections, and the eigenvectors it forms on demand, equal
+    numpy's eigh; the Cholesky solve equals the spectrum's sum where the matrix is well conditioned."""
+    rng = np.random.default_rng(3)
+    A = rng.normal(size=(90, 40)) * np.geomspace(1, 1e3, 40)
+    square, columns = A.T @ A, rng.normal(size=(40, 4))
+    eig, vectors = np.linalg.eigh(square)
+    got, projected, of = scorers.eigh_projected(square, columns, tridiagonal_from=0)
+    assert np.allclose(got, eig, rtol=1e-12, atol=1e-9 * eig.max())
+    assert np.allclose(projected ** 2, (vectors.T @ columns) ** 2, rtol=1e-8, atol=1e-12)
+    assert np.allclose(np.abs(of([0, 17, 39])), np.abs(vectors[:, [0, 17, 39]]), atol=1e-8)
+
+
+def test_a_float32_summed_grams_null_directions_are_dropped_as_a_float64_grams(monkeypatch, route):
+    """Columns that are exact sums of others leave F'F exactly singular; summed in float32 its null eigenvalues
+    come out near the rounding (1e-4, against the rank rule's 7e-9 cut-off), and LogME -- whose truncated
+    evidence counts each kept eigenvalue -- moved by 5e-3 relative. Taken again from the rows they are dropped,
+    as in float64."""
+    import torch
+
+    X, y = data(3000, 30, 4)
+    X = (np.round(X * 1024) / 1024).astype(np.float32)  # 12 bits: the sums below are exact, the Gram's are not
+    X = np.hstack([X, X[:, :1] + X[:, 1:2], X[:, 2:3] - X[:, 3:4]])  # a null space of dimension 2
+    exact = {name: SCORERS[name].from_moments(scorers.moments([torch.from_numpy(X)], y, 4))
+             for name in ("logme", "hscore", "hscore_reg")}
+    monkeypatch.setattr(scorers, "EXACT_FLOPS", 0)  # products in float32, as for a large Gram
+    summed = scorers.moments([torch.from_numpy(X)], y, 4, chunk=3000)
+    assert summed.rounding > 0
+    for name, value in exact.items():
+        assert SCORERS[name].from_moments(summed) == pytest.approx(value, rel=1e-6), name
+    monkeypatch.setattr(scorers, "NOISE", 0.0)  # without taking them again: the null directions are kept
+    assert SCORERS["logme"].from_moments(scorers.moments([torch.from_numpy(X)], y, 4, chunk=3000)) != \
+        pytest.approx(exact["logme"], rel=1e-5)
 
 
 def test_rank_deficient_features_and_larger_means_better():
