@@ -194,7 +194,7 @@ LARGE = 1024
 RCOND = 1e-8
 # A Gram whose products are summed in float32 (``moments``' large ones) is off by about its ``rounding`` (float32's
 # epsilon x sqrt(rows summed in one product) x its largest diagonal entry) in each entry, so a direction the rows
-# leave exactly null gets an eigenvalue up to about that instead of 0 (1,792 taps on 45,000 rows: 5e-4, above the
+# leave exactly null gets an eigenvalue up to about that instead of 0 (1,792 columns, 45,000 rows: 5e-4, above the
 # rank rule's 1e-4): eigenvalues under NOISE x rounding are taken again from the rows in float64 (``_exactly``).
 NOISE = 1.0
 
