@@ -58,8 +58,8 @@ class Moments:
     narrower than N, its own (smaller) Gram: a block of ``narrow`` (the Gram-side moments of the taps narrower
     than N, and each one's index there) or, where that would outgrow the kernels, from ``parts``, the taps'
     rows. Either way ``counts`` (C,), ``row_sq`` (N, T): each row's squared norm within each tap, and
-    ``blocks``: each tap's columns. A Gram summed in float32 keeps ``parts`` and its ``rounding`` (see
-    ``NOISE``).
+    ``blocks``: each tap's columns. ``parts`` are the taps' rows (references): a Gram summed in float32 (its
+    ``rounding`` above 0, see ``NOISE``) takes its near-null eigenvalues again from them.
     """
 
     counts: np.ndarray
