@@ -36,7 +36,7 @@ from featcache.fuse.fusion import parse_taps
 from featcache.fuse.heads import HeadOptions
 from featcache.sweeping.config import all_taps
 from featcache.sweeping.probes import presolve, probe
-from featcache.sweeping.run import fused_parts, standardised
+from featcache.sweeping.run import ScoreBlocks, fused_parts, standardised
 from featcache.sweeping.scorers import SCORERS, moments
 
 LINEAR = ("logme", "hscore", "hscore_reg")
@@ -104,10 +104,10 @@ def every_pair(args, root: Path) -> None:
     logreg = time.perf_counter() - started
     print(f"  logreg on every combination: {logreg:6.1f} s", flush=True)
     started = time.perf_counter()
-    every = moments([std["fit"][r] for r in refs], y["fit"], n_classes)
-    index = {r: k for k, r in enumerate(refs)}
-    for c in combos:
-        block = every.select([index[r] for r in c])  # decomposed once, for its three scores (the sweep's way)
+    jobs = [{"kind": "score", "head": name, "refs": list(c)} for c in combos for name in LINEAR]
+    blocks = ScoreBlocks.of(jobs, std["fit"], y["fit"], n_classes)  # the sweep's way: one Gram (or kernels),
+    for c in combos:  # each combination's block decomposed once for its three scores, a few ahead on every core
+        block = blocks.take(list(c))
         for name in LINEAR:
             SCORERS[name].from_moments(block)
     scores = time.perf_counter() - started

@@ -104,6 +104,30 @@ def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own(n, d):
                 entry.score(np.hstack([parts[k] for k in which]), y, 3), rel=1e-9), (name, which)
 
 
+def test_decompositions_made_ahead_in_threads_equal_those_made_in_turn():
+    """The sweep decomposes combinations ahead, several at once with one BLAS thread each: the same scores, and
+    the seconds it took counted once, in the combination's first score."""
+    from featcache.sweeping.scorers import decompose, moments, scored
+
+    X, y = data(60, 40, 3)
+    parts = [X[:, k : k + 10] for k in range(0, 40, 10)]
+    every = moments(parts, y, 3)
+    combos = [[0], [1], [0, 1], [2, 3], [1, 3]]
+    ahead = [every.select(c) for c in combos]
+    decompose(ahead, 2)
+    assert all(block.spent > 0 and block._spectrum is not None for block in ahead)
+    for which, block in zip(combos, ahead):
+        for name in ("logme", "hscore", "hscore_reg"):
+            expected = SCORERS[name].from_moments(every.select(which))
+            assert SCORERS[name].from_moments(block) == pytest.approx(expected, rel=1e-10), (name, which)
+    spent = ahead[0].spent
+    assert scored("logme", None, y, 3, ahead[0])["fit_s"] >= spent  # counted in the first score ...
+    assert "spent" not in vars(ahead[0])  # ... and only there
+    alone = [every.select([0])]
+    decompose(alone, 1)  # one worker, or one combination: left to be made in turn
+    assert getattr(alone[0], "_spectrum", None) is None
+
+
 def test_leep_and_nleep():
     rng = np.random.default_rng(1)
     theta = rng.dirichlet(np.ones(5), size=30)

@@ -43,7 +43,7 @@ from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
-from featcache.sweeping.scorers import SCORERS, moments, scored
+from featcache.sweeping.scorers import SCORERS, decompose, moments, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
     finished,
@@ -143,7 +143,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
                     labels_of["fit"] = y["fit"][rows]
                 solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
-                gram = _gram(group, parts["fit"], labels_of["fit"], n_classes)
+                blocks = ScoreBlocks.of(group, parts["fit"], labels_of["fit"], n_classes)
                 refs, fused, stats = None, None, None
                 for job in group:
                     if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
@@ -154,8 +154,8 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                         raw = torch.as_tensor(data.taps[("train", refs[0])][fit_rows])
                         result = scored(job["head"], raw, y["fit"], n_classes)
                     elif job.get("kind") == "score":
-                        if stats is None and gram:
-                            stats = gram[0].select([gram[1][r] for r in refs])
+                        if stats is None and blocks is not None:
+                            stats = blocks.take(refs)
                         result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
                     else:
                         result = probe(job["head"], fused, labels_of, n_classes, options,
@@ -180,14 +180,36 @@ def _splits(cfg: SweepConfig, labels, official) -> dict:
     return {(seed, fold): rows for seed in cfg.seeds for fold, rows in enumerate(cv_folds(labels, cfg.cv, seed))}
 
 
-def _gram(group: list[dict], fit: dict, labels, n_classes: int):
-    """(the moments of every tap the group's scores name, ref -> its block), or None where no score of the group
-    takes moments: one Gram for all the combinations, each scored from its block."""
-    wanted = [job for job in group if job.get("kind") == "score" and SCORERS.lookup(job["head"]).from_moments]
-    if not wanted:
-        return None
-    refs = list(dict.fromkeys(ref for job in wanted for ref in job["refs"]))
-    return moments([fit[r] for r in refs], labels, n_classes), {ref: k for k, ref in enumerate(refs)}
+class ScoreBlocks:
+    """Each combination's block of one Gram (or kernels) of every tap the group's scores name, in the order the
+    jobs come, decomposed ahead a few combinations at a time on every core (``scorers.decompose``)."""
+
+    def __init__(self, every, index: dict, order: list, workers: int):
+        self.every, self.index, self.order, self.workers = every, index, order, workers
+        self.ready: dict = {}
+
+    @classmethod
+    def of(cls, group: list[dict], fit: dict, labels, n_classes: int):
+        """None where no score of the group takes moments."""
+        import torch
+
+        wanted = [job for job in group if job.get("kind") == "score" and SCORERS.lookup(job["head"]).from_moments]
+        if not wanted:
+            return None
+        refs = list(dict.fromkeys(ref for job in wanted for ref in job["refs"]))
+        order = list(dict.fromkeys(tuple(job["refs"]) for job in wanted))
+        return cls(moments([fit[r] for r in refs], labels, n_classes), {ref: k for k, ref in enumerate(refs)},
+                   order, torch.get_num_threads())
+
+    def take(self, refs) -> object:
+        key = tuple(refs)
+        if key not in self.ready:  # this one and the next few, decomposed together; at most 2 x workers held
+            at = self.order.index(key)
+            batch = {k: self.every.select([self.index[r] for r in k])
+                     for k in self.order[at:at + 2 * self.workers] if k not in self.ready}
+            decompose(list(batch.values()), self.workers)
+            self.ready.update(batch)
+        return self.ready.pop(key)
 
 
 def _warning_once(log):
