@@ -139,7 +139,7 @@ def test_leep_and_nleep():
 
 def test_the_large_matrix_steps_equal_numpys_eigh():
     """The spectrum by tridiagonal form + MRRR + reflections, and the eigenvectors it forms on demand, equal
-    numpy's eigh; the Cholesky solve equals the spectrum's sum where the matrix is well conditioned."""
+    numpy's eigh; so does torch's (the route where the rows are on a GPU)."""
     rng = np.random.default_rng(3)
     A = rng.normal(size=(90, 40)) * np.geomspace(1, 1e3, 40)
     square, columns = A.T @ A, rng.normal(size=(40, 4))
@@ -148,6 +148,12 @@ def test_the_large_matrix_steps_equal_numpys_eigh():
     assert np.allclose(got, eig, rtol=1e-12, atol=1e-9 * eig.max())
     assert np.allclose(projected ** 2, (vectors.T @ columns) ** 2, rtol=1e-8, atol=1e-12)
     assert np.allclose(np.abs(of([0, 17, 39])), np.abs(vectors[:, [0, 17, 39]]), atol=1e-8)
+    import torch
+
+    got, projected, of = scorers.eigh_projected(square, columns, device=torch.device("cpu"))  # a GPU's way
+    assert np.allclose(got, eig, rtol=1e-12, atol=1e-9 * eig.max())
+    assert np.allclose(projected ** 2, (vectors.T @ columns) ** 2, rtol=1e-6, atol=1e-12)  # another solver: 2e-8
+    assert np.allclose(np.abs(of([0, 39])), np.abs(vectors[:, [0, 39]]), atol=1e-8)
 
 
 def test_a_float32_summed_grams_null_directions_are_dropped_as_a_float64_grams(monkeypatch, route):

@@ -91,7 +91,8 @@ class Moments:
         starts = np.cumsum([0] + widths)
         blocks = [slice(int(a), int(b)) for a, b in zip(starts, starts[1:])]
         if self.kernels is not None and (sum(widths) >= self.n or self.parts is None):
-            return Moments(self.counts, self.row_sq[:, which], blocks, kernels=self.kernels[which], onehot=self.onehot)
+            return Moments(self.counts, self.row_sq[:, which], blocks, kernels=self.kernels[which], onehot=self.onehot,
+                           parts=None if self.parts is None else [self.parts[k] for k in which])
         if self.kernels is not None:  # narrower than N: its D x D Gram costs less to decompose than the N x N kernel
             if self.narrow is not None and all(k in self.narrow[1] for k in which):
                 return self.narrow[0].select([self.narrow[1][k] for k in which])
@@ -120,7 +121,8 @@ class Moments:
         once: every score of the combination reads the same."""
         if getattr(self, "_spectrum", None) is None:
             square, right, live = self.live()
-            eig, projected, vectors = eigh_projected(square, right)
+            device = None if self.parts is None or self.parts[0].device.type == "cpu" else self.parts[0].device
+            eig, projected, vectors = eigh_projected(square, right, device=device)
             if self.rounding and self.parts is not None:  # a float32-summed Gram: its null directions are not 0
                 suspect = np.flatnonzero(eig < NOISE * self.rounding)
                 if len(suspect):
@@ -199,11 +201,18 @@ RCOND = 1e-8
 NOISE = 1.0
 
 
-def eigh_projected(square: np.ndarray, columns: np.ndarray, tridiagonal_from: int | None = None):
+def eigh_projected(square: np.ndarray, columns: np.ndarray, tridiagonal_from: int | None = None, device=None):
     """(eigenvalues ascending, ``V' columns``, ``vectors(which)`` -> ``V[:, which]``) of a symmetric matrix, ``V``
-    its eigenvectors."""
+    its eigenvectors; on the host by LAPACK, or with a torch ``device`` there (float64 ``torch.linalg.eigh``: a
+    GPU's solver, where the rows are on a GPU)."""
     from scipy.linalg import eigh_tridiagonal, lapack
 
+    if device is not None:
+        import torch
+
+        eig, vectors = torch.linalg.eigh(torch.as_tensor(square, dtype=torch.float64, device=device))
+        projected = vectors.T @ torch.as_tensor(columns, dtype=torch.float64, device=device)
+        return eig.cpu().numpy(), projected.cpu().numpy(), lambda which: vectors[:, which].cpu().numpy()
     size = len(square)
     if size < (LARGE if tridiagonal_from is None else tridiagonal_from) or size < 3:
         eig, vectors = np.linalg.eigh(square)
@@ -336,7 +345,8 @@ def decompose(blocks: list, workers: int) -> None:
 
     from threadpoolctl import threadpool_limits
 
-    small = [block for block in blocks if (block.n if block.kernels is not None else len(block.gram)) < LARGE]
+    small = [block for block in blocks if (block.n if block.kernels is not None else len(block.gram)) < LARGE
+             and (block.parts is None or block.parts[0].device.type == "cpu")]  # a GPU's solver takes them in turn
     if workers < 2 or len(small) < 2:
         return
 
