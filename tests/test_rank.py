@@ -3,6 +3,7 @@
 import dataclasses
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -153,16 +154,26 @@ def test_the_pareto_front_keeps_the_points_no_other_beats_on_speed_and_accuracy(
     assert list(front(rate, accuracy)) == [2, 3, 0, 1]  # 300 img/s at 0.5 is beaten by 400 at 0.6
 
 
-def test_a_sweep_with_head_none_gives_the_scores_alone(tmp_path):
-    flags = ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers", "0")], "--cache-dir", str(tmp_path / "cache"), "--runs-dir",
-             str(tmp_path / "runs"), "--extract", "--combos", "pairs"]
-    result = CliRunner().invoke(cli, [*flags, "--head", "none", "--score", "logme,hscore_reg"])
-    assert result.exit_code == 0, result.output
-    [folder] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
-    scores = pd.read_csv(folder / "scores.csv")
+def test_a_sweep_with_head_none_gives_the_scores_alone(tmp_path, monkeypatch):
+    """... the same scores whether the combinations are decomposed two at a time in threads or in turn."""
+    def flags(runs):
+        return ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers", "0")], "--cache-dir",
+                str(tmp_path / "cache"), "--runs-dir", str(tmp_path / runs), "--extract", "--combos", "pairs"]
+
+    def scored(runs, threads):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        result = CliRunner().invoke(cli, [*flags(runs), "--head", "none", "--score", "logme,hscore_reg"])
+        assert result.exit_code == 0, result.output
+        [folder] = (tmp_path / runs / "sweeps").glob("[!.]*")
+        return result, pd.read_csv(folder / "scores.csv").sort_values(["score", "taps"]).reset_index()
+
+    result, scores = scored("runs", 2)
     assert len(scores) == 2 * 6 and set(scores["score"]) == {"logme", "hscore_reg"}  # 3 taps + 3 pairs
+    assert np.allclose(scored("serial", 1)[1]["value"], scores["value"], rtol=1e-10, atol=0)
+    monkeypatch.undo()
+    folder = next((tmp_path / "runs" / "sweeps").glob("[!.]*"))
     assert len(pd.read_csv(folder / "table.csv")) == 0 and "   val   ±95%" not in result.output  # no probe lines
-    refused = CliRunner().invoke(cli, [*flags, "--head", "none"])
+    refused = CliRunner().invoke(cli, [*flags("runs"), "--head", "none"])
     assert refused.exit_code == 2 and "come with --score" in refused.output
 
 

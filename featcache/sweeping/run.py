@@ -43,7 +43,7 @@ from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
-from featcache.sweeping.scorers import SCORERS, decompose, moments, scored
+from featcache.sweeping.scorers import LARGE, SCORERS, decompose, moments, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
     finished,
@@ -203,13 +203,24 @@ class ScoreBlocks:
 
     def take(self, refs) -> object:
         key = tuple(refs)
-        if key not in self.ready:  # this one and the next few, decomposed together; at most 2 x workers held
-            at = self.order.index(key)
-            batch = {k: self.every.select([self.index[r] for r in k])
-                     for k in self.order[at:at + 2 * self.workers] if k not in self.ready}
-            decompose(list(batch.values()), self.workers)
-            self.ready.update(batch)
+        if key in self.ready:
+            return self.ready.pop(key)
+        if not self._ahead(key):  # decomposed in turn with every thread: one held at a time
+            return self.every.select([self.index[r] for r in key])
+        at = self.order.index(key)  # this one and the next few small ones, decomposed together
+        batch = {k: self.every.select([self.index[r] for r in k])
+                 for k in self.order[at:at + 2 * self.workers] if k not in self.ready and self._ahead(k)}
+        decompose(list(batch.values()), self.workers)
+        self.ready.update(batch)
         return self.ready.pop(key)
+
+    def _ahead(self, key) -> bool:
+        """Whether a combination is decomposed ahead: several cores, rows on the host, and its matrix (its Gram,
+        or the N x N kernel where it is as wide as the rows) under ``LARGE``: at most 2 x workers such blocks
+        are held at once."""
+        width = sum(self.every.blocks[self.index[r]].stop - self.every.blocks[self.index[r]].start for r in key)
+        on_host = self.every.parts is None or self.every.parts[0].device.type == "cpu"
+        return self.workers > 1 and on_host and min(width, self.every.n) < LARGE
 
 
 def _warning_once(log):
