@@ -155,7 +155,8 @@ def test_the_pareto_front_keeps_the_points_no_other_beats_on_speed_and_accuracy(
 
 
 def test_a_sweep_with_head_none_gives_the_scores_alone(tmp_path, monkeypatch):
-    """... the same scores whether the combinations are decomposed two at a time in threads or in turn."""
+    """--head none: the scores alone, the same whether the combinations are decomposed two at a time in threads
+    or in turn."""
     def flags(runs):
         return ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers", "0")], "--cache-dir",
                 str(tmp_path / "cache"), "--runs-dir", str(tmp_path / runs), "--extract", "--combos", "pairs"]

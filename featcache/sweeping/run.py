@@ -186,6 +186,7 @@ class ScoreBlocks:
 
     def __init__(self, every, index: dict, order: list, workers: int):
         self.every, self.index, self.order, self.workers = every, index, order, workers
+        self.position = {key: at for at, key in enumerate(order)}
         self.ready: dict = {}
 
     @classmethod
@@ -205,9 +206,9 @@ class ScoreBlocks:
         key = tuple(refs)
         if key in self.ready:
             return self.ready.pop(key)
-        if not self._ahead(key):  # decomposed in turn with every thread: one held at a time
+        if key not in self.position or not self._ahead(key):  # decomposed in turn with every thread
             return self.every.select([self.index[r] for r in key])
-        at = self.order.index(key)  # this one and the next few small ones, decomposed together
+        at = self.position[key]  # this one and the next few small ones, decomposed together
         batch = {k: self.every.select([self.index[r] for r in k])
                  for k in self.order[at:at + 2 * self.workers] if k not in self.ready and self._ahead(k)}
         decompose(list(batch.values()), self.workers)
