@@ -37,7 +37,8 @@ from featcache.fuse.heads import HeadOptions
 from featcache.sweeping.config import all_taps
 from featcache.sweeping.probes import presolve, probe
 from featcache.sweeping.run import ScoreBlocks, fused_parts, standardised
-from featcache.sweeping.scorers import SCORERS, moments
+from featcache.sweeping.moments import moments
+from featcache.sweeping.scorers import SCORERS
 
 LINEAR = ("logme", "hscore", "hscore_reg")
 
@@ -72,10 +73,10 @@ def cifar_size(args, root: Path) -> None:
         seconds = time.perf_counter() - started
         print(f"  {name:<11} {seconds:6.2f} s (Gram included), {logreg / seconds:5.1f}x faster than logreg "
               f"(target >= 10), value {value:.6f}", flush=True)
-    import featcache.sweeping.scorers as scorers
+    import featcache.sweeping.moments as gram_rules
 
-    exact = scorers.EXACT_FLOPS
-    scorers.EXACT_FLOPS = float("inf")  # the same Gram multiplied in float64: what the float32 products cost
+    exact = gram_rules.EXACT_FLOPS
+    gram_rules.EXACT_FLOPS = float("inf")  # the same Gram multiplied in float64: what the float32 products cost
     try:
         started = time.perf_counter()
         every = moments([std["fit"][r] for r in refs], y["fit"], n_classes)
@@ -84,7 +85,7 @@ def cifar_size(args, root: Path) -> None:
         for name in LINEAR:
             print(f"    {name:<11} {SCORERS[name].from_moments(every):.6f}", flush=True)
     finally:
-        scorers.EXACT_FLOPS = exact
+        gram_rules.EXACT_FLOPS = exact
 
 
 def every_pair(args, root: Path) -> None:

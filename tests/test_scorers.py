@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-import featcache.sweeping.scorers as scorers
+import featcache.sweeping.moments as gram
 from featcache.sweeping.scorers import SCORERS, h_score, h_score_regularised, leep_of, logme, nleep
 
 
@@ -70,7 +70,7 @@ def route(request, monkeypatch):
     """Both ways to the same numbers: numpy's eigh alone (a small matrix), or -- as from 1,024 columns or rows --
     a Cholesky solve for the H-scores and the spectrum by tridiagonal form, MRRR and the reflections."""
     if request.param == "large":
-        monkeypatch.setattr(scorers, "LARGE", 3)
+        monkeypatch.setattr(gram, "LARGE", 3)
     return request.param
 
 
@@ -89,7 +89,7 @@ def test_scores_match_their_definitions(n, d, classes, route):
 def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own(n, d):
     """Each pair from the moments of all the taps: a block of one Gram; with fewer rows than columns a sum of
     the taps' kernels, or -- a pair narrower than its rows -- a block of the narrow taps' Gram."""
-    from featcache.sweeping.scorers import SCORERS, moments
+    from featcache.sweeping.moments import moments
 
     X, y = data(n, d, 3)
     parts = [X[:, : d // 9], X[:, d // 9 : d // 4], X[:, d // 4 :]]
@@ -107,7 +107,8 @@ def test_a_combinations_scores_from_a_block_of_one_gram_equal_its_own(n, d):
 def test_decompositions_made_ahead_in_threads_equal_those_made_in_turn():
     """The sweep decomposes combinations ahead, several at once with one BLAS thread each: the same scores, and
     the seconds it took counted once, in the combination's first score."""
-    from featcache.sweeping.scorers import decompose, moments, scored
+    from featcache.sweeping.moments import decompose, moments
+    from featcache.sweeping.scorers import scored
 
     X, y = data(60, 40, 3)
     parts = [X[:, k : k + 10] for k in range(0, 40, 10)]
@@ -144,13 +145,13 @@ def test_the_large_matrix_steps_equal_numpys_eigh():
     A = rng.normal(size=(90, 40)) * np.geomspace(1, 1e3, 40)
     square, columns = A.T @ A, rng.normal(size=(40, 4))
     eig, vectors = np.linalg.eigh(square)
-    got, projected, of = scorers.eigh_projected(square, columns, tridiagonal_from=0)
+    got, projected, of = gram.eigh_projected(square, columns, tridiagonal_from=0)
     assert np.allclose(got, eig, rtol=1e-12, atol=1e-9 * eig.max())
     assert np.allclose(projected ** 2, (vectors.T @ columns) ** 2, rtol=1e-8, atol=1e-12)
     assert np.allclose(np.abs(of([0, 17, 39])), np.abs(vectors[:, [0, 17, 39]]), atol=1e-8)
     import torch
 
-    got, projected, of = scorers.eigh_projected(square, columns, device=torch.device("cpu"))  # a GPU's way
+    got, projected, of = gram.eigh_projected(square, columns, device=torch.device("cpu"))  # a GPU's way
     assert np.allclose(got, eig, rtol=1e-12, atol=1e-9 * eig.max())
     assert np.allclose(projected ** 2, (vectors.T @ columns) ** 2, rtol=1e-6, atol=1e-12)  # another solver: 2e-8
     assert np.allclose(np.abs(of([0, 39])), np.abs(vectors[:, [0, 39]]), atol=1e-8)
@@ -166,15 +167,15 @@ def test_a_float32_summed_grams_null_directions_are_dropped_as_a_float64_grams(m
     X, y = data(3000, 30, 4)
     X = (np.round(X * 1024) / 1024).astype(np.float32)  # 12 bits: the sums below are exact, the Gram's are not
     X = np.hstack([X, X[:, :1] + X[:, 1:2], X[:, 2:3] - X[:, 3:4]])  # a null space of dimension 2
-    exact = {name: SCORERS[name].from_moments(scorers.moments([torch.from_numpy(X)], y, 4))
+    exact = {name: SCORERS[name].from_moments(gram.moments([torch.from_numpy(X)], y, 4))
              for name in ("logme", "hscore", "hscore_reg")}
-    monkeypatch.setattr(scorers, "EXACT_FLOPS", 0)  # products in float32, as for a large Gram
-    summed = scorers.moments([torch.from_numpy(X)], y, 4, chunk=3000)
+    monkeypatch.setattr(gram, "EXACT_FLOPS", 0)  # products in float32, as for a large Gram
+    summed = gram.moments([torch.from_numpy(X)], y, 4, chunk=3000)
     assert summed.rounding > 0
     for name, value in exact.items():
         assert SCORERS[name].from_moments(summed) == pytest.approx(value, rel=1e-6), name
-    monkeypatch.setattr(scorers, "NOISE", 0.0)  # without taking them again: the null directions are kept
-    assert SCORERS["logme"].from_moments(scorers.moments([torch.from_numpy(X)], y, 4, chunk=3000)) != \
+    monkeypatch.setattr(gram, "NOISE", 0.0)  # without taking them again: the null directions are kept
+    assert SCORERS["logme"].from_moments(gram.moments([torch.from_numpy(X)], y, 4, chunk=3000)) != \
         pytest.approx(exact["logme"], rel=1e-5)
 
 

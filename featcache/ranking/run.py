@@ -34,7 +34,8 @@ from featcache.fuse.evaluate import validation_split
 from featcache.fuse.fusion import TapNormalizer
 from featcache.ranking.models import parameters, resolve, speed, tap_count
 from featcache.requests import request_hash
-from featcache.sweeping.scorers import SCORERS, moments, scored
+from featcache.sweeping.moments import moments
+from featcache.sweeping.scorers import SCORERS, scored
 
 def folder_of(request, models: list[str]) -> Path:
     from featcache.data.datasets import dataset_key

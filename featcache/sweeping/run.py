@@ -43,7 +43,8 @@ from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
-from featcache.sweeping.scorers import LARGE, SCORERS, decompose, moments, scored
+from featcache.sweeping.moments import LARGE, decompose, moments
+from featcache.sweeping.scorers import SCORERS, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
     finished,
@@ -182,7 +183,7 @@ def _splits(cfg: SweepConfig, labels, official) -> dict:
 
 class ScoreBlocks:
     """Each combination's block of one Gram (or kernels) of every tap the group's scores name, in the order the
-    jobs come, decomposed ahead a few combinations at a time on every core (``scorers.decompose``)."""
+    jobs come, decomposed ahead a few combinations at a time on every core (``moments.decompose``)."""
 
     def __init__(self, every, index: dict, order: list, workers: int):
         self.every, self.index, self.order, self.workers = every, index, order, workers
