@@ -169,7 +169,8 @@ _CACHE_DIR = click.option("--cache-dir", type=click.Path(path_type=Path), defaul
                           help="The folder featcache extract writes caches to.")
 _RUNS_DIR = click.option("--runs-dir", "runs_dirs", type=click.Path(path_type=Path), multiple=True,
                          default=(Path("runs"),), show_default=True,
-                         help="Runs folders whose runs, sweeps and rankings count as users of a cache; repeat for several.")
+                         help="Runs folders whose runs, sweeps and rankings count as users of a cache; repeat for "
+                              "several.")
 
 
 @cache.command("list")
@@ -193,7 +194,8 @@ def cache_list(cache_dir, runs_dirs, as_json):
         click.echo(f"{human_size(c.size):>10}  {human_age(now - c.modified):>4}  {c.state:<8}  {used:<8}  "
                    f"{c.dataset}/{c.path.name}")
     click.echo(f"{len(caches)} cache files, {human_size(sum(c.size for c in caches))} in {cache_dir} "
-               f"({sum(not c.users for c in caches)} unused by any run, sweep or ranking in {', '.join(map(str, runs_dirs))})")
+               f"({sum(not c.users for c in caches)} unused by any run, sweep or ranking in "
+               f"{', '.join(map(str, runs_dirs))})")
 
 
 @cache.command("prune")

@@ -4,7 +4,8 @@ Flow: cli (browse) -> **housekeeping** (reads store's layout). A cache is ``<bac
 ``.timing.json``, or an unfinished ``<backbone>-<hash12>.h5.partial``; nothing else in the folder is listed or
 touched. Its users are the run folders (``record.json``: ``caches``), sweep folders (``sweep.json``: ``caches``)
 and rankings (``ranks/*/rows.jsonl``: each model's ``cache``) under the runs folders given, matched by file name
-(the fingerprint's hash), so runs copied elsewhere still count. A cache whose lock another featcache process holds (being written) is never removed.
+(the fingerprint's hash), so runs copied elsewhere still count. A cache whose lock another featcache process holds
+(being written) is never removed.
 """
 
 from __future__ import annotations

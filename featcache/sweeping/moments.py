@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -49,27 +50,34 @@ class Moments:
     def d(self) -> int:
         return sum(b.stop - b.start for b in self.blocks)
 
-    @property
-    def kernel(self) -> np.ndarray:
+    @cached_property
+    def kernel(self) -> np.ndarray:  # summed once: the spectrum, the solves and the shrinkage read it
         return self.kernels.sum(axis=0) if len(self.kernels) > 1 else self.kernels[0]
+
+    @property
+    def device(self):
+        """The rows' torch device where it is not the host (their decompositions are made there), else None."""
+        return None if self.parts is None or self.parts[0].device.type == "cpu" else self.parts[0].device
 
     def select(self, which: list[int]) -> Moments:
         """The moments of taps ``which`` side by side (indices into ``blocks``)."""
         widths = [self.blocks[k].stop - self.blocks[k].start for k in which]
         starts = np.cumsum([0] + widths)
         blocks = [slice(int(a), int(b)) for a, b in zip(starts, starts[1:])]
-        if self.kernels is not None and (sum(widths) >= self.n or self.parts is None):
+        parts = None if self.parts is None else [self.parts[k] for k in which]
+        if self.kernels is not None and (sum(widths) >= self.n or parts is None):
             return Moments(self.counts, self.row_sq[:, which], blocks, kernels=self.kernels[which], onehot=self.onehot,
-                           parts=None if self.parts is None else [self.parts[k] for k in which])
+                           parts=parts)
         if self.kernels is not None:  # narrower than N: its D x D Gram costs less to decompose than the N x N kernel
             if self.narrow is not None and all(k in self.narrow[1] for k in which):
                 return self.narrow[0].select([self.narrow[1][k] for k in which])
-            gram, cross = _gram([self.parts[k] for k in which], self.onehot)
-            return Moments(self.counts, self.row_sq[:, which], blocks, gram=gram, cross=cross)
+            import torch
+
+            labels = torch.as_tensor(self.onehot.argmax(axis=1), device=parts[0].device)
+            return _gram_moments(parts, labels, self.counts, None)
         columns = np.concatenate([np.arange(self.blocks[k].start, self.blocks[k].stop) for k in which])
         return Moments(self.counts, self.row_sq[:, which], blocks, gram=self.gram[np.ix_(columns, columns)],
-                       cross=self.cross[columns], parts=None if self.parts is None else [self.parts[k] for k in which],
-                       rounding=self.rounding)
+                       cross=self.cross[columns], parts=parts, rounding=self.rounding)
 
     def live(self):
         """(the combination's Gram or kernel, F'Y or Y, the Gram's columns kept): the Gram without its all-zero
@@ -89,8 +97,7 @@ class Moments:
         once: every score of the combination reads the same."""
         if getattr(self, "_spectrum", None) is None:
             square, right, live = self.live()
-            device = None if self.parts is None or self.parts[0].device.type == "cpu" else self.parts[0].device
-            eig, projected, vectors = eigh_projected(square, right, device=device)
+            eig, projected, vectors = eigh_projected(square, right, device=self.device)
             if self.rounding and self.parts is not None:  # a float32-summed Gram: its null directions are not 0
                 suspect = np.flatnonzero(eig < NOISE * self.rounding)
                 if len(suspect):
@@ -228,9 +235,9 @@ def moments(parts: list, y, n_classes: int, chunk: int | None = None) -> Moments
     labels = torch.as_tensor(np.asarray(y.cpu() if hasattr(y, "cpu") else y), dtype=torch.int64, device=device)
     host = labels.cpu().numpy()
     counts = np.bincount(host, minlength=n_classes).astype(np.float64)
-    edges = np.cumsum([0] + widths)
-    blocks = [slice(int(a), int(b)) for a, b in zip(edges, edges[1:])]
     if n <= total and len(parts) * n * n <= total * total:  # fewer rows than columns: the rows' kernels
+        edges = np.cumsum([0] + widths)
+        blocks = [slice(int(a), int(b)) for a, b in zip(edges, edges[1:])]
         row_sq = torch.stack([p.to(torch.float64).pow(2).sum(dim=1) for p in parts], dim=1).cpu().numpy()
         kernels = torch.stack([(lambda q: q @ q.T)(p.to(torch.float64)) for p in parts]).cpu().numpy()
         # and one Gram of the taps narrower than N, where it is no larger than the kernels: a combination of
@@ -264,7 +271,7 @@ def _gram_moments(parts: list, labels, counts: np.ndarray, chunk: int | None) ->
             for j in range(i, len(rows)):
                 product_ij = a.T @ rows[j]
                 gram[blocks[i], blocks[j]] += product_ij if on_host else product_ij.to(torch.float64)
-        for piece, columns, k in zip(pieces, blocks, range(len(parts))):
+        for k, (piece, columns) in enumerate(zip(pieces, blocks)):
             sums = torch.zeros((n_classes, piece.shape[1]), dtype=product, device=device)  # each class's rows summed
             cross[:, columns] += sums.index_add_(0, labels[start:start + chunk], piece).to(torch.float64)
             row_sq[start:start + chunk, k] = torch.linalg.vector_norm(piece, dim=1).to(torch.float64) ** 2
@@ -275,15 +282,6 @@ def _gram_moments(parts: list, labels, counts: np.ndarray, chunk: int | None) ->
                 if product == torch.float32 else 0.0)
     return Moments(counts, row_sq.cpu().numpy(), blocks, gram=gram, cross=cross.T.cpu().numpy(), parts=parts,
                    rounding=rounding)
-
-
-def _gram(parts: list, onehot: np.ndarray):
-    """(F'F, F'Y) in float64 of taps ``parts`` side by side: a combination narrower than its rows."""
-    import torch
-
-    features = torch.cat([p.to(torch.float64) for p in parts], dim=1)
-    onehot = torch.as_tensor(onehot, dtype=torch.float64, device=features.device)
-    return (features.T @ features).cpu().numpy(), (features.T @ onehot).cpu().numpy()
 
 
 def decompose(blocks: list, workers: int) -> None:
@@ -298,7 +296,7 @@ def decompose(blocks: list, workers: int) -> None:
     from threadpoolctl import threadpool_limits
 
     small = [block for block in blocks if (block.n if block.kernels is not None else len(block.gram)) < LARGE
-             and (block.parts is None or block.parts[0].device.type == "cpu")]  # a GPU's solver takes them in turn
+             and block.device is None]  # a GPU's solver takes them in turn
     if workers < 2 or len(small) < 2:
         return
 

@@ -221,8 +221,7 @@ class ScoreBlocks:
         or the N x N kernel where it is as wide as the rows) under ``LARGE``: at most 2 x workers such blocks
         are held at once."""
         width = sum(self.every.blocks[self.index[r]].stop - self.every.blocks[self.index[r]].start for r in key)
-        on_host = self.every.parts is None or self.every.parts[0].device.type == "cpu"
-        return self.workers > 1 and on_host and min(width, self.every.n) < LARGE
+        return self.workers > 1 and self.every.device is None and min(width, self.every.n) < LARGE
 
 
 def _warning_once(log):
