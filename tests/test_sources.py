@@ -238,7 +238,7 @@ def test_a_manifest_counts_missing_files_as_bad_images_and_refuses_empty_labels(
     assert len(result.skipped) == 1 and result.skipped[0]["file"].endswith("000.png")
     text = manifest.read_text().splitlines()
     (tmp_path / "e.csv").write_text("\n".join([text[0], text[1].rsplit(",", 2)[0] + ",,train", *text[2:]]))
-    with pytest.raises(FeatcacheError, match=r"1 row\(s\) of manifest .*e.csv have an empty 'label'"):
+    with pytest.raises(FeatcacheError, match=r"1 row\(s\) of manifest .*e.csv \(column 'label'\) have no label .*first: row 2\)"):
         load("manifest", tmp_path / "e.csv")
     with pytest.raises(FeatcacheError, match="has no 'file' column .*its columns are path, label, split"):
         load("manifest", manifest, image_column="file")

@@ -17,11 +17,58 @@ import numpy as np
 from featcache.data import hub, manifest, shards, torchvision_sets  # noqa: F401  (each registers its sources)
 from featcache.data.images import IMAGE_SUFFIXES, images_in
 from featcache.data.source import (DATASETS, SPLITS, Dataset, DatasetEntry, DataRequest, Split, files_identity,
-                                   limit, rgb_uint8, split_train_test)
+                                   leakage, limit, rgb_uint8, split_train_test)
 from featcache.errors import FeatcacheError
 
 __all__ = ["DATASETS", "Dataset", "DatasetEntry", "DataRequest", "Split", "dataset_identity", "dataset_key",
            "image_entries", "load_dataset"]
+
+
+def infer_source(data_dir) -> str:
+    """The source that reads what ``--data-dir`` holds, when ``--dataset`` is not given: a manifest file, a
+    shard or a folder of shards, a saved Hugging Face dataset (or its Parquet / Arrow files), a torchvision
+    dataset's own folder, a folder of class folders. Anything else is refused: a path given is never replaced
+    by the default digits."""
+    from featcache.data.torchvision_sets import TORCHVISION_SETS
+
+    path = Path(data_dir)
+    if not path.exists():
+        raise FeatcacheError(f"--data-dir {path} does not exist")
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix in (".csv", ".tsv"):
+            return "manifest"
+        if suffix == ".tar":
+            return "webdataset"
+        if suffix in (".parquet", ".arrow"):
+            return "hf" if suffix == ".arrow" or _has_image_column(path) else "manifest"
+        raise FeatcacheError(f"cannot tell what --data-dir {path} holds: a file given as data is a manifest (.csv, "
+                             f".tsv, .parquet), a shard (.tar) or Arrow data; or pass --dataset")
+    if not path.is_dir():
+        raise FeatcacheError(f"--data-dir {path} is neither a file nor a folder")
+    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        return "hf"
+    found = [name for name, spec in TORCHVISION_SETS.items() if spec.folder and (path / spec.folder).is_dir()]
+    if len(found) == 1:
+        return found[0]
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if any(p.suffix == ".tar" for p in entries) or any(p.is_dir() and next(p.glob("*.tar"), None) for p in entries):
+        return "webdataset"
+    if any(p.suffix in (".parquet", ".arrow") for p in entries):
+        return "hf"
+    folders = [p for p in entries if p.is_dir()]
+    if folders and any(images_in(p) for p in folders):
+        return "folder"
+    raise FeatcacheError(f"cannot tell what --data-dir {path} holds (no class folders of images, shards, manifest, "
+                         f"Hugging Face dataset or torchvision dataset folder): pass --dataset; featcache datasets "
+                         f"lists the sources")
+
+
+def _has_image_column(path: Path) -> bool:
+    try:
+        return any(f"{k.type}".startswith("struct<bytes") for k in hub._schema(path))
+    except FeatcacheError:
+        return False
 
 
 def dataset_key(request: DataRequest) -> str:
@@ -39,7 +86,8 @@ def load_dataset(request: DataRequest) -> Dataset:
     data = DATASETS.lookup(request.name).load(request)
     limits = {"train": request.limit_train, "test": request.limit_test}
     splits = {name: limit(split, limits[name], request.seed) for name, split in data.splits.items()}
-    return Dataset(data.key, data.classes, splits, data.about)
+    notes = data.notes + tuple(n for n in [leakage(splits["train"], splits["test"])] if n)
+    return Dataset(data.key, data.classes, splits, data.about, notes)
 
 
 # --- digits: scikit-learn's bundled 8x8 images, the offline default ----------------------

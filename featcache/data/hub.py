@@ -12,13 +12,15 @@ Nothing is downloaded unless ``--download``: a name that is not in the local Hug
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from featcache.data.images import Blob
+from featcache.data.images import Blob, file_bytes
+from featcache.data.safe import UnsafeFile, label_classes, read_regular, regular_size
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
     stat_identity
 from featcache.errors import FeatcacheError
@@ -56,9 +58,12 @@ def _files(request: DataRequest) -> dict[str, list[Path]]:
         raise FeatcacheError(f"{root} does not exist: --data-dir must be a save_to_disk folder or Parquet / Arrow files")
     if (root / "dataset_dict.json").is_file():  # a DatasetDict saved with save_to_disk
         try:
-            names = json.loads((root / "dataset_dict.json").read_text())["splits"]
-        except (ValueError, KeyError, TypeError):
+            names = json.loads(read_regular(root / "dataset_dict.json", "dataset_dict.json", 1 << 20))["splits"]
+        except (ValueError, KeyError, TypeError, RecursionError, UnsafeFile):
             raise FeatcacheError(f"{root / 'dataset_dict.json'} is damaged: save the dataset again") from None
+        if not isinstance(names, list) or not names or not all(_plain_name(n) for n in names):
+            raise FeatcacheError(f"{root / 'dataset_dict.json'} names its splits {str(names)[:80]}: a split is a "
+                                 f"folder name (train, test ...); save the dataset again")
         return {name: _arrow_files(root / name) for name in names}
     if (root / "state.json").is_file():  # one Dataset saved with save_to_disk
         return {"train": _arrow_files(root)}
@@ -68,16 +73,38 @@ def _files(request: DataRequest) -> dict[str, list[Path]]:
                              f"(dataset_dict.json or state.json) or .parquet / .arrow files")
     out: dict[str, list[Path]] = {}
     for path in files:
+        regular_size(path, "data file")
         out.setdefault(_split_of(path.name) or "train", []).append(path)
     return out
 
 
+def _plain_name(name) -> bool:
+    """A file or folder name inside the dataset's folder: no path, no parent, nothing hidden."""
+    return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and \
+        "\\" not in name and "\0" not in name
+
+
 def _arrow_files(folder: Path) -> list[Path]:
+    """The Arrow files a save_to_disk folder's state.json lists: each a regular file inside the folder."""
     try:
-        state = json.loads((folder / "state.json").read_text())
-        return [folder / f["filename"] for f in state["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads(read_regular(folder / "state.json", "state.json", 1 << 20))
+        names = [f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, UnsafeFile):
         raise FeatcacheError(f"{folder} is not a save_to_disk folder (no readable state.json)") from None
+    if not names:
+        raise FeatcacheError(f"{folder / 'state.json'} lists no data files: save the dataset again")
+    bad = [n for n in names if not _plain_name(n)]
+    if bad:
+        raise FeatcacheError(f"{folder / 'state.json'} names data file {str(bad[0])[:80]!r} outside its folder: "
+                             f"featcache reads only the dataset's own files")
+    files = [folder / n for n in names]
+    for path in files:
+        try:
+            regular_size(path, "data file")
+        except FileNotFoundError:
+            raise FeatcacheError(f"{path} is missing: {folder / 'state.json'} lists it; save the dataset again") \
+                from None
+    return files
 
 
 def _cached(request: DataRequest) -> dict[str, list[Path]]:
@@ -101,12 +128,28 @@ def _cached(request: DataRequest) -> dict[str, list[Path]]:
 
 def _schema(path: Path):
     pa = need("pyarrow", "--dataset hf")
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    with _readable(path):
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        return pq.read_schema(path)
-    with pa.memory_map(str(path)) as source:
-        return _open_arrow(pa, source).schema
+            return pq.read_schema(path)
+        with pa.memory_map(str(path)) as source:
+            return _open_arrow(pa, source).schema
+
+
+@contextlib.contextmanager
+def _readable(path):
+    """pyarrow's errors for a lost, truncated or foreign file, as one line naming it."""
+    try:
+        yield
+    except FeatcacheError:
+        raise
+    except FileNotFoundError:
+        raise FeatcacheError(f"{path} is missing: save the dataset again") from None
+    except Exception as exc:  # ArrowInvalid, OSError, ... : the file is not an Arrow / Parquet table
+        raise FeatcacheError(f"{path} is not a readable {Path(path).suffix.lstrip('.').title()} file "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): "
+                             f"save the dataset again") from None
 
 
 def _open_arrow(pa, source):
@@ -187,18 +230,21 @@ class ArrowImages:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            self._tables = []  # (file, start row, rows, table or ParquetFile, row group starts)
+            tables = []  # (file, start row, rows, table or ParquetFile, row group starts)
             start = 0
             for f in self.files:
-                if f.endswith(".parquet"):
-                    pf = pq.ParquetFile(f)
-                    groups = np.cumsum([0] + [pf.metadata.row_group(k).num_rows for k in range(pf.num_row_groups)])
-                    self._tables.append((f, start, int(groups[-1]), pf, groups))
-                    start += int(groups[-1])
-                else:
-                    table = _open_arrow(pa, pa.memory_map(f)).read_all()  # memory-mapped: no copy
-                    self._tables.append((f, start, table.num_rows, table.column(self.column), None))
-                    start += table.num_rows
+                with _readable(f):
+                    if f.endswith(".parquet"):
+                        pf = pq.ParquetFile(f)
+                        groups = np.cumsum([0] + [pf.metadata.row_group(k).num_rows
+                                                  for k in range(pf.num_row_groups)])
+                        tables.append((f, start, int(groups[-1]), pf, groups))
+                        start += int(groups[-1])
+                    else:
+                        table = _open_arrow(pa, pa.memory_map(f)).read_all()  # memory-mapped: no copy
+                        tables.append((f, start, table.num_rows, table.column(self.column), None))
+                        start += table.num_rows
+            self._tables = tables
         return self._tables
 
     def value(self, position: int):
@@ -225,8 +271,7 @@ class _Cell(Blob):
                 return value["bytes"]
             value = value.get("path")
         if isinstance(value, str) and value:
-            with open(value, "rb") as f:
-                return f.read()
+            return file_bytes(value)  # a regular file within the size limit: never a device or a FIFO
         if isinstance(value, (bytes, bytearray)):
             return bytes(value)
         raise ValueError(f"holds {type(value).__name__}, not an image")
@@ -241,11 +286,12 @@ def _labels(files: list[Path], column: str) -> list:
 
     values = []
     for f in files:
-        if f.suffix == ".parquet":
-            values += pq.read_table(f, columns=[column]).column(0).to_pylist()
-        else:
-            with pa.memory_map(str(f)) as source:
-                values += _open_arrow(pa, source).read_all().column(column).to_pylist()
+        with _readable(f):
+            if f.suffix == ".parquet":
+                values += pq.read_table(f, columns=[column]).column(0).to_pylist()
+            else:
+                with pa.memory_map(str(f)) as source:
+                    values += _open_arrow(pa, source).read_all().column(column).to_pylist()
     return values
 
 
@@ -267,24 +313,19 @@ def _load(request: DataRequest) -> Dataset:
         raise FeatcacheError(f"the dataset has no train split (its splits: {', '.join(found)})")
     image, label, names = columns(_schema(ours["train"][1][0]), request)
     raw = {part: _labels(files, label) for part, (_, files) in ours.items()}
-    for part, values in raw.items():
-        if any(v is None or v == "" or (isinstance(v, int) and v < 0) for v in values):
-            bad = next(i for i, v in enumerate(values) if v is None or v == "" or (isinstance(v, int) and v < 0))
-            raise FeatcacheError(f"row {bad} of the {ours[part][0]} split has no label in column {label!r}")
-    if names is None:  # no ClassLabel: the distinct values, sorted, name the classes
-        distinct = sorted({v for values in raw.values() for v in values})
-        names, number = [str(v) for v in distinct], {v: k for k, v in enumerate(distinct)}
-        raw = {part: [number[v] for v in values] for part, values in raw.items()}
+    if names is not None:  # a ClassLabel's -1 is its missing value
+        raw = {part: [None if isinstance(v, int) and v < 0 else v for v in values] for part, values in raw.items()}
+    where = request.hf_name or Path(request.data_dir).name
+    names, numbers, notes = label_classes(raw, f"{where} (column {label!r})", names)
     parts = {}
     for part, (theirs, files) in ours.items():
-        labels = np.asarray(raw[part], dtype=np.int64)
+        labels = numbers[part]
         index = np.arange(len(labels), dtype=np.int64)
-        where = request.hf_name or Path(request.data_dir).name
         parts[part] = Split(labels=labels, index=index, files=Rows([(ArrowImages(files, image, f"{where}/{theirs}"),
                                                                       index)]))
     about = {"source": "Hugging Face datasets", "columns": {"image": image, "label": label},
              "splits": {part: theirs for part, (theirs, _) in ours.items()}}
-    return Dataset(_key(request), tuple(names), official_splits(parts, request), about)
+    return Dataset(_key(request), tuple(names), official_splits(parts, request), about, tuple(notes))
 
 
 def _key(request: DataRequest) -> str:

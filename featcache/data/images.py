@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.data.preprocess import PreprocessConfig, resize_plan
+from featcache.data.safe import UnsafeFile, read_regular
 from featcache.errors import FeatcacheError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -77,22 +78,32 @@ def open_rgb(path):
             return _array_rgb(value, path)
         if not value:
             raise BadImage(f"cannot read image {path}: empty")
-        source = io.BytesIO(value)
     else:
-        source = path
+        value = file_bytes(path)
+        if not value:
+            raise BadImage(f"cannot read image {path}: empty file")
     try:
         with warnings.catch_warnings():
             # Large photos are legitimate here; Pillow still refuses real decompression bombs with an error.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(source) as image:
+            buffer = io.BytesIO(value)
+            with Image.open(buffer) as image:
                 image.load()
                 return _to_rgb(image)
+    except Exception as exc:  # Pillow raises many types for bad files: each becomes one line naming the file
+        reason = str(exc).replace(f" {buffer!r}", "")  # Pillow names the buffer it read, not the file
+        raise BadImage(f"cannot read image {path}: {type(exc).__name__}: {reason}") from None
+
+
+def file_bytes(path) -> bytes:
+    """An image file's bytes: a regular file within featcache's size limit (a device, FIFO or socket named as
+    an image is refused before anything blocks); :class:`BadImage` in one line otherwise."""
+    try:
+        return read_regular(path, "image")
     except FileNotFoundError:
         raise BadImage(f"image {path} is missing (moved or deleted after the folder was listed)") from None
-    except Exception as exc:  # Pillow raises many types for bad files: each becomes one line naming the file
-        reason = "empty file" if not isinstance(path, Blob) and Path(path).is_file() and \
-            Path(path).stat().st_size == 0 else f"{type(exc).__name__}: {exc}"
-        raise BadImage(f"cannot read image {path}: {reason}") from None
+    except UnsafeFile as exc:
+        raise BadImage(str(exc)) from None
 
 
 def _array_rgb(values: np.ndarray, name):
@@ -167,13 +178,7 @@ def _plain_bytes(path) -> bytes | None:
         name = os.fspath(path)
         if os.path.splitext(name)[1].lower() not in FAST_SUFFIXES:
             return None
-        try:
-            with open(name, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            raise BadImage(f"image {path} is missing (moved or deleted after the folder was listed)") from None
-        except OSError:
-            return None
+        data = file_bytes(name)
     header = _header(data)
     if header is None:
         return None  # not a plain 8-bit JPEG or PNG (or empty): PIL decides, and names what is wrong

@@ -3,7 +3,8 @@
 Stage 1 (data: the ``manifest`` source of ``source.DATASETS``). The way Kaggle and many labs share labels:
 ``--data-dir labels.csv`` with columns ``path`` and ``label`` (other names with ``--image-column`` /
 ``--label-column``); a relative path resolves from the manifest's folder; labels are strings or integers (the
-class names are their sorted distinct values). A ``split`` column (train / val or validation / test) gives the
+class names are the distinct values present, numbers in numeric order, so ``1`` and ``01`` are one class;
+a missing label in any spelling is refused with its count; an image named twice is refused). A ``split`` column (train / val or validation / test) gives the
 official splits; without one, test is carved from all rows (``--test-fraction``). A file named in the manifest
 that is missing is an unreadable image like any other: named, or counted and left out with
 ``--skip-bad-images``.
@@ -11,12 +12,14 @@ that is missing is an unreadable image like any other: named, or counted and lef
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Split, official_splits, \
     stat_identity
+from featcache.data.safe import label_classes
 from featcache.errors import FeatcacheError
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -50,10 +53,11 @@ def _read(request: DataRequest, need_label: bool = True):
         raise FeatcacheError(f"cannot read manifest {path}: {str(exc).splitlines()[0][:200]}") from None
     image = request.image_column or "path"
     label = request.label_column or "label"
-    for flag, column in (("--image-column", image), ("--label-column", label))[: 2 if need_label else 1]:
-        if column not in table.columns:
-            raise FeatcacheError(f"manifest {path} has no {column!r} column ({flag}); its columns are "
-                                 f"{', '.join(map(str, table.columns))}")
+    absent = [(flag, column) for flag, column in (("--image-column", image), ("--label-column", label))
+              [: 2 if need_label else 1] if column not in table.columns]
+    if absent:
+        raise FeatcacheError(f"manifest {path} has no {' or '.join(repr(c) for _, c in absent)} column "
+                             f"({', '.join(f for f, _ in absent)}); its columns are {', '.join(map(str, table.columns))}")
     if len(table) == 0:
         raise FeatcacheError(f"manifest {path} has no rows")
     return path, table, image, label
@@ -70,24 +74,13 @@ def _files(path: Path, table, image: str) -> list[Path]:
     return out
 
 
-def _classes(path: Path, values: list, label: str) -> tuple[list[str], np.ndarray]:
-    """Class names (sorted distinct labels: numbers in numeric order) and each row's class number."""
-    text = [str(v).strip() for v in values]
-    empty = [k for k, v in enumerate(text) if v in ("", "nan", "None")]
-    if empty:
-        raise FeatcacheError(f"{len(empty)} row(s) of manifest {path} have an empty {label!r} (first: row "
-                             f"{empty[0] + 2}): every image needs a label")
-    distinct = set(text)
-    numeric = all(v.lstrip("-").isdigit() for v in distinct)
-    names = sorted(distinct, key=int) if numeric else sorted(distinct)
-    number = {name: k for k, name in enumerate(names)}
-    return names, np.asarray([number[v] for v in text], dtype=np.int64)
-
-
 def _load(request: DataRequest) -> Dataset:
     path, table, image, label = _read(request)
     files = _files(path, table, image)
-    names, labels = _classes(path, table[label].tolist(), label)
+    _no_duplicates(path, files)
+    names, numbers, notes = label_classes({"train": table[label].tolist()}, f"manifest {path} (column {label!r})",
+                                          row=lambda _, k: f"row {k + 2}")
+    labels = numbers["train"]
     if len(names) < 2:
         raise FeatcacheError(f"manifest {path} names one class ({names[0]}): a classifier needs at least two")
     if "split" in table.columns:
@@ -107,7 +100,24 @@ def _load(request: DataRequest) -> Dataset:
     if "train" not in parts:
         raise FeatcacheError(f"manifest {path} has no train rows")
     about = {"source": f"manifest {path.name}", "columns": {"image": image, "label": label}}
-    return Dataset(_key(request), tuple(names), official_splits(parts, request), about)
+    return Dataset(_key(request), tuple(names), official_splits(parts, request), about, tuple(notes))
+
+
+def _no_duplicates(path: Path, files: list[Path]) -> None:
+    """A manifest naming one image twice puts it in train and test alike: refused, before any split is made."""
+    first: dict[str, int] = {}
+    repeated = []
+    for row, file in enumerate(files):
+        key = os.path.normpath(os.fspath(file))
+        if key in first:
+            repeated.append((first[key], row, file))
+        else:
+            first[key] = row
+    if repeated:
+        a, b, file = repeated[0]
+        raise FeatcacheError(f"manifest {path} names {len(repeated)} image(s) more than once (first: "
+                             f"{str(file)[-80:]} in rows {a + 2} and {b + 2}): a repeated image can land in train and "
+                             f"test alike; list each image once")
 
 
 def _key(request: DataRequest) -> str:

@@ -33,8 +33,10 @@ def _fraction(value) -> bool:
 class DataFields:
     """Which images, which subsets, which seed."""
 
-    dataset: str = option("digits", help="The dataset source; digits is scikit-learn's bundled 8x8 digits (offline).",
-                          choices=lambda: sorted(DATASETS))
+    dataset: str | None = option(None, help="The dataset source [default: what --data-dir holds (class folders, a "
+                                             "manifest, shards, a saved Hugging Face dataset, a torchvision dataset's "
+                                             "folder); digits without --data-dir: scikit-learn's bundled 8x8 "
+                                             "digits, offline].", choices=lambda: sorted(DATASETS))
     data_dir: Path | None = option(None, help="Where the data lives: a torchvision dataset's root (cifar10: holds "
                                               "cifar-10-batches-py/; featcache datasets NAME says what), a folder "
                                               "(one sub-folder per class, optionally under train/ and test/), a "
@@ -65,7 +67,10 @@ class DataFields:
     seed: int = option(0, help="Seed for splits, subsets and random weights.")
 
     def data_request(self) -> DataRequest:
-        return DataRequest(name=self.dataset, data_dir=self.data_dir, download=self.download,
+        from featcache.data.datasets import infer_source
+
+        name = self.dataset or ("digits" if self.data_dir is None else infer_source(self.data_dir))
+        return DataRequest(name=name, data_dir=self.data_dir, download=self.download,
                            limit_train=self.limit_train, limit_test=self.limit_test,
                            test_fraction=self.test_fraction, seed=self.seed, hf_name=self.hf_name,
                            hf_config=self.hf_config, hf_splits=self.hf_splits, image_column=self.image_column, label_column=self.label_column)

@@ -9,7 +9,9 @@ kill at the row it reached and split the rows across torchrun ranks exactly as i
 processes write the same cache as one (a test checks shards written by the webdataset library load).
 
 A sample's key is its member name up to the first dot of the file name (WebDataset's rule); its label is the
-integer in ``<key>.cls`` (or ``.label``, ``.target``), or a field of ``<key>.json`` named by ``--label-column``.
+value in ``<key>.cls`` (or ``.label``, ``.target``), or a field of ``<key>.json`` named by ``--label-column``;
+the classes are the labels present (``safe.label_classes``). A shard without its end-of-archive marker (cut
+short, even at a member boundary) is refused rather than read as a shorter archive.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from pathlib import Path
 import numpy as np
 
 from featcache.data.images import BadImage, Blob
+from featcache.data.safe import MAX_LABEL_BYTES, label_classes, regular_size
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
     stat_identity
 from featcache.errors import FeatcacheError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff", "gif")
 LABEL_KEYS = ("cls", "label", "target", "class", "cls2")
+MAX_SHARD_BYTES = 1 << 40  # a shard is read by offset, never whole: the limit only keeps out absurd sizes
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
                "dev": "val", "test": "test", "testing": "test"}
 
@@ -40,10 +44,13 @@ def _shards(request: DataRequest) -> dict[str, list[Path]]:
     if root.is_file():
         if root.suffix != ".tar":
             raise FeatcacheError(f"{root} is not a WebDataset shard (.tar)")
+        regular_size(root, "shard", MAX_SHARD_BYTES)
         return {"train": [root]}
     if not root.is_dir():
         raise FeatcacheError(f"{root} does not exist: --data-dir must be a folder of .tar shards")
     found = sorted(root.rglob("*.tar"))
+    for shard in found:
+        regular_size(shard, "shard", MAX_SHARD_BYTES)  # a FIFO or device named .tar is refused, not opened
     if not found:
         raise FeatcacheError(f"{root} holds no .tar shards: name them train-000000.tar, test-000000.tar ...")
     heads = {}
@@ -83,7 +90,10 @@ class _Member(Blob):
             raise BadImage(f"cannot read image {self}: the sample has no image ({', '.join(IMAGE_KEYS)})")
         with open(shard, "rb") as f:
             f.seek(offset)
-            return f.read(size)
+            data = f.read(size)
+        if len(data) != size:
+            raise BadImage(f"cannot read image {self}: the shard ends inside it (truncated)")
+        return data
 
     def __str__(self):
         shard, name, _, _ = self.images.index[self.position]
@@ -94,7 +104,7 @@ def _label(value: bytes, ext: str, field: str | None, where: str):
     if ext == "json":
         try:
             data = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise FeatcacheError(f"{where} is not JSON: fix the shard or name another label with --label-column") \
                 from None
         if not isinstance(data, dict) or field not in data:
@@ -104,7 +114,7 @@ def _label(value: bytes, ext: str, field: str | None, where: str):
     text = value.decode("utf-8", "replace").strip()
     if not text:
         raise FeatcacheError(f"{where} is empty: every sample needs a label")
-    return int(text) if text.lstrip("-").isdigit() else text
+    return text  # integers are told apart from names, and compared as numbers, by safe.label_classes
 
 
 def _index(shards: list[Path], request: DataRequest) -> tuple[list, list]:
@@ -127,13 +137,33 @@ def _index(shards: list[Path], request: DataRequest) -> tuple[list, list]:
                         image = (member.name, member.offset_data, member.size)
                     elif (wanted is None and ext in LABEL_KEYS and label is None) or \
                             (ext == "json" and wanted is not None) or (wanted is not None and ext == wanted):
+                        if member.size > MAX_LABEL_BYTES:
+                            raise FeatcacheError(f"{shard}:{member.name} is a label of {member.size:,} bytes: a label "
+                                                 f"member holds one class (at most {MAX_LABEL_BYTES:,} bytes)")
                         data = tar.extractfile(member).read()
                         label = _label(data, ext, wanted if ext == "json" else None, f"{shard}:{member.name}")
                 if current is not None:
                     _add(samples, labels, shard, current, image, label)
+                _complete(shard, tar)
         except (tarfile.TarError, OSError) as exc:
             raise FeatcacheError(f"{shard} is not a readable tar shard: {exc}") from None
     return samples, labels
+
+
+def _complete(shard: Path, tar: tarfile.TarFile) -> None:
+    """A tar ends with two zero blocks after its last member; a shard cut at a member boundary lacks them and
+    reads as a shorter, valid-looking archive: refused, so no sample is lost without a word."""
+    end = tar.offset  # just past the last member's data, once every member was read
+    size = shard.stat().st_size
+    with open(shard, "rb") as f:
+        f.seek(end)
+        marker = f.read(2 * tarfile.BLOCKSIZE)
+    if len(marker) < 2 * tarfile.BLOCKSIZE or marker.strip(b"\0"):
+        raise FeatcacheError(f"{shard} is truncated: it stops after {end:,} of its bytes without the end-of-archive "
+                             f"marker ({size:,} bytes on disk), so samples after that are lost; copy the shard again")
+    for member in tar.getmembers():
+        if member.isfile() and member.offset_data + member.size > size:
+            raise FeatcacheError(f"{shard} is truncated inside {member.name}: copy the shard again")
 
 
 def _add(samples: list, labels: list, shard: Path, key: str, image, label) -> None:
@@ -154,21 +184,15 @@ def _load(request: DataRequest) -> Dataset:
     if "train" not in found:
         raise FeatcacheError(f"no train shards in {request.data_dir}: name them train-000000.tar ...")
     indexed = {part: _index(shards, request) for part, shards in found.items()}
-    distinct = {v for _, values in indexed.values() for v in values}
-    numeric = all(isinstance(v, int) for v in distinct)
-    ordered = sorted(distinct) if numeric else sorted(map(str, distinct))
-    number = {v: k for k, v in enumerate(ordered)}
-    names = [str(v) for v in ordered]
-    if numeric and ordered and ordered[0] >= 0:  # integer classes keep their numbers: 0..max, as cls means them
-        names = [str(k) for k in range(max(ordered) + 1)]
-        number = {k: k for k in range(max(ordered) + 1)}
+    names, numbers, notes = label_classes({part: values for part, (_, values) in indexed.items()},
+                                          f"the shards in {request.data_dir}")
     parts = {}
     for part, (samples, values) in indexed.items():
-        labels = np.asarray([number[v if numeric else str(v)] for v in values], dtype=np.int64)
+        labels = numbers[part]
         index = np.arange(len(labels), dtype=np.int64)
         parts[part] = Split(labels=labels, index=index, files=Rows([(ShardImages(samples), index)]))
     about = {"source": "WebDataset shards", "shards": {part: len(s) for part, s in found.items()}}
-    return Dataset(_key(request), tuple(names), official_splits(parts, request), about)
+    return Dataset(_key(request), tuple(names), official_splits(parts, request), about, tuple(notes))
 
 
 def _key(request: DataRequest) -> str:

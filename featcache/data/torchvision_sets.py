@@ -8,7 +8,10 @@ decoded by the workers as a folder is (Flowers102, DTD, Food-101 ...), anything 
 
 Checksums are verified after a download (torchvision's download verifies the archive), not on every read: a
 directory in the dataset's on-disk format loads as it is, and the cache fingerprint holds a hash of its files'
-names, sizes and modification times, so a changed file re-extracts.
+names, sizes and modification times, so a changed file re-extracts. A file loaded as it is cannot run code:
+CIFAR's pickled batches go through a restricted unpickler (``safe.restricted_load``); the other formats
+torchvision reads here are arrays, images, text, MATLAB and HDF5 files (ImageNet's meta.bin and MNIST's legacy
+files through ``torch.load(weights_only=True)``). Images and labels that disagree in count are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.data.images import Blob
+from featcache.data.safe import UnsafeFile, restricted_load
 from featcache.data.source import (DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, files_identity,
                                    official_splits, rgb_uint8)
 from featcache.errors import FeatcacheError
@@ -142,20 +146,39 @@ def _identity(name: str, request: DataRequest) -> dict:
             **({"test_fraction": request.test_fraction} if "test" not in spec.splits else {})}
 
 
+class _SafePickle:
+    """Stands for the ``pickle`` module inside a torchvision dataset module that unpickles its files (CIFAR's
+    batches): the same ``load``, through :func:`~featcache.data.safe.restricted_load`, which admits only the
+    lists, dicts and arrays the format holds. A crafted batch that would run code is refused in one line."""
+
+    def __init__(self, module):
+        self.module = module
+
+    @staticmethod
+    def load(file, encoding="latin1", **kwargs):
+        return restricted_load(file, encoding=encoding, where=getattr(file, "name", "a pickled batch"))
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+
 @contextlib.contextmanager
 def _files_as_they_are(cls, download: bool):
     """torchvision checks some datasets' md5 sums on every read (CIFAR, SVHN, STL-10, Flowers102 ...): here a
-    file that exists is taken as it is, and the sums are checked only when downloading."""
+    file that exists is taken as it is, and the sums are checked only when downloading. A file taken as it is
+    is never trusted as code: where the module unpickles (CIFAR), it unpickles through the restricted loader,
+    downloaded or not."""
     module = sys.modules[cls.__module__]
     original = getattr(module, "check_integrity", None)
-    if download or original is None:
+    pickled = getattr(module, "pickle", None)
+    with contextlib.ExitStack() as undo:
+        if pickled is not None:
+            module.pickle = _SafePickle(pickled)
+            undo.callback(setattr, module, "pickle", pickled)
+        if not download and original is not None:
+            module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
+            undo.callback(setattr, module, "check_integrity", original)
         yield
-        return
-    module.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)
-    try:
-        yield
-    finally:
-        module.check_integrity = original
 
 
 def _open(name: str, spec: TorchvisionSet, keywords: dict, request: DataRequest):
@@ -175,6 +198,8 @@ def _open(name: str, spec: TorchvisionSet, keywords: dict, request: DataRequest)
     try:
         with _files_as_they_are(cls, download), _quiet():
             return cls(root=str(root), **args)
+    except UnsafeFile:
+        raise
     except Exception as exc:  # torchvision raises RuntimeError for a missing dataset, others for a malformed one
         if made is not None:  # a failed download leaves no empty or half-filled folder behind
             shutil.rmtree(made, ignore_errors=True)
@@ -226,7 +251,11 @@ class _Item(Blob):
 def _labels(ds) -> np.ndarray:
     for attr in ("targets", "labels", "_labels", "y"):
         value = getattr(ds, attr, None)
-        if value is not None and len(value) == len(ds):
+        if value is not None and hasattr(value, "__len__"):
+            if len(value) != len(ds):  # STL-10's train_y.bin with more labels than images ...
+                raise FeatcacheError(f"{type(ds).__name__} in {getattr(ds, 'root', '--data-dir')} holds {len(ds)} "
+                                     f"images and {len(value)} labels: the files disagree; place the dataset's "
+                                     f"published files")
             return np.asarray(value, dtype=np.int64).reshape(-1)
     for attr in ("_samples", "samples", "imgs"):
         pairs = getattr(ds, attr, None)

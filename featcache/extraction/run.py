@@ -64,7 +64,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     if todo:
         # Data and weights are loaded before anything is written, so their errors leave nothing behind.
         tick = time.perf_counter()
-        dataset = _load_once(cfg, r)
+        dataset = _load_once(cfg, r, log)
         jobs = [Job(dataclasses.replace(cfg, preprocess=preprocess_for(cfg, spec)), spec, fp, path, dataset,
                     tap_model(spec, cfg.weights, cfg.data.seed, cfg.pooling, device),
                     device, precision, progress and r.main, say) for spec, fp, path in todo]
@@ -117,13 +117,15 @@ def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]
     return out
 
 
-def _load_once(cfg: ExtractConfig, r) -> Dataset:
+def _load_once(cfg: ExtractConfig, r, log) -> Dataset:
     """The dataset; under torchrun rank 0 loads (and downloads) first, then the others."""
     if r.world > 1 and not r.main:
         distributed.barrier(r)
     dataset = load_dataset(cfg.data)
     if r.world > 1 and r.main:
         distributed.barrier(r)
+    for note in dataset.notes if r.main else ():
+        log(f"warning: {note}")
     return dataset
 
 

@@ -132,7 +132,7 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
                                           data.splits["train"].official_val)
     if cfg.head == "resblocks":
         check_one_image_batches(refs[0], feat.preprocess.image_size, cfg.batch_size, len(fit_rows))
-    notes = tuple(n for n in [small_validation(data.splits["train"].labels[val_rows])] if n)
+    notes = data.notes + tuple(n for n in [small_validation(data.splits["train"].labels[val_rows])] if n)
     for note in notes:  # said once the request is known to be good
         log(f"warning: {note}")
     started = time.perf_counter()
