@@ -222,6 +222,22 @@ def check(p: Param, value, front: Front) -> None:
                 raise unknown_value(name, item, choices)
     if p.meta.check is not None and value is not None and not p.meta.check(value):
         raise FeatcacheError(f"{name} must {p.meta.rule}. Got {shown(value)} instead.")
+    if p.meta.writes and value is not None:
+        _writable(name, Path(value), folder=p.name.endswith("_dir"))
+
+
+def _writable(name: str, path: Path, folder: bool) -> None:
+    """A folder option (``--runs-dir``) must not name a file, a file option (``--output``) must not name a
+    folder, and neither may sit below a file: one line before anything runs."""
+    if folder and path.exists() and not path.is_dir():
+        raise FeatcacheError(f"{name} {path} is a file, not a folder: give a folder")
+    if not folder and path.is_dir():
+        raise FeatcacheError(f"{name} {path} is a folder: give a file name")
+    for parent in path.parents if not folder else (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise FeatcacheError(f"{name} {path}: {parent} is a file, so nothing can be written below it")
+            break
 
 
 def unknown_value(name: str, value, known) -> FeatcacheError:

@@ -9,7 +9,9 @@ records; :func:`input_defaults` the preprocessing those weights were trained wit
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import os
 from pathlib import Path
 
@@ -75,6 +77,51 @@ def input_defaults(spec: BackboneSpec, weights: str) -> dict:
     return source_of(spec).input_defaults(spec, pretrained(spec, weights))
 
 
+_OFFLINE = []  # non-empty while offline_weights() holds: no download is tried
+
+
+class _Offline(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def offline_weights(offline: bool = True):
+    """Pretrained weights come from the local caches alone while this holds: the Hugging Face hub is put in
+    offline mode (no retries with back-off) and torch.hub's downloader refuses, so a missing checkpoint fails at
+    once with one line naming --download. ``rank`` works this way unless ``--download``."""
+    if not offline:
+        yield
+        return
+    import torch.hub
+
+    saved_env = os.environ.get("HF_HUB_OFFLINE")
+    saved_download = torch.hub.download_url_to_file
+    constants = None
+    with contextlib.suppress(ImportError):
+        import huggingface_hub.constants as constants
+    saved_constant = getattr(constants, "HF_HUB_OFFLINE", None)
+
+    def refuse(url, *args, **kwargs):
+        raise _Offline(url)
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    torch.hub.download_url_to_file = refuse
+    _OFFLINE.append(True)
+    try:
+        yield
+    finally:
+        _OFFLINE.pop()
+        torch.hub.download_url_to_file = saved_download
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
 def build_backbone(spec: BackboneSpec, weights: str, seed: int):
     """The backbone in eval mode with the requested weights, all parameters frozen."""
     import torch
@@ -83,8 +130,13 @@ def build_backbone(spec: BackboneSpec, weights: str, seed: int):
     w = pretrained(spec, weights)
     if w is not None:
         try:
-            model = spec.build(w)
+            with contextlib.redirect_stderr(io.StringIO()) if _OFFLINE else contextlib.nullcontext():
+                model = spec.build(w)  # offline, torch.hub's "Downloading: ..." would announce what never happens
         except Exception as exc:  # no network: URLError, OSError, huggingface_hub's errors, RuntimeError ...
+            if _OFFLINE:
+                raise FeatcacheError(f"the {weights} weights of {spec.name} are not cached locally"
+                                     f"{source_of(spec).where(spec, w)}: nothing is downloaded without --download "
+                                     f"(or use --weights random)") from None
             raise FeatcacheError(f"cannot get the {weights} weights of {spec.name} ({type(exc).__name__}: no network "
                                  f"and no cached copy{source_of(spec).where(spec, w)}): use --weights random, or --weights PATH "
                                  f"with a local state-dict file") from exc

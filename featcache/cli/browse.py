@@ -178,7 +178,7 @@ _RUNS_DIR = click.option("--runs-dir", "runs_dirs", type=click.Path(path_type=Pa
 @_RUNS_DIR
 @click.option("--json", "as_json", is_flag=True, help="Every cache as JSON.")
 def cache_list(cache_dir, runs_dirs, as_json):
-    """Every cache file (finished, partial or damaged), oldest first: dataset, backbone, size, age, users."""
+    """Every cache file (finished, partial, or foreign: named like one but not provably featcache's), oldest first: dataset, backbone, size, age, users."""
     import json
     import time
 
@@ -208,14 +208,21 @@ def cache_list(cache_dir, runs_dirs, as_json):
 def cache_prune(cache_dir, runs_dirs, older_than, larger_than, unused, dry_run):
     """Remove the cache files that meet every criterion given (at least one), with their timing files.
 
-    A cache another featcache process is writing is left alone. Only files named as featcache names caches
-    (BACKBONE-HASH.h5, .h5.partial) are ever removed.
+    A cache another featcache process is writing is left alone. Only files featcache provably wrote are ever
+    removed: named as it names caches (BACKBONE-HASH.h5, .h5.partial), with the fingerprint that hash stands
+    for inside. A filesystem root or the home folder is refused as --cache-dir.
     """
-    from featcache.extraction.housekeeping import chosen, human_size, list_caches, parse_age, parse_size, remove
+    from featcache.extraction.housekeeping import (chosen, human_size, list_caches, parse_age, parse_size,
+                                                   prunable_folder, remove)
 
     age = parse_age(older_than) if older_than is not None else None
     size = parse_size(larger_than) if larger_than is not None else None
-    doomed = chosen(list_caches(cache_dir, list(runs_dirs)), age, size, unused)
+    caches = list_caches(prunable_folder(cache_dir), list(runs_dirs))
+    doomed = chosen(caches, age, size, unused)
+    foreign = [c for c in caches if c.state == "foreign"]
+    if foreign:
+        click.echo(f"left {len(foreign)} file(s) named like caches that featcache cannot prove it wrote (no "
+                   f"fingerprint matching the name), e.g. {foreign[0].path}")
     freed, busy = 0, []
     for c in doomed:
         if dry_run:

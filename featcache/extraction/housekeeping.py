@@ -2,7 +2,8 @@
 
 Flow: cli (browse) -> **housekeeping** (reads store's layout). A cache is ``<backbone>-<hash12>.h5`` with its
 ``.timing.json``, or an unfinished ``<backbone>-<hash12>.h5.partial``; nothing else in the folder is listed or
-touched. Its users are the run folders (``record.json``: ``caches``), sweep folders (``sweep.json``: ``caches``)
+touched, and a file with such a name is removed only where featcache provably wrote it (its stored fingerprint
+hashes to the name's hash); prune refuses a filesystem root and the home folder as --cache-dir. Its users are the run folders (``record.json``: ``caches``), sweep folders (``sweep.json``: ``caches``)
 and rankings (``ranks/*/rows.jsonl``: each model's ``cache``) under the runs folders given, matched by file name
 (the fingerprint's hash), so runs copied elsewhere still count. A cache whose lock another featcache process holds
 (being written) is never removed.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import re
 import time
@@ -32,7 +34,7 @@ class CacheFile:
     dataset: str  # the folder below the cache folder (digits, folder-photos ...)
     backbone: str
     hash: str
-    state: str  # complete | partial | damaged
+    state: str  # complete | partial | foreign (not provably featcache's: never removed)
     size: int  # bytes, its timing file included
     modified: float  # seconds since the epoch
     users: list[str] = field(default_factory=list)  # run and sweep folders that read it
@@ -58,20 +60,31 @@ def list_caches(cache_dir: Path, runs_dirs: list[Path]) -> list[CacheFile]:
         size = stat.st_size + (timing.stat().st_size if timing.is_file() else 0)
         final = path.name.removesuffix(".partial")
         found.append(CacheFile(path, str(path.parent.relative_to(cache_dir)), match["backbone"], match["hash"],
-                               "partial" if match["partial"] else _state(path), size, stat.st_mtime,
+                               _state(path, match["hash"], bool(match["partial"])), size, stat.st_mtime,
                                sorted(users.get(final, []))))
     return sorted(found, key=lambda c: c.modified)
 
 
-def _state(path: Path) -> str:
-    """complete, or damaged where the file is not a finished featcache cache (its attributes say)."""
+def _state(path: Path, name_hash: str, partial: bool) -> str:
+    """complete or partial where featcache provably wrote the file: an HDF5 file of featcache's format whose
+    stored fingerprint hashes to the hash in its name; else foreign (damaged, or another program's file that
+    only looks like a cache by its name), which prune never removes."""
     import h5py
+
+    from featcache.extraction.store import FORMAT
 
     try:
         with h5py.File(path, "r") as f:
-            return "complete" if f.attrs.get("complete") and "fingerprint" in f.attrs else "damaged"
+            fingerprint = f.attrs.get("fingerprint")
+            if isinstance(fingerprint, bytes):
+                fingerprint = fingerprint.decode("utf-8", "replace")
+            ours = isinstance(fingerprint, str) and f.attrs.get("format") == FORMAT and \
+                hashlib.sha256(fingerprint.encode()).hexdigest()[:12] == name_hash
+            if not ours:
+                return "foreign"
+            return "partial" if partial else ("complete" if f.attrs.get("complete") else "foreign")
     except (OSError, ValueError):
-        return "damaged"
+        return "foreign"
 
 
 def users_of(runs_dirs: list[Path]) -> dict[str, list[str]]:
@@ -134,19 +147,32 @@ def parse_age(text: str) -> float:
     return float(match[1]) * AGES[match[2]]
 
 
+def prunable_folder(cache_dir: Path) -> Path:
+    """``--cache-dir`` for prune: never a filesystem root or the home folder (a cache folder is one featcache
+    made for its caches)."""
+    resolved = Path(cache_dir).resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise FeatcacheError(f"--cache-dir {cache_dir} is {'the filesystem root' if resolved == Path(resolved.anchor) else 'the home folder'}: "
+                             f"featcache cache prune works on a cache folder (such as ./cache); name it")
+    return Path(cache_dir)
+
+
 def chosen(caches: list[CacheFile], older_than: float | None = None, larger_than: int | None = None,
            unused: bool = False, now: float | None = None) -> list[CacheFile]:
-    """The caches that meet every criterion given (at least one must be)."""
+    """The caches that meet every criterion given (at least one must be); never a foreign file."""
     if older_than is None and larger_than is None and not unused:
         raise FeatcacheError("featcache cache prune needs at least one of --older-than, --larger-than, --unused "
                              "(add --dry-run to see what it would remove)")
     now = time.time() if now is None else now
-    return [c for c in caches if (older_than is None or now - c.modified > older_than)
+    return [c for c in caches if c.state != "foreign" and (older_than is None or now - c.modified > older_than)
             and (larger_than is None or c.size > larger_than) and (not unused or not c.users)]
 
 
 def remove(cache: CacheFile) -> bool:
-    """Remove the cache file and its timing file; False (nothing removed) where another process holds its lock."""
+    """Remove the cache file and its timing file; False (nothing removed) where another process holds its lock
+    or the file is not provably featcache's."""
+    if cache.state == "foreign":
+        return False
     final = cache.path.with_name(cache.path.name.removesuffix(".partial"))
     lock_path = final.with_name(final.name + ".lock")
     with contextlib.ExitStack() as stack:

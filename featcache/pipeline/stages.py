@@ -119,7 +119,7 @@ def _predict(request: PredictRequest, log) -> Outcome:
 
     run = resolve_run(request.run, request.runs_dir)
     if request.output is not None:
-        check_output(request.output)  # before any network is built
+        check_output(request.output, request.force)  # before any network is built
     with trusting(request.trust_pickles):
         predictions = predict_files(run, image_entries(request.images), device=request.device, top_k=request.top_k)
     if request.output is not None:

@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from featcache.errors import FeatcacheError
 from featcache.extraction.config import DEVICES
 from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
 from featcache.requests import option
@@ -55,3 +56,13 @@ class RankRequest(FeatureFields):
                             help="Where the ranking's folder goes (runs/ranks/NAME: rows.jsonl, table.csv).")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
     quiet: bool = option(False, short="-q", help=QUIET)
+
+    def config(self) -> RankRequest:
+        """The request, checked before anything is built or extracted (a pipeline's [[rank]] table is checked
+        when the file is read)."""
+        if not self.score:
+            raise FeatcacheError(f"--score needs at least one score: {', '.join(SCORERS)}")
+        if not self.backbone:
+            raise FeatcacheError("featcache rank needs --backbone: names or patterns such as 'resnet*' or "
+                                 "'timm:convnext*'")
+        return self

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.spec import LOGITS
+from featcache.backbones.weights import offline_weights
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
@@ -38,26 +39,30 @@ from featcache.sweeping.moments import moments
 from featcache.sweeping.scorers import SCORERS, scored
 
 def folder_of(request, models: list[str]) -> Path:
-    from featcache.data.datasets import dataset_key
+    """The ranking's folder: named by the dataset and a hash of everything that changes its numbers, the data's
+    identity included (as a cache's fingerprint holds it), so a manifest whose labels changed is ranked anew."""
+    from featcache.data.datasets import dataset_identity, dataset_key
 
-    key = dataset_key(request.data_request())
+    data = request.data_request()
     features = {f.name: getattr(request, f.name) for f in dataclasses.fields(FeatureFields)
-                if f.name not in ("backbone", "cache_dir")}  # everything that changes the numbers, as a cache's
+                if f.name not in ("backbone", "cache_dir", "download")}  # what changes the numbers, as a cache's
     digest = request_hash({"models": models, "scores": list(request.score), "val_fraction": request.val_fraction,
-                           **features}, 10)
+                           "data": dataset_identity(data), **features}, 10)
+    key = dataset_key(data)
     return Path(request.runs_dir) / "ranks" / f"{key}-{digest}"
 
 
 def read_rows(folder: Path) -> dict[str, dict]:
-    """model -> its row, from rows.jsonl; a line cut short by a kill is left out (that model is done again)."""
+    """model -> its latest row, from rows.jsonl; a line cut short by a kill is left out (that model is done
+    again). A failed model's row is its latest until the model is tried again: the next run retries it."""
     out = {}
     path = folder / "rows.jsonl"
     if path.exists():
         for line in path.read_text().splitlines():
             with contextlib.suppress(ValueError):
                 row = json.loads(line)
-                if isinstance(row, dict) and "model" in row:
-                    out.setdefault(row["model"], row)
+                if isinstance(row, dict) and isinstance(row.get("model"), str):
+                    out[row["model"]] = row
     return out
 
 
@@ -75,6 +80,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
     """Rank every model the request's patterns match; return the ranking's folder."""
     from tqdm.auto import tqdm
 
+    request = request.config()
     models = resolve(request.backbone, request.pretrained_only)
     if len(models) > request.max_models:
         raise FeatcacheError(f"--backbone {' '.join(request.backbone)} matches {len(models)} models, more than "
@@ -93,8 +99,8 @@ def rank(request, log=print, progress: bool = True) -> Path:
     with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"waiting for another featcache rank "
                                                                           f"writing {folder} ...")):
         done = read_rows(folder)
-        todo = [m for m in models if m not in done]
-        if done:
+        todo = [m for m in models if done.get(m, {}).get("status") != "ok"]  # failures are tried again
+        if len(todo) < len(models):
             log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
         bar = tqdm(total=len(models), initial=len(models) - len(todo), unit="model", desc="rank",
                    disable=not progress, leave=False)
@@ -102,13 +108,20 @@ def rank(request, log=print, progress: bool = True) -> Path:
         with bar, open(folder / "rows.jsonl", "a") as out:
             for start in range(0, len(todo), request.models_at_once):
                 group = todo[start:start + request.models_at_once]
-                for row in _group(request, group, needs_rows, bar, log):
+                with offline_weights(not request.download):
+                    rows_made = _group(request, group, needs_rows, bar, log)
+                for row in rows_made:
                     out.write(json.dumps(row) + "\n")
                     out.flush()
                     done[row["model"]] = row
                     bar.update()
         rows = [done[m] for m in models]
         table = write_table(folder, rows, list(request.score))
+        if all(r["status"] != "ok" for r in rows):
+            for r in rows:
+                log(f"  {r['model']}: {r['reason']}")
+            raise FeatcacheError(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
+                                 f"nothing is ranked")
         if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
             confirm(request, folder, table, log)
         _prune(request, rows, log)

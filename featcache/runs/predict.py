@@ -38,12 +38,37 @@ def predict_files(run_dir: Path, files: list[Path], device: str = "auto", batch_
     return [(f, [(classes[int(k)], float(proba[i, k])) for k in ranked]) for i, (f, ranked) in enumerate(zip(files, order))]
 
 
-def check_output(path: Path) -> Path:
-    """``--output``'s file, if featcache can write its kind: .csv or .parquet."""
+COLUMNS = ["file", "rank", "label", "probability"]
+
+
+def check_output(path: Path, force: bool = False) -> Path:
+    """``--output``'s file, if featcache can write its kind (.csv or .parquet) and may replace what is there:
+    nothing, a predictions table featcache wrote, or anything with ``force`` (a manifest given as the images
+    is never lost to a typo)."""
     path = Path(path)
     if path.suffix not in (".csv", ".parquet"):
         raise FeatcacheError(f"--output {path}: predictions are written as .csv or .parquet; name the file so")
+    if path.is_dir():
+        raise FeatcacheError(f"--output {path} is a folder: give a file name")
+    if path.exists() and not force and not _ours(path):
+        raise FeatcacheError(f"--output {path} exists and is not a predictions table featcache wrote: choose another "
+                             f"file, or pass --force to replace it")
     return path
+
+
+def _ours(path: Path) -> bool:
+    """A predictions table: its columns are exactly file, rank, label, probability."""
+    if not path.is_file():
+        return False
+    try:
+        if path.suffix == ".csv":
+            with open(path, "rb") as f:
+                return f.readline(4096).decode("utf-8", "replace").strip() == ",".join(COLUMNS)
+        import pyarrow.parquet as pq
+
+        return list(pq.read_schema(path).names) == COLUMNS
+    except Exception:  # unreadable, or no pyarrow: not provably ours
+        return False
 
 
 def write_predictions(path: Path, predictions: list) -> Path:
@@ -55,13 +80,15 @@ def write_predictions(path: Path, predictions: list) -> Path:
         ranked = rest[0] if len(rest) == 1 else [tuple(rest)]
         rows += [{"file": str(file), "rank": r, "label": label, "probability": p}
                  for r, (label, p) in enumerate(ranked, start=1)]
-    table = pd.DataFrame(rows, columns=["file", "rank", "label", "probability"])
-    path = check_output(path)
-    if path.suffix == ".csv":
-        atomic_write(path, table.to_csv(index=False))
-    else:
-        try:
+    table = pd.DataFrame(rows, columns=COLUMNS)
+    path = Path(path)
+    try:
+        if path.suffix == ".csv":
+            atomic_write(path, table.to_csv(index=False))
+        else:
             atomic_write(path, lambda tmp: table.to_parquet(tmp, index=False))
-        except ImportError:
-            raise FeatcacheError(f"--output {path}: Parquet needs pyarrow (pip install pyarrow); or write .csv") from None
+    except ImportError:
+        raise FeatcacheError(f"--output {path}: Parquet needs pyarrow (pip install pyarrow); or write .csv") from None
+    except OSError as exc:
+        raise FeatcacheError(f"cannot write --output {path}: {exc.strerror or exc}") from None
     return path

@@ -31,4 +31,5 @@ class PredictRequest:
     output: Path | None = option(None, writes=True, metavar="FILE",
                                  help="Also write the predictions to FILE: .csv or .parquet (one row per image and "
                                       "rank: file, rank, label, probability).")
+    force: bool = option(False, help="Replace --output even if featcache did not write that file.")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
