@@ -14,6 +14,11 @@ class FeatcacheError(Exception):
     """A problem with the user's input or environment, with the fix in the message."""
 
 
+class DataError(FeatcacheError):
+    """A problem with the dataset itself (its files, labels or limits): the same for every backbone, so a
+    stage that goes on past one model's failure (``rank``) stops on it instead."""
+
+
 def closest(name: str, known: Iterable[str]) -> str | None:
     """The known name closest to ``name``, or None when nothing is close."""
     matches = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -289,6 +290,24 @@ def test_predict_on_files_matches_the_cached_evaluation(tmp_path, image_folder):
     bad = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--output", tmp_path / "p.txt",
                   *files)
     assert bad.exit_code == 2 and "--output " in bad.output and "written as .csv or .parquet" in bad.output
+    # --output replaces its own predictions, never a user's file (a manifest given as the images) without --force
+    again = run_cli("predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", "--output",
+                    table, *files[:2])
+    assert again.exit_code == 0 and len(list(csv.DictReader(table.open()))) == 2
+    manifest = tmp_path / "labels.csv"
+    manifest.write_text("path,label\n" + "".join(f"{f},{f.parent.name}\n" for f in files))
+    kept = manifest.read_text()
+    base = ["predict", "--run", run.name, "--runs-dir", tmp_path / "runs", "--device", "cpu", manifest]
+    refused = run_cli(*base, "--output", manifest)
+    assert refused.exit_code == 2 and "is not a predictions table featcache wrote" in refused.output
+    assert manifest.read_text() == kept
+    for where, message in ((tmp_path / "runs", "is a folder: give a file name"),
+                           (manifest / "p.csv", "is a file, so nothing can be written below it"),
+                           (Path("/proc/p.csv"), "cannot write --output /proc/p.csv")):
+        result = run_cli(*base, "--output", where)
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output, result.output
+    forced = run_cli(*base, "--output", manifest, "--force")
+    assert forced.exit_code == 0 and manifest.read_text().startswith("file,rank,label,probability")
 
 
 def test_predict_errors(tmp_path):

@@ -226,3 +226,61 @@ def test_leep_and_nce_read_the_logits_tap_which_is_the_models_own_output(tmp_pat
     headless = dataclasses.replace(TINY, name="rank_headless", build=lambda w: torch.nn.Sequential(TinyNet().stem))
     with pytest.raises(FeatcacheError, match="rank_headless has no source classifier .*LEEP and NCE need one"):
         with_logits(headless)
+
+
+def test_a_failed_model_is_tried_again_and_every_model_failing_is_an_error(tmp_path, monkeypatch):
+    import featcache.ranking.run as run
+
+    real, calls = run._scored, []
+
+    def fails_first(request, name, *args):
+        calls.append(name)
+        if calls.count(name) == 1:
+            raise FeatcacheError("cannot write in folder /nowhere: choose another --cache-dir")
+        return real(request, name, *args)
+
+    monkeypatch.setattr(run, "_scored", fails_first)
+    args = ["rank", "--backbone", "rank_a", "--backbone", "rank_b", *ARGS, "--score", "hscore", "--cache-dir",
+            str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    first = CliRunner().invoke(cli, args)
+    assert first.exit_code == 2 and "every model failed (2;" in first.output and "/nowhere" in first.output
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "resuming" not in again.output, again.output
+    assert calls == ["rank_a", "rank_b", "rank_a", "rank_b"]
+    [folder] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    assert set(pd.read_csv(folder / "table.csv")["status"]) == {"ok"}
+
+
+def test_a_ranking_is_keyed_by_the_data_so_changed_labels_are_ranked_anew(tmp_path):
+    import source_fixtures as fx
+
+    items = fx.sample_images(per_class=6)
+    manifest = fx.as_manifest(tmp_path / "m.csv", fx.as_folder(tmp_path / "f", items), items)
+    args = ["rank", "--backbone", "rank_a", "--data-dir", str(manifest), *ARGS[4:], "--score", "hscore",
+            "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    manifest.write_text(manifest.read_text().replace(",ant,", ",bee,", 2))  # two labels changed
+    again = CliRunner().invoke(cli, args)
+    assert again.exit_code == 0 and "resuming" not in again.output, again.output
+    assert len(list((tmp_path / "runs" / "ranks").glob("[!.]*"))) == 2
+
+
+def test_offline_a_model_without_cached_weights_is_one_line_and_nothing_is_downloaded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # an empty cache of torchvision's weights
+    result = CliRunner().invoke(cli, ["rank", "--backbone", "resnet18", *ARGS[:4], "--image-size", "32", "-q",
+                                      "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "Downloading" not in result.output and "Traceback" not in result.output
+    assert "resnet18: the imagenet weights of resnet18 are not cached locally" in result.output
+    assert "nothing is downloaded without --download" in result.output
+    assert not (tmp_path / "torch" / "hub" / "checkpoints").exists() or \
+        not list((tmp_path / "torch" / "hub" / "checkpoints").iterdir())
+
+
+def test_a_rank_table_in_a_pipeline_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.toml").write_text('[pipeline]\nname = "p"\n[defaults]\nweights = "random"\nimage-size = 32\n'
+                                     'device = "cpu"\nlimit-train = 120\nlimit-test = 40\n'
+                                     '[[rank]]\nbackbone = ["rank_a", "rank_b"]\nscore = "hscore"\n')
+    result = CliRunner().invoke(cli, ["run", "p.toml"])
+    assert result.exit_code == 0, result.output
+    assert len(list((tmp_path / "runs" / "p" / "ranks").glob("[!.]*/table.csv"))) == 1

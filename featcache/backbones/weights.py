@@ -130,7 +130,7 @@ def build_backbone(spec: BackboneSpec, weights: str, seed: int):
     w = pretrained(spec, weights)
     if w is not None:
         try:
-            with contextlib.redirect_stderr(io.StringIO()) if _OFFLINE else contextlib.nullcontext():
+            with contextlib.redirect_stdout(io.StringIO()) if _OFFLINE else contextlib.nullcontext():
                 model = spec.build(w)  # offline, torch.hub's "Downloading: ..." would announce what never happens
         except Exception as exc:  # no network: URLError, OSError, huggingface_hub's errors, RuntimeError ...
             if _OFFLINE:

@@ -18,7 +18,7 @@ from featcache.data import hub, manifest, shards, torchvision_sets  # noqa: F401
 from featcache.data.images import IMAGE_SUFFIXES, images_in
 from featcache.data.source import (DATASETS, SPLITS, Dataset, DatasetEntry, DataRequest, Split, files_identity,
                                    leakage, limit, rgb_uint8, split_train_test)
-from featcache.errors import FeatcacheError
+from featcache.errors import DataError, FeatcacheError
 
 __all__ = ["DATASETS", "Dataset", "DatasetEntry", "DataRequest", "Split", "dataset_identity", "dataset_key",
            "image_entries", "load_dataset"]
@@ -82,9 +82,25 @@ def dataset_identity(request: DataRequest) -> dict:
 
 
 def load_dataset(request: DataRequest) -> Dataset:
-    """Load the dataset and apply the stratified ``--limit-train/--limit-test`` subsets."""
+    """Load the dataset and apply the stratified ``--limit-train/--limit-test`` subsets; a problem with the data
+    is a :class:`~featcache.errors.DataError`."""
+    try:
+        return _load(request)
+    except DataError:
+        raise
+    except FeatcacheError as exc:
+        raise DataError(str(exc)) from None
+
+
+def _load(request: DataRequest) -> Dataset:
     data = DATASETS.lookup(request.name).load(request)
     limits = {"train": request.limit_train, "test": request.limit_test}
+    for name, n in limits.items():
+        present = len(np.unique(data.splits[name].labels))
+        if n is not None and n < present:
+            raise FeatcacheError(f"--limit-{name} {n} is fewer than the {present} classes of the {name} split: a "
+                                 f"stratified subset needs at least one image of each; use --limit-{name} {present} "
+                                 f"or more")
     splits = {name: limit(split, limits[name], request.seed) for name, split in data.splits.items()}
     notes = data.notes + tuple(n for n in [leakage(splits["train"], splits["test"])] if n)
     return Dataset(data.key, data.classes, splits, data.about, notes)

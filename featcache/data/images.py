@@ -20,14 +20,14 @@ import numpy as np
 
 from featcache.data.preprocess import PreprocessConfig, resize_plan
 from featcache.data.safe import UnsafeFile, read_regular
-from featcache.errors import FeatcacheError
+from featcache.errors import DataError, FeatcacheError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
-class BadImage(FeatcacheError):
+class BadImage(DataError):
     """A file that is not a readable image; the message names it."""
 
 

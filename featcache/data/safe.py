@@ -273,10 +273,17 @@ def label_classes(values: dict[str, list], where: str, names: list[str] | None =
                          f"image and are left out ({_list([names[k] for k in range(len(names)) if k not in set(distinct)])})")
     else:
         shown = [str(v) for v in distinct]
-        if numeric and distinct and distinct != list(range(distinct[0], distinct[-1] + 1)):
-            gaps = sorted(set(range(distinct[0], distinct[-1] + 1)) - set(distinct))
+        missing_between = distinct[-1] - distinct[0] + 1 - len(distinct) if numeric and distinct else 0
+        if missing_between > MAX_CLASSES:
+            raise FeatcacheError(f"{where}'s integer labels run from {distinct[0]:,} to {distinct[-1]:,} with "
+                                 f"{len(distinct)} present: class numbers that far apart are beyond featcache's "
+                                 f"{MAX_CLASSES:,} classes; check the labels")
+        if missing_between:  # counted, and the first few named, without a list as long as the largest label
+            gaps = (g for a, b in zip(distinct, distinct[1:]) for g in range(a + 1, min(b, a + 8)))
+            first = [str(g) for _, g in zip(range(6), gaps)]
             notes.append(f"{where}'s classes are the {len(distinct)} integer labels present ({_list(shown)}); "
-                         f"{len(gaps)} integer(s) between them have no image ({_list(map(str, gaps))})")
+                         f"{missing_between:,} integer(s) between them have no image ({', '.join(first)}"
+                         f"{' ...' if missing_between > len(first) else ''})")
     number = {v: k for k, v in enumerate(distinct)}
     labels = {s: np.asarray([number[v] for v in out], dtype=np.int64) for s, out in parsed.items()}
     return tuple(shown), labels, notes

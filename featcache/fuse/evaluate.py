@@ -36,6 +36,9 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int,
         raise FeatcacheError(f"--val-fraction must lie between 0 and 1. Got {fraction} instead.")
     rows = np.arange(len(labels))
     n_val = max(1, int(round(fraction * len(labels))))
+    if n_val >= len(labels):
+        raise FeatcacheError(f"the training split holds {len(labels)} image(s): too few to hold out a validation "
+                             f"share (--val-fraction {fraction}) and fit on the rest; raise --limit-train")
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None
     train, val = train_test_split(rows, test_size=n_val, random_state=seed, stratify=stratify)

@@ -26,7 +26,7 @@ import numpy as np
 
 from featcache.backbones.spec import LOGITS
 from featcache.backbones.weights import offline_weights
-from featcache.errors import FeatcacheError
+from featcache.errors import DataError, FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
 from featcache.extraction.store import timing_file
@@ -139,6 +139,8 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
     quiet = lambda message: None  # noqa: E731  (the bar says what happens)
     try:
         results = {r.backbone: r for r in extract(_config(request, group), progress=False, log=quiet)}
+    except DataError:
+        raise  # the data's own problem is every model's: said once, not recorded as a model's failure
     except Exception as exc:  # one model that fails must not fail the others: each alone, to find it
         if len(group) == 1:
             return [_failed(group[0], exc)]
