@@ -20,7 +20,7 @@ typed values; errors raise FeatcacheError naming the keyword.
 
 from featcache.errors import FeatcacheError
 
-__version__ = "0.1.0"
+from featcache._version import __version__  # noqa: E402,F401  (re-exported)
 API = ("extract", "load_features", "fuse_train", "sweep", "rank", "finetune", "predict", "report", "runs_table",
        "run_pipeline")
 __all__ = ["FeatcacheError", *API]

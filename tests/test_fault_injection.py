@@ -8,10 +8,13 @@ traceback, never code run, never a huge allocation (the whole module runs under 
 limit, so an absurd allocation fails fast instead of swapping).
 """
 
+import io
 import json
+import pickle
 import random
 import resource
 import shutil
+import tarfile
 from pathlib import Path
 
 import h5py
@@ -217,3 +220,85 @@ def _wrong_cache(target: Path, kind: str) -> None:
         f["test"].create_dataset("labels", data=labels[:5])
         if kind == "cache.partial":
             f.attrs["complete"] = False
+
+
+# --- the data readers and the rank folder (issue 38): each source's own files, damaged every way -------------
+
+DATA_FLAGS = ["--backbone", "tiny", "--weights", "random", "--image-size", "16", "--device", "cpu", "--dtype",
+              "float32", "--num-workers", "0", "-q"]
+
+
+@pytest.fixture(scope="module")
+def data_world(tmp_path_factory):
+    """One small dataset in every on-disk source format, and a finished ranking."""
+    import source_fixtures as fx
+    from cifar_fixture import write_cifar10
+
+    root = tmp_path_factory.mktemp("data-world")
+    items = fx.sample_images(per_class=4)
+    folder = fx.as_folder(root / "folder", items)
+    fx.as_manifest(root / "m.csv", folder, items)
+    fx.as_shards(root / "shards", items, per_shard=20)
+    fx.hf_dataset(items).save_to_disk(root / "hf")
+    write_cifar10(root / "cifar", per_batch=4, n_test=6)
+    ranked = invoke("rank", "--backbone", "tiny", *DATA_FLAGS[2:], "--limit-train", "60", "--limit-test", "20",
+                    "--score", "hscore", "--cache-dir", root / "cache", "--runs-dir", root / "runs")
+    assert ranked.exit_code == 0, ranked.output
+    return root
+
+
+DATA_KINDS = {  # kind -> (the file below the world, the command that reads it)
+    "manifest.csv": ("m.csv", ["extract", "--data-dir", "m.csv"]),
+    "shard.tar": ("shards/train-000000.tar", ["extract", "--data-dir", "shards"]),
+    "hf state.json": ("hf/train/state.json", ["extract", "--data-dir", "hf"]),
+    "hf data.arrow": ("hf/train/data-00000-of-00001.arrow", ["extract", "--data-dir", "hf"]),
+    "cifar batch": ("cifar/cifar-10-batches-py/data_batch_2", ["extract", "--dataset", "cifar10", "--data-dir",
+                                                              "cifar"]),
+    "rank rows.jsonl": ("runs/ranks/*/rows.jsonl", ["rank", "--backbone", "tiny", "--limit-train", "60",
+                                                     "--limit-test", "20", "--score", "hscore", "--runs-dir", "runs"]),
+}
+
+
+def _data_wrong(kind: str, original: bytes) -> bytes:
+    """The right format holding the wrong things."""
+    if kind == "manifest.csv":
+        return b"path,label\n../../../../dev/zero,NA\n" + original.split(b"\n", 1)[1]
+    if kind == "shard.tar":
+        out = io.BytesIO()
+        with tarfile.open(fileobj=out, mode="w") as tar:
+            for name, data in (("a.png", b"\x89PNG not really"), ("a.cls", b"[1]"), ("b.cls", b"--1")):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return out.getvalue()
+    if kind == "hf state.json":
+        return json.dumps({"_data_files": [{"filename": "/etc/passwd"}], "_split": 3}).encode()
+    if kind == "cifar batch":
+        return pickle.dumps({"data": "pixels", "labels": [[1], {"a": 2}]}, protocol=2)
+    if kind == "rank rows.jsonl":
+        return (json.dumps({"model": "tiny", "status": "ok", "taps": 5}) + "\n" +
+                json.dumps({"model": "tiny", "status": "ok", "taps": [{"tap": "x", "width": "wide"}]}) + "\n").encode()
+    return original[:200] + bytes(range(256)) * 4  # an Arrow stream whose batches are noise
+
+
+DATA_CASES = [(kind, how) for kind in DATA_KINDS for how in ("empty", "truncated", "random", "wrong content")]
+
+
+@pytest.mark.parametrize(("kind", "how"), DATA_CASES, ids=[f"{k}-{h}" for k, h in DATA_CASES])
+def test_every_data_reader_of_a_damaged_file_says_one_line_or_carries_on(tmp_path, data_world, kind, how):
+    root = tmp_path / "w"
+    shutil.copytree(data_world, root, symlinks=True)
+    where, args = DATA_KINDS[kind]
+    [target] = root.glob(where)
+    original = target.read_bytes()
+    target.write_bytes(_data_wrong(kind, original) if how == "wrong content" else
+                       damaged(kind, how, original, original))
+    args = [root / a if (root / a).exists() else a for a in args]
+    result = invoke(*args, *[f for f in DATA_FLAGS if f not in args], "--cache-dir", root / "c2")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert "Traceback" not in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    if result.exit_code != 0:
+        errors = [line for line in lines if line.startswith("Error: ")]
+        assert result.exit_code == 2 and len(errors) == 1, result.output
+    assert not list((root / "c2").rglob("*.partial"))

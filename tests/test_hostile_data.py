@@ -293,7 +293,7 @@ def test_odd_labels_and_names_are_one_line_or_read_as_meant(tmp_path):
     deep = "[" * 30_000 + "]" * 30_000  # 60 KB, 30,000 levels: past any recursion limit
     for label, message in ((b'{"label": [1, 2]}', r"has label list: a label is one class name or integer"),
                            (deep.encode(), r"is not JSON"),
-                           (b'{"label": "cat"}', r"mixes integer labels \(in train\) with text labels \(in test\)")):
+                           (b'{"label": "cat"}', r"mixes integer labels \(0 in train\) with text labels \('cat' in test\)")):
         for shard in root.glob("test*.tar"):
             _rewrite_json(shard, label)
         with pytest.raises(FeatcacheError, match=message):

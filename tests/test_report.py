@@ -100,7 +100,8 @@ def test_report_command_and_its_errors(report_runs, tmp_path, monkeypatch):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     bad = CliRunner().invoke(cli, ["report", str(runs[0]), "-o", str(blocker / "r.html"), "--gradcam-images", "0"])
-    assert bad.exit_code == 2 and f"Error: cannot write {blocker / 'r.html'}" in bad.output
+    assert bad.exit_code == 2 and f"Error: --out {blocker / 'r.html'}: {blocker} is a file, so nothing can be " \
+        f"written below it" in bad.output
     assert len(bad.output.strip().splitlines()) == 1
     # a folder that exists but takes no file (issue 12: /proc/x.html drew every run, then failed): refused first
     locked = tmp_path / "locked"

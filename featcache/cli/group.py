@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import click
 
-from featcache import __version__
+from featcache._version import __version__
 from featcache.errors import FeatcacheError
 
 

@@ -95,12 +95,6 @@ def load_dataset(request: DataRequest) -> Dataset:
 def _load(request: DataRequest) -> Dataset:
     data = DATASETS.lookup(request.name).load(request)
     limits = {"train": request.limit_train, "test": request.limit_test}
-    for name, n in limits.items():
-        present = len(np.unique(data.splits[name].labels))
-        if n is not None and n < present:
-            raise FeatcacheError(f"--limit-{name} {n} is fewer than the {present} classes of the {name} split: a "
-                                 f"stratified subset needs at least one image of each; use --limit-{name} {present} "
-                                 f"or more")
     splits = {name: limit(split, limits[name], request.seed) for name, split in data.splits.items()}
     notes = data.notes + tuple(n for n in [leakage(splits["train"], splits["test"])] if n)
     return Dataset(data.key, data.classes, splits, data.about, notes)

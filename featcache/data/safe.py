@@ -223,7 +223,7 @@ def label_classes(values: dict[str, list], where: str, names: list[str] | None =
     """
     row = row or (lambda split, k: f"row {k} of the {split} split")
     parsed: dict[str, list] = {}
-    kinds: dict[str, set] = {}
+    kinds: dict[str, dict] = {}  # "int" / "text" -> split -> its first such label
     missing = []
     for split, raw in values.items():
         out = []
@@ -237,16 +237,16 @@ def label_classes(values: dict[str, list], where: str, names: list[str] | None =
                 shown = type(value).__name__ if isinstance(value, (list, dict, tuple)) else repr(value)[:40]
                 raise FeatcacheError(f"{row(split, k)} of {where} has label {shown}: a label is one class name "
                                      f"or integer")
-            kinds.setdefault(kind, set()).add(split)
+            kinds.setdefault(kind, {}).setdefault(split, v)
             out.append(v)
         parsed[split] = out
     if missing:
         raise FeatcacheError(f"{len(missing)} row(s) of {where} have no label (empty, NA, NaN, null ...; first: "
                              f"{row(*missing[0])}): every image needs a label; remove those rows or fill them in")
     if len(kinds) > 1:
-        ints, texts = sorted(kinds["int"]), sorted(kinds["text"])
-        raise FeatcacheError(f"{where} mixes integer labels (in {', '.join(ints)}) with text labels (in "
-                             f"{', '.join(texts)}): give every split labels of one kind")
+        (int_split, number), (text_split, text) = next(iter(kinds["int"].items())), next(iter(kinds["text"].items()))
+        raise FeatcacheError(f"{where} mixes integer labels ({number} in {int_split}) with text labels "
+                             f"({text[:40]!r} in {text_split}): give every row a label of one kind")
     numeric = "int" in kinds
     distinct = sorted({v for out in parsed.values() for v in out})
     if len(distinct) > MAX_CLASSES:

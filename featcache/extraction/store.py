@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__
+from featcache._version import __version__
 from featcache.errors import FeatcacheError
 from featcache.files import atomic_write, lock
 

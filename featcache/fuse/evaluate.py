@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache.errors import DataError, FeatcacheError
 from featcache.fuse.torch_stack import fit_stacked, stackable
 
 MIN_VAL_PER_CLASS = 20  # fewer validation images of a class than this: choices made on it are noise
@@ -37,7 +37,7 @@ def validation_split(labels: np.ndarray, fraction: float, seed: int,
     rows = np.arange(len(labels))
     n_val = max(1, int(round(fraction * len(labels))))
     if n_val >= len(labels):
-        raise FeatcacheError(f"the training split holds {len(labels)} image(s): too few to hold out a validation "
+        raise DataError(f"the training split holds {len(labels)} image(s): too few to hold out a validation "
                              f"share (--val-fraction {fraction}) and fit on the rest; raise --limit-train")
     counts = np.bincount(labels)
     stratify = labels if counts[counts > 0].min() >= 2 and n_val >= (counts > 0).sum() else None

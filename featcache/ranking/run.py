@@ -58,12 +58,28 @@ def read_rows(folder: Path) -> dict[str, dict]:
     out = {}
     path = folder / "rows.jsonl"
     if path.exists():
-        for line in path.read_text().splitlines():
-            with contextlib.suppress(ValueError):
+        for line in path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
-                if isinstance(row, dict) and isinstance(row.get("model"), str):
+                if _well_formed(row):
                     out[row["model"]] = row
     return out
+
+
+def _well_formed(row) -> bool:
+    """A row this code wrote: a failure with its reason, or a model's taps each with a width and finite-or-null
+    scores. Anything else (a damaged or foreign line) is passed over, and its model done again."""
+    if not isinstance(row, dict) or not isinstance(row.get("model"), str):
+        return False
+    if row.get("status") == "failed":
+        return isinstance(row.get("reason"), str)
+    taps = row.get("taps")
+    return row.get("status") == "ok" and isinstance(taps, list) and all(
+        isinstance(t, dict) and isinstance(t.get("tap"), str) and isinstance(t.get("width"), int)
+        and isinstance(t.get("scores"), dict)
+        and all(v is None or isinstance(v, (int, float)) for v in t["scores"].values()) for t in taps) and \
+        all(row.get(k) is None or isinstance(row.get(k), (int, float)) for k in ("params", "images_per_s")) and \
+        isinstance(row.get("cache", ""), str)
 
 
 def _end_line(path: Path) -> None:

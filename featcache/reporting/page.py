@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache import __version__
+from featcache._version import __version__
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import resolve_device
 from featcache.data.datasets import load_dataset
