@@ -29,14 +29,8 @@ from bench_data import tiled_digits
 from usual_recipe import PilImages, trunk
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import (
-    autocast,
-    cpu_has_native_bf16,
-    onednn_isa_cap,
-    resolve_device,
-    resolve_precision,
-    tap_model,
-)
+from featcache.device import autocast, cpu_has_native_bf16, onednn_isa_cap, resolve_device, resolve_precision
+from featcache.backbones.taps import tap_model
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig, to_input
 from featcache.extraction.config import ExtractConfig, preprocess_for

@@ -30,7 +30,7 @@ import torch
 from bench_data import tiled_digits
 from usual_recipe import MEAN, STD, trunk
 
-from featcache.backbones.taps import resolve_device
+from featcache.device import resolve_device
 from featcache.data.datasets import load_dataset
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig

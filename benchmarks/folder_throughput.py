@@ -33,7 +33,7 @@ import torch
 from extract_throughput import cpu_name
 from usual_recipe import MEAN, STD, trunk
 
-from featcache.backbones.taps import cpu_has_native_bf16, resolve_device, resolve_precision
+from featcache.device import cpu_has_native_bf16, resolve_device, resolve_precision
 from featcache.data.datasets import DATASETS, DataRequest, Dataset, DatasetEntry, Split, load_dataset
 from featcache.data.images import load_image
 from featcache.data.preprocess import PreprocessConfig

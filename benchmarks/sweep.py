@@ -36,7 +36,7 @@ import numpy as np
 from bench_data import tiled_digits
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device, resolve_precision
+from featcache.device import resolve_device, resolve_precision
 from featcache.data.preprocess import PreprocessConfig
 from featcache.extraction.config import ExtractConfig
 from featcache.extraction.run import extract

@@ -42,7 +42,7 @@ def trunk(name: str, device):
     """The backbone with its classifier replaced by Identity, as the studies build it (timm: reset_classifier)."""
     spec = BACKBONES.lookup(name)
     net = build_backbone(spec, "random", 0)
-    if spec.source == "timm":
+    if spec.model_source == "timm":
         net.reset_classifier(0)
     else:
         for prefix in spec.head_prefixes:

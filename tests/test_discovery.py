@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from featcache.backbones.discovery import _torchvision_spec, discover
+from featcache.backbones.discovery import discover
+from featcache.backbones.sources.torchvision_models import _torchvision_spec
 from featcache.backbones.registry import BACKBONES
 from featcache.backbones.taps import as_grid, from_grid, map_extractor, pool
 from featcache.backbones.weights import build_backbone, input_defaults
@@ -184,7 +185,7 @@ def _taps_of(name: str):
     """(name, (tap strides) or the one-line reason discovery refused it), in a worker process."""
     import tiny  # noqa: F401  (the suite's CPU rules, as in every test process)
 
-    from featcache.backbones.discovery import _torchvision_spec
+    from featcache.backbones.sources.torchvision_models import _torchvision_spec
     from featcache.errors import FeatcacheError
 
     try:
@@ -200,7 +201,7 @@ def test_every_torchvision_classification_model_has_its_taps_found_on_the_meta_d
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from featcache.backbones.discovery import torchvision_names
+    from featcache.backbones.sources.torchvision_models import torchvision_names
 
     names = torchvision_names()
     assert len(names) >= 80 and "maxvit_t" in names
@@ -210,3 +211,46 @@ def test_every_torchvision_classification_model_has_its_taps_found_on_the_meta_d
     assert not refused, refused
     for name, strides in found.items():
         assert len(strides) >= 3 and list(strides) == sorted(strides) and strides[-1] >= 14, (name, strides)
+
+
+def test_a_model_source_registered_in_one_place_is_extracted_ranked_and_listed(tmp_path, monkeypatch):
+    """Adding a library is one ModelSource and its registration: discovery, rank's patterns and
+    `featcache backbones --all` all ask the registry, nothing else names the source."""
+    import dataclasses
+
+    from click.testing import CliRunner
+    from tiny import TINY
+
+    from featcache.backbones.sources import MODEL_SOURCES
+    from featcache.backbones.sources.torchvision_models import TorchvisionSource
+    from featcache.cli.commands import cli
+
+    class ToySource(TorchvisionSource):  # a torch module cut as torchvision's are; its own names and specs
+        prefix = "toy:"
+
+        def names(self):
+            return ["toy:small", "toy:large"]
+
+        def discover(self, name):
+            if name not in self.names():  # as timm's entry does for a name timm does not know
+                from featcache.backbones.sources import unknown_backbone
+
+                raise unknown_backbone(name)
+            return dataclasses.replace(TINY, name=name, model_source="toy", weights_name=None)
+
+    monkeypatch.setitem(MODEL_SOURCES, "toy", ToySource())
+    discover.cache_clear()
+    listed = CliRunner().invoke(cli, ["backbones", "--all", "toy:*"])
+    assert listed.exit_code == 0 and listed.stdout.split() == ["toy:small", "toy", "toy:large", "toy"]
+    common = ["--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train", "60", "--limit-test",
+              "20", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"), "-q"]
+    done = CliRunner().invoke(cli, ["extract", "--backbone", "toy:small", *common])
+    assert done.exit_code == 0, done.output
+    ranked = CliRunner().invoke(cli, ["rank", "--backbone", "toy:*", *common, "--score", "hscore",
+                                      "--runs-dir", str(tmp_path / "runs")])
+    assert ranked.exit_code == 0, ranked.output
+    [table] = (tmp_path / "runs" / "ranks").glob("*/table.csv")
+    assert set(__import__("pandas").read_csv(table)["model"]) == {"toy:small", "toy:large"}
+    wrong = CliRunner().invoke(cli, ["extract", "--backbone", "toy:smal", *common])
+    assert wrong.exit_code == 2 and "did you mean" in wrong.output and "toy:small" in wrong.output
+    discover.cache_clear()

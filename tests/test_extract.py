@@ -192,7 +192,7 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bf16, expected", [(True, "bf16"), (False, "fp16")])
 def test_auto_precision_is_half_autocast_on_a_gpu(monkeypatch, bf16, expected):
-    from featcache.backbones.taps import resolve_precision
+    from featcache.device import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert resolve_precision("auto", torch.device("cuda")) == expected
@@ -201,29 +201,29 @@ def test_auto_precision_is_half_autocast_on_a_gpu(monkeypatch, bf16, expected):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_on_a_cpu_is_bf16_only_where_it_multiplies_bf16_natively(monkeypatch, native):
-    from featcache.backbones import taps
+    from featcache import device as rules
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(taps, "cpu_has_native_bf16", tiny.NATIVE_BF16_CHECK)  # the suite pins fp32 (tests/tiny.py)
+    monkeypatch.setattr(rules, "cpu_has_native_bf16", tiny.NATIVE_BF16_CHECK)  # the suite pins fp32 (tests/tiny.py)
     # torch's own answer (AVX512-BF16 or AMX) ...
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    monkeypatch.setattr(taps, "cpu_flags", lambda: pytest.fail("torch answered; the flags are not read"))
-    assert taps.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
-    assert taps.resolve_precision("fp32", cpu) == "fp32"  # forcing fp32 still works
+    monkeypatch.setattr(rules, "cpu_flags", lambda: pytest.fail("torch answered; the flags are not read"))
+    assert rules.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert rules.resolve_precision("fp32", cpu) == "fp32"  # forcing fp32 still works
     # ... and the CPU flags where torch has no such query (x86 avx512_bf16 / amx_bf16, Arm bf16)
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     for flags in ({"avx2", "avx512_bf16"}, {"asimd", "bf16"}, {"amx_bf16"}):
-        monkeypatch.setattr(taps, "cpu_flags", lambda flags=flags: flags if native else {"avx2", "fma"})
-        assert taps.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+        monkeypatch.setattr(rules, "cpu_flags", lambda flags=flags: flags if native else {"avx2", "fma"})
+        assert rules.resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
     # oneDNN capped below its bf16 kernels emulates bf16: fp32, whatever the CPU has
-    monkeypatch.setattr(taps, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(rules, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"})
     for name, value in (("ONEDNN_MAX_CPU_ISA", "AVX2"), ("DNNL_MAX_CPU_ISA", "avx512_core")):
         with monkeypatch.context() as capped:
             capped.setenv(name, value)
-            assert taps.resolve_precision("auto", cpu) == "fp32"
+            assert rules.resolve_precision("auto", cpu) == "fp32"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")  # a cap above bf16 changes nothing
-    assert taps.resolve_precision("auto", cpu) == "bf16"
+    assert rules.resolve_precision("auto", cpu) == "bf16"
 
 
 def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_folder):
@@ -257,14 +257,14 @@ def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_fold
 
 @pytest.mark.parametrize("native", [True, False])
 def test_a_forced_half_precision_that_is_emulated_warns_once_with_its_cost(tmp_path, monkeypatch, native):
-    from featcache.backbones import taps
+    from featcache import device as rules
 
-    monkeypatch.setattr(taps, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(rules, "cpu_has_native_bf16", lambda: native)
     said = []
     extract(tiny_config(tmp_path, precision="bf16"), progress=False, log=said.append)
     warnings = [m for m in said if "emulated" in m]
     assert len(warnings) == (0 if native else 1)
     if warnings:
         assert "resnet50 ran 4x slower than fp32" in warnings[0] and "--precision auto picks fp32" in warnings[0]
-    assert taps.emulated("fp16", torch.device("cpu")) and not taps.emulated("auto", torch.device("cpu"))
-    assert not taps.emulated("bf16", torch.device("cuda"))
+    assert rules.emulated("fp16", torch.device("cpu")) and not rules.emulated("auto", torch.device("cpu"))
+    assert not rules.emulated("bf16", torch.device("cuda"))

@@ -8,15 +8,15 @@ import dataclasses
 import torch
 from torch import nn
 
-from featcache.backbones import taps
+from featcache import device
 from featcache.backbones.registry import BACKBONES, BackboneSpec, Tap, register_backbone
 
 # The suite compares paths exactly (stored features against a plain forward pass, a resumed
 # run against an uninterrupted one ...), so --precision auto means fp32 in every test process,
 # whichever CPU runs it; a processor with native bf16 would otherwise pick bf16. The bf16 rule
 # is tested with the detection mocked (test_extract.py), and bf16 itself with precision="bf16".
-NATIVE_BF16_CHECK = taps.cpu_has_native_bf16  # the real detection, for the tests of it
-taps.cpu_has_native_bf16 = lambda: False
+NATIVE_BF16_CHECK = device.cpu_has_native_bf16  # the real detection, for the tests of it
+device.cpu_has_native_bf16 = lambda: False
 
 
 def _stage(cin, cout):

@@ -84,7 +84,7 @@ class BackboneSpec:
         blocks: module-name prefixes of the trainable blocks in forward order, the units
             of ``--unfreeze last-N``.
         last_block: the modules ``--unfreeze last-block`` makes trainable.
-        source: ``declared``, ``torchvision`` or ``timm`` (discovered).
+        model_source: its entry in ``MODEL_SOURCES``: ``declared``, ``torchvision`` or ``timm`` (discovered).
         input: the preprocessing the weights expect; None for the declared four, whose fixed
             defaults (224 px, ImageNet mean/std, bilinear, no crop margin) their caches were made with.
         prefix_tokens: class/register tokens ahead of the patch tokens (transformers).
@@ -99,7 +99,7 @@ class BackboneSpec:
     head_prefixes: tuple[str, ...] = field(default_factory=tuple)
     blocks: tuple[str, ...] = field(default_factory=tuple)
     last_block: tuple[str, ...] = field(default_factory=tuple)
-    source: str = "declared"
+    model_source: str = "declared"
     input: InputConfig | None = None
     prefix_tokens: int = 0
     versions: dict = field(default_factory=dict)

@@ -49,15 +49,13 @@ def backbones(name, show_all):
     """
     import fnmatch
 
-    from featcache.backbones.discovery import timm_names, torchvision_names
     from featcache.backbones.registry import BACKBONES
+    from featcache.backbones.sources import every_name
 
     if show_all:
         pattern = name or "*"
-        rows = [(n, "declared") for n in sorted(BACKBONES)]
-        rows += [(n, "torchvision") for n in torchvision_names() if n not in BACKBONES]
-        rows += [(n, "timm") for n in timm_names()]
-        rows = [(n, source) for n, source in rows if fnmatch.fnmatch(n, pattern) or fnmatch.fnmatch(n, "timm:" + pattern)]
+        rows = [(n, "declared") for n in sorted(BACKBONES) if fnmatch.fnmatch(n, pattern)]
+        rows += [(n, source) for n, source in every_name(pattern) if n not in BACKBONES]
         if not rows:
             raise FeatcacheError(f"no backbone matches {pattern!r}: featcache backbones --all lists every name")
         for n, source in rows:
@@ -73,7 +71,7 @@ def _show_backbone(spec) -> None:
 
     known = tags(spec)
     pretrained = f"weights: {', '.join(known[:6])}{' ...' if len(known) > 6 else ''}" if known else "no pretrained weights"
-    click.echo(f"{spec.name}  ({spec.source}; {pretrained})")
+    click.echo(f"{spec.name}  ({spec.model_source}; {pretrained})")
     if spec.input is not None:
         d = input_defaults(spec, "imagenet" if known else "random")
         click.echo(f"  input {d['image_size']} px{' (fixed)' if spec.input.fixed_size else ''}, {d['interpolation']}, "

@@ -172,7 +172,7 @@ def cache_identities(cfg: ExtractConfig, precision: str | None = None) -> dict[s
     """backbone -> its :class:`CacheIdentity`; ``precision`` resolved from the request's device when not given
     (extraction passes the one its process resolved, under torchrun each rank's)."""
     if precision is None:
-        from featcache.backbones.taps import resolve_device, resolve_precision
+        from featcache.device import resolve_device, resolve_precision
 
         precision = resolve_precision(cfg.precision, resolve_device(cfg.device))
     key, identity = dataset_key(cfg.data), dataset_identity(cfg.data)  # a folder's identity reads every file: once

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones.taps import resolve_device
+from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
 
 TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BackboneSpec
-from featcache.backbones.taps import autocast, compiled
+from featcache.device import autocast, compiled
 from featcache.data.datasets import Dataset, Split
 from featcache.data.device_decode import FileBytes, decode_batch
 from featcache.data.images import FileImages

@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.backbones.taps import emulated, resolve_precision, tap_model
+from featcache.device import emulated, resolve_precision
+from featcache.backbones.taps import tap_model
 from featcache.data.datasets import Dataset, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError

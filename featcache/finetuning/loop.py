@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.backbones.taps import autocast, pool
+from featcache.device import autocast
+from featcache.backbones.taps import pool
 from featcache.data.augment import loader, normalise
 from featcache.fuse.fusion import TapNormalizer
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import emulated, resolve_device, resolve_precision
+from featcache.device import emulated, resolve_device, resolve_precision
 from featcache.data.augment import augmentation
 from featcache.data.datasets import load_dataset
 from featcache.errors import FeatcacheError

@@ -77,7 +77,7 @@ def finetuned_proba(run_dir: Path, record: RunRecord, files: list[Path], device:
     """(probabilities, class names) of a fine-tuned run on ``files``: its model rebuilt, fed as it was trained."""
     import torch
 
-    from featcache.backbones.taps import resolve_device
+    from featcache.device import resolve_device
     from featcache.data.images import load_image
     from featcache.data.preprocess import to_input
     from featcache.extraction.config import shared_preprocess

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device, tap_model
+from featcache.device import resolve_device
+from featcache.backbones.taps import tap_model
 from featcache.data.images import load_image
 from featcache.data.preprocess import to_input
 from featcache.extraction.config import ExtractConfig, preprocess_for

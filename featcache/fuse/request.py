@@ -48,7 +48,7 @@ class HeadFields:
 
     def head_options(self, device: str, precision: str, seed: int) -> HeadOptions:
         """The heads' options; ``device`` and ``precision`` as the request gave them (resolved here)."""
-        from featcache.backbones.taps import resolve_device, resolve_precision
+        from featcache.device import resolve_device, resolve_precision
 
         dev = resolve_device(device)
         grid = {name: values for name, values in (("C", self.C), ("weight_decay", self.weight_decay)) if values}

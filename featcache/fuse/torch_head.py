@@ -14,7 +14,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from featcache.backbones.taps import autocast
+from featcache.device import autocast
 from featcache.errors import check_choice
 from featcache.fuse.options import OPTIMIZERS
 

@@ -15,7 +15,7 @@ import numpy as np
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import validate_data
 
-from featcache.backbones.taps import autocast
+from featcache.device import autocast
 from featcache.fuse.torch_head import make_optimizer
 
 

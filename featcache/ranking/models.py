@@ -7,30 +7,30 @@ from __future__ import annotations
 
 import fnmatch
 
-from featcache.backbones.discovery import timm_names, torchvision_names
 from featcache.backbones.registry import BACKBONES
+from featcache.backbones.sources import every_name, owner, sources
 from featcache.errors import FeatcacheError
-
-TIMM = "timm:"
 
 
 def resolve(patterns, pretrained_only: bool = False) -> list[str]:
-    """Every model name the patterns match (declared, torchvision, timm:NAME), each once, in pattern order."""
+    """Every model name the patterns match (declared, and every model source's: torchvision's bare names,
+    timm:NAME ...), each once, in pattern order. A pattern with a source's prefix searches that source's names;
+    one without searches the declared and bare names."""
     if not patterns:
         raise FeatcacheError("featcache rank needs --backbone: names or patterns such as 'resnet*' or 'timm:convnext*'")
-    every = list(dict.fromkeys([*sorted(BACKBONES), *torchvision_names()]))
     out: list[str] = []
     for pattern in patterns:
-        if pattern.startswith(TIMM):
-            found = [n for n in timm_names() if fnmatch.fnmatchcase(n, pattern)]
-        elif any(ch in pattern for ch in "*?["):
+        prefixed = [s for s in sources() if s.prefix and pattern.startswith(s.prefix)]
+        searched = [n for s in (prefixed or [s for s in sources() if not s.prefix]) for n in s.names()]
+        every = list(dict.fromkeys([*([] if prefixed else sorted(BACKBONES)), *searched]))
+        if any(ch in pattern for ch in "*?["):
             found = [n for n in every if fnmatch.fnmatchcase(n, pattern)]
         else:
             found = [BACKBONES.lookup(pattern).name]  # a plain name: the registry names the closest if unknown
         if not found:
             from difflib import get_close_matches
 
-            close = get_close_matches(pattern, every + timm_names(), n=3)
+            close = get_close_matches(pattern, every + [n for n, _ in every_name()], n=3)
             raise FeatcacheError(f"--backbone {pattern!r} matches no model" + (f"; did you mean {', '.join(close)}?"
                                  if close else "") + " featcache backbones --all PATTERN lists what matches")
         out += [n for n in found if n not in out]
@@ -42,17 +42,14 @@ def resolve(patterns, pretrained_only: bool = False) -> list[str]:
 
 
 def has_weights(name: str) -> bool:
-    """Whether the model has weights to load: timm's pretrained list, torchvision's weights enum."""
-    if name.startswith(TIMM):
-        import timm
-
-        return name[len(TIMM):] in {n.split(".")[0] for n in timm.list_pretrained(name[len(TIMM):] + "*")}
-    import torchvision
-
-    try:
-        return len(list(torchvision.models.get_model_weights(name))) > 0
-    except (ValueError, KeyError):
-        return False
+    """Whether the model has weights to load, from its name (its source's list: timm's pretrained tags,
+    torchvision's weights enums); a declared backbone by its weights name."""
+    if name in BACKBONES:
+        spec = BACKBONES[name]
+        return spec.weights_name is not None and owner(spec.weights_name) is not None and \
+            owner(spec.weights_name).has_weights(spec.weights_name)
+    source = owner(name)
+    return source is not None and source.has_weights(name)
 
 
 def parameters(name: str) -> int | None:
@@ -82,7 +79,8 @@ def speed(cfg, name: str, batch_size: int, least_seconds: float = 0.5) -> float 
 
     import torch
 
-    from featcache.backbones.taps import autocast, resolve_device, resolve_precision, tap_model
+    from featcache.device import autocast, resolve_device, resolve_precision
+    from featcache.backbones.taps import tap_model
     from featcache.extraction.config import preprocess_for
 
     try:

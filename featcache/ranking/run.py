@@ -185,7 +185,7 @@ def _config(request, names: list[str]):
     cfg = dataclasses.replace(request, backbone=tuple(names)).features(
         request.device, batch_size=request.batch_size, num_workers=request.num_workers,
         skip_bad_images=request.skip_bad_images)
-    return dataclasses.replace(cfg, logits=True) if any(SCORERS.lookup(s).source for s in request.score) else cfg
+    return dataclasses.replace(cfg, logits=True) if any(SCORERS.lookup(s).reads_logits for s in request.score) else cfg
 
 
 def _failed(name: str, exc: Exception) -> dict:
@@ -214,11 +214,11 @@ def _scored(request, name: str, result, needs_rows) -> dict:
             stats = moments([block], y, n_classes)
             values = {score: scored(score, torch.from_numpy(block) if score in needs_rows else None,
                                     torch.from_numpy(y), n_classes, stats)["score"]
-                      for score in request.score if not SCORERS.lookup(score).source}
+                      for score in request.score if not SCORERS.lookup(score).reads_logits}
             if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
                 values.update({score: scored(score, torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(y),
                                              n_classes)["score"]
-                               for score in request.score if SCORERS.lookup(score).source})
+                               for score in request.score if SCORERS.lookup(score).reads_logits})
             scores.append({"tap": tap, "width": int(block.shape[1]), "scores": values})
     if request.keep_caches == "none" and result.status != "cached":
         result.path.unlink(missing_ok=True)
@@ -304,7 +304,7 @@ def confirm(request, folder: Path, table, log) -> None:
                                                    kind="stable")  # LEEP, NCE: the logits taps alone
         picked += [(m, t) for m, t in zip(order["model"].head(request.confirm), order["tap"].head(request.confirm))]
     picked = list(dict.fromkeys(picked))
-    from featcache.backbones.taps import resolve_device
+    from featcache.device import resolve_device
 
     device = resolve_device(request.device)  # the probes run where the sweep's would
     options = HeadOptions(device=device.type, seed=request.seed)

@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache._version import __version__
 from featcache.backbones.registry import BACKBONES
-from featcache.backbones.taps import resolve_device
+from featcache.device import resolve_device
 from featcache.data.datasets import load_dataset
 from featcache.data.images import load_image
 from featcache.errors import FeatcacheError

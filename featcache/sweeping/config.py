@@ -50,7 +50,7 @@ class SweepConfig:
         require(bool(self.heads) or bool(self.scores), "--head", "none" if not self.heads else "''",
                 "name at least one head, or come with --score (none: the scores alone)")
         for name in self.scores:
-            if SCORERS.lookup(name).source and not self.features.logits:
+            if SCORERS.lookup(name).reads_logits and not self.features.logits:
                 raise FeatcacheError(f"--score {name} reads the source classifier's predictions: add --logits (extract "
                                      f"then stores them as a tap, logits)")
         require(self.combos in ("singles", "pairs") or self.combos.isdigit(),
@@ -79,7 +79,7 @@ class SweepConfig:
 def logits_taps(cfg: SweepConfig) -> list[TapRef]:
     """Each backbone's ``logits`` tap where a score reads a source classifier (LEEP, NCE): scored alone, never
     fused or probed."""
-    if not any(SCORERS.lookup(name).source for name in cfg.scores):
+    if not any(SCORERS.lookup(name).reads_logits for name in cfg.scores):
         return []
     return [TapRef(name, LOGITS) for name in cfg.features.backbones]
 

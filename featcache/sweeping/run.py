@@ -151,7 +151,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                         refs = job["refs"]
                         fused = fused_parts(parts, refs)
                         stats = None  # its block of the Gram, decomposed once for all its scores
-                    if job.get("kind") == "score" and SCORERS.lookup(job["head"]).source:  # the logits as stored
+                    if job.get("kind") == "score" and SCORERS.lookup(job["head"]).reads_logits:  # the logits as stored
                         raw = torch.as_tensor(data.taps[("train", refs[0])][fit_rows])
                         result = scored(job["head"], raw, y["fit"], n_classes)
                     elif job.get("kind") == "score":
@@ -260,9 +260,9 @@ def _jobs(cfg: SweepConfig, combos) -> list[dict]:
         at = {"seed": seed, **({"fold": fold} if fold is not None else {})}
         jobs += [{**at, "refs": refs, "head": h, "shots": 0, "repeat": 0} for refs in combos for h in cfg.heads]
         jobs += [{**at, "refs": refs, "head": name, "shots": 0, "repeat": 0, "kind": "score"}
-                 for refs in combos for name in cfg.scores if not SCORERS.lookup(name).source]
+                 for refs in combos for name in cfg.scores if not SCORERS.lookup(name).reads_logits]
         jobs += [{**at, "refs": (ref,), "head": name, "shots": 0, "repeat": 0, "kind": "score"}  # a model's own
-                 for ref in logits_taps(cfg) for name in cfg.scores if SCORERS.lookup(name).source]
+                 for ref in logits_taps(cfg) for name in cfg.scores if SCORERS.lookup(name).reads_logits]
         fast = [h for h in cfg.heads if HEADS[h].fewshot]
         jobs += [{**at, "refs": refs, "head": h, "shots": k, "repeat": r}
                  for k in cfg.shots for r in range(cfg.repeats) for refs in combos for h in fast]

@@ -29,7 +29,7 @@ class Scorer:
         larger_is_better: False for a score where smaller means better transfer.
         from_moments: ``(Moments) -> float``, the same score from the combination's moments alone (a Gram
             block), where the score allows; the sweep and ``rank`` then never pass over the rows for it.
-        source: the score reads a source classifier's output: ``X`` is then the ``logits`` tap as stored (not
+        reads_logits: the score reads a source classifier's output: ``X`` is then the ``logits`` tap as stored (not
             standardised), one per backbone (extracted with ``--logits``).
     """
 
@@ -37,7 +37,7 @@ class Scorer:
     help: str
     larger_is_better: bool = True
     from_moments: Callable | None = None
-    source: bool = False
+    reads_logits: bool = False
 
     def __post_init__(self):
         if not callable(self.score):
@@ -234,6 +234,6 @@ SCORERS.register("hscore_reg")(Scorer(h_score_regularised, "regularised H-score,
 SCORERS.register("nleep")(Scorer(nleep, "NLEEP, LEEP over a Gaussian mixture (Li et al. 2021), at most 0, larger is "
                                         "better"))
 SCORERS.register("leep")(Scorer(leep, "LEEP (Nguyen et al. 2020) of the source classifier's predictions (needs "
-                                      "--logits), at most 0, larger is better", source=True))
+                                      "--logits), at most 0, larger is better", reads_logits=True))
 SCORERS.register("nce")(Scorer(nce, "NCE (Tran et al. 2019), -H(target | source label), of the source classifier's hard "
-                                    "labels (needs --logits), at most 0, larger is better", source=True))
+                                    "labels (needs --logits), at most 0, larger is better", reads_logits=True))
