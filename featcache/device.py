@@ -11,6 +11,8 @@ from pathlib import Path
 
 from featcache.errors import FeatcacheError
 
+DEVICES = ("auto", "cpu", "cuda")  # what --device takes
+
 AUTOCAST = {"bf16": "bfloat16", "fp16": "float16"}
 
 

@@ -69,6 +69,35 @@ def option(default=dataclasses.MISSING, *, help, **meta):
     return dataclasses.field(default=default, metadata={META: Meta(help=help, **meta)})
 
 
+# --- the checks and options every stage shares, declared once ----------------------------------------------
+
+
+def at_least(n: int, rule: str | None = None) -> dict:
+    """The one lower-bound check of a whole number: ``option(64, **at_least(1), help=...)``."""
+    return {"check": lambda v: v >= n, "rule": rule or ("be 0 or more" if n == 0 else f"be at least {n}")}
+
+
+FRACTION = {"check": lambda v: 0 < v < 1, "rule": "lie between 0 and 1"}
+QUIET = "No progress bars (from Python: nothing printed at all)."
+
+
+def quiet_option():
+    """``--quiet``/``-q``: the same flag in every stage that shows progress."""
+    return option(False, short="-q", help=QUIET)
+
+
+def device_option(help: str, default: str = "auto"):
+    """``--device``: where a stage runs its networks or solvers (the one rule: :mod:`featcache.device`)."""
+    from featcache.device import DEVICES
+
+    return option(default, choices=DEVICES, help=help)
+
+
+def runs_dir_option(help: str, writes: bool = True):
+    """``--runs-dir``: where run folders are written (or, for a stage that only reads them, read)."""
+    return option(Path("runs"), writes=writes, help=help)
+
+
 @dataclass(frozen=True)
 class Param:
     """One field of a request as the fronts see it."""
@@ -329,3 +358,18 @@ def docs(cls) -> str:
         default = "" if p.default is dataclasses.MISSING else f" [default: {p.default!r}]"
         lines.append(f"    {p.name}: {p.help}{choices}{default}")
     return "\n".join(lines)
+
+
+def carried_fields(target: type, request) -> list[str]:
+    """The fields of ``target`` (a runner's config) that ``request`` has by name: what :func:`carried` copies."""
+    own = {f.name for f in dataclasses.fields(request)}
+    return [f.name for f in dataclasses.fields(target) if f.name in own]
+
+
+def carried(target: type, request, **given):
+    """The one rule by which a request becomes what its runner takes: every field of ``target`` that the request
+    has by name is the request's value, as :func:`build` checked it; ``given`` holds what the stage derives (the
+    feature config, a field the runner names otherwise, a resolved path). Nothing is copied by hand, so a field
+    added to both is carried without a line more."""
+    values = {name: getattr(request, name) for name in carried_fields(target, request) if name not in given}
+    return target(**values, **given)

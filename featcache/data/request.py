@@ -11,11 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.data.datasets import DATASETS, DataRequest
-from featcache.requests import option
-
-
-def _positive(value) -> bool:
-    return value >= 1
+from featcache.requests import FRACTION, at_least, carried, option
 
 
 def _split_map(value: str) -> bool:
@@ -23,10 +19,6 @@ def _split_map(value: str) -> bool:
     ours = [p[0].strip() for p in pairs]
     return all(len(p) == 2 and p[1].strip() for p in pairs) and "train" in ours and \
         set(ours) <= {"train", "val", "test"} and len(ours) == len(set(ours))
-
-
-def _fraction(value) -> bool:
-    return 0 < value < 1
 
 
 @dataclass(frozen=True)
@@ -59,19 +51,16 @@ class DataFields:
                                                  "one; manifest: 'label'; webdataset: .cls, or this field of the "
                                                  ".json).", metavar="COLUMN")
     limit_train: int | None = option(None, help="Stratified subset of N training images.", metavar="N",
-                                     check=_positive, rule="be a positive number of images")
+                                     **at_least(1, "be a positive number of images"))
     limit_test: int | None = option(None, help="Stratified subset of M test images.", metavar="M",
-                                    check=_positive, rule="be a positive number of images")
+                                    **at_least(1, "be a positive number of images"))
     test_fraction: float = option(0.2, help="Datasets without a test split (digits, folders without train/test, "
                                             "...): share of images held out for test.",
-                                  check=_fraction, rule="lie between 0 and 1")
+                                  **FRACTION)
     seed: int = option(0, help="Seed for splits, subsets and random weights.")
 
     def data_request(self) -> DataRequest:
         from featcache.data.datasets import infer_source
 
         name = self.dataset or ("digits" if self.data_dir is None else infer_source(self.data_dir))
-        return DataRequest(name=name, data_dir=self.data_dir, download=self.download,
-                           limit_train=self.limit_train, limit_test=self.limit_test,
-                           test_fraction=self.test_fraction, seed=self.seed, hf_name=self.hf_name,
-                           hf_config=self.hf_config, hf_splits=self.hf_splits, image_column=self.image_column, label_column=self.label_column)
+        return carried(DataRequest, self, name=name)

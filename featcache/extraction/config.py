@@ -19,12 +19,12 @@ from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
 from featcache.data.source import SOURCE_FIELDS
 from featcache.errors import FeatcacheError, check_choice
+from featcache.device import DEVICES  # noqa: F401  (re-read by the requests below)
 from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
 
 POOLINGS = ("avg", "max", "avgmax", "cls")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def available_cores() -> int:

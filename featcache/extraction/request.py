@@ -8,17 +8,14 @@ place those fields become an :class:`~featcache.extraction.config.ExtractConfig`
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.data.preprocess import INTERPOLATIONS, RESIZES, PreprocessConfig
 from featcache.data.request import DataFields
-from featcache.extraction.config import DEVICES, DTYPES, POOLINGS, PRECISIONS, ExtractConfig, available_cores
-from featcache.requests import option
-
-
-def _at_least_one(value) -> bool:
-    return value >= 1
+from featcache.extraction.config import DTYPES, POOLINGS, PRECISIONS, ExtractConfig, available_cores
+from featcache.requests import at_least, carried, device_option, option, quiet_option
 
 
 @dataclass(frozen=True)
@@ -61,29 +58,31 @@ class FeatureFields(DataFields):
                                            interpolation=self.interpolation, mean=self.mean, std=self.std)
 
     def features(self, device: str, **speed) -> ExtractConfig:
-        """The ExtractConfig these fields describe; ``speed``: batch size, workers, ... (no effect on numbers)."""
-        return ExtractConfig(data=self.data_request(), backbones=self.backbone, weights=self.weights,
-                             preprocess=self.preprocess(), pooling=self.pooling, precision=self.precision,
-                             dtype=self.dtype, device=device, cache_dir=self.cache_dir, logits=self.logits, **speed)
+        """The ExtractConfig these fields describe; ``speed``: batch size, workers, ... (no effect on numbers),
+        given or the extraction's defaults: a stage's own --batch-size is its own loop's, never the extraction's."""
+        defaults = {f.name: f.default for f in dataclasses.fields(ExtractConfig) if f.name in SPEED}
+        return carried(ExtractConfig, self, data=self.data_request(), backbones=self.backbone,
+                       preprocess=self.preprocess(), device=device, **{**defaults, **speed})
 
+
+SPEED = ("batch_size", "num_workers", "compile", "skip_bad_images")  # ExtractConfig's fields that change no number
 
 SKIP_BAD_IMAGES = "Leave out image files that cannot be read (listed, and recorded in the cache) instead of stopping."
-QUIET = "No progress bars (from Python: nothing printed at all)."
 
 
 @dataclass(frozen=True)
 class ExtractRequest(FeatureFields):
     """``featcache extract``: run frozen backbones once and cache every tap's pooled features."""
 
-    device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
-    batch_size: int = option(64, check=_at_least_one, rule="be at least 1", help="Images per forward pass.")
-    num_workers: int | None = option(None, check=lambda v: v >= 0, rule="be 0 or more",
+    device: str = device_option("Where the backbones run.")
+    batch_size: int = option(64, **at_least(1), help="Images per forward pass.")
+    num_workers: int | None = option(None, **at_least(0),
                                      help=f"Processes decoding image files [default: on a GPU run every core this "
                                           f"machine gives featcache ({available_cores()}); on a CPU run 0, since the "
                                           f"network already uses every core].")
     compile: bool = option(False, help="torch.compile the backbone (pays off on large datasets).")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
-    quiet: bool = option(False, short="-q", help=QUIET)
+    quiet: bool = quiet_option()
 
     def config(self) -> ExtractConfig:
         return self.features(self.device, batch_size=self.batch_size, num_workers=self.num_workers,

@@ -10,12 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.data.augment import AUGMENTS
-from featcache.extraction.config import DEVICES
-from featcache.extraction.request import QUIET, FeatureFields
+from featcache.extraction.request import FeatureFields
 from featcache.fuse.fusion import TAP_NORMS
 from featcache.fuse.heads import heads_for, heads_help
 from featcache.fuse.options import OPTIMIZERS
-from featcache.requests import option
+from featcache.requests import carried, device_option, option, quiet_option, runs_dir_option
 from featcache.runs.request import TRUST_PICKLES
 
 
@@ -43,23 +42,17 @@ class FinetuneRequest(FeatureFields):
     val_fraction: float = option(0.1, help="Stratified share of train held out for validation.")
     patience: int | None = option(None, help="Early stopping after N epochs without a better val loss.")
     init_head: Path | None = option(None, metavar="RUN", help="A fuse-train run whose head is phase 1.")
-    device: str = option("auto", choices=DEVICES, help="Where the model trains.")
+    device: str = device_option("Where the model trains.")
     num_workers: int = option(2, help="Processes decoding image files.")
-    runs_dir: Path = option(Path("runs"), writes=True, help="Where run folders are written.")
+    runs_dir: Path = runs_dir_option("Where run folders are written.")
     resume: bool = option(False, help="Continue an interrupted run of the same command from its last epoch.")
-    quiet: bool = option(False, short="-q", help=QUIET)
+    quiet: bool = quiet_option()
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
 
     def config(self):
         from featcache.finetuning.config import FinetuneConfig
         from featcache.runs.records import resolve_run
 
-        return FinetuneConfig(
-            features=self.features(self.device), taps=self.taps, head=self.head,
-            hidden=tuple(w for w in self.hidden if w), dropout=self.dropout, res_blocks=self.res_blocks,
-            tap_norm=self.tap_norm, unfreeze=self.unfreeze, head_epochs=self.head_epochs, epochs=self.epochs,
-            optimizer=self.optimizer, lr=self.lr, backbone_lr_scale=self.backbone_lr_scale,
-            batch_size=self.batch_size, augment=self.augment, val_fraction=self.val_fraction,
-            patience=self.patience,
-            init_head=resolve_run(str(self.init_head), self.runs_dir) if self.init_head else None,
-            runs_dir=self.runs_dir, resume=self.resume, num_workers=self.num_workers)
+        return carried(FinetuneConfig, self, features=self.features(self.device),
+                       hidden=tuple(w for w in self.hidden if w),
+                       init_head=resolve_run(str(self.init_head), self.runs_dir) if self.init_head else None)

@@ -119,3 +119,31 @@ class TapNormalizer:
 
     def fit_transform(self, blocks: list[np.ndarray]) -> np.ndarray:
         return self.fit(blocks).transform(blocks)
+
+
+def fused_parts(X: dict, refs) -> dict:
+    """{part: the taps ``refs`` of :func:`standardised`'s output side by side, in that order}."""
+    import torch
+
+    return {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
+
+
+def standardised(data, fit_rows, val_rows, device, test: bool = True) -> dict:
+    """{"fit" | "val" | "test": {ref: float32 tensor}}, each tap of loaded caches standardised on the fit rows
+    (fuse-train's rule): what the sweep, ``--taps auto`` and ``rank --confirm`` probe."""
+    out = {"fit": {}, "val": {}, **({"test": {}} if test else {})}
+    for (split, ref), block in data.taps.items():
+        if split == "train":
+            for part, tensor in standardised_tap(block, fit_rows, val_rows, data.taps[("test", ref)] if test else None,
+                                                 device).items():
+                out[part][ref] = tensor
+    return out
+
+
+def standardised_tap(train, fit_rows, val_rows, test, device) -> dict:
+    """One tap's {"fit", "val"[, "test"]: float32 tensor}, standardised with the fit rows' statistics."""
+    import torch
+
+    norm = TapNormalizer("standard").fit([train[fit_rows]])
+    parts = {"fit": train[fit_rows], "val": train[val_rows], **({"test": test} if test is not None else {})}
+    return {part: torch.as_tensor(norm.transform([rows]), device=device) for part, rows in parts.items()}

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.extraction.config import DEVICES
-from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
+from featcache.extraction.request import SKIP_BAD_IMAGES, FeatureFields
 from featcache.fuse.fusion import TAP_NORMS
 from featcache.fuse.heads import HeadOptions, heads_for, heads_help
 from featcache.fuse.options import OPTIMIZERS
-from featcache.requests import option
+from featcache.requests import carried, device_option, option, quiet_option, runs_dir_option
 
 
 def _positive_all(values) -> bool:
@@ -84,8 +83,8 @@ class FuseRequest(HeadFields, FeatureFields):
     val_fraction: float = option(0.1, help="Stratified share of train held out to choose hyper-parameters and "
                                            "MLP epochs.")
     cv: int = cv_option()
-    device: str = option("auto", choices=DEVICES, help="Where the torch heads train.")
-    runs_dir: Path = option(Path("runs"), writes=True, help="Where run folders are written.")
+    device: str = device_option("Where the torch heads train.")
+    runs_dir: Path = runs_dir_option("Where run folders are written.")
     extract: bool = option(False, help="Extract missing caches first.")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
     out_of_core: bool = option(False, help="Stream row chunks from the caches instead of loading them (torch "
@@ -93,14 +92,11 @@ class FuseRequest(HeadFields, FeatureFields):
     force: bool = option(False, help="Train again even where an identical request already has a run.")
     allow_dead_taps: bool = option(False, help="Train on taps whose stored values are constant or mostly below "
                                                "float16's range (refused otherwise).")
-    quiet: bool = option(False, short="-q", help=QUIET)
+    quiet: bool = quiet_option()
 
     def config(self):
         from featcache.fuse.train import FuseTrainConfig
 
-        return FuseTrainConfig(
-            features=self.features(self.device, skip_bad_images=self.skip_bad_images), taps=self.taps,
-            heads=self.head, tap_norm=self.tap_norm, val_fraction=self.val_fraction,
-            options=self.head_options(self.device, self.precision, self.seed), runs_dir=self.runs_dir,
-            run_extract=self.extract, out_of_core=self.out_of_core, force=self.force,
-            allow_dead_taps=self.allow_dead_taps, cv=self.cv)
+        return carried(FuseTrainConfig, self, features=self.features(self.device, skip_bad_images=self.skip_bad_images),
+                       heads=self.head, options=self.head_options(self.device, self.precision, self.seed),
+                       run_extract=self.extract)

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
-from featcache.extraction.config import DEVICES
-from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
-from featcache.requests import option
+from featcache.extraction.request import SKIP_BAD_IMAGES, FeatureFields
+from featcache.requests import at_least, device_option, option, quiet_option, runs_dir_option
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 
@@ -33,29 +32,28 @@ class RankRequest(FeatureFields):
                                     help=lambda: "Scores of every tap (the first orders the table): " + scorers_help())
     pretrained_only: bool = option(False, help="Keep only the models that have weights to load (timm's pretrained "
                                                "list, torchvision's weights enums).")
-    max_models: int = option(50, check=lambda v: v >= 1, rule="be at least 1",
+    max_models: int = option(50, **at_least(1),
                              help="Refuse a larger match up front (the count is said).")
-    models_at_once: int = option(4, check=lambda v: v >= 1, rule="be at least 1",
+    models_at_once: int = option(4, **at_least(1),
                                  help="Models extracted in one shared pass over the data (each image decoded once "
                                       "for all of them).")
     keep_caches: str = option("all", check=_keep_rule, rule="be all, none or top-K (e.g. top-3)",
                               metavar="all|none|top-K",
                               help="Which caches the ranking leaves behind: all, none, or those of the best K "
                                    "models by the first score (caches that existed before are always kept).")
-    confirm: int = option(0, check=lambda v: v >= 0, rule="be 0 or more", metavar="K",
+    confirm: int = option(0, **at_least(0), metavar="K",
                           help="Check the scores on this data: train the batched logreg probe and k-NN on the top K "
                                "taps by each score, and give each score's Kendall tau against the probe's "
                                "validation accuracy.")
     val_fraction: float = option(0.1, help="Stratified share of train held out: the scores use the rest, the "
                                            "--confirm probes choose on it.")
-    device: str = option("auto", choices=DEVICES, help="Where the backbones run and the scores are computed.")
-    batch_size: int = option(64, check=lambda v: v >= 1, rule="be at least 1", help="Images per forward pass.")
-    num_workers: int | None = option(None, check=lambda v: v >= 0, rule="be 0 or more",
+    device: str = device_option("Where the backbones run and the scores are computed.")
+    batch_size: int = option(64, **at_least(1), help="Images per forward pass.")
+    num_workers: int | None = option(None, **at_least(0),
                                      help="Processes decoding image files.")
-    runs_dir: Path = option(Path("runs"), writes=True,
-                            help="Where the ranking's folder goes (runs/ranks/NAME: rows.jsonl, table.csv).")
+    runs_dir: Path = runs_dir_option("Where the ranking's folder goes (runs/ranks/NAME: rows.jsonl, table.csv).")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
-    quiet: bool = option(False, short="-q", help=QUIET)
+    quiet: bool = quiet_option()
 
     def config(self) -> RankRequest:
         """The request, checked before anything is built or extracted (a pipeline's [[rank]] table is checked

@@ -32,7 +32,7 @@ from featcache.extraction.request import FeatureFields
 from featcache.extraction.store import timing_file
 from featcache.files import atomic_write, lock
 from featcache.fuse.evaluate import validation_split
-from featcache.fuse.fusion import TapNormalizer
+from featcache.fuse.fusion import TapNormalizer, standardised_tap
 from featcache.ranking.models import parameters, resolve, speed, tap_count
 from featcache.requests import request_hash
 from featcache.sweeping.moments import moments
@@ -317,9 +317,7 @@ def confirm(request, folder: Path, table, log) -> None:
                                                   cache.official_val("train"))
             train, test = cache.read("train", tap).astype(np.float32), cache.read("test", tap).astype(np.float32)
             n_classes = len(cache.classes)
-        norm = TapNormalizer("standard").fit([train[fit_rows]])  # the fit rows' statistics, for every part
-        X = {"fit": train[fit_rows], "val": train[val_rows], "test": test}
-        X = {k: torch.from_numpy(norm.transform([v])).to(device) for k, v in X.items()}
+        X = standardised_tap(train, fit_rows, val_rows, test, device)  # the sweep's rule: the fit rows' statistics
         y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
         y = {k: torch.from_numpy(v).to(device) for k, v in y.items()}
         row = {"model": model, "tap": tap}

@@ -9,8 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.extraction.config import DEVICES
-from featcache.requests import option
+from featcache.requests import carried, device_option, option, runs_dir_option
 from featcache.runs.request import TRUST_PICKLES
 
 
@@ -20,7 +19,8 @@ class ReportRequest:
 
     runs: tuple[str, ...] = option((), argument=True, metavar="[RUN]...",
                                    help="Runs to report (folders or names in --runs-dir) [default: every run there].")
-    runs_dir: Path = option(Path("runs"), help="Where runs live; without RUN arguments every run in it is reported.")
+    runs_dir: Path = runs_dir_option("Where runs live; without RUN arguments every run in it is reported.",
+                                     writes=False)
     pipeline: str | None = option(None, help="Only the runs of this pipeline (the folder --runs-dir/NAME).")
     out: Path = option(Path("reports/report.html"), short="-o", writes=True,
                        help="The HTML file; the table is also written beside it as .csv.")
@@ -29,7 +29,7 @@ class ReportRequest:
                               help="Test images in each prediction grid.")
     gradcam_images: int = option(4, check=lambda v: v >= 0, rule="be 0 or more",
                                  help="Images per Grad-CAM grid; 0: none.")
-    device: str = option("cpu", choices=DEVICES, help="Where Grad-CAM runs.")
+    device: str = device_option("Where Grad-CAM runs.", default="cpu")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
     force: bool = option(False, shared=False, help="Replace the -o file (and the CSV beside it) even where "
                                                     "featcache did not write them.")
@@ -38,6 +38,4 @@ class ReportRequest:
         from featcache.reporting.page import ReportConfig
         from featcache.runs.records import pipeline_runs
 
-        return ReportConfig(runs=self.runs, runs_dir=pipeline_runs(self.runs_dir, self.pipeline), out=self.out,
-                            title=self.title, grid_images=self.grid_images, gradcam_images=self.gradcam_images,
-                            device=self.device, force=self.force)
+        return carried(ReportConfig, self, runs_dir=pipeline_runs(self.runs_dir, self.pipeline))

@@ -8,8 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.extraction.config import DEVICES
-from featcache.requests import option
+from featcache.requests import at_least, device_option, option, runs_dir_option
 
 TRUST_PICKLES = ("Also load run folders written by featcache 0.1, whose pickled heads can run code. Only for folders "
                  "you trust.")
@@ -24,9 +23,9 @@ class PredictRequest:
                                           "patterns such as 'photos/**/*.jpg', a manifest (.csv / .parquet: the "
                                           "images it names), a WebDataset shard (.tar) or a Hugging Face "
                                           "save_to_disk folder.", argument=True, metavar="IMAGE...")
-    runs_dir: Path = option(Path("runs"), help="Where runs live.")
-    device: str = option("auto", choices=DEVICES, help="Where the backbones run.")
-    top_k: int = option(1, check=lambda k: k >= 1, rule="be at least 1",
+    runs_dir: Path = runs_dir_option("Where runs live.", writes=False)
+    device: str = device_option("Where the backbones run.")
+    top_k: int = option(1, **at_least(1),
                         help="Give the K most probable classes of each image, each with its probability.")
     output: Path | None = option(None, writes=True, metavar="FILE",
                                  help="Also write the predictions to FILE: .csv or .parquet (one row per image and "

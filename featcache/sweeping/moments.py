@@ -307,3 +307,46 @@ def decompose(blocks: list, workers: int) -> None:
 
     with threadpool_limits(1), ThreadPoolExecutor(min(workers, len(small))) as pool:
         list(pool.map(one, small))
+
+
+class ScoreBlocks:
+    """Each combination's block of one Gram (or kernels) of every tap the group's scores name, in the order the
+    jobs come, decomposed ahead a few combinations at a time on every core (``moments.decompose``)."""
+
+    def __init__(self, every, index: dict, order: list, workers: int):
+        self.every, self.index, self.order, self.workers = every, index, order, workers
+        self.position = {key: at for at, key in enumerate(order)}
+        self.ready: dict = {}
+
+    @classmethod
+    def of(cls, combos: list, fit: dict, labels, n_classes: int):
+        """The blocks of ``combos`` (tap tuples, in the order they will be taken) over the taps ``fit`` holds;
+        None where there are none."""
+        import torch
+
+        if not combos:
+            return None
+        refs = list(dict.fromkeys(ref for combo in combos for ref in combo))
+        order = list(dict.fromkeys(tuple(combo) for combo in combos))
+        return cls(moments([fit[r] for r in refs], labels, n_classes), {ref: k for k, ref in enumerate(refs)},
+                   order, torch.get_num_threads())
+
+    def take(self, refs) -> object:
+        key = tuple(refs)
+        if key in self.ready:
+            return self.ready.pop(key)
+        if key not in self.position or not self._ahead(key):  # decomposed in turn with every thread
+            return self.every.select([self.index[r] for r in key])
+        at = self.position[key]  # this one and the next few small ones, decomposed together
+        batch = {k: self.every.select([self.index[r] for r in k])
+                 for k in self.order[at:at + 2 * self.workers] if k not in self.ready and self._ahead(k)}
+        decompose(list(batch.values()), self.workers)
+        self.ready.update(batch)
+        return self.ready.pop(key)
+
+    def _ahead(self, key) -> bool:
+        """Whether a combination is decomposed ahead: several cores, rows on the host, and its matrix (its Gram,
+        or the N x N kernel where it is as wide as the rows) under ``LARGE``: at most 2 x workers such blocks
+        are held at once."""
+        width = sum(self.every.blocks[self.index[r]].stop - self.every.blocks[self.index[r]].start for r in key)
+        return self.workers > 1 and self.every.device is None and min(width, self.every.n) < LARGE

@@ -9,11 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.extraction.config import DEVICES
-from featcache.extraction.request import QUIET, SKIP_BAD_IMAGES, FeatureFields
+from featcache.extraction.request import SKIP_BAD_IMAGES, FeatureFields
 from featcache.fuse.heads import heads_for, heads_help
 from featcache.fuse.request import HeadFields, cv_option
-from featcache.requests import option
+from featcache.requests import carried, device_option, option, quiet_option, runs_dir_option
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 
@@ -47,20 +46,16 @@ class SweepRequest(HeadFields, FeatureFields):
     max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
     val_fraction: float = option(0.1, help="Stratified share of train that chooses every hyper-parameter.")
     cv: int = cv_option()
-    device: str = option("auto", choices=DEVICES, help="Where the probes are solved.")
-    runs_dir: Path = option(Path("runs"), writes=True, help="Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
+    device: str = device_option("Where the probes are solved.")
+    runs_dir: Path = runs_dir_option("Where the sweep folder (runs/sweeps/NAME) and kept runs go.")
     extract: bool = option(False, help="Extract missing caches first.")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
-    quiet: bool = option(False, short="-q", help=QUIET)
+    quiet: bool = quiet_option()
 
     def config(self):
         from featcache.sweeping.config import SweepConfig
 
-        return SweepConfig(features=self.features(self.device, skip_bad_images=self.skip_bad_images),
-                           combos=self.combos, taps=self.taps,
-                           heads=() if self.head == ("none",) else self.head, scores=self.score,
-                           val_fraction=self.val_fraction, cv=self.cv,
-                           seeds=self.seeds if self.seeds is not None else (self.seed,), shots=self.shots,
-                           repeats=self.repeats, keep=self.keep, max_combos=self.max_combos,
-                           options=self.head_options(self.device, self.precision, self.seed),
-                           runs_dir=self.runs_dir, run_extract=self.extract)
+        return carried(SweepConfig, self, features=self.features(self.device, skip_bad_images=self.skip_bad_images),
+                       heads=() if self.head == ("none",) else self.head, scores=self.score,
+                       seeds=self.seeds if self.seeds is not None else (self.seed,),
+                       options=self.head_options(self.device, self.precision, self.seed), run_extract=self.extract)

@@ -38,12 +38,12 @@ from featcache.fuse.evaluate import (
     small_validation,
     validation_split,
 )
-from featcache.fuse.fusion import TapNormalizer
+from featcache.fuse.fusion import fused_parts, standardised
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
-from featcache.sweeping.moments import LARGE, decompose, moments
+from featcache.sweeping.moments import ScoreBlocks
 from featcache.sweeping.scorers import SCORERS, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
@@ -144,7 +144,9 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
                     labels_of["fit"] = y["fit"][rows]
                 solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
-                blocks = ScoreBlocks.of(group, parts["fit"], labels_of["fit"], n_classes)
+                blocks = ScoreBlocks.of([job["refs"] for job in group if job.get("kind") == "score"
+                                         and SCORERS.lookup(job["head"]).from_moments],
+                                        parts["fit"], labels_of["fit"], n_classes)
                 refs, fused, stats = None, None, None
                 for job in group:
                     if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
@@ -179,49 +181,6 @@ def _splits(cfg: SweepConfig, labels, official) -> dict:
     if not cfg.cv:
         return {(seed, None): validation_split(labels, cfg.val_fraction, seed, official) for seed in cfg.seeds}
     return {(seed, fold): rows for seed in cfg.seeds for fold, rows in enumerate(cv_folds(labels, cfg.cv, seed))}
-
-
-class ScoreBlocks:
-    """Each combination's block of one Gram (or kernels) of every tap the group's scores name, in the order the
-    jobs come, decomposed ahead a few combinations at a time on every core (``moments.decompose``)."""
-
-    def __init__(self, every, index: dict, order: list, workers: int):
-        self.every, self.index, self.order, self.workers = every, index, order, workers
-        self.position = {key: at for at, key in enumerate(order)}
-        self.ready: dict = {}
-
-    @classmethod
-    def of(cls, group: list[dict], fit: dict, labels, n_classes: int):
-        """None where no score of the group takes moments."""
-        import torch
-
-        wanted = [job for job in group if job.get("kind") == "score" and SCORERS.lookup(job["head"]).from_moments]
-        if not wanted:
-            return None
-        refs = list(dict.fromkeys(ref for job in wanted for ref in job["refs"]))
-        order = list(dict.fromkeys(tuple(job["refs"]) for job in wanted))
-        return cls(moments([fit[r] for r in refs], labels, n_classes), {ref: k for k, ref in enumerate(refs)},
-                   order, torch.get_num_threads())
-
-    def take(self, refs) -> object:
-        key = tuple(refs)
-        if key in self.ready:
-            return self.ready.pop(key)
-        if key not in self.position or not self._ahead(key):  # decomposed in turn with every thread
-            return self.every.select([self.index[r] for r in key])
-        at = self.position[key]  # this one and the next few small ones, decomposed together
-        batch = {k: self.every.select([self.index[r] for r in k])
-                 for k in self.order[at:at + 2 * self.workers] if k not in self.ready and self._ahead(k)}
-        decompose(list(batch.values()), self.workers)
-        self.ready.update(batch)
-        return self.ready.pop(key)
-
-    def _ahead(self, key) -> bool:
-        """Whether a combination is decomposed ahead: several cores, rows on the host, and its matrix (its Gram,
-        or the N x N kernel where it is as wide as the rows) under ``LARGE``: at most 2 x workers such blocks
-        are held at once."""
-        width = sum(self.every.blocks[self.index[r]].stop - self.every.blocks[self.index[r]].start for r in key)
-        return self.workers > 1 and self.every.device is None and min(width, self.every.n) < LARGE
 
 
 def _warning_once(log):
@@ -290,29 +249,6 @@ def _folder(cfg: SweepConfig, paths: dict) -> Path:
     digest = request_hash(_request(cfg, paths), 10)
     name = "+".join(b.replace(":", "-") for b in cfg.features.backbones)[:60]
     return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
-
-
-def fused_parts(X: dict, refs) -> dict:
-    """{part: the taps ``refs`` of :func:`standardised`'s output side by side, in that order}."""
-    import torch
-
-    return {part: torch.cat([X[part][r] for r in refs], dim=1) for part in X}
-
-
-def standardised(data, fit_rows, val_rows, device, test: bool = True) -> dict:
-    """{"fit" | "val" | "test": {ref: float32 tensor}}, each tap standardised on the fit rows (fuse-train's rule)."""
-    import torch
-
-    out = {"fit": {}, "val": {}, **({"test": {}} if test else {})}
-    for (split, ref), block in data.taps.items():
-        if split != "train":
-            continue
-        norm = TapNormalizer("standard").fit([block[fit_rows]])
-        for part, rows in (("fit", fit_rows), ("val", val_rows)):
-            out[part][ref] = torch.as_tensor(norm.transform([block[rows]]), device=device)
-        if test:
-            out["test"][ref] = torch.as_tensor(norm.transform([data.taps[("test", ref)]]), device=device)
-    return out
 
 
 def _check_shots(cfg: SweepConfig, labels: np.ndarray) -> None:

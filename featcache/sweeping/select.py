@@ -14,9 +14,9 @@ from featcache.errors import FeatcacheError
 from featcache.extraction.run import extract
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import validation_split
+from featcache.fuse.fusion import fused_parts, standardised
 from featcache.sweeping.config import all_taps
 from featcache.sweeping.probes import presolve, probe
-from featcache.sweeping.run import fused_parts, standardised
 
 AUTO = "auto"
 
