@@ -195,15 +195,20 @@ def test_prediction_grid_titles_do_not_reach_into_the_image_above(n):
 
     images = np.zeros((n, 8, 8, 3), np.uint8)
     titles = ["✓ 7" if i % 2 else "✗ 8\n(true 9)" for i in range(n)]
-    fig = figures.grid_figure(images, titles)
-    fig.canvas.draw()
-    renderer = fig.canvas.get_renderer()
-    shown = [ax for ax in fig.axes if ax.images]
-    assert len(shown) == n
-    for ax in shown:
-        title = ax.title.get_window_extent(renderer)
-        for other in shown:
-            assert not title.overlaps(other.images[0].get_window_extent(renderer)), (ax.get_title(), other.get_title())
+    canvas, boxes = figures.grid_image(images, titles)
+    assert len(boxes) == n
+
+    def overlaps(a, b):
+        return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+    for title, _ in boxes:
+        for _, image in boxes:
+            assert not overlaps(title, image), (title, image)
+    for _, image in boxes:
+        assert 0 <= image[0] and image[2] <= canvas.size[0] and image[3] <= canvas.size[1]
+    drawn = np.asarray(canvas)  # the titles are drawn in their boxes: dark pixels there
+    for title, _ in boxes:
+        assert (drawn[title[1]:title[3], title[0]:title[2]] < 128).any()
 
 
 def test_an_empty_heatmap_is_drawn_as_the_plain_image_and_named(monkeypatch):
