@@ -358,3 +358,23 @@ def test_nothing_is_downloaded_without_download_even_where_torchvision_would(tmp
     monkeypatch.setattr(semeion, "download_url", lambda *a, **k: pytest.fail("a download was attempted"))
     with pytest.raises(FeatcacheError, match="semeion not found .*--data-dir must hold semeion.data"):
         load("semeion", tmp_path)
+
+
+def test_webdataset_brace_patterns_name_the_shards_as_webdataset_takes_them(tmp_path):
+    from featcache.data.shards import braces
+
+    assert braces("s/train-{000..002}.tar") == ["s/train-000.tar", "s/train-001.tar", "s/train-002.tar"]
+    assert braces("{train,test}-{0..1}.tar") == ["train-0.tar", "train-1.tar", "test-0.tar", "test-1.tar"]
+    items = fx.sample_images(per_class=6)
+    root = fx.as_shards(tmp_path / "s", items, per_shard=3)  # train-000000..000002, test-000000..000001
+    whole = load_dataset(DataRequest(name="webdataset", data_dir=root))
+    both = root / "{train-{000000..000002},test-{000000..000001}}.tar"
+    pattern = load_dataset(DataRequest(name="webdataset", data_dir=both))
+    assert pattern.classes == whole.classes
+    for split in ("train", "test"):
+        assert list(pattern.splits[split].labels) == list(whole.splits[split].labels)
+    from featcache.data.datasets import infer_source
+
+    assert infer_source(root / "train-{000000..000002}.tar") == "webdataset"
+    with pytest.raises(FeatcacheError, match=r"names 4 shards; 1 are missing \(first: .*train-000003.tar\)"):
+        load_dataset(DataRequest(name="webdataset", data_dir=root / "train-{000000..000003}.tar"))

@@ -457,3 +457,16 @@ def test_ties_with_the_best_on_validation_are_said_and_broken_toward_the_cheaper
     assert list(table["ties_best"]) == [True, True] and "within its 95% interval" in top_lines(table)[-1]
     alone, _, _ = tables([row(0, ["a:late"], 1.0, 16), row(0, ["a:early"], 0.5, 8)])
     assert not any("tie" in line for line in top_lines(alone))
+
+
+@pytest.mark.parametrize("folds", [1, 5])
+def test_the_tie_line_finishes_its_sentence_and_suggests_cv_only_without_it(folds):
+    import pandas as pd
+
+    from featcache.sweeping.tables import tie_line
+
+    table = pd.DataFrame({"val_acc": [1.0, 1.0, 0.9], "val_acc_ci": [0.0, 0.0, 0.0], "seeds": [1, 1, 1],
+                          "folds": [folds] * 3, "ties_best": [True, True, False]})
+    line = tie_line(table)
+    assert line.endswith("would tell them apart.") and "2 of 3 (combination, head) rows tie" in line
+    assert ("--cv" in line) == (folds == 1)

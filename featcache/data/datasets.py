@@ -32,6 +32,8 @@ def infer_source(data_dir) -> str:
     from featcache.data.torchvision_sets import TORCHVISION_SETS
 
     path = Path(data_dir)
+    if "{" in str(data_dir) and ".tar" in str(data_dir):
+        return "webdataset"  # a brace pattern of shards: train-{000000..000099}.tar
     if not path.exists():
         raise FeatcacheError(f"--data-dir {path} does not exist")
     suffix = path.suffix.lower()

@@ -1,7 +1,8 @@
 """WebDataset shards: tar files of samples, each an image (jpg / jpeg / png / webp ...) and a label (cls or json).
 
 Stage 1 (data: the ``webdataset`` source of ``source.DATASETS``). ``--data-dir`` is a folder of shards named
-by split (``train-000000.tar``, ``val-*.tar``, ``test-*.tar``, or ``train/*.tar`` ...) or one shard. The
+by split (``train-000000.tar``, ``val-*.tar``, ``test-*.tar``, or ``train/*.tar`` ...), one shard, or a brace
+pattern as webdataset takes it (``shards/train-{000000..000099}.tar``, ``shards/{train,test}-{0..3}.tar``). The
 shards are never unpacked: one pass over the tar headers finds every sample's image (its offset and size) and
 reads its small label member; the DataLoader workers then read each image's bytes at its offset. Reading by
 offset, rather than streaming the tar with the webdataset library, is what lets the extraction resume after a
@@ -36,10 +37,43 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
                "dev": "val", "test": "test", "testing": "test"}
 
 
+def braces(pattern: str) -> list[str]:
+    """WebDataset's shard patterns, as webdataset and CLIP_benchmark take them: ``{000000..000099}`` a range of
+    zero-padded numbers, ``{a,b}`` alternatives, several per pattern (``{train,val}-{0..3}.tar``)."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body, head, tail = match[1], pattern[:match.start()], pattern[match.end():]
+    numbers = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if numbers:
+        first, last = int(numbers[1]), int(numbers[2])
+        if last < first or last - first > 1_000_000:
+            raise FeatcacheError(f"--data-dir {pattern}: the range {{{body}}} must count up, over at most a million "
+                                 f"shards")
+        width = len(numbers[1]) if numbers[1].startswith("0") else 0
+        options = [str(k).zfill(width) for k in range(first, last + 1)]
+    else:
+        options = body.split(",")
+    return [out for option in options for out in braces(head + option + tail)]
+
+
+def _pattern_shards(pattern: str) -> list[Path]:
+    found = [Path(p) for p in braces(pattern)]
+    missing = [p for p in found if not p.is_file()]
+    if missing:
+        raise FeatcacheError(f"--data-dir {pattern} names {len(found)} shards; {len(missing)} are missing (first: "
+                             f"{missing[0]})")
+    for shard in found:
+        regular_size(shard, "shard", MAX_SHARD_BYTES)
+    return found
+
+
 def _shards(request: DataRequest) -> dict[str, list[Path]]:
     """Our split -> its shards, in name order."""
     if request.data_dir is None:
         raise FeatcacheError("--dataset webdataset needs --data-dir (a folder of .tar shards named train-*, test-* ...)")
+    if "{" in str(request.data_dir):  # a brace pattern: the shards it names, split by their names as in a folder
+        return _by_split({shard: shard.name for shard in _pattern_shards(str(request.data_dir))})
     root = Path(request.data_dir)
     if root.is_file():
         if root.suffix != ".tar":
@@ -53,10 +87,16 @@ def _shards(request: DataRequest) -> dict[str, list[Path]]:
         regular_size(shard, "shard", MAX_SHARD_BYTES)  # a FIFO or device named .tar is refused, not opened
     if not found:
         raise FeatcacheError(f"{root} holds no .tar shards: name them train-000000.tar, test-000000.tar ...")
-    heads = {}
+    names = {}
     for shard in found:
         relative = shard.relative_to(root).parts
-        heads[shard] = re.split(r"[-_.]", relative[0] if len(relative) > 1 else shard.name)[0].lower()
+        names[shard] = relative[0] if len(relative) > 1 else shard.name
+    return _by_split(names)
+
+
+def _by_split(names: dict[Path, str]) -> dict[str, list[Path]]:
+    """Shards grouped by the split their (folder's) name starts with; none named by split: all are train."""
+    heads = {shard: re.split(r"[-_.]", name)[0].lower() for shard, name in names.items()}
     named = any(head in SPLIT_NAMES for head in heads.values())
     out: dict[str, list[Path]] = {}
     for shard, head in heads.items():  # shards named by split; none named: all are train (test is carved)
@@ -197,6 +237,8 @@ def _load(request: DataRequest) -> Dataset:
 
 def _key(request: DataRequest) -> str:
     root = Path(request.data_dir) if request.data_dir is not None else Path("none")
+    if "{" in str(root):  # a pattern: named by its folder
+        return "webdataset-" + root.parent.resolve().name
     return "webdataset-" + (root.resolve().stem if root.exists() else root.name)
 
 

@@ -173,12 +173,15 @@ def tie_line(table) -> str | None:
     tied = int(table["ties_best"].sum()) if "ties_best" in table else 0
     if tied < 2:
         return None
-    over = "folds" if table.iloc[0].get("folds", 1) > 1 else "seeds"
+    cv = table.iloc[0].get("folds", 1) > 1
+    over = "folds" if cv else "seeds"
     within = f"within its 95% interval over the {over}" if replicates(table.iloc[0]) > 1 else "exactly"
+    remedies = ["more validation images", *([] if cv else ["--cv 5"]), "more --seeds"]
     return (f"{tied} of {len(table)} (combination, head) rows tie with the best on validation "
             f"({table.iloc[0]['val_acc']:.4f}, {within}): the first listed is the cheapest of them (fewest columns, "
             f"then fewest backbones, then earliest taps); table.csv marks them all in ties_best. With so many ties "
-            f"validation cannot choose: more validation images, --cv, or more --seeds, can")
+            f"validation cannot choose between them; {', '.join(remedies[:-1])} or {remedies[-1]} would tell them "
+            f"apart.")
 
 
 def replicates(row) -> int:
