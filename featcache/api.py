@@ -81,8 +81,15 @@ sweep = _function("sweep", _table, "``featcache sweep``: every tap combination x
 finetune = _function("finetune", _result, "``featcache finetune``: the unfrozen variant; returns its run folder.")
 report = _function("report", _result, "``featcache report``: one HTML page (and its CSV) of the runs; returns the "
                                       "page's path.")
-predict = _function("predict", _result, "``featcache predict``: [(file, label, probability)] for each "
-                                                   "image.")
+def _predictions(outcome: Outcome):
+    from featcache.runs.predict import prediction_table
+
+    return prediction_table(outcome.result)
+
+
+predict = _function("predict", _predictions, "``featcache predict``: the predictions as a DataFrame (file, rank, "
+                                             "label, probability: one row per image, or per image and rank with "
+                                             "top_k), as --output writes them.")
 
 
 def run_pipeline(**kwargs):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import re
 import types
 import typing
@@ -198,6 +199,8 @@ def _scalar(value, kind):
     if kind is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, os.PathLike):  # images, runs: what one call returned, the next takes
+            return os.fspath(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # a pipeline's combos = 3 means "3"
         raise InvalidValue(_KIND[str])

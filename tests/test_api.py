@@ -43,8 +43,18 @@ def test_fuse_train_finetune_runs_and_report_return_what_they_wrote(tmp_path, fl
                                runs_dir=runs_dir, quiet=True)
     table = featcache.runs_table(runs_dir)
     assert isinstance(table, pd.DataFrame) and sorted(table["run"]) == sorted(p.name for p in [*frozen, tuned])
-    page = featcache.report(runs_dir=runs_dir, out=tmp_path / "r.html", gradcam_images=0)
+    page = featcache.report(runs_dir=runs_dir, out=tmp_path / "r.html", gradcam_images=0, quiet=True)
     assert page == tmp_path / "r.html" and page.is_file() and page.with_suffix(".csv").is_file()
+    # what one call returns, the next takes: a run folder as a Path; rows come back as a DataFrame
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((16, 16, 3), 128, np.uint8)).save(tmp_path / "x.png")
+    predicted = featcache.predict(run=frozen[0], images=[tmp_path / "x.png"], device="cpu", quiet=True, top_k=2)
+    assert isinstance(predicted, pd.DataFrame) and list(predicted.columns) == ["file", "rank", "label", "probability"]
+    assert list(predicted["rank"]) == [1, 2] and predicted["probability"].is_monotonic_decreasing
+    with pytest.raises(featcache.FeatcacheError, match=r"did you mean " + frozen[0].name[:-2]):
+        featcache.predict(run=frozen[0].name[:-1] + "x", images=[tmp_path / "x.png"], runs_dir=runs_dir)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

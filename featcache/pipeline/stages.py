@@ -117,7 +117,7 @@ def _predict(request: PredictRequest, log) -> Outcome:
     from featcache.runs.predict import check_output, predict_files, write_predictions
     from featcache.runs.records import resolve_run
 
-    run = resolve_run(request.run, request.runs_dir)
+    run = resolve_run(str(request.run), request.runs_dir)
     if request.output is not None:
         check_output(request.output, request.force)  # before any network is built
     with trusting(request.trust_pickles):

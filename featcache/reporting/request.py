@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.requests import carried, device_option, option, runs_dir_option
+from featcache.requests import at_least, carried, device_option, option, quiet_option, runs_dir_option
 from featcache.runs.request import TRUST_PICKLES
 
 
@@ -25,14 +25,15 @@ class ReportRequest:
     out: Path = option(Path("reports/report.html"), short="-o", writes=True,
                        help="The HTML file; the table is also written beside it as .csv.")
     title: str = option("featcache report", help="The page's title.")
-    grid_images: int = option(12, check=lambda v: v >= 0, rule="be 0 or more",
+    grid_images: int = option(12, **at_least(0),
                               help="Test images in each prediction grid.")
-    gradcam_images: int = option(4, check=lambda v: v >= 0, rule="be 0 or more",
+    gradcam_images: int = option(4, **at_least(0),
                                  help="Images per Grad-CAM grid; 0: none.")
     device: str = device_option("Where Grad-CAM runs.", default="cpu")
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
     force: bool = option(False, shared=False, help="Replace the -o file (and the CSV beside it) even where "
                                                     "featcache did not write them.")
+    quiet: bool = quiet_option()
 
     def config(self):
         from featcache.reporting.page import ReportConfig

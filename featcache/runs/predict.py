@@ -71,8 +71,8 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def write_predictions(path: Path, predictions: list) -> Path:
-    """The predictions as a table (file, rank, label, probability), CSV or Parquet by ``path``'s suffix."""
+def prediction_table(predictions: list):
+    """The predictions as a DataFrame (file, rank, label, probability): what the API returns and --output writes."""
     import pandas as pd
 
     rows = []
@@ -80,7 +80,12 @@ def write_predictions(path: Path, predictions: list) -> Path:
         ranked = rest[0] if len(rest) == 1 else [tuple(rest)]
         rows += [{"file": str(file), "rank": r, "label": label, "probability": p}
                  for r, (label, p) in enumerate(ranked, start=1)]
-    table = pd.DataFrame(rows, columns=COLUMNS)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def write_predictions(path: Path, predictions: list) -> Path:
+    """The predictions as a table (file, rank, label, probability), CSV or Parquet by ``path``'s suffix."""
+    table = prediction_table(predictions)
     path = Path(path)
     try:
         if path.suffix == ".csv":

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from featcache._version import __version__
 from featcache.data.datasets import DataRequest
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, closest
 from featcache.extraction.config import ExtractConfig
 
 RECORD = "record.json"
@@ -195,6 +195,10 @@ def resolve_run(run: str, runs_dir: Path) -> Path:
             path = inside
         elif len(named) == 1:  # one folder down, where a pipeline keeps its runs
             path = named[0]
+        elif not named and not (path / RECORD).is_file():
+            guess = closest(path.name, [p.name for p in run_folders(runs_dir)])
+            if guess:
+                raise FeatcacheError(f"no run {run} in {runs_dir}; did you mean {guess}? (featcache runs lists them)")
     load_record(path)
     return path
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from featcache.requests import at_least, device_option, option, runs_dir_option
+from featcache.requests import at_least, device_option, option, quiet_option, runs_dir_option
 
 TRUST_PICKLES = ("Also load run folders written by featcache 0.1, whose pickled heads can run code. Only for folders "
                  "you trust.")
@@ -18,7 +18,8 @@ TRUST_PICKLES = ("Also load run folders written by featcache 0.1, whose pickled 
 class PredictRequest:
     """``featcache predict``: classify images with a run's backbones, preprocessing and head."""
 
-    run: str = option(help="A run folder, or its name inside --runs-dir.", metavar="RUN")
+    run: Path = option(help="A run folder, or its name inside --runs-dir (a path or a name, as a string or a Path).",
+                       metavar="RUN")
     images: tuple[str, ...] = option(help="Image files, folders (every image inside, recursively), quoted glob "
                                           "patterns such as 'photos/**/*.jpg', a manifest (.csv / .parquet: the "
                                           "images it names), a WebDataset shard (.tar) or a Hugging Face "
@@ -31,4 +32,5 @@ class PredictRequest:
                                  help="Also write the predictions to FILE: .csv or .parquet (one row per image and "
                                       "rank: file, rank, label, probability).")
     force: bool = option(False, help="Replace --output even if featcache did not write that file.")
+    quiet: bool = quiet_option()
     trust_pickles: bool = option(False, shared=False, help=TRUST_PICKLES)
