@@ -100,3 +100,21 @@ def test_no_stage_imports_a_later_one():
     late = [f"{m} imports {i}" for m, p in modules().items() if m != "featcache"
             for i in imports(p, top_only=False) if layer(i) > layer(m)]
     assert not late
+
+
+def test_no_module_below_the_package_imports_the_packages_init():
+    """The version comes from featcache/_version.py; ``from featcache import X`` inside the package would run the
+    package's __init__ from below it (a back-edge)."""
+    import ast
+
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.parent == PACKAGE and path.name in ("__init__.py", "__main__.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            named = node.module == "featcache" if isinstance(node, ast.ImportFrom) and node.level == 0 else \
+                isinstance(node, ast.Import) and any(a.name == "featcache" for a in node.names)
+            if named and not (isinstance(node, ast.ImportFrom) and all(
+                    (PACKAGE / a.name).is_dir() or (PACKAGE / f"{a.name}.py").is_file() for a in node.names)):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}")
+    assert not offenders, offenders
