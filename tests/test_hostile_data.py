@@ -190,13 +190,14 @@ def test_shard_labels_are_the_classes_present_and_the_gap_is_said(tmp_path):
 
 
 def _rewrite_labels(shard, mapping):
-    members = []
+    _rewrite(shard, lambda name, data: mapping.get(data.decode(), data.decode()).encode() if name.endswith(".cls")
+             else data)
+
+
+def _rewrite(shard, change):
+    """The shard written again, each member's bytes through ``change(name, data)``."""
     with tarfile.open(shard) as tar:
-        for m in tar:
-            data = tar.extractfile(m).read()
-            if m.name.endswith(".cls"):
-                data = mapping.get(data.decode(), data.decode()).encode()
-            members.append((m.name, data))
+        members = [(m.name, change(m.name, tar.extractfile(m).read())) for m in tar]
     with tarfile.open(shard, "w") as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
@@ -310,15 +311,7 @@ def test_odd_labels_and_names_are_one_line_or_read_as_meant(tmp_path):
 
 
 def _rewrite_json(shard, payload):
-    members = []
-    with tarfile.open(shard) as tar:
-        for m in tar:
-            members.append((m.name, payload if m.name.endswith(".json") else tar.extractfile(m).read()))
-    with tarfile.open(shard, "w") as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    _rewrite(shard, lambda name, data: payload if name.endswith(".json") else data)
 
 
 def test_bad_output_places_and_empty_scores_are_one_line(tmp_path):
@@ -329,6 +322,9 @@ def test_bad_output_places_and_empty_scores_are_one_line(tmp_path):
              r"--runs-dir .*afile is a file, not a folder")
     one_line(invoke("sweep", "--backbone", "tiny", "--runs-dir", tmp_path / "afile"), r"is a file, not a folder")
     assert not (tmp_path / "r").exists()
+    one_line(invoke("rank", *SMALL, "--limit-train", "1", "--cache-dir", tmp_path / "c", "--runs-dir", tmp_path / "r"),
+             r"the training split holds 1 image\(s\): too few to hold out a validation share")  # not every model's
+
 
 
 # --- a new user's --data-dir -------------------------------------------------------------------------------

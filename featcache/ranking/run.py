@@ -175,6 +175,8 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
         bar.set_postfix_str(f"scoring {name}"[:60], refresh=True)
         try:
             rows.append(_scored(request, name, result, needs_rows))
+        except DataError:
+            raise  # a subset too small to validate is every model's problem
         except Exception as exc:
             rows.append(_failed(name, exc))
     return rows
