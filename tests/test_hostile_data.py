@@ -170,6 +170,8 @@ def test_a_parquet_nan_label_is_missing_and_numbers_compare_as_numbers(tmp_path)
                                                                       "p.parquet", parquet=True)))
     data = load_dataset(DataRequest(name="manifest", data_dir=_manifest(tmp_path, ["1", "01", "2", "02", "1", "2"])))
     assert data.classes == ("1", "2")
+    written = _manifest(tmp_path, ["3", "4", "5+", "4", "3", "5+"], "w.csv")  # names that only partly read as numbers
+    assert load_dataset(DataRequest(name="manifest", data_dir=written)).classes == ("3", "4", "5+")
 
 
 def test_shard_labels_are_the_classes_present_and_the_gap_is_said(tmp_path):

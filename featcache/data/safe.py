@@ -205,6 +205,10 @@ def _kind(value) -> tuple[str, object]:
     return "other", value
 
 
+def _text(value) -> str:
+    return (value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)).strip()
+
+
 def label_classes(values: dict[str, list], where: str, names: list[str] | None = None, row=None
                   ) -> tuple[tuple[str, ...], dict[str, np.ndarray], list[str]]:
     """Classes and per-split class numbers from the raw label values of each split.
@@ -217,13 +221,15 @@ def label_classes(values: dict[str, list], where: str, names: list[str] | None =
 
     Returns:
         (class names, split -> int64 class numbers, notes to say). The classes are the labels present, in
-        numeric order where every label is an integer, else in text order; a label missing in any spelling,
-        a list or mapping, labels of mixed kinds, an integer outside ``names``, or more than
-        :data:`MAX_CLASSES` classes is one :class:`FeatcacheError`.
+        numeric order where every label is an integer (``1`` and ``01`` one class), else in text order as
+        written (text labels of which only some read as numbers stay text); a label missing in any spelling,
+        a list or mapping, numbers beside text in typed data (Parquet, JSON), an integer outside ``names``, or
+        more than :data:`MAX_CLASSES` classes is one :class:`FeatcacheError`.
     """
     row = row or (lambda split, k: f"row {k} of the {split} split")
     parsed: dict[str, list] = {}
     kinds: dict[str, dict] = {}  # "int" / "text" -> split -> its first such label
+    typed = False  # whether any label came as a number (Parquet, Arrow, JSON) rather than as text
     missing = []
     for split, raw in values.items():
         out = []
@@ -238,15 +244,19 @@ def label_classes(values: dict[str, list], where: str, names: list[str] | None =
                 raise FeatcacheError(f"{row(split, k)} of {where} has label {shown}: a label is one class name "
                                      f"or integer")
             kinds.setdefault(kind, {}).setdefault(split, v)
+            typed = typed or not isinstance(value, (str, bytes))
             out.append(v)
         parsed[split] = out
     if missing:
         raise FeatcacheError(f"{len(missing)} row(s) of {where} have no label (empty, NA, NaN, null ...; first: "
                              f"{row(*missing[0])}): every image needs a label; remove those rows or fill them in")
-    if len(kinds) > 1:
+    if len(kinds) > 1 and typed:
         (int_split, number), (text_split, text) = next(iter(kinds["int"].items())), next(iter(kinds["text"].items()))
         raise FeatcacheError(f"{where} mixes integer labels ({number} in {int_split}) with text labels "
                              f"({text[:40]!r} in {text_split}): give every row a label of one kind")
+    if len(kinds) > 1:  # text that is sometimes a number ("3", "4", "5+"): the class names as written
+        kinds = {"text": kinds["text"]}
+        parsed = {split: [None if raw is None else _text(raw) for raw in values[split]] for split in parsed}
     numeric = "int" in kinds
     distinct = sorted({v for out in parsed.values() for v in out})
     if len(distinct) > MAX_CLASSES:
