@@ -79,7 +79,7 @@ def _files(request: DataRequest) -> dict[str, list[Path]]:
 
 
 def _plain_name(name) -> bool:
-    """A file or folder name inside the dataset's folder: no path, no parent, nothing hidden."""
+    """A plain name of a file or folder inside the dataset's folder: no path separator, no parent, no NUL."""
     return isinstance(name, str) and bool(name) and name not in (".", "..") and "/" not in name and \
         "\\" not in name and "\0" not in name
 
