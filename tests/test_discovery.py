@@ -254,3 +254,17 @@ def test_a_model_source_registered_in_one_place_is_extracted_ranked_and_listed(t
     wrong = CliRunner().invoke(cli, ["extract", "--backbone", "toy:smal", *common])
     assert wrong.exit_code == 2 and "did you mean" in wrong.output and "toy:small" in wrong.output
     discover.cache_clear()
+
+
+def test_backbones_all_shows_sizes_from_the_meta_device_and_sorts_by_them():
+    from click.testing import CliRunner
+
+    from featcache.cli.commands import cli
+
+    shown = CliRunner().invoke(cli, ["backbones", "--all", "mobilenet_v*", "--sort", "params"])
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split() for line in shown.stdout.splitlines()[1:]]
+    assert [r[0] for r in rows] == ["mobilenet_v3_small", "mobilenet_v2", "mobilenet_v3_large"]
+    assert [r[2] for r in rows] == ["2.5M", "3.5M", "5.5M"] and {r[3] for r in rows} == {"224"}
+    wide = CliRunner().invoke(cli, ["backbones", "--all", "--sizes"])
+    assert wide.exit_code == 2 and "sizes are built for at most 300: narrow the pattern" in wide.output

@@ -40,7 +40,12 @@ def datasets(name):
 @click.option("--all", "show_all", is_flag=True,
               help="List every usable name (torchvision classification models, and timm:NAME when timm is "
                    "installed); NAME is then a pattern such as 'convnext*'.")
-def backbones(name, show_all):
+@click.option("--sizes", is_flag=True,
+              help="With --all: each model's parameters and input size, from a build on the meta device (nothing "
+                   "downloaded; at most 300 models: narrow the pattern).")
+@click.option("--sort", type=click.Choice(["name", "params", "input"]), default=None,
+              help="With --all: order by name, parameters or input size (implies --sizes).")
+def backbones(name, show_all, sizes, sort):
     """List the declared backbones with their taps; NAME shows any backbone's taps (nothing is downloaded).
 
     Any torchvision classification model and any timm model (as timm:NAME) can be extracted; their taps
@@ -52,18 +57,48 @@ def backbones(name, show_all):
     from featcache.backbones.registry import BACKBONES
     from featcache.backbones.sources import every_name
 
+    if (sizes or sort) and not show_all:
+        raise FeatcacheError("--sizes and --sort go with --all: featcache backbones --all 'resnet*' --sort params")
     if show_all:
         pattern = name or "*"
         rows = [(n, "declared") for n in sorted(BACKBONES) if fnmatch.fnmatch(n, pattern)]
         rows += [(n, source) for n, source in every_name(pattern) if n not in BACKBONES]
         if not rows:
             raise FeatcacheError(f"no backbone matches {pattern!r}: featcache backbones --all lists every name")
-        for n, source in rows:
-            click.echo(f"{n:<48} {source}")
-        click.echo(f"{len(rows)} backbones", err=True)
+        if not (sizes or sort):
+            for n, source in rows:
+                click.echo(f"{n:<48} {source}")
+            click.echo(f"{len(rows)} backbones", err=True)
+            return
+        _sized(rows, sort or "name", pattern)
         return
     for spec in [BACKBONES.lookup(name)] if name else [BACKBONES[n] for n in sorted(BACKBONES)]:
         _show_backbone(spec)
+
+
+MOST_SIZED = 300  # each size is a build on the meta device: about 0.05-0.5 s a model
+
+
+def _sized(rows: list[tuple[str, str]], sort: str, pattern: str) -> None:
+    """The listing with each model's parameters and input size, ordered by ``sort``."""
+    from tqdm.auto import tqdm
+
+    from featcache.backbones.sources import MODEL_SOURCES, owner
+
+    if len(rows) > MOST_SIZED:
+        raise FeatcacheError(f"{pattern!r} matches {len(rows)} models; sizes are built for at most {MOST_SIZED}: "
+                             f"narrow the pattern (e.g. 'timm:convnext*')")
+    table = []
+    for n, source in tqdm(rows, desc="sizes", unit="model", leave=False, disable=len(rows) < 20):
+        params, size = (owner(n) or MODEL_SOURCES["torchvision"]).size(n)
+        table.append((n, source, params, size))
+    key = {"name": lambda r: r[0], "params": lambda r: (r[2] is None, r[2] or 0),
+           "input": lambda r: (r[3] is None, r[3] or 0)}[sort]
+    click.echo(f"{'backbone':<48} {'source':<12} {'params':>9} {'input':>6}")
+    for n, source, params, size in sorted(table, key=key):
+        shown = f"{params / 1e6:.1f}M" if params is not None else "?"
+        click.echo(f"{n:<48} {source:<12} {shown:>9} {size or '?':>6}")
+    click.echo(f"{len(table)} backbones (parameters and input size from a build on the meta device)", err=True)
 
 
 def _show_backbone(spec) -> None:

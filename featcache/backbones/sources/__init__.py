@@ -42,6 +42,11 @@ class ModelSource:
         """Whether model ``name`` has pretrained weights to load, from its name alone (nothing built)."""
         return False
 
+    def size(self, name: str) -> tuple[int | None, int | None]:
+        """(parameters, input size in pixels) of model ``name``, built on the meta device (nothing allocated,
+        nothing downloaded); None where the source cannot say."""
+        return None, None
+
 
 MODEL_SOURCES: Registry = Registry("model source")
 

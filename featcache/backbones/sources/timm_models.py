@@ -37,6 +37,19 @@ class TimmSource(ModelSource):
     def discover(self, name: str) -> BackboneSpec:
         return _timm_spec(name[len(TIMM):])
 
+    def size(self, name: str) -> tuple[int | None, int | None]:
+        import timm
+        import torch
+
+        bare = name[len(TIMM):]
+        try:
+            with torch.device("meta"):
+                model = timm.create_model(bare, pretrained=False)
+        except Exception:  # noqa: BLE001 - a model that cannot be built has no size to show
+            return None, None
+        size = (model.pretrained_cfg or {}).get("input_size", (3, None, None))[-1]
+        return int(sum(p.numel() for p in model.parameters())), size
+
     def has_weights(self, name: str) -> bool:
         import timm
 

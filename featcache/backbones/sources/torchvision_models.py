@@ -36,6 +36,13 @@ class TorchvisionSource(ModelSource):
     def discover(self, name: str) -> BackboneSpec:
         return _torchvision_spec(name)
 
+    def size(self, name: str) -> tuple[int | None, int | None]:
+        try:
+            model = on_meta(self.builder(name))
+        except Exception:  # noqa: BLE001 - a model that cannot be built has no size to show
+            return None, _weights_size(name)
+        return int(sum(p.numel() for p in model.parameters())), getattr(model, "image_size", None) or _weights_size(name)
+
     def has_weights(self, name: str) -> bool:
         import torchvision
 
