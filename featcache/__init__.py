@@ -12,7 +12,9 @@ one stage table (pipeline) by the command line (``featcache.cli``) and the Pytho
                          taps=["late"], head=["logreg", "mlp"])
     featcache.sweep(backbone=["resnet18"], weights="random", image_size=64, combos="pairs")  # every tap x head
     featcache.rank(backbone=["resnet*", "mobilenet*"], weights="random", image_size=64)  # every model's taps scored
-    featcache.runs_table()  # the comparison table of every run, a pandas DataFrame
+    featcache.runs()  # the comparison table of every run, a pandas DataFrame (also featcache.runs_table())
+    featcache.backbones("timm:convnext*", sizes=True)  # names, sources, parameters, input sizes
+    featcache.datasets()  # every dataset source
 
 Keyword arguments are the request fields of each stage (``help(featcache.extract)``), with
 typed values; errors raise FeatcacheError naming the keyword.
@@ -22,8 +24,9 @@ from featcache.errors import FeatcacheError
 
 from featcache._version import __version__  # noqa: E402,F401  (re-exported)
 API = ("extract", "load_features", "fuse_train", "sweep", "rank", "finetune", "predict", "report", "runs_table",
-       "run_pipeline")
-__all__ = ["FeatcacheError", *API]
+       "run_pipeline", "datasets")
+CALLABLE_PACKAGES = ("runs", "backbones")  # featcache.runs(), featcache.backbones(): the commands of those names
+__all__ = ["FeatcacheError", *API, *CALLABLE_PACKAGES]
 
 
 def __getattr__(name: str):
@@ -32,8 +35,12 @@ def __getattr__(name: str):
         from featcache import api
 
         return getattr(api, name)
+    if name in CALLABLE_PACKAGES:  # the subpackage, whose module is callable as its command
+        import importlib
+
+        return importlib.import_module(f"featcache.{name}")
     raise AttributeError(f"module 'featcache' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted({*globals(), *API})
+    return sorted({*globals(), *API, *CALLABLE_PACKAGES})

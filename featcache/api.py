@@ -149,3 +149,12 @@ def runs_table(runs_dir: str | Path = "runs", pipeline: str | None = None):
     from featcache.runs.records import pipeline_runs
 
     return table(pipeline_runs(Path(runs_dir), pipeline))
+
+
+def datasets():
+    """``featcache datasets``: every dataset source, with what ``--data-dir`` it reads, as a DataFrame."""
+    import pandas as pd
+
+    from featcache.data.datasets import DATASETS
+
+    return pd.DataFrame([(name, DATASETS[name].about) for name in sorted(DATASETS)], columns=["dataset", "about"])

@@ -43,6 +43,7 @@ def test_fuse_train_finetune_runs_and_report_return_what_they_wrote(tmp_path, fl
                                runs_dir=runs_dir, quiet=True)
     table = featcache.runs_table(runs_dir)
     assert isinstance(table, pd.DataFrame) and sorted(table["run"]) == sorted(p.name for p in [*frozen, tuned])
+    assert featcache.runs(runs_dir).equals(table)  # the command's name: featcache runs
     page = featcache.report(runs_dir=runs_dir, out=tmp_path / "r.html", gradcam_images=0, quiet=True)
     assert page == tmp_path / "r.html" and page.is_file() and page.with_suffix(".csv").is_file()
     # what one call returns, the next takes: a run folder as a Path; rows come back as a DataFrame
@@ -98,3 +99,16 @@ def test_quiet_prints_nothing_and_dir_lists_the_stages(tmp_path, flags, capsys):
 def test_a_typo_of_load_features_own_keywords_suggests_them(flags):
     with pytest.raises(featcache.FeatcacheError, match=r"^unknown keyword 'splitt'; did you mean 'split'\?"):
         featcache.load_features(**flags, splitt="test")
+
+
+def test_the_listing_commands_are_functions_of_the_same_name():
+    """featcache backbones, featcache datasets and featcache runs, from Python: DataFrames; featcache.runs and
+    featcache.backbones are still the subpackages (their modules import as before)."""
+    import featcache.runs.records  # noqa: F401
+
+    listed = featcache.backbones("mobilenet_v*", sizes=True)
+    assert list(listed["backbone"]) == ["mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small"]
+    assert list(listed["params"]) == [3504872, 5483032, 2542856] and set(listed["input"]) == {224}
+    sources = featcache.datasets()
+    assert {"digits", "folder", "manifest", "webdataset", "hf", "cifar10"} <= set(sources["dataset"])
+    assert callable(featcache.runs) and featcache.runs.records.RECORD == "record.json"
