@@ -85,3 +85,33 @@ def test_the_runs_table_fits_the_terminal_and_keeps_what_tells_runs_apart(width)
     assert max(map(len, lines)) <= width
     assert len({line.split("  ")[0] for line in lines[1:]}) == 3  # the labels still differ
     assert all(line.split("  ")[0].rstrip().endswith("· logreg") for line in lines[1:])  # cut at the start
+
+
+def test_at_80_columns_a_label_loses_its_time_before_what_tells_runs_apart():
+    import pandas as pd
+
+    from featcache.runs.comparison import TERMINAL_COLUMNS, as_text
+
+    labels = [f"r18+mnv2 · layer4+features.18 · logreg · {cv} · 12-07 14:0{i}:03"
+              for i, cv in enumerate(("cv 5", "val split"))]
+    table = pd.DataFrame({"label": labels, "chosen": "C=0.1", "val_acc": [0.9, 0.8], "test_acc": 0.5,
+                          "macro_f1": 0.5, "fit_s": 1.0, "warnings": 0, "run": ["a", "b"]})
+    lines = as_text(table[TERMINAL_COLUMNS], 80).splitlines()
+    assert max(map(len, lines)) <= 80
+    shown = [line.split("  ")[0] for line in lines[1:]]
+    assert shown[0].startswith("r18+mnv2 · layer4+features.18 · logreg · cv 5") and "14:0" not in shown[0]
+    assert "val split" in shown[1]
+
+
+def test_runs_without_a_terminal_is_at_most_100_columns(report_runs, monkeypatch):
+    from click.testing import CliRunner
+
+    from featcache.cli.commands import cli
+
+    monkeypatch.setenv("COLUMNS", "160")  # a shell's width, not the pipe's reader's
+    _, runs = report_runs
+    every = "label,dataset,backbones,weights,taps,fusion,head,chosen,variant,val_acc,test_acc,fit_s,run"
+    wide = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs[0].parent), "--columns", every, "--width", "400"])
+    assert max(map(len, wide.output.splitlines())) > 100  # what would be printed at the shell's width
+    shown = CliRunner().invoke(cli, ["runs", "--runs-dir", str(runs[0].parent), "--columns", every])
+    assert shown.exit_code == 0 and max(map(len, shown.output.splitlines())) <= 100

@@ -6,6 +6,7 @@ so ``featcache --help`` does not load torch.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
@@ -181,7 +182,8 @@ def runs(runs_dir, pipeline, sort, columns, width, csv_path):
     if table.empty:
         raise no_runs(runs_dir, "train some with featcache fuse-train")
     shown = pick(table, columns, sort)
-    click.echo(as_text(shown, width or shutil.get_terminal_size((100, 24)).columns))
+    # a terminal's own width; 100 where there is none (a pipe, a file: COLUMNS from a shell is not the reader's)
+    click.echo(as_text(shown, width or (shutil.get_terminal_size((100, 24)).columns if sys.stdout.isatty() else 100)))
     if csv_path:
         table.to_csv(csv_path, index=False)
         click.echo(f"written {csv_path}")

@@ -8,6 +8,7 @@ else does.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES
@@ -23,11 +24,12 @@ SHRINK = (("run", 16), ("chosen", 12), ("taps", 16), ("fusion", 12), ("variant",
 # left out, in this order, when cutting is not enough: what least tells runs apart first
 DROP = ("run", "warnings", "fit_s", "macro_f1", "dataset", "weights", "backbones", "fusion", "chosen", "variant",
         "test_acc", "taps", "head", "val_acc")
+LEAST = 4  # the first DROP columns, left out before the label (backbones · taps · head) is cut
 TERMINAL_COLUMNS = ["label", "chosen", "val_acc", "test_acc", "macro_f1", "fit_s", "warnings", "run"]
 ABBREVIATIONS = {"weight_decay": "wd"}
 SHORT_NAMES = {"resnet18": "r18", "resnet50": "r50", "mobilenet_v2": "mnv2", "vgg16": "vgg16"}
 # settings that may tell two runs with the same label apart, in the order they are tried
-DISTINGUISHING = ("dataset", "weights", "image_size", "pooling", "tap_norm", "val_fraction", "dtype", "precision",
+DISTINGUISHING = ("cv", "dataset", "weights", "image_size", "pooling", "tap_norm", "val_fraction", "dtype", "precision",
                   "limit_train", "seed")
 
 
@@ -67,12 +69,22 @@ def labels(records: list[RunRecord]) -> list[str]:
             values = [records[i].config.get(key) for i in members]
             if len(set(map(str, values))) > 1:
                 for i, value in zip(members, values):
-                    out[i] += f" · {key.replace('_', ' ')} {value}"
+                    out[i] += f" · {_setting(key, value)}"
         if len({out[i] for i in members}) < len(members):  # the same settings: only the time tells them apart
             for i in members:
                 stamp = records[i].run[:15]  # 20261124-155644
                 out[i] += f" · {stamp[4:6]}-{stamp[6:8]} {stamp[9:11]}:{stamp[11:13]}:{stamp[13:15]}"
     return out
+
+
+def _setting(key: str, value) -> str:
+    """A distinguishing setting as a label shows it: ``cv 5`` / ``val split``, ``image size 64``."""
+    if key == "cv":
+        return f"cv {value}" if value else "val split"
+    return f"{key.replace('_', ' ')} {value}"
+
+
+STAMP = re.compile(r" · \d\d-\d\d \d\d:\d\d:\d\d$")  # the time a label ends with when nothing else differs
 
 
 def dataset_text(record: RunRecord) -> str:
@@ -148,22 +160,32 @@ def pick(table, columns: str | None, sort: str | None):
 
 
 def as_text(table, width: int = 100) -> str:
-    """The table as aligned text never wider than ``width``: text columns are cut in the order of ``SHRINK``
-    (the run folder first, the label last), each to no narrower than it still reads, then, if that is not
-    enough, the columns that least tell runs apart are left out (``DROP``), the label last of all. A label is
-    cut at its start (``…taps · head · variant``): its end is what tells two runs of one sweep apart."""
+    """The table as aligned text never wider than ``width``: text columns other than the label are cut in the
+    order of ``SHRINK``, each to no narrower than it still reads; then the columns that tell runs apart least
+    (the run folder, warnings, seconds, macro-F1) are left out; then the label is cut, losing its time first
+    (backbones, taps, head and the settings that differ tell more); then more columns go (``DROP``), the label
+    last of all. A label is cut at its start (``…taps · head · variant``): its end tells two runs of one sweep
+    apart."""
     cells = {c: [HEADERS.get(c, c)] + [_cell(c, v) for v in table[c]] for c in table.columns}
     widths = {c: max(map(len, v)) for c, v in cells.items()}
 
     def excess() -> int:
         return sum(widths.values()) + 2 * (len(widths) - 1) - width
 
-    for column, narrowest in SHRINK:
-        if excess() > 0 and column in widths:
-            widths[column] = max(min(narrowest, widths[column]), widths[column] - excess())
-    for column in DROP:
-        if excess() > 0 and column in widths and len(widths) > 1:
-            del widths[column]
+    def shrink(columns):
+        for column, narrowest in columns:
+            if excess() > 0 and column in widths:
+                widths[column] = max(min(narrowest, widths[column]), widths[column] - excess())
+
+    def drop(columns):
+        for column in columns:
+            if excess() > 0 and column in widths and len(widths) > 1:
+                del widths[column]
+
+    shrink([(c, n) for c, n in SHRINK if c != "label"])
+    drop(DROP[:LEAST])  # the run folder, warnings, seconds, macro-F1 go before the label is cut
+    shrink([(c, n) for c, n in SHRINK if c == "label"])
+    drop(DROP[LEAST:])
     if excess() > 0:  # one column left, and still too wide: cut it to the width
         only = next(iter(widths))
         widths[only] = max(2, width)
@@ -172,6 +194,8 @@ def as_text(table, width: int = 100) -> str:
     for row in zip(*(cells[c] for c in widths)):
         parts = []
         for c, text in zip(widths, row):
+            if len(text) > widths[c] and c == "label":
+                text = STAMP.sub("", text)  # the time goes first: backbones, taps, head and settings tell more
             if len(text) > widths[c]:
                 text = "…" + text[len(text) - widths[c] + 1:] if c == "label" else text[: widths[c] - 1] + "…"
             parts.append(text.rjust(widths[c]) if c in numeric else text.ljust(widths[c]))
