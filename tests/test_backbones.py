@@ -107,3 +107,10 @@ def test_imagenet_identity_names_the_torchvision_weights():
 def test_backbone_without_pretrained_weights_says_so():
     with pytest.raises(FeatcacheError, match="tiny has no imagenet weights"):
         weights_identity(BACKBONES["tiny"], "imagenet", 0)
+
+
+def test_an_unknown_tap_lists_every_name_a_tap_answers_to():
+    """`featcache backbones` prints stageN first; the error for a wrong tap lists those names too."""
+    with pytest.raises(FeatcacheError, match=r"\{early, late, layer1, layer2, layer3, layer4, mid, stage1, stage2, "
+                                             r"stage3, stage4\}. Got 'stage9' instead; did you mean 'stage4'\?"):
+        BACKBONES["resnet18"].tap("stage9")

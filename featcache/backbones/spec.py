@@ -120,7 +120,9 @@ class BackboneSpec:
         for uniform, tap in zip(self.uniform_names, self.taps):
             if node in (tap.node, uniform, tap.module):
                 return tap
-        raise unknown(f"--taps of {self.name}", name, (*self.tap_names, *self.aliases))
+        names = dict.fromkeys([*self.uniform_names, *self.aliases, *self.tap_names,
+                               *(t.module for t in self.taps if t.module)])  # every name a tap answers to
+        raise unknown(f"--taps of {self.name}", name, names)
 
     def alias_of(self, node: str) -> str:
         """``early`` / ``mid`` / ``late`` for a tap that has one, else its name."""
