@@ -16,8 +16,9 @@ import numpy as np
 
 from featcache.data import hub, manifest, shards, torchvision_sets  # noqa: F401  (each registers its sources)
 from featcache.data.images import IMAGE_SUFFIXES, images_in
+from featcache.data.leakage import leakage
 from featcache.data.source import (DATASETS, SPLITS, Dataset, DatasetEntry, DataRequest, Split, files_identity,
-                                   leakage, limit, rgb_uint8, split_train_test)
+                                   limit, rgb_uint8, split_train_test)
 from featcache.errors import DataError, FeatcacheError
 
 __all__ = ["DATASETS", "Dataset", "DatasetEntry", "DataRequest", "Split", "dataset_identity", "dataset_key",

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.data.images import Blob, file_bytes
-from featcache.data.safe import UnsafeFile, label_classes, read_regular, regular_size
+from featcache.data.labels import label_classes
+from featcache.data.safe import UnsafeFile, read_regular, regular_size
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
     stat_identity
 from featcache.errors import FeatcacheError

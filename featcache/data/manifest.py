@@ -19,7 +19,7 @@ import numpy as np
 
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Split, official_splits, \
     stat_identity
-from featcache.data.safe import label_classes
+from featcache.data.labels import label_classes
 from featcache.errors import FeatcacheError
 
 SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",

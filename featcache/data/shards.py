@@ -11,7 +11,7 @@ processes write the same cache as one (a test checks shards written by the webda
 
 A sample's key is its member name up to the first dot of the file name (WebDataset's rule); its label is the
 value in ``<key>.cls`` (or ``.label``, ``.target``), or a field of ``<key>.json`` named by ``--label-column``;
-the classes are the labels present (``safe.label_classes``). A shard without its end-of-archive marker (cut
+the classes are the labels present (``labels.label_classes``). A shard without its end-of-archive marker (cut
 short, even at a member boundary) is refused rather than read as a shorter archive.
 """
 
@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from featcache.data.images import BadImage, Blob
-from featcache.data.safe import MAX_LABEL_BYTES, label_classes, regular_size
+from featcache.data.labels import label_classes
+from featcache.data.safe import MAX_LABEL_BYTES, regular_size
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
     stat_identity
 from featcache.errors import FeatcacheError
@@ -154,7 +155,7 @@ def _label(value: bytes, ext: str, field: str | None, where: str):
     text = value.decode("utf-8", "replace").strip()
     if not text:
         raise FeatcacheError(f"{where} is empty: every sample needs a label")
-    return text  # integers are told apart from names, and compared as numbers, by safe.label_classes
+    return text  # integers are told apart from names, and compared as numbers, by labels.label_classes
 
 
 def _index(shards: list[Path], request: DataRequest) -> tuple[list, list]:
