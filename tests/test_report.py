@@ -278,3 +278,28 @@ def test_time_spent_counts_a_shared_extraction_pass_once(tmp_path):
     parts, rows = _time_spent([record])
     assert parts["extraction (each pass once)"] == pytest.approx(3.4)
     assert [r["shared"] for r in rows] == [["b", "c"], ["a", "c"], ["a", "b"], []]
+
+
+def test_a_report_of_named_runs_holds_those_and_a_whole_folder_only_when_asked(tmp_path):
+    """`featcache report RUN` pulled in every sweep and ranking of the runs folder (issue 41); now it holds what was
+    named: runs, sweep folders, ranking folders; with nothing named, the whole folder."""
+    flags = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train",
+             "120", "--limit-test", "40", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    swept = CliRunner().invoke(cli, ["sweep", *flags, "--combos", "singles", "--head", "logreg", "--keep", "1", "-q",
+                                     "--extract"])
+    assert swept.exit_code == 0, swept.output
+    [sweep] = (tmp_path / "runs" / "sweeps").glob("[!.]*")
+    [kept] = [p for p in (tmp_path / "runs").glob("[!.]*") if p.name != "sweeps"]
+
+    def page(*named):
+        out = tmp_path / f"r{len(named)}.html"
+        done = CliRunner().invoke(cli, ["report", *map(str, named), "--runs-dir", str(tmp_path / "runs"), "-o",
+                                        str(out), "--gradcam-images", "0", "--grid-images", "0", "--force"])
+        assert done.exit_code == 0, done.output
+        return out.read_text()
+
+    only_run = page(kept.name)
+    assert kept.name in only_run and sweep.name not in only_run
+    only_sweep = page(sweep.name)
+    assert sweep.name in only_sweep and kept.name not in only_sweep
+    assert sweep.name in page() and kept.name in page()

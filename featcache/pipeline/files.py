@@ -21,7 +21,7 @@ import json
 import re
 import time
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.errors import FeatcacheError, closest
@@ -191,16 +191,14 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     """Run every stage, reusing what exists; return what each stage did."""
     results: list[StageResult] = []
     runs: list[Path] = []  # this pipeline's run folders, in stage order
+    made: list[Path] = []  # its sweep and ranking folders: a report shows them beside the runs
     for stage in pipeline.stages:
         log(f"== {stage.kind} #{stage.index}")
         started = time.perf_counter()
         spec = STAGES[stage.kind]
-        swept = any(r.stage in ("sweep", "rank") for r in results)  # a sweep alone is worth a page
-        if spec.takes_runs and not stage.request.runs and not runs and not swept:
+        if spec.takes_runs and not stage.request.runs and not runs and not made:
             raise _fail(pipeline.path, f"[{stage.kind}]", "no runs to report: add a fuse-train or finetune stage")
-        request = with_runs(spec, stage.request, runs, pipeline.runs_dir)
-        if spec.takes_runs and not runs and not stage.request.runs:
-            request = replace(request, runs_dir=pipeline.runs_dir)  # its sweeps' folder
+        request = with_runs(spec, stage.request, [*runs, *made], pipeline.runs_dir)  # what it made, and only that
         key = stage_key(stage.kind, request) if spec.reuse == "ledger" else None
         names = recorded(Path(request.runs_dir), key) if key else None
         if names is not None:
@@ -212,6 +210,8 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
                 remember(Path(request.runs_dir), key,
                          {"stage": stage.kind, "pipeline": pipeline.name, "runs": [p.name for p in outcome.runs]})
         runs += outcome.runs
+        if stage.kind in ("sweep", "rank") and isinstance(outcome.result, Path):
+            made.append(outcome.result)
         results.append(StageResult(stage.kind, stage.index, outcome.status, time.perf_counter() - started,
                                    outcome.outputs))
     return results

@@ -264,16 +264,29 @@ def _time_spent(records: list[RunRecord]) -> tuple[dict, list[dict]]:
     return parts, rows
 
 
+def _named(item: str, runs_dir: Path) -> tuple[str, Path | None]:
+    """("sweep" | "rank", its folder) for a named sweep or ranking folder (a path, or a name in --runs-dir); else
+    ("run", None): a run, resolved as runs are."""
+    for folder in (Path(item), runs_dir / item, runs_dir / "sweeps" / item, runs_dir / "ranks" / item):
+        if (folder / "table.csv").is_file() and (folder / "sweep.json").is_file():
+            return "sweep", folder
+        if (folder / "table.csv").is_file() and (folder / "rows.jsonl").is_file() and folder.parent.name == "ranks":
+            return "rank", folder
+    return "run", None
+
+
 def write_report(cfg: ReportConfig, log=print) -> Path:
     """Write the HTML page and the CSV beside it; return the HTML path."""
     from jinja2 import Environment, PackageLoader
 
-    if cfg.runs:
-        folders = [resolve_run(r, cfg.runs_dir) for r in cfg.runs]
-    else:
-        folders = run_folders(cfg.runs_dir)
-    if not folders and (cfg.runs or not (sweep_folders(cfg.runs_dir) or rank_folders(cfg.runs_dir))):
-        # a sweep or a ranking alone is worth a page
+    if cfg.runs:  # what was named, and only that: runs, sweep folders, ranking folders
+        named = [_named(r, Path(cfg.runs_dir)) for r in cfg.runs]
+        folders = [resolve_run(r, cfg.runs_dir) for r, (kind, _) in zip(cfg.runs, named) if kind == "run"]
+        swept = [path for kind, path in named if kind == "sweep"]
+        ranked = [path for kind, path in named if kind == "rank"]
+    else:  # the whole folder
+        folders, swept, ranked = run_folders(cfg.runs_dir), sweep_folders(cfg.runs_dir), rank_folders(cfg.runs_dir)
+    if not (folders or swept or ranked):  # a sweep or a ranking alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
     folders, records = readable_runs(folders, bool(cfg.runs), unreadable, log)
@@ -310,7 +323,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
     sweeps = []
-    for folder in sweep_folders(cfg.runs_dir):
+    for folder in swept:
         try:
             sw = sweep_section(folder)
         except Exception as exc:  # a damaged table.csv or sweep.json: named on the page, the rest still drawn
@@ -319,7 +332,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             continue
         sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
     ranks = []
-    for folder in rank_folders(cfg.runs_dir):
+    for folder in ranked:
         try:
             section = rank_section(folder)
         except Exception as exc:  # a damaged table: named on the page, the rest still drawn
