@@ -285,6 +285,10 @@ def test_hugging_face_folders_that_lie_are_one_line(tmp_path):
     (saved / "dataset_dict.json").write_text(json.dumps({"splits": [0, 1]}))
     with pytest.raises(FeatcacheError, match=r"names its splits \[0, 1\]"):
         load_dataset(request)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "train.parquet").symlink_to(tmp_path / "nowhere.parquet")
+    with pytest.raises(FeatcacheError, match=r"train.parquet is missing \(a broken link\?\)"):
+        load_dataset(DataRequest(name="hf", data_dir=tmp_path / "links"))
     (tmp_path / "r.parquet").write_bytes(os.urandom(300))
     with pytest.raises(FeatcacheError, match=r"r.parquet is not a readable Parquet file"):
         load_dataset(DataRequest(name="hf", data_dir=tmp_path / "r.parquet"))

@@ -74,7 +74,10 @@ def _files(request: DataRequest) -> dict[str, list[Path]]:
                              f"(dataset_dict.json or state.json) or .parquet / .arrow files")
     out: dict[str, list[Path]] = {}
     for path in files:
-        regular_size(path, "data file")
+        try:
+            regular_size(path, "data file")
+        except FileNotFoundError:  # a link to nothing
+            raise FeatcacheError(f"{path} is missing (a broken link?): save the dataset again") from None
         out.setdefault(_split_of(path.name) or "train", []).append(path)
     return out
 
