@@ -66,8 +66,8 @@ def test_a_crafted_cifar_batch_runs_no_code_and_is_one_line(tmp_path, name):
     entry["labels" if name == "cifar10" else "fine_labels"] = _Planted(marker)
     with open(batch, "wb") as f:
         pickle.dump(entry, f, protocol=2)
-    with open(batch, "rb") as f:  # the payload is live: plain pickle runs it
-        pickle.load(f, encoding="latin1")
+    with open(batch, "rb") as f:  # the payload is live: plain pickle runs it (and hands back the file it opened)
+        pickle.load(f, encoding="latin1")["labels" if name == "cifar10" else "fine_labels"].close()
     assert marker.exists()
     marker.unlink()
     with pytest.raises(FeatcacheError, match=r"is not a plain pickle of arrays and lists \(the pickle asks for "
