@@ -16,18 +16,14 @@ class _BackbonesModule(_types.ModuleType):
     def __call__(self, pattern: str = "*", sizes: bool = False):
         """Every usable backbone name matching ``pattern`` with its source, as a DataFrame; ``sizes``: also its
         parameters and input size, from a build on the meta device (nothing downloaded)."""
-        import fnmatch
-
         import pandas as pd
 
-        from featcache.backbones.registry import BACKBONES
-        from featcache.backbones.sources import MODEL_SOURCES, every_name, owner
+        from featcache.backbones.registry import listing
+        from featcache.backbones.sources import size_of
 
-        rows = [(n, "declared") for n in sorted(BACKBONES) if fnmatch.fnmatch(n, pattern)]
-        rows += [(n, source) for n, source in every_name(pattern) if n not in BACKBONES]
-        table = pd.DataFrame(rows, columns=["backbone", "source"])
+        table = pd.DataFrame(listing(pattern), columns=["backbone", "source"])
         if sizes:
-            measured = [(owner(n) or MODEL_SOURCES["torchvision"]).size(n) for n in table["backbone"]]
+            measured = [size_of(n) for n in table["backbone"]]
             table["params"] = [p for p, _ in measured]
             table["input"] = [s for _, s in measured]
         return table

@@ -39,6 +39,17 @@ class BackboneRegistry(Registry):
 BACKBONES = BackboneRegistry("--backbone")
 
 
+def listing(pattern: str = "*") -> list[tuple[str, str]]:
+    """(name, source) of every usable backbone matching ``pattern``: the declared ones, then each source's
+    (what ``featcache backbones --all`` and ``featcache.backbones()`` list)."""
+    import fnmatch
+
+    from featcache.backbones.sources import every_name
+
+    rows = [(n, "declared") for n in sorted(BACKBONES) if fnmatch.fnmatch(n, pattern)]
+    return rows + [(n, source) for n, source in every_name(pattern) if n not in BACKBONES]
+
+
 def register_backbone(spec: BackboneSpec) -> BackboneSpec:
     """Add ``spec`` to the registry (tests register a tiny backbone this way)."""
     missing = set(ALIASES) - set(spec.aliases)

@@ -53,17 +53,13 @@ def backbones(name, show_all, sizes, sort):
     are found from the model: the output of each stage where the stride changes, or a transformer's
     blocks, named stage1..N / block1..N with the aliases early, mid and late.
     """
-    import fnmatch
-
-    from featcache.backbones.registry import BACKBONES
-    from featcache.backbones.sources import every_name
+    from featcache.backbones.registry import BACKBONES, listing
 
     if (sizes or sort) and not show_all:
         raise FeatcacheError("--sizes and --sort go with --all: featcache backbones --all 'resnet*' --sort params")
     if show_all:
         pattern = name or "*"
-        rows = [(n, "declared") for n in sorted(BACKBONES) if fnmatch.fnmatch(n, pattern)]
-        rows += [(n, source) for n, source in every_name(pattern) if n not in BACKBONES]
+        rows = listing(pattern)
         if not rows:
             raise FeatcacheError(f"no backbone matches {pattern!r}: featcache backbones --all lists every name")
         if not (sizes or sort):
@@ -84,14 +80,14 @@ def _sized(rows: list[tuple[str, str]], sort: str, pattern: str) -> None:
     """The listing with each model's parameters and input size, ordered by ``sort``."""
     from tqdm.auto import tqdm
 
-    from featcache.backbones.sources import MODEL_SOURCES, owner
+    from featcache.backbones.sources import size_of
 
     if len(rows) > MOST_SIZED:
         raise FeatcacheError(f"{pattern!r} matches {len(rows)} models; sizes are built for at most {MOST_SIZED}: "
                              f"narrow the pattern (e.g. 'timm:convnext*')")
     table = []
     for n, source in tqdm(rows, desc="sizes", unit="model", leave=False, disable=len(rows) < 20):
-        params, size = (owner(n) or MODEL_SOURCES["torchvision"]).size(n)
+        params, size = size_of(n)
         table.append((n, source, params, size))
     key = {"name": lambda r: r[0], "params": lambda r: (r[2] is None, r[2] or 0),
            "input": lambda r: (r[3] is None, r[3] or 0)}[sort]

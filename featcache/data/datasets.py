@@ -44,7 +44,7 @@ def infer_source(data_dir) -> str:
         if suffix == ".tar":
             return "webdataset"
         if suffix in (".parquet", ".arrow"):
-            return "hf" if suffix == ".arrow" or _has_image_column(path) else "manifest"
+            return "hf" if suffix == ".arrow" or hub.has_image_column(path) else "manifest"
         raise FeatcacheError(f"cannot tell what --data-dir {path} holds: a file given as data is a manifest (.csv, "
                              f".tsv, .parquet), a shard (.tar) or Arrow data; or pass --dataset")
     if not path.is_dir():
@@ -65,13 +65,6 @@ def infer_source(data_dir) -> str:
     raise FeatcacheError(f"cannot tell what --data-dir {path} holds (no class folders of images, shards, manifest, "
                          f"Hugging Face dataset or torchvision dataset folder): pass --dataset; featcache datasets "
                          f"lists the sources")
-
-
-def _has_image_column(path: Path) -> bool:
-    try:
-        return any(f"{k.type}".startswith("struct<bytes") for k in hub._schema(path))
-    except FeatcacheError:
-        return False
 
 
 def dataset_key(request: DataRequest) -> str:

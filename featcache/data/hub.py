@@ -185,6 +185,16 @@ def _is_image(schema, features: dict, column: str) -> bool:
     return pa.types.is_struct(kind) and {kind.field(k).name for k in range(kind.num_fields)} == {"bytes", "path"}
 
 
+def has_image_column(path: Path) -> bool:
+    """Whether a Parquet / Arrow file holds an Image column (a Hugging Face table, not a manifest of paths)."""
+    try:
+        schema = _schema(path)
+    except FeatcacheError:
+        return False
+    features = _features(schema)
+    return any(_is_image(schema, features, column) for column in schema.names)
+
+
 def columns(schema, request: DataRequest) -> tuple[str, str, list[str] | None]:
     """(image column, label column, class names from the ClassLabel feature or None)."""
     features = _features(schema)

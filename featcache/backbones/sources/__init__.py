@@ -53,7 +53,12 @@ MODEL_SOURCES: Registry = Registry("model source")
 
 def sources() -> list[ModelSource]:
     """Each registered source once (``declared`` and ``torchvision`` are one), in registration order."""
-    return list({id(s): s for s in MODEL_SOURCES.values()}.values())
+    return [source for _, source in _named_sources()]
+
+
+def _named_sources() -> list[tuple[str, ModelSource]]:
+    """(its last registered name, source) for each source once: ``torchvision`` for the entry it shares."""
+    return list({id(source): (key, source) for key, source in MODEL_SOURCES.items()}.values())
 
 
 def source_of(spec: BackboneSpec) -> ModelSource:
@@ -72,15 +77,17 @@ def every_name(pattern: str | None = None) -> list[tuple[str, str]]:
     import fnmatch
 
     out = []
-    for source in sources():
-        key = next(k for k, v in MODEL_SOURCES.items() if v is source and k != "declared") \
-            if sum(v is source for v in MODEL_SOURCES.values()) > 1 else \
-            next(k for k, v in MODEL_SOURCES.items() if v is source)
+    for key, source in _named_sources():
         for name in source.names():
             if pattern is None or fnmatch.fnmatch(name, pattern) or (
                     source.prefix and fnmatch.fnmatch(name, source.prefix + pattern)):
                 out.append((name, key))
     return out
+
+
+def size_of(name: str) -> tuple[int | None, int | None]:
+    """(parameters, input size) of model ``name`` from its source (a declared name: torchvision's)."""
+    return (owner(name) or MODEL_SOURCES["torchvision"]).size(name)
 
 
 def unknown_backbone(name: str, declared: tuple[str, ...] = ()) -> FeatcacheError:
