@@ -18,14 +18,12 @@ def invoke(*args):
 def _cache(folder, backbone="tiny", seed=0, complete=True, partial=False):
     """A featcache cache as far as listing reads one: its name (BACKBONE-HASH.h5, the hash its stored fingerprint's),
     its attributes (the layout's own test is tests/test_store.py) and its timing file."""
-    import hashlib
-
     import h5py
 
-    from featcache.extraction.store import FORMAT
+    from featcache.extraction.store import FORMAT, canonical, fingerprint_hash
 
-    fingerprint = json.dumps({"seed": seed})
-    path = folder / f"{backbone}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:12]}.h5{'.partial' * partial}"
+    fingerprint = canonical({"seed": seed})  # as the store writes it
+    path = folder / f"{backbone}-{fingerprint_hash({'seed': seed})[:12]}.h5{'.partial' * partial}"
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f.attrs["fingerprint"] = fingerprint

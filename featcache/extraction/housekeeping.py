@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import re
 import time
@@ -71,7 +70,7 @@ def _state(path: Path, name_hash: str, partial: bool) -> str:
     only looks like a cache by its name), which prune never removes."""
     import h5py
 
-    from featcache.extraction.store import FORMAT
+    from featcache.extraction.store import FORMAT, fingerprint_hash
 
     try:
         with h5py.File(path, "r") as f:
@@ -79,11 +78,11 @@ def _state(path: Path, name_hash: str, partial: bool) -> str:
             if isinstance(fingerprint, bytes):
                 fingerprint = fingerprint.decode("utf-8", "replace")
             ours = isinstance(fingerprint, str) and f.attrs.get("format") == FORMAT and \
-                hashlib.sha256(fingerprint.encode()).hexdigest()[:12] == name_hash
+                fingerprint_hash(json.loads(fingerprint))[:12] == name_hash  # the rule that named it
             if not ours:
                 return "foreign"
             return "partial" if partial else ("complete" if f.attrs.get("complete") else "foreign")
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError, RecursionError):
         return "foreign"
 
 
@@ -151,9 +150,11 @@ def prunable_folder(cache_dir: Path) -> Path:
     """``--cache-dir`` for prune: never a filesystem root or the home folder (a cache folder is one featcache
     made for its caches)."""
     resolved = Path(cache_dir).resolve()
-    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
-        raise FeatcacheError(f"--cache-dir {cache_dir} is {'the filesystem root' if resolved == Path(resolved.anchor) else 'the home folder'}: "
-                             f"featcache cache prune works on a cache folder (such as ./cache); name it")
+    what = "the filesystem root" if resolved == Path(resolved.anchor) else \
+        "the home folder" if resolved == Path.home().resolve() else None
+    if what:
+        raise FeatcacheError(f"--cache-dir {cache_dir} is {what}: featcache cache prune works on a cache folder "
+                             f"(such as ./cache); name it")
     return Path(cache_dir)
 
 
