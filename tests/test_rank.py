@@ -284,3 +284,31 @@ def test_a_rank_table_in_a_pipeline_runs(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["run", "p.toml"])
     assert result.exit_code == 0, result.output
     assert len(list((tmp_path / "runs" / "p" / "ranks").glob("[!.]*/table.csv"))) == 1
+
+
+def test_sfda_ncti_and_etran_in_rank_and_sweep_combine_over_their_tables(tmp_path):
+    """A score with parts is stored as its parts and combined over the table's taps (NCTI, ETran), in rank's
+    table and the sweep's scores.csv alike; the sweep's combinations of one tap score as rank scores that tap."""
+    from featcache.sweeping.scorers import combined
+
+    result = CliRunner().invoke(cli, ["rank", "--backbone", "rank_a", *ARGS, "--cache-dir", str(tmp_path / "cache"),
+                                      "--runs-dir", str(tmp_path / "runs"), "--score", "sfda,ncti,etran"])
+    assert result.exit_code == 0, result.output
+    [folder] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    table = pd.read_csv(folder / "table.csv")
+    ok = table[table["status"] == "ok"]
+    assert ok[["sfda", "ncti", "etran"]].notna().all().all() and ok["sfda"].between(0, 1).all()
+    rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
+    parts = [t["scores"]["ncti"] for r in rows if r["status"] == "ok" for t in r["taps"]]
+    assert all(len(p) == 3 for p in parts)
+    assert np.allclose(sorted(ok["ncti"]), sorted(combined("ncti", parts)))
+    sweep = CliRunner().invoke(cli, ["sweep", "--backbone", "rank_a", *[a for a in ARGS if a not in ("--num-workers",
+                                                                                                      "0")],
+                                     "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs"),
+                                     "--head", "none", "--score", "sfda,ncti"])
+    assert sweep.exit_code == 0, sweep.output
+    scores = pd.read_csv(next((tmp_path / "runs" / "sweeps").glob("[!.]*")) / "scores.csv")
+    mine = scores[(scores["score"] == "sfda") & (scores["n_taps"] == 1)].set_index("taps")["value"]
+    ranked = ok.assign(taps="rank_a:" + ok["tap"]).set_index("taps")["sfda"]
+    assert np.allclose(mine.sort_index(), ranked.sort_index(), rtol=1e-6)
+    assert scores[scores["score"] == "ncti"]["value"].notna().all()

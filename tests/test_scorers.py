@@ -187,6 +187,8 @@ def test_rank_deficient_features_and_larger_means_better():
     noise, _ = data(signal=0.0)
     for name, entry in SCORERS.items():
         assert entry.larger_is_better
+        if entry.parts:  # compared together: test_the_new_scores_rank_an_informative_tap_above_noise
+            continue
         assert entry.score(X, y, 3) > entry.score(noise, y, 3), name  # features that hold the labels score higher
 
 
@@ -207,3 +209,124 @@ def test_nce_is_the_negative_conditional_entropy_of_the_labels_given_the_source_
     assert leep(logits, y, 3) == pytest.approx(leep_of(softmax(logits), y, 3), rel=1e-12)
     perfect = np.eye(3)[y] * 10  # source labels that are the target labels: no uncertainty left
     assert nce(perfect, y, 3) == pytest.approx(0.0, abs=1e-12)
+
+
+# --- SFDA, NCTI, ETran against transcriptions of their authors' code ------------------------------------------------
+# SFDA: TencentARC/SFDA metrics.py (``SFDA_Score``, ``SFDA._solve_eigen``, ``iterative_A``; the same code is in
+# OpenGVLab/Multitask-Model-Selector); NCTI: BUserName/NCTI (``NCTI_Score`` and its min-max sum); ETran:
+# mgholamikn/ETran at a63361e1cd0e090b9d0462bf6e3bdf4dc547b22d (metrics.py ``Energy_Score``, ``LDA_Score``; tw.py's
+# 0.15 / 0.85 sum). Written out again here step by step: the D x D scatter matrices, scipy's generalised eigenvectors.
+
+
+def _empirical(X, shrinkage=-1.0):
+    cov = np.cov(X.T, bias=True)
+    if shrinkage < 0:
+        return cov
+    d = cov.shape[0]
+    out = (1 - shrinkage) * cov
+    out.flat[::d + 1] += shrinkage * np.trace(cov) / d
+    return out
+
+
+def _softmax(z):
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _fisher_posteriors(X, y, shrinkage=None, generalised=True):
+    """The authors' ``_solve_eigen`` then ``predict_proba``: Sw, its adaptive shrinkage, St, Sb = St - Sw_a, the
+    eigenvectors V sorted by eigenvalue, coef = mu V V'."""
+    from scipy import linalg
+
+    classes = np.unique(y)
+    priors = np.array([np.mean(y == c) for c in classes])
+    means = np.stack([X[y == c].mean(0) for c in classes])
+    within = sum(p * np.atleast_2d(_empirical(X[y == c])) for p, c in zip(priors, classes))
+    if shrinkage is None:
+        x = within.sum(axis=1)
+        for _ in range(3):
+            v = within @ x / np.linalg.norm(within @ x)
+            x = within @ v / np.linalg.norm(within @ v)
+        shrinkage = max(np.exp(-5 * (x @ within @ v)), 1e-10)
+    d = within.shape[0]
+    shrunk = (1 - shrinkage) * within
+    shrunk.flat[::d + 1] += shrinkage * np.trace(within) / d
+    between = _empirical(X, shrinkage) - shrunk
+    values, vectors = linalg.eigh(between, shrunk) if generalised else np.linalg.eigh(np.linalg.inv(shrunk) @ between)
+    vectors = vectors[:, np.argsort(values)[::-1]]
+    coef = means @ vectors @ vectors.T
+    return _softmax(X @ coef.T - 0.5 * np.diag(means @ coef.T) + np.log(priors)), means, shrinkage
+
+
+def sfda_as_the_authors_compute_it(X, y):
+    X = X.copy()
+    proba, means, shrinkage = _fisher_posteriors(X, y)
+    proba = np.exp(proba) / np.exp(proba).sum(axis=1, keepdims=True)
+    k = len(means)
+    for c in range(k):
+        rows = np.where(y == c)[0]
+        p = proba[rows, c][:, None]
+        X[rows] = p * X[rows] + (1 - p) * (means.sum(0) - means[c]) / (k - 1)
+    proba, _, _ = _fisher_posteriors(X, y, shrinkage)
+    return proba[np.arange(len(y)), y].mean()
+
+
+def ncti_terms_by_definition(X, y, classes):
+    """PCA by NumPy's SVD, the shrinkage LDA's discriminant directions by scipy's generalised eigh (the SVD solver
+    where the shrinkage floors at 1e-10: the whitened class means' directions), the three terms."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    centred = X - X.mean(0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    k = min(64, *X.shape)
+    reduced = centred @ vt[:k].T
+    variance = s[:k] ** 2 / (len(X) - 1)
+    shrinkage = max(np.exp(-variance[:32].sum()), 1e-10)
+    if shrinkage > 1e-10:
+        proba, _, _ = _fisher_posteriors(reduced, y, shrinkage)
+    else:
+        proba = LinearDiscriminantAnalysis(solver="svd").fit(reduced, y).predict_proba(reduced)
+    lda = LinearDiscriminantAnalysis(solver="svd" if shrinkage == 1e-10 else "eigen",
+                                     shrinkage=None if shrinkage == 1e-10 else shrinkage).fit(reduced, y)
+    projected = lda.transform(reduced)
+    seli = np.linalg.svd(projected - projected.mean(0), compute_uv=False).sum()
+    ncc = proba[np.arange(len(y)), y].mean()
+    vc = np.log(sum(np.linalg.svd(proba[y == c], compute_uv=False).sum() for c in range(classes)))
+    return np.array([seli, ncc, vc])
+
+
+@pytest.mark.parametrize(("n", "d", "classes"), [(200, 16, 3), (90, 40, 5), (300, 8, 2), (150, 100, 4)])
+def test_sfda_ncti_and_etran_equal_their_authors_code(n, d, classes):
+    from featcache.sweeping.scorers import etran_parts, ncti_parts, sfda
+
+    X, y = data(n, d, classes, signal=0.3)
+    assert sfda(X, y, classes) == pytest.approx(sfda_as_the_authors_compute_it(X, y), rel=1e-9, abs=1e-12)
+    assert ncti_parts(X, y, classes) == pytest.approx(ncti_terms_by_definition(X, y, classes), rel=1e-6)
+    small = X * 0.02  # PCA variances summing under 23: the shrinkage LDA, not the SVD solver
+    assert ncti_parts(small, y, classes) == pytest.approx(ncti_terms_by_definition(small, y, classes), rel=1e-6)
+    # ETran's LDA term: the authors' eigh of the unsymmetric Sw^-1 Sb (orthonormal vectors, so V V' = I)
+    proba, _, _ = _fisher_posteriors(X, y, generalised=False)
+    values = np.log(np.exp(X).sum(axis=1))
+    energy = np.sort(values)[:max(5 * n // 1000, 1)].mean()
+    assert etran_parts(X, y, classes) == pytest.approx([energy, proba[np.arange(n), y].mean()], rel=1e-9)
+
+
+def test_ncti_and_etran_combine_their_terms_over_the_candidates_as_the_authors_scripts():
+    from featcache.sweeping.scorers import combined
+
+    parts = [[10.0, 0.5, 2.0], [20.0, 0.7, 1.0], [15.0, 0.9, 3.0], None]
+    # seli (0, 1, .5) + ncc (0, .5, 1) - vc (.5, 0, 1); the failed candidate has none
+    assert combined("ncti", parts)[:3] == pytest.approx([-0.5, 1.5, 0.5]) and np.isnan(combined("ncti", parts)[3])
+    assert combined("etran", [[1.0, 0.2], [3.0, 0.6]]) == pytest.approx([0.0, 1.0])
+    assert combined("etran", [[1.0, 0.2]]) == pytest.approx([0.0])  # one candidate: nothing to scale against
+
+
+def test_the_new_scores_rank_an_informative_tap_above_noise():
+    from featcache.sweeping.scorers import combined
+
+    informative, y = data(200, 12, 4, signal=1.0)
+    noise, _ = data(200, 12, 4, signal=0.0, seed=1)
+    assert SCORERS["sfda"].score(informative, y, 4) > SCORERS["sfda"].score(noise, y, 4)
+    for name in ("ncti", "etran"):
+        good, bad = combined(name, [list(SCORERS[name].score(X, y, 4)) for X in (informative, noise)])
+        assert good > bad, name

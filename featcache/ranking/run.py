@@ -77,9 +77,19 @@ def _well_formed(row) -> bool:
     return row.get("status") == "ok" and isinstance(taps, list) and all(
         isinstance(t, dict) and isinstance(t.get("tap"), str) and isinstance(t.get("width"), int)
         and isinstance(t.get("scores"), dict)
-        and all(v is None or isinstance(v, (int, float)) for v in t["scores"].values()) for t in taps) and \
+        and all(v is None or isinstance(v, (int, float)) or _parts(v) for v in t["scores"].values()) for t in taps) and \
         all(row.get(k) is None or isinstance(row.get(k), (int, float)) for k in ("params", "images_per_s")) and \
         isinstance(row.get("cache", ""), str)
+
+
+def _parts(value) -> bool:
+    """A score with parts (NCTI, ETran) is stored as its list of numbers, combined over the table's taps."""
+    return isinstance(value, list) and 0 < len(value) <= 8 and all(isinstance(x, (int, float)) for x in value)
+
+
+def _stored(result: dict):
+    """What a tap's row keeps of :func:`scored`'s result: the value, or the parts of a score with parts."""
+    return result["parts"] if "parts" in result else result["score"]
 
 
 def _end_line(path: Path) -> None:
@@ -140,7 +150,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
                                  f"nothing is ranked")
         if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
             confirm(request, folder, table, log)
-        _prune(request, rows, log)
+        _prune(request, rows, table, log)
     for line in summary(table, list(request.score), rows):
         log(line)
     log(f"ranking written to {folder} (table.csv: every model and tap)")
@@ -214,12 +224,12 @@ def _scored(request, name: str, result, needs_rows) -> dict:
             raw = cache.read("train", tap)[fit_rows]
             block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
             stats = moments([block], y, n_classes)
-            values = {score: scored(score, torch.from_numpy(block) if score in needs_rows else None,
-                                    torch.from_numpy(y), n_classes, stats)["score"]
+            values = {score: _stored(scored(score, torch.from_numpy(block) if score in needs_rows else None,
+                                            torch.from_numpy(y), n_classes, stats))
                       for score in request.score if not SCORERS.lookup(score).reads_logits}
             if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
-                values.update({score: scored(score, torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(y),
-                                             n_classes)["score"]
+                values.update({score: _stored(scored(score, torch.from_numpy(raw.astype(np.float32)),
+                                                     torch.from_numpy(y), n_classes))
                                for score in request.score if SCORERS.lookup(score).reads_logits})
             scores.append({"tap": tap, "width": int(block.shape[1]), "scores": values})
     if request.keep_caches == "none" and result.status != "cached":
@@ -230,8 +240,11 @@ def _scored(request, name: str, result, needs_rows) -> dict:
 
 
 def write_table(folder: Path, rows: list[dict], scores: list[str]):
-    """table.csv (and .parquet): a row per (model, tap), best first by the first score; failures last."""
+    """table.csv (and .parquet): a row per (model, tap), best first by the first score; failures last. A score with
+    parts (NCTI, ETran) is combined over every tap of the table."""
     import pandas as pd
+
+    from featcache.sweeping.scorers import combined
 
     records = []
     for row in rows:
@@ -242,6 +255,10 @@ def write_table(folder: Path, rows: list[dict], scores: list[str]):
             records.append({"model": row["model"], "tap": tap["tap"], "status": "ok", "reason": "",
                             "width": tap["width"], "params": row["params"], "images_per_s": row["images_per_s"],
                             **{s: tap["scores"].get(s) for s in scores}})
+    ok_rows = [r for r in records if r["status"] == "ok"]
+    for s in scores:
+        for r, value in zip(ok_rows, combined(s, [r[s] for r in ok_rows])):
+            r[s] = None if np.isnan(value) else float(value)
     table = pd.DataFrame(records, columns=["model", "tap", "status", "reason", "width", "params", "images_per_s",
                                            *scores])
     ok = table[table["status"] == "ok"].sort_values(scores[0], ascending=not SCORERS[scores[0]].larger_is_better,
@@ -257,15 +274,16 @@ def write_table(folder: Path, rows: list[dict], scores: list[str]):
     return table
 
 
-def _prune(request, rows: list[dict], log) -> None:
-    """--keep-caches top-K: the caches this ranking made for other models are removed."""
+def _prune(request, rows: list[dict], table, log) -> None:
+    """--keep-caches top-K: the caches this ranking made for other models are removed (the best K by the table's
+    first score, combined over every tap where it has parts)."""
     if not request.keep_caches.startswith("top-"):
         return
     k = int(request.keep_caches[4:])
     first = request.score[0]
     sign = 1 if SCORERS[first].larger_is_better else -1
-    best = {r["model"]: max((sign * v for t in r["taps"] if (v := t["scores"].get(first)) is not None),
-                            default=-np.inf) for r in rows if r["status"] == "ok"}
+    ok = table[table["status"] == "ok"]
+    best = (sign * ok[first].astype(float)).fillna(-np.inf).groupby(ok["model"]).max().to_dict()
     keep = set(sorted(best, key=lambda m: -best[m])[:k])
     for row in rows:
         if row["status"] == "ok" and row["model"] not in keep and row.get("extracted"):
@@ -279,6 +297,13 @@ def summary(table, scores: list[str], rows: list[dict]) -> list[str]:
     for _, r in ok.head(10).iterrows():
         lines.append(f"{r['model'][:28]:<28} {r['tap'][:14]:<14} {int(r['width']):>6} "
                      + " ".join(f"{r[s]:>10.4f}" for s in scores))
+    from featcache.sweeping.scorers import separates
+
+    for s in scores:
+        if len(ok) > 1 and not separates(ok[s].astype(float)):
+            lines.append(f"{s} cannot tell these taps apart here: every one scores {ok[s].astype(float).max():.4f} "
+                         f"(within 1e-6){' (taps wider than the rows it reads)' if s.startswith('hscore') else ''}; "
+                         f"do not choose by it")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines.append(f"{len(failed)} model(s) failed and are left out of the ranking:")

@@ -70,6 +70,12 @@ def _complete(row) -> bool:
     if not isinstance(row, dict):
         return False
     values = ("score", "fit_s", "width") if row.get("kind") == "score" else PROBE_VALUES
+    if row.get("kind") == "score" and row.get("head") in SCORERS and SCORERS[row["head"]].parts:
+        parts = row.get("parts")  # a score with parts: combined over the combinations when tabled
+        values = ("fit_s", "width")
+        if not (isinstance(parts, list) and len(parts) == len(SCORERS[row["head"]].parts)
+                and all(isinstance(x, (int, float)) and np.isfinite(x) for x in parts)):
+            return False
     return all(isinstance(row.get(k), (int, float)) and not isinstance(row.get(k), bool)
                                          and np.isfinite(row[k]) for k in values)
 
@@ -196,6 +202,13 @@ def score_table(rows: list[dict]):
     if not rows:
         return pd.DataFrame(columns=["taps", "score", "value", "n_taps", "width", "seeds", "fit_s"])
     frame = pd.DataFrame(rows)
+    if "parts" in frame:  # NCTI, ETran: combined over this table's combinations, seed by seed
+        from featcache.sweeping.scorers import combined
+
+        frame["score"] = frame["score"].astype(float) if "score" in frame else np.nan
+        for (_, head), group in frame.groupby(["seed", "head"], sort=False):
+            if head in SCORERS and SCORERS[head].parts:
+                frame.loc[group.index, "score"] = combined(head, list(group["parts"]))
     frame["taps"] = frame["taps"].map("+".join)
     table = frame.groupby(["taps", "head"], sort=False).agg(
         value=("score", "mean"), n_taps=("taps", lambda t: t.iloc[0].count("+") + 1), width=("width", "first"),
