@@ -1,7 +1,7 @@
 """featcache: extract every layer of frozen CNN backbones once, then fuse and compare heads.
 
 The flow, one subpackage a stage: data -> backbones -> extraction (HDF5 cache) -> runs (run
-folders) -> fuse (heads on cached taps) -> finetuning / sweeping -> reporting, driven through
+folders) -> fuse (heads on cached taps) -> finetuning / sweeping -> ranking / choosing -> reporting, driven through
 one stage table (pipeline) by the command line (``featcache.cli``) and the Python API below:
 
     import featcache
@@ -12,6 +12,7 @@ one stage table (pipeline) by the command line (``featcache.cli``) and the Pytho
                          taps=["late"], head=["logreg", "mlp"])
     featcache.sweep(backbone=["resnet18"], weights="random", image_size=64, combos="pairs")  # every tap x head
     featcache.rank(backbone=["resnet*", "mobilenet*"], weights="random", image_size=64)  # every model's taps scored
+    featcache.choose(backbone=["resnet18", "mobilenet_v2"], weights="random", image_size=64)  # one answer, how sure
     featcache.runs()  # the comparison table of every run, a pandas DataFrame (also featcache.runs_table())
     featcache.backbones("timm:convnext*", sizes=True)  # names, sources, parameters, input sizes
     featcache.datasets()  # every dataset source
@@ -23,7 +24,7 @@ typed values; errors raise FeatcacheError naming the keyword.
 from featcache.errors import FeatcacheError
 
 from featcache._version import __version__  # noqa: E402,F401  (re-exported)
-API = ("extract", "load_features", "fuse_train", "sweep", "rank", "finetune", "predict", "report", "runs_table",
+API = ("extract", "load_features", "fuse_train", "sweep", "rank", "choose", "finetune", "predict", "report", "runs_table",
        "run_pipeline", "datasets")
 CALLABLE_PACKAGES = ("runs", "backbones")  # featcache.runs(), featcache.backbones(): the commands of those names
 __all__ = ["FeatcacheError", *API, *CALLABLE_PACKAGES]

@@ -75,6 +75,9 @@ fuse_train = _function("fuse-train", _result, "``featcache fuse-train``: every t
 rank = _function("rank", _table, "``featcache rank``: every tap of the models the patterns match, scored by "
                                  "transferability scores; returns the table (a DataFrame: model, tap, width, "
                                  "parameters, images/s, each score; ``.attrs['folder']`` is the ranking's folder).")
+choose = _function("choose", _result, "``featcache choose``: which model, taps and head for this data, how sure, "
+                                     "at what cost; returns a Choice (``.recommended``, ``.fast``, ``.tied``, "
+                                     "``.table`` of the finalists, ``.trust``, ``.folder``; shown as its answer).")
 sweep = _function("sweep", _table, "``featcache sweep``: every tap combination x head; returns its table (a "
                                    "DataFrame, best validation accuracy first), with the sweep folder in "
                                    "``table.attrs['folder']``.")

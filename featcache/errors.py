@@ -1,7 +1,7 @@
 """One exception type for user errors, and the one message shape for unknown names.
 
 Every stage raises :class:`FeatcacheError` for bad input; the CLI prints it as a single
-line and exits with status 2. Nothing here imports torch, so the CLI starts fast.
+line and exits with status 2 (1 for :class:`NothingWorked`). Nothing here imports torch, so the CLI starts fast.
 """
 
 from __future__ import annotations
@@ -17,6 +17,13 @@ class FeatcacheError(Exception):
 class DataError(FeatcacheError):
     """A problem with the dataset itself (its files, labels or limits): the same for every backbone, so a
     stage that goes on past one model's failure (``rank``) stops on it instead."""
+
+
+class NothingWorked(FeatcacheError):
+    """Every model of a ranking or a choice failed, each for its own reason (said above it): the input was
+    well formed but nothing could be done with it, exit status 1 (not 2, a usage error)."""
+
+    exit_code = 1
 
 
 def closest(name: str, known: Iterable[str]) -> str | None:

@@ -113,6 +113,22 @@ def rank(request):
         _interrupted("run the same command again: the finished models are kept")
 
 
+@stage("choose")
+def choose(request):
+    """Which model, which taps, which head? One answer, how sure, and at what cost.
+
+    Screens every tap of the --backbone patterns' models with the scores and cheap baselines (as rank), confirms
+    the survivors with the batched probes by successive halving (with fused pairs), and decides from paired
+    out-of-fold predictions: the recommendation with its accuracy interval and P(best), the candidates tied with
+    it, the fastest of those, and how far each score can be trusted on this data. Test is scored once, for the
+    recommendation alone.
+    """
+    try:
+        STAGES["choose"].run(request, click.echo)
+    except KeyboardInterrupt:
+        _interrupted("run the same command again: the screen's finished models are kept")
+
+
 @stage("finetune")
 def finetune(request):
     """Train unfrozen variants end to end: backbones -> taps -> pooling -> normalisation -> head.

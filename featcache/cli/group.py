@@ -21,7 +21,9 @@ class FeatcacheGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FeatcacheError as exc:
-            raise UserError(str(exc)) from None
+            error = UserError(str(exc))
+            error.exit_code = getattr(exc, "exit_code", UserError.exit_code)
+            raise error from None
 
 
 @click.group(cls=FeatcacheGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -32,7 +34,8 @@ def cli():
     \b
     featcache datasets                       list dataset sources, their splits and labels
     featcache backbones                      list backbones, taps and aliases
-    featcache rank --backbone 'resnet*'      which model? every tap of many backbones, scored
+    featcache choose --backbone 'resnet*'    which model, taps and head? one answer, how sure, at what cost
+    featcache rank --backbone 'resnet*'      every tap of many backbones, scored
     featcache extract --backbone resnet50    cache every tap of a frozen backbone
     featcache info CACHE.h5                  show what a cache file holds
     featcache cache list                     every cache, its size and the runs that use it (prune: remove)

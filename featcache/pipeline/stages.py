@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from featcache.choosing.request import ChooseRequest
 from featcache.extraction.request import ExtractRequest
 from featcache.finetuning.request import FinetuneRequest
 from featcache.fuse.request import FuseRequest
@@ -136,8 +137,16 @@ def _rank(request: RankRequest, log) -> Outcome:
     return Outcome("ran", [str(folder / "table.csv")], [], folder)
 
 
+def _choose(request: ChooseRequest, log) -> Outcome:
+    from featcache.choosing.run import choose
+
+    choice = choose(request, log=log, progress=not request.quiet)
+    return Outcome("ran", [str(choice.folder)], [], choice)
+
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("rank", RankRequest, _rank, reuse="itself"),
+    StageSpec("choose", ChooseRequest, _choose, reuse="itself"),
     StageSpec("extract", ExtractRequest, _extract, reuse="cache"),
     StageSpec("sweep", SweepRequest, _sweep, reuse="itself"),
     StageSpec("fuse-train", FuseRequest, _fuse_train, reuse="ledger"),

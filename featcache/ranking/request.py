@@ -11,7 +11,7 @@ from pathlib import Path
 
 from featcache.errors import FeatcacheError
 from featcache.extraction.request import SKIP_BAD_IMAGES, FeatureFields
-from featcache.requests import at_least, device_option, option, quiet_option, runs_dir_option
+from featcache.requests import FRACTION, at_least, device_option, option, quiet_option, runs_dir_option
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 
@@ -20,16 +20,13 @@ def _keep_rule(value: str) -> bool:
 
 
 @dataclass(frozen=True)
-class RankRequest(FeatureFields):
-    """``featcache rank``: score every tap of many backbones with transferability scores, training nothing."""
+class ZooFields(FeatureFields):
+    """Many models by name or pattern, extracted a few at a time: what ``rank`` and ``choose`` share."""
 
     backbone: tuple[str, ...] = option((), metavar="PATTERN",
                                        help="Backbone names or glob patterns, repeatable: 'resnet*' (torchvision "
                                             "and declared), 'timm:convnext*' (timm); featcache backbones --all "
                                             "PATTERN lists what a pattern matches.")
-    score: tuple[str, ...] = option(("logme", "hscore"), split=True, metavar="NAME[,NAME]",
-                                    choices=lambda: list(SCORERS),
-                                    help=lambda: "Scores of every tap (the first orders the table): " + scorers_help())
     pretrained_only: bool = option(False, help="Keep only the models that have weights to load (timm's pretrained "
                                                "list, torchvision's weights enums).")
     max_models: int = option(50, **at_least(1),
@@ -37,6 +34,28 @@ class RankRequest(FeatureFields):
     models_at_once: int = option(4, **at_least(1),
                                  help="Models extracted in one shared pass over the data (each image decoded once "
                                       "for all of them).")
+    device: str = device_option("Where the backbones run and the scores and probes are computed.")
+    batch_size: int = option(64, **at_least(1), help="Images per forward pass.")
+    num_workers: int | None = option(None, **at_least(0),
+                                     help="Processes decoding image files.")
+    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    quiet: bool = quiet_option()
+
+    def zoo_checks(self, command: str) -> None:
+        if not self.score:
+            raise FeatcacheError(f"--score needs at least one score: {', '.join(SCORERS)}")
+        if not self.backbone:
+            raise FeatcacheError(f"featcache {command} needs --backbone: names or patterns such as 'resnet*' or "
+                                 f"'timm:convnext*'")
+
+
+@dataclass(frozen=True)
+class RankRequest(ZooFields):
+    """``featcache rank``: score every tap of many backbones with transferability scores, training nothing."""
+
+    score: tuple[str, ...] = option(("logme", "hscore"), split=True, metavar="NAME[,NAME]",
+                                    choices=lambda: list(SCORERS),
+                                    help=lambda: "Scores of every tap (the first orders the table): " + scorers_help())
     keep_caches: str = option("all", check=_keep_rule, rule="be all, none or top-K (e.g. top-3)",
                               metavar="all|none|top-K",
                               help="Which caches the ranking leaves behind: all, none, or those of the best K "
@@ -44,23 +63,13 @@ class RankRequest(FeatureFields):
     confirm: int = option(0, **at_least(0), metavar="K",
                           help="Check the scores on this data: train the batched logreg probe and k-NN on the top K "
                                "taps by each score, and give each score's Kendall tau against the probe's "
-                               "validation accuracy.")
+                               "validation accuracy (featcache choose does this and decides).")
     val_fraction: float = option(0.1, help="Stratified share of train held out: the scores use the rest, the "
-                                           "--confirm probes choose on it.")
-    device: str = device_option("Where the backbones run and the scores are computed.")
-    batch_size: int = option(64, **at_least(1), help="Images per forward pass.")
-    num_workers: int | None = option(None, **at_least(0),
-                                     help="Processes decoding image files.")
+                                           "--confirm probes choose on it.", **FRACTION)
     runs_dir: Path = runs_dir_option("Where the ranking's folder goes (runs/ranks/NAME: rows.jsonl, table.csv).")
-    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
-    quiet: bool = quiet_option()
 
     def config(self) -> RankRequest:
         """The request, checked before anything is built or extracted (a pipeline's [[rank]] table is checked
         when the file is read)."""
-        if not self.score:
-            raise FeatcacheError(f"--score needs at least one score: {', '.join(SCORERS)}")
-        if not self.backbone:
-            raise FeatcacheError("featcache rank needs --backbone: names or patterns such as 'resnet*' or "
-                                 "'timm:convnext*'")
+        self.zoo_checks("rank")
         return self

@@ -26,7 +26,7 @@ import numpy as np
 
 from featcache.backbones.spec import LOGITS
 from featcache.backbones.weights import offline_weights
-from featcache.errors import DataError, FeatcacheError
+from featcache.errors import DataError, FeatcacheError, NothingWorked
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
 from featcache.extraction.store import timing_file
@@ -146,7 +146,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
         if all(r["status"] != "ok" for r in rows):
             for r in rows:
                 log(f"  {r['model']}: {r['reason']}")
-            raise FeatcacheError(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
+            raise NothingWorked(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
                                  f"nothing is ranked")
         if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
             confirm(request, folder, table, log)
@@ -219,7 +219,7 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         fit_rows, _ = validation_split(labels, request.val_fraction, request.seed, cache.official_val("train"))
         n_classes, y = len(cache.classes), labels[fit_rows]
         if len(np.unique(y)) < 2:
-            raise FeatcacheError("the training rows hold one class: a score needs at least two")
+            raise DataError("the training rows hold one class: a score needs at least two")
         for tap in cache.tap_names("train"):
             raw = cache.read("train", tap)[fit_rows]
             block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule

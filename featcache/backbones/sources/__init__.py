@@ -47,6 +47,11 @@ class ModelSource:
         nothing downloaded); None where the source cannot say."""
         return None, None
 
+    def top1(self, name: str) -> float | None:
+        """The ImageNet-1k top-1 accuracy (%) its default pretrained weights report in their metadata, or None
+        (``choose`` ranks by it as a baseline)."""
+        return None
+
 
 MODEL_SOURCES: Registry = Registry("model source")
 
@@ -88,6 +93,11 @@ def every_name(pattern: str | None = None) -> list[tuple[str, str]]:
 def size_of(name: str) -> tuple[int | None, int | None]:
     """(parameters, input size) of model ``name`` from its source (a declared name: torchvision's)."""
     return (owner(name) or MODEL_SOURCES["torchvision"]).size(name)
+
+
+def top1_of(name: str) -> float | None:
+    """The ImageNet top-1 (%) the default weights of model ``name`` report, where its source says."""
+    return (owner(name) or MODEL_SOURCES["torchvision"]).top1(name)
 
 
 def unknown_backbone(name: str, declared: tuple[str, ...] = ()) -> FeatcacheError:

@@ -43,6 +43,15 @@ class TorchvisionSource(ModelSource):
             return None, _weights_size(name)
         return int(sum(p.numel() for p in model.parameters())), getattr(model, "image_size", None) or _weights_size(name)
 
+    def top1(self, name: str) -> float | None:
+        import torchvision
+
+        try:
+            metrics = torchvision.models.get_model_weights(name).DEFAULT.meta["_metrics"]
+            return float(metrics["ImageNet-1K"]["acc@1"])
+        except (ValueError, KeyError, AttributeError, TypeError):
+            return None
+
     def has_weights(self, name: str) -> bool:
         import torchvision
 
