@@ -118,3 +118,32 @@ def test_trust_names_a_score_that_anticorrelates_or_cannot_separate():
     assert not rows["reversed"]["informative"] and rows["reversed"]["regret"] == pytest.approx(0.4)
     assert not rows["flat"]["informative"] and "cannot tell" in rows["flat"]["why"]
     assert rows["random order"]["regret"] == pytest.approx(0.2) and rows["model size"]["informative"] is None
+
+
+def test_the_api_returns_the_choice_and_the_report_shows_it_first(tmp_path):
+    import featcache
+    from featcache.choosing.answer import Choice
+    from featcache.errors import FeatcacheError
+
+    data = colour_folder(tmp_path / "photos", per_class=15, seed=5)
+    choice = featcache.choose(data_dir=data, backbone=["known_halves"], weights="random", image_size=24,
+                              device="cpu", num_workers=0, cv=3, cache_dir=tmp_path / "cache",
+                              runs_dir=tmp_path / "runs", quiet=True)
+    assert isinstance(choice, Choice) and choice.folder.parent == tmp_path / "runs" / "choices"
+    assert repr(choice).splitlines()[0].startswith("recommended: ") and len(repr(choice).splitlines()) <= 12
+    assert choice.sentence() in choice._repr_html_() and set(choice.table["round"]) == {"decide"}
+    assert choice.recommended["candidate"] in set(choice.table["candidate"])
+    out = featcache.report(runs=[str(choice.folder)], runs_dir=tmp_path / "runs", out=tmp_path / "r.html",
+                           quiet=True)
+    page = out.read_text()
+    import html
+
+    assert html.escape(choice.sentence()) in page and "How far to trust each score on this data" in page
+    assert page.index('id="choice-1"') < page.index("P(best) of each finalist")
+    assert "The backbones' weights are random" in page
+    (choice.folder / "answer.json").write_text('{"kind": "choice", "recommended": {"cv_accuracy": "high"}}')
+    with pytest.raises(FeatcacheError, match="is not an answer featcache choose wrote"):
+        Choice.load(choice.folder)
+    page = featcache.report(runs=[str(choice.folder)], runs_dir=tmp_path / "runs", out=tmp_path / "r2.html",
+                            quiet=True).read_text()
+    assert "could not be read" in page and f"choices/{choice.folder.name}" in page

@@ -53,9 +53,14 @@ class Choice:
         for part in ("recommended", "fast"):
             for key in ("cv_accuracy", "p_best"):
                 _number(answer[part].get(key), f"{part}.{key}")
-        table = pd.read_csv(folder / "candidates.csv")
-        return cls(folder, answer, table[table["round"] == "decide"].reset_index(drop=True),
-                   pd.read_csv(folder / "trust.csv"), pd.read_csv(folder / "funnel.csv"))
+        def csv(name: str):  # regular files of bounded size only: a shared folder's FIFO cannot hang the read
+            import io
+
+            return pd.read_csv(io.BytesIO(read_regular(folder / name, name, MAX_ANSWER_BYTES)))
+
+        table = csv("candidates.csv")
+        return cls(folder, answer, table[table["round"] == "decide"].reset_index(drop=True), csv("trust.csv"),
+                   csv("funnel.csv"))
 
     @property
     def recommended(self) -> dict:

@@ -29,6 +29,7 @@ from featcache.files import atomic_write
 from featcache.reporting import figures
 from featcache.reporting.explain import gradcam, overlay
 from featcache.reporting.guard import check_replaceable, readable_runs, why
+from featcache.reporting.choices import choice_folders, choice_section, is_choice
 from featcache.reporting.ranks import rank_folders, rank_section
 from featcache.reporting.sweeps import dataset_suite, sweep_folders, sweep_section
 from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
@@ -265,9 +266,12 @@ def _time_spent(records: list[RunRecord]) -> tuple[dict, list[dict]]:
 
 
 def _named(item: str, runs_dir: Path) -> tuple[str, Path | None]:
-    """("sweep" | "rank", its folder) for a named sweep or ranking folder (a path, or a name in --runs-dir); else
-    ("run", None): a run, resolved as runs are."""
-    for folder in (Path(item), runs_dir / item, runs_dir / "sweeps" / item, runs_dir / "ranks" / item):
+    """("sweep" | "rank" | "choice", its folder) for a named sweep, ranking or choice folder (a path, or a name in
+    --runs-dir); else ("run", None): a run, resolved as runs are."""
+    for folder in (Path(item), runs_dir / item, runs_dir / "sweeps" / item, runs_dir / "ranks" / item,
+                   runs_dir / "choices" / item):
+        if is_choice(folder):
+            return "choice", folder
         if (folder / "table.csv").is_file() and (folder / "sweep.json").is_file():
             return "sweep", folder
         if (folder / "table.csv").is_file() and (folder / "rows.jsonl").is_file() and folder.parent.name == "ranks":
@@ -279,14 +283,16 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
     """Write the HTML page and the CSV beside it; return the HTML path."""
     from jinja2 import Environment, PackageLoader
 
-    if cfg.runs:  # what was named, and only that: runs, sweep folders, ranking folders
+    if cfg.runs:  # what was named, and only that: runs, sweep folders, ranking folders, choice folders
         named = [_named(r, Path(cfg.runs_dir)) for r in cfg.runs]
         folders = [resolve_run(r, cfg.runs_dir) for r, (kind, _) in zip(cfg.runs, named) if kind == "run"]
         swept = [path for kind, path in named if kind == "sweep"]
         ranked = [path for kind, path in named if kind == "rank"]
+        chosen = [path for kind, path in named if kind == "choice"]
     else:  # the whole folder
         folders, swept, ranked = run_folders(cfg.runs_dir), sweep_folders(cfg.runs_dir), rank_folders(cfg.runs_dir)
-    if not (folders or swept or ranked):  # a sweep or a ranking alone is worth a page
+        chosen = choice_folders(cfg.runs_dir)
+    if not (folders or swept or ranked or chosen):  # a sweep, a ranking or a choice alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
     folders, records = readable_runs(folders, bool(cfg.runs), unreadable, log)
@@ -340,6 +346,15 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             log(f"report: ranking {folder} is unreadable ({why(exc)}): shown as such")
             continue
         ranks.append({**section, **{k: _uri(section[k]) for k in ("agreement", "pareto") if section.get(k)}})
+    choices = []
+    for folder in chosen:
+        try:
+            section = choice_section(folder)
+        except Exception as exc:  # a damaged answer: named on the page, the rest still drawn
+            unreadable.append({"name": f"choices/{folder.name}", "why": why(exc)})
+            log(f"report: choice {folder} is unreadable ({why(exc)}): shown as such")
+            continue
+        choices.append({**section, **{k: _uri(section[k]) for k in ("bars", "pareto") if section.get(k)}})
     suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
     table = comparison_table(records)
@@ -353,7 +368,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps, unreadable=unreadable,
-        suite=suite, ranks=ranks,
+        suite=suite, ranks=ranks, choices=choices,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))
