@@ -1,5 +1,5 @@
-"""The README keeps up with the code: every error message a user can reach is in its troubleshooting
-section, and every module is in its layout."""
+"""The docs keep up with the code: every error message a user can reach is in docs/troubleshooting.md, every
+module in docs/layout.md, every docs page is linked from the README and every relative link resolves."""
 
 import ast
 import re
@@ -37,18 +37,17 @@ def messages():
 
 
 def test_every_error_message_is_in_the_troubleshooting_section():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Troubleshooting", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "troubleshooting.md").read_text().split("## Troubleshooting", 1)[1]
     found = messages()
     assert len(found) > 60  # the scan sees the messages at all
     missing = [f"{where}: {text!r}" for where, text in found if text not in section]
-    assert not missing, "add these to README.md's troubleshooting section:\n" + "\n".join(missing)
+    assert not missing, "add these to docs/troubleshooting.md:\n" + "\n".join(missing)
 
 
 def test_the_readmes_layout_names_every_module():
-    """Each module of featcache/ is named in the README's Layout block, under its own package's entry."""
-    text = (ROOT / "README.md").read_text()
-    block = text[text.index("## Layout"):].split("```")[1]
+    """Each module of featcache/ is named in docs/layout.md's block, under its own package's entry."""
+    text = (ROOT / "docs" / "layout.md").read_text()
+    block = text.split("```")[1]
     entries, current = {}, None
     for line in block.splitlines()[1:]:
         head = line[2:].split(" ", 1)[0] if line.startswith("  ") and not line.startswith("   ") else ""
@@ -66,4 +65,18 @@ def test_the_readmes_layout_names_every_module():
                 missing.append(path.name)
         elif not re.search(rf"\b{path.stem}\b", entries.get(parts[0], "")):
             missing.append("/".join(parts))
-    assert not missing, f"README Layout does not name: {missing}"
+    assert not missing, f"docs/layout.md does not name: {missing}"
+
+
+def test_every_docs_page_is_linked_from_the_readme_and_every_relative_link_resolves():
+    readme = (ROOT / "README.md").read_text()
+    pages = sorted((ROOT / "docs").glob("*.md"))
+    assert pages and all(f"](docs/{p.name})" in readme for p in pages), "a docs page the README does not link"
+    broken = []
+    for page in [ROOT / "README.md", *pages]:
+        text = page.read_text()
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
+    assert len(readme.splitlines()) < 150, "the README is the question and the first steps; the reference is docs/"

@@ -217,7 +217,7 @@ def test_cli_fuse_train_runs_and_csv(cached):
     lines = table.output.splitlines()
     assert lines[0].split() == ["run", "chosen", "val", "acc", "test", "acc", "macro-F1", "fit", "s", "warn", "run",
                                 "folder"]
-    assert max(map(len, lines)) <= 100 and "tiny · early+late · linear" in table.output and "C=" in table.output
+    assert max(map(len, lines)) <= 100 and "tiny · stage1+stage3 · linear" in table.output and "C=" in table.output
     with open(cached / "runs.csv") as f:
         assert f.readline().strip().split(",") == COLUMNS and len(f.readlines()) == 4  # every column in the CSV
     by_test = run_cli("runs", "--runs-dir", runs_dir, "--sort", "test_acc", "--columns", "label,test_acc,variant")

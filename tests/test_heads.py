@@ -11,7 +11,7 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from featcache.fuse.heads import HEADS, HeadOptions
 from featcache.fuse.torch_head import TorchClassifier
 
-# Checks the torch heads are marked to fail, each with the reason (documented in the README).
+# Checks the torch heads are marked to fail, each with the reason (documented in docs/fuse-train.md).
 EXPECTED_FAILURES = {}
 
 

@@ -108,11 +108,8 @@ def _show_backbone(spec) -> None:
         d = input_defaults(spec, "imagenet" if known else "random")
         click.echo(f"  input {d['image_size']} px{' (fixed)' if spec.input.fixed_size else ''}, {d['interpolation']}, "
                    f"crop {d['crop_pct']:g}, mean {_triple(d['mean'])}, std {_triple(d['std'])}")
-    for uniform, tap in zip(spec.uniform_names, spec.taps):
-        alias = spec.alias_of(tap.node)
-        names = [tap.node] if tap.node == uniform else [uniform]
-        if alias != tap.node:
-            names.append(alias)
+    for uniform, tap in zip(spec.uniform_names, spec.taps):  # its one name (the cache's, every table's) first
+        names = list(dict.fromkeys([tap.node, uniform, spec.alias_of(tap.node)]))
         unit = "width" if tap.layout == "tokens" else "channels"
         click.echo(f"  {' = '.join(names):<16} {tap.channels:>5} {unit:<8}  stride {tap.stride:>2}  {tap.graph_node}")
 

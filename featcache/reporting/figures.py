@@ -26,6 +26,11 @@ def png(fig, tight: bool = True) -> bytes:
     """The figure as PNG bytes. ``tight``: cropped to what is drawn (legends and labels outside the axes); a
     figure whose ``tight_layout`` already holds everything passes False (the crop doubles a save's cost)."""
     plt = _plt()
+    for ax in fig.axes:  # values a person reads: 0.99999 and 1.00001, never "1e-5 + 1" at the axis' end
+        for axis in (ax.xaxis, ax.yaxis):
+            formatter = axis.get_major_formatter()
+            if hasattr(formatter, "set_useOffset"):
+                formatter.set_useOffset(False)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if tight else None)
     plt.close(fig)
@@ -259,7 +264,8 @@ def time_spent(parts: dict[str, float]) -> bytes:
     plt = _plt()
     names = list(parts)
     fig, ax = plt.subplots(figsize=(7, 0.45 * len(names) + 0.9))
-    bars = ax.barh(names, [parts[n] for n in names], color=["#4c72b0", "#55a868", "#c44e52", "#8172b2"][: len(names)])
+    palette = ["#4c72b0", "#55a868", "#c44e52", "#8172b2", "#ccb974", "#64b5cd"]
+    bars = ax.barh(names, [parts[n] for n in names], color=[palette[i % len(palette)] for i in range(len(names))])
     ax.bar_label(bars, [f"{parts[n]:.1f} s" for n in names], fontsize=8, padding=3)
     ax.invert_yaxis()
     ax.set_xlabel("seconds")

@@ -357,6 +357,10 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         choices.append({**section, **{k: _uri(section[k]) for k in ("bars", "pareto") if section.get(k)}})
     suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
+    if sweeps:  # every stage's time, each counted once: the sweeps' evaluations, the choices' probes
+        parts["sweeps (probes and scores)"] = sum(sw.get("seconds", 0.0) for sw in sweeps)
+    if choices:
+        parts["choose (probes)"] = sum(float(ch["answer"].get("probe_seconds") or 0.0) for ch in choices)
     table = comparison_table(records)
     random_runs = [r.run for r in records if r.config["weights"] == "random"]
     # Every value from data (folder, class, run and file names, a pipeline's texts) is escaped,

@@ -26,7 +26,11 @@ def rank_section(folder: Path) -> dict:
     ok, failed = table[table["status"] == "ok"], table[table["status"] != "ok"]
     scores = [c for c in table.columns if c not in ("model", "tap", "status", "reason", "width", "params",
                                                      "images_per_s")]
+    about = _about(folder)
     out = {"name": folder.name, "scores": scores, "n_models": int(table["model"].nunique()),
+           "title": f"{', '.join(map(str, about.get('patterns') or [])) or 'models'} on "
+                    f"{about.get('dataset') or folder.name.rsplit('-', 1)[0]}",
+           "random": about.get("weights") == "random",
            "n_taps": len(ok), "top": ok.head(15).to_dict("records"), "failed": failed.to_dict("records")}
     if (folder / "tau.csv").exists() and (folder / "confirm.csv").exists():
         confirm = pd.read_csv(folder / "confirm.csv").merge(ok[["model", "tap", "images_per_s"]], on=["model", "tap"])
@@ -34,6 +38,19 @@ def rank_section(folder: Path) -> dict:
         out["agreement"] = agreement(confirm, scores)
         out["pareto"] = pareto(confirm)
     return out
+
+
+def _about(folder: Path) -> dict:
+    """The ranking's rank.json (patterns, dataset, weights), or {} where an older ranking has none."""
+    import json
+
+    from featcache.data.safe import read_regular
+
+    try:
+        about = json.loads(read_regular(folder / "rank.json", "rank.json", 1 << 20))
+    except (OSError, ValueError):
+        return {}
+    return about if isinstance(about, dict) else {}
 
 
 def agreement(confirm, scores: list[str]) -> bytes:

@@ -28,7 +28,8 @@ def sweep_section(folder: Path) -> dict:
     request = sweep_request(folder)  # read once: the weights and the taps' order
     out = {"name": folder.name, "n_rows": len(table), "random": request.get("weights") == "random",
            "dataset": _dataset_name(request), "backbones": request.get("backbones") or [],
-           "best": table.iloc[0][["taps", "head", "val_acc", "test_acc"]].to_dict() if len(table) else None}
+           "best": table.iloc[0][["taps", "head", "val_acc", "test_acc"]].to_dict() if len(table) else None,
+           "heads": list(dict.fromkeys(map(str, table["head"]))) if len(table) else []}
     order = network_order(request, table)
     singles = table[table["n_taps"] == 1]
     if len(singles):
@@ -44,6 +45,8 @@ def sweep_section(folder: Path) -> dict:
     if "folds" not in table:  # a sweep table written before --cv: one split per seed
         table["folds"] = 1
     out["folds"] = int(table["folds"].max()) if len(table) else 1
+    replicates = table["seeds"].fillna(1) * table["folds"].fillna(1) if "seeds" in table else table["folds"]
+    out["seconds"] = float((table["fit_s"].fillna(0) * replicates).sum()) if "fit_s" in table else 0.0
     columns = ["taps", "head", "chosen", "val_acc", "test_acc", "test_acc_ci", "macro_f1", "width", "fit_s", "seeds",
                "folds"]
     neighbours = table["head"].map(lambda h: h in HEADS and HEADS[h].sweep == "neighbours").astype(bool)
@@ -106,11 +109,14 @@ def depth_lines(singles, order: list[str]) -> dict:
     return lines
 
 
+SMALL_MULTIPLES = 4  # more lines than this on one axes: a panel per backbone instead
+
+
 def depth(singles, order: list[str]) -> bytes:
-    """Validation accuracy of each tap alone, in network order: one line per backbone and head. Validation, not
-    test: a reader picks a layer from this plot, and the test split never drives a choice."""
+    """Validation accuracy of each tap alone, in network order: one line per backbone and head (a panel per
+    backbone, its heads as lines, where one axes would hold more than four lines). Validation, not test: a
+    reader picks a layer from this plot, and the test split never drives a choice."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.5, 3.2))
     lines = depth_lines(singles, order)
     # one colour per backbone, one line style and marker per head: no two lines look alike
     backbones = list(dict.fromkeys(label.split(" · ")[0] for label in lines))
@@ -118,18 +124,33 @@ def depth(singles, order: list[str]) -> bytes:
     colours = plt.get_cmap("tab10" if len(backbones) <= 10 else "tab20")
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "D", "v", "P"]
+    apart = len(lines) > SMALL_MULTIPLES and len(backbones) > 1
+    columns = min(3, len(backbones)) if apart else 1
+    rows_n = -(-len(backbones) // columns) if apart else 1
+    fig, axes = plt.subplots(rows_n, columns, figsize=(7.5 if not apart else 3.6 * columns, 3.2 if not apart
+                                                           else 2.6 * rows_n), squeeze=False, sharey=True)
     for label, (x, rows) in lines.items():
         name, head = label.split(" · ")
         b, h = backbones.index(name), heads.index(head)
+        ax = axes.flat[b] if apart else axes[0, 0]
         ci = rows["val_acc_ci"] if "val_acc_ci" in rows else np.zeros(len(rows))
         ax.errorbar(x, rows["val_acc"], yerr=_bounded(rows["val_acc"], ci), color=colours(b % colours.N),
-                    linestyle=styles[h % len(styles)], marker=markers[h % len(markers)], capsize=2, label=label)
-    ax.set_xlabel("depth of the tap in its backbone (0 = first tap, 1 = last)")
-    ax.set_ylabel("validation accuracy")
-    ax.set_ylim(top=1.02)
-    ax.set_xlim(-0.05, 1.05)
-    ax.set_title("Which layer transfers best", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+                    linestyle=styles[h % len(styles)], marker=markers[h % len(markers)], capsize=2,
+                    label=head if apart else label)
+    for i, ax in enumerate(axes.flat):
+        if apart and i >= len(backbones):
+            ax.set_visible(False)
+            continue
+        ax.set_ylim(top=1.02)
+        ax.set_xlim(-0.05, 1.05)
+        if apart:
+            ax.set_title(backbones[i], fontsize=9)
+            ax.legend(fontsize=7, loc="lower right")
+    fig.supxlabel("depth of the tap in its backbone (0 = first tap, 1 = last)", fontsize=9)
+    fig.supylabel("validation accuracy", fontsize=9)
+    fig.suptitle("Which layer transfers best", fontsize=10)
+    if not apart:
+        axes[0, 0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return png(fig)
 
 

@@ -1,7 +1,7 @@
 """Comparing runs: short labels, the comparison table, and the table as text that fits a terminal.
 
 Flow: records -> **comparison** -> reporting and ``featcache runs``. A run's label says what
-it is in a few words (``r18+mnv2 · early+late · mlp``); where two runs in one table would
+it is in a few words (``r18 · layer2+layer4 · mlp``); where two runs in one table would
 read the same, the settings that tell them apart are added, and the time only when nothing
 else does.
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from featcache.backbones.registry import BACKBONES
 from featcache.errors import unknown
 from featcache.runs.records import RunRecord, list_records
 
@@ -38,13 +37,13 @@ def short_name(backbone: str) -> str:
 
 
 def _taps_text(record: RunRecord) -> str:
-    """``late``, ``early+late`` when every backbone uses the same aliases, else ``r18:late+mnv2:features.13``."""
+    """The taps by their one canonical name, the cache's (``layer2``, ``features.13``: what the sweep's and rank's
+    tables, the report and ``featcache info`` say, whichever name ``--taps`` used): ``layer2+layer4`` when every
+    backbone uses the same, else ``r18:layer4+mnv2:features.18``."""
     per_backbone: dict[str, list[str]] = {}
     for ref in record.taps:
         backbone, _, node = ref.rpartition(":")
-        spec = BACKBONES.get(backbone)
-        alias = spec.alias_of(node) if spec else node
-        per_backbone.setdefault(backbone, []).append(alias)
+        per_backbone.setdefault(backbone, []).append(node)
     names = list(per_backbone.values())
     if all(n == names[0] for n in names):
         return "+".join(names[0])
