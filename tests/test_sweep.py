@@ -470,3 +470,24 @@ def test_the_tie_line_finishes_its_sentence_and_suggests_cv_only_without_it(fold
     line = tie_line(table)
     assert line.endswith("would tell them apart.") and "2 of 3 (combination, head) rows tie" in line
     assert ("--cv" in line) == (folds == 1)
+
+
+def test_a_kept_run_reproduces_its_row_or_says_why_not(tmp_path):
+    """logreg: the same rows, C and optimum, so the kept run's test accuracy is its row's; the svm's kept run
+    predicts from calibrated probabilities, and its record says so (issue 41, point 4)."""
+    import featcache
+    from featcache.runs.records import load_record
+
+    table = featcache.sweep(backbone=["tiny"], weights="random", image_size=32, device="cpu", limit_train=200,
+                            limit_test=80, cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", quiet=True,
+                            combos="singles", head=["logreg", "svm"], keep=6, extract=True)
+    rows = {(t, h): acc for t, h, acc in zip(table["taps"], table["head"], table["test_acc"])}
+    records = [load_record(p) for p in (tmp_path / "runs").glob("2*")]
+    assert len(records) == 6
+    for record in records:
+        row = rows[("+".join(record.taps), record.head)]
+        if record.head == "logreg":
+            assert record.metrics["accuracy"] == pytest.approx(row, abs=1e-12)
+            assert not any("kept from" in w for w in record.warnings)
+        else:
+            assert any("calibrated by 3-fold cross-validation" in w for w in record.warnings)

@@ -70,6 +70,7 @@ class FuseTrainConfig:
     allow_dead_taps: bool = False  # train on taps whose stored values carry no signal (warned, not refused)
     tap_selection: tuple = ()  # --taps auto: the greedy path that chose the taps, recorded in each run
     cv: int = 0  # --cv K: hyper-parameters chosen by stratified K-fold cross-validation over train (0: a validation split)
+    notes: tuple[str, ...] = ()  # said in every run's warnings (a sweep's kept run: why it may differ from its row)
 
     def __post_init__(self):
         for head in self.heads:
@@ -231,7 +232,7 @@ def _train_heads(cfg, heads, fusion: _Fusion, data: Features, paths, log) -> dic
         metrics = score(selection.head, X_test, y_test, data.classes)
         notes = selection_warnings(head_name, selection, cfg.options.epochs if HEADS[head_name].torch else None)
         record = _record(cfg, fusion, head_name, selection, metrics, data, paths)
-        record = replace(record, warnings=[*fusion.notes, *notes])
+        record = replace(record, warnings=[*fusion.notes, *cfg.notes, *notes])
         run = save_run(cfg.runs_dir, base_label(record), record,
                        lambda folder: save_head(folder, fusion.normalizer, selection.head))
         log(result_line(run, record))

@@ -41,6 +41,7 @@ from featcache.fuse.evaluate import (
 from featcache.fuse.fusion import fused_parts, standardised
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
+from featcache.runs.records import load_record
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
 from featcache.sweeping.moments import ScoreBlocks
@@ -292,6 +293,30 @@ def _keep(cfg: SweepConfig, table, rows: list[dict], log) -> list[Path]:
         features = replace(cfg.features, backbones=used, data=replace(cfg.features.data, seed=cfg.seeds[0]))
         run_cfg = FuseTrainConfig(features=features,
                                   taps=(row.taps.replace("+", ","),), heads=(row.head,), val_fraction=cfg.val_fraction,
-                                  cv=cfg.cv, options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True)
-        runs += fuse_train(run_cfg, log=log)
+                                  cv=cfg.cv, options=options, runs_dir=cfg.runs_dir, allow_dead_taps=True,
+                                  notes=_kept_notes(cfg, row.head))
+        kept = fuse_train(run_cfg, log=log)
+        runs += kept
+        for run in kept:  # a kept run reproduces its row, or both say why not
+            record = load_record(run)
+            test = record.metrics.get("accuracy")
+            if test is not None and abs(test - row.test_acc) > 1e-9:
+                why = "; ".join(_kept_notes(cfg, row.head)) or "the same rows and C, another solver's optimum"
+                log(f"kept run {run.name}: test {test:.4f} against its sweep row's {row.test_acc:.4f} ({why})")
     return runs
+
+
+def _kept_notes(cfg: SweepConfig, head: str) -> tuple[str, ...]:
+    """Why a kept run's numbers may differ from its sweep row's, recorded in the run's warnings."""
+    notes = []
+    if cfg.cv:
+        notes.append("kept from a --cv sweep: its row is the mean of the folds' fits, this run one fit on every "
+                     "training row")
+    if len(cfg.seeds) > 1:
+        notes.append(f"kept from a sweep over seeds {', '.join(map(str, cfg.seeds))}: its row is their mean, this run "
+                     f"seed {cfg.seeds[0]}'s")
+    if head == "svm":
+        notes.append("kept from a sweep, whose row scored the linear SVM's decision function; this run predicts from "
+                     "its probabilities, calibrated by 3-fold cross-validation, so a few test images can go the "
+                     "other way")
+    return tuple(notes)
