@@ -116,7 +116,7 @@ grid-images = 4
     assert statuses(first.output) == {"extract#1": "ran", "sweep#1": "ran", "report#1": "ran"}
     [kept] = [p for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir() and p.name != "sweeps"]
     page = (tmp_path / "reports" / "tiny.html").read_text()
-    assert kept.name in page and "Sweep digits-tiny" in page
+    assert kept.name in page and "Sweep: tiny on digits" in page
     again = run(path)
     assert statuses(again.output) == {"extract#1": "reused", "sweep#1": "reused", "report#1": "ran"}
     assert [p for p in (tmp_path / "runs" / "tiny").glob("[!.]*") if p.is_dir() and p.name != "sweeps"] == [kept]
@@ -202,7 +202,7 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "7 stages ran, 0 reused" in done.stdout
     page = (tmp_path / "reports" / "quickstart.html").read_text()
-    assert "Backbone weights are random" in page and "Sweep digits-resnet18+mobilenet_v2" in page
+    assert "Backbone weights are random" in page and "Sweep: resnet18 + mobilenet_v2 on digits" in page
     assert page.count('<figure class="gradcam">') >= 6 and page.count('<figure class="curves">') >= 4
 
 
@@ -376,6 +376,6 @@ def test_the_transfer_suite_sweeps_every_dataset_and_tabulates_the_best_by_valid
     assert sorted(requests) == ["cifar100", "dtd", "flowers102", "oxfordiiitpet"]
     assert requests["flowers102"]["validation"] == "official" and requests["cifar100"]["validation"] == "carved"
     page = (tmp_path / "report.html").read_text()
-    suite = page.split('<h2 id="suite">Datasets</h2>', 1)[1].split("</table>", 1)[0]
+    suite = page.split('<h2 id="suite">The sweeps at a glance</h2>', 1)[1].split("</table>", 1)[0]
     for name in requests:
         assert f"<td>{name}</td>" in suite

@@ -303,3 +303,51 @@ def test_a_report_of_named_runs_holds_those_and_a_whole_folder_only_when_asked(t
     only_sweep = page(sweep.name)
     assert sweep.name in only_sweep and kept.name not in only_sweep
     assert sweep.name in page() and kept.name in page()
+
+
+def test_sections_are_titled_as_a_person_says_them_and_every_stage_has_its_time(tmp_path, monkeypatch):
+    """Issue 41, point 3: sections titled by backbones, dataset and heads (not hashes), the ranking's random-weights
+    note, and the sweeps' seconds among the stages' times."""
+    import featcache.reporting.figures as figures
+
+    flags = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train",
+             "120", "--limit-test", "40", "--cache-dir", str(tmp_path / "cache"), "--runs-dir", str(tmp_path / "runs")]
+    assert CliRunner().invoke(cli, ["sweep", *flags, "--combos", "singles", "--head", "logreg,knn", "--keep", "0",
+                                    "-q", "--extract"]).exit_code == 0
+    ranked = CliRunner().invoke(cli, ["rank", *flags, "--score", "logme", "-q", "--num-workers", "0"])
+    assert ranked.exit_code == 0, ranked.output
+    parts = {}
+    real = figures.time_spent
+    monkeypatch.setattr(figures, "time_spent", lambda p: parts.update(p) or real(p))
+    out = tmp_path / "r.html"
+    done = CliRunner().invoke(cli, ["report", "--runs-dir", str(tmp_path / "runs"), "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    page = out.read_text()
+    assert "Sweep: tiny on digits, logreg, knn</h2>" in page and "Ranking: tiny on digits</h2>" in page
+    assert "in this ranking" in page  # the ranking's random-weights note
+    assert parts["sweeps (probes and scores)"] > 0
+
+
+def test_many_lines_become_small_multiples_and_no_axis_has_an_offset():
+    import matplotlib.pyplot as plt
+    import pandas as pd
+
+    from featcache.reporting.figures import png
+    from featcache.reporting.sweeps import depth
+
+    order = [f"b{b}:t{t}" for b in range(6) for t in range(3)]
+    singles = pd.DataFrame([{"taps": tap, "head": head, "val_acc": 0.5 + 0.01 * i, "val_acc_ci": 0.01}
+                            for i, tap in enumerate(order) for head in ("logreg", "knn")])
+    drawn = []
+    real = plt.subplots
+    plt.subplots = lambda *a, **k: drawn.append(real(*a, **k)) or drawn[-1]
+    try:
+        depth(singles, order)  # 12 lines: a panel per backbone
+        depth(singles[singles["taps"].str.startswith("b0")], order)  # 2 lines: one axes
+    finally:
+        plt.subplots = real
+    assert sum(ax.get_visible() for ax in drawn[0][1].flat) == 6 and drawn[1][1].size == 1
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1 + 1e-9, 1 + 2e-9])
+    png(fig)
+    assert ax.yaxis.get_major_formatter().get_offset() == ""

@@ -145,7 +145,7 @@ def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
 
     page = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html", gradcam_images=0,
                                      grid_images=0), log=lambda m: None).read_text()
-    assert f"Sweep {folder.name}" in page
+    assert f"sweeps/{folder.name}/table.csv" in page and "<h2 id=\"sweep-1\">Sweep: tiny on digits" in page
     for text in ('alt="Each tap alone', 'alt="Every pair of taps', 'alt="Few-shot', "Top combinations", "k-NN</caption>"):
         assert text in page, text
 
@@ -202,7 +202,7 @@ def test_a_runs_folder_holding_only_a_sweep_gets_a_report_of_it(tmp_path):
     sweep(_cfg(tmp_path, combos="singles", heads=("logreg",), keep=0), log=lambda m: None)
     page = write_report(ReportConfig(runs_dir=tmp_path / "runs", out=tmp_path / "r.html", gradcam_images=0),
                         log=lambda m: None).read_text()
-    assert "Sweep digits-tiny" in page and "0 runs" in page and 'id="comparison"' not in page
+    assert "Sweep: tiny on digits" in page and "0 runs" in page and 'id="comparison"' not in page
     assert "random</strong> (not pretrained) in this sweep" in page  # the sweep's weights, from its sweep.json
 
 
