@@ -200,8 +200,9 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
                            "--set", "gradcam-images=1"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "7 stages ran, 0 reused" in done.stdout
+    assert "7 stages ran, 1 reused" in done.stdout and "extract #1    reused" in done.stdout  # choose extracted
     page = (tmp_path / "reports" / "quickstart.html").read_text()
+    assert page.index('id="choice-1"') < page.index('id="comparison"')  # the answer first
     assert "Backbone weights are random" in page and "Sweep: resnet18 + mobilenet_v2 on digits" in page
     assert page.count('<figure class="gradcam">') >= 6 and page.count('<figure class="curves">') >= 4
 

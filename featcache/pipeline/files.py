@@ -191,7 +191,7 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
     """Run every stage, reusing what exists; return what each stage did."""
     results: list[StageResult] = []
     runs: list[Path] = []  # this pipeline's run folders, in stage order
-    made: list[Path] = []  # its sweep and ranking folders: a report shows them beside the runs
+    made: list[Path] = []  # its sweep, ranking and choice folders: a report shows them beside the runs
     for stage in pipeline.stages:
         log(f"== {stage.kind} #{stage.index}")
         started = time.perf_counter()
@@ -212,6 +212,8 @@ def run_pipeline(pipeline: Pipeline, log=print) -> list[StageResult]:
         runs += outcome.runs
         if stage.kind in ("sweep", "rank") and isinstance(outcome.result, Path):
             made.append(outcome.result)
+        if stage.kind == "choose" and outcome.result is not None:
+            made.append(outcome.result.folder)
         results.append(StageResult(stage.kind, stage.index, outcome.status, time.perf_counter() - started,
                                    outcome.outputs))
     return results
