@@ -78,6 +78,18 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, code, message
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "runs" / "choices").exists()
 
 
+def test_a_budget_in_seconds_too_short_for_full_rounds_takes_the_fewest_and_says_so(tmp_path):
+    from featcache.choosing.request import parse_budget
+
+    assert parse_budget("60") == (60, None) and parse_budget("90s") == (None, 90.0)
+    assert parse_budget("1.5m") == (None, 90.0) and parse_budget("auto") == (None, None)
+    data = colour_folder(tmp_path / "photos", per_class=12)
+    result = choose(tmp_path, data, "--backbone", "known_halves", "--budget", "0.001s")
+    assert result.exit_code == 0, result.output
+    got = answer(tmp_path)
+    assert got["cramped"] and len(got["finalists"]) == 2 and "budget was too small" in result.output
+
+
 def test_one_class_and_every_model_failing(tmp_path, monkeypatch):
     data = tmp_path / "one"
     colour_folder(data, per_class=6)
@@ -147,3 +159,10 @@ def test_the_api_returns_the_choice_and_the_report_shows_it_first(tmp_path):
     page = featcache.report(runs=[str(choice.folder)], runs_dir=tmp_path / "runs", out=tmp_path / "r2.html",
                             quiet=True).read_text()
     assert "could not be read" in page and f"choices/{choice.folder.name}" in page
+
+
+def test_the_imagenet_baseline_reads_torchvisions_weights_metadata_offline():
+    from featcache.backbones.sources import top1_of
+
+    assert top1_of("resnet18") == pytest.approx(69.758) and top1_of("mobilenet_v2") == pytest.approx(72.154)
+    assert top1_of("known_fast") is None  # a model without published weights has no baseline value

@@ -188,7 +188,7 @@ def test_four_processes_on_the_same_request_end_as_one(tmp_path):
         assert all(np.array_equal(a[f"{s}/taps/{t}"][:], b[f"{s}/taps/{t}"][:]) for s in ("train", "test")
                    for t in ("stage1", "stage2", "stage3"))
     runs = [p for p in (tmp_path / "together" / "runs").iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert sorted(p.name.split("-", 2)[-1] for p in runs) == ["swept", "tiny-late-logreg"]
+    assert sorted(p.name.split("-", 2)[-1] for p in runs) == ["swept", "tiny-stage3-logreg"]
     [folder] = (tmp_path / "together" / "runs" / "swept" / "sweeps").glob("[!.]*")
     rows = [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines()]
     keys = [json.dumps([r["seed"], r["taps"], r["head"]]) for r in rows]

@@ -35,8 +35,8 @@ class DataFields:
                                               "manifest file, a folder of WebDataset shards, or a Hugging Face "
                                               "save_to_disk folder / Parquet files.")
     download: bool = option(False, help="torchvision datasets and --hf-name: download the data if missing "
-                                        "(checksums verified after the download); rank: also pretrained weights "
-                                        "missing from the local caches (without it, rank tries no network).")
+                                        "(checksums verified after the download); rank and choose: also pretrained "
+                                        "weights missing from the local caches (without it, they try no network).")
     hf_name: str | None = option(None, help="hf: a Hugging Face dataset name, read from the local cache (fetched "
                                             "only with --download).", metavar="NAME")
     hf_config: str | None = option(None, help="hf: the dataset's configuration (subset) name.", metavar="NAME")
