@@ -24,7 +24,7 @@ from featcache.requests import API, PIPELINE, base_type, build, params
 REQUESTS = {**{name: spec.request for name, spec in STAGES.items()}, "run": PipelineRequest}
 FIELDS = [(name, p) for name, cls in REQUESTS.items() for p in params(cls)]
 TEXT = {"weights": "random", "combos": "singles", "unfreeze": "all", "title": "t", "pipeline": "p", "run": "r",
-        "keep_caches": "top-2", "hf_splits": "train=training,test=evaluation"}
+        "keep_caches": "top-2", "hf_splits": "train=training,test=evaluation", "budget": "90s"}
 
 
 def sample(p):
@@ -223,5 +223,5 @@ def test_a_scorer_registered_in_a_test_scores_every_combination_of_the_sweep(tmp
     again = invoke("sweep", *flags, "--score", "toywidth,hscore")
     assert "every evaluation of this sweep is in" in again.output
     bad = invoke("sweep", *flags, "--score", "logmee")
-    assert bad.exit_code == 2 and "The '--score' option must be one of {hscore, hscore_reg, leep, logme, nce, nleep, toywidth}. Got 'logmee' " \
-                                  "instead; did you mean 'logme'?" in bad.output
+    assert bad.exit_code == 2 and ("The '--score' option must be one of {etran, hscore, hscore_reg, leep, logme, nce, "
+                                   "ncti, nleep, sfda, toywidth}. Got 'logmee' instead; did you mean 'logme'?") in bad.output

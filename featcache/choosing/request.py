@@ -16,7 +16,8 @@ from featcache.requests import FRACTION, carried, option, runs_dir_option
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 def _budget_rule(value: str) -> bool:
-    return value == "auto" or re.fullmatch(r"[1-9][0-9]*(\.[0-9]+)?[sm]|[1-9][0-9]*", value) is not None
+    return value == "auto" or re.fullmatch(r"[1-9][0-9]*", value) is not None or (
+        re.fullmatch(r"[0-9]+(\.[0-9]+)?[sm]", value) is not None and float(value[:-1]) > 0)
 
 
 def parse_budget(value: str) -> tuple[int | None, float | None]:
