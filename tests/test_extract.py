@@ -243,7 +243,7 @@ def test_bf16_taps_stay_faithful_to_fp32_on_held_out_photos(tmp_path, image_fold
         caches = {}
         for precision in ("fp32", "bf16"):
             cfg = tiny_config(tmp_path / precision, data=data, backbones=(name,), weights=weights, dtype="float32",
-                              precision=precision, preprocess=PreprocessConfig(image_size=64))
+                              precision=precision, preprocess=PreprocessConfig(image_size=32))
             [caches[precision]] = extract(cfg, progress=False, log=lambda m: None)
             assert caches[precision].precision == precision
         exact, half = read_all(caches["fp32"].path), read_all(caches["bf16"].path)

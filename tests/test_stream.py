@@ -89,11 +89,11 @@ def capped(limit):
 
 
 def test_out_of_core_trains_under_a_memory_cap_the_in_memory_path_cannot(tmp_path):
-    n_train, n_test, dim = 60_000, 6_000, tiny.WIDE
+    n_train, n_test, dim = 30_000, 3_000, tiny.WIDE
     cache_dir, path = synthetic_cache(tmp_path, n_train, n_test)
-    matrix = n_train * dim * 4  # the fused training matrix in float32: 246 MB
+    matrix = n_train * dim * 4  # the fused training matrix in float32: 123 MB
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # thread stacks count against the cap: keep them fixed
-    common = ["fuse-train", *FLAGS, "--head", "linear", "--epochs", "3", "--batch-size", "1024", "--lr", "1e-3",
+    common = ["fuse-train", *FLAGS, "--head", "linear", "--epochs", "2", "--batch-size", "1024", "--lr", "1e-3",
               "--weight-decay", "0"]  # one candidate: what is measured is memory
     # What the same command holds with a small cache: the interpreter, torch, scikit-learn, one chunk.
     small_dir, _ = synthetic_cache(tmp_path / "small", 2000, 200)
@@ -111,7 +111,7 @@ def test_out_of_core_trains_under_a_memory_cap_the_in_memory_path_cannot(tmp_pat
 
     in_memory_capped = fuse("capped", limit=limit)
     assert in_memory_capped.returncode == 2  # the cap binds: loading the taps fails, in one line
-    assert "the cached taps do not fit in memory (0.3 GiB as float32): add --out-of-core" in in_memory_capped.stderr
+    assert "the cached taps do not fit in memory (0.1 GiB as float32): add --out-of-core" in in_memory_capped.stderr
     assert len(in_memory_capped.stderr.strip().splitlines()) == 1
     streamed = fuse("streamed", "--out-of-core", limit=limit)
     assert streamed.returncode == 0, streamed.stderr[-2000:]
