@@ -57,7 +57,8 @@ def p_best_bars(finalists) -> bytes:
 
 
 def accuracy_speed(finalists) -> bytes | None:
-    """Out-of-fold accuracy against images/s of every finalist; the recommended and fast choices marked."""
+    """Out-of-fold accuracy against images/s of every finalist, its Pareto front joined (no other finalist is both
+    faster and more accurate); the recommended and fast choices marked."""
     rows = finalists.dropna(subset=["images_per_s"])
     if rows.empty:
         return None
@@ -65,8 +66,12 @@ def accuracy_speed(finalists) -> bytes | None:
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.5, 3.4))
+    from featcache.reporting.ranks import front
+
     ax.scatter(rows["images_per_s"], rows["accuracy"], s=18, color="0.6", label="finalists")
     rate = rows["images_per_s"].to_numpy(float)
+    best = front(rate, rows["accuracy"].to_numpy(float))
+    ax.plot(rate[best], rows["accuracy"].to_numpy(float)[best], "-", color="0.4", lw=1, label="Pareto front")
     middle = np.sqrt(rate.min() * rate.max())
     for mask, colour, name in ((rows["recommended"] == True, "C3", "recommended"),  # noqa: E712
                                (rows["fast"] == True, "C2", "fast choice")):  # noqa: E712
