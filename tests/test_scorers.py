@@ -330,3 +330,40 @@ def test_the_new_scores_rank_an_informative_tap_above_noise():
     for name in ("ncti", "etran"):
         good, bad = combined(name, [list(SCORERS[name].score(X, y, 4)) for X in (informative, noise)])
         assert good > bad, name
+
+
+def _centred_gram(gram, unbiased=False):
+    """Kornblith et al.'s centring of a Gram matrix (their colab's ``center_gram``), written out again."""
+    gram = gram.copy()
+    n = len(gram)
+    if unbiased:
+        np.fill_diagonal(gram, 0)
+        means = gram.sum(0) / (n - 2)
+        means -= means.sum() / (2 * (n - 1))
+    else:
+        means = gram.mean(0)
+        means -= means.mean() / 2
+    gram -= means[:, None]
+    gram -= means[None, :]
+    if unbiased:
+        np.fill_diagonal(gram, 0)
+    return gram
+
+
+def cka_by_grams(X, Y, unbiased=False):
+    """CKA as the paper defines it: HSIC of the centred linear Gram matrices, normalised."""
+    gx, gy = _centred_gram(X @ X.T, unbiased), _centred_gram(Y @ Y.T, unbiased)
+    return gx.ravel() @ gy.ravel() / (np.linalg.norm(gx) * np.linalg.norm(gy))
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_linear_cka_equals_the_papers_gram_form_and_has_its_invariances(debiased):
+    from featcache.sweeping.similarity import linear_cka
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 12))
+    Y = X @ rng.normal(size=(12, 7)) + 0.5 * rng.normal(size=(60, 7))
+    assert linear_cka(X, Y, debiased) == pytest.approx(cka_by_grams(X, Y, debiased), rel=1e-9)
+    rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
+    assert linear_cka(X, 3.0 * X @ rotation + 5.0, debiased) == pytest.approx(1.0)  # rotation, scale, shift
+    assert abs(linear_cka(X, rng.normal(size=(60, 9)), debiased)) < (0.2 if debiased else 0.4)

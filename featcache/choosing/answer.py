@@ -93,8 +93,9 @@ class Choice:
     def lines(self) -> list[str]:
         """What the command prints: at most 12 lines."""
         a, r, f = self.answer, self.recommended, self.fast
+        similar = f" (its taps' linear CKA {r['cka']:.2f})" if isinstance(r.get("cka"), (int, float)) else ""
         out = [("recommended: " if a["beats_chance"] else "no recommendation (nothing beats chance): best ")
-               + f"{r['candidate']}, {_head(r)}",
+               + f"{r['candidate']}, {_head(r)}{similar}",
                f"  {a['folds']}-fold accuracy {_pct(r['cv_accuracy'])} [{_pct(r['interval'][0])}, "
                f"{_pct(r['interval'][1])}], P(best) {r['p_best']:.2f}, test {_pct(r['test_accuracy'])} (scored once)"]
         others = [t["candidate"] + f" {t['head']}" for t in self.tied[1:]]

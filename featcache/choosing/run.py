@@ -10,7 +10,9 @@ Stage 9 (choosing: request -> **run** -> decide / answer). The funnel:
    budget pays for (all of them where it allows), each with the batched logreg probe on the held-out share
    (two C). These accuracies are what each score is checked against (the trust table).
 3. **confirm** (round 2): the better half, and fused pairs of the best four (``--singles``: none), with logreg
-   (the full C grid) and k-NN (k 10, 20) on three folds of train.
+   (the full C grid) and k-NN (k 10, 20) on three folds of train; the pairs in order of promise, good alone
+   and different from each other (linear CKA of their taps, :mod:`~featcache.sweeping.similarity`), so a small
+   budget keeps the most promising.
 4. **decide** (round 3): the better half of those (candidate, head) on ``--cv`` folds with the finer grids:
    every training image predicted once, out of fold, by every finalist, so the comparison is paired. The
    recommendation, P(best) by the bootstrap over images, the tied set by McNemar's exact test, the fast choice
@@ -163,9 +165,10 @@ def choose(request, log=print, progress: bool = True):
     # round 2: the best taps and their fused pairs, logreg and k-NN on three folds
     ranked = sorted(survivors, key=lambda r: (-first_acc[r], -(speed.get(r[0]) or 0)))
     kept = ranked[:max(2, min(math.ceil(len(ranked) / 2), PAIRED_FROM))]
-    pairs = [] if request.singles else sorted(
+    cka = {} if request.singles else _pair_cka(kept, data, fit_rows)
+    pairs = [] if request.singles else sorted(  # in order of promise: good alone (within a point), then different
         (Candidate((a, b)) for i, a in enumerate(kept) for b in kept[i + 1:]),
-        key=lambda c: -sum(first_acc[r] for r in c.taps))
+        key=lambda c: (-round(sum(first_acc[r] for r in c.taps) / 2, 2), cka[c.taps]))
     second_cost = 2 * CONFIRM_FOLDS
     room = max(2, (left() - 2 * request.cv) // second_cost)
     cramped = room * second_cost + 2 * request.cv > left()
@@ -210,10 +213,10 @@ def choose(request, log=print, progress: bool = True):
          "how": f"logreg (7 C) and k-NN (k {', '.join(map(str, KS))}) on {request.cv} folds, every training image "
                 f"predicted once; tied: McNemar p >= 0.05 against the best"},
     ]
-    candidates = _candidate_table(one, knn, two, finalists, three, verdict, speed, params)
+    candidates = _candidate_table(one, knn, two, finalists, three, verdict, speed, params, cka)
     folder = _folder(request, sorted(rows))
     answer = _answer(request, ranking, folder, finalists, three, verdict, test_accuracy, speed, params, chance,
-                     data, spent, probe_seconds, cramped, failed, len(refs))
+                     data, spent, probe_seconds, cramped, failed, len(refs), cka)
     folder.mkdir(parents=True, exist_ok=True)
     with lock(folder.parent / f".{folder.name}.lock"):
         atomic_write(folder / "candidates.csv", pd.DataFrame(candidates).to_csv(index=False))
@@ -345,6 +348,16 @@ def _test_accuracy(entry, chosen, data: Features, device) -> float:
     return float(np.mean(predicted.cpu().numpy() == data.y_test))
 
 
+def _pair_cka(kept: list, data: Features, fit_rows) -> dict:
+    """Linear CKA of every pair of the kept taps on the fit rows, standardised as the probes see them: how much
+    the two say the same thing (1: the same up to a rotation and scale; near 0: unrelated)."""
+    from featcache.fuse.fusion import TapNormalizer
+    from featcache.sweeping.similarity import linear_cka
+
+    blocks = {r: TapNormalizer("standard").fit_transform([data.train(r)[fit_rows]]) for r in kept}
+    return {(a, b): linear_cka(blocks[a], blocks[b]) for i, a in enumerate(kept) for b in kept[i + 1:]}
+
+
 def _speed(candidate: Candidate, speed: dict) -> float:
     """Images per second of a candidate's backbones run one after the other (each image through each)."""
     rates = [speed.get(m) for m in candidate.models]
@@ -372,7 +385,7 @@ def _screen_values(request, ok, survivors: list, knn: dict, params: dict) -> dic
     return values
 
 
-def _candidate_table(one, knn, two, finalists, three, verdict, speed, params) -> list[dict]:
+def _candidate_table(one, knn, two, finalists, three, verdict, speed, params, cka) -> list[dict]:
     rows = []
     for (c, h), got in one.items():
         rows.append({"candidate": c.label, "head": h, "round": "probe", "accuracy": got["accuracy"],
@@ -381,14 +394,14 @@ def _candidate_table(one, knn, two, finalists, three, verdict, speed, params) ->
     for (c, h), got in two.items():
         rows.append({"candidate": c.label, "head": h, "round": "confirm", "accuracy": got["accuracy"],
                      "chosen": json.dumps({"C" if h == "logreg" else "k": got["chosen"]}),
-                     "images_per_s": _speed(c, speed), "params": _params(c, params)})
+                     "images_per_s": _speed(c, speed), "params": _params(c, params), "cka": cka.get(c.taps)})
     for i, (c, h) in enumerate(finalists):
         got = three[(c, h)]
         rows.append({"candidate": c.label, "head": h, "round": "decide", "accuracy": got["accuracy"],
                      "chosen": json.dumps({"C" if h == "logreg" else "k": got["chosen"]}),
                      "p_best": float(verdict.p_best[i]), "p_value": float(verdict.p_values[i]),
                      "tied": i in verdict.tied, "recommended": i == verdict.recommended, "fast": i == verdict.fast,
-                     "images_per_s": _speed(c, speed), "params": _params(c, params)})
+                     "images_per_s": _speed(c, speed), "params": _params(c, params), "cka": cka.get(c.taps)})
     return rows
 
 
@@ -408,14 +421,14 @@ def _folder(request, models: list[str]) -> Path:
 
 def _answer(request, ranking: Path, folder: Path, finalists, three, verdict, test_accuracy: float, speed, params,
             chance: float, data: Features, fits: int, seconds: float, cramped: bool, failed: list,
-            screened: int) -> dict:
+            screened: int, cka: dict) -> dict:
     def entry(i: int) -> dict:
         c, h = finalists[i]
         return {"candidate": c.label, "backbones": c.models, "taps": [f"{m}:{t}" for m, t in c.taps], "head": h,
                 "params": {"C" if h == "logreg" else "k": three[(c, h)]["chosen"]},
                 "cv_accuracy": float(verdict.accuracy[i]), "p_best": float(verdict.p_best[i]),
                 "p_value": float(verdict.p_values[i]), "images_per_s": _speed(c, speed),
-                "parameters": _params(c, params)}
+                "parameters": _params(c, params), **({"cka": cka[c.taps]} if c.taps in cka else {})}
 
     recommended = {**entry(verdict.recommended), "interval": list(verdict.interval), "test_accuracy": test_accuracy}
     fast = {**entry(verdict.fast), "gives_up": float(verdict.accuracy[verdict.recommended] -
