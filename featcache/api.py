@@ -81,6 +81,9 @@ choose = _function("choose", _result, "``featcache choose``: which model, taps a
 sweep = _function("sweep", _table, "``featcache sweep``: every tap combination x head; returns its table (a "
                                    "DataFrame, best validation accuracy first), with the sweep folder in "
                                    "``table.attrs['folder']``.")
+similarity = _function("similarity", _result, "``featcache similarity``: linear CKA between every pair of cached "
+                                             "taps; returns the matrix (a DataFrame, taps in network order; "
+                                             "``.attrs['folder']`` holds cka.csv and pairs.csv).")
 finetune = _function("finetune", _result, "``featcache finetune``: the unfrozen variant; returns its run folder.")
 report = _function("report", _result, "``featcache report``: one HTML page (and its CSV) of the runs; returns the "
                                       "page's path.")

@@ -33,6 +33,7 @@ def _values() -> dict[str, dict]:
                      "val_fraction": 0.25, "resume": True, "quiet": True},
         "rank": {**data, "device": "cpu", "score": ("hscore",), "num_workers": 0, "runs_dir": runs,
                  "val_fraction": 0.25, "quiet": True},
+        "similarity": {**data, "device": "cpu", "runs_dir": runs, "quiet": True},
         "choose": {**data, "device": "cpu", "score": ("logme", "sfda"), "num_workers": 0, "runs_dir": runs,
                    "cv": 2, "budget": "30", "quiet": True},
         "report": {"runs_dir": runs, "out": Path("r.html"), "title": "fronts", "grid_images": 0,
@@ -95,7 +96,7 @@ def test_every_stage_builds_the_same_request_from_every_front_and_runs(tmp_path,
         given = values[name]
         if name == "predict":  # a run that exists by now
             given = {**given, "run": str(next(p for p in (tmp_path / "runs").glob("[!.]*") if p.name != "sweeps"
-                                             and p.name not in ("ranks", "choices")))}
+                                             and p.name not in ("ranks", "choices", "similarity")))}
         from_api = build(spec.request, given, API)
         monkeypatch.setattr(generate, "build", stop)
         result = CliRunner().invoke(cli, [name, *_cli_args(spec.request, given)])

@@ -367,3 +367,33 @@ def test_linear_cka_equals_the_papers_gram_form_and_has_its_invariances(debiased
     rotation, _ = np.linalg.qr(rng.normal(size=(12, 12)))
     assert linear_cka(X, 3.0 * X @ rotation + 5.0, debiased) == pytest.approx(1.0)  # rotation, scale, shift
     assert abs(linear_cka(X, rng.normal(size=(60, 9)), debiased)) < (0.2 if debiased else 0.4)
+
+
+def test_featcache_similarity_writes_every_pairs_cka_and_the_report_draws_it(tmp_path):
+    from click.testing import CliRunner
+
+    import featcache
+    from featcache.cli.commands import cli
+    from featcache.extraction.reader import FeatureCache
+    from featcache.fuse.fusion import TapNormalizer
+    from featcache.sweeping.similarity import linear_cka
+
+    common = dict(backbone=["tiny", "tiny2"], weights="random", image_size=32, device="cpu", limit_train=90,
+                  limit_test=30, cache_dir=tmp_path / "cache", runs_dir=tmp_path / "runs", quiet=True)
+    matrix = featcache.similarity(**common, extract=True)
+    assert matrix.shape == (6, 6) and np.allclose(matrix, matrix.T) and np.allclose(np.diag(matrix), 1)
+    [a, b] = sorted((tmp_path / "cache" / "digits").glob("*.h5"))[:2]
+    with FeatureCache(a) as first, FeatureCache(b) as second:
+        blocks = [TapNormalizer("standard").fit_transform([c.read("train", "stage3").astype(np.float32)])
+                  for c in (first, second)]
+    names = {a.name.split("-")[0], b.name.split("-")[0]}
+    assert names == {"tiny", "tiny2"}
+    got = matrix.loc[f"{a.name.split('-')[0]}:stage3", f"{b.name.split('-')[0]}:stage3"]
+    assert got == pytest.approx(linear_cka(*blocks), rel=1e-9)
+    folder = matrix.attrs["folder"]
+    pairs = __import__("pandas").read_csv(folder / "pairs.csv")
+    assert len(pairs) == 15 and list(pairs["cka"]) == sorted(pairs["cka"])
+    out = tmp_path / "r.html"
+    done = CliRunner().invoke(cli, ["report", str(folder), "--runs-dir", str(tmp_path / "runs"), "-o", str(out)])
+    assert done.exit_code == 0, done.output
+    assert "Which taps say the same thing: tiny + tiny2 on digits" in out.read_text()

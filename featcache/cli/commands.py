@@ -113,6 +113,17 @@ def rank(request):
         _interrupted("run the same command again: the finished models are kept")
 
 
+@stage("similarity")
+def similarity(request):
+    """How much do two taps say the same thing? Linear CKA between every pair of cached taps.
+
+    Within and across backbones, on every training image (each tap standardised as the probes see it):
+    1 for taps equal up to a rotation and scale, near 0 for unrelated ones. Pairs that are each good alone
+    but unlike each other are the ones worth fusing. Writes RUNS/similarity/NAME/cka.csv and pairs.csv.
+    """
+    STAGES["similarity"].run(request, click.echo)
+
+
 @stage("choose")
 def choose(request):
     """Which model, which taps, which head? One answer, how sure, and at what cost.

@@ -40,6 +40,7 @@ def cli():
     featcache info CACHE.h5                  show what a cache file holds
     featcache cache list                     every cache, its size and the runs that use it (prune: remove)
     featcache sweep --combos pairs           every tap and pair x every head, at once
+    featcache similarity --backbone resnet18 how much two taps say the same thing (linear CKA)
     featcache fuse-train --taps late --head logreg,mlp    fuse cached taps, train heads
     featcache finetune --unfreeze last-block   train unfrozen variants end to end
     featcache runs                           compare every run

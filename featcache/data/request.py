@@ -59,6 +59,13 @@ class DataFields:
                                   **FRACTION)
     seed: int = option(0, help="Seed for splits, subsets and random weights.")
 
+    def dataset_label(self) -> str:
+        """The dataset as a person names it: ``folder photos``, ``cifar10``, ``manifest labels.csv``."""
+        data = self.data_request()
+        if self.data_dir and data.name in ("folder", "manifest", "hf", "webdataset"):
+            return f"{data.name} {Path(self.data_dir).name}"
+        return data.name
+
     def data_request(self) -> DataRequest:
         from featcache.data.datasets import infer_source
 

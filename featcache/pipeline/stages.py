@@ -19,7 +19,7 @@ from featcache.fuse.request import FuseRequest
 from featcache.ranking.request import RankRequest
 from featcache.reporting.request import ReportRequest
 from featcache.runs.request import PredictRequest
-from featcache.sweeping.request import SweepRequest
+from featcache.sweeping.request import SimilarityRequest, SweepRequest
 
 
 @dataclass(frozen=True)
@@ -144,11 +144,19 @@ def _choose(request: ChooseRequest, log) -> Outcome:
     return Outcome("ran", [str(choice.folder)], [], choice)
 
 
+def _similarity(request: SimilarityRequest, log) -> Outcome:
+    from featcache.sweeping.similarity import similarity
+
+    table = similarity(request, log=log)
+    return Outcome("ran", [str(table.attrs["folder"] / "cka.csv")], [], table)
+
+
 STAGES: dict[str, StageSpec] = {s.name: s for s in (
     StageSpec("rank", RankRequest, _rank, reuse="itself"),
     StageSpec("choose", ChooseRequest, _choose, reuse="itself"),
     StageSpec("extract", ExtractRequest, _extract, reuse="cache"),
     StageSpec("sweep", SweepRequest, _sweep, reuse="itself"),
+    StageSpec("similarity", SimilarityRequest, _similarity, reuse="never"),
     StageSpec("fuse-train", FuseRequest, _fuse_train, reuse="ledger"),
     StageSpec("finetune", FinetuneRequest, _finetune, reuse="ledger"),
     StageSpec("report", ReportRequest, _report, reuse="never", repeatable=False, takes_runs=True),

@@ -52,14 +52,6 @@ def folder_of(request, models: list[str]) -> Path:
     return Path(request.runs_dir) / "ranks" / f"{key}-{digest}"
 
 
-def dataset_label(request) -> str:
-    """The dataset as a person names it: ``folder photos``, ``cifar10``, ``manifest labels.csv``."""
-    data = request.data_request()
-    where = getattr(request, "data_dir", None)
-    return f"{data.name} {Path(where).name}" if where and data.name in ("folder", "manifest", "hf", "webdataset") \
-        else data.name
-
-
 def read_rows(folder: Path) -> dict[str, dict]:
     """model -> its latest row, from rows.jsonl; a line cut short by a kill is left out (that model is done
     again). A failed model's row is its latest until the model is tried again: the next run retries it."""
@@ -153,7 +145,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
         table = write_table(folder, rows, list(request.score))
         atomic_write(folder / "rank.json", json.dumps(  # what the report names the ranking by (plain JSON)
             {"patterns": list(request.backbone), "models": models, "scores": list(request.score),
-             "dataset": dataset_label(request), "weights": request.weights}))
+             "dataset": request.dataset_label(), "weights": request.weights}))
         if all(r["status"] != "ok" for r in rows):
             for r in rows:
                 log(f"  {r['model']}: {r['reason']}")

@@ -31,7 +31,14 @@ from featcache.reporting.explain import gradcam, overlay
 from featcache.reporting.guard import check_replaceable, readable_runs, why
 from featcache.reporting.choices import choice_folders, choice_section, is_choice
 from featcache.reporting.ranks import rank_folders, rank_section
-from featcache.reporting.sweeps import dataset_suite, sweep_folders, sweep_section
+from featcache.reporting.sweeps import (
+    dataset_suite,
+    is_similarity,
+    similarity_folders,
+    similarity_section,
+    sweep_folders,
+    sweep_section,
+)
 from featcache.runs.comparison import HEADERS, chosen_text, comparison_table, dataset_text, labels, variant
 from featcache.runs.records import (
     RunRecord,
@@ -269,9 +276,11 @@ def _named(item: str, runs_dir: Path) -> tuple[str, Path | None]:
     """("sweep" | "rank" | "choice", its folder) for a named sweep, ranking or choice folder (a path, or a name in
     --runs-dir); else ("run", None): a run, resolved as runs are."""
     for folder in (Path(item), runs_dir / item, runs_dir / "sweeps" / item, runs_dir / "ranks" / item,
-                   runs_dir / "choices" / item):
+                   runs_dir / "choices" / item, runs_dir / "similarity" / item):
         if is_choice(folder):
             return "choice", folder
+        if is_similarity(folder):
+            return "similarity", folder
         if (folder / "table.csv").is_file() and (folder / "sweep.json").is_file():
             return "sweep", folder
         if (folder / "table.csv").is_file() and (folder / "rows.jsonl").is_file() and folder.parent.name == "ranks":
@@ -289,10 +298,11 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         swept = [path for kind, path in named if kind == "sweep"]
         ranked = [path for kind, path in named if kind == "rank"]
         chosen = [path for kind, path in named if kind == "choice"]
+        similar = [path for kind, path in named if kind == "similarity"]
     else:  # the whole folder
         folders, swept, ranked = run_folders(cfg.runs_dir), sweep_folders(cfg.runs_dir), rank_folders(cfg.runs_dir)
-        chosen = choice_folders(cfg.runs_dir)
-    if not (folders or swept or ranked or chosen):  # a sweep, a ranking or a choice alone is worth a page
+        chosen, similar = choice_folders(cfg.runs_dir), similarity_folders(cfg.runs_dir)
+    if not (folders or swept or ranked or chosen or similar):  # a sweep, a ranking or a choice alone is worth a page
         raise no_runs(cfg.runs_dir, "train some with featcache fuse-train or featcache finetune")
     unreadable: list[dict] = []  # folders of the runs folder that cannot be shown, each with why
     folders, records = readable_runs(folders, bool(cfg.runs), unreadable, log)
@@ -355,6 +365,15 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
             log(f"report: choice {folder} is unreadable ({why(exc)}): shown as such")
             continue
         choices.append({**section, **{k: _uri(section[k]) for k in ("bars", "pareto") if section.get(k)}})
+    similarities = []
+    for folder in similar:
+        try:
+            section = similarity_section(folder)
+        except Exception as exc:  # a damaged matrix: named on the page, the rest still drawn
+            unreadable.append({"name": f"similarity/{folder.name}", "why": why(exc)})
+            log(f"report: similarity {folder} is unreadable ({why(exc)}): shown as such")
+            continue
+        similarities.append({**section, "heatmap": _uri(section["heatmap"])})
     suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
     if sweeps:  # every stage's time, each counted once: the sweeps' evaluations, the choices' probes
@@ -372,7 +391,7 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
         csv_name=out.with_suffix(".csv").name,
         random_runs=random_runs, n_runs=len(records), sections=sections, samples=list(samples.values()),
         time_uri=_uri(figures.time_spent(parts)), cache_rows=cache_rows, sweeps=sweeps, unreadable=unreadable,
-        suite=suite, ranks=ranks, choices=choices,
+        suite=suite, ranks=ranks, choices=choices, similarities=similarities,
     )
     _write_atomic(out, page)
     _write_atomic(out.with_suffix(".csv"), table.to_csv(index=False))

@@ -194,3 +194,45 @@ def fewshot_curve(fewshot, table) -> bytes:
     ax.set_title("Few-shot", fontsize=10)
     ax.legend(fontsize=7)
     return png(fig)
+
+
+def similarity_folders(runs_dir: Path) -> list[Path]:
+    return sorted(p.parent for p in Path(runs_dir).glob("similarity/*/cka.csv"))
+
+
+def is_similarity(folder: Path) -> bool:
+    return (folder / "cka.csv").is_file() and folder.parent.name == "similarity"
+
+
+def similarity_section(folder: Path) -> dict:
+    """A ``featcache similarity`` folder: its CKA matrix as a heatmap and its least similar pairs."""
+    import pandas as pd
+
+    from featcache.data.safe import read_regular
+
+    matrix = pd.read_csv(folder / "cka.csv", index_col=0)
+    if list(matrix.index) != list(matrix.columns) or not np.isfinite(matrix.to_numpy(float)).all():
+        raise ValueError("cka.csv is not a square matrix of numbers over the same taps")
+    try:
+        about = json.loads(read_regular(folder / "similarity.json", "similarity.json", 1 << 20))
+    except (OSError, ValueError):
+        about = {}
+    about = about if isinstance(about, dict) else {}
+    pairs = pd.read_csv(folder / "pairs.csv") if (folder / "pairs.csv").is_file() else pd.DataFrame()
+    title = f"{' + '.join(map(str, about.get('backbones') or [])) or 'taps'} on {about.get('dataset') or '?'}"
+    return {"name": folder.name, "title": title, "random": about.get("weights") == "random",
+            "debiased": bool(about.get("debiased")), "images": about.get("images"),
+            "least": pairs.head(8).to_dict("records"), "heatmap": cka_heatmap(matrix)}
+
+
+def cka_heatmap(matrix) -> bytes:
+    """The CKA of every pair of taps, in network order: dark where two taps say different things."""
+    plt = _plt()
+    names = list(matrix.index)
+    fig, ax = plt.subplots(figsize=(0.45 * len(names) + 3, 0.45 * len(names) + 2))
+    shown = ax.imshow(matrix.to_numpy(float), cmap="magma", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_title("Linear CKA between taps (1: the same up to rotation and scale)", fontsize=10)
+    fig.colorbar(shown, ax=ax, shrink=0.8)
+    return png(fig)

@@ -59,3 +59,22 @@ class SweepRequest(HeadFields, FeatureFields):
                        heads=() if self.head == ("none",) else self.head, scores=self.score,
                        seeds=self.seeds if self.seeds is not None else (self.seed,),
                        options=self.head_options(self.device, self.precision, self.seed), run_extract=self.extract)
+
+
+@dataclass(frozen=True)
+class SimilarityRequest(FeatureFields):
+    """``featcache similarity``: linear CKA between every pair of cached taps, within and across backbones."""
+
+    taps: tuple[str, ...] = option((), metavar="TAPS",
+                                   help="The taps to compare, e.g. early,late or resnet50:layer4,mobilenet_v2:late; "
+                                        "repeatable [default: every tap of every backbone].")
+    debiased: bool = option(False, help="The debiased CKA (unbiased HSIC estimates: for few images).")
+    device: str = device_option("Where the caches' backbones would run with --extract.")
+    runs_dir: Path = runs_dir_option("Where the matrix goes (runs/similarity/NAME: cka.csv, pairs.csv).")
+    extract: bool = option(False, help="Extract missing caches first.")
+    skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    quiet: bool = quiet_option()
+
+    def config(self) -> SimilarityRequest:
+        """The request is its runner's input (:func:`featcache.sweeping.similarity.similarity`)."""
+        return self

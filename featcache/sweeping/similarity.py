@@ -11,7 +11,11 @@ JMLR 2012), as Nguyen, Raghu and Kornblith (ICLR 2021) use it for few rows. Both
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from featcache.errors import FeatcacheError
 
 
 def _debiased(xty: float, rows_x: np.ndarray, rows_y: np.ndarray, norm_x: float, norm_y: float, n: int) -> float:
@@ -40,3 +44,64 @@ def linear_cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
         yty = np.sqrt(max(_debiased(yty ** 2, rows_y, rows_y, sy, sy, n), 0.0))
     denominator = xtx * yty
     return float(xty / denominator) if denominator > 0 else float("nan")
+
+
+def similarity(request, log=print):
+    """``featcache similarity``: linear CKA between every pair of the cached taps of the request's backbones
+    (within and across them), on every training image, each tap standardised as the probes see it. Writes
+    ``RUNS/similarity/NAME/cka.csv`` (the matrix, taps in network order) and ``pairs.csv`` (one row a pair,
+    least similar first); returns the matrix as a DataFrame (``.attrs['folder']``)."""
+    import pandas as pd
+
+    from featcache.data.datasets import dataset_identity, dataset_key
+    from featcache.extraction.reader import FeatureCache
+    from featcache.extraction.run import extract
+    from featcache.files import atomic_write
+    from featcache.fuse.caches import locate_caches
+    from featcache.fuse.fusion import TapNormalizer, parse_taps
+    from featcache.requests import request_hash
+    from featcache.sweeping.config import all_taps
+
+    features = request.features(request.device, skip_bad_images=request.skip_bad_images)
+    refs = all_taps(features.backbones) if not request.taps else \
+        list(dict.fromkeys(r for text in request.taps for r in parse_taps(text, features.backbones)))
+    if len(refs) < 2:
+        raise FeatcacheError("featcache similarity compares taps: name at least two (or a backbone with two taps)")
+    if request.extract:
+        extract(features, log=log)
+    paths = locate_caches(features)
+    blocks = {}
+    for ref in refs:
+        with FeatureCache(paths[ref.backbone]) as cache:
+            blocks[ref] = TapNormalizer("standard").fit_transform([cache.read("train", ref.tap).astype(np.float32)])
+    names = [str(r) for r in refs]
+    matrix = np.eye(len(refs))
+    pairs = []
+    for i, a in enumerate(refs):
+        for j in range(i + 1, len(refs)):
+            value = linear_cka(blocks[a], blocks[refs[j]], request.debiased)
+            matrix[i, j] = matrix[j, i] = value
+            pairs.append({"tap_a": names[i], "tap_b": names[j], "cka": value})
+    data = request.data_request()
+    digest = request_hash({"taps": names, "debiased": request.debiased, "caches": sorted(p.name for p in
+                                                                                          paths.values()),
+                           "data": dataset_identity(data)}, 10)
+    folder = Path(request.runs_dir) / "similarity" / f"{dataset_key(data)}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(matrix, index=names, columns=names)
+    ordered = pd.DataFrame(pairs).sort_values("cka", kind="stable").reset_index(drop=True)
+    atomic_write(folder / "cka.csv", table.to_csv())
+    atomic_write(folder / "pairs.csv", ordered.to_csv(index=False))
+    import json
+
+    atomic_write(folder / "similarity.json", json.dumps(  # what the report titles it by (plain JSON)
+        {"backbones": list(features.backbones), "dataset": request.dataset_label(), "weights": str(features.weights),
+         "debiased": request.debiased, "images": int(len(next(iter(blocks.values()))))}))
+    kind = "debiased linear CKA" if request.debiased else "linear CKA"
+    log(f"{kind} of {len(refs)} taps on {len(next(iter(blocks.values())))} training images; the least similar pairs "
+        f"(the most to gain from fusing, if each is good alone):")
+    for row in ordered.head(5).itertuples():
+        log(f"  {row.cka:6.3f}  {row.tap_a} + {row.tap_b}")
+    log(f"written to {folder} (cka.csv: the matrix, pairs.csv: every pair)")
+    table.attrs["folder"] = folder
+    return table
