@@ -338,42 +338,23 @@ def write_report(cfg: ReportConfig, log=print) -> Path:
                                     "facts": _facts(data, record), "classes": len(data.classes)}
             except FeatcacheError as exc:
                 samples[request] = {"title": dataset_text(record), "note": str(exc)}
-    sweeps = []
-    for folder in swept:
-        try:
-            sw = sweep_section(folder)
-        except Exception as exc:  # a damaged table.csv or sweep.json: named on the page, the rest still drawn
-            unreadable.append({"name": f"sweeps/{folder.name}", "why": why(exc)})
-            log(f"report: sweep {folder} is unreadable ({why(exc)}): shown as such")
-            continue
-        sweeps.append({**sw, **{k: _uri(sw[k]) for k in ("depth", "pairs", "fewshot") if k in sw}})
-    ranks = []
-    for folder in ranked:
-        try:
-            section = rank_section(folder)
-        except Exception as exc:  # a damaged table: named on the page, the rest still drawn
-            unreadable.append({"name": f"ranks/{folder.name}", "why": why(exc)})
-            log(f"report: ranking {folder} is unreadable ({why(exc)}): shown as such")
-            continue
-        ranks.append({**section, **{k: _uri(section[k]) for k in ("agreement", "pareto") if section.get(k)}})
-    choices = []
-    for folder in chosen:
-        try:
-            section = choice_section(folder)
-        except Exception as exc:  # a damaged answer: named on the page, the rest still drawn
-            unreadable.append({"name": f"choices/{folder.name}", "why": why(exc)})
-            log(f"report: choice {folder} is unreadable ({why(exc)}): shown as such")
-            continue
-        choices.append({**section, **{k: _uri(section[k]) for k in ("bars", "pareto") if section.get(k)}})
-    similarities = []
-    for folder in similar:
-        try:
-            section = similarity_section(folder)
-        except Exception as exc:  # a damaged matrix: named on the page, the rest still drawn
-            unreadable.append({"name": f"similarity/{folder.name}", "why": why(exc)})
-            log(f"report: similarity {folder} is unreadable ({why(exc)}): shown as such")
-            continue
-        similarities.append({**section, "heatmap": _uri(section["heatmap"])})
+    def sections_of(folders, read, kind: str, folder_name: str, figures: tuple) -> list[dict]:
+        """Each folder's section, its figures as data URIs; a damaged folder named on the page, the rest drawn."""
+        out = []
+        for folder in folders:
+            try:
+                section = read(folder)
+            except Exception as exc:  # a damaged table, answer or matrix: named on the page, the rest still drawn
+                unreadable.append({"name": f"{folder_name}/{folder.name}", "why": why(exc)})
+                log(f"report: {kind} {folder} is unreadable ({why(exc)}): shown as such")
+                continue
+            out.append({**section, **{k: _uri(section[k]) for k in figures if section.get(k)}})
+        return out
+
+    sweeps = sections_of(swept, sweep_section, "sweep", "sweeps", ("depth", "pairs", "fewshot"))
+    ranks = sections_of(ranked, rank_section, "ranking", "ranks", ("agreement", "pareto"))
+    choices = sections_of(chosen, choice_section, "choice", "choices", ("bars", "pareto"))
+    similarities = sections_of(similar, similarity_section, "similarity", "similarity", ("heatmap",))
     suite = dataset_suite(sweeps)
     parts, cache_rows = _time_spent(records)
     if sweeps:  # every stage's time, each counted once: the sweeps' evaluations, the choices' probes
