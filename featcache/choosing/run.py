@@ -142,7 +142,7 @@ def choose(request, log=print, progress: bool = True):
 
     # screen: the k-NN baseline of every tap on the held-out share
     knn = {ref: _holdout_knn(data.train(ref), data.y, fit_rows, val_rows, len(data.classes), device) for ref in refs}
-    orders = {s: _order(ok, ok[s].to_numpy(float), refs) for s in request.score}
+    orders = {s: _order(ok[s].to_numpy(float), refs) for s in request.score}
     orders["k-NN accuracy"] = sorted(refs, key=lambda r: -knn[r])
     first_n = min(len(refs), FIRST_ROUND if fits is None else max(2, fits // 3))
     survivors = _round_robin(list(orders.values()), first_n)
@@ -235,7 +235,7 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def _order(ok, values: np.ndarray, refs: list) -> list:
+def _order(values: np.ndarray, refs: list) -> list:
     """The taps best first by a score (its missing values last)."""
     keyed = [(-(v if np.isfinite(v) else -np.inf), i) for i, v in enumerate(values)]
     return [refs[i] for _, i in sorted(keyed)]
@@ -275,7 +275,7 @@ def _holdout_knn(train: np.ndarray, y: np.ndarray, fit_rows, val_rows, n_classes
     X = standardised_tap(train, fit_rows, val_rows, None, device)
     fit_y = torch.as_tensor(y[fit_rows], device=device)
     sims, idx = neighbours(X["fit"], X["val"], min(10, len(fit_rows)))
-    predicted = vote(sims, idx, fit_y, min(10, len(fit_rows)), int(y.max()) + 1).argmax(1).cpu().numpy()
+    predicted = vote(sims, idx, fit_y, min(10, len(fit_rows)), n_classes).argmax(1).cpu().numpy()
     return float(np.mean(predicted == y[val_rows]))
 
 
