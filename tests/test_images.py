@@ -33,7 +33,7 @@ def odd_images(folder):
     Image.fromarray(photo()).convert("CMYK").save(folder / "cmyk.jpg")
     Image.fromarray((photo()[..., 0].astype(np.uint16) * 257)).save(folder / "deep16.png")
     Image.fromarray(photo((1, 1))).save(folder / "tiny1x1.png")
-    Image.fromarray(photo((4000, 3000))).save(folder / "large.jpg", quality=90)
+    Image.fromarray(np.tile(photo((400, 300)), (10, 10, 1))).save(folder / "large.jpg", quality=90)  # 12 megapixels
     Image.fromarray(photo()).save(folder / "фото-ü.png")
     Image.fromarray(photo()[..., 0].astype(np.float32) / 255, "F").save(folder / "float.tif")
     return folder
@@ -56,10 +56,16 @@ def odd(tmp_path):
     return odd_images(tmp_path / "odd")
 
 
+@pytest.fixture(scope="module")
+def odd_read_only(tmp_path_factory):
+    """The odd files made once for the tests that only read them (the 12-megapixel JPEG takes a second)."""
+    return odd_images(tmp_path_factory.mktemp("odd"))
+
+
 @pytest.mark.parametrize("name", ["alpha.png", "gray.png", "palette.png", "cmyk.jpg", "deep16.png", "tiny1x1.png",
                                   "large.jpg", "фото-ü.png", "float.tif"])
-def test_each_odd_image_loads_as_rgb(odd, name):
-    image = load_image(odd / name, PRE)
+def test_each_odd_image_loads_as_rgb(odd_read_only, name):
+    image = load_image(odd_read_only / name, PRE)
     assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
     if name in ("deep16.png", "float.tif"):  # scaled to 8 bits, not clipped to white or black
         assert 90 < image.mean() < 170

@@ -197,7 +197,7 @@ def test_quickstart_runs_offline_end_to_end(tmp_path):
     # As shipped but on fewer images (the stages, heads and report are the demo's; the suite stays quick)
     done = subprocess.run([sys.executable, "-m", "featcache", "run", str(ROOT / "pipelines" / "quickstart.toml"),
                            "--set", "limit-train=120", "--set", "limit-test=40", "--set", "image-size=32",
-                           "--set", "gradcam-images=1"],
+                           "--set", "gradcam-images=1", "--set", "grid-images=0"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "7 stages ran, 1 reused" in done.stdout and "extract #1    reused" in done.stdout  # choose extracted
