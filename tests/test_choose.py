@@ -166,3 +166,23 @@ def test_the_imagenet_baseline_reads_torchvisions_weights_metadata_offline():
 
     assert top1_of("resnet18") == pytest.approx(69.758) and top1_of("mobilenet_v2") == pytest.approx(72.154)
     assert top1_of("known_fast") is None  # a model without published weights has no baseline value
+
+
+def test_the_same_request_on_the_same_screen_is_served_and_a_changed_screen_is_chosen_again(tmp_path):
+    data = colour_folder(tmp_path / "photos", per_class=12, seed=9)
+    first = choose(tmp_path, data, "--backbone", "known_halves")
+    assert first.exit_code == 0 and "written to" in first.output
+    again = choose(tmp_path, data, "--backbone", "known_halves")
+    assert again.exit_code == 0 and "served from" in again.output, again.output
+    assert again.output.splitlines()[:3] == first.output.splitlines()[:3]  # the same answer, nothing probed again
+    [ranking] = (tmp_path / "runs" / "ranks").glob("[!.]*")
+    (ranking / "table.csv").write_text((ranking / "table.csv").read_text() + "\n")  # the screen differs
+    import featcache.ranking.run as run
+
+    real = run.write_table
+    try:  # keep the changed table: the screen no longer matches the answer's
+        run.write_table = lambda folder, rows, scores: __import__("pandas").read_csv(folder / "table.csv")
+        third = choose(tmp_path, data, "--backbone", "known_halves")
+    finally:
+        run.write_table = real
+    assert third.exit_code == 0 and "written to" in third.output, third.output

@@ -33,9 +33,10 @@ class Choice:
     table: object
     trust: object
     funnel: object
+    served: bool = False  # read back from an identical earlier choice, nothing probed again
 
     @classmethod
-    def load(cls, folder: Path) -> Choice:
+    def load(cls, folder: Path, served: bool = False) -> Choice:
         import pandas as pd
 
         from featcache.data.safe import read_regular
@@ -60,7 +61,7 @@ class Choice:
 
         table = csv("candidates.csv")
         return cls(folder, answer, table[table["round"] == "decide"].reset_index(drop=True), csv("trust.csv"),
-                   csv("funnel.csv"))
+                   csv("funnel.csv"), served)
 
     @property
     def recommended(self) -> dict:
@@ -123,7 +124,8 @@ class Choice:
         if a.get("failed_models"):
             out.append(f"{len(a['failed_models'])} model(s) failed and were left out: "
                        f"{', '.join(a['failed_models'][:4])} (reasons: {a['ranking']}/table.csv)")
-        out.append(f"written to {self.folder} (answer.json, candidates.csv, trust.csv)")
+        out.append(f"served from {self.folder}: the same request on the same screen, nothing probed again"
+                   if self.served else f"written to {self.folder} (answer.json, candidates.csv, trust.csv)")
         return out[:12]
 
     def __repr__(self) -> str:

@@ -141,7 +141,7 @@ def _choose(request: ChooseRequest, log) -> Outcome:
     from featcache.choosing.run import choose
 
     choice = choose(request, log=log, progress=not request.quiet)
-    return Outcome("ran", [str(choice.folder)], [], choice)
+    return Outcome("reused" if choice.served else "ran", [str(choice.folder)], [], choice)
 
 
 def _similarity(request: SimilarityRequest, log) -> Outcome:
