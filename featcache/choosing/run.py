@@ -1,7 +1,7 @@
 """``featcache choose``: screen every tap, confirm the survivors by successive halving, decide from paired
 predictions.
 
-Stage 9 (choosing: request -> **run** -> decide / answer). The funnel:
+Stage 9 (choosing: request -> **run** -> probes / decide / answer). The funnel:
 
 1. **screen**: ``rank``'s machinery extracts every matched model (a few at a time, caches kept) and scores every
    tap with ``--score``; beside the scores, cheap baselines: each tap's k-NN accuracy on the held-out share
@@ -31,12 +31,12 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from featcache.choosing.decide import decide, trust
+from featcache.choosing.probes import Candidate, Features, evaluate, holdout_knn, pair_cka, scored_on_test
 from featcache.choosing.request import parse_budget
 from featcache.errors import DataError, FeatcacheError, NothingWorked
 from featcache.files import atomic_write, lock
@@ -50,56 +50,6 @@ CONFIRM_FOLDS = 3
 PAIRED_FROM = 4  # round 2: the best this many taps of round 1 and their fused pairs
 FIRST_ROUND = 40  # round 1 probes at most this many taps (where --budget gives no number)
 FINALISTS = 8
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """Taps fused side by side: ((model, tap), ...)."""
-
-    taps: tuple[tuple[str, str], ...]
-
-    @property
-    def label(self) -> str:
-        return " + ".join(f"{m}:{t}" for m, t in self.taps)
-
-    @property
-    def models(self) -> list[str]:
-        return list(dict.fromkeys(m for m, _ in self.taps))
-
-
-class Features:
-    """The taps the probes read, loaded once each from the screen's caches: train rows and labels, test on
-    demand."""
-
-    def __init__(self, caches: dict[str, Path]):
-        from featcache.extraction.reader import FeatureCache
-
-        self.caches = caches
-        self.blocks: dict = {}
-        labels = {}
-        for model, path in caches.items():
-            with FeatureCache(path) as cache:
-                labels[model] = (cache.labels("train"), cache.labels("test"), cache.classes, cache.official_val("train"))
-        first = next(iter(labels.values()))
-        for model, (train, test, classes, _) in labels.items():
-            if not (np.array_equal(train, first[0]) and np.array_equal(test, first[1]) and classes == first[2]):
-                raise FeatcacheError(f"the caches disagree on the images or labels ({model}'s and "
-                                     f"{next(iter(labels))}'s): run featcache choose again with the same data")
-        self.y, self.y_test, self.classes, self.official = first
-
-    def train(self, ref: tuple[str, str]) -> np.ndarray:
-        if ref not in self.blocks:
-            from featcache.extraction.reader import FeatureCache
-
-            with FeatureCache(self.caches[ref[0]]) as cache:
-                self.blocks[ref] = cache.read("train", ref[1]).astype(np.float32)
-        return self.blocks[ref]
-
-    def test(self, ref: tuple[str, str]) -> np.ndarray:
-        from featcache.extraction.reader import FeatureCache
-
-        with FeatureCache(self.caches[ref[0]]) as cache:
-            return cache.read("test", ref[1]).astype(np.float32)
 
 
 def choose(request, log=print, progress: bool = True):
@@ -136,7 +86,7 @@ def choose(request, log=print, progress: bool = True):
     data = Features({m: Path(rows[m]["cache"]) for m in ok["model"].unique()})
     if len(np.unique(data.y)) < 2:
         raise DataError("the training images hold one class: choosing needs at least two")
-    from featcache.fuse.evaluate import check_cv, validation_split
+    from featcache.fuse.evaluate import check_cv, cv_folds, validation_split
 
     check_cv(data.y, request.cv)
     check_cv(data.y, CONFIRM_FOLDS)
@@ -148,14 +98,14 @@ def choose(request, log=print, progress: bool = True):
     started = time.perf_counter()
 
     # screen: the k-NN baseline of every tap on the held-out share
-    knn = {ref: _holdout_knn(data.train(ref), data.y, fit_rows, val_rows, len(data.classes), device) for ref in refs}
+    knn = {ref: holdout_knn(ref, data, fit_rows, val_rows, device) for ref in refs}
     orders = {s: _order(ok[s].to_numpy(float), refs) for s in request.score}
     orders["k-NN accuracy"] = sorted(refs, key=lambda r: -knn[r])
     first_n = min(len(refs), FIRST_ROUND if fits is None else max(2, fits // 3))
     survivors = _round_robin(list(orders.values()), first_n)
 
     # round 1: logreg, two C, on the held-out share
-    one = _evaluate([Candidate((r,)) for r in survivors], ["logreg"], data, [(fit_rows, val_rows)], device,
+    one = evaluate([Candidate((r,)) for r in survivors], ["logreg"], data, [(fit_rows, val_rows)], device,
                     {"logreg": FIRST_C})
     spent = len(survivors)
     per_fit = (time.perf_counter() - started) / max(spent, 1)
@@ -172,7 +122,7 @@ def choose(request, log=print, progress: bool = True):
     # round 2: the best taps and their fused pairs, logreg and k-NN on three folds
     ranked = sorted(survivors, key=lambda r: (-first_acc[r], -(speed.get(r[0]) or 0)))
     kept = ranked[:max(2, min(math.ceil(len(ranked) / 2), PAIRED_FROM))]
-    cka = {} if request.singles else _pair_cka(kept, data, fit_rows)
+    cka = {} if request.singles else pair_cka(kept, data, fit_rows)
     pairs = [] if request.singles else sorted(  # in order of promise: good alone (within a point), then different
         (Candidate((a, b)) for i, a in enumerate(kept) for b in kept[i + 1:]),
         key=lambda c: (-round(sum(first_acc[r] for r in c.taps) / 2, 2), cka[c.taps]))
@@ -181,8 +131,8 @@ def choose(request, log=print, progress: bool = True):
     cramped = room * second_cost + 2 * request.cv > left()
     pairs = pairs[:max(0, room - len(kept))]  # the budget's share: the weakest pairs go first, then singles
     second = [Candidate((r,)) for r in kept[:max(2, room - len(pairs))]] + pairs
-    folds2 = _folds(data.y, CONFIRM_FOLDS, request.seed)
-    two = _evaluate(second, ["logreg", "knn"], data, folds2, device, {"logreg": C_GRID, "knn": KS[:2]})
+    folds2 = cv_folds(data.y, CONFIRM_FOLDS, request.seed)
+    two = evaluate(second, ["logreg", "knn"], data, folds2, device, {"logreg": C_GRID, "knn": KS[:2]})
     spent += len(second) * second_cost
     cramped = cramped or left() < 2 * request.cv
     entries = sorted(two, key=lambda e: (-two[e]["accuracy"], -_speed(e[0], speed)))
@@ -190,19 +140,19 @@ def choose(request, log=print, progress: bool = True):
     finalists = entries[:n_final]
 
     # round 3: decide on --cv folds, the finer grids, every training image predicted once
-    folds3 = _folds(data.y, request.cv, request.seed)
+    folds3 = cv_folds(data.y, request.cv, request.seed)
     three = {}
     for head in ("logreg", "knn"):
         mine = [c for c, h in finalists if h == head]
         if mine:
-            three.update(_evaluate(mine, [head], data, folds3, device, {"logreg": FINE_C, "knn": KS}))
+            three.update(evaluate(mine, [head], data, folds3, device, {"logreg": FINE_C, "knn": KS}))
     spent += len(finalists) * request.cv
     correct = np.stack([three[e]["predicted"] == data.y for e in finalists])
     chance = float(np.bincount(data.y).max() / len(data.y))
     verdict = decide(correct, np.array([_speed(c, speed) for c, _ in finalists]),
                      np.array([_params(c, params) for c, _ in finalists], dtype=float), chance, request.seed)
     best = finalists[verdict.recommended]
-    test_accuracy = _test_accuracy(best, three[best]["chosen"], data, device)
+    test_accuracy = scored_on_test(best, three[best]["chosen"], data, device)
     probe_seconds = time.perf_counter() - started
 
     trust_rows = trust(_screen_values(request, ok, survivors, knn, params),
@@ -278,105 +228,6 @@ def _round_robin(orders: list[list], n: int) -> list:
         if not moved:
             break
     return out
-
-
-def _folds(y: np.ndarray, k: int, seed: int) -> list:
-    from featcache.fuse.evaluate import cv_folds
-
-    return cv_folds(y, k, seed)
-
-
-def _holdout_knn(train: np.ndarray, y: np.ndarray, fit_rows, val_rows, n_classes: int, device) -> float:
-    """One tap's k-NN accuracy (k 10, cosine, temperature-weighted votes) on the held-out share."""
-    import torch
-
-    from featcache.fuse.fusion import standardised_tap
-    from featcache.sweeping.knn import neighbours, vote
-
-    X = standardised_tap(train, fit_rows, val_rows, None, device)
-    fit_y = torch.as_tensor(y[fit_rows], device=device)
-    sims, idx = neighbours(X["fit"], X["val"], min(10, len(fit_rows)))
-    predicted = vote(sims, idx, fit_y, min(10, len(fit_rows)), n_classes).argmax(1).cpu().numpy()
-    return float(np.mean(predicted == y[val_rows]))
-
-
-def _evaluate(candidates: list[Candidate], heads: list[str], data: Features, folds: list, device,
-              grids: dict) -> dict:
-    """For each (candidate, head): every grid point's predictions on the validation rows of every fold (out of
-    fold, so each row once where the folds cover train), the grid point with the best accuracy over those rows
-    (the first of equals: the smallest C, the smallest k), its predictions and that accuracy."""
-    import torch
-
-    from featcache.fuse.fusion import standardised_tap
-    from featcache.sweeping.knn import neighbours, vote
-    from featcache.sweeping.lanes import solve_many
-    from featcache.sweeping.solvers import scores_of
-
-    n_classes = len(data.classes)
-    rows = np.concatenate([val for _, val in folds])
-    predicted = {(c, h): {p: np.full(len(data.y), -1) for p in grids[h]} for c in candidates for h in heads}
-    refs = list(dict.fromkeys(r for c in candidates for r in c.taps))
-    for fit, val in folds:
-        blocks = {r: standardised_tap(data.train(r), fit, val, None, device) for r in refs}
-        y_fit = torch.as_tensor(data.y[fit], device=device)
-        fused = {c: {part: torch.cat([blocks[r][part] for r in c.taps], dim=1) for part in ("fit", "val")}
-                 for c in candidates}
-        if "logreg" in heads:
-            solutions = solve_many([[blocks[r]["fit"] for r in c.taps] for c in candidates], y_fit,
-                                   list(grids["logreg"]), n_classes)
-            for c, solved in zip(candidates, solutions):
-                for C, W in zip(grids["logreg"], solved):
-                    predicted[(c, "logreg")][C][val] = scores_of(fused[c]["val"], W).argmax(1).cpu().numpy()
-        if "knn" in heads:
-            ks = [k for k in grids["knn"] if k <= len(fit)] or [len(fit)]
-            for c in candidates:
-                sims, idx = neighbours(fused[c]["fit"], fused[c]["val"], max(ks))
-                for k in grids["knn"]:
-                    kk = min(k, len(fit))
-                    predicted[(c, "knn")][k][val] = vote(sims, idx, y_fit, kk, n_classes).argmax(1).cpu().numpy()
-    out = {}
-    for key, by_param in predicted.items():
-        accuracy = {p: float(np.mean(pred[rows] == data.y[rows])) for p, pred in by_param.items()}
-        chosen = max(accuracy, key=lambda p: (accuracy[p], -list(accuracy).index(p)))
-        out[key] = {"chosen": chosen, "accuracy": accuracy[chosen], "grid": accuracy,
-                    "predicted": by_param[chosen]}
-    return out
-
-
-def _test_accuracy(entry, chosen, data: Features, device) -> float:
-    """The recommendation refitted on every training image with its chosen hyper-parameter and scored on test:
-    the one time a test label is read."""
-    import torch
-
-    from featcache.fuse.fusion import standardised_tap
-    from featcache.sweeping.knn import neighbours, vote
-    from featcache.sweeping.lanes import solve_many
-    from featcache.sweeping.solvers import scores_of
-
-    candidate, head = entry
-    everything = np.arange(len(data.y))
-    parts = [standardised_tap(data.train(r), everything, everything[:0], data.test(r), device) for r in candidate.taps]
-    fit = torch.cat([p["fit"] for p in parts], dim=1)
-    test = torch.cat([p["test"] for p in parts], dim=1)
-    y_fit = torch.as_tensor(data.y, device=device)
-    if head == "logreg":
-        [[W]] = solve_many([[p["fit"] for p in parts]], y_fit, [chosen], len(data.classes))
-        predicted = scores_of(test, W).argmax(1)
-    else:
-        k = min(chosen, len(data.y))
-        sims, idx = neighbours(fit, test, k)
-        predicted = vote(sims, idx, y_fit, k, len(data.classes)).argmax(1)
-    return float(np.mean(predicted.cpu().numpy() == data.y_test))
-
-
-def _pair_cka(kept: list, data: Features, fit_rows) -> dict:
-    """Linear CKA of every pair of the kept taps on the fit rows, standardised as the probes see them: how much
-    the two say the same thing (1: the same up to a rotation and scale; near 0: unrelated)."""
-    from featcache.fuse.fusion import TapNormalizer
-    from featcache.sweeping.similarity import linear_cka
-
-    blocks = {r: TapNormalizer("standard").fit_transform([data.train(r)[fit_rows]]) for r in kept}
-    return {(a, b): linear_cka(blocks[a], blocks[b]) for i, a in enumerate(kept) for b in kept[i + 1:]}
 
 
 def _speed(candidate: Candidate, speed: dict) -> float:

@@ -11,6 +11,7 @@ JMLR 2012), as Nguyen, Raghu and Kornblith (ICLR 2021) use it for few rows. Both
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -23,27 +24,53 @@ def _debiased(xty: float, rows_x: np.ndarray, rows_y: np.ndarray, norm_x: float,
     return xty - n / (n - 2.0) * float(rows_x @ rows_y) + norm_x * norm_y / ((n - 1) * (n - 2))
 
 
+class _Centred:
+    """A tap's rows centred, with what every CKA of it needs once: ||X'X||_F and, for the debiased form, its
+    rows' squared norms and their sum."""
+
+    def __init__(self, X: np.ndarray, debiased: bool):
+        X = np.asarray(X, dtype=np.float64)
+        self.X = X - X.mean(axis=0, keepdims=True)
+        self.n = len(X)
+        self.rows = np.einsum("ij,ij->i", self.X, self.X) if debiased else None
+        self.total = float(self.rows.sum()) if debiased else None
+        gram = float(np.linalg.norm(self.X.T @ self.X))
+        self.norm = np.sqrt(max(self._debiased(gram ** 2, self), 0.0)) if debiased else gram
+
+    def _debiased(self, xty: float, other: _Centred) -> float:
+        return _debiased(xty, self.rows, other.rows, self.total, other.total, self.n)
+
+    def cka(self, other: _Centred) -> float:
+        xty = float(np.linalg.norm(self.X.T @ other.X) ** 2)
+        if self.rows is not None:
+            xty = self._debiased(xty, other)
+        denominator = self.norm * other.norm
+        return float(xty / denominator) if denominator > 0 else float("nan")
+
+
+def _centred(blocks: list, debiased: bool) -> list[_Centred]:
+    if len({len(b) for b in blocks}) > 1:
+        raise ValueError("CKA compares taps on the same rows")
+    if debiased and len(blocks[0]) < 4:
+        raise ValueError("debiased CKA needs at least 4 rows")
+    return [_Centred(b, debiased) for b in blocks]
+
+
 def linear_cka(X: np.ndarray, Y: np.ndarray, debiased: bool = False) -> float:
     """Linear CKA between two taps' rows (the same images, in the same order)."""
-    X = np.asarray(X, dtype=np.float64)
-    Y = np.asarray(Y, dtype=np.float64)
-    if len(X) != len(Y):
-        raise ValueError("CKA compares two taps on the same rows")
-    X = X - X.mean(axis=0, keepdims=True)
-    Y = Y - Y.mean(axis=0, keepdims=True)
-    xty = float(np.linalg.norm(X.T @ Y) ** 2)
-    xtx, yty = float(np.linalg.norm(X.T @ X)), float(np.linalg.norm(Y.T @ Y))
-    if debiased:
-        n = len(X)
-        if n < 4:
-            raise ValueError("debiased CKA needs at least 4 rows")
-        rows_x, rows_y = np.einsum("ij,ij->i", X, X), np.einsum("ij,ij->i", Y, Y)
-        sx, sy = float(rows_x.sum()), float(rows_y.sum())
-        xty = _debiased(xty, rows_x, rows_y, sx, sy, n)
-        xtx = np.sqrt(max(_debiased(xtx ** 2, rows_x, rows_x, sx, sx, n), 0.0))
-        yty = np.sqrt(max(_debiased(yty ** 2, rows_y, rows_y, sy, sy, n), 0.0))
-    denominator = xtx * yty
-    return float(xty / denominator) if denominator > 0 else float("nan")
+    x, y = _centred([X, Y], debiased)
+    return x.cka(y)
+
+
+def cka_matrix(blocks: list, debiased: bool = False) -> np.ndarray:
+    """Linear CKA of every pair of ``blocks`` (taps on the same rows), each tap centred and its own norm taken
+    once: a pair costs one cross product. 1 on the diagonal."""
+    taps = _centred(blocks, debiased)
+    matrix = np.eye(len(taps))
+    for i, a in enumerate(taps):
+        for j in range(i + 1, len(taps)):
+            matrix[i, j] = matrix[j, i] = a.cka(taps[j])
+    return matrix
 
 
 def similarity(request, log=print):
@@ -75,13 +102,9 @@ def similarity(request, log=print):
         with FeatureCache(paths[ref.backbone]) as cache:
             blocks[ref] = TapNormalizer("standard").fit_transform([cache.read("train", ref.tap).astype(np.float32)])
     names = [str(r) for r in refs]
-    matrix = np.eye(len(refs))
-    pairs = []
-    for i, a in enumerate(refs):
-        for j in range(i + 1, len(refs)):
-            value = linear_cka(blocks[a], blocks[refs[j]], request.debiased)
-            matrix[i, j] = matrix[j, i] = value
-            pairs.append({"tap_a": names[i], "tap_b": names[j], "cka": value})
+    matrix = cka_matrix([blocks[r] for r in refs], request.debiased)
+    pairs = [{"tap_a": names[i], "tap_b": names[j], "cka": float(matrix[i, j])}
+             for i in range(len(refs)) for j in range(i + 1, len(refs))]
     data = request.data_request()
     digest = request_hash({"taps": names, "debiased": request.debiased, "caches": sorted(p.name for p in
                                                                                           paths.values()),
@@ -92,8 +115,6 @@ def similarity(request, log=print):
     ordered = pd.DataFrame(pairs).sort_values("cka", kind="stable").reset_index(drop=True)
     atomic_write(folder / "cka.csv", table.to_csv())
     atomic_write(folder / "pairs.csv", ordered.to_csv(index=False))
-    import json
-
     atomic_write(folder / "similarity.json", json.dumps(  # what the report titles it by (plain JSON)
         {"backbones": list(features.backbones), "dataset": request.dataset_label(), "weights": str(features.weights),
          "debiased": request.debiased, "images": int(len(next(iter(blocks.values()))))}))
