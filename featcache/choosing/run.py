@@ -41,7 +41,6 @@ from featcache.choosing.request import parse_budget
 from featcache.errors import DataError, FeatcacheError, NothingWorked
 from featcache.files import atomic_write, lock
 from featcache.fuse.heads import C_GRID
-from featcache.requests import request_hash
 from featcache.sweeping.knn import KS
 
 FIRST_C = (0.1, 1.0)
@@ -179,7 +178,7 @@ def choose(request, log=print, progress: bool = True):
         atomic_write(folder / "candidates.csv", pd.DataFrame(candidates).to_csv(index=False))
         atomic_write(folder / "trust.csv", pd.DataFrame(trust_rows).to_csv(index=False))
         atomic_write(folder / "funnel.csv", pd.DataFrame(funnel).to_csv(index=False))
-        atomic_write(folder / "answer.json", json.dumps(answer, indent=1))
+        atomic_write(folder / "answer.json", json.dumps(answer, indent=1, default=str))  # paths as text
     choice = Choice.load(folder)
     for line in choice.lines():
         log(line)
@@ -278,17 +277,11 @@ def _candidate_table(one, knn, two, finalists, three, verdict, speed, params, ck
 
 
 def _folder(request, models: list[str]) -> Path:
-    """runs/choices/NAME: the dataset's key and a hash of everything that changes the answer."""
-    from featcache.data.datasets import dataset_identity, dataset_key
-    from featcache.extraction.request import FeatureFields
+    """runs/choices/NAME: the dataset's key and a hash of everything that changes the answer (the ranking's rule,
+    with the funnel's own settings)."""
+    from featcache.ranking.run import folder_of
 
-    data = request.data_request()
-    features = {f.name: getattr(request, f.name) for f in dataclasses.fields(FeatureFields)
-                if f.name not in ("backbone", "cache_dir", "download")}
-    digest = request_hash({"models": models, "scores": list(request.score), "budget": request.budget,
-                           "cv": request.cv, "singles": request.singles, "val_fraction": request.val_fraction,
-                           "data": dataset_identity(data), **features}, 10)
-    return Path(request.runs_dir) / "choices" / f"{dataset_key(data)}-{digest}"
+    return folder_of(request, models, "choices", budget=request.budget, cv=request.cv, singles=request.singles)
 
 
 def _answer(request, ranking: Path, folder: Path, finalists, three, verdict, test_accuracy: float, speed, params,
@@ -312,14 +305,10 @@ def _answer(request, ranking: Path, folder: Path, finalists, three, verdict, tes
             "beats_chance": bool(verdict.beats_chance), "chance": chance, "chance_p": verdict.chance_p,
             "fits": fits, "probe_seconds": seconds, "budget": request.budget, "cramped": cramped,
             "screened_taps": screened, "failed_models": failed, "ranking": str(ranking),
-            "scores": list(request.score), "request": request_fields(request)}
+            "scores": list(request.score), "request": dataclasses.asdict(request)}
 
 
 def dataset_name(request) -> str:
     data = request.data_request()
     return f"{data.name}" + (f" ({request.data_dir})" if request.data_dir else "")
 
-
-def request_fields(request) -> dict:
-    return {f.name: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v)
-            for f in dataclasses.fields(request) for v in [getattr(request, f.name)]}

@@ -21,6 +21,14 @@ def _split_map(value: str) -> bool:
         set(ours) <= {"train", "val", "test"} and len(ours) == len(set(ours))
 
 
+def dataset_label(name: str, data_dir) -> str:
+    """A dataset as a person names it: ``folder photos``, ``cifar10``, ``manifest labels.csv`` (a source read
+    from a path by the path's own name)."""
+    if data_dir and name in ("folder", "manifest", "hf", "webdataset"):
+        return f"{name} {Path(data_dir).name}"
+    return name
+
+
 @dataclass(frozen=True)
 class DataFields:
     """Which images, which subsets, which seed."""
@@ -60,11 +68,8 @@ class DataFields:
     seed: int = option(0, help="Seed for splits, subsets and random weights.")
 
     def dataset_label(self) -> str:
-        """The dataset as a person names it: ``folder photos``, ``cifar10``, ``manifest labels.csv``."""
-        data = self.data_request()
-        if self.data_dir and data.name in ("folder", "manifest", "hf", "webdataset"):
-            return f"{data.name} {Path(self.data_dir).name}"
-        return data.name
+        """The dataset as a person names it (:func:`dataset_label`)."""
+        return dataset_label(self.data_request().name, self.data_dir)
 
     def data_request(self) -> DataRequest:
         from featcache.data.datasets import infer_source

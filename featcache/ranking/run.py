@@ -38,18 +38,18 @@ from featcache.requests import request_hash
 from featcache.sweeping.moments import moments
 from featcache.sweeping.scorers import SCORERS, scored
 
-def folder_of(request, models: list[str]) -> Path:
-    """The ranking's folder: named by the dataset and a hash of everything that changes its numbers, the data's
-    identity included (as a cache's fingerprint holds it), so a manifest whose labels changed is ranked anew."""
+def folder_of(request, models: list[str], kind: str = "ranks", **depends) -> Path:
+    """A ranking's folder (or, with ``kind`` and what else the result ``depends`` on, a choice's): named by the
+    dataset and a hash of everything that changes its numbers, the data's identity included (as a cache's
+    fingerprint holds it), so a manifest whose labels changed is ranked anew."""
     from featcache.data.datasets import dataset_identity, dataset_key
 
     data = request.data_request()
     features = {f.name: getattr(request, f.name) for f in dataclasses.fields(FeatureFields)
                 if f.name not in ("backbone", "cache_dir", "download")}  # what changes the numbers, as a cache's
     digest = request_hash({"models": models, "scores": list(request.score), "val_fraction": request.val_fraction,
-                           "data": dataset_identity(data), **features}, 10)
-    key = dataset_key(data)
-    return Path(request.runs_dir) / "ranks" / f"{key}-{digest}"
+                           "data": dataset_identity(data), **features, **depends}, 10)
+    return Path(request.runs_dir) / kind / f"{dataset_key(data)}-{digest}"
 
 
 def read_rows(folder: Path) -> dict[str, dict]:

@@ -58,12 +58,11 @@ def sweep_section(folder: Path) -> dict:
 
 
 def _dataset_name(request: dict) -> str:
-    """The sweep's dataset as the report names it: a folder's, manifest's or HF dataset's own name."""
-    name = str(request.get("dataset", "?"))
+    """The sweep's dataset as the report names it, from its sweep.json (the one rule: data.request's)."""
+    from featcache.data.request import dataset_label
+
     where = request.get("data_dir")
-    if name in ("folder", "manifest", "hf", "webdataset") and isinstance(where, str) and where:
-        return f"{name} {Path(where).name}"
-    return name
+    return dataset_label(str(request.get("dataset", "?")), where if isinstance(where, str) else None)
 
 
 def dataset_suite(sweeps: list[dict]) -> list[dict]:
