@@ -37,9 +37,7 @@ class Choice:
 
     @classmethod
     def load(cls, folder: Path, served: bool = False) -> Choice:
-        import pandas as pd
-
-        from featcache.data.safe import read_regular
+        from featcache.data.safe import read_regular, regular_csv
 
         folder = Path(folder)
         try:
@@ -54,10 +52,8 @@ class Choice:
         for part in ("recommended", "fast"):
             for key in ("cv_accuracy", "p_best"):
                 _number(answer[part].get(key), f"{part}.{key}")
-        def csv(name: str):  # regular files of bounded size only: a shared folder's FIFO cannot hang the read
-            import io
-
-            return pd.read_csv(io.BytesIO(read_regular(folder / name, name, MAX_ANSWER_BYTES)))
+        def csv(name: str):
+            return regular_csv(folder / name, name, MAX_ANSWER_BYTES)
 
         table = csv("candidates.csv")
         return cls(folder, answer, table[table["round"] == "decide"].reset_index(drop=True), csv("trust.csv"),

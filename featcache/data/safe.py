@@ -160,3 +160,13 @@ def restricted_load(file, encoding: str = "latin1", where: str = "file"):
     except Forbidden as exc:
         raise UnsafeFile(f"{where} is not a plain pickle of arrays and lists ({exc}): featcache does not run "
                          f"code from data; replace the file with the dataset's published one") from None
+
+
+def regular_csv(path, what: str, limit: int, **options):
+    """A CSV table from a regular file of at most ``limit`` bytes (:func:`read_regular`): a shared folder's
+    FIFO or endless file cannot hang or exhaust the reader."""
+    import io
+
+    import pandas as pd
+
+    return pd.read_csv(io.BytesIO(read_regular(path, what, limit)), **options)

@@ -207,9 +207,12 @@ def similarity_section(folder: Path) -> dict:
     """A ``featcache similarity`` folder: its CKA matrix as a heatmap and its least similar pairs."""
     import pandas as pd
 
-    from featcache.data.safe import read_regular
+    from featcache.data.safe import read_regular, regular_csv
 
-    matrix = pd.read_csv(folder / "cka.csv", index_col=0)
+    def csv(name: str, **options):
+        return regular_csv(folder / name, name, 64 << 20, **options)
+
+    matrix = csv("cka.csv", index_col=0)
     if list(matrix.index) != list(matrix.columns) or not np.isfinite(matrix.to_numpy(float)).all():
         raise ValueError("cka.csv is not a square matrix of numbers over the same taps")
     try:
@@ -217,7 +220,7 @@ def similarity_section(folder: Path) -> dict:
     except (OSError, ValueError):
         about = {}
     about = about if isinstance(about, dict) else {}
-    pairs = pd.read_csv(folder / "pairs.csv") if (folder / "pairs.csv").is_file() else pd.DataFrame()
+    pairs = csv("pairs.csv") if (folder / "pairs.csv").is_file() else pd.DataFrame()
     title = f"{' + '.join(map(str, about.get('backbones') or [])) or 'taps'} on {about.get('dataset') or '?'}"
     return {"name": folder.name, "title": title, "random": about.get("weights") == "random",
             "debiased": bool(about.get("debiased")), "images": about.get("images"),
