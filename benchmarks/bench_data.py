@@ -9,6 +9,8 @@ comparison read the same rows.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from featcache.data.datasets import DATASETS, DataRequest, Dataset, DatasetEntry, Split
@@ -35,3 +37,24 @@ def tiled_digits(k: int, **request) -> DataRequest:
     DATASETS.register(name)(DatasetEntry(key=lambda r: name,
                                          identity=lambda r: {**base.identity(r), "tiled": k}, load=load))
     return DataRequest(name=name, **request)
+
+
+def stripes(root: Path, n: int, classes: int = 10, size: int = 48, seed: int = 0, noise: float = 40.0,
+            first: int = 0) -> Path:
+    """``n`` photos in ``classes`` class folders: stripes at 180/classes degrees apart, random phase and
+    period, ``noise`` (the pixels' standard deviation) added; a CNN's taps tell them apart unevenly.
+    ``first``: the first file's number (a second split in another folder draws other images)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed if not first else [seed, first])  # first 0: the images choose.py recorded
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(first, first + n):
+        k = i % classes
+        angle = np.pi * k / classes + rng.normal(0, 0.08)
+        period = rng.uniform(5, 9)
+        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + rng.uniform(0, 2 * np.pi))
+        pixels = 128 + 60 * wave[..., None] + rng.normal(0, noise, (size, size, 3))
+        folder = root / f"class{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+    return root

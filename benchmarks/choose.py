@@ -26,28 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from bench_data import stripes
 
 MODELS = "resnet18,mobilenet_v2,mobilenet_v3_small,shufflenet_v2_x0_5,squeezenet1_1,mnasnet0_5"
-
-
-def stripes(root: Path, n: int, classes: int = 10, size: int = 48, seed: int = 0) -> Path:
-    """``n`` photos in ``classes`` class folders: stripes at 180/classes degrees apart, random phase and
-    period, noise; a CNN's taps tell them apart unevenly."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size]
-    for i in range(n):
-        k = i % classes
-        angle = np.pi * k / classes + rng.normal(0, 0.08)
-        period = rng.uniform(5, 9)
-        wave = np.sin((xx * np.cos(angle) + yy * np.sin(angle)) * 2 * np.pi / period + rng.uniform(0, 2 * np.pi))
-        pixels = 128 + 60 * wave[..., None] + rng.normal(0, 40, (size, size, 3))
-        folder = root / f"class{k}"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i}.png")
-    return root
 
 
 def main():

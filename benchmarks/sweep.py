@@ -169,7 +169,8 @@ def compare_solvers(problems: list, y) -> None:
     import torch
 
     from featcache.fuse.heads import C_GRID, SVM_C_GRID
-    from featcache.sweeping import hinge_rows, lanes, solvers
+    from featcache.solvers import hinge_rows, lanes
+    from featcache.solvers import path as solvers
 
     k = int(y.max()) + 1
 
@@ -231,7 +232,7 @@ def _svm_rows(X):
     """The rows the svm's Newton solves on (``solve_path``'s rotation) and the map of a solution back to ``X``'s."""
     import torch
 
-    from featcache.sweeping import solvers
+    from featcache.solvers import path as solvers
 
     Z, V, _ = solvers.rotate(X)
     if Z is None:

@@ -94,3 +94,13 @@ def hostile_runs(tmp: Path) -> Path:
     (run / RECORD).write_text(json.dumps(record))
     run.rename(run.parent / HOSTILE["run"])
     return tmp / "runs"
+
+
+@pytest.fixture(autouse=True)
+def fresh_solutions(monkeypatch):
+    """Each test starts with no logistic solutions kept from another test's solves (lanes' starts)."""
+    from collections import OrderedDict
+
+    from featcache.solvers import lanes
+
+    monkeypatch.setattr(lanes, "_SOLVED", OrderedDict())

@@ -19,7 +19,7 @@ from featcache.extraction.config import ExtractConfig
 from featcache.sweeping.config import SweepConfig, combinations
 from featcache.sweeping.knn import neighbours, vote
 from featcache.sweeping.run import sweep
-from featcache.sweeping.solvers import objective_value, scores_of, solve_path
+from featcache.solvers.path import objective_value, scores_of, solve_path
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_the_svm_path_reaches_scikit_learns_solution(digits):
 @pytest.mark.parametrize("rows", [1200, 40])  # more rows than features, or fewer: through the rows' Gram matrix
 def test_logistic_regressions_solved_together_reach_scikit_learns_solutions(digits, monkeypatch, batch_bytes, rows):
     """Problems of different widths, sharing blocks, every C at once: each reaches LogisticRegression's objective."""
-    from featcache.sweeping import lanes
+    from featcache.solvers import lanes
 
     monkeypatch.setattr(lanes, "BATCH_BYTES", batch_bytes)
     X, y, X_test, y_test = digits
@@ -66,9 +66,48 @@ def test_logistic_regressions_solved_together_reach_scikit_learns_solutions(digi
         _reaches_scikit_learn(X[:, columns], y, X_test[:, columns], y_test, Cs, solutions, "logreg")
 
 
+def test_fuse_trains_logreg_is_the_sweeps_solver_as_scikit_learns_model(digits):
+    """fuse-train's logreg: every C solved together by the sweep's L-BFGS, each an ordinary LogisticRegression at
+    scikit-learn's optimum (the kept run of a sweep then holds the weights its row scored)."""
+    from featcache.fuse.evaluate import fit_select
+    from featcache.fuse.heads import HEADS
+    from featcache.fuse.options import HeadOptions
+
+    X, y, X_test, y_test = (a.astype(np.float32) if a.dtype.kind == "f" else a for a in digits)
+    Cs = (0.01, 0.1, 1.0)
+    selection = fit_select(HEADS.lookup("logreg"), HeadOptions(grid={"C": Cs}), X[:900], y[:900], X[900:], y[900:])
+    assert [type(h) for h in selection.fitted] == [LogisticRegression] * 3 and [h.C for h in selection.fitted] == [*Cs]
+    for C, head in zip(Cs, selection.fitted):
+        _reaches_scikit_learn(X[:900].astype(np.float64), y[:900], X_test, y_test, [C],
+                              [torch.tensor(np.vstack([head.coef_.T, head.intercept_]), dtype=torch.float32)], "logreg")
+        assert np.allclose(head.predict_proba(X_test).sum(1), 1.0)  # scikit-learn's own methods read it
+    two = fit_select(HEADS.lookup("logreg"), HeadOptions(grid={"C": (1.0,)}), X[:900], y[:900] % 2, X[900:],
+                     y[900:] % 2)
+    assert two.head.n_iter_[0] > 0  # two classes: scikit-learn's binary model fitted it (the softmax's penalty differs)
+
+
+def test_a_problem_solved_again_in_the_process_starts_at_its_solution(digits, monkeypatch):
+    """A sweep's kept run fits its row again: the same blocks and labels start at the kept solution, and L-BFGS stops
+    at its first test; other data (here: other labels) starts from zero."""
+    from featcache.solvers import lanes
+
+    X, y, _, _ = digits
+    features, labels = torch.tensor(X[:600], dtype=torch.float32), torch.tensor(y[:600])
+    evaluations = []
+    evaluate = lanes._Logistic.evaluate
+    monkeypatch.setattr(lanes._Logistic, "evaluate", lambda self, x: evaluations.append(1) or evaluate(self, x))
+    [first] = lanes.solve_many([[features]], labels, [0.1, 1.0], 10)
+    cold = len(evaluations)
+    [again] = lanes.solve_many([[features.clone()]], labels, [0.1, 1.0], 10)
+    assert len(evaluations) == cold + 1 and cold > 10
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    lanes.solve_many([[features]], (labels + 1) % 10, [0.1, 1.0], 10)
+    assert len(evaluations) > cold + 10
+
+
 def test_the_svm_reuses_the_rotation_of_the_logistic_regressions(digits):
     """40 rows of 64 features in two blocks: the svm on the rotation solve_many made equals the svm rotating itself."""
-    from featcache.sweeping import lanes
+    from featcache.solvers import lanes
 
     X, y, _, _ = digits
     left, right, labels = torch.tensor(X[:40, :40]), torch.tensor(X[:40, 40:]), torch.tensor(y[:40])
@@ -293,7 +332,7 @@ def test_taps_auto_chooses_on_validation_and_records_the_path(tmp_path):
 
 @pytest.mark.parametrize("rows, form", [(40, "rows"), (100, "rows"), (40, "features")])
 def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, monkeypatch, rows, form):
-    from featcache.sweeping import hinge_rows
+    from featcache.solvers import hinge_rows
 
     X, y, _, _ = digits  # 40 rows (rotated to 39 columns) or 100 rows of 64 features: the Woodbury form,
     X, y = X[:rows], y[:rows]  # or, where the rows' Gram matrix would not fit, every class on the rotated features
@@ -307,7 +346,7 @@ def test_the_svm_with_few_rows_reaches_linearsvc_in_either_newton_form(digits, m
 
 
 def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time_does(digits):
-    from featcache.sweeping.hinge_rows import newton_rows, rows_form
+    from featcache.solvers.hinge_rows import newton_rows, rows_form
 
     X, y, _, _ = digits  # 100 rows of 64 features: the rows' form, every (C, class) a lane (the GPU's way)
     X, y, Cs = X[:100], y[:100], [0.01, 0.1, 10.0]
@@ -321,8 +360,8 @@ def test_the_svm_solved_for_every_c_at_once_reaches_linearsvc_as_one_c_at_a_time
 @pytest.mark.parametrize("entries", [None, 2 * 30**2])  # every lane's square at once, or two lanes at a time
 def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_are_the_dense_ones(monkeypatch,
                                                                                                    entries):
-    from featcache.sweeping import hinge
-    from featcache.sweeping.hinge_rows import inverse_hessian_times, rows_form
+    from featcache.solvers import hinge
+    from featcache.solvers.hinge_rows import inverse_hessian_times, rows_form
 
     if entries:
         monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", entries)
@@ -350,8 +389,8 @@ def test_the_svm_newton_steps_of_many_lanes_through_the_margin_rows_or_the_rest_
 
 @pytest.mark.parametrize("block", [None, 10])  # the Gram matrices whole, or by blocks of 10 columns, the last short
 def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits, monkeypatch, block):
-    from featcache.sweeping import hinge
-    from featcache.sweeping.hinge import newton_features
+    from featcache.solvers import hinge
+    from featcache.solvers.hinge import newton_features
 
     if block:
         monkeypatch.setattr(hinge, "GRAM_BLOCK", block)
@@ -367,7 +406,7 @@ def test_the_svm_newton_keeps_each_class_hessian_equal_to_its_margin_rows(digits
 
 
 def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits, monkeypatch):
-    from featcache.sweeping import hinge
+    from featcache.solvers import hinge
 
     X, y, _, _ = digits
     monkeypatch.setattr(hinge, "HESSIAN_ENTRIES", 0)
@@ -379,7 +418,7 @@ def test_the_svm_falls_back_to_lbfgs_where_newtons_hessians_would_not_fit(digits
 
 
 def test_the_rotation_of_wide_features_is_exact_when_built_a_block_of_columns_at_a_time(monkeypatch):
-    from featcache.sweeping import solvers
+    from featcache.solvers import path as solvers
 
     X = torch.randn(30, 100, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     monkeypatch.setattr(solvers, "COLUMN_BLOCK", 7)  # 15 blocks, the last one short

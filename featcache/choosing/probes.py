@@ -2,7 +2,7 @@
 point's out-of-fold predictions.
 
 Inside choosing (run -> **probes**), on the sweep's solvers: many candidates' logistic regressions solved
-together (:func:`~featcache.sweeping.lanes.solve_many`), k-NN by cosine neighbours. Each fold standardises a
+together (:func:`~featcache.solvers.lanes.solve_many`), k-NN by cosine neighbours. Each fold standardises a
 tap on its own fit rows, as the sweep does.
 """
 
@@ -76,8 +76,8 @@ def _predictions(candidates: list, head: str, blocks: dict, y_fit, part: str, gr
     import torch
 
     from featcache.sweeping.knn import neighbours, vote
-    from featcache.sweeping.lanes import solve_many
-    from featcache.sweeping.solvers import scores_of
+    from featcache.solvers.lanes import solve_many
+    from featcache.solvers.path import scores_of
 
     query = {c: torch.cat([blocks[r][part] for r in c.taps], dim=1) for c in candidates}
     if head == "logreg":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.errors import DataError, FeatcacheError
+from featcache.fuse import logreg
 from featcache.fuse.torch_stack import fit_stacked, stackable
 
 MIN_VAL_PER_CLASS = 20  # fewer validation images of a class than this: choices made on it are noise
@@ -94,7 +95,9 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val, final: bool = Tru
 
     heads = [entry.make(options, **params) for params in candidates] if entry.torch else []
     way = _torch_way(options.device, heads) if heads and not hasattr(X_train, "chunks") else "one by one"
-    if way.startswith("stacked") and stackable(heads):
+    if entry.sweep == "batched" and logreg.applies(X_train, y_train):  # the sweep's solver, every C at once
+        fitted = logreg.fit_every_c(options, candidates, X_train, y_train)
+    elif way.startswith("stacked") and stackable(heads):
         with _torch_threads(1 if way == "stacked, one thread" else None):
             fitted = fit_stacked(heads, X_train, y_train, (X_val, y_val))
     else:
@@ -135,7 +138,10 @@ def cross_validate(entry, options, blocks: list, y, folds: list, normalise) -> S
         final_options = replace(options, epochs=max(1, int(np.median(epochs))))
     every = np.arange(len(y))
     [X_all] = normalise(blocks, every, [every])
-    head = (entry.final or entry.make)(final_options, **params).fit(X_all, y)
+    if entry.sweep == "batched" and logreg.applies(X_all, y):
+        [head] = logreg.fit_every_c(final_options, [params], X_all, y)
+    else:
+        head = (entry.final or entry.make)(final_options, **params).fit(X_all, y)
     candidates = [{"params": c["params"], "val_accuracy": float(mean[i]), "fold_accuracies": accs[:, i].tolist()}
                   for i, c in enumerate(per_fold[0].candidates)]
     return Selection(head, params, float(mean[best]), candidates, time.perf_counter() - started)

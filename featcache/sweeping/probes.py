@@ -13,8 +13,8 @@ import numpy as np
 from featcache.fuse.evaluate import fit_select
 from featcache.fuse.heads import C_GRID, HEADS, SVM_C_GRID, HeadOptions
 from featcache.sweeping.knn import KS, neighbours, vote
-from featcache.sweeping.lanes import solve_many
-from featcache.sweeping.solvers import scores_of, solve_path
+from featcache.solvers.lanes import solve_many
+from featcache.solvers.path import scores_of, solve_path
 
 
 def batched() -> list[str]:

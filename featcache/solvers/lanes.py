@@ -1,7 +1,7 @@
 """Many logistic regressions at once: every C of many tap combinations, one batched L-BFGS.
 
 Flow: sweep/run -> probes -> **lanes** (-> solvers.rotate). A lane is one (combination, C). Each
-combination's features are rotated into their row space (:func:`~featcache.sweeping.solvers.rotate`:
+combination's features are rotated into their row space (:func:`~featcache.solvers.path.rotate`:
 at most as many columns as rows, orthogonal), padded with zero columns to the widest of the batch
 and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
 products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
@@ -16,6 +16,8 @@ whose lanes all stopped, so the slowest lane does not make every other one pay.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import numpy as np
 
@@ -184,6 +186,28 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
     return out
 
 
+# Solutions of this process's last solves, by problem (:func:`_key`), on their rotated features: a sweep's kept run
+# fits the row it keeps again through fuse-train, which starts from the sweep's solution and stops at L-BFGS's
+# first test (at CIFAR size one evaluation instead of a second solve). A start only: the result is L-BFGS's.
+_SOLVED: OrderedDict = OrderedDict()
+SOLVED_KEPT = 256  # lanes (a few MB at 1,792 columns and 10 classes)
+
+
+def _key(blocks: list, y, S, C: float) -> str:
+    """A problem's identity for :data:`_SOLVED`: its blocks' shapes, column sums and every 1,000th row, the labels,
+    its rotation's spectrum (the same rotation) and C."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for b in blocks:
+        digest.update(repr((tuple(b.shape), str(b.dtype))).encode())
+        digest.update(b.sum(0).cpu().numpy().tobytes())
+        digest.update(b[::1000].cpu().numpy().tobytes())
+    for part in (y, S):
+        digest.update(part.cpu().numpy().tobytes())
+    return f"{digest.hexdigest()}-{C!r}"
+
+
 def _bytes(Z) -> int:
     return Z.numel() * Z.element_size()
 
@@ -198,16 +222,16 @@ def _batch_bytes(blocks, G: int, k: int) -> int:
 
 
 def _rotated(blocks: list, grams: dict):
-    """(Z, S, back): the fused blocks rotated into their row space as :func:`~featcache.sweeping.solvers.rotate` does,
+    """(Z, S, back): the fused blocks rotated into their row space as :func:`~featcache.solvers.path.rotate` does,
     the lengths of ``Z``'s (orthogonal) columns, and the map of a solution on ``Z``'s columns back to the fused
     features' (``back(u)``: (r, k) -> (d, k)).
 
     With fewer rows than features the rows' Gram matrix is the sum of the blocks' (each computed once, in
     float64, kept in ``grams`` by block), ``Z = U S`` from its eigenvectors, and ``w = X' U S^-1 u`` block
-    by block; otherwise :func:`~featcache.sweeping.solvers.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
+    by block; otherwise :func:`~featcache.solvers.path.rotate`'s features' form, ``Z = X V``, ``w = V u``."""
     import torch
 
-    from featcache.sweeping.solvers import rotate, row_space
+    from featcache.solvers.path import rotate, row_space
 
     n = len(blocks[0])
     if n >= sum(b.shape[1] for b in blocks):
@@ -228,7 +252,7 @@ def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol
     (one problem's rotated copy alive at a time besides it: at 45,000 rows a copy is 323 MB)."""
     import torch
 
-    from featcache.sweeping.solvers import CURVATURE
+    from featcache.solvers.path import CURVATURE
 
     first = batch[0][0]
     n = len(y)
@@ -237,9 +261,10 @@ def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol
     Z = first.new_zeros(B, n, R + 1)
     scale = first.new_ones(B, G, R + 1, 1)
     C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=torch.float64, device=first.device).view(G, 1)
-    widths, backs = [], []
+    widths, backs, spectra = [], [], []
     for b, blocks in enumerate(batch):
         Zb, S, back = rotated(blocks)
+        spectra.append(S)
         r = Zb.shape[1]
         Z[b, :, :r] = Zb
         scale[b, :, :r, 0] = (1.0 + C * CURVATURE * S.double().pow(2)).rsqrt().to(Z.dtype)
@@ -248,7 +273,17 @@ def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol
         del Zb
     Z[:, :, R] = 1.0
     problem = _Logistic(Z, scale, y, Cs, n_classes)
+    start = Z.new_zeros(B, G, R + 1, n_classes)
+    keys = [[_key(blocks, y, S, C) for C in Cs] for blocks, S in zip(batch, spectra)]
+    for b, g in np.ndindex(B, G):
+        if keys[b][g] in _SOLVED:  # solved before in this process: a start, which L-BFGS's own test accepts or not
+            _SOLVED.move_to_end(keys[b][g])
+            start[b, g, :widths[b]], start[b, g, R] = (v.to(Z) for v in _SOLVED[keys[b][g]])
     with torch.no_grad():
-        U = minimise(problem, Z.new_zeros(B * G, (R + 1) * n_classes), max_iter, tol, tol * 1e-3)
+        U = minimise(problem, (start / scale).reshape(B * G, -1), max_iter, tol, tol * 1e-3)
     W = scale * U.view(B, G, R + 1, n_classes)
+    for b, g in np.ndindex(B, G):
+        _SOLVED[keys[b][g]] = (W[b, g, :widths[b]].clone(), W[b, g, R].clone())
+        while len(_SOLVED) > SOLVED_KEPT:
+            _SOLVED.popitem(last=False)
     return [[torch.cat([back(W[b, g, :widths[b]]), W[b, g, R:]]) for g in range(G)] for b, back in enumerate(backs)]

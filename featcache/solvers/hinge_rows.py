@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from featcache.sweeping import hinge
+from featcache.solvers import hinge
 
 # The rows' form while rows are at most this many times the features: at 1,792 features (10 classes,
 # four C) 1,800 rows took 3.6 s through the rows against 20.1 s through the features, 3,600 rows 10.6

@@ -7,7 +7,7 @@ margin, so a Newton step is exact on its piece and the search ends once a whole 
 was. Where L-BFGS crawls (its four C on 45,000 x 1,792 had not finished after 280 s) Newton's few
 steps cost only the Hessians, and those change by the rows that cross the margin.
 
-- :mod:`~featcache.sweeping.hinge_rows`, up to three times as many rows as features: one lane per (C, class),
+- :mod:`~featcache.solvers.hinge_rows`, up to three times as many rows as features: one lane per (C, class),
   every class of one C (the CPU's way: warm-started from the last C) or of every C at once (a GPU's),
   each step by Woodbury through the margin's rows A or the rest, whichever is fewer.
 - :func:`newton_features`, more rows than that: every class at once, one (d+1)-square

@@ -2,7 +2,7 @@
 
 Flow: sweep/run -> probes -> **solvers** (and lanes, knn). :func:`solve_path` walks the grid of C
 from the smallest up, each solve starting from the last solution: the svm's way. The logistic
-regressions of the sweep go through :mod:`featcache.sweeping.lanes` instead, every C of many
+regressions of the sweep go through :mod:`featcache.solvers.lanes` instead, every C of many
 combinations at once, on :func:`rotate`'s features. :func:`solve` takes a (grid, features + 1,
 classes) weight tensor and minimises the sum of the grid's objectives with ``torch.optim.LBFGS``
 (they share no weights, so the sum's minimum is each one's); the path calls it one C at a time,
@@ -13,7 +13,7 @@ compares against ``LogisticRegression`` and ``LinearSVC``):
 - ``logreg``: multinomial cross-entropy, ``C * sum(loss) + ||W||^2 / 2``, intercept not penalised.
 - ``svm``: one-vs-rest squared hinge, ``C * sum(max(0, 1 - y w.x)^2) + ||w||^2 / 2`` per class,
   the intercept penalised as liblinear's (a constant feature of value 1), by exact Newton steps
-  (:mod:`featcache.sweeping.hinge`, :mod:`featcache.sweeping.hinge_rows`) where their Hessians fit, else by L-BFGS.
+  (:mod:`featcache.solvers.hinge`, :mod:`featcache.solvers.hinge_rows`) where their Hessians fit, else by L-BFGS.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import weakref
 
 import numpy as np
 
-from featcache.sweeping import hinge, hinge_rows
+from featcache.solvers import hinge, hinge_rows
 
 LOSSES = ("logreg", "svm")
 
@@ -158,10 +158,10 @@ HISTORY = 50
 def solve_path(X, y, Cs, loss: str, n_classes: int, max_iter: int = 1000, tol: float = 1e-5, rotated=None) -> list:
     """One solution (d + 1, k) per C, in the order of ``Cs``, solved from the smallest C up, warm-started,
     on the rotated features of :func:`rotate` (mapped back before they are returned), or on ``rotated``'s:
-    ``(Z, S, back)`` from :func:`featcache.sweeping.lanes.solve_many` for the same features (fewer rows than
+    ``(Z, S, back)`` from :func:`featcache.solvers.lanes.solve_many` for the same features (fewer rows than
     columns), where the combination's logistic regressions rotated them already.
 
-    The squared hinge takes exact Newton steps (:mod:`~featcache.sweeping.hinge`) wherever their Hessians
+    The squared hinge takes exact Newton steps (:mod:`~featcache.solvers.hinge`) wherever their Hessians
     fit in memory: L-BFGS stopped short of LinearSVC's objective at C >= 0.1 (4e-2 above it at C = 1
     after 500 steps on 900 x 3,328) and had not finished 45,000 x 1,792 after 280 s. Where the rows'
     form applies and the rows are on a GPU, every C at once (fewer, larger launches and syncs; on the
