@@ -21,10 +21,10 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
 
 DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224 ROWS=50000
 HEADS_PRECISION=bf16  # what --precision auto gives the torch heads on a GPU
-CV_COMBOS=pairs CHOOSE_IMAGES=2000 CHOOSE_MODELS=resnet18,mobilenet_v2,mobilenet_v3_small,shufflenet_v2_x0_5,squeezenet1_1,mnasnet0_5
+CV_COMBOS=pairs PROBE_TRAIN=50000 CHOOSE_IMAGES=2000 CHOOSE_MODELS=resnet18,mobilenet_v2,mobilenet_v3_small,shufflenet_v2_x0_5,squeezenet1_1,mnasnet0_5
 if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
     DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000 HEADS_PRECISION=fp32 CV_COMBOS=singles
-    CHOOSE_IMAGES=200 CHOOSE_MODELS=resnet18,mobilenet_v2
+    CHOOSE_IMAGES=200 CHOOSE_MODELS=resnet18,mobilenet_v2 PROBE_TRAIN=1000
 fi
 ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
 
@@ -68,4 +68,7 @@ step cv 300 python benchmarks/cv.py --device $DEV --combos $CV_COMBOS
 # Issue 40: featcache choose against the exhaustive sweep (pairs, logreg + knn, --cv 5) over six small models on
 # 2,000 generated photos (target: choose <= 1/5 of the sweep; its recommendation in the sweep's tied set).
 step choose 420 python benchmarks/choose.py --device $DEV --images $CHOOSE_IMAGES --models $CHOOSE_MODELS
+# Issue 44: each head as a whole `featcache sweep` command on a CIFAR-shaped folder (50,000 / 10,000 PNGs of 32 px,
+# resnet18 + mobilenet_v2 late taps fused, 1,792 columns; target <= 5 s per head on a GPU).
+step probes 540 python benchmarks/probes.py --device $DEV --train $PROBE_TRAIN --test $((PROBE_TRAIN / 5)) --work /tmp/featcache-probes-gpu
 step storage 240 python benchmarks/storage_fidelity.py --device $DEV --train $((TRAIN < 128 ? TRAIN : 128))

@@ -87,8 +87,8 @@ def test_fuse_trains_logreg_is_the_sweeps_solver_as_scikit_learns_model(digits):
 
 
 def test_a_problem_solved_again_in_the_process_starts_at_its_solution(digits, monkeypatch):
-    """A sweep's kept run fits its row again: the same blocks and labels start at the kept solution, and L-BFGS stops
-    at its first test; other data (here: other labels) starts from zero."""
+    """A sweep's kept run fits its row again: the same columns (the sweep's two taps, the kept run's one fused matrix)
+    and labels start at the kept solution, and L-BFGS stops at its first test; other labels start from zero."""
     from featcache.solvers import lanes
 
     X, y, _, _ = digits
@@ -96,7 +96,7 @@ def test_a_problem_solved_again_in_the_process_starts_at_its_solution(digits, mo
     evaluations = []
     evaluate = lanes._Logistic.evaluate
     monkeypatch.setattr(lanes._Logistic, "evaluate", lambda self, x: evaluations.append(1) or evaluate(self, x))
-    [first] = lanes.solve_many([[features]], labels, [0.1, 1.0], 10)
+    [first] = lanes.solve_many([[features[:, :40], features[:, 40:]]], labels, [0.1, 1.0], 10)
     cold = len(evaluations)
     [again] = lanes.solve_many([[features.clone()]], labels, [0.1, 1.0], 10)
     assert len(evaluations) == cold + 1 and cold > 10
