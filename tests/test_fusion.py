@@ -79,3 +79,18 @@ def test_standardisation_is_scale_free(scale):
     assert np.all(a[:, 5] == 0)
     fit = lambda Z: LogisticRegression(max_iter=500).fit(Z[:150], y[:150]).score(Z[150:], y[150:])  # noqa: E731
     assert fit(a) == fit(b) > 0.9
+
+
+def test_column_moments_and_the_float16_widening_equal_numpys_bit_for_bit():
+    """The standardisation's sums by row chunks are numpy's float64 reductions exactly; a large float16 tap widened by
+    the reader equals numpy's astype."""
+    from featcache.extraction.reader import float32
+    from featcache.fuse.fusion import column_moments
+
+    rng = np.random.default_rng(0)
+    block = (rng.normal(size=(10_001, 7)) * 10.0 ** rng.integers(-6, 6, 7)).astype(np.float32)
+    sums, squares = column_moments(block, rows=1000)
+    assert np.array_equal(sums, block.sum(axis=0, dtype=np.float64))
+    assert np.array_equal(squares, np.square(block, dtype=np.float64).sum(axis=0))
+    half = rng.normal(scale=1e-5, size=(1 << 20) + 3).astype(np.float16)  # subnormals included
+    assert np.array_equal(float32(half), half.astype(np.float32)) and float32(half).dtype == np.float32

@@ -20,7 +20,7 @@ from featcache.backbones.weights import input_defaults
 from featcache.data.datasets import DataRequest
 from featcache.errors import FeatcacheError
 from featcache.extraction.config import ExtractConfig, cache_identities
-from featcache.extraction.reader import FeatureCache
+from featcache.extraction.reader import FeatureCache, float32
 from featcache.fuse.fusion import TapRef
 
 
@@ -127,7 +127,7 @@ def load_features(paths: dict[str, Path], refs: set[TapRef], allow_dead: bool | 
         check_taps(caches, paths, refs)
         for split in ("train", "test"):
             for ref in refs:
-                taps[(split, ref)] = finite(caches[ref.backbone].read(split, ref.tap).astype(np.float32), ref, split,
+                taps[(split, ref)] = finite(float32(caches[ref.backbone].read(split, ref.tap)), ref, split,
                                             paths[ref.backbone])
             if split == "train":  # checked on the rows just read, before the test split is read
                 dropped = check_alive(caches, paths, refs, allow_dead, log, {ref: taps[("train", ref)] for ref in refs})

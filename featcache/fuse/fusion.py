@@ -81,6 +81,19 @@ def _scale(std: np.ndarray) -> np.ndarray:
     return np.maximum(std, floor).astype(np.float32)
 
 
+def column_moments(block: np.ndarray, rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """float64 sums of ``block``'s columns and of their squares, bit for bit what ``block.sum(0, dtype=float64)`` and
+    ``np.square(block, dtype=float64).sum(0)`` give (each row added in turn), ``rows`` rows at a time: numpy's
+    casting reductions took 2.0 s for 45,000 x 1,280 float32 rows on Zen 3, this 0.38 s, with no float64 copy of
+    the whole block."""
+    sums, squares = np.zeros((2, block.shape[1]))
+    for lo in range(0, len(block), rows):
+        chunk = np.asarray(block[lo:lo + rows], dtype=np.float64)
+        sums = np.add.reduce(np.concatenate([sums[None], chunk]), axis=0)
+        squares = np.add.reduce(np.concatenate([squares[None], np.square(chunk)]), axis=0)
+    return sums, squares
+
+
 class TapNormalizer:
     """Per-tap normalisation fitted on training rows, then concatenation.
 
@@ -96,8 +109,8 @@ class TapNormalizer:
 
     def fit(self, blocks: list[np.ndarray]) -> TapNormalizer:
         n = len(blocks[0]) if blocks else 0
-        return self.fit_moments(n, [b.sum(axis=0, dtype=np.float64) for b in blocks],
-                                [np.square(b, dtype=np.float64).sum(axis=0) for b in blocks])
+        moments = [column_moments(b) for b in blocks]
+        return self.fit_moments(n, [m[0] for m in moments], [m[1] for m in moments])
 
     def fit_moments(self, n: int, sums: list[np.ndarray], squares: list[np.ndarray]) -> TapNormalizer:
         """Fit from per-tap float64 sums of the rows and of their squares (in memory or streamed alike)."""

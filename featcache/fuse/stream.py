@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache.extraction.reader import float32
 from featcache.fuse.fusion import TapNormalizer
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 rows; with its temporaries a few times this is held at once
@@ -64,8 +65,8 @@ class FusedRows:
             if lo == hi:
                 continue
             wanted = self.rows[lo:hi] - start
-            blocks = [self.caches[r.backbone].read(self.split, r.tap, rows=slice(start, stop))[wanted]
-                      .astype(np.float32) for r in self.refs]
+            blocks = [float32(self.caches[r.backbone].read(self.split, r.tap, rows=slice(start, stop))[wanted])
+                      for r in self.refs]
             yield blocks, np.arange(lo, hi)
 
     def chunks(self, generator=None):
