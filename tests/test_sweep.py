@@ -86,6 +86,28 @@ def test_fuse_trains_logreg_is_the_sweeps_solver_as_scikit_learns_model(digits):
     assert two.head.n_iter_[0] > 0  # two classes: scikit-learn's binary model fitted it (the softmax's penalty differs)
 
 
+def test_fuse_trains_svm_is_linear_svc_solved_by_newton_and_saved_as_such(digits, tmp_path):
+    """fuse-train's svm: LinearSVC's objective reached by the sweep's exact Newton steps (liblinear did not finish one
+    C on CIFAR-shaped rows in 300 s), calibrated by scikit-learn as before, and read back from head.skops."""
+    import skops.io
+
+    from featcache.fuse.heads import HEADS
+    from featcache.fuse.options import HeadOptions
+    from featcache.fuse.saved import SKOPS_TRUSTED
+
+    X, y, X_test, y_test = (a.astype(np.float32) if a.dtype.kind == "f" else a for a in digits)
+    Cs = [0.01, 1.0]
+    fitted = [HEADS.lookup("svm").make(HeadOptions(), C=C).fit(X, y) for C in Cs]
+    _reaches_scikit_learn(X.astype(np.float64), y, X_test, y_test, Cs,
+                          [torch.tensor(np.vstack([h.coef_.T, h.intercept_]), dtype=torch.float32) for h in fitted],
+                          "svm")
+    calibrated = HEADS.lookup("svm").final(HeadOptions(), C=0.1).fit(X, y)
+    skops.io.dump(calibrated, tmp_path / "head.skops")
+    again = skops.io.load(tmp_path / "head.skops", trusted=SKOPS_TRUSTED)
+    assert np.array_equal(again.predict_proba(X_test), calibrated.predict_proba(X_test))
+    assert HEADS.lookup("svm").make(HeadOptions(), C=1.0).fit(X, y % 2).n_iter_ > 0  # two classes: liblinear
+
+
 def test_a_problem_solved_again_in_the_process_starts_at_its_solution(digits, monkeypatch):
     """A sweep's kept run fits its row again: the same columns (the sweep's two taps, the kept run's one fused matrix)
     and labels start at the kept solution, and L-BFGS stops at its first test; other labels start from zero."""

@@ -84,10 +84,13 @@ def _logreg(o: HeadOptions, C=1.0):
 
 
 def _svm(o: HeadOptions, C=1.0, kernel="linear"):
-    """LinearSVC; RBF SVC on small data, where it is affordable. No probabilities."""
-    from sklearn.svm import SVC, LinearSVC
+    """LinearSVC (solved by :mod:`featcache.fuse.svm`); RBF SVC on small data, where it is affordable. No
+    probabilities."""
+    from sklearn.svm import SVC
 
-    return SVC(C=C, kernel="rbf") if kernel == "rbf" else LinearSVC(C=C, max_iter=2000, random_state=o.seed)
+    from featcache.fuse.svm import newton_class  # LinearSVC, fitted by featcache's exact Newton solver
+
+    return SVC(C=C, kernel="rbf") if kernel == "rbf" else newton_class()(C=C, max_iter=2000, random_state=o.seed)
 
 
 def _calibrated_svm(o: HeadOptions, **params):

@@ -32,7 +32,7 @@ from featcache.fuse.torch_head import TorchClassifier
 
 # Types a scikit-learn head may hold beyond what skops trusts by default (calibrated SVMs).
 SKOPS_TRUSTED = ["sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-                 "sklearn.calibration._IsotonicCalibration"]
+                 "sklearn.calibration._IsotonicCalibration", "featcache.fuse.svm.NewtonLinearSVC"]
 LEGACY = ("head.joblib", "fusion.joblib", "head.pt", "model.pt")
 _trust = contextvars.ContextVar("trust_pickles", default=False)
 
