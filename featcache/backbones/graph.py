@@ -82,8 +82,8 @@ def _same_shape() -> tuple:
     from torch import nn
     from torchvision.ops import StochasticDepth
 
-    return (StochasticDepth, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU,
-            nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
+    return (StochasticDepth, nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.ReLU, nn.ReLU6, nn.SiLU,
+            nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity)
 
 
 def _cut_points(nodes, pos) -> list:

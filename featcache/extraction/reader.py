@@ -281,7 +281,9 @@ def float32(values: np.ndarray) -> np.ndarray:
     if values.dtype == np.float16 and values.size >= 1 << 20:
         import torch
 
-        return torch.from_numpy(np.ascontiguousarray(values)).float().numpy()
+        out = np.empty(values.shape, np.float32)  # numpy's allocation: too little memory is a MemoryError, as before
+        torch.from_numpy(out).copy_(torch.from_numpy(np.ascontiguousarray(values)))
+        return out
     return values.astype(np.float32)
 
 

@@ -1,7 +1,8 @@
 """Heads: interchangeable classifiers on fused features, all scikit-learn estimators.
 
 Flow: fusion -> **heads** -> evaluate -> records. ``logreg`` and ``svm`` are scikit-learn's
-own (``logreg``'s grid solved at once by the sweep's solver where it applies: :mod:`featcache.fuse.logreg`); ``linear`` and ``mlp`` are :class:`TorchClassifier`, a PyTorch softmax regression or
+own (solved by featcache's solvers where they apply: :mod:`featcache.fuse.logreg`, :mod:`featcache.fuse.svm`);
+``linear`` and ``mlp`` are :class:`TorchClassifier`, a PyTorch softmax regression or
 Linear -> ReLU -> Dropout -> Linear network that follows the estimator contract
 (keyword-only ``__init__`` that only stores, ``fit`` returns self, learned state in
 ``name_`` attributes), so every head works in ``Pipeline`` and ``GridSearchCV``.

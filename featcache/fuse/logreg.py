@@ -5,7 +5,7 @@ Flow: evaluate.fit_select -> **logreg** -> solvers.lanes. The objective is sciki
 ordinary ``sklearn.linear_model.LogisticRegression`` with its fitted attributes set: it predicts, gives
 probabilities and is saved (skops) exactly as one scikit-learn fitted, and a run kept from a sweep holds the
 weights its sweep row scored. At CIFAR size (45,000 x 1,792, 10 classes, four C) scikit-learn's lbfgs took
-most of a kept run's time; ``benchmarks/probes.py`` prints both.
+most of a kept run's time (``benchmarks/probes.py``: about 100 of a logreg sweep command's 202-223 s).
 
 Two classes are left to scikit-learn: its binary model is a sigmoid over one weight vector, whose penalty is
 not the two-column softmax's (the same model at twice the C), so the solutions would differ.
