@@ -95,7 +95,7 @@ def fit_select(entry, options, X_train, y_train, X_val, y_val, final: bool = Tru
 
     heads = [entry.make(options, **params) for params in candidates] if entry.torch else []
     way = _torch_way(options.device, heads) if heads and not hasattr(X_train, "chunks") else "one by one"
-    if entry.sweep == "batched" and logreg.applies(X_train, y_train):  # the sweep's solver, every C at once
+    if logreg.applies(entry, X_train, y_train):  # the sweep's solver, every C at once
         fitted = logreg.fit_every_c(options, candidates, X_train, y_train)
     elif way.startswith("stacked") and stackable(heads):
         with _torch_threads(1 if way == "stacked, one thread" else None):
@@ -138,7 +138,7 @@ def cross_validate(entry, options, blocks: list, y, folds: list, normalise) -> S
         final_options = replace(options, epochs=max(1, int(np.median(epochs))))
     every = np.arange(len(y))
     [X_all] = normalise(blocks, every, [every])
-    if entry.sweep == "batched" and logreg.applies(X_all, y):
+    if logreg.applies(entry, X_all, y):
         [head] = logreg.fit_every_c(final_options, [params], X_all, y)
     else:
         head = (entry.final or entry.make)(final_options, **params).fit(X_all, y)

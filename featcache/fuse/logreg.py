@@ -16,9 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 
-def applies(X, y) -> bool:
-    """Whether :func:`fit_every_c` serves these rows: in memory (not streamed) with at least three classes."""
-    return isinstance(X, np.ndarray) and len(np.unique(y)) >= 3
+def applies(entry, X, y) -> bool:
+    """Whether :func:`fit_every_c` fits head ``entry`` on these rows: the batched head (logreg), in memory (not
+    streamed), at least three classes."""
+    return entry.sweep == "batched" and isinstance(X, np.ndarray) and len(np.unique(y)) >= 3
 
 
 def fit_every_c(options, candidates: list, X: np.ndarray, y: np.ndarray) -> list:

@@ -1,13 +1,13 @@
 """Many logistic regressions at once: every C of many tap combinations, one batched L-BFGS.
 
-Flow: sweep/run -> probes -> **lanes** (-> solvers.rotate). A lane is one (combination, C). Each
-combination's features are rotated into their row space (:func:`~featcache.solvers.path.rotate`:
+Flow: sweep/run -> probes -> **lanes** (-> path.rotate), and fuse-train's logreg. A lane is one
+(combination, C). Each combination's features are rotated into their row space (:func:`~featcache.solvers.path.rotate`:
 at most as many columns as rows, orthogonal), padded with zero columns to the widest of the batch
 and stacked, so that one batched product scores every lane: on the CPU that replaces the many small
 products and the per-step bookkeeping of one L-BFGS per C (most of the time on 800 rows), on a GPU
 the kernel launches. Padded columns are zero, so their weights get no gradient and stay zero. On
 the 24 tap pairs of ``benchmarks/sweep.py --solvers`` (900 rows, 96 lanes) this took 9.0-9.1 s
-against 12.6-12.9 s for solvers.solve_path's one C at a time; at 45,000 x 1,792 (one combination,
+against 12.6-12.9 s for path.solve_path's one C at a time; at 45,000 x 1,792 (one combination,
 ``--large --solvers``) 34.6 s against 37.4 s (benchmarks/RESULTS.md, "Sixth run").
 
 Each lane keeps its own L-BFGS history, step length and stopping test (:func:`minimise`); only the
@@ -30,7 +30,7 @@ HALVINGS = 30
 BATCH_BYTES = 1 << 30
 
 # L-BFGS's pairs kept per lane. On 45,000 x 1,792 (benchmarks/sweep.py --large, four C) 50 took 212
-# evaluations and 34.7 s against 370 and 60.7 s with 20 (solvers.solve_path, cold: 47.9 s); on the
+# evaluations and 34.7 s against 370 and 60.7 s with 20 (path.solve_path, cold: 47.9 s); on the
 # 24 tap pairs of 800 rows 20 was a little faster (6.6 against 6.8-7.1 s: the two loops read every pair
 # of every lane), to the same objectives
 HISTORY = 50
@@ -193,10 +193,10 @@ _SOLVED: OrderedDict = OrderedDict()
 SOLVED_KEPT = 256  # lanes (a few MB at 1,792 columns and 10 classes)
 
 
-def _key(blocks: list, y, S, C: float) -> str:
-    """A problem's identity for :data:`_SOLVED`, the same however its columns are split into blocks (a sweep's
-    two taps, a kept run's one fused matrix): its shape, every 97th row's bytes, the labels, its rotation's spectrum
-    (the same rotation) and C."""
+def _key(blocks: list, y, S) -> str:
+    """A problem's identity for :data:`_SOLVED` (a lane's key adds its C), the same however its columns are split
+    into blocks (a sweep's two taps, a kept run's one fused matrix): its shape, every 97th row's bytes, the labels and
+    its rotation's spectrum (the same rotation)."""
     import hashlib
 
     import torch
@@ -206,7 +206,7 @@ def _key(blocks: list, y, S, C: float) -> str:
     digest.update(torch.cat([b[::97] for b in blocks], dim=1).cpu().numpy().tobytes())
     for part in (y, S):
         digest.update(part.cpu().numpy().tobytes())
-    return f"{digest.hexdigest()}-{C!r}"
+    return digest.hexdigest()
 
 
 def _bytes(Z) -> int:
@@ -275,7 +275,8 @@ def _solve_batch(batch: list, rotated, y, Cs, n_classes: int, max_iter: int, tol
     Z[:, :, R] = 1.0
     problem = _Logistic(Z, scale, y, Cs, n_classes)
     start = Z.new_zeros(B, G, R + 1, n_classes)
-    keys = [[_key(blocks, y, S, C) for C in Cs] for blocks, S in zip(batch, spectra)]
+    problem_keys = [_key(blocks, y, S) for blocks, S in zip(batch, spectra)]  # each problem hashed once
+    keys = [[f"{problem_key}-{C!r}" for C in Cs] for problem_key in problem_keys]
     for b, g in np.ndindex(B, G):
         if keys[b][g] in _SOLVED:  # solved before in this process: a start, which L-BFGS's own test accepts or not
             _SOLVED.move_to_end(keys[b][g])
