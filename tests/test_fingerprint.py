@@ -1,7 +1,9 @@
 """The cache file names of a fixed request, pinned: every cache on users' disks stays valid.
 
 Moving code, renaming modules or adding backbones must not change the fingerprint of an
-existing request; a deliberate change of the cache format bumps FORMAT and updates these.
+existing request; a deliberate change of the cache format bumps FORMAT and updates these (December 2026:
+the centre crop floors the longer side as torchvision, timm and Hugging Face do: `long_side` in every centre-crop
+fingerprint).
 """
 
 import pytest
@@ -13,14 +15,14 @@ from featcache.extraction.config import ExtractConfig, fingerprint
 from featcache.extraction.store import fingerprint_hash
 
 PINNED = {  # (weights, backbone, precision) -> fingerprint hash[:12], as in cache/<dataset>/<backbone>-<hash>.h5
-    ("random", "resnet18", "fp32"): "1f9b550d1f11", ("random", "resnet18", "bf16"): "d56588d57674",
-    ("random", "resnet50", "fp32"): "cff43baed587", ("random", "resnet50", "bf16"): "a3e2e87210c5",
-    ("random", "mobilenet_v2", "fp32"): "d62512dac78e", ("random", "mobilenet_v2", "bf16"): "12454377982c",
-    ("random", "vgg16", "fp32"): "854a96c0feec", ("random", "vgg16", "bf16"): "fc82c1b451cd",
-    ("imagenet", "resnet18", "fp32"): "b306aa0fac0b", ("imagenet", "resnet18", "bf16"): "0c17e1501d78",
-    ("imagenet", "resnet50", "fp32"): "50fca841e5a5", ("imagenet", "resnet50", "bf16"): "9f17b9c362f6",
-    ("imagenet", "mobilenet_v2", "fp32"): "c0aa3f5fc267", ("imagenet", "mobilenet_v2", "bf16"): "9e1dcbce7015",
-    ("imagenet", "vgg16", "fp32"): "5f7ecf9c2040", ("imagenet", "vgg16", "bf16"): "44977d874d6a",
+    ("random", "resnet18", "fp32"): "c185cd15b776", ("random", "resnet18", "bf16"): "5005266a4f00",
+    ("random", "resnet50", "fp32"): "0db6b23d1b10", ("random", "resnet50", "bf16"): "36b79c82cf52",
+    ("random", "mobilenet_v2", "fp32"): "284a3656d136", ("random", "mobilenet_v2", "bf16"): "95ac1796c3fb",
+    ("random", "vgg16", "fp32"): "5198efaaa55f", ("random", "vgg16", "bf16"): "59208a7677eb",
+    ("imagenet", "resnet18", "fp32"): "8de0512c91d9", ("imagenet", "resnet18", "bf16"): "df72cc91b7d4",
+    ("imagenet", "resnet50", "fp32"): "efedaabd5c78", ("imagenet", "resnet50", "bf16"): "a9940834e42d",
+    ("imagenet", "mobilenet_v2", "fp32"): "a4ebc1ec852f", ("imagenet", "mobilenet_v2", "bf16"): "8347edd8f0b6",
+    ("imagenet", "vgg16", "fp32"): "1fc6cd693d1d", ("imagenet", "vgg16", "bf16"): "d9d3b06a2419",
 }
 
 

@@ -15,6 +15,7 @@ from featcache.errors import unknown
 
 ALIASES = ("early", "mid", "late")
 LAYOUTS = ("nchw", "nhwc", "tokens")
+FLAT = ("logits", "embedding")  # layouts already one row per image: cached as they are
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,17 @@ class Tap:
         return self.module or self.node
 
     def width(self, pooling: str) -> int:
-        """Columns of the tap as cached: its channels pooled; logits as they are."""
-        return self.channels if self.layout == "logits" else pooled_dim(self.channels, pooling)
+        """Columns of the tap as cached: its channels pooled; logits and an embedding as they are."""
+        return self.channels if self.layout in FLAT else pooled_dim(self.channels, pooling)
 
 
 LOGITS = "logits"  # the tap name of a source classifier's output
 
 
 def pooled_dim(channels: int, pooling: str) -> int:
-    """Columns of a map of ``channels`` pooled by ``pooling`` (avg and max side by side: twice)."""
-    return 2 * channels if pooling == "avgmax" else channels
+    """Columns of a map of ``channels`` pooled by ``pooling`` (two side by side, ``avgmax`` and ``cls+avg``:
+    twice)."""
+    return 2 * channels if pooling in ("avgmax", "cls+avg") else channels
 
 
 @dataclass(frozen=True)
@@ -110,9 +112,11 @@ class BackboneSpec:
 
     @property
     def uniform_names(self) -> tuple[str, ...]:
-        """``stage1..N`` (``block1..N`` for a transformer's blocks): the same names for every model."""
+        """``stage1..N`` (``block1..N`` for a transformer's blocks): the same names for every model (a tap that
+        is one row per image already, ``logits`` or ``embedding``, keeps its own)."""
         word = "block" if self.taps and self.taps[0].layout == "tokens" else "stage"
-        return tuple(f"{word}{i + 1}" for i in range(len(self.taps)))
+        return tuple(tap.node if tap.layout in FLAT else f"{word}{i + 1}"  # logits, an embedding: their own name
+                     for i, tap in enumerate(self.taps))
 
     def tap(self, name: str) -> Tap:
         """The tap called ``name``: its cache name, alias, uniform ``stageN`` name or module name."""

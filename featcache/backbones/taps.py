@@ -10,21 +10,25 @@ from __future__ import annotations
 
 from featcache.backbones.registry import BackboneSpec
 from featcache.backbones.sources import source_of
+from featcache.backbones.spec import FLAT
 from featcache.backbones.weights import build_backbone
 
 def pool(x, pooling: str, layout: str = "nchw", prefix: int = 0):
-    """Global pooling of one tap to (N, C), or (N, 2C) for ``avgmax``.
+    """Global pooling of one tap to (N, C), or (N, 2C) for ``avgmax`` and ``cls+avg``.
 
-    ``nchw`` / ``nhwc`` maps pool over space; ``tokens`` (N, T, D) pool over the patch tokens, and
-    ``cls`` takes the class token (the first of the ``prefix`` tokens).
+    ``nchw`` / ``nhwc`` maps pool over space; ``tokens`` (N, T, D) pool over the patch tokens (the ``prefix``
+    class and register tokens left out), ``cls`` takes the class token (the first of the ``prefix`` tokens),
+    and ``cls+avg`` the class token beside the patch tokens' mean (dinov2's linear protocol's last block).
     """
-    if layout == "logits":  # the classifier's output: nothing to pool
+    if layout in FLAT:  # the classifier's output, an image embedding: nothing to pool
         return x
     import torch
 
     if layout == "tokens":
         if pooling == "cls":
             return x[:, 0]
+        if pooling == "cls+avg":
+            return torch.cat([x[:, 0], x[:, prefix:].mean(dim=1)], dim=1)
         x, dims = x[:, prefix:], (1,)
     elif layout == "nhwc":
         dims = (1, 2)

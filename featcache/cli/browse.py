@@ -106,11 +106,12 @@ def _show_backbone(spec) -> None:
     click.echo(f"{spec.name}  ({spec.model_source}; {pretrained})")
     if spec.input is not None:
         d = input_defaults(spec, "imagenet" if known else "random")
-        click.echo(f"  input {d['image_size']} px{' (fixed)' if spec.input.fixed_size else ''}, {d['interpolation']}, "
-                   f"crop {d['crop_pct']:g}, mean {_triple(d['mean'])}, std {_triple(d['std'])}")
+        resize = ", stretched" if d.get("resize") == "stretch" else ""
+        click.echo(f"  input {d['image_size']} px{' (fixed)' if spec.input.fixed_size else ''}{resize}, "
+                   f"{d['interpolation']}, crop {d['crop_pct']:g}, mean {_triple(d['mean'])}, std {_triple(d['std'])}")
     for uniform, tap in zip(spec.uniform_names, spec.taps):  # its one name (the cache's, every table's) first
         names = list(dict.fromkeys([tap.node, uniform, spec.alias_of(tap.node)]))
-        unit = "width" if tap.layout == "tokens" else "channels"
+        unit = "width" if tap.layout in ("tokens", "embedding") else "channels"
         click.echo(f"  {' = '.join(names):<16} {tap.channels:>5} {unit:<8}  stride {tap.stride:>2}  {tap.graph_node}")
 
 

@@ -33,11 +33,12 @@ class PreprocessConfig:
 
     ``center-crop``: the shorter side to ``image_size / crop_pct``, then the middle square of
     ``image_size``; ``stretch``: straight to ``image_size``. None fields take the backbone's
-    values (:meth:`resolved`); the four study backbones' are the ``LEGACY`` ones.
+    values (:meth:`resolved`); the four study backbones' are the ``LEGACY`` ones. ``resize`` None is the
+    model's own too: ``center-crop`` but where its weights were fed stretched (a Hugging Face ViT's processor).
     """
 
     image_size: int | None = 224
-    resize: str = "center-crop"
+    resize: str | None = "center-crop"
     mean: tuple[float, float, float] | None = IMAGENET_MEAN
     std: tuple[float, float, float] | None = IMAGENET_STD
     interpolation: str | None = "bilinear"
@@ -49,7 +50,8 @@ class PreprocessConfig:
                                  f"not fit in memory). Got {self.image_size} instead.")
         if self.image_size is not None and self.image_size < 8:
             raise FeatcacheError(f"--image-size must be at least 8 pixels. Got {self.image_size} instead.")
-        check_choice("--resize", self.resize, RESIZES)
+        if self.resize is not None:
+            check_choice("--resize", self.resize, RESIZES)
         if self.interpolation is not None:
             check_choice("--interpolation", self.interpolation, INTERPOLATIONS)
         if self.crop_pct is not None and not 0.1 <= self.crop_pct <= 1.0:
@@ -61,13 +63,15 @@ class PreprocessConfig:
 
     @classmethod
     def from_model(cls, **overrides) -> PreprocessConfig:
-        """Every model field None (the backbone's own) except those given."""
-        return cls(**{**dict.fromkeys(MODEL_FIELDS), **overrides})
+        """Every model field and the resize rule None (the backbone's own) except those given."""
+        return cls(**{**dict.fromkeys(MODEL_FIELDS), "resize": None, **overrides})
 
     def resolved(self, defaults: dict) -> PreprocessConfig:
-        """None fields filled from ``defaults`` (a backbone's input config)."""
+        """None fields filled from ``defaults`` (a backbone's input config; its resize rule is ``center-crop``
+        unless it says)."""
         return PreprocessConfig(**{name: (getattr(self, name) if getattr(self, name) is not None else defaults[name])
-                                   for name in MODEL_FIELDS}, resize=self.resize)
+                                   for name in MODEL_FIELDS},
+                                resize=self.resize or defaults.get("resize", "center-crop"))
 
     def fields(self) -> dict:
         """The request as a run record's config keeps it (None: the backbone's own)."""
@@ -85,7 +89,8 @@ class PreprocessConfig:
 
     def flags(self, skip: dict | None = None) -> list[str]:
         """The command-line flags that ask for this request's set fields, but those equal to ``skip``'s."""
-        out = [] if self.resize == "center-crop" else [f"--resize {self.resize}"]
+        own = (skip or {}).get("resize", "center-crop")
+        out = [] if self.resize in (None, own) else [f"--resize {self.resize}"]
         for name in MODEL_FIELDS:
             value = getattr(self, name)
             if value is not None and (skip is None or value != skip.get(name)):
@@ -95,8 +100,12 @@ class PreprocessConfig:
 
     def identity(self) -> dict:
         """The fingerprint's part: the four original keys, and the crop and interpolation only where they
-        differ from what every cache before them used (so those caches keep their names)."""
+        differ from what every cache before them used (so those caches keep their names). ``long_side``: a
+        centre crop floors the resized longer side, as the libraries whose weights it feeds do (caches made
+        before rounded it: a non-square photo's crop could sit half a pixel apart, so they are named apart)."""
         out = {"image_size": self.image_size, "resize": self.resize, "mean": list(self.mean), "std": list(self.std)}
+        if self.resize == "center-crop":
+            out["long_side"] = "floor"
         if self.interpolation != LEGACY["interpolation"]:
             out["interpolation"] = self.interpolation
         if self.crop_pct != LEGACY["crop_pct"]:
@@ -144,8 +153,8 @@ def resize_plan(h: int, w: int, pre: PreprocessConfig) -> tuple[int, int, int, i
     if pre.resize == "stretch" or (h == w and pre.crop_pct == 1.0):
         return size, size, 0, 0
     short = size if pre.crop_pct == 1.0 else int(size / pre.crop_pct)  # timm / torchvision: floor
-    scale = short / min(h, w)
-    nh, nw = max(short, round(h * scale)), max(short, round(w * scale))
+    # the longer side as torchvision's Resize (timm, OpenCLIP) and Hugging Face's processors take it: floored
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
     return nh, nw, (nh - size) // 2, (nw - size) // 2
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
 from featcache.backbones.sources import with_logits
+from featcache.backbones.sources.hf_models import allow_downloads
 from featcache.backbones.weights import input_defaults, weights_identity
 from featcache.data.datasets import DataRequest, dataset_identity, dataset_key
 from featcache.data.preprocess import MODEL_FIELDS, PreprocessConfig
@@ -22,7 +23,7 @@ from featcache.errors import FeatcacheError, check_choice
 from featcache.device import DEVICES  # noqa: F401  (re-read by the requests below)
 from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
 
-POOLINGS = ("avg", "max", "avgmax", "cls")
+POOLINGS = ("avg", "max", "avgmax", "cls", "cls+avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 
@@ -63,11 +64,13 @@ class ExtractConfig:
     def __post_init__(self):
         if not self.backbones:
             raise FeatcacheError("name at least one --backbone")
+        allow_downloads(self.data.download)  # hf: models come from the local cache unless --download
         check_choice("--pooling", self.pooling, POOLINGS)
         for name in self.backbones:
             spec = BACKBONES.lookup(name)
-            if self.pooling == "cls" and (spec.prefix_tokens == 0 or any(t.layout != "tokens" for t in spec.taps)):
-                raise FeatcacheError(f"--pooling cls takes a transformer's class token; {name} has none: "
+            if self.pooling.startswith("cls") and (spec.prefix_tokens == 0
+                                                   or any(t.layout != "tokens" for t in spec.taps)):
+                raise FeatcacheError(f"--pooling {self.pooling} takes a transformer's class token; {name} has none: "
                                      f"use --pooling avg, max or avgmax")
         check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--dtype", self.dtype, DTYPES)
@@ -118,7 +121,8 @@ def shared_preprocess(cfg: ExtractConfig, why: str) -> PreprocessConfig:
     resolved = {name: preprocess_for(cfg, BACKBONES.lookup(name)) for name in cfg.backbones}
     first = next(iter(resolved.values()))
     if any(pre != first for pre in resolved.values()):
-        differ = {name for pre in resolved.values() for name in MODEL_FIELDS if getattr(pre, name) != getattr(first, name)}
+        differ = {name for pre in resolved.values() for name in (*MODEL_FIELDS, "resize")
+                  if getattr(pre, name) != getattr(first, name)}
         shown = "; ".join(f"{name}: {' '.join(f for f in pre.flags() if f.split()[0][2:].replace('-', '_') in differ)}"
                           for name, pre in resolved.items())
         raise FeatcacheError(f"{why} feeds every backbone the same images, but these were trained with different "

@@ -30,9 +30,10 @@ class FeatureFields(DataFields):
                                            "random, or the path of a local state dict.")
     image_size: int | None = option(None, help="Input size in pixels (square) [default: the backbone's: 224 for the "
                                                "study backbones, what the weights were trained at for any other].")
-    resize: str = option("center-crop", choices=RESIZES,
-                         help="center-crop: shorter side to --image-size / --crop-pct, then centre crop; stretch: "
-                              "resize to a square.")
+    resize: str | None = option(None, choices=RESIZES,
+                                help="center-crop: shorter side to --image-size / --crop-pct, then centre crop; "
+                                     "stretch: resize to a square [default: the weights' own: center-crop, stretch "
+                                     "for a Hugging Face model whose processor resizes to a square].")
     crop_pct: float | None = option(None, help="Share of the resized image the centre crop keeps [default: the "
                                                "weights' own; 1 for the study backbones].")
     interpolation: str | None = option(None, choices=INTERPOLATIONS,
@@ -43,7 +44,9 @@ class FeatureFields(DataFields):
     std: tuple[float, float, float] | None = option(None, metavar="R,G,B",
                                                     help="Normalisation std [default: the weights' own].")
     pooling: str = option("avg", choices=POOLINGS,
-                          help="Global pooling of each tap (cls: a transformer's class token).")
+                          help="Global pooling of each tap: avg, max, both side by side (avgmax); a transformer's "
+                               "class token (cls), or it beside the patch tokens' mean (cls+avg). A transformer's "
+                               "avg and max leave its class and register tokens out.")
     precision: str = option("auto", choices=PRECISIONS,
                             help="auto: bf16/fp16 autocast on a GPU; on a CPU bf16 where it multiplies bf16 "
                                  "natively, else fp32.")

@@ -33,6 +33,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -86,7 +87,8 @@ def fingerprint_hash(fingerprint: dict) -> str:
 
 
 def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: dict) -> Path:
-    safe = backbone.replace(":", "-")  # timm:NAME: no colon in file names (Windows, scp, URLs)
+    # timm:NAME: no colon in file names (Windows, scp, URLs); hf:ORG/NAME or hf:FOLDER: no folders either
+    safe = re.sub(r"[^A-Za-z0-9._+-]", "-", backbone)
     return Path(cache_dir) / dataset_key / f"{safe}-{fingerprint_hash(fingerprint)[:12]}.h5"
 
 

@@ -13,6 +13,8 @@ and its registration: discovery, ``rank``'s patterns and ``featcache backbones``
 
 from __future__ import annotations
 
+import difflib
+
 from featcache.backbones.spec import LOGITS, BackboneSpec, Tap
 from featcache.errors import FeatcacheError, closest
 from featcache.registry import Registry
@@ -51,6 +53,12 @@ class ModelSource:
         """The ImageNet-1k top-1 accuracy (%) its default pretrained weights report in their metadata, or None
         (``choose`` ranks by it as a baseline)."""
         return None
+
+    @staticmethod
+    def logits_of(output):
+        """The classifier's scores in what the whole network returns (a tensor here; a Hugging Face model's
+        output object holds them as ``logits``)."""
+        return output
 
 
 MODEL_SOURCES: Registry = Registry("model source")
@@ -108,11 +116,14 @@ def unknown_backbone(name: str, declared: tuple[str, ...] = ()) -> FeatcacheErro
             bare = name[len(source.prefix):]
     guesses = [closest(name, list(declared) + [n for s in sources() if not s.prefix for n in s.names()])]
     guesses += [closest(s.prefix + bare, s.names()) for s in sources() if s.prefix]
-    guesses = [g for g in guesses if g]
+    # another source's name only where it is close (a zoo of unlike names matches anything at difflib's 0.5)
+    guesses = [g for g in guesses if g and (g.startswith(name.split(":")[0] + ":") or
+                                            difflib.SequenceMatcher(None, name, g).ratio() >= 0.75)]
     hint = f"; did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else "."
-    prefixed = " or ".join(f"{s.prefix}NAME" for s in sources() if s.prefix)
-    return FeatcacheError(f"unknown backbone {name!r} (not a declared backbone, a torchvision classification model "
-                          f"or {prefixed}){hint} featcache backbones --all lists every name")
+    prefixed = [f"{s.prefix}NAME" for s in sources() if s.prefix]
+    kinds = ", ".join(["a declared backbone", "a torchvision classification model", *prefixed[:-1]])
+    return FeatcacheError(f"unknown backbone {name!r} (not {kinds} or {prefixed[-1]}){hint} "
+                          f"featcache backbones --all lists every name")
 
 
 def no_such_weights(spec: BackboneSpec, weights: str, known: list[str]) -> FeatcacheError:
@@ -174,7 +185,7 @@ def _logits_tap(spec: BackboneSpec) -> Tap:
     where = source_of(spec).classifier_output(model)
     try:
         with torch.no_grad():
-            out = model(torch.empty(1, 3, size, size, device="meta"))
+            out = source_of(spec).logits_of(model(torch.empty(1, 3, size, size, device="meta")))
     except Exception as exc:  # noqa: BLE001 - any failure of the meta pass: the model cannot be asked
         raise FeatcacheError(f"{spec.name}: cannot find its source classifier's output ({type(exc).__name__}); "
                              f"LEEP and NCE need one: drop --logits and those scores") from exc
@@ -185,4 +196,4 @@ def _logits_tap(spec: BackboneSpec) -> Tap:
 
 
 
-from featcache.backbones.sources import timm_models, torchvision_models  # noqa: E402,F401  (each registers)
+from featcache.backbones.sources import hf_models, openclip_models, timm_models, torchvision_models  # noqa: E402,F401  (each registers)

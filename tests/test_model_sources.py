@@ -1,0 +1,224 @@
+"""The hf: and openclip: model sources, offline: transformers models saved from small configs, OpenCLIP towers
+from a tiny registered config with random weights. Each source's taps equal the library's own intermediate
+outputs, its preprocessing equals the library's own processor, and nothing a checkpoint folder brings runs."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from featcache.backbones.discovery import discover
+from featcache.backbones.registry import BACKBONES
+from featcache.backbones.sources import with_logits
+from featcache.backbones.taps import tap_model
+from featcache.cli.commands import cli
+from featcache.data.images import fit
+from featcache.data.preprocess import PreprocessConfig, to_input
+from featcache.errors import FeatcacheError
+from featcache.extraction.config import ExtractConfig, preprocess_for
+
+transformers = pytest.importorskip("transformers")  # in [dev]: CI always has it
+open_clip = pytest.importorskip("open_clip")
+
+VIT = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64, image_size=32,
+           patch_size=8)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """save_pretrained folders: a ViT image classifier (its processor stretches to a square), a DINOv2 with
+    register tokens, a CLIP checkpoint (its processor: shortest edge, centre crop) and a ResNet."""
+    root = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(**VIT, num_labels=5))
+    vit.save_pretrained(root / "vit")
+    transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
+    transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+        num_register_tokens=2)).save_pretrained(root / "dinov2reg")
+    clip = transformers.CLIPModel(transformers.CLIPConfig(
+        vision_config=VIT, projection_dim=16, text_config=dict(hidden_size=16, num_hidden_layers=1,
+                                                               num_attention_heads=2, intermediate_size=32,
+                                                               vocab_size=49408)))
+    clip.save_pretrained(root / "clip")
+    transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+                                    ).save_pretrained(root / "clip")
+    transformers.ResNetModel(transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64],
+                                                       depths=[1, 1, 1, 1])).save_pretrained(root / "resnet")
+    return root
+
+
+def _images(n=3, size=32, seed=0):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _taps(name, pooling="avg", weights="imagenet", logits=False):
+    spec = BACKBONES.lookup(name)
+    spec = with_logits(spec) if logits else spec
+    return spec, tap_model(spec, weights, 0, pooling, torch.device("cpu"))
+
+
+def test_hf_vit_taps_are_its_hidden_states_and_logits(checkpoints):
+    spec, net = _taps(f"hf:{checkpoints / 'vit'}", "cls+avg", logits=True)
+    assert [t.node for t in spec.taps] == ["block1", "block2", "block3", "logits"]
+    assert spec.prefix_tokens == 1 and spec.taps[0].layout == "tokens" and spec.taps[0].stride == 8
+    own = transformers.ViTForImageClassification.from_pretrained(checkpoints / "vit").eval()
+    x = _images()
+    with torch.no_grad():
+        got, out = net(x), own(pixel_values=x, output_hidden_states=True)
+    for i, name in enumerate(["block1", "block2", "block3"]):
+        state = out.hidden_states[i + 1]
+        manual = torch.cat([state[:, 0], state[:, 1:].mean(dim=1)], dim=1)  # cls+avg: the class token, patch mean
+        torch.testing.assert_close(got[name], manual, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["logits"], out.logits, rtol=1e-5, atol=1e-5)
+    assert spec.head_prefixes == ("classifier.",)
+
+
+def test_hf_register_tokens_are_left_out_of_the_mean(checkpoints):
+    spec, net = _taps(f"hf:{checkpoints / 'dinov2reg'}", "avg", weights="random")
+    assert spec.prefix_tokens == 3  # the class token and two registers
+    own = spec.build(None)
+    torch.manual_seed(0)
+    own = transformers.Dinov2WithRegistersModel.from_pretrained(checkpoints / "dinov2reg").eval()
+    net.extractor.net.load_state_dict(own.state_dict())
+    x = _images()
+    with torch.no_grad():
+        got, out = net(x), own(pixel_values=x, output_hidden_states=True)
+    torch.testing.assert_close(got["block2"], out.hidden_states[2][:, 3:].mean(dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_hf_clip_checkpoint_gives_its_vision_tower_and_cnn_stages(checkpoints):
+    spec, net = _taps(f"hf:{checkpoints / 'clip'}", "cls")
+    tower = transformers.CLIPVisionModel.from_pretrained(checkpoints / "clip").eval()
+    x = _images()
+    with torch.no_grad():
+        got, out = net(x), tower(pixel_values=x, output_hidden_states=True)
+    torch.testing.assert_close(got["block3"], out.hidden_states[3][:, 0], rtol=1e-5, atol=1e-5)
+
+    spec, net = _taps(f"hf:{checkpoints / 'resnet'}", "max")
+    assert [(t.node, t.channels, t.stride, t.layout) for t in spec.taps] == [
+        ("stage1", 8, 4, "nchw"), ("stage2", 16, 8, "nchw"), ("stage3", 32, 16, "nchw"), ("stage4", 64, 32, "nchw")]
+    own = transformers.ResNetModel.from_pretrained(checkpoints / "resnet").eval()
+    x = _images(size=64)
+    with torch.no_grad():
+        got, out = net(x), own(pixel_values=x, output_hidden_states=True)
+    torch.testing.assert_close(got["stage3"], out.hidden_states[3].amax(dim=(2, 3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("folder, processor", [("vit", "ViTImageProcessor"), ("clip", "CLIPImageProcessor")])
+def test_hf_preprocessing_equals_its_processor(checkpoints, folder, processor):
+    """A non-square photo through featcache's file path (PIL resize, crop, normalise) and through the
+    checkpoint's own processor: the ViT's stretches, CLIP's crops the shorter side's middle."""
+    from PIL import Image
+
+    spec = BACKBONES.lookup(f"hf:{checkpoints / folder}")
+    cfg = ExtractConfig(backbones=(spec.name,), preprocess=PreprocessConfig.from_model(), device="cpu")
+    pre = preprocess_for(cfg, spec)
+    assert pre.resize == ("stretch" if folder == "vit" else "center-crop")
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(128, 60, (50, 80, 3)), 0, 255).astype(np.uint8)
+    ours = to_input(torch.from_numpy(fit(photo, pre))[None], pre).float()
+    own = getattr(transformers, processor).from_pretrained(checkpoints / folder)
+    theirs = own(images=Image.fromarray(photo), return_tensors="pt")["pixel_values"]
+    assert ours.shape == theirs.shape
+    assert (ours - theirs).abs().mean() < 0.02  # both resize with PIL's filters; rounding to uint8 differs
+
+
+def test_hf_folder_with_code_is_never_run(tmp_path):
+    """A checkpoint that brings its own modelling code (auto_map) is refused before anything is imported."""
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    marker = tmp_path / "ran"
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "modeling_evil.EvilConfig", "AutoModel": "modeling_evil.EvilModel"}}))
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (folder / "preprocessor_config.json").write_text(json.dumps({"auto_map": {"AutoImageProcessor": "x.y"}}))
+    result = CliRunner().invoke(cli, ["backbones", f"hf:{folder}"])
+    assert result.exit_code == 2 and "custom code" in result.output and "trust_remote_code" in result.output
+    assert not marker.exists()
+
+
+def test_hf_pickled_weights_refused_random_allowed_hub_miss_is_one_line(checkpoints, tmp_path, monkeypatch):
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    (folder / "config.json").write_text((checkpoints / "resnet" / "config.json").read_text())
+    (folder / "pytorch_model.bin").write_bytes(b"not read")
+    spec = BACKBONES.lookup(f"hf:{folder}")
+    with pytest.raises(FeatcacheError, match="pytorch_model.bin, a pickle featcache does not load"):
+        tap_model(spec, "imagenet", 0, "avg", torch.device("cpu"))
+    tap_model(spec, "random", 0, "avg", torch.device("cpu"))  # the architecture alone needs no weights file
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(cli, ["backbones", "hf:someone/not-cached-vit"])
+    assert result.exit_code == 2
+    assert "not in the local Hugging Face cache: nothing is fetched without --download" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_cls_pooling_needs_a_class_token(checkpoints):
+    with pytest.raises(FeatcacheError, match="--pooling cls\\+avg takes a transformer's class token"):
+        ExtractConfig(backbones=(f"hf:{checkpoints / 'resnet'}",), pooling="cls+avg")
+
+
+def test_hf_extract_end_to_end_names_its_cache_without_folders(checkpoints, tmp_path):
+    from featcache.data.datasets import DataRequest
+    from featcache.extraction.reader import FeatureCache
+    from featcache.extraction.run import extract
+
+    cfg = ExtractConfig(backbones=(f"hf:{checkpoints / 'vit'}",), weights="imagenet", device="cpu",
+                        preprocess=PreprocessConfig.from_model(), cache_dir=tmp_path / "cache",
+                        data=DataRequest(limit_train=40, limit_test=20))
+    [result] = extract(cfg, progress=False, log=lambda *a: None)
+    assert result.path.parent == tmp_path / "cache" / "digits" and result.path.name.startswith("hf-")
+    with FeatureCache(result.path) as cache:
+        assert cache.taps("train")["block3"] == (40, 32)
+        assert cache.fingerprint["weights"]["sha256"]  # a local folder's weights: hashed
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("openclip")
+    (folder / "featcache-test-vit.json").write_text(json.dumps({
+        "embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 3, "width": 32, "head_width": 16, "patch_size": 8},
+        "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 16, "heads": 2, "layers": 1}}))
+    open_clip.add_model_config(folder)
+    return "openclip:featcache-test-vit"
+
+
+def test_openclip_taps_and_embedding_are_its_own(tiny_clip):
+    spec, net = _taps(tiny_clip, "cls", weights="random")
+    assert [t.node for t in spec.taps] == ["block1", "block2", "block3", "embedding"]
+    visual = spec.build(None).eval()
+    visual.load_state_dict(net.extractor.net.state_dict())
+    x = _images()
+    with torch.no_grad():
+        got = net(x)
+        own = visual.forward_intermediates(x, indices=[1], intermediates_only=True, output_fmt="NLC",
+                                           output_extra_tokens=True)
+        embedding = visual(x)
+    torch.testing.assert_close(got["block2"], own["image_intermediates_prefix"][0][:, 0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got["embedding"], embedding, rtol=1e-5, atol=1e-5)
+
+
+def test_openclip_preprocessing_equals_its_transform(tiny_clip):
+    from PIL import Image
+
+    spec = BACKBONES.lookup(tiny_clip)
+    pre = preprocess_for(ExtractConfig(backbones=(tiny_clip,), weights="random",
+                                       preprocess=PreprocessConfig.from_model(), device="cpu"), spec)
+    transform = open_clip.image_transform(32, is_train=False, mean=spec.input.mean, std=spec.input.std,
+                                          interpolation="bicubic", resize_mode="shortest")
+    photo = np.clip(np.random.default_rng(1).normal(128, 60, (45, 70, 3)), 0, 255).astype(np.uint8)
+    ours = to_input(torch.from_numpy(fit(photo, pre))[None], pre).float()
+    theirs = transform(Image.fromarray(photo))[None]
+    assert (ours - theirs).abs().mean() < 0.02
+
+
+def test_unknown_openclip_tag_names_the_closest(tiny_clip):
+    with pytest.raises(FeatcacheError, match="did you mean 'laion2b_s34b_b79k'"):
+        discover("openclip:ViT-B-32/laion2b_s34b_b7")
