@@ -89,7 +89,7 @@ def featcache_way(names, request, args, cache_dir) -> tuple[float, float]:
                         preprocess=PreprocessConfig(image_size=args.image_size), device=args.device,
                         batch_size=64, cache_dir=cache_dir)
     extract(cfg, progress=False)
-    refs = parse_taps("late", cfg.backbones)
+    refs = parse_taps("late", cfg)
     data = load_features(locate_caches(cfg), set(refs), allow_dead=True)  # random weights: speed, not accuracy
     norm = TapNormalizer(args.tap_norm).fit([data.taps[("train", r)] for r in refs])
     head = TorchClassifier(hidden=(512,), dropout=0.2, optimizer="adam", lr=args.lr, epochs=args.epochs,

@@ -46,7 +46,7 @@ LINEAR = ("logme", "hscore", "hscore_reg")
 def prepared(features: ExtractConfig, taps: str | None, device: str):
     """(taps, their standardised fit / val / test rows, labels, classes); ``taps`` None: every tap."""
     extract(features, progress=False, log=lambda m: None)
-    refs = list(parse_taps(taps, features.backbones)) if taps else all_taps(features.backbones)
+    refs = list(parse_taps(taps, features)) if taps else all_taps(features)
     data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
     fit, val = validation_split(data.labels["train"], 0.1, 0)
     std = standardised(data, fit, val, torch.device(device))

@@ -132,7 +132,7 @@ def solvers_on_pairs(args):
     pairs = _pairs(args)
     with tempfile.TemporaryDirectory() as tmp:
         features = _digits_features(args, tmp)
-        refs = [parse_taps(pair, features.backbones) for pair in pairs]
+        refs = [parse_taps(pair, features) for pair in pairs]
         fit, y = _fit_rows(features, {r for pair in refs for r in pair}, SweepConfig.val_fraction, args.device)
         print(f"the linear heads' solvers on the fit rows of {len(pairs)} tap pairs ({len(y)} rows)", flush=True)
         compare_solvers([[fit[r] for r in pair] for pair in refs], y)
@@ -255,7 +255,7 @@ def large(args):
                                  preprocess=PreprocessConfig(image_size=32), dtype="float32", device=args.device,
                                  cache_dir=args.cache_dir or Path(tmp) / "cache")
         extract(features, progress=False, log=lambda m: None)
-        refs = parse_taps("late", features.backbones)
+        refs = parse_taps("late", features)
         data = load_features(locate_caches(features), set(refs), allow_dead=True, log=lambda m: None)
         fit, val = validation_split(data.labels["train"], 0.1, 0)
         std = standardised(data, fit, val, torch.device(args.device))

@@ -133,7 +133,7 @@ def load_features(taps=("late",), split: str = "train", **kwargs) -> tuple[np.nd
     request = build(FuseRequest, {**kwargs, "taps": [",".join(taps)] if isinstance(taps, (list, tuple)) else taps},
                     API)
     config = request.config()
-    [refs] = [parse_taps(t, config.features.backbones) for t in config.taps]
+    [refs] = [parse_taps(t, config.features) for t in config.taps]
     if config.run_extract:
         STAGES["extract"].run(build(STAGES["extract"].request, _extract_fields(request), API), _log(request))
     features = load(locate_caches(config.features), set(refs), config.allow_dead_taps)

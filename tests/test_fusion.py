@@ -7,31 +7,37 @@ from featcache.errors import FeatcacheError
 from featcache.fuse.fusion import TapNormalizer, TapRef, parse_taps
 
 
+def _features(backbones):
+    from featcache.extraction.config import ExtractConfig
+
+    return ExtractConfig(backbones=backbones, weights="random")
+
+
 def dim(refs):
     return sum(BACKBONES[r.backbone].tap(r.tap).channels for r in refs)
 
 
 def test_late_of_two_backbones_is_the_studies_3328_vector():
-    refs = parse_taps("late", ("resnet50", "mobilenet_v2"))
+    refs = parse_taps("late", _features(("resnet50", "mobilenet_v2")))
     assert refs == (TapRef("resnet50", "layer4"), TapRef("mobilenet_v2", "features.18"))
     assert dim(refs) == 3328
 
 
 def test_two_layers_of_one_backbone_and_qualified_taps():
-    assert dim(parse_taps("early,late", ("mobilenet_v2",))) == 32 + 1280
-    refs = parse_taps("resnet50:late,mobilenet_v2:early", ("resnet50", "mobilenet_v2"))
+    assert dim(parse_taps("early,late", _features(("mobilenet_v2",)))) == 32 + 1280
+    refs = parse_taps("resnet50:late,mobilenet_v2:early", _features(("resnet50", "mobilenet_v2")))
     assert [str(r) for r in refs] == ["resnet50:layer4", "mobilenet_v2:features.6"]
     assert dim(refs) == 2048 + 32
-    assert parse_taps("layer3,mid", ("resnet18",)) == (TapRef("resnet18", "layer3"),)  # same tap once
+    assert parse_taps("layer3,mid", _features(("resnet18",))) == (TapRef("resnet18", "layer3"),)  # same tap once
 
 
 def test_bad_taps_name_the_closest():
     with pytest.raises(FeatcacheError, match="Got 'erly' instead; did you mean 'early'"):
-        parse_taps("erly", ("resnet18",))
+        parse_taps("erly", _features(("resnet18",)))
     with pytest.raises(FeatcacheError, match="did you mean 'resnet50'"):
-        parse_taps("resnet05:late", ("resnet50",))
+        parse_taps("resnet05:late", _features(("resnet50",)))
     with pytest.raises(FeatcacheError, match="empty entry"):
-        parse_taps("late,", ("resnet50",))
+        parse_taps("late,", _features(("resnet50",)))
 
 
 def test_standard_norm_uses_train_statistics_only():

@@ -222,3 +222,81 @@ def test_openclip_preprocessing_equals_its_transform(tiny_clip):
 def test_unknown_openclip_tag_names_the_closest(tiny_clip):
     with pytest.raises(FeatcacheError, match="did you mean 'laion2b_s34b_b79k'"):
         discover("openclip:ViT-B-32/laion2b_s34b_b7")
+
+
+def _hooked(model, module, x):
+    """The output of ``module`` of ``model`` on ``x``, caught by a plain forward hook (copied, and the hook
+    returns nothing: torchvision's BasicBlock adds the shortcut to its last BatchNorm's output in place)."""
+    caught = {}
+
+    def hook(_, __, out):
+        caught["out"] = out.clone() if isinstance(out, torch.Tensor) else out
+
+    handle = model.get_submodule(module).register_forward_hook(hook)
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    out = caught["out"]
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("name, module, pooling, reduce", [
+    ("resnet18", "layer3.1.conv2", "avg", lambda t: t.mean(dim=(2, 3))),  # torchvision: a node of its cut
+    ("resnet18", "layer3.1.bn1", "max", lambda t: t.amax(dim=(2, 3))),  # folded; an in-place ReLU follows it
+    ("resnet18", "fc", "avg", lambda t: t),  # a vector: kept whole
+    ("timm:vit_tiny_patch16_224", "blocks.11.mlp.fc1", "cls", lambda t: t[:, 0]),  # past the last tap asked
+])
+def test_a_module_tap_equals_a_forward_hooks_output(name, module, pooling, reduce, tmp_path):
+    """Weights from a file whose BatchNorm statistics are not the identity: a conv's own output differs from
+    what the cut would give with the BatchNorm after it folded in."""
+    spec = ExtractConfig(backbones=(name,), weights="random", modules=(module,)).spec(name)
+    assert spec.taps[-1].node == module
+    torch.manual_seed(0)
+    own = spec.build(None).eval()
+    state = {k: (v.uniform_(0.5, 2.0) if k.endswith(("running_var", "running_mean")) else v)
+             for k, v in own.state_dict().items()}
+    own.load_state_dict(state)
+    torch.save(own.state_dict(), tmp_path / "weights.pt")
+    net = tap_model(spec, str(tmp_path / "weights.pt"), 0, pooling, torch.device("cpu"))
+    x = _images(2, size=spec.input.image_size if spec.input else 64)
+    with torch.no_grad():
+        got = net(x)[module]
+    torch.testing.assert_close(got, reduce(_hooked(own, module, x)), rtol=1e-4, atol=1e-4)
+
+
+def test_module_taps_of_hf_and_openclip_and_bad_modules(checkpoints, tiny_clip):
+    spec = ExtractConfig(backbones=(f"hf:{checkpoints / 'vit'}",), modules=("vit.layers.1.mlp.fc1",)).spec(
+        f"hf:{checkpoints / 'vit'}")
+    net = tap_model(spec, "imagenet", 0, "avg", torch.device("cpu"))
+    own = transformers.ViTForImageClassification.from_pretrained(checkpoints / "vit").eval()
+    x = _images()
+    with torch.no_grad():
+        got = net(x)["vit.layers.1.mlp.fc1"]
+    torch.testing.assert_close(got, _hooked(own, "vit.layers.1.mlp.fc1", x)[:, 1:].mean(dim=1), rtol=1e-5, atol=1e-5)
+
+    spec = ExtractConfig(backbones=(tiny_clip,), weights="random", modules=("ln_post",)).spec(tiny_clip)
+    net = tap_model(spec, "random", 0, "cls", torch.device("cpu"))
+    with torch.no_grad():
+        got = net(x)["ln_post"]
+    assert got.shape == (3, 32)
+
+    for module, message in [("layer9", "resnet18 has no module of that name; did you mean 'layer4'"),
+                            ("layer3", "it is already a tap of resnet18"),
+                            ("avgpool", None)]:
+        if message is None:
+            assert ExtractConfig(backbones=("resnet18",), weights="random", modules=(module,)).spec(
+                "resnet18").taps[-1].layout == "nchw"  # a 1x1 map pools to itself
+            continue
+        with pytest.raises(FeatcacheError, match=message):
+            ExtractConfig(backbones=("resnet18",), weights="random", modules=(module,))
+    result = CliRunner().invoke(cli, ["extract", "--backbone", "timm:vit_tiny_patch16_224", "--weights", "random",
+                                      "--module", "blocks.0.attn.q_norm"])
+    assert result.exit_code == 2 and "which featcache cannot pool" in result.output
+
+
+def test_backbones_modules_lists_every_module_with_its_shape():
+    result = CliRunner().invoke(cli, ["backbones", "resnet18", "--modules"])
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.strip()}
+    assert lines["layer3.1.conv2"][0] == "256x14x14" and lines["layer4"][1:] == ["tap", "layer4"]
+    assert lines["fc"] == ["1000", "vector,", "kept", "whole"]

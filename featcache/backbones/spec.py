@@ -91,6 +91,7 @@ class BackboneSpec:
             defaults (224 px, ImageNet mean/std, bilinear, no crop margin) their caches were made with.
         prefix_tokens: class/register tokens ahead of the patch tokens (transformers).
         versions: library versions that define the network, part of a discovered model's fingerprint.
+        modules: the taps ``--module`` added (named by their module), after the model's own.
     """
 
     name: str
@@ -105,6 +106,7 @@ class BackboneSpec:
     input: InputConfig | None = None
     prefix_tokens: int = 0
     versions: dict = field(default_factory=dict)
+    modules: tuple[str, ...] = ()
 
     @property
     def tap_names(self) -> tuple[str, ...]:

@@ -66,9 +66,11 @@ def from_grid(grid, raw, layout: str, prefix: int = 0):
 def map_extractor(spec: BackboneSpec, backbone, taps):
     """A module returning ``{tap: raw output}`` of ``backbone`` for the named taps, in one pass: its model
     source's cut (torchvision's ``create_feature_extractor`` at each tap's graph node, timm's own
-    ``forward_intermediates``). Parameter names are the network's own behind the source's
+    ``forward_intermediates``), with a forward hook on each ``--module`` tap. Parameter names are the network's own behind the source's
     ``param_prefix`` (what ``--unfreeze`` prefixes name)."""
-    return source_of(spec).extractor(spec, backbone, taps)
+    from featcache.backbones.modules import hooked_extractor
+
+    return hooked_extractor(spec, backbone, taps)
 
 
 def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device):

@@ -46,17 +46,27 @@ def datasets(name):
                    "downloaded; at most 300 models: narrow the pattern).")
 @click.option("--sort", type=click.Choice(["name", "params", "input"]), default=None,
               help="With --all: order by name, parameters or input size (implies --sizes).")
-def backbones(name, show_all, sizes, sort):
+@click.option("--modules", "modules", is_flag=True,
+              help="With NAME: every module of the model with its output shape for one image (from a pass on the "
+                   "meta device: nothing downloaded) and how it would be pooled as a --module tap.")
+def backbones(name, show_all, sizes, sort, modules):
     """List the declared backbones with their taps; NAME shows any backbone's taps (nothing is downloaded).
 
-    Any torchvision classification model and any timm model (as timm:NAME) can be extracted; their taps
-    are found from the model: the output of each stage where the stride changes, or a transformer's
-    blocks, named stage1..N / block1..N with the aliases early, mid and late.
+    Any torchvision classification model, any timm model (timm:NAME), a Hugging Face transformers vision model
+    (hf:ORG/NAME from the local cache, or hf:FOLDER) and an OpenCLIP image tower (openclip:ARCH[/TAG]) can be
+    extracted; their taps are found from the model: the output of each stage where the stride changes, or a
+    transformer's blocks, named stage1..N / block1..N with the aliases early, mid and late. Any other module is
+    a tap with --module NAME (--modules lists them).
     """
     from featcache.backbones.registry import BACKBONES, listing
 
     if (sizes or sort) and not show_all:
         raise FeatcacheError("--sizes and --sort go with --all: featcache backbones --all 'resnet*' --sort params")
+    if modules:
+        if not name or show_all:
+            raise FeatcacheError("--modules lists one model's modules: featcache backbones NAME --modules")
+        _show_modules(BACKBONES.lookup(name))
+        return
     if show_all:
         pattern = name or "*"
         rows = listing(pattern)
@@ -113,6 +123,23 @@ def _show_backbone(spec) -> None:
         names = list(dict.fromkeys([tap.node, uniform, spec.alias_of(tap.node)]))
         unit = "width" if tap.layout in ("tokens", "embedding") else "channels"
         click.echo(f"  {' = '.join(names):<16} {tap.channels:>5} {unit:<8}  stride {tap.stride:>2}  {tap.graph_node}")
+
+
+def _show_modules(spec) -> None:
+    """Every module with its output shape and what ``--module`` would make of it."""
+    from featcache.backbones.modules import layout_of, module_shapes
+
+    taps = {t.graph_node: t.node for t in spec.taps}
+    rows = module_shapes(spec)
+    shapes = dict(rows)
+    width = min(60, max(len(n) for n, _ in rows))
+    what = {"nchw": "map", "nhwc": "map (NHWC)", "tokens": "tokens", "embedding": "vector, kept whole"}
+    for module, shape in rows:
+        layout = layout_of(spec, shape, shapes)
+        shown = "x".join(str(d) for d in shape[1:]) if isinstance(shape, tuple) else shape or "no tensor"
+        note = f"tap {taps[module]}" if module in taps else what.get(layout, "cannot be pooled")
+        click.echo(f"{module:<{width}}  {shown:<16} {note}")
+    click.echo(f"{len(rows)} modules of {spec.name}; cache one with --module NAME", err=True)
 
 
 def _triple(values) -> str:

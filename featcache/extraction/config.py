@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
+from featcache.backbones.spec import FLAT
+from featcache.backbones.modules import with_modules
 from featcache.backbones.sources import with_logits
 from featcache.backbones.sources.hf_models import allow_downloads
 from featcache.backbones.weights import input_defaults, weights_identity
@@ -60,6 +62,7 @@ class ExtractConfig:
     compile: bool = False
     skip_bad_images: bool = False  # leave unreadable files out (recorded in the cache) instead of stopping
     logits: bool = False  # also cache the source classifier's output as a tap, ``logits`` (for LEEP and NCE)
+    modules: tuple[str, ...] = ()  # named modules whose outputs are cached as taps of their own (--module)
 
     def __post_init__(self):
         if not self.backbones:
@@ -67,9 +70,9 @@ class ExtractConfig:
         allow_downloads(self.data.download)  # hf: models come from the local cache unless --download
         check_choice("--pooling", self.pooling, POOLINGS)
         for name in self.backbones:
-            spec = BACKBONES.lookup(name)
-            if self.pooling.startswith("cls") and (spec.prefix_tokens == 0
-                                                   or any(t.layout != "tokens" for t in spec.taps)):
+            spec = self.spec(name)  # a module a backbone lacks: said here
+            if self.pooling.startswith("cls") and (spec.prefix_tokens == 0 or any(
+                    t.layout not in ("tokens", *FLAT) for t in spec.taps)):  # logits, an embedding: kept whole
                 raise FeatcacheError(f"--pooling {self.pooling} takes a transformer's class token; {name} has none: "
                                      f"use --pooling avg, max or avgmax")
         check_choice("--precision", self.precision, PRECISIONS)
@@ -80,6 +83,10 @@ class ExtractConfig:
         if self.num_workers is not None and self.num_workers < 0:
             raise FeatcacheError(f"--num-workers must be 0 or more. Got {self.num_workers} instead.")
 
+    def spec(self, name: str) -> BackboneSpec:
+        """Backbone ``name``'s spec with this request's ``--module`` taps: what its cache holds (bar logits)."""
+        return with_modules(BACKBONES.lookup(name), self.modules)
+
     def record_fields(self) -> dict:
         """The request as a run record's ``config`` holds it: the one writer of these keys (fuse-train and
         finetune add their own beside them), read back by :meth:`from_record`."""
@@ -88,7 +95,8 @@ class ExtractConfig:
                 "weights": self.weights, **self.preprocess.fields(), "pooling": self.pooling,
                 "precision": self.precision, "dtype": self.dtype, "seed": data.seed, "limit_train": data.limit_train,
                 "limit_test": data.limit_test, "test_fraction": data.test_fraction, **data.source_fields(),
-                **({"logits": True} if self.logits else {})}  # absent without it: earlier runs keep their keys
+                **({"logits": True} if self.logits else {}),  # absent without it: earlier runs keep their keys
+                **({"modules": list(self.modules)} if self.modules else {})}
 
     @classmethod
     def from_record(cls, config: dict, device: str = "cpu") -> ExtractConfig:
@@ -98,7 +106,7 @@ class ExtractConfig:
                            **{name: config[name] for name in SOURCE_FIELDS if config.get(name) is not None})
         return cls(data=data, backbones=tuple(config["backbones"]), weights=config["weights"],
                    preprocess=PreprocessConfig.from_fields(config), pooling=config["pooling"], device=device,
-                   logits=config.get("logits") is True)
+                   logits=config.get("logits") is True, modules=tuple(config.get("modules") or ()))
 
 
 def preprocess_for(cfg: ExtractConfig, spec: BackboneSpec) -> PreprocessConfig:
@@ -182,7 +190,7 @@ def cache_identities(cfg: ExtractConfig, precision: str | None = None) -> dict[s
     key, identity = dataset_key(cfg.data), dataset_identity(cfg.data)  # a folder's identity reads every file: once
     out = {}
     for name in cfg.backbones:
-        spec = with_logits(BACKBONES.lookup(name)) if cfg.logits else BACKBONES.lookup(name)
+        spec = with_logits(cfg.spec(name)) if cfg.logits else cfg.spec(name)
         fp = fingerprint(cfg, spec, precision, identity)
         out[name] = CacheIdentity(name, spec, fp, cache_file(cfg.cache_dir, key, name, fp))
     return out

@@ -53,6 +53,12 @@ class FeatureFields(DataFields):
     dtype: str = option("float16", choices=DTYPES, help="Storage dtype of the cached taps.")
     logits: bool = option(False, help="Also cache the source classifier's output as a tap, logits (one score per "
                                       "source class, not pooled): what --score leep,nce read. A cache of its own.")
+    modules: tuple[str, ...] = option((), flag="module", split=True, metavar="NAME",
+                                      help="Also cache the output of this module as a tap of its own (called by "
+                                           "the module's name, e.g. layer3.1 or blocks.6.attn; repeat for "
+                                           "several): featcache backbones NAME --modules lists every module with "
+                                           "its output shape. Maps and tokens pool as --pooling says; a vector is "
+                                           "kept whole. A cache of its own.")
     cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:

@@ -54,6 +54,9 @@ class FinetuneConfig:
             raise unknown("--augment", self.augment, AUGMENTS)
         TapNormalizer(self.tap_norm)
         parse_policy(self.unfreeze)
+        if self.features.modules:
+            raise FeatcacheError("--module taps are cached frozen features: fuse-train and sweep them; finetune "
+                                 "trains at the model's own taps (drop --module)")
         if self.epochs < 0 or self.head_epochs < 0 or self.epochs + self.head_epochs < 1:
             raise FeatcacheError("--epochs and --head-epochs must be 0 or more, and train at least one epoch together")
         if self.init_head is not None and self.head_epochs:

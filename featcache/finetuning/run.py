@@ -118,7 +118,7 @@ def _prepare(cfg: FinetuneConfig, log=print) -> _Setup:
     device = resolve_device(feat.device)
     if warning := emulated(feat.precision, device):
         log(warning)
-    refs = list(parse_taps(cfg.taps, feat.backbones))
+    refs = list(parse_taps(cfg.taps, feat))
     if cfg.head == "resblocks":
         check_resblocks_taps(refs)
     for name in feat.backbones:

@@ -30,11 +30,13 @@ class TapRef:
         return f"{self.backbone}:{self.tap}"
 
 
-def parse_taps(text: str, backbones: tuple[str, ...]) -> tuple[TapRef, ...]:
-    """``early,late`` (every backbone) or ``resnet50:late,mobilenet_v2:early`` -> TapRefs.
+def parse_taps(text: str, features) -> tuple[TapRef, ...]:
+    """``early,late`` (every backbone) or ``resnet50:late,mobilenet_v2:early`` -> TapRefs, over the backbones of
+    ``features`` (an ExtractConfig: its ``--module`` taps are taps too).
 
     Aliases resolve to node names; order follows the text, then the backbone order.
     """
+    backbones = features.backbones
     refs: list[TapRef] = []
     for item in (part.strip() for part in text.split(",")):
         if not item:
@@ -50,7 +52,7 @@ def parse_taps(text: str, backbones: tuple[str, ...]) -> tuple[TapRef, ...]:
         else:
             targets = [(name, item) for name in backbones]
         for name, tap in targets:
-            ref = TapRef(name, BACKBONES.lookup(name).tap(tap).node)
+            ref = TapRef(name, features.spec(name).tap(tap).node)
             if ref not in refs:
                 refs.append(ref)
     return tuple(refs)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.backbones.registry import BACKBONES
 from featcache.device import resolve_device
 from featcache.backbones.taps import tap_model
 from featcache.data.images import load_image
@@ -35,7 +34,7 @@ def frozen_proba(run_dir: Path, record, files: list[Path], device: str, batch_si
     pooled: dict[tuple[str, str], list[np.ndarray]] = {ref: [] for ref in refs}
     decoded: dict = {}  # one decode per distinct preprocessing
     for backbone in dict.fromkeys(b for b, _ in refs):
-        spec = BACKBONES.lookup(backbone)
+        spec = feat.spec(backbone)
         pre = preprocess_for(feat, spec)
         if pre not in decoded:
             decoded[pre] = [load_image(file, pre) for file in files]

@@ -93,7 +93,7 @@ def fuse_train(cfg: FuseTrainConfig, log=print) -> list[Path]:
     ``cfg.runs_dir`` is served from that run unless ``cfg.force``.
     """
     feat_cfg = cfg.features
-    tapsets = [parse_taps(t, feat_cfg.backbones) for t in cfg.taps]  # bad names fail before any long work
+    tapsets = [parse_taps(t, feat_cfg) for t in cfg.taps]  # bad names fail before any long work
     if cfg.run_extract:
         extract(feat_cfg, log=log)
     paths = locate_caches(feat_cfg)

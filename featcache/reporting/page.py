@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache._version import __version__
+from featcache.backbones.modules import with_modules
 from featcache.backbones.registry import BACKBONES
 from featcache.device import resolve_device
 from featcache.data.datasets import load_dataset
@@ -148,7 +149,7 @@ def _architecture(record: RunRecord) -> bytes:
             if backbone != name:
                 continue
             try:
-                t = BACKBONES.lookup(name).tap(tap)
+                t = with_modules(BACKBONES.lookup(name), tuple(c.get("modules") or ())).tap(tap)
                 taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {t.width(c['pooling'])}"))
             except FeatcacheError:
                 taps.append((tap, "(backbone not registered here)"))

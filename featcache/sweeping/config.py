@@ -11,7 +11,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from featcache.backbones.registry import BACKBONES
 from featcache.backbones.spec import LOGITS
 from featcache.errors import FeatcacheError, require, unknown
 from featcache.extraction.config import ExtractConfig
@@ -84,9 +83,10 @@ def logits_taps(cfg: SweepConfig) -> list[TapRef]:
     return [TapRef(name, LOGITS) for name in cfg.features.backbones]
 
 
-def all_taps(backbones: tuple[str, ...]) -> list[TapRef]:
-    """Every tap of every backbone, in network order."""
-    return [TapRef(name, tap.node) for name in backbones for tap in BACKBONES.lookup(name).taps]
+def all_taps(features) -> list[TapRef]:
+    """Every tap of every backbone of ``features`` (an ExtractConfig), in network order, its ``--module`` taps
+    after each backbone's own."""
+    return [TapRef(name, tap.node) for name in features.backbones for tap in features.spec(name).taps]
 
 
 def combinations(cfg: SweepConfig) -> list[tuple[TapRef, ...]]:
@@ -94,7 +94,7 @@ def combinations(cfg: SweepConfig) -> list[tuple[TapRef, ...]]:
 
     A count over ``--max-combos`` is refused up front, naming the count and the flag.
     """
-    taps = all_taps(cfg.features.backbones)
+    taps = all_taps(cfg.features)
     size = {"singles": 1, "pairs": 2}.get(cfg.combos) or int(cfg.combos)
     count = sum(_n_choose(len(taps), k) for k in range(1, min(size, len(taps)) + 1)) + len(cfg.taps)
     if count > cfg.max_combos:
@@ -107,7 +107,7 @@ def combinations(cfg: SweepConfig) -> list[tuple[TapRef, ...]]:
     for text in cfg.taps:
         if not text.strip():
             raise FeatcacheError("--taps has an empty entry: name taps such as early,late or resnet50:late")
-        refs = parse_taps(text, cfg.features.backbones)
+        refs = parse_taps(text, cfg.features)
         if refs not in out:
             out.append(refs)
     return out

@@ -93,7 +93,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
             count = _evaluate(cfg, paths, folder, todo, done, log, progress)
         # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
         # (written each time: a damaged sweep.json of a finished sweep is mended by running it again)
-        shown = {"taps": [str(r) for r in all_taps(cfg.features.backbones)], "weights": str(cfg.features.weights),
+        shown = {"taps": [str(r) for r in all_taps(cfg.features)], "weights": str(cfg.features.weights),
                  "data_dir": None if cfg.features.data.data_dir is None else str(cfg.features.data.data_dir),
                  "validation": f"cv{cfg.cv}" if cfg.cv else _validation(paths)}
         atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
@@ -115,7 +115,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     from tqdm.auto import tqdm
 
     feat = cfg.features
-    every_tap = all_taps(feat.backbones)  # in network order
+    every_tap = all_taps(feat)  # in network order
     data = load_features(paths, set(every_tap) | set(logits_taps(cfg)), allow_dead=True, log=log)
     labels = data.labels
     n_classes = len(data.classes)

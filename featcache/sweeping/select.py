@@ -29,7 +29,7 @@ def choose_taps(cfg, log=print):
     if cfg.run_extract:
         extract(feat, log=log)
     # every tap a candidate but the dead ones (constant, or lost below float16's range), unless --allow-dead-taps
-    every_tap = all_taps(feat.backbones)  # in network order
+    every_tap = all_taps(feat)  # in network order
     data = load_features(locate_caches(feat), set(every_tap), cfg.allow_dead_taps or "drop", log)
     refs = [r for r in every_tap if ("train", r) in data.taps]
     if not refs:

@@ -90,8 +90,8 @@ def similarity(request, log=print):
     from featcache.sweeping.config import all_taps
 
     features = request.features(request.device, skip_bad_images=request.skip_bad_images)
-    refs = all_taps(features.backbones) if not request.taps else \
-        list(dict.fromkeys(r for text in request.taps for r in parse_taps(text, features.backbones)))
+    refs = all_taps(features) if not request.taps else \
+        list(dict.fromkeys(r for text in request.taps for r in parse_taps(text, features)))
     if len(refs) < 2:
         raise FeatcacheError("featcache similarity compares taps: name at least two (or a backbone with two taps)")
     if request.extract:

@@ -227,12 +227,13 @@ def _openclip_taps_class():
             self.names = tuple(t for t in taps if t != EMBEDDING)
             self.indices = [spec.tap_names.index(spec.tap(t).node) for t in self.names]
             self.vit = spec.taps[0].layout == "tokens"
+            self.whole = bool(spec.modules)  # a --module tap may sit past the last tap asked for
 
         def forward(self, x):
             order = sorted(set(self.indices))
             extra = {"output_fmt": "NLC", "output_extra_tokens": True} if self.vit else {}
             out = self.net.forward_intermediates(x, indices=order or [0], intermediates_only=not self.embedding,
-                                                 stop_early=not self.embedding, **extra)
+                                                 stop_early=not (self.embedding or self.whole), **extra)
             maps = out["image_intermediates"]
             if self.vit:
                 maps = [torch.cat([prefix, tokens], dim=1)

@@ -128,6 +128,7 @@ def _timm_taps_class():
             super().__init__()
             self.net = net
             self.logits = LOGITS in taps  # the classifier's output too: the whole network runs, then its head
+            self.whole = self.logits or bool(spec.modules)  # a --module tap may sit past the last tap
             self.names = tuple(t for t in taps if t != LOGITS)
             self.indices = [spec.tap_names.index(spec.tap(t).node) for t in self.names]
             self.tokens = spec.taps[0].layout == "tokens"
@@ -142,8 +143,8 @@ def _timm_taps_class():
                                                             stop_early=False, **extra)
                 result[LOGITS] = self.net.forward_head(final)
             else:
-                outs = self.net.forward_intermediates(x, indices=order, intermediates_only=True, stop_early=True,
-                                                      **extra)
+                outs = self.net.forward_intermediates(x, indices=order or [len(self.net.feature_info) - 1],
+                                                      intermediates_only=True, stop_early=not self.whole, **extra)
             by_index = dict(zip(order, outs))
             for name, i in zip(self.names, self.indices):
                 out = by_index[i]

@@ -1,0 +1,180 @@
+"""Any named module as a tap: ``--module NAME`` caches that module's output beside the model's own taps.
+
+Stage 2 (data -> **backbones** -> extraction), beside taps. Every module's output shape comes from one pass on
+the meta device with a forward hook on each module (nothing downloaded, nothing allocated): what
+``featcache backbones NAME --modules`` lists and what :func:`with_modules` reads to add a tap of the module's own
+name. Its layout follows its shape: (N, C, H, W) a map (N, H, W, C where the model's own taps are), (N, T, D)
+tokens (the model's class and register tokens, where it has them, left out of ``avg`` and ``max``), (N, D) a
+vector cached whole. The cut runs the module inside the same forward pass as the other taps: a graph node of
+torchvision's cut (``create_feature_extractor`` takes module names), a forward hook for every other source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from featcache.backbones.sources import on_meta, source_of
+from featcache.backbones.spec import BackboneSpec, Tap
+from featcache.errors import FeatcacheError, closest
+
+
+def first_tensor(output):
+    """The tensor a module returns, or the first of a tuple / list it returns (a transformer layer's hidden
+    state beside its attention weights); None where there is none."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):  # a Hugging Face model's output object: its first field (last_hidden_state)
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _shapes(name: str, size: int, build) -> tuple:
+    import torch
+
+    model = on_meta(build)
+    shapes, handles = {}, []
+    for module_name, module in model.named_modules():
+        if not module_name:
+            continue
+
+        def hook(_, __, output, key=module_name):
+            tensor = first_tensor(output)
+            shapes.setdefault(key, tuple(tensor.shape) if tensor is not None else None)
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.empty(1, 3, size, size, device="meta"))
+    except Exception as exc:  # noqa: BLE001 - the meta pass failed: say so once, in one line
+        raise FeatcacheError(f"{name}: one pass on the meta device failed ({type(exc).__name__}), so featcache "
+                             f"cannot list its modules' outputs") from None
+    finally:
+        for handle in handles:
+            handle.remove()
+    order = [n for n, _ in model.named_modules() if n]
+    return tuple((n, shapes.get(n, "not run")) for n in order)
+
+
+def module_shapes(spec: BackboneSpec) -> list[tuple[str, tuple | str | None]]:
+    """(module name, its output shape for one image at the model's input size) for every module, in the
+    model's order: None where it returns no tensor, "not run" where the forward pass never calls it."""
+    size = spec.input.image_size if spec.input is not None else 224
+    return list(_shapes(spec.name, size, spec.build))
+
+
+def layout_of(spec: BackboneSpec, shape, shapes: dict) -> str | None:
+    """How a module output of ``shape`` is pooled; None: featcache cannot tell how. A vector is kept whole. A
+    transformer's (N, T, D) output pools as tokens where T is its own taps' token count (the class and register
+    tokens where they sit); a CNN's square (N, C, S, S) as a map, (N, S, S, C) as an NHWC one. Anything else (a
+    transformer's per-head (N, heads, T, d), its patch embedding without the class token) is refused."""
+    if not isinstance(shape, tuple):
+        return None
+    if len(shape) == 2:
+        return "embedding"
+    tokens = spec.taps[0].layout == "tokens"
+    if len(shape) == 3 and tokens:
+        own = shapes.get(spec.taps[0].graph_node)
+        return "tokens" if not isinstance(own, tuple) or len(own) != 3 or own[1] == shape[1] else None
+    if len(shape) == 4 and not tokens:
+        return "nchw" if shape[2] == shape[3] else "nhwc" if shape[1] == shape[2] else None
+    return None
+
+
+def with_modules(spec: BackboneSpec, names: tuple[str, ...]) -> BackboneSpec:
+    """``spec`` with each named module's output as one more tap, called by the module's name; one line for a
+    name the model has not (the closest names), a module that is already a tap, or an output that cannot be
+    pooled."""
+    if not names:
+        return spec
+    shapes = dict(module_shapes(spec))
+    size = spec.input.image_size if spec.input is not None else 224
+    taps = list(spec.taps)
+    for name in names:
+        if name not in shapes:
+            guess = closest(name, list(shapes))
+            raise FeatcacheError(f"--module {name}: {spec.name} has no module of that name"
+                                 f"{f'; did you mean {guess!r}?' if guess else ''} (featcache backbones {spec.name} "
+                                 f"--modules lists its {len(shapes)} modules)")
+        if any(name in (t.node, t.module) for t in spec.taps):
+            raise FeatcacheError(f"--module {name}: it is already a tap of {spec.name} "
+                                 f"({spec.tap(name).node}): drop --module {name}")
+        shape = shapes[name]
+        layout = layout_of(spec, shape, shapes)
+        if layout is None:
+            what = "is never run by the forward pass" if shape == "not run" else \
+                "returns no tensor" if shape is None else f"returns {'x'.join(map(str, shape[1:]))} per image"
+            raise FeatcacheError(f"--module {name} of {spec.name} {what}, which featcache cannot pool (a CNN's "
+                                 f"maps, a transformer's tokens as its taps hold them, or a vector): choose another "
+                                 f"module (featcache backbones {spec.name} --modules)")
+        channels = shape[-1] if layout in ("nhwc", "tokens", "embedding") else shape[1]
+        stride = max(1, size // shape[2]) if layout == "nhwc" else max(1, size // shape[-1]) \
+            if layout == "nchw" else spec.taps[0].stride
+        taps.append(Tap(name, int(channels), stride, module=name, layout=layout))
+    return dataclasses.replace(spec, taps=tuple(taps), modules=tuple(names))
+
+
+def hooked_extractor(spec: BackboneSpec, backbone, taps):
+    """The source's cut for the model's own taps, plus a forward hook on each module tap among ``taps``
+    (torchvision's cut takes module names as graph nodes itself)."""
+    source = source_of(spec)
+    wanted = [t for t in taps if t in spec.modules]
+    if not wanted:
+        return source.extractor(spec, backbone, taps)
+    if spec.model_source in ("declared", "torchvision"):
+        return _copied(source.extractor(spec, backbone, taps), wanted)
+    return _hooked_class()(source.extractor(spec, backbone, [t for t in taps if t not in wanted]),
+                           source.param_prefix, wanted)
+
+
+def _copied(graph_module, names):
+    """torchvision's cut with each named output copied where it is made: the network may change it in place
+    afterwards (BasicBlock adds the shortcut to its last BatchNorm's output with ``+=``, then an in-place ReLU)."""
+    graph = graph_module.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = dict(output.args[0])
+    for name in names:
+        node = returned[name]
+        with graph.inserting_after(node):
+            returned[name] = graph.call_method("clone", (node,))
+    output.args = (returned,)
+    graph_module.recompile()
+    return graph_module
+
+
+@functools.lru_cache(maxsize=1)
+def _hooked_class():
+    import torch
+
+    class Hooked(torch.nn.Module):
+        """A source's cut with forward hooks that catch the named modules' outputs in the same pass."""
+
+        def __init__(self, inner, prefix, names):
+            super().__init__()
+            self.inner, self.names, self._caught = inner, tuple(names), {}
+            for name in names:
+                inner.get_submodule(prefix + name).register_forward_hook(self._catch(name))
+
+        def _catch(self, name):
+            def hook(_, __, output):
+                tensor = first_tensor(output)  # copied: the network may change its output in place afterwards
+                self._caught[name] = tensor.clone() if tensor is not None else None
+
+            return hook
+
+        def forward(self, x):
+            self._caught.clear()
+            result = dict(self.inner(x))
+            missing = [n for n in self.names if n not in self._caught]
+            if missing:
+                raise FeatcacheError(f"--module {missing[0]} did not run in the forward pass of the cut network")
+            result.update({n: self._caught[n] for n in self.names})
+            self._caught.clear()
+            return result
+
+    return Hooked
