@@ -24,7 +24,7 @@ typed values; errors raise FeatcacheError naming the keyword.
 from featcache.errors import FeatcacheError
 
 from featcache._version import __version__  # noqa: E402,F401  (re-exported)
-API = ("extract", "load_features", "fuse_train", "sweep", "rank", "choose", "similarity", "finetune", "predict", "report", "runs_table",
+API = ("extract", "own_backbone", "load_features", "fuse_train", "sweep", "rank", "choose", "similarity", "finetune", "predict", "report", "runs_table",
        "run_pipeline", "datasets")
 CALLABLE_PACKAGES = ("runs", "backbones")  # featcache.runs(), featcache.backbones(): the commands of those names
 __all__ = ["FeatcacheError", *API, *CALLABLE_PACKAGES]

@@ -68,8 +68,41 @@ def _result(outcome: Outcome):
     return outcome.result
 
 
-extract = _function("extract", _paths, "``featcache extract``: cache every tap of the backbones; returns the cache "
-                                       "file (a list for several).")
+_extract = _function("extract", _paths, "``featcache extract``: cache every tap of the backbones; returns the cache "
+                                        "file (a list for several).")
+
+
+def own_backbone(model, taps, image_size: int, mean, std, name: str | None = None, version: str = "",
+                 interpolation: str = "bilinear", crop_pct: float = 1.0, prefix_tokens: int = 0) -> str:
+    from featcache.backbones.sources.own_models import own_backbone as register
+
+    return register(model, taps, image_size, mean, std, name=name, version=version, interpolation=interpolation,
+                    crop_pct=crop_pct, prefix_tokens=prefix_tokens)
+
+
+def extract(model=None, taps=None, name: str | None = None, version: str = "", **kwargs):
+    """``model``: a network of your own (a ``torch.nn.Module``), registered as ``own:NAME`` with ``taps`` (its
+    module names) and the preprocessing given (``image_size``, ``mean``, ``std``, optionally ``interpolation``,
+    ``crop_pct``); every later call names it as ``backbone="own:NAME"``."""
+    if model is None:
+        if taps is not None or name is not None or version:
+            raise FeatcacheError("taps, name and version go with model=: extract caches every tap of a named backbone")
+        return _extract(**kwargs)
+    missing = [k for k in ("image_size", "mean", "std") if kwargs.get(k) is None]
+    if missing or not taps:
+        raise FeatcacheError(f"extract(model=...) needs taps=[module names], image_size, mean and std (a network of "
+                             f"your own has no weights' config to read them from); missing: "
+                             f"{', '.join((['taps'] if not taps else []) + missing)}")
+    if "backbone" in kwargs:
+        raise FeatcacheError("give model= or backbone=, not both")
+    backbone = own_backbone(model, taps, kwargs["image_size"], kwargs["mean"], kwargs["std"], name=name,
+                            version=version, interpolation=kwargs.get("interpolation") or "bilinear",
+                            crop_pct=kwargs.get("crop_pct") or 1.0)
+    return _extract(backbone=[backbone], **kwargs)
+
+
+own_backbone.__doc__ = __import__("featcache.backbones.sources.own_models", fromlist=["x"]).own_backbone.__doc__
+extract.__doc__ = _extract.__doc__ + "\n\n" + extract.__doc__
 fuse_train = _function("fuse-train", _result, "``featcache fuse-train``: every taps x head combination; "
                                                          "returns the run folders written or served.")
 rank = _function("rank", _table, "``featcache rank``: every tap of the models the patterns match, scored by "

@@ -62,7 +62,7 @@ def test_fuse_train_finetune_runs_and_report_return_what_they_wrote(tmp_path, fl
     ({"imagesize": 32}, r"^unknown keyword 'imagesize'; did you mean 'image_size'\?"),
     ({"image_size": "big"}, r"^Invalid value for 'image_size': 'big' is not a valid integer"),
     ({"mean": (0.5, 0.5)}, r"^Invalid value for 'mean': \(0.5, 0.5\) is not 3 comma-separated numbers"),
-    ({"pooling": "maxx"}, r"^The 'pooling' option must be one of \{avg, avgmax, cls, max\}. Got 'maxx' instead; "
+    ({"pooling": "maxx"}, r"^The 'pooling' option must be one of \{avg, avgmax, cls, cls\+avg, max\}. Got 'maxx' instead; "
                           r"did you mean 'max'\?"),
     ({"limit_train": 0}, r"^limit_train must be a positive number of images. Got 0 instead."),
     ({"batch_size": 0}, r"^batch_size must be at least 1. Got 0 instead."),  # the stage's own check, respelled

@@ -55,7 +55,7 @@ def test_backbones_lists_taps_aliases_and_dimensions():
     [
         (["extract", "--backbone", "resnet05"], r"unknown backbone 'resnet05'.*did you mean 'resnet50'"),
         (["extract", "--dataset", "cifar"], r"Got 'cifar' instead; did you mean 'cifar10'\?"),
-        (["extract", *FAST, "--pooling", "mean"], r"'--pooling' option must be one of \{avg, avgmax, cls, max\}"),
+        (["extract", *FAST, "--pooling", "mean"], r"'--pooling' option must be one of \{avg, avgmax, cls, cls\+avg, max\}"),
         (["extract", *FAST, "--dataset", "folder", "--data-dir", "/no/such/dir"], "data directory /no/such/dir does not exist"),
         (["extract", *FAST, "--weights", "/no/such/weights.pt"], "--weights must be imagenet, random, a weights tag or the path"),
         (["extract", *FAST, "--batch-size", "0"], "--batch-size must be at least 1"),

@@ -77,12 +77,9 @@ def test_hf_vit_taps_are_its_hidden_states_and_logits(checkpoints):
 
 
 def test_hf_register_tokens_are_left_out_of_the_mean(checkpoints):
-    spec, net = _taps(f"hf:{checkpoints / 'dinov2reg'}", "avg", weights="random")
+    spec, net = _taps(f"hf:{checkpoints / 'dinov2reg'}", "avg")
     assert spec.prefix_tokens == 3  # the class token and two registers
-    own = spec.build(None)
-    torch.manual_seed(0)
     own = transformers.Dinov2WithRegistersModel.from_pretrained(checkpoints / "dinov2reg").eval()
-    net.extractor.net.load_state_dict(own.state_dict())
     x = _images()
     with torch.no_grad():
         got, out = net(x), own(pixel_values=x, output_hidden_states=True)
@@ -300,3 +297,63 @@ def test_backbones_modules_lists_every_module_with_its_shape():
     lines = {line.split()[0]: line.split()[1:] for line in result.output.splitlines() if line.strip()}
     assert lines["layer3.1.conv2"][0] == "256x14x14" and lines["layer4"][1:] == ["tap", "layer4"]
     assert lines["fc"] == ["1000", "vector,", "kept", "whole"]
+
+
+def test_dinov2_linear_protocol_features(checkpoints):
+    """pipelines/dinov2_linear.toml's features: --module layernorm with cls+avg is dinov2's create_linear_input
+    for n_last_blocks=1, avgpool=True: the normalised class token beside the mean of the normalised patch tokens
+    (registers left out)."""
+    name = f"hf:{checkpoints / 'dinov2reg'}"
+    spec = ExtractConfig(backbones=(name,), modules=("layernorm",), pooling="cls+avg").spec(name)
+    net = tap_model(spec, "imagenet", 0, "cls+avg", torch.device("cpu"))
+    own = transformers.Dinov2WithRegistersModel.from_pretrained(checkpoints / "dinov2reg").eval()
+    x = _images()
+    with torch.no_grad():
+        got, normed = net(x)["layernorm"], own(pixel_values=x).last_hidden_state
+    torch.testing.assert_close(got, torch.cat([normed[:, 0], normed[:, 3:].mean(dim=1)], dim=1), rtol=1e-5, atol=1e-5)
+
+
+class _Own(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True))
+        self.b = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True))
+        self.head = torch.nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)).mean((2, 3)))
+
+
+def test_own_network_from_python(tmp_path):
+    """featcache.extract(model=net, taps=[...]) caches the named modules' outputs; the fingerprint holds the class
+    and a hash of the weights (new weights, a new cache); the user's network is left as it was."""
+    import featcache
+    from featcache.extraction.reader import FeatureCache
+
+    torch.manual_seed(0)
+    net = _Own().train()
+    common = dict(image_size=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), limit_train=30, limit_test=10,
+                  cache_dir=tmp_path, quiet=True)
+    path = featcache.extract(model=net, taps=["a", "b", "head"], **common)
+    assert net.training and all(p.requires_grad for p in net.parameters())  # untouched
+    with FeatureCache(path) as cache:
+        fp = cache.fingerprint
+        assert fp["weights"]["class"].endswith("_Own") and len(fp["weights"]["sha256"]) == 64
+        assert cache.taps("train")["head"] == (30, 5)  # a vector: kept whole
+        assert cache.taps("train")["b"] == (30, 16)
+    spec = BACKBONES.lookup("own:_Own")
+    tapped = tap_model(spec, "imagenet", 0, "avg", torch.device("cpu"))
+    x = _images(size=32)
+    net.eval()
+    with torch.no_grad():
+        got = tapped(x)
+        torch.testing.assert_close(got["b"], net.b(net.a(x)).mean(dim=(2, 3)))
+        torch.testing.assert_close(got["head"], net(x))
+    with torch.no_grad():
+        net.head.bias.add_(1.0)
+    again = featcache.extract(model=net, taps=["a", "b", "head"], **common)
+    assert again != path  # new weights, a new cache
+    with pytest.raises(FeatcacheError, match="holds the weights it was given"):
+        featcache.extract(backbone=["own:_Own"], weights="random", **common)
+    with pytest.raises(FeatcacheError, match="needs taps"):
+        featcache.extract(model=net, **common)

@@ -14,11 +14,19 @@ from featcache.backbones.sources import owner, unknown_backbone
 from featcache.backbones.spec import BackboneSpec
 
 
-@functools.lru_cache(maxsize=64)
 def discover(name: str, declared: tuple[str, ...] = ()) -> BackboneSpec:
     """The spec of a model a source offers; an unknown name is one line with the closest names of every
-    source and of the ``declared`` names."""
+    source and of the ``declared`` names. Kept once found, but for a source whose specs change in a process
+    (``own:``, registered again with new weights)."""
     source = owner(name)
     if source is None:
         raise unknown_backbone(name, declared)
-    return source.discover(name)
+    return _found(name) if source.keep_specs else source.discover(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _found(name: str) -> BackboneSpec:
+    return owner(name).discover(name)
+
+
+discover.cache_clear = _found.cache_clear  # what tests that register a source call

@@ -14,23 +14,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 
-from featcache.backbones.sources import on_meta, source_of
+from featcache.backbones.sources import first_tensor, on_meta, source_of
 from featcache.backbones.spec import BackboneSpec, Tap
 from featcache.errors import FeatcacheError, closest
-
-
-def first_tensor(output):
-    """The tensor a module returns, or the first of a tuple / list it returns (a transformer layer's hidden
-    state beside its attention weights); None where there is none."""
-    import torch
-
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict):  # a Hugging Face model's output object: its first field (last_hidden_state)
-        output = list(output.values())
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    return None
 
 
 @functools.lru_cache(maxsize=16)

@@ -25,6 +25,7 @@ class ModelSource:
     (``timm:``); the library without one (torchvision) answers to bare names."""
 
     prefix = ""
+    keep_specs = True  # discovery may keep a spec once found (False: the source's specs change in a process)
     param_prefix = ""  # what the cut's parameter names carry before the network's own
     fold_batchnorm = False
 
@@ -161,6 +162,20 @@ def on_meta(build):
 
 
 
+def first_tensor(output):
+    """The tensor a module returns, or the first of a tuple / list it returns (a transformer layer's hidden
+    state beside its attention weights); None where there is none."""
+    import torch
+
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict):  # a Hugging Face model's output object: its first field (last_hidden_state)
+        output = list(output.values())
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    return None
+
+
 def with_logits(spec: BackboneSpec) -> BackboneSpec:
     """``spec`` with its source classifier's output as one more tap, ``logits`` (``--logits``: what LEEP and NCE
     read); one line where the model has none."""
@@ -196,4 +211,4 @@ def _logits_tap(spec: BackboneSpec) -> Tap:
 
 
 
-from featcache.backbones.sources import hf_models, openclip_models, timm_models, torchvision_models  # noqa: E402,F401  (each registers)
+from featcache.backbones.sources import hf_models, openclip_models, own_models, timm_models, torchvision_models  # noqa: E402,F401  (each registers)
