@@ -43,7 +43,9 @@ def sample(p):
         return next(c for c in choices if c != p.default) if choices else TEXT.get(p.name, "early")
     kind, *rest = typing.get_args(hint)
     if kind is str:
-        return tuple(c for c in choices if c not in (p.default or ()))[:2] if choices else ("early,late", "late")
+        if choices:
+            return tuple(c for c in choices if c not in (p.default or ()))[:2]
+        return ("layer3.1", "late") if p.meta.split else ("early,late", "late")  # a split field: no commas inside
     if rest == [...]:
         return (1, 2) if kind is int else (0.5, 1.0)
     return (0.5, 0.5, 0.5)

@@ -119,7 +119,7 @@ def unknown_backbone(name: str, declared: tuple[str, ...] = ()) -> FeatcacheErro
     guesses += [closest(s.prefix + bare, s.names()) for s in sources() if s.prefix]
     # another source's name only where it is close (a zoo of unlike names matches anything at difflib's 0.5)
     guesses = [g for g in guesses if g and (g.startswith(name.split(":")[0] + ":") or
-                                            difflib.SequenceMatcher(None, name, g).ratio() >= 0.75)]
+                                            difflib.SequenceMatcher(None, bare, g.split(":")[-1]).ratio() >= 0.75)]
     hint = f"; did you mean {' or '.join(repr(g) for g in guesses)}?" if guesses else "."
     prefixed = [f"{s.prefix}NAME" for s in sources() if s.prefix]
     kinds = ", ".join(["a declared backbone", "a torchvision classification model", *prefixed[:-1]])
