@@ -357,3 +357,17 @@ def test_own_network_from_python(tmp_path):
         featcache.extract(backbone=["own:_Own"], weights="random", **common)
     with pytest.raises(FeatcacheError, match="needs taps"):
         featcache.extract(model=net, **common)
+
+
+def test_rank_and_sweep_take_an_hf_folder(checkpoints, tmp_path):
+    """A backbone named by a folder: rank scores its taps, and the sweep's folder is one folder (no path
+    separators from the name)."""
+    import featcache
+
+    name = f"hf:{checkpoints / 'vit'}"
+    common = dict(backbone=[name], limit_train=60, limit_test=20, cache_dir=tmp_path / "cache",
+                  runs_dir=tmp_path / "runs", quiet=True)
+    ranked = featcache.rank(score=["hscore"], **common)
+    assert sorted(ranked["tap"]) == ["block1", "block2", "block3"]
+    table = featcache.sweep(combos="singles", head=["knn"], keep=0, **common)
+    assert table.attrs["folder"].parent == tmp_path / "runs" / "sweeps"

@@ -86,10 +86,14 @@ def fingerprint_hash(fingerprint: dict) -> str:
     return hashlib.sha256(canonical(fingerprint).encode()).hexdigest()
 
 
+def file_safe(backbone: str) -> str:
+    """A backbone's name as part of a file or folder name: timm:NAME without its colon (Windows, scp, URLs),
+    hf:ORG/NAME or hf:FOLDER without folders either."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", backbone)
+
+
 def cache_file(cache_dir: Path, dataset_key: str, backbone: str, fingerprint: dict) -> Path:
-    # timm:NAME: no colon in file names (Windows, scp, URLs); hf:ORG/NAME or hf:FOLDER: no folders either
-    safe = re.sub(r"[^A-Za-z0-9._+-]", "-", backbone)
-    return Path(cache_dir) / dataset_key / f"{safe}-{fingerprint_hash(fingerprint)[:12]}.h5"
+    return Path(cache_dir) / dataset_key / f"{file_safe(backbone)}-{fingerprint_hash(fingerprint)[:12]}.h5"
 
 
 def partial_file(path: Path) -> Path:

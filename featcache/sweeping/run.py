@@ -30,6 +30,7 @@ import numpy as np
 from featcache.errors import FeatcacheError
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
+from featcache.extraction.store import file_safe
 from featcache.files import atomic_write, lock
 from featcache.fuse.caches import load_features, locate_caches
 from featcache.fuse.evaluate import (
@@ -248,7 +249,7 @@ def _validation(paths: dict) -> str:
 
 def _folder(cfg: SweepConfig, paths: dict) -> Path:
     digest = request_hash(_request(cfg, paths), 10)
-    name = "+".join(b.replace(":", "-") for b in cfg.features.backbones)[:60]
+    name = "+".join(file_safe(b) for b in cfg.features.backbones)[:60]
     return cfg.runs_dir / "sweeps" / f"{cfg.features.data.name}-{name}-{digest}"
 
 
