@@ -1,6 +1,7 @@
 """The sweep: solvers against scikit-learn, k-NN against brute force, a small sweep end to end, resume, bad input."""
 
 import csv
+import dataclasses
 import io
 import json
 
@@ -552,3 +553,42 @@ def test_a_kept_run_reproduces_its_row_or_says_why_not(tmp_path):
             assert not any("kept from" in w for w in record.warnings)
         else:
             assert any("calibrated by 3-fold cross-validation" in w for w in record.warnings)
+
+
+def test_promise_order_and_the_early_stop():
+    from featcache.sweeping.pairs import Stopper, promise_order
+
+    a, b, c = "m:a", "m:b", "m:c"
+    alone = {a: 0.9, b: 0.8, c: 0.7}
+    # a+b: mean 0.85 but near copies (CKA 0.9): 0.85 * 0.55; a+c: 0.8 * (1 - 0.05); b+c: 0.75 * 0.9
+    order = promise_order([(a, b), (a, c), (b, c)], alone, {(a, b): 0.9, (a, c): 0.1, (b, c): 0.2})
+    assert order == [(a, c), (b, c), (a, b)]
+    stopper = Stopper(2)
+    assert [stopper.add(x) for x in (0.5, 0.6, 0.6, 0.55)] == [False, False, False, True]  # equal is no gain
+
+
+def test_the_pair_search_by_promise_stops_early_and_shares_rows_with_the_exhaustive_sweep(tmp_path):
+    """With patience 1 the search evaluates the singles, then pairs in its recorded order until one beats no
+    earlier pair; its table holds exactly those; run again it computes nothing; the exhaustive sweep on the same
+    folder computes only the pairs left."""
+    from featcache.sweeping.pairs import Stopper
+    from featcache.sweeping.run import sweep_and_keep
+
+    cfg = _cfg(tmp_path, heads=("logreg",), keep=0, pair_search="promise", pair_patience=1)
+    folder, count, _ = sweep_and_keep(cfg, log=lambda m: None)
+    search = json.loads((folder / "sweep.json").read_text())["pair_search"]
+    table = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text())))
+    singles = {r["taps"] for r in table if r["n_taps"] == "1"}
+    pairs = {r["taps"]: float(r["val_acc"]) for r in table if r["n_taps"] == "2"}
+    assert singles == {"tiny:stage1", "tiny:stage2", "tiny:stage3"} and search["of"] == 3
+    evaluated = ["+".join(p) for p in search["order"][:search["evaluated"]]]
+    assert set(pairs) == set(evaluated) and count == 3 + len(evaluated)
+    stopper = Stopper(1)
+    stops = [stopper.add(pairs[p]) for p in evaluated]
+    assert (True in stops) == search["stopped_early"] and (not search["stopped_early"] or stops.index(True) ==
+                                                           len(evaluated) - 1)
+    assert sweep_and_keep(cfg, log=lambda m: None)[1] == 0  # resumed: every row is there
+    exhaustive = dataclasses.replace(cfg, pair_search="all")
+    assert sweep_and_keep(exhaustive, log=lambda m: None)[1] == 3 - len(evaluated)
+    with pytest.raises(FeatcacheError, match="--combos must be pairs with --pair-search promise"):
+        _cfg(tmp_path, combos="singles", pair_search="promise")

@@ -19,6 +19,7 @@ from featcache.fuse.heads import HeadOptions, heads_for
 from featcache.sweeping.scorers import SCORERS
 
 DEFAULT_HEADS = ("logreg", "svm", "linear", "knn")
+PAIR_SEARCHES = ("all", "promise")
 MAX_COMBOS = 1_000_000  # above any --max-combos: the combinations are listed in memory
 
 
@@ -41,6 +42,8 @@ class SweepConfig:
     options: HeadOptions = field(default_factory=HeadOptions)
     runs_dir: Path = Path("runs")
     run_extract: bool = False
+    pair_search: str = "all"  # all | promise: pairs in order of promise, stopped after pair_patience without gain
+    pair_patience: int = 10
 
     def __post_init__(self):
         for head in self.heads:
@@ -55,6 +58,12 @@ class SweepConfig:
         require(self.combos in ("singles", "pairs") or self.combos.isdigit(),
                 "--combos", self.combos, "be singles, pairs or a number of taps N (0: only the --taps given)")
         require(self.combos != "0" or bool(self.taps), "--combos", self.combos, "come with --taps when it is 0")
+        require(self.pair_search in PAIR_SEARCHES, "--pair-search", self.pair_search, "be all or promise")
+        if self.pair_search == "promise":
+            require(self.combos == "pairs", "--combos", self.combos, "be pairs with --pair-search promise")
+            require(bool(self.heads), "--head", "none", "name a head with --pair-search promise (its validation "
+                                                        "accuracy orders and stops the search)")
+        require(self.pair_patience >= 1, "--pair-patience", self.pair_patience, "be at least 1")
         require(0 < self.val_fraction < 1, "--val-fraction", self.val_fraction, "lie between 0 and 1")
         if self.cv:
             from featcache.fuse.train import check_cv_request

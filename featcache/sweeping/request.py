@@ -44,6 +44,14 @@ class SweepRequest(HeadFields, FeatureFields):
     keep: int = option(3, help="Train the best K (combination, head) by validation accuracy as ordinary runs "
                                "(heads that store a model).")
     max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
+    pair_search: str = option("all", choices=("all", "promise"),
+                              help="With --combos pairs: all evaluates every pair; promise evaluates every tap "
+                                   "alone, then the pairs most promising first (both taps good alone on validation, "
+                                   "little alike by linear CKA) and stops after --pair-patience pairs in a row that "
+                                   "beat no earlier pair on validation (sweep.json records the order and where it "
+                                   "stopped).")
+    pair_patience: int = option(10, help="--pair-search promise: stop after this many pairs in a row without a "
+                                         "better one.")
     val_fraction: float = option(0.1, help="Stratified share of train that chooses every hyper-parameter.")
     cv: int = cv_option()
     device: str = device_option("Where the probes are solved.")

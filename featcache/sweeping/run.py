@@ -20,6 +20,7 @@ linear, as swept), so runs, predict, report and the fine-tune warm start use the
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import replace
@@ -43,6 +44,7 @@ from featcache.fuse.fusion import fused_parts, standardised
 from featcache.fuse.heads import HEADS
 from featcache.requests import request_hash
 from featcache.runs.records import load_record
+from featcache.sweeping import pairs
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
 from featcache.sweeping.probes import batched, presolve, probe
 from featcache.sweeping.moments import ScoreBlocks
@@ -84,9 +86,11 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
               f"{folder}: waiting for it"), what="sweeps folder", fix="choose another --runs-dir"):
         done = finished(folder)
         todo = _jobs(cfg, combos)
-        count = 0
+        count, searched = 0, {}
         finished_here = sum(row_key(job) in done for job in todo)
-        if finished_here == len(todo):
+        if cfg.pair_search == "promise":  # the singles, then pairs in order of promise until the search stops
+            todo, count, searched = _pair_search(cfg, paths, folder, combos, done, log, progress)
+        elif finished_here == len(todo):
             log(f"every evaluation of this sweep is in {folder}: writing its tables")
         else:
             if finished_here:
@@ -97,12 +101,15 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         shown = {"taps": [str(r) for r in all_taps(cfg.features)], "weights": str(cfg.features.weights),
                  "data_dir": None if cfg.features.data.data_dir is None else str(cfg.features.data.data_dir),
                  "validation": f"cv{cfg.cv}" if cfg.cv else _validation(paths)}
-        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown}, indent=2, default=str))
+        atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown, **searched}, indent=2,
+                                                       default=str))
         rows = read_rows(folder)  # read once: the tables and the kept runs' choices
         table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
         write_tables(folder, table, fewshot, scores)
         for line in top_lines(table) + fewshot_lines(fewshot, table) + score_lines(scores):
             log(line)
+        if searched:
+            log(pairs.line(searched))
         kept = _keep(cfg, table, rows, log) if cfg.keep else []
     log(f"sweep written to {folder} (table.csv: every combination and head"
         + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "")
@@ -110,14 +117,53 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
     return folder, count, kept
 
 
-def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool) -> int:
-    """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl as it finishes; returns how many."""
+def _pair_search(cfg: SweepConfig, paths: dict, folder: Path, combos, done: set, log, progress: bool):
+    """``--pair-search promise``: the singles and explicit combinations, then the pairs most promising first
+    (:mod:`featcache.sweeping.pairs`), a few at a time, until ``--pair-patience`` pairs in a row beat no earlier
+    pair on validation. Returns (the jobs evaluated, how many were computed here, what sweep.json records).
+    Resumed, it reads the rows already there and takes the same path."""
+    data = _load(cfg, paths, log)
+    taps = all_taps(cfg.features)
+    search = list(itertools.combinations(taps, 2))
+    first = _jobs(cfg, [c for c in combos if tuple(c) not in set(search)])
+    count = _evaluate(cfg, paths, folder, first, done, log, progress, data=data)
+    alone = {t[0]: acc for t, acc in pairs.validation_accuracy(read_rows(folder), {row_key(j) for j in first}).items()
+             if len(t) == 1}
+    seed, fold = cfg.replicates()[0]
+    fit_rows = _splits(cfg, data.labels["train"], data.official_val)[(seed, fold)][0]
+    cka = pairs.pair_cka({r: data.taps[("train", r)] for r in taps}, fit_rows, taps, seed)
+    order = pairs.promise_order(search, alone, cka)
+    stopper, jobs, evaluated, stopped = pairs.Stopper(cfg.pair_patience), list(first), 0, False
+    step = max(1, min(8, cfg.pair_patience))  # pairs solved together (the solvers batch them)
+    while evaluated < len(order) and not stopped:
+        chunk = order[evaluated:evaluated + step]
+        chunk_jobs = _jobs(cfg, chunk)
+        count += _evaluate(cfg, paths, folder, chunk_jobs, done, log, progress, data=data, timed=False)
+        jobs += chunk_jobs
+        accs = pairs.validation_accuracy(read_rows(folder), {row_key(j) for j in chunk_jobs})
+        evaluated += len(chunk)
+        for pair in chunk:
+            if stopper.add(accs.get(tuple(str(r) for r in pair), -1.0)):
+                stopped = evaluated < len(order)
+                break
+    return jobs, count, pairs.summary(order, evaluated, stopped, cfg.pair_patience)
+
+
+def _load(cfg: SweepConfig, paths: dict, log):
+    """Every tap the sweep may read, both splits (float32)."""
+    return load_features(paths, set(all_taps(cfg.features)) | set(logits_taps(cfg)), allow_dead=True, log=log)
+
+
+def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool,
+              data=None, timed: bool = True) -> int:
+    """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl as it finishes; returns how many.
+    ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took."""
     import torch
     from tqdm.auto import tqdm
 
-    feat = cfg.features
-    every_tap = all_taps(feat)  # in network order
-    data = load_features(paths, set(every_tap) | set(logits_taps(cfg)), allow_dead=True, log=log)
+    if not any(row_key(job) not in done for job in todo):
+        return 0
+    data = data if data is not None else _load(cfg, paths, log)
     labels = data.labels
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
@@ -173,7 +219,8 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     count += 1
                     bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
                     bar.update()
-    log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
+    if timed:
+        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
     return count
 
 
@@ -236,6 +283,7 @@ def _request(cfg: SweepConfig, paths: dict) -> dict:
     return {"caches": sorted(p.name for p in paths.values()), "backbones": list(cfg.features.backbones),
             "dataset": cfg.features.data.name, "val_fraction": cfg.val_fraction,
             **({"cv": cfg.cv} if cfg.cv else {}),  # absent without it: earlier sweep folders keep their names
+
             "options": {"grid": o.grid, "hidden": o.hidden, "dropout": o.dropout, "optimizer": o.optimizer, "lr": o.lr,
                         "epochs": o.epochs, "batch_size": o.batch_size, "patience": o.patience}}
 
