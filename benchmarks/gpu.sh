@@ -71,4 +71,8 @@ step choose 420 python benchmarks/choose.py --device $DEV --images $CHOOSE_IMAGE
 # Issue 44: each head as a whole `featcache sweep` command on a CIFAR-shaped folder (50,000 / 10,000 PNGs of 32 px,
 # resnet18 + mobilenet_v2 late taps fused, 1,792 columns; target <= 5 s per head on a GPU).
 step probes 540 python benchmarks/probes.py --device $DEV --train $PROBE_TRAIN --test $((PROBE_TRAIN / 5)) --work /tmp/featcache-probes-gpu
+# Issue 43, point 7: the pair search by promise against every pair, four backbone pairs (pretrained weights where
+# the machine has them cached; random otherwise: say which in RESULTS.md).
+step pair_search 420 bash -c "python benchmarks/pair_search.py --device $DEV --images $CHOOSE_IMAGES --weights imagenet ||
+  python benchmarks/pair_search.py --device $DEV --images $CHOOSE_IMAGES --weights random"
 step storage 240 python benchmarks/storage_fidelity.py --device $DEV --train $((TRAIN < 128 ? TRAIN : 128))
