@@ -240,13 +240,16 @@ def _hooked(model, module, x):
 @pytest.mark.parametrize("name, module, pooling, reduce", [
     ("resnet18", "layer3.1.conv2", "avg", lambda t: t.mean(dim=(2, 3))),  # torchvision: a node of its cut
     ("resnet18", "layer3.1.bn1", "max", lambda t: t.amax(dim=(2, 3))),  # folded; an in-place ReLU follows it
+    ("resnet18", "layer3.1", "avg", lambda t: t.mean(dim=(2, 3))),  # a block: its output is after its last ReLU
     ("resnet18", "fc", "avg", lambda t: t),  # a vector: kept whole
+    ("resnet18", "layer4.1:flatten", "avg", lambda t: t.flatten(1)),  # a small map kept whole
     ("timm:vit_tiny_patch16_224", "blocks.11.mlp.fc1", "cls", lambda t: t[:, 0]),  # past the last tap asked
 ])
 def test_a_module_tap_equals_a_forward_hooks_output(name, module, pooling, reduce, tmp_path):
     """Weights from a file whose BatchNorm statistics are not the identity: a conv's own output differs from
     what the cut would give with the BatchNorm after it folded in."""
     spec = ExtractConfig(backbones=(name,), weights="random", modules=(module,)).spec(name)
+    module = module.split(":")[0]
     assert spec.taps[-1].node == module
     torch.manual_seed(0)
     own = spec.build(None).eval()
@@ -279,6 +282,8 @@ def test_module_taps_of_hf_and_openclip_and_bad_modules(checkpoints, tiny_clip):
 
     for module, message in [("layer9", "resnet18 has no module of that name; did you mean 'layer4'"),
                             ("layer3", "it is already a tap of resnet18"),
+                            ("layer1.0:flatten", "over featcache's 65,536 for one kept whole"),
+                            ("layer1.0:whole", "only :flatten may follow"),
                             ("avgpool", None)]:
         if message is None:
             assert ExtractConfig(backbones=("resnet18",), weights="random", modules=(module,)).spec(

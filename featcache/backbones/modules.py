@@ -5,7 +5,7 @@ the meta device with a forward hook on each module (nothing downloaded, nothing 
 ``featcache backbones NAME --modules`` lists and what :func:`with_modules` reads to add a tap of the module's own
 name. Its layout follows its shape: (N, C, H, W) a map (N, H, W, C where the model's own taps are), (N, T, D)
 tokens (the model's class and register tokens, where it has them, left out of ``avg`` and ``max``), (N, D) a
-vector cached whole. The cut runs the module inside the same forward pass as the other taps: a graph node of
+vector cached whole; ``NAME:flatten`` keeps any small output whole, every value a column. The cut runs the module inside the same forward pass as the other taps: a graph node of
 torchvision's cut (``create_feature_extractor`` takes module names), a forward hook for every other source.
 """
 
@@ -14,9 +14,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import numpy as np
+
 from featcache.backbones.sources import first_tensor, on_meta, source_of
 from featcache.backbones.spec import BackboneSpec, Tap
 from featcache.errors import FeatcacheError, closest
+
+FLATTEN = "flatten"  # --module NAME:flatten: the output kept whole, every value a column
+MAX_FLAT = 65536  # values per image of an output kept whole (a 256 x 16 x 16 map)
 
 
 @functools.lru_cache(maxsize=16)
@@ -47,10 +52,11 @@ def _shapes(name: str, size: int, build) -> tuple:
     return tuple((n, shapes.get(n, "not run")) for n in order)
 
 
-def module_shapes(spec: BackboneSpec) -> list[tuple[str, tuple | str | None]]:
-    """(module name, its output shape for one image at the model's input size) for every module, in the
-    model's order: None where it returns no tensor, "not run" where the forward pass never calls it."""
-    size = spec.input.image_size if spec.input is not None else 224
+def module_shapes(spec: BackboneSpec, size: int | None = None) -> list[tuple[str, tuple | str | None]]:
+    """(module name, its output shape for one image of ``size`` pixels [default: the model's input size]) for
+    every module, in the model's order: None where it returns no tensor, "not run" where the forward pass never
+    calls it."""
+    size = size or (spec.input.image_size if spec.input is not None else 224)
     return list(_shapes(spec.name, size, spec.build))
 
 
@@ -72,16 +78,21 @@ def layout_of(spec: BackboneSpec, shape, shapes: dict) -> str | None:
     return None
 
 
-def with_modules(spec: BackboneSpec, names: tuple[str, ...]) -> BackboneSpec:
-    """``spec`` with each named module's output as one more tap, called by the module's name; one line for a
-    name the model has not (the closest names), a module that is already a tap, or an output that cannot be
-    pooled."""
+def with_modules(spec: BackboneSpec, names: tuple[str, ...], size: int | None = None) -> BackboneSpec:
+    """``spec`` with each named module's output as one more tap, called by the module's name, for images of
+    ``size`` pixels (what a kept-whole output's width depends on); one line for a name the model has not (the
+    closest names), a module that is already a tap, or an output that cannot be pooled."""
     if not names:
         return spec
-    shapes = dict(module_shapes(spec))
-    size = spec.input.image_size if spec.input is not None else 224
-    taps = list(spec.taps)
-    for name in names:
+    size = size or (spec.input.image_size if spec.input is not None else 224)
+    shapes = dict(module_shapes(spec, size))
+    taps, plain = list(spec.taps), []
+    for asked in names:
+        name, _, how = asked.partition(":")
+        if how not in ("", FLATTEN):
+            raise FeatcacheError(f"--module {asked}: after the module's name only :{FLATTEN} may follow (its output "
+                                 f"kept whole, not pooled)")
+        plain.append(name)
         if name not in shapes:
             guess = closest(name, list(shapes))
             raise FeatcacheError(f"--module {name}: {spec.name} has no module of that name"
@@ -91,6 +102,14 @@ def with_modules(spec: BackboneSpec, names: tuple[str, ...]) -> BackboneSpec:
             raise FeatcacheError(f"--module {name}: it is already a tap of {spec.name} "
                                  f"({spec.tap(name).node}): drop --module {name}")
         shape = shapes[name]
+        if how == FLATTEN and isinstance(shape, tuple):
+            values = int(np.prod(shape[1:]))
+            if values > MAX_FLAT:
+                raise FeatcacheError(f"--module {asked}: its output is {'x'.join(map(str, shape[1:]))} = {values:,} "
+                                     f"values per image, over featcache's {MAX_FLAT:,} for one kept whole: pool it "
+                                     f"(drop :{FLATTEN}) or choose a smaller module")
+            taps.append(Tap(name, values, spec.taps[-1].stride, module=name, layout=FLATTEN))
+            continue
         layout = layout_of(spec, shape, shapes)
         if layout is None:
             what = "is never run by the forward pass" if shape == "not run" else \
@@ -102,7 +121,7 @@ def with_modules(spec: BackboneSpec, names: tuple[str, ...]) -> BackboneSpec:
         stride = max(1, size // shape[2]) if layout == "nhwc" else max(1, size // shape[-1]) \
             if layout == "nchw" else spec.taps[0].stride
         taps.append(Tap(name, int(channels), stride, module=name, layout=layout))
-    return dataclasses.replace(spec, taps=tuple(taps), modules=tuple(names))
+    return dataclasses.replace(spec, taps=tuple(taps), modules=tuple(plain))
 
 
 def hooked_extractor(spec: BackboneSpec, backbone, taps):
@@ -113,24 +132,39 @@ def hooked_extractor(spec: BackboneSpec, backbone, taps):
     if not wanted:
         return source.extractor(spec, backbone, taps)
     if spec.model_source in ("declared", "torchvision"):
-        return _copied(source.extractor(spec, backbone, taps), wanted)
+        return _torchvision_cut(spec, backbone, taps, wanted)
     return _hooked_class()(source.extractor(spec, backbone, [t for t in taps if t not in wanted]),
                            source.param_prefix, wanted)
 
 
-def _copied(graph_module, names):
-    """torchvision's cut with each named output copied where it is made: the network may change it in place
-    afterwards (BasicBlock adds the shortcut to its last BatchNorm's output with ``+=``, then an in-place ReLU)."""
-    graph = graph_module.graph
+def _torchvision_cut(spec: BackboneSpec, backbone, taps, wanted):
+    """torchvision's cut with each ``--module`` tap at the last graph node inside that module (what the module
+    returns: torchvision's own reading of a module name stops before a final leaf call such as BasicBlock's last
+    ReLU), copied where it is made (an in-place ReLU may follow a BatchNorm tap), two taps on one node sharing
+    it."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    names = get_graph_node_names(backbone)[1]  # eval mode's
+
+    def last_inside(node: str) -> str:
+        inside = [n for n in names if n == node or n.startswith(node + ".")]
+        return inside[-1] if inside else node
+
+    own = [t for t in taps if t not in wanted]
+    resolved = {last_inside(spec.tap(t).graph_node): t for t in own}
+    alias = {t: resolved[last_inside(t)] for t in wanted if last_inside(t) in resolved}  # the same node as a tap
+    nodes = {spec.tap(t).graph_node: t for t in own} | {last_inside(t): t for t in wanted if t not in alias}
+    cut = create_feature_extractor(backbone, return_nodes=nodes).eval()
+    graph = cut.graph
     output = next(n for n in graph.nodes if n.op == "output")
     returned = dict(output.args[0])
-    for name in names:
-        node = returned[name]
-        with graph.inserting_after(node):
-            returned[name] = graph.call_method("clone", (node,))
+    for t in wanted:
+        source = returned[alias.get(t, t)]
+        with graph.inserting_after(source):
+            returned[t] = graph.call_method("clone", (source,))
     output.args = (returned,)
-    graph_module.recompile()
-    return graph_module
+    cut.recompile()
+    return cut
 
 
 @functools.lru_cache(maxsize=1)

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from featcache.errors import unknown
 
 ALIASES = ("early", "mid", "late")
-LAYOUTS = ("nchw", "nhwc", "tokens")
-FLAT = ("logits", "embedding")  # layouts already one row per image: cached as they are
+LAYOUTS = ("nchw", "nhwc", "tokens")  # the layouts a declared backbone's taps may have
+FLAT = ("logits", "embedding", "flatten")  # one row per image, cached as they are (flatten: any output, flattened)
 
 
 @dataclass(frozen=True)
@@ -115,10 +115,10 @@ class BackboneSpec:
     @property
     def uniform_names(self) -> tuple[str, ...]:
         """``stage1..N`` (``block1..N`` for a transformer's blocks): the same names for every model (a tap that
-        is one row per image already, ``logits`` or ``embedding``, keeps its own)."""
+        is one row per image already, ``logits`` or ``embedding``, and a ``--module`` tap keep their own)."""
         word = "block" if self.taps and self.taps[0].layout == "tokens" else "stage"
-        return tuple(tap.node if tap.layout in FLAT else f"{word}{i + 1}"  # logits, an embedding: their own name
-                     for i, tap in enumerate(self.taps))
+        return tuple(tap.node if tap.layout in FLAT or tap.node in self.modules else f"{word}{i + 1}"
+                     for i, tap in enumerate(self.taps))  # logits, an embedding, a --module tap: their own name
 
     def tap(self, name: str) -> Tap:
         """The tap called ``name``: its cache name, alias, uniform ``stageN`` name or module name."""

@@ -20,8 +20,8 @@ def pool(x, pooling: str, layout: str = "nchw", prefix: int = 0):
     class and register tokens left out), ``cls`` takes the class token (the first of the ``prefix`` tokens),
     and ``cls+avg`` the class token beside the patch tokens' mean (dinov2's linear protocol's last block).
     """
-    if layout in FLAT:  # the classifier's output, an image embedding: nothing to pool
-        return x
+    if layout in FLAT:  # the classifier's output, an image embedding, an output kept whole: nothing to pool
+        return x.flatten(1)
     import torch
 
     if layout == "tokens":

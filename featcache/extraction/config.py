@@ -84,8 +84,13 @@ class ExtractConfig:
             raise FeatcacheError(f"--num-workers must be 0 or more. Got {self.num_workers} instead.")
 
     def spec(self, name: str) -> BackboneSpec:
-        """Backbone ``name``'s spec with this request's ``--module`` taps: what its cache holds (bar logits)."""
-        return with_modules(BACKBONES.lookup(name), self.modules)
+        """Backbone ``name``'s spec with this request's ``--module`` taps at its input size: what its cache holds
+        (bar logits)."""
+        spec = BACKBONES.lookup(name)
+        if not self.modules:
+            return spec
+        return with_modules(spec, self.modules, self.preprocess.image_size or
+                            input_defaults(spec, self.weights)["image_size"])
 
     def record_fields(self) -> dict:
         """The request as a run record's ``config`` holds it: the one writer of these keys (fuse-train and

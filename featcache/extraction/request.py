@@ -58,7 +58,8 @@ class FeatureFields(DataFields):
                                            "the module's name, e.g. layer3.1 or blocks.6.attn; repeat for "
                                            "several): featcache backbones NAME --modules lists every module with "
                                            "its output shape. Maps and tokens pool as --pooling says; a vector is "
-                                           "kept whole. A cache of its own.")
+                                           "kept whole, and so is any output of NAME:flatten (at most 65,536 "
+                                           "values). A cache of its own.")
     cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:

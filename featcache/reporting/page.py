@@ -149,7 +149,7 @@ def _architecture(record: RunRecord) -> bytes:
             if backbone != name:
                 continue
             try:
-                t = with_modules(BACKBONES.lookup(name), tuple(c.get("modules") or ())).tap(tap)
+                t = with_modules(BACKBONES.lookup(name), tuple(c.get("modules") or ()), c.get("image_size")).tap(tap)
                 taps.append((tap, f"{t.channels} ch, stride {t.stride} -> {t.width(c['pooling'])}"))
             except FeatcacheError:
                 taps.append((tap, "(backbone not registered here)"))
