@@ -16,6 +16,7 @@ same runs.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -103,6 +104,10 @@ def extract(model=None, taps=None, name: str | None = None, version: str = "", *
 
 own_backbone.__doc__ = __import__("featcache.backbones.sources.own_models", fromlist=["x"]).own_backbone.__doc__
 extract.__doc__ = _extract.__doc__ + "\n\n" + extract.__doc__
+extract.__signature__ = _extract.__signature__.replace(parameters=[
+    *_extract.__signature__.parameters.values(),
+    *(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+      for name, default in (("model", None), ("taps", None), ("name", None), ("version", "")))])
 fuse_train = _function("fuse-train", _result, "``featcache fuse-train``: every taps x head combination; "
                                                          "returns the run folders written or served.")
 rank = _function("rank", _table, "``featcache rank``: every tap of the models the patterns match, scored by "

@@ -376,3 +376,37 @@ def test_rank_and_sweep_take_an_hf_folder(checkpoints, tmp_path):
     assert sorted(ranked["tap"]) == ["block1", "block2", "block3"]
     table = featcache.sweep(combos="singles", head=["knn"], keep=0, **common)
     assert table.attrs["folder"].parent == tmp_path / "runs" / "sweeps"
+
+
+def test_hf_hub_model_from_the_local_cache_and_missing_extras(checkpoints, tmp_path, monkeypatch):
+    """hf:ORG/NAME reads the snapshot the local Hugging Face cache holds (its commit in the fingerprint), with no
+    network; a missing extra is one line naming its install command."""
+    import shutil
+    import sys
+
+    import huggingface_hub.constants
+
+    from featcache.backbones.sources import hf_models
+    from featcache.backbones.weights import weights_identity
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(checkpoints / "vit", cache / "models--someone--tiny-vit" / "snapshots" / commit)
+    (cache / "models--someone--tiny-vit" / "refs").mkdir()
+    (cache / "models--someone--tiny-vit" / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    spec = discover("hf:someone/tiny-vit")
+    assert [t.node for t in spec.taps] == ["block1", "block2", "block3"]
+    assert weights_identity(spec, "imagenet", 0) == {"kind": "imagenet", "id": "hf/someone/tiny-vit",
+                                                     "revision": commit}
+    hf_models._checkpoint.cache_clear()
+
+    monkeypatch.setitem(sys.modules, "transformers", None)  # not installed
+    with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[hf\]'"):
+        hf_models.transformers_module()
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    from featcache.backbones.sources.openclip_models import open_clip_module
+
+    with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[openclip\]'"):
+        open_clip_module()

@@ -168,8 +168,27 @@ def test_missing_file_is_one_line():
     assert result.exit_code == 2 and "no pipeline file /no/such/pipeline.toml" in result.output
 
 
+def _hub_cache_with(tmp_path, monkeypatch, repos: dict) -> None:
+    """A local Hugging Face cache holding ``repos`` (ORG/NAME -> a small transformers model of that type, saved
+    with its weights), what a pipeline naming hf:ORG/NAME needs to parse offline."""
+    import huggingface_hub.constants
+
+    for repo, config in repos.items():
+        commit = "0" * 40
+        folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        config.save_pretrained(folder / "snapshots" / commit)
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "pipelines").glob("*.toml")), ids=lambda p: p.name)
-def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path):
+def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path, tmp_path, monkeypatch):
+    if "hf:facebook/dinov2-small" in path.read_text():  # a Hub model: its config in a local cache, as after a download
+        transformers = pytest.importorskip("transformers")
+        _hub_cache_with(tmp_path, monkeypatch, {"facebook/dinov2-small": transformers.Dinov2Model(
+            transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+                                      image_size=518, patch_size=14))})
     pipeline = load_pipeline(path)
     head = tomllib.loads(path.read_text())["pipeline"]
     assert head.get("reproduces") and head.get("reported")

@@ -192,6 +192,10 @@ def _hub_folder(ref: str) -> Path:
     except ImportError:
         raise FeatcacheError("hf: models need the transformers package: pip install 'featcache[hf]'") from None
     patterns = ["*.json", "*.safetensors"]  # never a pickle, never code
+    try:  # the local cache first, even with --download: a cached model needs no network
+        return Path(huggingface_hub.snapshot_download(ref, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not all of it)
+        pass
     try:
         folder = huggingface_hub.snapshot_download(ref, allow_patterns=patterns, local_files_only=not _DOWNLOADS)
     except Exception as exc:  # noqa: BLE001 - offline misses, gated and unknown repositories come as many types
