@@ -15,6 +15,7 @@ import contextlib
 import functools
 import io
 import logging
+from pathlib import Path
 
 from featcache.backbones.sources import MODEL_SOURCES, ModelSource, no_such_weights, unknown_backbone
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
@@ -48,11 +49,19 @@ class OpenCLIPSource(ModelSource):
     fold_batchnorm = False
 
     def names(self) -> list[str]:
-        try:
-            import open_clip
-        except ImportError:
+        """OpenCLIP's architectures: its package's model configs, read without importing it (an import takes
+        about 5 s, and every unknown name or pattern asks every source); once imported, its own list (configs
+        added with ``open_clip.add_model_config`` too)."""
+        import importlib.util
+        import sys
+
+        if "open_clip" in sys.modules:
+            return [OPENCLIP + n for n in sys.modules["open_clip"].list_models()]
+        found = importlib.util.find_spec("open_clip")
+        if found is None or not found.submodule_search_locations:
             return []
-        return [OPENCLIP + n for n in open_clip.list_models()]
+        configs = [p for folder in found.submodule_search_locations for p in Path(folder, "model_configs").glob("*.json")]
+        return sorted((OPENCLIP + p.stem for p in configs), key=lambda n: n.lower())
 
     def discover(self, name: str) -> BackboneSpec:
         return _openclip_spec(name)
