@@ -1,4 +1,5 @@
-"""The one atomic write, and the one lock: a file is either its old self or complete, and one writer at a time.
+"""The one atomic write, and the one lock: a file is either its old self or complete, and one writer at a time
+(and the one hash of a file's bytes).
 
 Below every stage: reports, timing records, the pipeline ledger and fine-tune checkpoints
 are written through :func:`atomic_write`. (A cache file and a run folder are built under a
@@ -10,11 +11,21 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from featcache.errors import FeatcacheError
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read 1 MiB at a time (a weights file: never loaded to be identified)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def atomic_write(path: Path, content: str | bytes | Callable[[Path], None]) -> Path:

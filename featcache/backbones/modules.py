@@ -5,8 +5,9 @@ the meta device with a forward hook on each module (nothing downloaded, nothing 
 ``featcache backbones NAME --modules`` lists and what :func:`with_modules` reads to add a tap of the module's own
 name. Its layout follows its shape: (N, C, H, W) a map (N, H, W, C where the model's own taps are), (N, T, D)
 tokens (the model's class and register tokens, where it has them, left out of ``avg`` and ``max``), (N, D) a
-vector cached whole; ``NAME:flatten`` keeps any small output whole, every value a column. The cut runs the module inside the same forward pass as the other taps: a graph node of
-torchvision's cut (``create_feature_extractor`` takes module names), a forward hook for every other source.
+vector cached whole; ``NAME:flatten`` keeps any small output whole, every value a column. The cut runs the
+module inside the same forward pass as the other taps: the last graph node inside the module in torchvision's
+cut, a forward hook for every other source; either copied where it is made (an in-place op may follow).
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ records; :func:`input_defaults` the preprocessing those weights were trained wit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from featcache.backbones.sources import source_of
 from featcache.backbones.spec import BackboneSpec
 from featcache.data.preprocess import LEGACY
 from featcache.errors import FeatcacheError
+from featcache.files import file_sha256
 
 WEIGHT_KEYWORDS = ("imagenet", "random")
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
@@ -47,14 +47,6 @@ def pretrained(spec: BackboneSpec, weights: str):
     return source_of(spec).named(spec, weights)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_identity(spec: BackboneSpec, weights: str, seed: int) -> dict:
     """What identifies the numbers the weights produce, for the cache fingerprint.
 
@@ -64,7 +56,7 @@ def weights_identity(spec: BackboneSpec, weights: str, seed: int) -> dict:
     if weights == "random":
         return {"kind": "random", "seed": seed}
     if is_path(weights):
-        return {"kind": "file", "sha256": _sha256(Path(weights))}
+        return {"kind": "file", "sha256": file_sha256(Path(weights))}
     return source_of(spec).identity(spec, pretrained(spec, weights), "imagenet" if weights == "imagenet" else "tag")
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from featcache.backbones.sources import LOGITS, MODEL_SOURCES, ModelSource, no_such_weights
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
 from featcache.errors import FeatcacheError
+from featcache.files import file_sha256
 
 HF = "hf:"
 PRETRAINED = "pretrained"  # the checkpoint's own weights (--weights imagenet or pretrained)
@@ -112,7 +113,7 @@ class HFSource(ModelSource):
             return {"kind": kind, "id": f"hf/{spec.weights_name}", "revision": checkpoint.revision}
         digest = hashlib.sha256()
         for path in checkpoint.weights:
-            digest.update(_sha256(path).encode())
+            digest.update(file_sha256(path).encode())
         return {"kind": kind, "id": f"hf/{checkpoint.folder.name}", "sha256": digest.hexdigest()}
 
     def input_defaults(self, spec: BackboneSpec, w) -> dict:
@@ -362,14 +363,6 @@ def _block_modules(model, count: int) -> list[str]:
 
     lists = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) == count]
     return [f"{lists[0]}.{i}" for i in range(count)] if lists else []
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=1)
