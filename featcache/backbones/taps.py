@@ -66,8 +66,8 @@ def from_grid(grid, raw, layout: str, prefix: int = 0):
 def map_extractor(spec: BackboneSpec, backbone, taps):
     """A module returning ``{tap: raw output}`` of ``backbone`` for the named taps, in one pass: its model
     source's cut (torchvision's ``create_feature_extractor`` at each tap's graph node, timm's own
-    ``forward_intermediates``), with a forward hook on each ``--module`` tap. Parameter names are the network's own behind the source's
-    ``param_prefix`` (what ``--unfreeze`` prefixes name)."""
+    ``forward_intermediates``), plus each ``--module`` tap (:mod:`featcache.backbones.modules`). Parameter names
+    are the network's own behind the source's ``param_prefix`` (what ``--unfreeze`` prefixes name)."""
     from featcache.backbones.modules import hooked_extractor
 
     return hooked_extractor(spec, backbone, taps)
