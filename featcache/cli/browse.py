@@ -49,7 +49,10 @@ def datasets(name):
 @click.option("--modules", "modules", is_flag=True,
               help="With NAME: every module of the model with its output shape for one image (from a pass on the "
                    "meta device: nothing downloaded) and how it would be pooled as a --module tap.")
-def backbones(name, show_all, sizes, sort, modules):
+@click.option("--download", is_flag=True,
+              help="hf:ORG/NAME: fetch the model's config and weights into the Hugging Face cache if missing "
+                   "(without it, nothing is fetched).")
+def backbones(name, show_all, sizes, sort, modules, download):
     """List the declared backbones with their taps; NAME shows any backbone's taps (nothing is downloaded).
 
     Any torchvision classification model, any timm model (timm:NAME), a Hugging Face transformers vision model
@@ -59,7 +62,9 @@ def backbones(name, show_all, sizes, sort, modules):
     a tap with --module NAME (--modules lists them).
     """
     from featcache.backbones.registry import BACKBONES, listing
+    from featcache.backbones.sources.hf_models import allow_downloads
 
+    allow_downloads(download)
     if (sizes or sort) and not show_all:
         raise FeatcacheError("--sizes and --sort go with --all: featcache backbones --all 'resnet*' --sort params")
     if modules:
