@@ -75,4 +75,6 @@ step probes 540 python benchmarks/probes.py --device $DEV --train $PROBE_TRAIN -
 # the machine has them cached; random otherwise: say which in RESULTS.md).
 step pair_search 420 bash -c "python benchmarks/pair_search.py --device $DEV --images $CHOOSE_IMAGES --weights imagenet ||
   python benchmarks/pair_search.py --device $DEV --images $CHOOSE_IMAGES --weights random"
+# Issue 43: the hf:, openclip: and --module paths on the device against the CPU (small offline models; fp32 both).
+step model_sources 240 python benchmarks/model_sources.py --device $DEV
 step storage 240 python benchmarks/storage_fidelity.py --device $DEV --train $((TRAIN < 128 ? TRAIN : 128))

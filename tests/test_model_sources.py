@@ -410,3 +410,19 @@ def test_hf_hub_model_from_the_local_cache_and_missing_extras(checkpoints, tmp_p
 
     with pytest.raises(FeatcacheError, match=r"pip install 'featcache\[openclip\]'"):
         open_clip_module()
+
+
+def test_a_tap_cached_whole_is_not_widened_by_the_pooling(tiny_clip, tmp_path):
+    """With --pooling avgmax (two columns per channel) an embedding and a vector --module stay as wide as they
+    are: the fingerprint marks them whole, and the reader checks the cache against it."""
+    import featcache
+    from featcache.extraction.reader import FeatureCache
+
+    common = dict(weights="random", pooling="avgmax", limit_train=40, limit_test=20, cache_dir=tmp_path, quiet=True)
+    path = featcache.extract(backbone=[tiny_clip], **common)
+    with FeatureCache(path) as cache:
+        assert cache.taps("train")["embedding"] == (40, 16) and cache.taps("train")["block1"] == (40, 64)
+        assert ["embedding", 16, "whole"] in cache.fingerprint["taps"]
+    path = featcache.extract(backbone=["resnet18"], modules=["fc"], image_size=32, **common)
+    with FeatureCache(path) as cache:
+        assert cache.taps("train")["fc"] == (40, 1000) and cache.taps("train")["layer4"] == (40, 1024)

@@ -16,6 +16,7 @@ from featcache.errors import unknown
 ALIASES = ("early", "mid", "late")
 LAYOUTS = ("nchw", "nhwc", "tokens")  # the layouts a declared backbone's taps may have
 FLAT = ("logits", "embedding", "flatten")  # one row per image, cached as they are (flatten: any output, flattened)
+WHOLE = "whole"  # a fingerprint's mark of a tap cached as it is (logits are known by their name)
 
 
 @dataclass(frozen=True)

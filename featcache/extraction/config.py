@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
-from featcache.backbones.spec import FLAT
+from featcache.backbones.spec import FLAT, LOGITS, WHOLE
 from featcache.backbones.modules import with_modules
 from featcache.backbones.sources import with_logits
 from featcache.backbones.sources.hf_models import allow_downloads
@@ -154,7 +154,9 @@ def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str, dataset:
     out = {
         "format": FORMAT,
         "backbone": spec.name,
-        "taps": [[t.node, t.channels] for t in spec.taps],
+        # a tap cached whole (an embedding, a vector or :flatten module) says so: pooling does not widen it
+        "taps": [[t.node, t.channels, *([WHOLE] if t.layout in FLAT and t.node != LOGITS else [])]
+                 for t in spec.taps],
         "weights": weights_identity(spec, cfg.weights, cfg.data.seed),
         "preprocess": preprocess_for(cfg, spec).identity(),
         "pooling": cfg.pooling,

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featcache.errors import FeatcacheError
-from featcache.backbones.spec import LOGITS, pooled_dim
+from featcache.backbones.spec import LOGITS, WHOLE, pooled_dim
 from featcache.extraction.store import canonical, stored_scale
 
 FLOAT16_TINY = 2.0**-14  # smallest normal float16
@@ -109,8 +109,8 @@ class FeatureCache:
             raise FeatcacheError(f"{self.path} is a damaged feature cache (its fingerprint lists no taps): delete "
                                  f"it and run featcache extract again")
         pooling = fingerprint.get("pooling")
-        widths = {str(node): int(channels) if node == LOGITS else pooled_dim(int(channels), pooling)  # logits: as is
-                  for node, channels in fingerprint["taps"]}
+        widths = {str(entry[0]): int(entry[1]) if entry[0] == LOGITS or entry[2:] == [WHOLE]  # cached as they are
+                  else pooled_dim(int(entry[1]), pooling) for entry in fingerprint["taps"]}
         json.loads(self.file.attrs["classes"])
         for split in ("train", "test"):
             if split not in self.file or "taps" not in self.file[split] or "labels" not in self.file[split]:
