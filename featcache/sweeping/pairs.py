@@ -55,7 +55,7 @@ def promise_order(pairs: list[tuple], alone: dict[str, float], cka: dict[tuple, 
         a, b = pair
         similar = cka.get((a, b), cka.get((b, a), 0.0))
         similar = 0.0 if not np.isfinite(similar) else similar
-        return (alone[str(a)] + alone[str(b)]) / 2 * (1 - similar / 2)
+        return (alone.get(str(a), 0.0) + alone.get(str(b), 0.0)) / 2 * (1 - similar / 2)  # no row alone: last
 
     return sorted(pairs, key=promise, reverse=True)  # stable: network order among equals
 

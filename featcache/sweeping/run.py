@@ -125,7 +125,8 @@ def _pair_search(cfg: SweepConfig, paths: dict, folder: Path, combos, done: set,
     data = _load(cfg, paths, log)
     taps = all_taps(cfg.features)
     search = list(itertools.combinations(taps, 2))
-    first = _jobs(cfg, [c for c in combos if tuple(c) not in set(search)])
+    searched = set(search)
+    first = _jobs(cfg, [c for c in combos if tuple(c) not in searched])
     count = _evaluate(cfg, paths, folder, first, done, log, progress, data=data)
     alone = {t[0]: acc for t, acc in pairs.validation_accuracy(read_rows(folder), {row_key(j) for j in first}).items()
              if len(t) == 1}
