@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache.backbones.sources.own_models import own_backbone
 from featcache.errors import FeatcacheError, closest
 from featcache.pipeline.request import PipelineRequest
 from featcache.pipeline.stages import STAGES, Outcome
@@ -73,14 +74,6 @@ _extract = _function("extract", _paths, "``featcache extract``: cache every tap 
                                         "file (a list for several).")
 
 
-def own_backbone(model, taps, image_size: int, mean, std, name: str | None = None, version: str = "",
-                 interpolation: str = "bilinear", crop_pct: float = 1.0, prefix_tokens: int = 0) -> str:
-    from featcache.backbones.sources.own_models import own_backbone as register
-
-    return register(model, taps, image_size, mean, std, name=name, version=version, interpolation=interpolation,
-                    crop_pct=crop_pct, prefix_tokens=prefix_tokens)
-
-
 def extract(model=None, taps=None, name: str | None = None, version: str = "", **kwargs):
     """``model``: a network of your own (a ``torch.nn.Module``), registered as ``own:NAME`` with ``taps`` (its
     module names) and the preprocessing given (``image_size``, ``mean``, ``std``, optionally ``interpolation``,
@@ -102,7 +95,6 @@ def extract(model=None, taps=None, name: str | None = None, version: str = "", *
     return _extract(backbone=[backbone], **kwargs)
 
 
-own_backbone.__doc__ = __import__("featcache.backbones.sources.own_models", fromlist=["x"]).own_backbone.__doc__
 extract.__doc__ = _extract.__doc__ + "\n\n" + extract.__doc__
 extract.__signature__ = _extract.__signature__.replace(parameters=[
     *_extract.__signature__.parameters.values(),

@@ -32,6 +32,16 @@ def closest(name: str, known: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
+def need(module: str, what: str, extra: str = "hub"):
+    """Import an optional dependency, or one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise FeatcacheError(f"{what} needs the {module} package: pip install 'featcache[{extra}]'") from None
+
+
 def require(ok: bool, flag: str, value, rule: str) -> None:
     """Raise the one-line error naming ``flag`` and its ``value`` unless ``ok``.
 

@@ -7,7 +7,8 @@ name. Its layout follows its shape: (N, C, H, W) a map (N, H, W, C where the mod
 tokens (the model's class and register tokens, where it has them, left out of ``avg`` and ``max``), (N, D) a
 vector cached whole; ``NAME:flatten`` keeps any small output whole, every value a column. The cut runs the
 module inside the same forward pass as the other taps: the last graph node inside the module in torchvision's
-cut, a forward hook for every other source; either copied where it is made (an in-place op may follow).
+cut (its source's own), a forward hook for every other source; either copied where it is made (an in-place op
+may follow).
 """
 
 from __future__ import annotations
@@ -126,46 +127,14 @@ def with_modules(spec: BackboneSpec, names: tuple[str, ...], size: int | None = 
 
 
 def hooked_extractor(spec: BackboneSpec, backbone, taps):
-    """The source's cut for the model's own taps, plus a forward hook on each module tap among ``taps``
-    (torchvision's cut takes module names as graph nodes itself)."""
+    """The source's cut for the model's own taps, plus a forward hook on each module tap among ``taps`` (a
+    source whose cut takes modules itself, ``cuts_modules``: torchvision's graph, gets them all)."""
     source = source_of(spec)
     wanted = [t for t in taps if t in spec.modules]
-    if not wanted:
+    if not wanted or source.cuts_modules:
         return source.extractor(spec, backbone, taps)
-    if spec.model_source in ("declared", "torchvision"):
-        return _torchvision_cut(spec, backbone, taps, wanted)
     return _hooked_class()(source.extractor(spec, backbone, [t for t in taps if t not in wanted]),
                            source.param_prefix, wanted)
-
-
-def _torchvision_cut(spec: BackboneSpec, backbone, taps, wanted):
-    """torchvision's cut with each ``--module`` tap at the last graph node inside that module (what the module
-    returns: torchvision's own reading of a module name stops before a final leaf call such as BasicBlock's last
-    ReLU), copied where it is made (an in-place ReLU may follow a BatchNorm tap), two taps on one node sharing
-    it."""
-    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-
-    names = get_graph_node_names(backbone)[1]  # eval mode's
-
-    def last_inside(node: str) -> str:
-        inside = [n for n in names if n == node or n.startswith(node + ".")]
-        return inside[-1] if inside else node
-
-    own = [t for t in taps if t not in wanted]
-    resolved = {last_inside(spec.tap(t).graph_node): t for t in own}
-    alias = {t: resolved[last_inside(t)] for t in wanted if last_inside(t) in resolved}  # the same node as a tap
-    nodes = {spec.tap(t).graph_node: t for t in own} | {last_inside(t): t for t in wanted if t not in alias}
-    cut = create_feature_extractor(backbone, return_nodes=nodes).eval()
-    graph = cut.graph
-    output = next(n for n in graph.nodes if n.op == "output")
-    returned = dict(output.args[0])
-    for t in wanted:
-        source = returned[alias.get(t, t)]
-        with graph.inserting_after(source):
-            returned[t] = graph.call_method("clone", (source,))
-    output.args = (returned,)
-    cut.recompile()
-    return cut
 
 
 @functools.lru_cache(maxsize=1)

@@ -24,19 +24,9 @@ from featcache.data.labels import label_classes
 from featcache.data.safe import UnsafeFile, read_regular, regular_size
 from featcache.data.source import DATASETS, Dataset, DatasetEntry, DataRequest, Rows, Split, official_splits, \
     stat_identity
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, need
 
 OUR_SPLITS = {"train": "train", "validation": "val", "valid": "val", "val": "val", "dev": "val", "test": "test"}
-
-
-def need(module: str, what: str):
-    """Import an optional dependency, or one line naming the extra that installs it."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise FeatcacheError(f"{what} needs the {module} package: pip install 'featcache[hub]'") from None
 
 
 def _split_of(file_name: str) -> str | None:

@@ -26,6 +26,7 @@ class ModelSource:
 
     prefix = ""
     keep_specs = True  # discovery may keep a spec once found (False: the source's specs change in a process)
+    cuts_modules = False  # its extractor cuts --module taps itself (else a forward hook catches each)
     param_prefix = ""  # what the cut's parameter names carry before the network's own
     fold_batchnorm = False
 

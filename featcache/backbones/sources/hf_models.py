@@ -23,7 +23,7 @@ from pathlib import Path
 
 from featcache.backbones.sources import LOGITS, MODEL_SOURCES, ModelSource, no_such_weights
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
-from featcache.errors import FeatcacheError
+from featcache.errors import FeatcacheError, need
 from featcache.files import file_sha256
 
 HF = "hf:"
@@ -39,11 +39,7 @@ def allow_downloads(allowed: bool = True) -> None:
 
 def transformers_module():
     """``transformers``, or one line naming the extra that installs it."""
-    try:
-        import transformers
-    except ImportError:
-        raise FeatcacheError("hf: models need the transformers package: pip install 'featcache[hf]'") from None
-    return transformers
+    return need("transformers", "an hf: model", "hf")
 
 
 class HFSource(ModelSource):
@@ -188,10 +184,7 @@ def _hub_folder(ref: str) -> Path:
     if ref.count("/") != 1 or not all(ref.split("/")):
         raise FeatcacheError(f"hf:{ref}: name a Hub repository as hf:ORG/NAME, or a folder that holds a "
                              f"save_pretrained checkpoint (config.json); no such folder")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise FeatcacheError("hf: models need the transformers package: pip install 'featcache[hf]'") from None
+    huggingface_hub = need("huggingface_hub", "an hf: model", "hf")
     patterns = ["*.json", "*.safetensors"]  # never a pickle, never code
     try:  # the local cache first, even with --download: a cached model needs no network
         return Path(huggingface_hub.snapshot_download(ref, allow_patterns=patterns, local_files_only=True))

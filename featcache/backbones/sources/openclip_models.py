@@ -19,7 +19,7 @@ from pathlib import Path
 
 from featcache.backbones.sources import MODEL_SOURCES, ModelSource, no_such_weights, unknown_backbone
 from featcache.backbones.spec import BackboneSpec, InputConfig, Tap, stage_aliases
-from featcache.errors import FeatcacheError, closest
+from featcache.errors import FeatcacheError, closest, need
 
 OPENCLIP = "openclip:"
 EMBEDDING = "embedding"  # the tap of the tower's image embedding
@@ -27,12 +27,7 @@ EMBEDDING = "embedding"  # the tap of the tower's image embedding
 
 def open_clip_module():
     """``open_clip``, or one line naming the extra that installs it."""
-    try:
-        import open_clip
-    except ImportError:
-        raise FeatcacheError("openclip: models need the open_clip_torch package: "
-                             "pip install 'featcache[openclip]'") from None
-    return open_clip
+    return need("open_clip", "an openclip: model", "openclip")
 
 
 def split(name: str) -> tuple[str, str | None]:

@@ -86,11 +86,13 @@ class OwnSource(ModelSource):
 
 def state_hash(net) -> str:
     """SHA-256 of a network's state dict: every tensor's name, dtype, shape and bytes, in order."""
+    import torch
+
     digest = hashlib.sha256()
     for key, value in net.state_dict().items():
         tensor = value.detach().cpu().contiguous()
         digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(__import__("torch").uint8).numpy().tobytes() if tensor.numel() else b"")
+        digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
 
 

@@ -29,6 +29,7 @@ class TorchvisionSource(ModelSource):
 
     param_prefix = ""  # the cut's parameter names are the network's own
     fold_batchnorm = True
+    cuts_modules = True  # a --module tap is a node of its graph
 
     def names(self) -> list[str]:
         return list(torchvision_names())
@@ -122,7 +123,40 @@ class TorchvisionSource(ModelSource):
     def extractor(self, spec: BackboneSpec, backbone, taps):
         from torchvision.models.feature_extraction import create_feature_extractor
 
+        wanted = [t for t in taps if t in spec.modules]
+        if wanted:
+            return _module_cut(spec, backbone, taps, wanted)
         return create_feature_extractor(backbone, return_nodes={spec.tap(t).graph_node: t for t in taps}).eval()
+
+
+def _module_cut(spec: BackboneSpec, backbone, taps, wanted):
+    """torchvision's cut with each ``--module`` tap at the last graph node inside that module (what the module
+    returns: torchvision's own reading of a module name stops before a final leaf call such as BasicBlock's last
+    ReLU), copied where it is made (an in-place ReLU may follow a BatchNorm tap), two taps on one node sharing
+    it."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    names = get_graph_node_names(backbone)[1]  # eval mode's
+
+    def last_inside(node: str) -> str:
+        inside = [n for n in names if n == node or n.startswith(node + ".")]
+        return inside[-1] if inside else node
+
+    own = [t for t in taps if t not in wanted]
+    resolved = {last_inside(spec.tap(t).graph_node): t for t in own}
+    alias = {t: resolved[last_inside(t)] for t in wanted if last_inside(t) in resolved}  # the same node as a tap
+    nodes = {spec.tap(t).graph_node: t for t in own} | {last_inside(t): t for t in wanted if t not in alias}
+    cut = create_feature_extractor(backbone, return_nodes=nodes).eval()
+    graph = cut.graph
+    output = next(n for n in graph.nodes if n.op == "output")
+    returned = dict(output.args[0])
+    for t in wanted:
+        source = returned[alias.get(t, t)]
+        with graph.inserting_after(source):
+            returned[t] = graph.call_method("clone", (source,))
+    output.args = (returned,)
+    cut.recompile()
+    return cut
 
 
 def _torchvision_spec(name: str) -> BackboneSpec:
