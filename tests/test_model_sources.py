@@ -36,7 +36,7 @@ def checkpoints(tmp_path_factory):
     vit.save_pretrained(root / "vit")
     transformers.ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "vit")
     transformers.Dinov2WithRegistersModel(transformers.Dinov2WithRegistersConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8,
         num_register_tokens=2)).save_pretrained(root / "dinov2reg")
     clip = transformers.CLIPModel(transformers.CLIPConfig(
         vision_config=VIT, projection_dim=16, text_config=dict(hidden_size=16, num_hidden_layers=1,
@@ -283,7 +283,7 @@ def test_module_taps_of_hf_and_openclip_and_bad_modules(checkpoints, tiny_clip):
     for module, message in [("layer9", "resnet18 has no module of that name; did you mean 'layer4'"),
                             ("layer3", "it is already a tap of resnet18"),
                             ("layer1.0:flatten", "over featcache's 65,536 for one kept whole"),
-                            ("layer1.0:whole", "only :flatten may follow"),
+                            ("layer1.0:whole", "only :flatten \\(its output kept whole\\) or a pooling of its own"),
                             ("avgpool", None)]:
         if message is None:
             assert ExtractConfig(backbones=("resnet18",), weights="random", modules=(module,)).spec(
@@ -304,18 +304,66 @@ def test_backbones_modules_lists_every_module_with_its_shape():
     assert lines["fc"] == ["1000", "vector,", "kept", "whole"]
 
 
-def test_dinov2_linear_protocol_features(checkpoints):
-    """pipelines/dinov2_linear.toml's features: --module layernorm with cls+avg is dinov2's create_linear_input
-    for n_last_blocks=1, avgpool=True: the normalised class token beside the mean of the normalised patch tokens
-    (registers left out)."""
+FOUR_BLOCKS = ("encoder.layer.0+layernorm:cls", "encoder.layer.1+layernorm:cls", "encoder.layer.2+layernorm:cls",
+               "layernorm:cls+avg")  # pipelines/dinov2_linear.toml's modules, for a 4-block model
+
+
+def test_dinov2_linear_protocol_features(checkpoints, tmp_path):
+    """pipelines/dinov2_linear.toml's features are dinov2's create_linear_input(n_last_blocks=4, avgpool=True):
+    get_intermediate_layers(n=4, norm=True)'s class tokens beside the mean of the last block's normalised patch
+    tokens (registers left out), whatever the request's own --pooling; cached, read back and parsed by --taps."""
+    from featcache.data.datasets import DataRequest
+    from featcache.extraction.reader import FeatureCache
+    from featcache.extraction.run import extract
+    from featcache.fuse.fusion import parse_taps
+
     name = f"hf:{checkpoints / 'dinov2reg'}"
-    spec = ExtractConfig(backbones=(name,), modules=("layernorm",), pooling="cls+avg").spec(name)
-    net = tap_model(spec, "imagenet", 0, "cls+avg", torch.device("cpu"))
+    cfg = ExtractConfig(backbones=(name,), modules=FOUR_BLOCKS, pooling="avg", device="cpu",
+                        preprocess=PreprocessConfig.from_model(), cache_dir=tmp_path,
+                        data=DataRequest(limit_train=12, limit_test=6))
+    spec = cfg.spec(name)
+    net = tap_model(spec, "imagenet", 0, "avg", torch.device("cpu"))
     own = transformers.Dinov2WithRegistersModel.from_pretrained(checkpoints / "dinov2reg").eval()
     x = _images()
     with torch.no_grad():
-        got, normed = net(x)["layernorm"], own(pixel_values=x).last_hidden_state
-    torch.testing.assert_close(got, torch.cat([normed[:, 0], normed[:, 3:].mean(dim=1)], dim=1), rtol=1e-5, atol=1e-5)
+        got = net(x)
+        blocks = [own.layernorm(h) for h in own(pixel_values=x, output_hidden_states=True).hidden_states[-4:]]
+    want = torch.cat([b[:, 0] for b in blocks] + [blocks[-1][:, 3:].mean(dim=1)], dim=1)
+    torch.testing.assert_close(torch.cat([got[t] for t in spec.modules], dim=1), want, rtol=1e-5, atol=1e-5)
+    assert got["block4"].shape == (3, 32)  # the model's own taps keep the request's pooling
+
+    [result] = extract(cfg, progress=False, log=lambda *a: None)
+    with FeatureCache(result.path) as cache:
+        assert cache.taps("train")["layernorm"] == (12, 64) and cache.taps("train")["encoder.layer.0+layernorm"] == (
+            12, 32)
+    taps = "module:encoder.layer.0+layernorm,encoder.layer.1+layernorm,encoder.layer.2+layernorm,layernorm"
+    assert [r.tap for r in parse_taps(taps, cfg)] == list(spec.modules)
+    with pytest.raises(FeatcacheError, match="not among the --module taps of the request: add --module block2"):
+        parse_taps("module:block2", cfg)
+
+
+def test_module_norm_and_own_pooling_bad_input(checkpoints):
+    """+NORM on torchvision's graph cut (the norm module after the tapped one, as the network runs it), a
+    module of an own: network, and one line for what cannot be asked."""
+    spec = ExtractConfig(backbones=("resnet18",), weights="random",
+                         modules=("layer3.0.conv1+layer3.0.bn1", "layer3.0.conv1:max")).spec("resnet18")
+    torch.manual_seed(0)
+    own = spec.build(None).eval()
+    net = tap_model(spec, "random", 0, "avg", torch.device("cpu"))
+    x = _images(2, size=64)
+    with torch.no_grad():
+        got = net(x)
+    torch.testing.assert_close(got["layer3.0.conv1+layer3.0.bn1"], _hooked(own, "layer3.0.bn1", x).mean(dim=(2, 3)),
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got["layer3.0.conv1"], _hooked(own, "layer3.0.conv1", x).amax(dim=(2, 3)),
+                               rtol=1e-4, atol=1e-4)
+    for modules, message in [(("layer3.0.conv1+layer4.0.bn1",), "returns 512x7x7, not the 256x14x14 of layer3.0.conv1"),
+                             (("layer3.0.conv1:cls",), ":cls takes a transformer's class token"),
+                             (("fc:avg",), "returns a vector, kept whole: drop :avg"),
+                             (("layer3.0.conv1", "layer3.0.conv1:max"), "asked twice"),
+                             (("layer3.0.conv1+nothing",), "resnet18 has no module of that name")]:
+        with pytest.raises(FeatcacheError, match=message):
+            ExtractConfig(backbones=("resnet18",), weights="random", modules=modules)
 
 
 class _Own(torch.nn.Module):
@@ -362,6 +410,10 @@ def test_own_network_from_python(tmp_path):
         featcache.extract(backbone=["own:_Own"], weights="random", **common)
     with pytest.raises(FeatcacheError, match="needs taps"):
         featcache.extract(model=net, **common)
+    spec = ExtractConfig(backbones=("own:_Own",), modules=("b.0",)).spec("own:_Own")  # shapes from a meta copy
+    with torch.no_grad():
+        got = tap_model(spec, "imagenet", 0, "max", torch.device("cpu"))(x)["b.0"]
+        torch.testing.assert_close(got, net.b[0](net.a(x)).amax(dim=(2, 3)))
 
 
 def test_rank_and_sweep_take_an_hf_folder(checkpoints, tmp_path):

@@ -187,7 +187,7 @@ def test_every_shipped_pipeline_parses_and_says_what_it_reproduces(path, tmp_pat
     if "hf:facebook/dinov2-small" in path.read_text():  # a Hub model: its config in a local cache, as after a download
         transformers = pytest.importorskip("transformers")
         _hub_cache_with(tmp_path, monkeypatch, {"facebook/dinov2-small": transformers.Dinov2Model(
-            transformers.Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
+            transformers.Dinov2Config(hidden_size=16, num_hidden_layers=12, num_attention_heads=2, mlp_ratio=2,
                                       image_size=518, patch_size=14))})
     pipeline = load_pipeline(path)
     head = tomllib.loads(path.read_text())["pipeline"]

@@ -17,6 +17,7 @@ ALIASES = ("early", "mid", "late")
 LAYOUTS = ("nchw", "nhwc", "tokens")  # the layouts a declared backbone's taps may have
 FLAT = ("logits", "embedding", "flatten")  # one row per image, cached as they are (flatten: any output, flattened)
 WHOLE = "whole"  # a fingerprint's mark of a tap cached as it is (logits are known by their name)
+POOLINGS = ("avg", "max", "avgmax", "cls", "cls+avg")  # --pooling, and a --module tap's own (NAME:cls)
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class Tap:
         layout: ``nchw`` maps, ``nhwc`` maps (torchvision's Swin), ``tokens`` (N, T, D) with the
             prefix (class) tokens first, or ``logits``: the source classifier's output (N, classes), stored
             as it is (``--logits``: what LEEP and NCE read).
+        pooling: the tap's own pooling (a ``--module NAME:cls`` tap), where it is not the request's.
+        norm: a module of the network its output passes through before pooling (``--module NAME+NORM``: a
+            transformer's final norm on an earlier block, as dinov2's ``get_intermediate_layers(norm=True)``).
     """
 
     node: str
@@ -38,6 +42,8 @@ class Tap:
     stride: int
     module: str = ""
     layout: str = "nchw"
+    pooling: str = ""
+    norm: str = ""
 
     @property
     def graph_node(self) -> str:
@@ -45,8 +51,9 @@ class Tap:
         return self.module or self.node
 
     def width(self, pooling: str) -> int:
-        """Columns of the tap as cached: its channels pooled; logits and an embedding as they are."""
-        return self.channels if self.layout in FLAT else pooled_dim(self.channels, pooling)
+        """Columns of the tap as cached: its channels pooled (by its own pooling where it has one); logits and an
+        embedding as they are."""
+        return self.channels if self.layout in FLAT else pooled_dim(self.channels, self.pooling or pooling)
 
 
 LOGITS = "logits"  # the tap name of a source classifier's output

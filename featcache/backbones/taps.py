@@ -92,6 +92,6 @@ def tap_model(spec: BackboneSpec, weights: str, seed: int, pooling: str, device)
 
         def forward(self, x):
             maps = self.extractor(x)
-            return {t.node: pool(maps[t.node], pooling, t.layout, spec.prefix_tokens) for t in taps}
+            return {t.node: pool(maps[t.node], t.pooling or pooling, t.layout, spec.prefix_tokens) for t in taps}
 
     return TapModel().eval().requires_grad_(False).to(device, memory_format=torch.channels_last)

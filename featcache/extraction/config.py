@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from featcache.backbones.registry import BACKBONES, BackboneSpec
-from featcache.backbones.spec import FLAT, LOGITS, WHOLE
+from featcache.backbones.spec import FLAT, LOGITS, POOLINGS, WHOLE
 from featcache.backbones.modules import with_modules
 from featcache.backbones.sources import with_logits
 from featcache.backbones.sources.hf_models import allow_downloads
@@ -25,7 +25,6 @@ from featcache.errors import FeatcacheError, check_choice
 from featcache.device import DEVICES  # noqa: F401  (re-read by the requests below)
 from featcache.extraction.store import FORMAT, cache_file, fingerprint_hash
 
-POOLINGS = ("avg", "max", "avgmax", "cls", "cls+avg")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 
@@ -72,7 +71,7 @@ class ExtractConfig:
         for name in self.backbones:
             spec = self.spec(name)  # a module a backbone lacks: said here
             if self.pooling.startswith("cls") and (spec.prefix_tokens == 0 or any(
-                    t.layout not in ("tokens", *FLAT) for t in spec.taps)):  # logits, an embedding: kept whole
+                    t.layout not in ("tokens", *FLAT) and not t.pooling for t in spec.taps)):  # FLAT: kept whole
                 raise FeatcacheError(f"--pooling {self.pooling} takes a transformer's class token; {name} has none: "
                                      f"use --pooling avg, max or avgmax")
         check_choice("--precision", self.precision, PRECISIONS)
@@ -155,8 +154,9 @@ def fingerprint(cfg: ExtractConfig, spec: BackboneSpec, precision: str, dataset:
         "format": FORMAT,
         "backbone": spec.name,
         # a tap cached whole (an embedding, a vector or :flatten module) says so: pooling does not widen it
-        "taps": [[t.node, t.channels, *([WHOLE] if t.layout in FLAT and t.node != LOGITS else [])]
-                 for t in spec.taps],
+        # and a --module tap pooled its own way (NAME:cls) names its pooling
+        "taps": [[t.node, t.channels, *([WHOLE] if t.layout in FLAT and t.node != LOGITS else
+                                        [t.pooling] if t.pooling else [])] for t in spec.taps],
         "weights": weights_identity(spec, cfg.weights, cfg.data.seed),
         "preprocess": preprocess_for(cfg, spec).identity(),
         "pooling": cfg.pooling,

@@ -110,7 +110,8 @@ class FeatureCache:
                                  f"it and run featcache extract again")
         pooling = fingerprint.get("pooling")
         widths = {str(entry[0]): int(entry[1]) if entry[0] == LOGITS or entry[2:] == [WHOLE]  # cached as they are
-                  else pooled_dim(int(entry[1]), pooling) for entry in fingerprint["taps"]}
+                  else pooled_dim(int(entry[1]), entry[2] if len(entry) > 2 else pooling)  # a tap's own pooling
+                  for entry in fingerprint["taps"]}
         json.loads(self.file.attrs["classes"])
         for split in ("train", "test"):
             if split not in self.file or "taps" not in self.file[split] or "labels" not in self.file[split]:

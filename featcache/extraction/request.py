@@ -57,9 +57,11 @@ class FeatureFields(DataFields):
                                       help="Also cache the output of this module as a tap of its own (called by "
                                            "the module's name, e.g. layer3.1 or blocks.6.attn; repeat for "
                                            "several): featcache backbones NAME --modules lists every module with "
-                                           "its output shape. Maps and tokens pool as --pooling says; a vector is "
-                                           "kept whole, and so is any output of NAME:flatten (at most 65,536 "
-                                           "values). A cache of its own.")
+                                           "its output shape. Maps and tokens pool as --pooling says, or as "
+                                           "NAME:cls (:avg, :max, :avgmax, :cls+avg) says for that tap; a vector "
+                                           "is kept whole, and so is any output of NAME:flatten (at most 65,536 "
+                                           "values); NAME+NORM passes it through module NORM first (a final "
+                                           "layer norm: tap NAME+NORM). A cache of its own.")
     cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:

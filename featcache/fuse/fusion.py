@@ -30,9 +30,12 @@ class TapRef:
         return f"{self.backbone}:{self.tap}"
 
 
+MODULE_MARK = "module:"  # --taps module:NAME: the --module tap NAME (its plain name works as well)
+
+
 def parse_taps(text: str, features) -> tuple[TapRef, ...]:
     """``early,late`` (every backbone) or ``resnet50:late,mobilenet_v2:early`` -> TapRefs, over the backbones of
-    ``features`` (an ExtractConfig: its ``--module`` taps are taps too).
+    ``features`` (an ExtractConfig: its ``--module`` taps are taps too, by name or as ``module:NAME``).
 
     Aliases resolve to node names; order follows the text, then the backbone order.
     """
@@ -41,6 +44,12 @@ def parse_taps(text: str, features) -> tuple[TapRef, ...]:
     for item in (part.strip() for part in text.split(",")):
         if not item:
             raise FeatcacheError(f"--taps has an empty entry: {text!r}")
+        head, marked, module = item.rpartition(MODULE_MARK)
+        if marked and (not head or head.endswith(":")):  # [BACKBONE:]module:NAME, a --module tap by its name
+            if module not in {m for name in backbones for m in features.spec(name).modules}:
+                raise FeatcacheError(f"--taps {item}: {module} is not among the --module taps of the request: add "
+                                     f"--module {module}")
+            item = head + module
         if ":" in item:
             name, tap = item.rsplit(":", 1)
             if name not in backbones:

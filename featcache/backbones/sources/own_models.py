@@ -47,13 +47,17 @@ class OwnSource(ModelSource):
 
     def builder(self, name: str):
         """``build(tag)``: a copy of the registered network (the user's object is never changed); it has no
-        random initialisation of its own to offer."""
+        random initialisation of its own to offer: ``build(None)`` on the meta device (``on_meta``: the
+        ``--module`` shapes) is its structure there, anywhere else an error."""
 
         def build(tag):
-            if tag is None:
+            import torch
+
+            if tag is None and torch.empty(0).device.type != "meta":
                 raise FeatcacheError(f"{name} holds the weights it was given: use --weights imagenet (the default), "
                                      f"not random or a state-dict file; load other weights into the network first")
-            return copy.deepcopy(_HELD[name][1])
+            net = copy.deepcopy(_HELD[name][1])
+            return net if tag is not None else net.to("meta")
 
         return build
 

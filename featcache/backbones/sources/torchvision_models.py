@@ -144,8 +144,15 @@ def _module_cut(spec: BackboneSpec, backbone, taps, wanted):
 
     own = [t for t in taps if t not in wanted]
     resolved = {last_inside(spec.tap(t).graph_node): t for t in own}
-    alias = {t: resolved[last_inside(t)] for t in wanted if last_inside(t) in resolved}  # the same node as a tap
-    nodes = {spec.tap(t).graph_node: t for t in own} | {last_inside(t): t for t in wanted if t not in alias}
+    alias = {}  # a module tap on the node of another tap (a model's own, or NAME beside NAME+NORM) shares it
+    for t in wanted:
+        node = last_inside(spec.tap(t).graph_node)
+        if node in resolved:
+            alias[t] = resolved[node]
+        else:
+            resolved[node] = t
+    nodes = {spec.tap(t).graph_node: t for t in own} | \
+        {last_inside(spec.tap(t).graph_node): t for t in wanted if t not in alias}
     cut = create_feature_extractor(backbone, return_nodes=nodes).eval()
     graph = cut.graph
     output = next(n for n in graph.nodes if n.op == "output")
