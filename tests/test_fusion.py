@@ -100,3 +100,19 @@ def test_column_moments_and_the_float16_widening_equal_numpys_bit_for_bit():
     assert np.array_equal(squares, np.square(block, dtype=np.float64).sum(axis=0))
     half = rng.normal(scale=1e-5, size=(1 << 20) + 3).astype(np.float16)  # subnormals included
     assert np.array_equal(float32(half), half.astype(np.float32)) and float32(half).dtype == np.float32
+
+
+def test_the_standard_transform_equals_normalize_tap_bit_for_bit():
+    """TapNormalizer's fused standardisation (torch, in place) is normalize_tap's NumPy float32 arithmetic exactly,
+    float16 taps widened first, and leaves its input as it was."""
+    from featcache.fuse.fusion import TapNormalizer, normalize_tap
+
+    rng = np.random.default_rng(1)
+    blocks = [rng.normal(3, 2, (501, 9)).astype(np.float16), (rng.normal(size=(501, 4)) * 1e-4).astype(np.float32)]
+    kept = [b.copy() for b in blocks]
+    norm = TapNormalizer("standard").fit(blocks)
+    got = norm.transform(blocks)
+    want = np.concatenate([normalize_tap(b.astype(np.float32), "standard", *norm.statistics(i))
+                           for i, b in enumerate(blocks)], axis=1)
+    assert got.dtype == np.float32 and np.array_equal(got, want)
+    assert all(np.array_equal(b, k) for b, k in zip(blocks, kept))

@@ -143,6 +143,20 @@ def test_the_svm_reuses_the_rotation_of_the_logistic_regressions(digits):
         assert torch.allclose(W, ref, atol=1e-8), (W - ref).abs().max()
 
 
+def test_a_rotation_is_reused_for_the_same_numbers_only(digits):
+    """A kept run refits its sweep row on a new tensor of the same numbers: the rotation is served again; one value
+    changed anywhere makes it afresh."""
+    from featcache.solvers.path import rotate
+
+    X = torch.tensor(digits[0][:300], dtype=torch.float32)
+    first = rotate(X)
+    assert rotate(X.clone()) is first
+    changed = X.clone()
+    changed[123, 45] += 1.0
+    again = rotate(changed)
+    assert again is not first and not torch.equal(again[2], first[2])
+
+
 def test_knn_votes_match_a_brute_force_count(digits):
     X, y, X_test, _ = digits
     train, queries = torch.tensor(X[:300]), torch.tensor(X_test[:50])

@@ -134,8 +134,21 @@ class TapNormalizer:
     def transform(self, blocks: list[np.ndarray]) -> np.ndarray:
         if [b.shape[1] for b in blocks] != self.dims_:
             raise FeatcacheError(f"tap dimensions {[b.shape[1] for b in blocks]} differ from the fitted {self.dims_}")
-        return np.concatenate([normalize_tap(np.asarray(b, dtype=np.float32), self.method, *self.statistics(i))
-                               for i, b in enumerate(blocks)], axis=1)
+        if self.method != "standard":
+            return np.concatenate([normalize_tap(np.asarray(b, dtype=np.float32), self.method, *self.statistics(i))
+                                   for i, b in enumerate(blocks)], axis=1)
+        import torch
+
+        # normalize_tap's (x - mean) / scale in float32, the same numbers, written in place into the fused array
+        # by torch's threads (NumPy's float16 widening and two temporaries took 0.3 s per 45,000 x 1,280 tap)
+        out = np.empty((len(blocks[0]) if blocks else 0, sum(self.dims_)), np.float32)
+        fused, lo = torch.from_numpy(out), 0
+        for i, b in enumerate(blocks):
+            part = fused[:, lo:lo + b.shape[1]]
+            part.copy_(torch.from_numpy(np.asarray(b))).sub_(torch.from_numpy(self.mean_[i])).div_(
+                torch.from_numpy(self.scale_[i]))
+            lo += b.shape[1]
+        return out
 
     def statistics(self, i: int) -> tuple:
         """(mean, scale) of tap ``i`` for ``standard``, else (None, None)."""

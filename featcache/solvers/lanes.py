@@ -62,7 +62,7 @@ def minimise(problem, x, max_iter: int = 1000, tol_grad: float = 1e-5, tol_chang
     for it in range(max_iter):
         if not active.any():
             break
-        if int(active.sum()) <= running // 2:  # half have stopped since: drop what no running lane needs
+        if int(active.sum()) <= running * 3 // 4:  # a quarter have stopped since: drop what no running lane needs
             running = int(active.sum())
             held = problem.keep(active)
             out[where[~held]] = x[~held]
@@ -117,43 +117,72 @@ def _two_loops(g, S, Y, rho, gamma, order: list):
 class _Logistic:
     """The lanes' objectives: ``(C * sum(cross-entropy) + |W|^2 / 2) / (C * n)`` per (combination, C), the
     intercept (the last column of ones) not penalised, on the stacked rotated features ``Z`` (B, n, R + 1).
-    L-BFGS works on ``u = W / scale``, ``scale`` the diagonal preconditioner of the solvers' path."""
+    L-BFGS works on ``u = W / scale``, ``scale`` the diagonal preconditioner of the solvers' path.
+
+    Lanes are held one by one, in combination order (``comb``: each lane's row of ``Z``): while every held
+    combination holds the same number of lanes one batched product scores them all, else a product per
+    combination; so a C that has converged stops costing products (at 45,000 x 1,792 the largest C takes
+    five times the evaluations of the smallest)."""
 
     def __init__(self, Z, scale, y, Cs, n_classes: int):
         import torch
 
-        self.Z, self.scale, self.k = Z, scale, n_classes  # scale: (B, G, R + 1, 1)
         B, n, width = Z.shape
-        self.C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=Z.dtype, device=Z.device).view(1, len(Cs), 1, 1)
-        self.onehot = torch.zeros(1, n, 1, n_classes, dtype=Z.dtype, device=Z.device)
-        self.onehot[0, torch.arange(n, device=Z.device), 0, y] = 1.0
-        self.penalised = torch.ones(1, 1, width, 1, dtype=Z.dtype, device=Z.device)
-        self.penalised[..., -1, :] = 0.0
+        G = len(Cs)
+        self.Z, self.k = Z, n_classes
+        self.scale = scale.reshape(B * G, width, 1)  # scale: (B, G, R + 1, 1)
+        self.C = torch.as_tensor(np.asarray(Cs, np.float64), dtype=Z.dtype, device=Z.device).repeat(B)
+        self.onehot = torch.zeros(1, n, n_classes, dtype=Z.dtype, device=Z.device)
+        self.onehot[0, torch.arange(n, device=Z.device), y] = 1.0
+        self.penalised = torch.ones(1, width, 1, dtype=Z.dtype, device=Z.device)
+        self.penalised[:, -1] = 0.0
+        self._held(torch.arange(B, device=Z.device).repeat_interleave(G))
+
+    def _held(self, comb) -> None:
+        """Hold the lanes of rows ``comb`` of ``Z``: (row, first lane, end lane) per row, and whether every row
+        holds as many (one batched product)."""
+        counts = np.bincount(comb.cpu().numpy(), minlength=len(self.Z))
+        ends = np.cumsum(counts)
+        self.comb, self.groups = comb, [(b, int(end - c), int(end)) for b, (c, end) in enumerate(zip(counts, ends))]
+        self.G = int(counts[0]) if len(set(counts.tolist())) == 1 else 0
 
     def evaluate(self, flat):
         import torch
 
         B, n, width = self.Z.shape
-        G = self.C.shape[1]
-        W = self.scale * flat.view(B, G, width, self.k)
-        scores = torch.bmm(self.Z, W.permute(0, 2, 1, 3).reshape(B, width, G * self.k)).view(B, n, G, self.k)
+        L, k, G = len(self.comb), self.k, self.G
+        W = self.scale * flat.view(L, width, k)
+        if G:  # as many lanes on every row: one batched product
+            scores = torch.bmm(self.Z, W.view(B, G, width, k).permute(0, 2, 1, 3).reshape(B, width, G * k))
+            scores = scores.view(B, n, G, k).transpose(1, 2).reshape(L, n, k)
+        else:
+            scores = torch.cat([(self.Z[b] @ W[lo:hi].permute(1, 0, 2).reshape(width, (hi - lo) * k))
+                                .view(n, hi - lo, k).transpose(0, 1) for b, lo, hi in self.groups])
         # per row first: the difference of the two sums loses float32's digits
-        top = scores.amax(dim=3, keepdim=True)
+        top = scores.amax(dim=2, keepdim=True)
         e = (scores - top).exp_()
-        total = e.sum(dim=3, keepdim=True)
-        data = (top + total.log() - (scores * self.onehot).sum(3, keepdim=True)).sum(dim=(1, 3))
-        R = (e.div_(total) - self.onehot).view(B, n, G * self.k)
-        grad = torch.bmm(R.transpose(1, 2), self.Z).view(B, G, self.k, width).transpose(2, 3)  # reads Z row-major
-        grad = grad + self.penalised * W / self.C
-        value = (data + 0.5 * (W.pow(2) * self.penalised).sum(dim=(2, 3)) / self.C.view(1, G)) / n
-        return value.reshape(-1), (self.scale * grad / n).reshape(B * G, -1)
+        total = e.sum(dim=2, keepdim=True)
+        data = (top + total.log() - (scores * self.onehot).sum(2, keepdim=True)).sum(dim=(1, 2))
+        R = e.div_(total).sub_(self.onehot).transpose(1, 2)  # (L, k, n)
+        if G:  # reads Z row-major
+            grad = torch.bmm(R.reshape(B, G * k, n), self.Z).view(L, k, width).transpose(1, 2)
+        else:
+            grad = torch.cat([(R[lo:hi].reshape((hi - lo) * k, n) @ self.Z[b]).view(hi - lo, k, width)
+                              .transpose(1, 2) for b, lo, hi in self.groups])
+        grad = grad + self.penalised * W / self.C.view(L, 1, 1)
+        value = (data + 0.5 * (W.pow(2) * self.penalised).sum(dim=(1, 2)) / self.C) / n
+        return value, (self.scale * grad / n).reshape(L, -1)
 
     def keep(self, running):
-        """Keep the combinations that a running lane needs (with all their lanes: one product serves them)."""
-        G = self.C.shape[1]
-        held = running.view(-1, G).any(1)
-        self.Z, self.scale = self.Z[held], self.scale[held]
-        return held.repeat_interleave(G)
+        """Keep the running lanes, and the rows of ``Z`` that a running lane reads."""
+        import torch
+
+        comb = self.comb[running].cpu().numpy()
+        rows = np.bincount(comb, minlength=len(self.Z)) > 0
+        self.Z = self.Z[torch.as_tensor(rows, device=self.Z.device)]
+        self.scale, self.C = self.scale[running], self.C[running]
+        self._held(torch.as_tensor((np.cumsum(rows) - 1)[comb], device=self.Z.device))
+        return running
 
 
 def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol: float = 1e-5,

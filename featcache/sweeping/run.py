@@ -150,9 +150,11 @@ def _pair_search(cfg: SweepConfig, paths: dict, folder: Path, combos, done: set,
     return jobs, count, pairs.summary(order, evaluated, stopped, cfg.pair_patience)
 
 
-def _load(cfg: SweepConfig, paths: dict, log):
-    """Every tap the sweep may read, both splits (float32)."""
-    return load_features(paths, set(all_taps(cfg.features)) | set(logits_taps(cfg)), allow_dead=True, log=log)
+def _load(cfg: SweepConfig, paths: dict, log, jobs: list[dict] | None = None):
+    """The taps ``jobs`` read (None: every tap the sweep may read), both splits (float32): a sweep of the late
+    taps alone reads and standardises those only."""
+    refs = set(all_taps(cfg.features)) if jobs is None else {ref for job in jobs for ref in job["refs"]}
+    return load_features(paths, refs | set(logits_taps(cfg)), allow_dead=True, log=log)
 
 
 def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool,
@@ -164,7 +166,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
 
     if not any(row_key(job) not in done for job in todo):
         return 0
-    data = data if data is not None else _load(cfg, paths, log)
+    data = data if data is not None else _load(cfg, paths, log, [job for job in todo if row_key(job) not in done])
     labels = data.labels
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
