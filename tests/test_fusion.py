@@ -116,3 +116,17 @@ def test_the_standard_transform_equals_normalize_tap_bit_for_bit():
                            for i, b in enumerate(blocks)], axis=1)
     assert got.dtype == np.float32 and np.array_equal(got, want)
     assert all(np.array_equal(b, k) for b, k in zip(blocks, kept))
+
+
+@pytest.mark.parametrize("fit_rows", [np.arange(0, 300), slice(0, 300)], ids=["index", "slice"])
+def test_standardised_parts_never_change_the_loaded_taps(fit_rows):
+    """The fit and validation rows are normalised where they lie only when they are copies of the loaded tap."""
+    from featcache.fuse.fusion import TapNormalizer, standardised_tap
+
+    rng = np.random.default_rng(2)
+    train, test = rng.normal(2, 3, (400, 6)).astype(np.float32), rng.normal(2, 3, (50, 6)).astype(np.float32)
+    kept = train.copy(), test.copy()
+    parts = standardised_tap(train, fit_rows, np.arange(300, 400), test, "cpu")
+    assert np.array_equal(train, kept[0]) and np.array_equal(test, kept[1])
+    norm = TapNormalizer("standard").fit([train[fit_rows]])
+    assert np.array_equal(parts["fit"].numpy(), norm.transform([train[fit_rows]]))
