@@ -1,5 +1,6 @@
 """Shared fixtures: the tiny backbone, generated datasets, CLI runner."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -7,6 +8,11 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: each takes its share of threads,
+    # and so do the processes its tests start (oversubscribed OpenMP threads spin against each other)
+    _share = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _share
 import tiny  # noqa: E402,F401  registers the "tiny" backbone
 
 from featcache.data.datasets import DataRequest  # noqa: E402
