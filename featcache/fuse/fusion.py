@@ -45,7 +45,7 @@ def parse_taps(text: str, features) -> tuple[TapRef, ...]:
         if not item:
             raise FeatcacheError(f"--taps has an empty entry: {text!r}")
         head, marked, module = item.rpartition(MODULE_MARK)
-        if marked and (not head or head.endswith(":")):  # [BACKBONE:]module:NAME, a --module tap by its name
+        if marked and (not head or head[:-1] in backbones):  # [BACKBONE:]module:NAME, a --module tap by its name
             if module not in {m for name in backbones for m in features.spec(name).modules}:
                 raise FeatcacheError(f"--taps {item}: {module} is not among the --module taps of the request: add "
                                      f"--module {module}")
@@ -148,8 +148,9 @@ class TapNormalizer:
         fused, lo = torch.from_numpy(out), 0
         for i, b in enumerate(blocks):
             part = fused[:, lo:lo + b.shape[1]]
-            (part if reuse else part.copy_(torch.from_numpy(np.asarray(b)))).sub_(torch.from_numpy(self.mean_[i])).div_(
-                torch.from_numpy(self.scale_[i]))
+            if not reuse:
+                part.copy_(torch.from_numpy(np.asarray(b)))  # float16 widened exactly on the way
+            part.sub_(torch.from_numpy(self.mean_[i])).div_(torch.from_numpy(self.scale_[i]))
             lo += b.shape[1]
         return out
 
@@ -186,5 +187,6 @@ def standardised_tap(train, fit_rows, val_rows, test, device) -> dict:
 
     parts = {"fit": train[fit_rows], "val": train[val_rows], **({"test": test} if test is not None else {})}
     norm = TapNormalizer("standard").fit([parts["fit"]])
-    return {part: torch.as_tensor(norm.transform([rows], reuse=not np.may_share_memory(rows, train) and rows is not test),
-                                  device=device) for part, rows in parts.items()}  # the row selections are copies
+    owned = {part for part, rows in parts.items() if rows is not test and not np.may_share_memory(rows, train)}
+    return {part: torch.as_tensor(norm.transform([rows], reuse=part in owned), device=device)  # selections: copies
+            for part, rows in parts.items()}
