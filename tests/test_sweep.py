@@ -157,6 +157,28 @@ def test_a_rotation_is_reused_for_the_same_numbers_only(digits):
     assert again is not first and not torch.equal(again[2], first[2])
 
 
+def test_an_svm_solved_again_in_the_process_is_served_for_the_same_numbers_only(digits, monkeypatch):
+    """A kept svm run fits its row's C on the same rows as the sweep's path: served from this process's solves; other
+    labels or one changed value solve afresh."""
+    from featcache.solvers import hinge, path
+
+    X, y, _, _ = digits
+    features, labels = torch.tensor(X[:500], dtype=torch.float32), torch.tensor(y[:500])
+    calls = []
+    newton = hinge.newton_features
+    monkeypatch.setattr(hinge, "newton_features", lambda *a, **k: calls.append(1) or newton(*a, **k))
+    path._SOLVED.clear()
+    first = solve_path(features, labels, [0.01, 0.1], "svm", 10)
+    solved = len(calls)
+    [again] = solve_path(features.clone(), labels.clone(), [0.1], "svm", 10)
+    assert len(calls) == solved and torch.equal(again, first[1])
+    changed = features.clone()
+    changed[7, 3] += 0.5
+    solve_path(changed, labels, [0.1], "svm", 10)
+    solve_path(features, (labels + 1) % 10, [0.1], "svm", 10)
+    assert len(calls) == solved + 2
+
+
 def test_knn_votes_match_a_brute_force_count(digits):
     X, y, X_test, _ = digits
     train, queries = torch.tensor(X[:300]), torch.tensor(X_test[:50])
