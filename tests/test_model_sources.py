@@ -304,7 +304,7 @@ def test_backbones_modules_lists_every_module_with_its_shape():
     assert lines["fc"] == ["1000", "vector,", "kept", "whole"]
 
 
-FOUR_BLOCKS = ("encoder.layer.0+layernorm:cls", "encoder.layer.1+layernorm:cls", "encoder.layer.2+layernorm:cls",
+FOUR_BLOCKS = ("encoder.layer.0@layernorm:cls", "encoder.layer.1@layernorm:cls", "encoder.layer.2@layernorm:cls",
                "layernorm:cls+avg")  # pipelines/dinov2_linear.toml's modules, for a 4-block model
 
 
@@ -334,34 +334,34 @@ def test_dinov2_linear_protocol_features(checkpoints, tmp_path):
 
     [result] = extract(cfg, progress=False, log=lambda *a: None)
     with FeatureCache(result.path) as cache:
-        assert cache.taps("train")["layernorm"] == (12, 64) and cache.taps("train")["encoder.layer.0+layernorm"] == (
+        assert cache.taps("train")["layernorm"] == (12, 64) and cache.taps("train")["encoder.layer.0@layernorm"] == (
             12, 32)
-    taps = "module:encoder.layer.0+layernorm,encoder.layer.1+layernorm,encoder.layer.2+layernorm,layernorm"
+    taps = "module:encoder.layer.0@layernorm,encoder.layer.1@layernorm,encoder.layer.2@layernorm,layernorm"
     assert [r.tap for r in parse_taps(taps, cfg)] == list(spec.modules)
     with pytest.raises(FeatcacheError, match="not among the --module taps of the request: add --module block2"):
         parse_taps("module:block2", cfg)
 
 
 def test_module_norm_and_own_pooling_bad_input(checkpoints):
-    """+NORM on torchvision's graph cut (the norm module after the tapped one, as the network runs it), a
+    """@NORM on torchvision's graph cut (the norm module after the tapped one, as the network runs it), a
     module of an own: network, and one line for what cannot be asked."""
     spec = ExtractConfig(backbones=("resnet18",), weights="random",
-                         modules=("layer3.0.conv1+layer3.0.bn1", "layer3.0.conv1:max")).spec("resnet18")
+                         modules=("layer3.0.conv1@layer3.0.bn1", "layer3.0.conv1:max")).spec("resnet18")
     torch.manual_seed(0)
     own = spec.build(None).eval()
     net = tap_model(spec, "random", 0, "avg", torch.device("cpu"))
     x = _images(2, size=64)
     with torch.no_grad():
         got = net(x)
-    torch.testing.assert_close(got["layer3.0.conv1+layer3.0.bn1"], _hooked(own, "layer3.0.bn1", x).mean(dim=(2, 3)),
+    torch.testing.assert_close(got["layer3.0.conv1@layer3.0.bn1"], _hooked(own, "layer3.0.bn1", x).mean(dim=(2, 3)),
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got["layer3.0.conv1"], _hooked(own, "layer3.0.conv1", x).amax(dim=(2, 3)),
                                rtol=1e-4, atol=1e-4)
-    for modules, message in [(("layer3.0.conv1+layer4.0.bn1",), "returns 512x7x7, not the 256x14x14 of layer3.0.conv1"),
+    for modules, message in [(("layer3.0.conv1@layer4.0.bn1",), "returns 512x7x7, not the 256x14x14 of layer3.0.conv1"),
                              (("layer3.0.conv1:cls",), ":cls takes a transformer's class token"),
                              (("fc:avg",), "returns a vector, kept whole: drop :avg"),
                              (("layer3.0.conv1", "layer3.0.conv1:max"), "asked twice"),
-                             (("layer3.0.conv1+nothing",), "resnet18 has no module of that name")]:
+                             (("layer3.0.conv1@nothing",), "resnet18 has no module of that name")]:
         with pytest.raises(FeatcacheError, match=message):
             ExtractConfig(backbones=("resnet18",), weights="random", modules=modules)
 

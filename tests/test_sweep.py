@@ -203,6 +203,20 @@ def _cfg(tmp_path, **kw):
     return SweepConfig(**{**base, **kw})
 
 
+def test_a_module_tap_through_a_norm_is_swept_paired_and_kept(tmp_path):
+    """A --module NAME@NORM:POOLING tap's name holds no character the sweep's tables join taps with: it is paired,
+    tabled and kept as a run of the same two taps."""
+    from featcache.runs.records import load_record
+
+    features = dataclasses.replace(_cfg(tmp_path).features, modules=("stage3.0@stage3.1:max",))
+    folder = sweep(_cfg(tmp_path, features=features, heads=("logreg",), combos="0",
+                        taps=("stage2,stage3.0@stage3.1",)), log=lambda m: None)
+    [row] = list(csv.DictReader(io.StringIO((folder / "table.csv").read_text())))
+    assert row["taps"] == "tiny:stage2+tiny:stage3.0@stage3.1"
+    [run] = [p for p in (tmp_path / "runs").iterdir() if (p / "record.json").exists()]
+    assert load_record(run).taps == ["tiny:stage2", "tiny:stage3.0@stage3.1"]
+
+
 def test_a_sweep_writes_its_table_keeps_the_best_as_a_run_and_resumes(tmp_path):
     from featcache.runs.records import load_record, run_folders
 

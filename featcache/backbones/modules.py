@@ -81,15 +81,15 @@ def layout_of(spec: BackboneSpec, shape, shapes: dict) -> str | None:
 
 
 def parse_module(asked: str) -> tuple[str, str, str]:
-    """``NAME[+NORM][:HOW]`` -> (module, norm, how): the module whose output is cached, a module of the network
+    """``NAME[@NORM][:HOW]`` -> (module, norm, how): the module whose output is cached, a module of the network
     it passes through first (empty: none), and ``flatten`` or a pooling of its own (empty: the request's)."""
     text, _, how = asked.partition(":")
-    name, _, norm = text.partition("+")
+    name, _, norm = text.partition("@")
     if how not in ("", FLATTEN, *POOLINGS):
         raise FeatcacheError(f"--module {asked}: after the module's name only :{FLATTEN} (its output kept whole) or "
                              f"a pooling of its own ({', '.join(':' + p for p in POOLINGS)}) may follow")
-    if not name or "+" in norm:
-        raise FeatcacheError(f"--module {asked}: write NAME, NAME+NORM (the output of NAME passed through module "
+    if not name or "@" in norm:
+        raise FeatcacheError(f"--module {asked}: write NAME, NAME@NORM (the output of NAME passed through module "
                              f"NORM, e.g. a transformer's final norm) and optionally :{FLATTEN} or :POOLING after it")
     return name, norm, how
 
@@ -103,7 +103,7 @@ def _no_module(spec: BackboneSpec, name: str, shapes: dict) -> FeatcacheError:
 
 def with_modules(spec: BackboneSpec, names: tuple[str, ...], size: int | None = None) -> BackboneSpec:
     """``spec`` with each asked module's output as one more tap, for images of ``size`` pixels (what a kept-whole
-    output's width depends on). A tap is called by its module's name (``NAME+NORM`` where it passes through a norm
+    output's width depends on). A tap is called by its module's name (``NAME@NORM`` where it passes through a norm
     first); ``:cls`` and the other poolings after it pool that tap its own way. One line for a name the model has
     not (the closest names), a module that is already a tap, a tap asked twice, or an output that cannot be
     pooled so."""
@@ -114,7 +114,7 @@ def with_modules(spec: BackboneSpec, names: tuple[str, ...], size: int | None = 
     taps, added = list(spec.taps), []
     for asked in names:
         name, norm, how = parse_module(asked)
-        node = f"{name}+{norm}" if norm else name
+        node = f"{name}@{norm}" if norm else name
         for module in (name, norm) if norm else (name,):
             if module not in shapes:
                 raise _no_module(spec, module, shapes)
@@ -126,7 +126,7 @@ def with_modules(spec: BackboneSpec, names: tuple[str, ...], size: int | None = 
         shape = shapes[name]
         if norm and shapes[norm] != shape:
             raise FeatcacheError(f"--module {asked}: {norm} returns {_shown(shapes[norm])}, not the "
-                                 f"{_shown(shape)} of {name}: +NORM takes a module that keeps its input's shape "
+                                 f"{_shown(shape)} of {name}: @NORM takes a module that keeps its input's shape "
                                  f"(a layer norm)")
         added.append(node)
         if how == FLATTEN and isinstance(shape, tuple):
@@ -162,7 +162,7 @@ def _shown(shape) -> str:
 
 def hooked_extractor(spec: BackboneSpec, backbone, taps):
     """The source's cut for the model's own taps, plus a forward hook on each module tap among ``taps`` (a
-    source whose cut takes modules itself, ``cuts_modules``: torchvision's graph, gets them all); a ``+NORM``
+    source whose cut takes modules itself, ``cuts_modules``: torchvision's graph, gets them all); a ``@NORM``
     tap's output then passes through that module of the network."""
     source = source_of(spec)
     wanted = [t for t in taps if t in spec.modules]
@@ -215,7 +215,7 @@ def _normed_class():
     import torch
 
     class Normed(torch.nn.Module):
-        """A cut whose ``NAME+NORM`` taps pass through their norm module (the network's own, shared) after the
+        """A cut whose ``NAME@NORM`` taps pass through their norm module (the network's own, shared) after the
         pass: the module hooks of the cut have all fired by then, so a norm that is a tap itself keeps its own."""
 
         def __init__(self, inner, norms: dict):

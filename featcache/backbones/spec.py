@@ -33,7 +33,7 @@ class Tap:
             prefix (class) tokens first, or ``logits``: the source classifier's output (N, classes), stored
             as it is (``--logits``: what LEEP and NCE read).
         pooling: the tap's own pooling (a ``--module NAME:cls`` tap), where it is not the request's.
-        norm: a module of the network its output passes through before pooling (``--module NAME+NORM``: a
+        norm: a module of the network its output passes through before pooling (``--module NAME@NORM``: a
             transformer's final norm on an earlier block, as dinov2's ``get_intermediate_layers(norm=True)``).
     """
 

@@ -144,7 +144,8 @@ def _show_modules(spec) -> None:
         shown = "x".join(str(d) for d in shape[1:]) if isinstance(shape, tuple) else shape or "no tensor"
         note = f"tap {taps[module]}" if module in taps else what.get(layout, "cannot be pooled")
         click.echo(f"{module:<{width}}  {shown:<16} {note}")
-    click.echo(f"{len(rows)} modules of {spec.name}; cache one with --module NAME", err=True)
+    click.echo(f"{len(rows)} modules of {spec.name}; cache one with --module NAME (NAME:cls and the other poolings "
+               f"pool it its own way, NAME@NORM passes it through module NORM first)", err=True)
 
 
 def _triple(values) -> str:

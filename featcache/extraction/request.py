@@ -60,8 +60,8 @@ class FeatureFields(DataFields):
                                            "its output shape. Maps and tokens pool as --pooling says, or as "
                                            "NAME:cls (:avg, :max, :avgmax, :cls+avg) says for that tap; a vector "
                                            "is kept whole, and so is any output of NAME:flatten (at most 65,536 "
-                                           "values); NAME+NORM passes it through module NORM first (a final "
-                                           "layer norm: tap NAME+NORM). A cache of its own.")
+                                           "values); NAME@NORM passes it through module NORM first (a final "
+                                           "layer norm: tap NAME@NORM). A cache of its own.")
     cache_dir: Path = option(Path("cache"), writes=True, help="Where cache files live.")
 
     def preprocess(self) -> PreprocessConfig:

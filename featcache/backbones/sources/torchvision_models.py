@@ -144,7 +144,7 @@ def _module_cut(spec: BackboneSpec, backbone, taps, wanted):
 
     own = [t for t in taps if t not in wanted]
     resolved = {last_inside(spec.tap(t).graph_node): t for t in own}
-    alias = {}  # a module tap on the node of another tap (a model's own, or NAME beside NAME+NORM) shares it
+    alias = {}  # a module tap on the node of another tap (a model's own, or NAME beside NAME@NORM) shares it
     for t in wanted:
         node = last_inside(spec.tap(t).graph_node)
         if node in resolved:
