@@ -475,6 +475,7 @@ def test_a_tap_cached_whole_is_not_widened_by_the_pooling(tiny_clip, tmp_path):
     with FeatureCache(path) as cache:
         assert cache.taps("train")["embedding"] == (40, 16) and cache.taps("train")["block1"] == (40, 64)
         assert ["embedding", 16, "whole"] in cache.fingerprint["taps"]
+        assert cache.tap_names("train")[-1] == "embedding" and "embedding      40 x 16" in cache.describe()  # info
     path = featcache.extract(backbone=["resnet18"], modules=["fc"], image_size=32, **common)
     with FeatureCache(path) as cache:
         assert cache.taps("train")["fc"] == (40, 1000) and cache.taps("train")["layer4"] == (40, 1024)

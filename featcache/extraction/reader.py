@@ -231,7 +231,7 @@ class FeatureCache:
     def tap_names(self, split: str) -> list[str]:
         """The split's taps in network order (the order the fingerprint lists them), not HDF5's alphabetical one."""
         stored = self.file[split]["taps"]
-        ordered = [name for name, _ in self.fingerprint.get("taps", []) if name in stored]
+        ordered = [entry[0] for entry in self.fingerprint.get("taps", []) if entry[0] in stored]  # [name, width, ...]
         return ordered + sorted(set(stored) - set(ordered))
 
     def summary(self) -> dict:
@@ -255,9 +255,10 @@ class FeatureCache:
         lines.append(f"  classes ({len(self.classes)}): {', '.join(self.classes)}")
         for split, about in info["splits"].items():
             lines.append(f"  {split}: {about['rows_done']}/{about['rows']} rows, dtype {about['dtype'] or '-'}")
+            width = max([14, *map(len, about["taps"])])  # a --module tap's name may be long
             for tap, (n, c) in about["taps"].items():
                 dead = info["dead_taps"].get(tap) if split == "train" else None
-                lines.append((f"    {tap:<14} {f'{n} x {c}':<13}" + (f"  DEAD: {dead}" if dead else "")).rstrip())
+                lines.append((f"    {tap:<{width}} {f'{n} x {c}':<13}" + (f"  DEAD: {dead}" if dead else "")).rstrip())
         if info["dead_taps"]:
             lines.append("  dead taps carry no signal: fuse-train refuses them without --allow-dead-taps; "
                          "extract with --dtype float32 to keep small values")
