@@ -361,7 +361,8 @@ def test_module_norm_and_own_pooling_bad_input(checkpoints):
                              (("layer3.0.conv1:cls",), ":cls takes a transformer's class token"),
                              (("fc:avg",), "returns a vector, kept whole: drop :avg"),
                              (("layer3.0.conv1", "layer3.0.conv1:max"), "asked twice"),
-                             (("layer3.0.conv1@nothing",), "resnet18 has no module of that name")]:
+                             (("layer3.0.conv1@nothing",), "resnet18 has no module of that name"),
+                             (("layer3.0.conv1@",), "write NAME, NAME@NORM")]:
         with pytest.raises(FeatcacheError, match=message):
             ExtractConfig(backbones=("resnet18",), weights="random", modules=modules)
 

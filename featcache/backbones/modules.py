@@ -84,11 +84,11 @@ def parse_module(asked: str) -> tuple[str, str, str]:
     """``NAME[@NORM][:HOW]`` -> (module, norm, how): the module whose output is cached, a module of the network
     it passes through first (empty: none), and ``flatten`` or a pooling of its own (empty: the request's)."""
     text, _, how = asked.partition(":")
-    name, _, norm = text.partition("@")
+    name, at, norm = text.partition("@")
     if how not in ("", FLATTEN, *POOLINGS):
         raise FeatcacheError(f"--module {asked}: after the module's name only :{FLATTEN} (its output kept whole) or "
                              f"a pooling of its own ({', '.join(':' + p for p in POOLINGS)}) may follow")
-    if not name or "@" in norm:
+    if not name or "@" in norm or (at and not norm):
         raise FeatcacheError(f"--module {asked}: write NAME, NAME@NORM (the output of NAME passed through module "
                              f"NORM, e.g. a transformer's final norm) and optionally :{FLATTEN} or :POOLING after it")
     return name, norm, how
