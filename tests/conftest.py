@@ -11,7 +11,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # several workers share the cores: each takes its share of threads,
     # and so do the processes its tests start (oversubscribed OpenMP threads spin against each other)
-    _share = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # macOS
+    _share = str(max(1, _cores // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = _share
 import tiny  # noqa: E402,F401  registers the "tiny" backbone
 
