@@ -143,13 +143,3 @@ def scored_on_test(entry, chosen, data: Features, device) -> float:
     y_fit = torch.as_tensor(data.y, device=device)
     [by_param] = _predictions([candidate], head, blocks, y_fit, "test", (chosen,), len(data.classes)).values()
     return float(np.mean(by_param[chosen] == data.y_test))
-
-
-def pair_cka(kept: list, data: Features, fit_rows) -> dict:
-    """Linear CKA of every pair of the kept taps on the fit rows, standardised as the probes see them: how much
-    the two say the same thing (1: the same up to a rotation and scale; near 0: unrelated)."""
-    from featcache.fuse.fusion import TapNormalizer
-    from featcache.sweeping.similarity import cka_matrix
-
-    matrix = cka_matrix([TapNormalizer("standard").fit_transform([data.train(r)[fit_rows]]) for r in kept])
-    return {(a, b): float(matrix[i, j]) for i, a in enumerate(kept) for j, b in enumerate(kept) if j > i}

@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 
 from featcache.choosing.decide import decide, trust
-from featcache.choosing.probes import Candidate, Features, evaluate, holdout_knn, pair_cka, scored_on_test
+from featcache.choosing.probes import Candidate, Features, evaluate, holdout_knn, scored_on_test
 from featcache.choosing.request import parse_budget
 from featcache.errors import DataError, FeatcacheError, NothingWorked
 from featcache.files import atomic_write, lock
 from featcache.fuse.heads import C_GRID
 from featcache.sweeping.knn import KS
+from featcache.sweeping.pairs import pair_cka
 
 FIRST_C = (0.1, 1.0)
 FINE_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -121,7 +122,7 @@ def choose(request, log=print, progress: bool = True):
     # round 2: the best taps and their fused pairs, logreg and k-NN on three folds
     ranked = sorted(survivors, key=lambda r: (-first_acc[r], -(speed.get(r[0]) or 0)))
     kept = ranked[:max(2, min(math.ceil(len(ranked) / 2), PAIRED_FROM))]
-    cka = {} if request.singles else pair_cka(kept, data, fit_rows)
+    cka = {} if request.singles else pair_cka({r: data.train(r) for r in kept}, fit_rows, kept, most=None)
     pairs = [] if request.singles else sorted(  # in order of promise: good alone (within a point), then different
         (Candidate((a, b)) for i, a in enumerate(kept) for b in kept[i + 1:]),
         key=lambda c: (-round(sum(first_acc[r] for r in c.taps) / 2, 2), cka[c.taps]))

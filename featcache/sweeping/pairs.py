@@ -35,15 +35,17 @@ def validation_accuracy(rows: list[dict], keys: set[str]) -> dict[tuple[str, ...
     return best
 
 
-def pair_cka(train: dict, fit_rows: np.ndarray, refs: list, seed: int) -> dict[tuple, float]:
-    """Linear CKA of every pair of ``refs`` (``train``: ref -> its training rows) on at most :data:`CKA_ROWS` of
-    the fit rows, each tap standardised as the probes see it."""
+def pair_cka(train: dict, fit_rows: np.ndarray, refs: list, seed: int = 0,
+             most: int | None = CKA_ROWS) -> dict[tuple, float]:
+    """Linear CKA of every pair of ``refs`` (``train``: ref -> its training rows) on at most ``most`` of the fit
+    rows (seeded; None: all of them, as ``choose`` reads its survivors), each tap standardised as the probes see it:
+    how much the two say the same thing (1: the same up to a rotation and scale; near 0: unrelated)."""
     from featcache.fuse.fusion import TapNormalizer
     from featcache.sweeping.similarity import cka_matrix
 
     rows = np.asarray(fit_rows)
-    if len(rows) > CKA_ROWS:
-        rows = np.sort(np.random.default_rng(seed).choice(rows, CKA_ROWS, replace=False))
+    if most is not None and len(rows) > most:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, most, replace=False))
     blocks = [TapNormalizer("standard").fit_transform([np.asarray(train[r][rows], dtype=np.float32)]) for r in refs]
     matrix = cka_matrix(blocks)
     return {(a, b): float(matrix[i, j]) for (i, a), (j, b) in itertools.combinations(enumerate(refs), 2)}
@@ -65,11 +67,10 @@ class Stopper:
     pair's validation accuracy so far."""
 
     def __init__(self, patience: int):
-        self.patience, self.best, self.since, self.seen = patience, -1.0, 0, 0
+        self.patience, self.best, self.since = patience, -1.0, 0
 
     def add(self, accuracy: float) -> bool:
         """Take the next pair's validation accuracy; True when the search stops here."""
-        self.seen += 1
         if accuracy > self.best:
             self.best, self.since = accuracy, 0
         else:

@@ -13,6 +13,7 @@ from featcache.extraction.request import SKIP_BAD_IMAGES, FeatureFields
 from featcache.fuse.heads import heads_for, heads_help
 from featcache.fuse.request import HeadFields, cv_option
 from featcache.requests import carried, device_option, option, quiet_option, runs_dir_option
+from featcache.sweeping.config import PAIR_SEARCHES
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 
@@ -44,7 +45,7 @@ class SweepRequest(HeadFields, FeatureFields):
     keep: int = option(3, help="Train the best K (combination, head) by validation accuracy as ordinary runs "
                                "(heads that store a model).")
     max_combos: int = option(2000, help="Refuse a search with more combinations than this.")
-    pair_search: str = option("all", choices=("all", "promise"),
+    pair_search: str = option("all", choices=PAIR_SEARCHES,
                               help="With --combos pairs: all evaluates every pair; promise evaluates every tap "
                                    "alone, then the pairs most promising first (both taps good alone on validation, "
                                    "little alike by linear CKA) and stops after --pair-patience pairs in a row that "
