@@ -7,7 +7,8 @@ import sys
 import pytest
 from conftest import TESTS_DIR
 
-from featcache.extraction.distributed import Ranks, shard_rows
+from featcache.extraction.distributed import shard_rows
+from featcache.torchrun import Ranks
 from featcache.extraction.reader import FeatureCache
 
 ARGS = ["extract", "--backbone", "tiny", "--weights", "random", "--image-size", "32", "--batch-size", "16",

@@ -47,9 +47,9 @@ def extract(request):
         outcome = STAGES["extract"].run(request, lambda m: click.echo(m, err=True))
     except KeyboardInterrupt:
         _interrupted("run the same command again to resume where it stopped")
-    from featcache.extraction.distributed import ranks
+    from featcache.torchrun import current
 
-    if not ranks().main:  # under torchrun, rank 0 speaks for the job
+    if not current().main:  # under torchrun, rank 0 speaks for the job
         return
     results = outcome.result
     say = click.echo

@@ -7,101 +7,18 @@ extract ...`` (and across nodes with ``--nnodes``) starts N processes with ``RAN
 them to its own resumable shard file beside the cache. Rank 0 then copies the shards,
 in order and in the same batches, into the cache file a single process writes, so the
 result is the same file. The cache folder must be visible to every rank (one machine,
-or shared storage across nodes). A gloo process group only synchronises the ranks;
-no features travel over it.
+or shared storage across nodes). Who is which rank, and how they agree:
+:mod:`featcache.torchrun`.
 """
 
 from __future__ import annotations
 
-import atexit
-import datetime
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from featcache.device import resolve_device
 from featcache.errors import FeatcacheError
-
-TIMEOUT = datetime.timedelta(hours=12)  # ranks wait at barriers while the others extract
-
-
-@dataclass(frozen=True)
-class Ranks:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def ranks() -> Ranks:
-    """This process's place in a torchrun job (a single process is rank 0 of 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return Ranks()
-    return Ranks(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
-
-
-def init(r: Ranks) -> None:
-    """Join the torchrun job's process group (gloo: barriers and small decisions only)."""
-    import torch.distributed as dist
-
-    if r.world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=TIMEOUT)
-        # Leave the group before the interpreter exits: a live gloo group torn down by static
-        # destructors can abort a finished rank ("terminate called without an active exception").
-        atexit.register(_leave)
-
-
-def _leave() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(r: Ranks) -> None:
-    if r.world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def agree(r: Ranks, value):
-    """Rank 0's value, on every rank."""
-    if r.world <= 1:
-        return value
-    import torch.distributed as dist
-
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def total(r: Ranks, value: int) -> int:
-    """The sum of ``value`` over every rank."""
-    if r.world <= 1:
-        return value
-    import torch.distributed as dist
-
-    values = [None] * r.world
-    dist.all_gather_object(values, value)
-    return sum(values)
-
-
-def device_for(r: Ranks, requested: str):
-    """cuda:LOCAL_RANK where a GPU is wanted and present, else the CPU."""
-    import torch
-
-    device = resolve_device(requested)
-    if r.world > 1 and device.type == "cuda":
-        torch.cuda.set_device(r.local_rank)
-        return torch.device("cuda", r.local_rank)
-    return device
+from featcache.torchrun import Ranks
 
 
 def shard_rows(n_rows: int, batch_size: int, r: Ranks) -> tuple[int, int]:

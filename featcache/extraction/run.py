@@ -20,6 +20,7 @@ from featcache.backbones.taps import tap_model
 from featcache.data.datasets import Dataset, load_dataset
 from featcache.data.images import BadImage, open_rgb
 from featcache.errors import FeatcacheError
+from featcache import torchrun
 from featcache.extraction import distributed
 from featcache.extraction.config import ExtractConfig, cache_identities, preprocess_for
 from featcache.extraction.passes import Job, Member, one_pass, rates
@@ -46,9 +47,9 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     read and decoded once and goes through every one of them. Under ``torchrun`` every
     rank extracts its shard and rank 0 assembles the cache.
     """
-    r = distributed.ranks()
-    distributed.init(r)
-    device = distributed.device_for(r, cfg.device)
+    r = torchrun.current()
+    torchrun.init(r)
+    device = torchrun.device_for(r, cfg.device)
     precision = resolve_precision(cfg.precision, device)
     say = log if r.main else (lambda message: None)
     if warning := emulated(cfg.precision, device):
@@ -57,7 +58,7 @@ def extract(cfg: ExtractConfig, progress: bool = True, log=print) -> list[Extrac
     todo = []
     started = time.perf_counter()
     for name, cache in cache_identities(cfg, precision).items():
-        hit = distributed.agree(r, _served(name, cache.path, started, cache.fingerprint))
+        hit = torchrun.agree(r, _served(name, cache.path, started, cache.fingerprint))
         if hit is not None:
             results[name] = hit
         else:
@@ -121,10 +122,10 @@ def _extract_locked(jobs: list[Job], started: float) -> dict[str, ExtractResult]
 def _load_once(cfg: ExtractConfig, r, log) -> Dataset:
     """The dataset; under torchrun rank 0 loads (and downloads) first, then the others."""
     if r.world > 1 and not r.main:
-        distributed.barrier(r)
+        torchrun.barrier(r)
     dataset = load_dataset(cfg.data)
     if r.world > 1 and r.main:
-        distributed.barrier(r)
+        torchrun.barrier(r)
     for note in dataset.notes if r.main else ():
         log(f"warning: {note}")
     return dataset
@@ -142,14 +143,14 @@ def _served(name: str, path: Path, started: float, expected: dict) -> ExtractRes
 def _extract_sharded(jobs: list[Job], r) -> dict[str, ExtractResult]:
     """This rank's shard of every backbone into its own files; then rank 0 copies the shards into the caches."""
     started = time.perf_counter()
-    world = [distributed.Ranks(k, r.world) for k in range(r.world)]
+    world = [torchrun.Ranks(k, r.world) for k in range(r.world)]
     dataset, batch_size = jobs[0].dataset, jobs[0].cfg.batch_size
     rows_of = [{s: distributed.shard_rows(len(d), batch_size, k) for s, d in dataset.splits.items()} for k in world]
     shards = {job.spec.name: [distributed.shard_file(job.path, k) for k in world] for job in jobs}
     written = _write_caches(jobs, [shards[job.spec.name][r.rank] for job in jobs], rows_of[r.rank])
     out = {}
     for job, (_, images, _, clock) in zip(jobs, written):
-        images = distributed.total(r, images)  # also the barrier: every shard is finished
+        images = torchrun.total(r, images)  # also the barrier: every shard is finished
         skipped: list[dict] = []
         if r.main:
             with locked(job.path):
@@ -161,7 +162,7 @@ def _extract_sharded(jobs: list[Job], r) -> dict[str, ExtractResult]:
             distributed.remove_shards(shards[job.spec.name])
         out[job.spec.name] = ExtractResult(job.spec.name, job.path, "extracted", time.perf_counter() - started,
                                            images, tuple(skipped), clock)
-    distributed.barrier(r)  # the caches are in place
+    torchrun.barrier(r)  # the caches are in place
     return out
 
 

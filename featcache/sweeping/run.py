@@ -20,6 +20,7 @@ linear, as swept), so runs, predict, report and the fine-tune warm start use the
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import time
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from featcache.errors import FeatcacheError
+from featcache import torchrun
+from featcache.errors import FeatcacheError, require
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.run import extract
 from featcache.extraction.store import file_safe
@@ -52,6 +54,7 @@ from featcache.sweeping.scorers import SCORERS, scored
 from featcache.sweeping.tables import (
     fewshot_lines,
     finished,
+    fold_ranks,
     public,
     read_rows,
     row_key,
@@ -69,23 +72,26 @@ def sweep(cfg: SweepConfig, log=print, progress: bool = False) -> Path:
 
 def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple[Path, int, list[Path]]:
     """:func:`sweep`, returning (its folder, the evaluations it computed, the run folders of its ``--keep``)."""
-    log = _warning_once(log)  # the kept runs' fuse-train repeats the sweep's warnings (a small validation split)
+    r = torchrun.current()
+    torchrun.init(r)
+    log = _warning_once(log if r.main else _quiet)  # the kept runs' fuse-train repeats the sweep's warnings
+    progress = progress and r.main  # under torchrun rank 0 speaks for the job
     combos = combinations(cfg)  # every check before any long work
     if cfg.run_extract:
         extract(cfg.features, log=log)
-    paths = locate_caches(cfg.features)
-    folder = _folder(cfg, paths)
-    if cfg.shots or cfg.cv:  # checked on the labels alone, before the sweep takes its folder
-        with FeatureCache(next(iter(paths.values()))) as cache:
-            _check_shots(cfg, cache.labels("train"))
-            if cfg.cv:
-                check_cv(cache.labels("train"), cfg.cv)
+    paths, folder = torchrun.together(r, lambda: _located(cfg, r))  # a cache missing on one rank fails every rank
+    torchrun.same(r, folder.name, "sweep (its folder, named by the request and the caches' fingerprints)")
     # One writer per sweep folder: a second identical sweep waits, then finds every row done and its kept runs
-    # served (two at once duplicated every row and kept every run twice).
-    with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"another featcache sweep is writing "
-              f"{folder}: waiting for it"), what="sweeps folder", fix="choose another --runs-dir"):
-        done = finished(folder)
+    # served (two at once duplicated every row and kept every run twice). Under torchrun rank 0 holds the lock for
+    # the job, and the other ranks wait for it at the barrier.
+    waiting = lambda: log(f"another featcache sweep is writing {folder}: waiting for it")  # noqa: E731
+    with (lock(folder.parent / f".{folder.name}.lock", on_wait=waiting, what="sweeps folder",
+               fix="choose another --runs-dir") if r.main else contextlib.nullcontext()):
+        torchrun.barrier(r)
         todo = _jobs(cfg, combos)
+        if r.main:  # a killed torchrun job's rank rows, in the order one process writes them
+            fold_ranks(folder, {row_key(job): i for i, job in enumerate(todo)})
+        done = torchrun.agree(r, finished(folder) if r.main else None)
         count, searched = 0, {}
         finished_here = sum(row_key(job) in done for job in todo)
         if cfg.pair_search == "promise":  # the singles, then pairs in order of promise until the search stops
@@ -95,7 +101,9 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         else:
             if finished_here:
                 log(f"resuming: {finished_here} of {len(todo)} evaluations are already in {folder}")
-            count = _evaluate(cfg, paths, folder, todo, done, log, progress)
+            count = _spread(cfg, paths, folder, todo, done, log, progress, r)
+        if not r.main:  # rank 0 writes the tables and trains the kept runs
+            return folder, count, []
         # for the report, not in the folder's hash: every tap in network order, and whether the weights are random
         # (written each time: a damaged sweep.json of a finished sweep is mended by running it again)
         shown = {"taps": [str(r) for r in all_taps(cfg.features)], "weights": str(cfg.features.weights),
@@ -104,7 +112,7 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         atomic_write(folder / "sweep.json", json.dumps({**_request(cfg, paths), **shown, **searched}, indent=2,
                                                        default=str))
         rows = read_rows(folder)  # read once: the tables and the kept runs' choices
-        table, fewshot, scores = tables(rows, {row_key(job) for job in todo})
+        table, fewshot, scores = tables(rows, [row_key(job) for job in todo])
         write_tables(folder, table, fewshot, scores)
         for line in top_lines(table) + fewshot_lines(fewshot, table) + score_lines(scores):
             log(line)
@@ -115,6 +123,41 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
         + (", fewshot.csv: every combination's few-shot accuracy" if len(fewshot) else "")
         + (", scores.csv: every combination's scores" if len(scores) else "") + ")")
     return folder, count, kept
+
+
+def _located(cfg: SweepConfig, r) -> tuple[dict, Path]:
+    """The caches and the sweep's folder; the checks that read the caches (the labels, for --shots and --cv)."""
+    require(r.world == 1 or cfg.pair_search != "promise", "--pair-search", "promise",
+            "run in one process: each step of the search waits on the last (under torchrun use --pair-search all)")
+    paths = locate_caches(cfg.features)
+    if cfg.shots or cfg.cv:  # checked on the labels alone, before the sweep takes its folder
+        with FeatureCache(next(iter(paths.values()))) as cache:
+            _check_shots(cfg, cache.labels("train"))
+            if cfg.cv:
+                check_cv(cache.labels("train"), cfg.cv)
+    return paths, _folder(cfg, paths)
+
+
+def _spread(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool, r) -> int:
+    """The evaluations of ``todo`` not ``done``; under torchrun each rank takes every ``world``-th combination (all of
+    its heads, seeds and draws: its rotation and Gram are made once) into its own rows file, and rank 0 folds those
+    into rows.jsonl once every rank has finished. Returns the evaluations computed (by every rank)."""
+    if r.world == 1:
+        return _evaluate(cfg, paths, folder, todo, done, log, progress)
+    started = time.perf_counter()
+    pending = [job for job in todo if row_key(job) not in done]
+    mine = set(torchrun.share(list(dict.fromkeys(tuple(job["refs"]) for job in pending)), r))
+    count = _evaluate(cfg, paths, folder, [job for job in pending if tuple(job["refs"]) in mine], done, log, progress,
+                      timed=False, rows=torchrun.rows_file(folder, r))
+    count = torchrun.total(r, count)  # every rank has finished its rows
+    if r.main:
+        fold_ranks(folder, {row_key(job): i for i, job in enumerate(todo)})
+        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s on {r.world} processes")
+    return count
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _pair_search(cfg: SweepConfig, paths: dict, folder: Path, combos, done: set, log, progress: bool):
@@ -158,9 +201,9 @@ def _load(cfg: SweepConfig, paths: dict, log, jobs: list[dict] | None = None):
 
 
 def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool,
-              data=None, timed: bool = True) -> int:
-    """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl as it finishes; returns how many.
-    ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took."""
+              data=None, timed: bool = True, rows: Path | None = None) -> int:
+    """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl (or ``rows``) as it finishes; returns
+    how many. ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took."""
     import torch
     from tqdm.auto import tqdm
 
@@ -178,7 +221,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     started, count = time.perf_counter(), 0
     bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                leave=False)
-    with bar, open(folder / "rows.jsonl", "a") as out:
+    with bar, open(rows or folder / "rows.jsonl", "a") as out:
         for seed, fold in cfg.replicates():
             fit_rows, val_rows = splits[(seed, fold)]
             X = standardised(data, fit_rows, val_rows, device)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import torchrun
 from featcache.files import atomic_write
 from featcache.sweeping.scorers import SCORERS
 
@@ -39,26 +40,56 @@ def row_key(job: dict) -> str:
 
 
 def finished(folder: Path) -> set[str]:
-    """Keys of the evaluations already in rows.jsonl. A line cut short by an interruption is dropped from the
-    file, so that the rows appended next start on a line of their own."""
-    path = folder / "rows.jsonl"
+    """Keys of the evaluations already in rows.jsonl, and in the rows files of a torchrun job's ranks that were not
+    folded into it yet (a killed rank's rows count as done). A line cut short by an interruption is dropped from
+    its file, so that the rows appended next start on a line of their own."""
+    done: set[str] = set()
+    for path in [folder / "rows.jsonl", *torchrun.rank_files(folder)]:
+        done |= {key for key, _ in _good_lines(path)}
+    return done
+
+
+def _good_lines(path: Path) -> list[tuple[str, str]]:
+    """(key, line) of every complete row of one rows file, which is rewritten without the others."""
     if not path.exists():
-        return set()
+        return []
     text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file's bytes make bad lines, not a crash
-    done, good = set(), []
+    good = []
     for line in text.splitlines():
         try:
             row = json.loads(line)
-            if not _complete(row):
-                continue
-            done.add(row_key(row))
-            good.append(line)
+            if _complete(row):
+                good.append((row_key(row), line))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
-    kept = "".join(line + "\n" for line in good)
+    kept = "".join(line + "\n" for _, line in good)
     if kept != text:
         atomic_write(path, kept)
-    return done
+    return good
+
+
+def fold_ranks(folder: Path, order: dict[str, int]) -> int:
+    """Fold the rank rows files of a torchrun job into the folder's rows.jsonl, in the order one process evaluates
+    them (``order``: row key -> position; others after, as found), each row once; then remove them. Returns the
+    rows added. Killed between the two steps, the next run finds the rank files' rows in rows.jsonl and drops
+    them."""
+    files = torchrun.rank_files(folder)
+    if not files:
+        return 0
+    main = folder / "rows.jsonl"
+    good = _good_lines(main)
+    present, seen = [line for _, line in good], {key for key, _ in good}
+    new = {}
+    for path in files:
+        for key, line in _good_lines(path):
+            if key not in seen and key not in new:
+                new[key] = line
+    ranked = sorted(new, key=lambda key: order.get(key, len(order)))  # stable: unknown keys keep their order
+    if ranked:
+        atomic_write(main, "".join(line + "\n" for line in [*present, *(new[key] for key in ranked)]))
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(ranked)
 
 
 PROBE_VALUES = ("val_acc", "test_acc", "macro_f1", "fit_s", "width")
@@ -95,18 +126,23 @@ def read_rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
 
 
-def tables(rows: list[dict], keys: set | None = None):
-    """(table, fewshot) of ``rows`` (only those of ``keys``, a request's evaluations: a sweep folder also keeps
-    what earlier requests on the same caches and options evaluated, for them to reuse)."""
+def tables(rows: list[dict], keys: list | None = None):
+    """(table, fewshot) of ``rows`` (only those of ``keys``, a request's evaluations in the order one process
+    evaluates them: a sweep folder also keeps what earlier requests on the same caches and options evaluated, for
+    them to reuse). The rows are taken in the order of ``keys``, not of the file, so that a resumed sweep, or one
+    whose rows came from several torchrun ranks, orders its ties as one uninterrupted process does."""
     import pandas as pd
 
     seen: set[str] = set()  # a row is counted once, however many times a file holds it
     mine = []
+    position = None if keys is None else {key: i for i, key in enumerate(keys)}
     for row in rows:
         key = row_key(row)
-        if key not in seen and (keys is None or key in keys):
+        if key not in seen and (position is None or key in position):
             seen.add(key)
             mine.append(row)
+    if position is not None:
+        mine.sort(key=lambda row: position[row_key(row)])
     scores = score_table([r for r in mine if r.get("kind") == "score"])
     probes = [r for r in mine if r.get("kind") != "score"]
     frame = pd.DataFrame(probes) if probes else pd.DataFrame(columns=PROBE_COLUMNS)

@@ -1,0 +1,79 @@
+"""sweep under torchrun: two CPU processes (gloo) share the combinations and write the table one process writes."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import TESTS_DIR
+
+from featcache.sweeping.tables import read_rows, row_key
+
+DATA = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train", "150",
+        "--limit-test", "40", "-q"]
+EXTRACT = ["extract", *DATA, "--batch-size", "16", "--num-workers", "0"]
+SWEEP = ["sweep", *DATA, "--head", "logreg", "--head", "svm", "--head", "knn", "--score", "logme", "--seeds", "0,1",
+         "--keep", "1"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TIMED = ["fit_s"]  # the only columns allowed to differ: seconds
+
+
+def _run(command, env=ENV):
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def _folder(runs):
+    [folder] = [p for p in (runs / "sweeps").iterdir() if p.is_dir()]
+    return folder
+
+
+def _table(folder, name="table.csv"):
+    return pd.read_csv(folder / name).drop(columns=TIMED, errors="ignore")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("torchrun") / "cache"
+    extracted = _run([sys.executable, str(TESTS_DIR / "run_cli.py"), *EXTRACT, "--cache-dir", str(folder)])
+    assert extracted.returncode == 0, extracted.stderr[-2000:]
+    return ["--cache-dir", str(folder)]
+
+
+def test_a_two_rank_sweep_writes_the_one_process_table_and_a_killed_ranks_rows_are_kept(tmp_path, cache):
+    single = _run([sys.executable, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    one = _folder(tmp_path / "one")
+
+    # a torchrun job killed before: rank 1 of 2 had written three rows, the last cut short by the kill
+    two = tmp_path / "two" / "sweeps" / one.name
+    two.mkdir(parents=True)
+    lines = (one / "rows.jsonl").read_text().splitlines()
+    (two / "rows.rank1of2.jsonl").write_text("\n".join(lines[3:5]) + "\n" + lines[5][:40])
+    multi = _run([*TORCHRUN, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "two")])
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert f"{len(lines) - 2} evaluations in" in multi.stdout and "on 2 processes" in multi.stdout  # not the kept 2
+    assert multi.stdout.count("sweep written to") == 1  # rank 0 speaks for the job
+    assert not list(two.glob("rows.rank*"))  # folded into rows.jsonl
+    rows = read_rows(two)
+    assert len(rows) == len(lines) == len({row_key(r) for r in rows})  # every row once
+    assert sorted(map(row_key, rows)) == sorted(map(row_key, read_rows(one)))
+    for name in ("table.csv", "scores.csv"):
+        pd.testing.assert_frame_equal(_table(two, name), _table(one, name))
+    assert len(list((tmp_path / "two").glob("*/record.json"))) == 1  # the kept run, trained once, by rank 0
+
+
+def test_ranks_that_disagree_or_miss_a_cache_fail_together_in_one_line(tmp_path, cache):
+    script = tmp_path / "by_rank.py"  # rank 1 is started with other flags than rank 0
+    script.write_text(f"import os, sys\nsys.path.insert(0, {str(TESTS_DIR)!r})\nimport tiny  # noqa\n"
+                      "from featcache.cli.commands import main\n"
+                      "if os.environ['RANK'] == '1':\n    sys.argv += os.environ['RANK1_EXTRA'].split()\nmain()\n")
+    base = [*TORCHRUN, str(script), "sweep", *DATA, *cache, "--head", "knn", "--combos", "singles", "--keep", "0"]
+    for extra, said in [("--val-fraction 0.2", "the ranks disagree on the sweep"),
+                        (f"--cache-dir {tmp_path / 'elsewhere'}", "rank 1 of 2: ")]:
+        failed = _run([*base, "--runs-dir", str(tmp_path / "runs")], env={**ENV, "RANK1_EXTRA": extra})
+        assert failed.returncode != 0
+        errors = [line for line in failed.stderr.splitlines() if line.startswith("Error:")]
+        assert errors and all(said in line for line in errors), failed.stderr[-2000:]
+    assert not (tmp_path / "runs" / "sweeps").exists() or not any((tmp_path / "runs" / "sweeps").rglob("rows*"))
