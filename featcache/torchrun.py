@@ -161,3 +161,28 @@ def rank_files(folder: Path, name: str = "rows.jsonl") -> list[Path]:
     another is read too), in a fixed order."""
     path = Path(folder) / name
     return sorted(p for p in Path(folder).glob(f"{path.stem}.rank*of*{path.suffix}") if p.is_file())
+
+
+def fold(folder: Path, lines_of, order: dict, name: str = "rows.jsonl") -> int:
+    """Fold the rank rows files of a torchrun job into the folder's own rows file, then remove them; returns the rows
+    added. ``lines_of(path)``: a file's good rows as (key, line); those a rank wrote go after the file's own in
+    ``order`` (key -> position; others last, as found), each line once: a fold killed between writing the file
+    and removing the rank files adds nothing the next time."""
+    files = rank_files(folder, name)
+    if not files:
+        return 0
+    from featcache.files import atomic_write
+
+    main = Path(folder) / name
+    present = [line for _, line in lines_of(main)]
+    new: dict[str, str] = {}  # line -> key
+    for path in files:
+        for key, line in lines_of(path):
+            new.setdefault(line, key)
+    there = set(present)
+    added = sorted((line for line in new if line not in there), key=lambda line: order.get(new[line], len(order)))
+    if added:
+        atomic_write(main, "".join(line + "\n" for line in [*present, *added]))
+    for path in files:
+        path.unlink(missing_ok=True)
+    return len(added)

@@ -10,8 +10,9 @@ from conftest import TESTS_DIR
 
 from featcache.sweeping.tables import read_rows, row_key
 
-DATA = ["--backbone", "tiny", "--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train", "150",
-        "--limit-test", "40", "-q"]
+COMMON = ["--weights", "random", "--image-size", "32", "--device", "cpu", "--limit-train", "150", "--limit-test", "40",
+          "-q"]
+DATA = ["--backbone", "tiny", *COMMON]
 EXTRACT = ["extract", *DATA, "--batch-size", "16", "--num-workers", "0"]
 SWEEP = ["sweep", *DATA, "--head", "logreg", "--head", "svm", "--head", "knn", "--score", "logme", "--seeds", "0,1",
          "--keep", "1"]
@@ -77,3 +78,23 @@ def test_ranks_that_disagree_or_miss_a_cache_fail_together_in_one_line(tmp_path,
         errors = [line for line in failed.stderr.splitlines() if line.startswith("Error:")]
         assert errors and all(said in line for line in errors), failed.stderr[-2000:]
     assert not (tmp_path / "runs" / "sweeps").exists() or not any((tmp_path / "runs" / "sweeps").rglob("rows*"))
+
+
+def test_a_two_rank_ranking_extracts_each_model_on_one_rank_and_writes_the_one_process_table(tmp_path):
+    args = ["rank", *COMMON, "--backbone", "tiny", "--backbone", "tiny2", "--backbone",
+            "tinywide", "--score", "logme,hscore", "--num-workers", "0"]
+    single = _run([sys.executable, str(TESTS_DIR / "run_cli.py"), *args, "--cache-dir", str(tmp_path / "c1"),
+                   "--runs-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    multi = _run([*TORCHRUN, str(TESTS_DIR / "run_cli.py"), *args, "--cache-dir", str(tmp_path / "c2"), "--runs-dir",
+                  str(tmp_path / "two")])
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout.count("ranking written to") == 1
+    [one], [two] = ((tmp_path / name / "ranks").glob("*/table.csv") for name in ("one", "two"))
+    assert one.parent.name == two.parent.name
+    assert not list(two.parent.glob("rows.rank*"))
+    pd.testing.assert_frame_equal(pd.read_csv(two).drop(columns="images_per_s"),
+                                  pd.read_csv(one).drop(columns="images_per_s"))
+    assert len(pd.read_csv(one)) == 9  # three taps of each of the three models
+    assert sorted(p.name for p in (tmp_path / "c2" / "digits").glob("*.h5")) == \
+        sorted(p.name for p in (tmp_path / "c1" / "digits").glob("*.h5"))  # each cache whole, on one rank

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import torchrun
 from featcache.backbones.spec import LOGITS
 from featcache.backbones.weights import offline_weights
 from featcache.errors import DataError, FeatcacheError, NothingWorked
@@ -56,14 +57,22 @@ def read_rows(folder: Path) -> dict[str, dict]:
     """model -> its latest row, from rows.jsonl; a line cut short by a kill is left out (that model is done
     again). A failed model's row is its latest until the model is tried again: the next run retries it."""
     out = {}
-    path = folder / "rows.jsonl"
+    for _, line in _good_lines(folder / "rows.jsonl"):
+        row = json.loads(line)
+        out[row["model"]] = row
+    return out
+
+
+def _good_lines(path: Path) -> list[tuple[str, str]]:
+    """(model, line) of every row this code wrote in a rows file, in file order."""
+    good = []
     if path.exists():
         for line in path.read_text(errors="replace").splitlines():
             with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
                 if _well_formed(row):
-                    out[row["model"]] = row
-    return out
+                    good.append((row["model"], line))
+    return good
 
 
 def _well_formed(row) -> bool:
@@ -103,9 +112,56 @@ def _end_line(path: Path) -> None:
 
 
 def rank(request, log=print, progress: bool = True) -> Path:
-    """Rank every model the request's patterns match; return the ranking's folder."""
-    from tqdm.auto import tqdm
+    """Rank every model the request's patterns match; return the ranking's folder.
 
+    Under torchrun each rank extracts and scores every ``world``-th model left (each model whole, on its own device)
+    into its own rows file; rank 0 folds them into rows.jsonl and writes the table, the confirmation and the pruning.
+    """
+    r = torchrun.current()
+    torchrun.init(r)
+    log, progress = (log, progress) if r.main else (_quiet, False)  # rank 0 speaks for the job
+    models, folder = torchrun.together(r, lambda: _checked(request))  # a rank that cannot resolve fails every rank
+    request = request.config()
+    torchrun.same(r, folder.name, "ranking (its folder, named by the request and the data)")
+    folder.mkdir(parents=True, exist_ok=True)
+    waiting = lambda: log(f"waiting for another featcache rank writing {folder} ...")  # noqa: E731
+    with lock(folder.parent / f".{folder.name}.lock", on_wait=waiting) if r.main else contextlib.nullcontext():
+        torchrun.barrier(r)  # the other ranks wait while rank 0 waits for the lock
+        order = {m: i for i, m in enumerate(models)}
+        if r.main:
+            torchrun.fold(folder, _good_lines, order)  # a killed torchrun ranking's rows
+        done = torchrun.agree(r, read_rows(folder) if r.main else None)
+        todo = [m for m in models if done.get(m, {}).get("status") != "ok"]  # failures are tried again
+        if len(todo) < len(models):
+            log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
+        _score_models(request, folder, torchrun.share(todo, r), needs_rows=[
+            n for n in request.score if SCORERS.lookup(n).from_moments is None], r=r, log=log, progress=progress)
+        torchrun.barrier(r)  # every rank's models are in its rows file
+        if not r.main:
+            return folder
+        torchrun.fold(folder, _good_lines, order)
+        done = read_rows(folder)
+        rows = [done[m] for m in models]
+        table = write_table(folder, rows, list(request.score))
+        atomic_write(folder / "rank.json", json.dumps(  # what the report names the ranking by (plain JSON)
+            {"patterns": list(request.backbone), "models": models, "scores": list(request.score),
+             "dataset": request.dataset_label(), "weights": request.weights}))
+        if all(r["status"] != "ok" for r in rows):
+            for row in rows:
+                log(f"  {row['model']}: {row['reason']}")
+            raise NothingWorked(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
+                                f"nothing is ranked")
+        if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
+            confirm(request, folder, table, log)
+        _prune(request, rows, table, log)
+    for line in summary(table, list(request.score), rows):
+        log(line)
+    log(f"ranking written to {folder} (table.csv: every model and tap)")
+    return folder
+
+
+def _checked(request) -> tuple[list[str], Path]:
+    """The models the patterns match and the ranking's folder, after every check of the request."""
     request = request.config()
     models = resolve(request.backbone, request.pretrained_only)
     if len(models) > request.max_models:
@@ -119,45 +175,31 @@ def rank(request, log=print, progress: bool = True) -> Path:
         if request.confirm > known:
             raise FeatcacheError(f"--confirm {request.confirm} is more than the {known} taps of the matched models: "
                                  f"use --confirm {known} or fewer")
-    needs_rows = [n for n in request.score if SCORERS.lookup(n).from_moments is None]
-    folder = folder_of(request, models)
-    folder.mkdir(parents=True, exist_ok=True)
-    with lock(folder.parent / f".{folder.name}.lock", on_wait=lambda: log(f"waiting for another featcache rank "
-                                                                          f"writing {folder} ...")):
-        done = read_rows(folder)
-        todo = [m for m in models if done.get(m, {}).get("status") != "ok"]  # failures are tried again
-        if len(todo) < len(models):
-            log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
-        bar = tqdm(total=len(models), initial=len(models) - len(todo), unit="model", desc="rank",
-                   disable=not progress, leave=False)
-        _end_line(folder / "rows.jsonl")
-        with bar, open(folder / "rows.jsonl", "a") as out:
-            for start in range(0, len(todo), request.models_at_once):
-                group = todo[start:start + request.models_at_once]
-                with offline_weights(not request.download):
-                    rows_made = _group(request, group, needs_rows, bar, log)
-                for row in rows_made:
-                    out.write(json.dumps(row) + "\n")
-                    out.flush()
-                    done[row["model"]] = row
-                    bar.update()
-        rows = [done[m] for m in models]
-        table = write_table(folder, rows, list(request.score))
-        atomic_write(folder / "rank.json", json.dumps(  # what the report names the ranking by (plain JSON)
-            {"patterns": list(request.backbone), "models": models, "scores": list(request.score),
-             "dataset": request.dataset_label(), "weights": request.weights}))
-        if all(r["status"] != "ok" for r in rows):
-            for r in rows:
-                log(f"  {r['model']}: {r['reason']}")
-            raise NothingWorked(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
-                                 f"nothing is ranked")
-        if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
-            confirm(request, folder, table, log)
-        _prune(request, rows, table, log)
-    for line in summary(table, list(request.score), rows):
-        log(line)
-    log(f"ranking written to {folder} (table.csv: every model and tap)")
-    return folder
+    return models, folder_of(request, models)
+
+
+def _score_models(request, folder: Path, models: list[str], needs_rows: list[str], r, log, progress: bool) -> None:
+    """Extract and score ``models``, a few at a time, each row appended to this rank's rows file as it is made
+    (under torchrun each model is extracted whole by this rank: not split again across the ranks)."""
+    from tqdm.auto import tqdm
+
+    path = torchrun.rows_file(folder, r)
+    _end_line(path)
+    torchrun.device_for(r, request.device)  # under torchrun, a GPU per rank: cuda:LOCAL_RANK is the current one
+    bar = tqdm(total=len(models), unit="model", desc="rank", disable=not progress, leave=False)
+    with bar, open(path, "a") as out, torchrun.alone():
+        for start in range(0, len(models), request.models_at_once):
+            group = models[start:start + request.models_at_once]
+            with offline_weights(not request.download):
+                rows_made = _group(request, group, needs_rows, bar, log)
+            for row in rows_made:
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                bar.update()
+
+
+def _quiet(message: str) -> None:
+    pass
 
 
 def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:

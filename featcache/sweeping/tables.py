@@ -69,27 +69,9 @@ def _good_lines(path: Path) -> list[tuple[str, str]]:
 
 
 def fold_ranks(folder: Path, order: dict[str, int]) -> int:
-    """Fold the rank rows files of a torchrun job into the folder's rows.jsonl, in the order one process evaluates
-    them (``order``: row key -> position; others after, as found), each row once; then remove them. Returns the
-    rows added. Killed between the two steps, the next run finds the rank files' rows in rows.jsonl and drops
-    them."""
-    files = torchrun.rank_files(folder)
-    if not files:
-        return 0
-    main = folder / "rows.jsonl"
-    good = _good_lines(main)
-    present, seen = [line for _, line in good], {key for key, _ in good}
-    new = {}
-    for path in files:
-        for key, line in _good_lines(path):
-            if key not in seen and key not in new:
-                new[key] = line
-    ranked = sorted(new, key=lambda key: order.get(key, len(order)))  # stable: unknown keys keep their order
-    if ranked:
-        atomic_write(main, "".join(line + "\n" for line in [*present, *(new[key] for key in ranked)]))
-    for path in files:
-        path.unlink(missing_ok=True)
-    return len(ranked)
+    """Fold a torchrun job's rank rows files into rows.jsonl (:func:`featcache.torchrun.fold`), in the order one
+    process evaluates the rows (``order``: row key -> position)."""
+    return torchrun.fold(folder, _good_lines, order)
 
 
 PROBE_VALUES = ("val_acc", "test_acc", "macro_f1", "fit_s", "width")
