@@ -186,3 +186,26 @@ def fold(folder: Path, lines_of, order: dict, name: str = "rows.jsonl") -> int:
     for path in files:
         path.unlink(missing_ok=True)
     return len(added)
+
+
+def on_main(r: Ranks, work):
+    """``work()`` on rank 0 while the others wait: each returns its result on rank 0 and None elsewhere; where it fails
+    with a user's error, every rank fails with its one line (the others would otherwise go on to read what it did not
+    write)."""
+    if r.world <= 1:
+        return work()
+    if r.main:
+        try:
+            value = work()
+        except FeatcacheError as exc:
+            agree(r, str(exc))
+            raise
+        except BaseException:
+            agree(r, "rank 0 failed: its error is above")
+            raise
+        agree(r, None)
+        return value
+    message = agree(r, None)
+    if message is not None:
+        raise FeatcacheError(message)
+    return None

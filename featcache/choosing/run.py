@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from featcache import torchrun
 from featcache.choosing.decide import decide, trust
 from featcache.choosing.probes import Candidate, Features, evaluate, holdout_knn, scored_on_test
 from featcache.choosing.request import parse_budget
@@ -60,6 +61,9 @@ def choose(request, log=print, progress: bool = True):
     from featcache.choosing.answer import Choice
     from featcache.ranking.run import rank, read_rows
 
+    r = torchrun.current()
+    torchrun.init(r)
+    log, progress = (log, progress) if r.main else (_quiet, False)  # rank 0 speaks for the job
     request = request.config()
     fits, seconds = parse_budget(request.budget)
     said: list[str] = []
@@ -98,41 +102,43 @@ def choose(request, log=print, progress: bool = True):
     started = time.perf_counter()
 
     # screen: the k-NN baseline of every tap on the held-out share
-    knn = {ref: holdout_knn(ref, data, fit_rows, val_rows, device) for ref in refs}
+    knn = _shared(r, refs, lambda mine: {ref: holdout_knn(ref, data, fit_rows, val_rows, device) for ref in mine})
     orders = {s: _order(ok[s].to_numpy(float), refs) for s in request.score}
     orders["k-NN accuracy"] = sorted(refs, key=lambda r: -knn[r])
     first_n = min(len(refs), FIRST_ROUND if fits is None else max(2, fits // 3))
     survivors = _round_robin(list(orders.values()), first_n)
 
     # round 1: logreg, two C, on the held-out share
-    one = evaluate([Candidate((r,)) for r in survivors], ["logreg"], data, [(fit_rows, val_rows)], device,
-                    {"logreg": FIRST_C})
+    one = _evaluated(r, [Candidate((ref,)) for ref in survivors], ["logreg"], data, [(fit_rows, val_rows)], device,
+                     {"logreg": FIRST_C})
     spent = len(survivors)
     per_fit = (time.perf_counter() - started) / max(spent, 1)
 
-    def left() -> int:  # the fits the budget still pays for (seconds: at round 1's pace)
+    def left() -> int:  # the fits the budget still pays for (seconds: at round 1's pace, rank 0's clock for every rank)
         if fits is not None:
             return fits - spent
         if seconds is None:
             return 10 ** 9
-        return max(int((seconds - (time.perf_counter() - started)) / max(per_fit, 1e-9)), 0)
+        return torchrun.agree(r, max(int((seconds - (time.perf_counter() - started)) / max(per_fit, 1e-9)), 0))
 
-    first_acc = {c.taps[0]: one[(c, "logreg")]["accuracy"] for c in (Candidate((r,)) for r in survivors)}
+    first_acc = {c.taps[0]: one[(c, "logreg")]["accuracy"] for c in (Candidate((ref,)) for ref in survivors)}
 
     # round 2: the best taps and their fused pairs, logreg and k-NN on three folds
-    ranked = sorted(survivors, key=lambda r: (-first_acc[r], -(speed.get(r[0]) or 0)))
+    ranked = sorted(survivors, key=lambda ref: (-first_acc[ref], -(speed.get(ref[0]) or 0)))
     kept = ranked[:max(2, min(math.ceil(len(ranked) / 2), PAIRED_FROM))]
-    cka = {} if request.singles else pair_cka({r: data.train(r) for r in kept}, fit_rows, kept, most=None)
+    cka = {} if request.singles else torchrun.on_main(r, lambda: pair_cka({ref: data.train(ref) for ref in kept},
+                                                                           fit_rows, kept, most=None))
+    cka = torchrun.agree(r, cka)
     pairs = [] if request.singles else sorted(  # in order of promise: good alone (within a point), then different
         (Candidate((a, b)) for i, a in enumerate(kept) for b in kept[i + 1:]),
-        key=lambda c: (-round(sum(first_acc[r] for r in c.taps) / 2, 2), cka[c.taps]))
+        key=lambda c: (-round(sum(first_acc[ref] for ref in c.taps) / 2, 2), cka[c.taps]))
     second_cost = 2 * CONFIRM_FOLDS
     room = max(2, (left() - 2 * request.cv) // second_cost)
     cramped = room * second_cost + 2 * request.cv > left()
     pairs = pairs[:max(0, room - len(kept))]  # the budget's share: the weakest pairs go first, then singles
-    second = [Candidate((r,)) for r in kept[:max(2, room - len(pairs))]] + pairs
+    second = [Candidate((ref,)) for ref in kept[:max(2, room - len(pairs))]] + pairs
     folds2 = cv_folds(data.y, CONFIRM_FOLDS, request.seed)
-    two = evaluate(second, ["logreg", "knn"], data, folds2, device, {"logreg": C_GRID, "knn": KS[:2]})
+    two = _evaluated(r, second, ["logreg", "knn"], data, folds2, device, {"logreg": C_GRID, "knn": KS[:2]})
     spent += len(second) * second_cost
     cramped = cramped or left() < 2 * request.cv
     entries = sorted(two, key=lambda e: (-two[e]["accuracy"], -_speed(e[0], speed)))
@@ -145,8 +151,24 @@ def choose(request, log=print, progress: bool = True):
     for head in ("logreg", "knn"):
         mine = [c for c, h in finalists if h == head]
         if mine:
-            three.update(evaluate(mine, [head], data, folds3, device, {"logreg": FINE_C, "knn": KS}))
+            three.update(_evaluated(r, mine, [head], data, folds3, device, {"logreg": FINE_C, "knn": KS}))
     spent += len(finalists) * request.cv
+    settled = torchrun.on_main(r, lambda: _settle(request, ranking, folder, screen, data, refs, ok, survivors, knn,
+                                                    one, first_acc, kept, second, pairs, two, finalists, three, speed,
+                                                    params, cka, spent, started, cramped, failed, second_cost, log))
+    if settled is None:  # another rank: rank 0 wrote the choice
+        return Choice.load(folder)
+    return settled
+
+
+def _settle(request, ranking, folder, screen, data, refs, ok, survivors, knn, one, first_acc, kept, second, pairs,
+            two, finalists, three, speed, params, cka, spent, started, cramped, failed, second_cost, log):
+    """The decision from round 3's paired predictions, the recommendation scored on test, the choice's folder."""
+    import pandas as pd
+
+    from featcache.choosing.answer import Choice
+
+    device = _device(request.device)
     correct = np.stack([three[e]["predicted"] == data.y for e in finalists])
     chance = float(np.bincount(data.y).max() / len(data.y))
     verdict = decide(correct, np.array([_speed(c, speed) for c, _ in finalists]),
@@ -184,6 +206,28 @@ def choose(request, log=print, progress: bool = True):
     for line in choice.lines():
         log(line)
     return choice
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
+def _shared(r, items: list, work) -> dict:
+    """``work(share)`` -> {item: result} on each rank's share of ``items``, merged on every rank in the order of
+    ``items`` (one process's order: ties are broken by it)."""
+    merged = {}
+    for part in torchrun.gather(r, work(torchrun.share(items, r))):
+        merged.update(part)
+    return {item: merged[item] for item in items}
+
+
+def _evaluated(r, candidates: list, heads: list[str], *args) -> dict:
+    """:func:`~featcache.choosing.probes.evaluate`, each rank its share of the candidates (all their heads), the
+    results merged on every rank, in one process's order."""
+    merged = {}
+    for part in torchrun.gather(r, evaluate(mine, heads, *args) if (mine := torchrun.share(candidates, r)) else {}):
+        merged.update(part)
+    return {(c, h): merged[(c, h)] for c in candidates for h in heads}
 
 
 def _served(folder: Path, screen: str):

@@ -137,27 +137,31 @@ def rank(request, log=print, progress: bool = True) -> Path:
         _score_models(request, folder, torchrun.share(todo, r), needs_rows=[
             n for n in request.score if SCORERS.lookup(n).from_moments is None], r=r, log=log, progress=progress)
         torchrun.barrier(r)  # every rank's models are in its rows file
-        if not r.main:
-            return folder
-        torchrun.fold(folder, _good_lines, order)
-        done = read_rows(folder)
-        rows = [done[m] for m in models]
-        table = write_table(folder, rows, list(request.score))
-        atomic_write(folder / "rank.json", json.dumps(  # what the report names the ranking by (plain JSON)
-            {"patterns": list(request.backbone), "models": models, "scores": list(request.score),
-             "dataset": request.dataset_label(), "weights": request.weights}))
-        if all(r["status"] != "ok" for r in rows):
-            for row in rows:
-                log(f"  {row['model']}: {row['reason']}")
-            raise NothingWorked(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
-                                f"nothing is ranked")
-        if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
-            confirm(request, folder, table, log)
-        _prune(request, rows, table, log)
-    for line in summary(table, list(request.score), rows):
+        # rank 0 folds and tables them; the others wait, so that a choice's ranks read the finished ranking
+        lines = torchrun.on_main(r, lambda: _finish(request, folder, models, order, log))
+    for line in lines or ():
         log(line)
-    log(f"ranking written to {folder} (table.csv: every model and tap)")
     return folder
+
+
+def _finish(request, folder: Path, models: list[str], order: dict, log) -> list[str]:
+    """Fold the ranks' rows, write the table (and the confirmation, the pruning); returns the closing lines."""
+    torchrun.fold(folder, _good_lines, order)
+    done = read_rows(folder)
+    rows = [done[m] for m in models]
+    table = write_table(folder, rows, list(request.score))
+    atomic_write(folder / "rank.json", json.dumps(  # what the report names the ranking by (plain JSON)
+        {"patterns": list(request.backbone), "models": models, "scores": list(request.score),
+         "dataset": request.dataset_label(), "weights": request.weights}))
+    if all(row["status"] != "ok" for row in rows):
+        for row in rows:
+            log(f"  {row['model']}: {row['reason']}")
+        raise NothingWorked(f"every model failed ({len(rows)}; the reasons above, and in {folder / 'table.csv'}): "
+                            f"nothing is ranked")
+    if request.confirm:  # before --keep-caches top-K removes any: the confirmed taps read their caches
+        confirm(request, folder, table, log)
+    _prune(request, rows, table, log)
+    return [*summary(table, list(request.score), rows), f"ranking written to {folder} (table.csv: every model and tap)"]
 
 
 def _checked(request) -> tuple[list[str], Path]:
