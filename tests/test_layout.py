@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "featcache"
 # Flow order, one subpackage a layer: a module may import its own layer and the ones before it, never a later one.
 ORDER = ("data", "backbones", "extraction", "runs", "solvers", "fuse", "finetuning", "sweeping", "ranking", "choosing",
          "reporting", "pipeline", "api", "cli")
-BASE = ("_version", "errors", "registry", "files", "requests", "device")  # below every stage
+BASE = ("_version", "errors", "registry", "files", "requests", "device", "torchrun")  # below every stage
 LAYERS = {**dict.fromkeys(BASE, 0), **{name: i for i, name in enumerate(ORDER, start=1)}}
 
 
