@@ -19,6 +19,11 @@ class DataError(FeatcacheError):
     stage that goes on past one model's failure (``rank``) stops on it instead."""
 
 
+class BudgetError(FeatcacheError):
+    """A ``--memory`` budget the request cannot keep (less than one chunk's work, or a score that reads every row):
+    the request's problem, not one model's, so ``rank`` stops on it as on a :class:`DataError`."""
+
+
 class NothingWorked(FeatcacheError):
     """Every model of a ranking or a choice failed, each for its own reason (said above it): the input was
     well formed but nothing could be done with it, exit status 1 (not 2, a usage error)."""

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RAISERS = {"FeatcacheError": 0, "BadImage": 0, "_fail": 2, "require": 3}  # callable -> position of the message argument
+RAISERS = {"FeatcacheError": 0, "DataError": 0, "BudgetError": 0, "BadImage": 0, "_fail": 2, "require": 3}  # callable -> position of the message argument
 
 
 def literal_parts(node) -> list[str]:

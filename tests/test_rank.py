@@ -312,3 +312,38 @@ def test_sfda_ncti_and_etran_in_rank_and_sweep_combine_over_their_tables(tmp_pat
     ranked = ok.assign(taps="rank_a:" + ok["tap"]).set_index("taps")["sfda"]
     assert np.allclose(mine.sort_index(), ranked.sort_index(), rtol=1e-6)
     assert scores[scores["score"] == "ncti"]["value"].notna().all()
+
+
+def test_under_memory_a_tap_is_scored_from_rows_streamed_in_few_row_chunks_to_the_same_scores(tmp_path, monkeypatch):
+    """--memory below a tap's rows: its normaliser is fitted and its Gram summed from the cache, 4 rows at a time
+    (many chunks), to LogME and H-scores equal to the in-memory ones to 1e-6; what cannot be streamed is one line."""
+    import featcache.ranking.run as run
+    import featcache.sweeping.moments as moments
+
+    def ranked(folder, *extra):
+        result = CliRunner().invoke(cli, ["rank", "--backbone", "rank_a", *ARGS, "--cache-dir", str(tmp_path / "c"),
+                                          "--runs-dir", str(tmp_path / folder), "--score", "logme,hscore,hscore_reg",
+                                          *extra])
+        assert result.exit_code == 0, result.output
+        [path] = (tmp_path / folder / "ranks").glob("[!.]*/table.csv")
+        return pd.read_csv(path).set_index("tap")
+
+    whole = ranked("whole")
+    reads, real = [], moments._gram_moments
+
+    def counted(parts, *args):
+        reads.append(getattr(parts[0], "streamed", False))
+        return real(parts, *args)
+
+    monkeypatch.setattr(run, "STREAM_ROWS", 4)
+    monkeypatch.setattr(moments, "_gram_moments", counted)
+    streamed = ranked("streamed", "--memory", "10k")  # 135 fit rows x 8-16 columns: at least 13 KB in memory
+    assert reads == [True] * 3  # every tap streamed
+    for score in ("logme", "hscore", "hscore_reg"):
+        np.testing.assert_allclose(streamed.loc[whole.index, score], whole[score], rtol=1e-6, atol=1e-9)
+    for extra, said in [(["--memory", "1k"], "--memory 1.0 KiB is less than scoring rank_a:stage"),
+                        (["--memory", "10k", "--score", "nleep"], "--score nleep reads every row of a tap at once"),
+                        (["--memory", "lots"], "--memory must be a size such as 4G or 500M")]:
+        result = CliRunner().invoke(cli, ["rank", "--backbone", "rank_a", *ARGS, "--cache-dir", str(tmp_path / "c"),
+                                          "--runs-dir", str(tmp_path / "bad"), *extra])
+        assert result.exit_code == 2 and said in result.output, result.output

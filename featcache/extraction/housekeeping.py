@@ -130,11 +130,11 @@ def _caches_named(file: Path) -> list[str]:
     return [Path(c).name for c in caches or [] if isinstance(c, str)]
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--larger-than") -> int:
     """``500M``, ``2G``, ``1.5g``, ``100000`` -> bytes."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*", text.lower())
     if not match:
-        raise FeatcacheError(f"--larger-than takes a size such as 500M or 2G. Got {text!r} instead.")
+        raise FeatcacheError(f"{flag} takes a size such as 500M or 2G. Got {text!r} instead.")
     return int(float(match[1]) * UNITS[match[2]])
 
 

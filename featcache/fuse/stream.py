@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from featcache.extraction.reader import float32
-from featcache.fuse.fusion import TapNormalizer
+from featcache.fuse.fusion import TapNormalizer, column_moments
 
 CHUNK_BYTES = 8 << 20  # a chunk's float32 rows; with its temporaries a few times this is held at once
 
@@ -76,13 +76,44 @@ class FusedRows:
 
 
 def fit_normalizer(method: str, data: FusedRows) -> TapNormalizer:
-    """A TapNormalizer fitted in one streaming pass (float64 sums: mean and standard deviation)."""
-    sums = squares = None
+    """A TapNormalizer fitted in one streaming pass: float64 sums of the rows and their squares, each row added in
+    turn, so bit for bit what the normaliser fitted on the rows in memory gives."""
+    sums = None
     for blocks, _ in data.blocks():
-        if sums is None:
-            sums = [np.zeros(b.shape[1]) for b in blocks]
-            squares = [np.zeros(b.shape[1]) for b in blocks]
-        for i, b in enumerate(blocks):
-            sums[i] += b.sum(axis=0, dtype=np.float64)
-            squares[i] += np.square(b, dtype=np.float64).sum(axis=0)
-    return TapNormalizer(method).fit_moments(len(data), sums, squares)
+        sums = [column_moments(b, start=None if sums is None else sums[i]) for i, b in enumerate(blocks)]
+    if sums is None:
+        sums = [(np.zeros(d), np.zeros(d)) for d in (data.caches[r.backbone].taps(data.split)[r.tap][1]
+                                                     for r in data.refs)]
+    return TapNormalizer(method).fit_moments(len(data), [s for s, _ in sums], [q for _, q in sums])
+
+
+class TapRows:
+    """One tap's normalised rows of a :class:`FusedRows`, read from the cache where a slice of positions asks for
+    them: what the scores' moments (:func:`featcache.sweeping.moments.moments`) accumulate chunk by chunk, as they do
+    over a tensor of the rows in memory, and the same numbers (each chunk read, then normalised as in memory)."""
+
+    streamed = True  # what the moments tell it from a tensor by
+
+    def __init__(self, data: FusedRows):
+        [self.ref] = data.refs
+        self.data = data
+        self.shape = data.shape
+        import torch
+
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: slice):
+        import torch
+
+        start, stop, step = index.indices(len(self))
+        if step != 1:
+            raise IndexError("TapRows takes a contiguous slice of positions")
+        rows = self.data.rows[start:stop]
+        if not len(rows):
+            return torch.zeros((0, self.shape[1]), dtype=torch.float32)
+        cache = self.data.caches[self.ref.backbone]
+        raw = float32(cache.read(self.data.split, self.ref.tap, rows=slice(int(rows[0]), int(rows[-1]) + 1)))
+        return torch.from_numpy(self.data.normalizer.transform([raw[rows - rows[0]]]))

@@ -15,6 +15,10 @@ from featcache.requests import FRACTION, at_least, device_option, option, quiet_
 from featcache.sweeping.scorers import SCORERS, scorers_help
 
 
+def _size_rule(value: str) -> bool:
+    return re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)i?[bB]?\s*", value) is not None
+
+
 def _keep_rule(value: str) -> bool:
     return value in ("all", "none") or re.fullmatch(r"top-[1-9][0-9]*", value) is not None
 
@@ -39,6 +43,10 @@ class ZooFields(FeatureFields):
     num_workers: int | None = option(None, **at_least(0),
                                      help="Processes decoding image files.")
     skip_bad_images: bool = option(False, help=SKIP_BAD_IMAGES)
+    memory: str | None = option(None, metavar="SIZE", check=_size_rule, rule="be a size such as 4G or 500M",
+                                help="At most about this much memory for one tap's rows while scoring it (4G, 500M); "
+                                     "a tap whose rows need more is read from its cache in chunks, to the same "
+                                     "scores (LogME and the H-scores) [default: half the memory available].")
     quiet: bool = quiet_option()
 
     def zoo_checks(self, command: str) -> None:

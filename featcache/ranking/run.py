@@ -27,7 +27,7 @@ import numpy as np
 from featcache import torchrun
 from featcache.backbones.spec import LOGITS
 from featcache.backbones.weights import offline_weights
-from featcache.errors import DataError, FeatcacheError, NothingWorked
+from featcache.errors import BudgetError, DataError, FeatcacheError, NothingWorked
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
 from featcache.extraction.store import timing_file
@@ -214,7 +214,7 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
     quiet = lambda message: None  # noqa: E731  (the bar says what happens)
     try:
         results = {r.backbone: r for r in extract(_config(request, group), progress=False, log=quiet)}
-    except DataError:
+    except (DataError, BudgetError):
         raise  # the data's own problem is every model's: said once, not recorded as a model's failure
     except Exception as exc:  # one model that fails must not fail the others: each alone, to find it
         if len(group) == 1:
@@ -234,7 +234,7 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
         bar.set_postfix_str(f"scoring {name}"[:60], refresh=True)
         try:
             rows.append(_scored(request, name, result, needs_rows))
-        except DataError:
+        except (DataError, BudgetError):
             raise  # a subset too small to validate is every model's problem
         except Exception as exc:
             rows.append(_failed(name, exc))
@@ -270,13 +270,20 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         if len(np.unique(y)) < 2:
             raise DataError("the training rows hold one class: a score needs at least two")
         for tap in cache.tap_names("train"):
-            raw = cache.read("train", tap)[fit_rows]
-            block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
-            stats = moments([block], y, n_classes)
+            width = cache.taps("train")[tap][1]
+            rows_read = [s for s in needs_rows if not SCORERS.lookup(s).reads_logits]  # LEEP, NCE: the logits alone
+            if _streamed(request, name, tap, len(fit_rows), width, rows_read):  # its rows never all in memory
+                raw, block = None, _tap_rows(cache, name, tap, fit_rows)
+                stats = moments([block], y, n_classes, chunk=STREAM_ROWS)
+            else:
+                raw = cache.read("train", tap)[fit_rows]
+                block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
+                stats = moments([block], y, n_classes)
             values = {score: _stored(scored(score, torch.from_numpy(block) if score in needs_rows else None,
                                             torch.from_numpy(y), n_classes, stats))
                       for score in request.score if not SCORERS.lookup(score).reads_logits}
             if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
+                raw = cache.read("train", tap)[fit_rows] if raw is None else raw
                 values.update({score: _stored(scored(score, torch.from_numpy(raw.astype(np.float32)),
                                                      torch.from_numpy(y), n_classes))
                                for score in request.score if SCORERS.lookup(score).reads_logits})
@@ -286,6 +293,65 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         timing_file(result.path).unlink(missing_ok=True)
     return {"model": name, "status": "ok", "params": parameters(name), "images_per_s": rate,
             "cache": str(result.path), "extracted": result.status != "cached", "taps": scores}
+
+
+# The rows a streamed tap's moments read at a time (None: moments' own chunk, the one the rows in memory are summed
+# in, so that both give the same numbers); a test sets a few rows, to go through many chunks.
+STREAM_ROWS = None
+# What scoring a tap in memory holds, in bytes per value of its fit rows: the rows as read (float16 or float32),
+# standardised (float32) and a float32 copy the Gram's products read
+IN_MEMORY_BYTES = 12
+
+
+def _streamed(request, model: str, tap: str, n: int, width: int, needs_rows: list[str]) -> bool:
+    """Whether a tap's scores are computed from its rows streamed from the cache: where ``--memory`` (default: half
+    the memory available) holds less than its rows in memory and more than its Gram, with more rows than columns
+    (fewer: its kernel is N x N, as large as the rows' Gram form would be). A budget below the Gram's, or a score
+    that reads every row, is refused in one line."""
+    from featcache.extraction.housekeeping import human_size
+
+    budget = memory_budget(request.memory)
+    if n * width * IN_MEMORY_BYTES <= budget or n <= width:
+        return False
+    gram = 3 * width * width * 8  # the float64 Gram, its decomposition's copy and workspace
+    if gram > budget:
+        raise BudgetError(f"--memory {human_size(budget)} is less than scoring {model}:{tap} needs with its rows "
+                             f"streamed ({human_size(gram)}: its {width} x {width} Gram): raise --memory")
+    if needs_rows:
+        raise BudgetError(f"--score {needs_rows[0]} reads every row of a tap at once, and {model}:{tap} needs "
+                             f"{human_size(n * width * IN_MEMORY_BYTES)}, more than --memory {human_size(budget)}: "
+                             f"score it with LogME or the H-scores (computed from moments, streamed), or raise "
+                             f"--memory")
+    return True
+
+
+def memory_budget(flag: str | None) -> int:
+    """``--memory`` in bytes; without it, half the memory the machine has available now."""
+    from featcache.extraction.housekeeping import parse_size
+
+    if flag is not None:
+        return parse_size(flag, "--memory")
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):  # not Linux: psutil where present, else no bound
+        try:
+            import psutil
+
+            available = psutil.virtual_memory().available
+        except ImportError:
+            return 1 << 62
+    return available // 2
+
+
+def _tap_rows(cache, model: str, tap: str, fit_rows):
+    """A tap's fit rows standardised as in memory (the normaliser fitted in one streamed pass), read from the cache
+    chunk by chunk where the moments ask for them."""
+    from featcache.fuse.fusion import TapRef
+    from featcache.fuse.stream import FusedRows, TapRows, fit_normalizer
+
+    data = FusedRows({model: cache}, [TapRef(model, tap)], "train", np.asarray(fit_rows))
+    return TapRows(data.with_normalizer(fit_normalizer("standard", data)))
 
 
 def write_table(folder: Path, rows: list[dict], scores: list[str]):

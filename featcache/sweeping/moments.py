@@ -228,7 +228,7 @@ def moments(parts: list, y, n_classes: int, chunk: int | None = None) -> Moments
     Gram's to about 1e-6, the H-score to 3e-6 relative (benchmarks/RESULTS.md)."""
     import torch
 
-    parts = [torch.as_tensor(p) for p in parts]
+    parts = [p if getattr(p, "streamed", False) else torch.as_tensor(p) for p in parts]  # rows read where sliced
     device = parts[0].device
     widths = [p.shape[1] for p in parts]
     total, n = sum(widths), parts[0].shape[0]
