@@ -134,8 +134,7 @@ def rank(request, log=print, progress: bool = True) -> Path:
         todo = [m for m in models if done.get(m, {}).get("status") != "ok"]  # failures are tried again
         if len(todo) < len(models):
             log(f"resuming: {len(models) - len(todo)} of {len(models)} models are already in {folder}")
-        _score_models(request, folder, torchrun.share(todo, r), needs_rows=[
-            n for n in request.score if SCORERS.lookup(n).from_moments is None], r=r, log=log, progress=progress)
+        _score_models(request, folder, torchrun.share(todo, r), r=r, log=log, progress=progress)
         torchrun.barrier(r)  # every rank's models are in its rows file
         # rank 0 folds and tables them; the others wait, so that a choice's ranks read the finished ranking
         lines = torchrun.on_main(r, lambda: _finish(request, folder, models, order, log))
@@ -182,7 +181,7 @@ def _checked(request) -> tuple[list[str], Path]:
     return models, folder_of(request, models)
 
 
-def _score_models(request, folder: Path, models: list[str], needs_rows: list[str], r, log, progress: bool) -> None:
+def _score_models(request, folder: Path, models: list[str], r, log, progress: bool) -> None:
     """Extract and score ``models``, a few at a time, each row appended to this rank's rows file as it is made
     (under torchrun each model is extracted whole by this rank: not split again across the ranks)."""
     from tqdm.auto import tqdm
@@ -195,7 +194,7 @@ def _score_models(request, folder: Path, models: list[str], needs_rows: list[str
         for start in range(0, len(models), request.models_at_once):
             group = models[start:start + request.models_at_once]
             with offline_weights(not request.download):
-                rows_made = _group(request, group, needs_rows, bar, log)
+                rows_made = _group(request, group, bar, log)
             for row in rows_made:
                 out.write(json.dumps(row) + "\n")
                 out.flush()
@@ -206,7 +205,7 @@ def _quiet(message: str) -> None:
     pass
 
 
-def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
+def _group(request, group: list[str], bar, log) -> list[dict]:
     """Extract the group in one shared pass (each model alone if the pass fails) and score each model."""
     from featcache.extraction.run import extract
 
@@ -233,7 +232,7 @@ def _group(request, group: list[str], needs_rows, bar, log) -> list[dict]:
             continue
         bar.set_postfix_str(f"scoring {name}"[:60], refresh=True)
         try:
-            rows.append(_scored(request, name, result, needs_rows))
+            rows.append(_scored(request, name, result))
         except (DataError, BudgetError):
             raise  # a subset too small to validate is every model's problem
         except Exception as exc:
@@ -256,11 +255,9 @@ def _failed(name: str, exc: Exception) -> dict:
     return {"model": name, "status": "failed", "reason": reason}
 
 
-def _scored(request, name: str, result, needs_rows) -> dict:
+def _scored(request, name: str, result) -> dict:
     """One model's row: every tap scored by every score, on the training rows the probes would fit on; one tap's
     features in memory at a time (each is scored alone, so no tap needs another's Gram)."""
-    import torch
-
     rate = speed(_config(request, [name]), name, request.batch_size)
     scores = []
     with FeatureCache(result.path) as cache:
@@ -270,29 +267,38 @@ def _scored(request, name: str, result, needs_rows) -> dict:
         if len(np.unique(y)) < 2:
             raise DataError("the training rows hold one class: a score needs at least two")
         for tap in cache.tap_names("train"):
-            width = cache.taps("train")[tap][1]
-            rows_read = [s for s in needs_rows if not SCORERS.lookup(s).reads_logits]  # LEEP, NCE: the logits alone
-            if _streamed(request, name, tap, len(fit_rows), width, rows_read):  # its rows never all in memory
-                raw, block = None, _tap_rows(cache, name, tap, fit_rows)
-                stats = moments([block], y, n_classes, chunk=STREAM_ROWS)
-            else:
-                raw = cache.read("train", tap)[fit_rows]
-                block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
-                stats = moments([block], y, n_classes)
-            values = {score: _stored(scored(score, torch.from_numpy(block) if score in needs_rows else None,
-                                            torch.from_numpy(y), n_classes, stats))
-                      for score in request.score if not SCORERS.lookup(score).reads_logits}
-            if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
-                raw = cache.read("train", tap)[fit_rows] if raw is None else raw
-                values.update({score: _stored(scored(score, torch.from_numpy(raw.astype(np.float32)),
-                                                     torch.from_numpy(y), n_classes))
-                               for score in request.score if SCORERS.lookup(score).reads_logits})
-            scores.append({"tap": tap, "width": int(block.shape[1]), "scores": values})
+            values, width = score_tap(cache, name, tap, fit_rows, y, n_classes, list(request.score), request.memory)
+            scores.append({"tap": tap, "width": width, "scores": values})
     if request.keep_caches == "none" and result.status != "cached":
         result.path.unlink(missing_ok=True)
         timing_file(result.path).unlink(missing_ok=True)
     return {"model": name, "status": "ok", "params": parameters(name), "images_per_s": rate,
             "cache": str(result.path), "extracted": result.status != "cached", "taps": scores}
+
+
+def score_tap(cache, model: str, tap: str, fit_rows, y, n_classes: int, scores: list[str], memory: str | None):
+    """({score: its stored value}, width) of one tap of an open cache on its fit rows ``fit_rows`` (labels ``y``):
+    from the rows in memory, or streamed from the cache where they exceed ``memory`` (:func:`_streamed`)."""
+    import torch
+
+    needs_rows = [s for s in scores if SCORERS.lookup(s).from_moments is None and not SCORERS.lookup(s).reads_logits]
+    width = cache.taps("train")[tap][1]
+    if _streamed(memory, model, tap, len(fit_rows), width, needs_rows):  # its rows never all in memory
+        raw, block = None, _tap_rows(cache, model, tap, fit_rows)
+        stats = moments([block], y, n_classes, chunk=STREAM_ROWS)
+    else:
+        raw = cache.read("train", tap)[fit_rows]
+        block = TapNormalizer("standard").fit_transform([raw])  # the sweep's rule
+        stats = moments([block], y, n_classes)
+    values = {score: _stored(scored(score, torch.from_numpy(block) if score in needs_rows else None,
+                                    torch.from_numpy(y), n_classes, stats))
+              for score in scores if not SCORERS.lookup(score).reads_logits}
+    if tap == LOGITS:  # LEEP, NCE: the source classifier's output as stored; on no other tap
+        raw = cache.read("train", tap)[fit_rows] if raw is None else raw
+        values.update({score: _stored(scored(score, torch.from_numpy(raw.astype(np.float32)), torch.from_numpy(y),
+                                             n_classes))
+                       for score in scores if SCORERS.lookup(score).reads_logits})
+    return values, int(block.shape[1])
 
 
 # The rows a streamed tap's moments read at a time (None: moments' own chunk, the one the rows in memory are summed
@@ -303,14 +309,14 @@ STREAM_ROWS = None
 IN_MEMORY_BYTES = 12
 
 
-def _streamed(request, model: str, tap: str, n: int, width: int, needs_rows: list[str]) -> bool:
+def _streamed(memory: str | None, model: str, tap: str, n: int, width: int, needs_rows: list[str]) -> bool:
     """Whether a tap's scores are computed from its rows streamed from the cache: where ``--memory`` (default: half
     the memory available) holds less than its rows in memory and more than its Gram, with more rows than columns
     (fewer: its kernel is N x N, as large as the rows' Gram form would be). A budget below the Gram's, or a score
     that reads every row, is refused in one line."""
     from featcache.extraction.housekeeping import human_size
 
-    budget = memory_budget(request.memory)
+    budget = memory_budget(memory)
     if n * width * IN_MEMORY_BYTES <= budget or n <= width:
         return False
     gram = 3 * width * width * 8  # the float64 Gram, its decomposition's copy and workspace
