@@ -21,10 +21,11 @@ step() {  # step NAME SECONDS COMMAND...: run, log to $LOGS/NAME.log, say how it
 
 DEV=cuda N=8192 REP=8 BATCH=128 N50=50000 REP50=35 NF=8192 NFT=4096 REPFT=4 TRAIN=1000 TEST=300 SIZE=224 ROWS=50000
 HEADS_PRECISION=bf16  # what --precision auto gives the torch heads on a GPU
-CV_COMBOS=pairs PROBE_TRAIN=50000 CHOOSE_IMAGES=2000 CHOOSE_MODELS=resnet18,mobilenet_v2,mobilenet_v3_small,shufflenet_v2_x0_5,squeezenet1_1,mnasnet0_5
+CV_COMBOS=pairs PROBE_TRAIN=50000 INET_ROWS=1281167 INET_TEST=50000 INET_CLASSES=1000 SCALE_IMAGES=3000 CHOOSE_IMAGES=2000 CHOOSE_MODELS=resnet18,mobilenet_v2,mobilenet_v3_small,shufflenet_v2_x0_5,squeezenet1_1,mnasnet0_5
 if [ "${1:-}" = "--small" ]; then  # every step, tiny, on the CPU: checks the script, not the speed
     DEV=cpu N=64 REP=1 BATCH=32 N50=64 REP50=1 NF=64 NFT=64 REPFT=1 TRAIN=60 TEST=20 SIZE=64 ROWS=2000 HEADS_PRECISION=fp32 CV_COMBOS=singles
-    CHOOSE_IMAGES=200 CHOOSE_MODELS=resnet18,mobilenet_v2 PROBE_TRAIN=1000
+    CHOOSE_IMAGES=200 CHOOSE_MODELS=resnet18,mobilenet_v2 PROBE_TRAIN=1000 INET_ROWS=5000 INET_TEST=500 INET_CLASSES=20
+    SCALE_IMAGES=300
 fi
 ALL="--image-size $SIZE"  # the study backbones and the folder at 224 px on the GPU
 
@@ -78,3 +79,8 @@ step pair_search 420 bash -c "python benchmarks/pair_search.py --device $DEV --i
 # Issue 43: the hf:, openclip: and --module paths on the device against the CPU (small offline models; fp32 both).
 step model_sources 240 python benchmarks/model_sources.py --device $DEV
 step storage 240 python benchmarks/storage_fidelity.py --device $DEV --train $((TRAIN < 128 ? TRAIN : 128))
+# Issue 42: the ImageNet-shaped cache (1,281,167 x resnet50's four taps, 1,000 planted classes; 9.8 GB on disk), every
+# tap's LogME and H-score with its rows streamed under --memory 4G (the host's cores: the scores' moments are read on
+# the CPU), peak RSS and time; then sweep and rank in one process against torchrun over the GPUs (tables equal).
+step imagenet_shaped 600 python benchmarks/imagenet_shaped.py --series $INET_ROWS --test-rows $INET_TEST --classes $INET_CLASSES --in-memory-up-to 0 --memory 4G --work /tmp/featcache-inet
+step torchrun 600 python benchmarks/torchrun_scale.py --device $DEV --images $SCALE_IMAGES --processes "$( (nvidia-smi -L 2>/dev/null || echo x) | wc -l | awk '{print ($1 < 2 ? 2 : $1)}')"

@@ -56,7 +56,8 @@ def main():
         (data / "done").touch()
         print(f"images written in {time.perf_counter() - started:.0f} s: {data}", flush=True)
     sides = {"this tree": ROOT, **{rev: source_of(rev, args.work) for rev in args.against}}
-    flags = ["--data-dir", str(data), "--backbone", "resnet18", "--backbone", "mobilenet_v2", "--weights", "random",
+    # --dataset folder: commits before 2026-12-07 read --data-dir alone as digits' (their extraction took 11 s)
+    flags = ["--dataset", "folder", "--data-dir", str(data), "--backbone", "resnet18", "--backbone", "mobilenet_v2", "--weights", "random",
              "--image-size", "32", "--device", args.device]
     for side, code in sides.items():
         started = time.perf_counter()

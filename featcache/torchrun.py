@@ -116,10 +116,12 @@ def together(r: Ranks, check):
         value, error = check(), None
     except FeatcacheError as exc:
         value, error = None, str(exc)
-    failed = [(k, e) for k, e in enumerate(gather(r, error)) if e is not None]
+    errors = gather(r, error)
+    failed = [(k, e) for k, e in enumerate(errors) if e is not None]
     if failed:
         k, message = failed[0]
-        raise FeatcacheError(message if r.world == 1 else f"rank {k} of {r.world}: {message}")
+        alike = len(failed) == r.world and len(set(errors)) == 1  # the request's own problem, on every rank
+        raise FeatcacheError(message if alike else f"rank {k} of {r.world}: {message}")
     return value
 
 

@@ -24,7 +24,7 @@ from featcache.requests import API, PIPELINE, base_type, build, params
 REQUESTS = {**{name: spec.request for name, spec in STAGES.items()}, "run": PipelineRequest}
 FIELDS = [(name, p) for name, cls in REQUESTS.items() for p in params(cls)]
 TEXT = {"weights": "random", "combos": "singles", "unfreeze": "all", "title": "t", "pipeline": "p", "run": "r",
-        "keep_caches": "top-2", "hf_splits": "train=training,test=evaluation", "budget": "90s"}
+        "keep_caches": "top-2", "hf_splits": "train=training,test=evaluation", "budget": "90s", "memory": "4G"}
 
 
 def sample(p):

@@ -63,6 +63,8 @@ def choose(request, log=print, progress: bool = True):
 
     r = torchrun.current()
     torchrun.init(r)
+    if r.world > 1:  # a GPU per rank: cuda:LOCAL_RANK becomes the one "cuda" names
+        torchrun.device_for(r, request.device)
     log, progress = (log, progress) if r.main else (_quiet, False)  # rank 0 speaks for the job
     request = request.config()
     fits, seconds = parse_budget(request.budget)

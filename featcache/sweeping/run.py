@@ -74,6 +74,8 @@ def sweep_and_keep(cfg: SweepConfig, log=print, progress: bool = False) -> tuple
     """:func:`sweep`, returning (its folder, the evaluations it computed, the run folders of its ``--keep``)."""
     r = torchrun.current()
     torchrun.init(r)
+    if r.world > 1:  # a GPU per rank: cuda:LOCAL_RANK becomes the one "cuda" names
+        torchrun.device_for(r, cfg.options.device)
     log = _warning_once(log if r.main else _quiet)  # the kept runs' fuse-train repeats the sweep's warnings
     progress = progress and r.main  # under torchrun rank 0 speaks for the job
     combos = combinations(cfg)  # every check before any long work
@@ -147,12 +149,18 @@ def _spread(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done:
     started = time.perf_counter()
     pending = [job for job in todo if row_key(job) not in done]
     mine = set(torchrun.share(list(dict.fromkeys(tuple(job["refs"]) for job in pending)), r))
+    spent = {"reading": 0.0, "heads": 0.0}
     count = _evaluate(cfg, paths, folder, [job for job in pending if tuple(job["refs"]) in mine], done, log, progress,
-                      timed=False, rows=torchrun.rows_file(folder, r))
-    count = torchrun.total(r, count)  # every rank has finished its rows
+                      timed=False, rows=torchrun.rows_file(folder, r), spent=spent)
+    ranks = torchrun.gather(r, (count, spent))  # also the barrier: every rank has finished its rows
+    count = sum(c for c, _ in ranks)
     if r.main:
+        merging = time.perf_counter()
         fold_ranks(folder, {row_key(job): i for i, job in enumerate(todo)})
-        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s on {r.world} processes")
+        most = {part: max(s[part] for _, s in ranks) for part in spent}
+        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s on {r.world} processes (the slowest rank "
+            f"reading and standardising {most['reading']:.1f} s, the heads and scores {most['heads']:.1f} s; merging "
+            f"{time.perf_counter() - merging:.1f} s)")
     return count
 
 
@@ -201,15 +209,18 @@ def _load(cfg: SweepConfig, paths: dict, log, jobs: list[dict] | None = None):
 
 
 def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool,
-              data=None, timed: bool = True, rows: Path | None = None) -> int:
+              data=None, timed: bool = True, rows: Path | None = None, spent: dict | None = None) -> int:
     """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl (or ``rows``) as it finishes; returns
-    how many. ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took."""
+    how many. ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took and where
+    it went; ``spent``: add the seconds reading (and standardising) the taps and fitting the heads to it."""
     import torch
     from tqdm.auto import tqdm
 
     if not any(row_key(job) not in done for job in todo):
         return 0
+    began = time.perf_counter()
     data = data if data is not None else _load(cfg, paths, log, [job for job in todo if row_key(job) not in done])
+    reading = time.perf_counter() - began  # and standardising, below
     labels = data.labels
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
@@ -218,13 +229,15 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     held = labels["train"] if cfg.cv else labels["train"][splits[cfg.replicates()[0]][1]]  # what validates
     if note := small_validation(held, labels["train"], cfg.cv):
         log(f"warning: {note}")  # before the bar, so that the two do not share a line
-    started, count = time.perf_counter(), 0
+    count = 0
     bar = tqdm(total=sum(row_key(job) not in done for job in todo), unit="eval", desc="sweep", disable=not progress,
                leave=False)
     with bar, open(rows or folder / "rows.jsonl", "a") as out:
         for seed, fold in cfg.replicates():
             fit_rows, val_rows = splits[(seed, fold)]
+            at = time.perf_counter()
             X = standardised(data, fit_rows, val_rows, device)
+            reading += time.perf_counter() - at
             y = {"fit": labels["train"][fit_rows], "val": labels["train"][val_rows], "test": labels["test"]}
             y = {part: torch.as_tensor(v, dtype=torch.int64, device=device) for part, v in y.items()}
             options = replace(cfg.options, seed=seed)
@@ -265,8 +278,12 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     count += 1
                     bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
                     bar.update()
+    total = time.perf_counter() - began
+    if spent is not None:
+        spent["reading"], spent["heads"] = spent["reading"] + reading, spent["heads"] + total - reading
     if timed:
-        log(f"{count} evaluations in {time.perf_counter() - started:.1f} s")
+        log(f"{count} evaluations in {total:.1f} s (reading and standardising the taps {reading:.1f} s, the heads "
+            f"and scores {total - reading:.1f} s)")
     return count
 
 
