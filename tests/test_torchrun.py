@@ -44,7 +44,11 @@ def cache(tmp_path_factory):
 
 
 def test_a_two_rank_sweep_writes_the_one_process_table_and_a_killed_ranks_rows_are_kept(tmp_path, cache):
-    single = _run([sys.executable, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "one")])
+    """Batches of at most 1.5 MB: one process solves the logregs in several batches, which the ranks share whole
+    (a problem's numbers depend on its batch)."""
+    env = {**ENV, "TEST_BATCH_BYTES": str(3 << 19)}
+    single = _run([sys.executable, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "one")],
+                  env)
     assert single.returncode == 0, single.stderr[-3000:]
     one = _folder(tmp_path / "one")
 
@@ -53,7 +57,7 @@ def test_a_two_rank_sweep_writes_the_one_process_table_and_a_killed_ranks_rows_a
     two.mkdir(parents=True)
     lines = (one / "rows.jsonl").read_text().splitlines()
     (two / "rows.rank1of2.jsonl").write_text("\n".join(lines[3:5]) + "\n" + lines[5][:40])
-    multi = _run([*TORCHRUN, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "two")])
+    multi = _run([*TORCHRUN, str(TESTS_DIR / "run_cli.py"), *SWEEP, *cache, "--runs-dir", str(tmp_path / "two")], env)
     assert multi.returncode == 0, multi.stderr[-3000:]
     assert f"{len(lines) - 2} evaluations in" in multi.stdout and "on 2 processes" in multi.stdout  # not the kept 2
     assert multi.stdout.count("sweep written to") == 1  # rank 0 speaks for the job

@@ -24,10 +24,22 @@ import numpy as np
 ARMIJO = 1e-4
 HALVINGS = 30
 
-# A batch's memory at most this many bytes: its stacked, padded features, its lanes' L-BFGS histories
-# and its scores (:func:`_batch_bytes`). 24 combinations of 800 rows x 800 columns, four C, ten
-# classes: 61 MB of features, 308 MB of histories
-BATCH_BYTES = 1 << 30
+# A batch's memory at most this many bytes on the CPU (BATCH_BYTES) and on a GPU: its stacked features, padded to
+# its widest problem, its lanes' L-BFGS histories and its scores (:func:`problem_bytes`). On the CPU small batches
+# won: every tap and pair of resnet18 x mobilenet_v2 (55 problems, 16 to 1,792 columns), the whole logreg sweep on
+# 2,700 fit rows took 108.4 s in batches of 1 GB (one batch), 79.8 at 256 MB, 48.2 at 64 MB, 35.7 at 16 MB, 36.0
+# one problem a batch; on 810 fit rows 19.8-21.5 s at 1 GB, 15.3 at 64 MB, 14.7-15.1 at 16 MB, 13.2 at 4 MB, 17.7
+# one a batch (AMD EPYC Zen 3, 2 cores: a narrow problem padded to the batch's widest costs its full width). A
+# GPU's launches favour large batches: not measured there (benchmarks/gpu.sh's sweep_pairs step).
+BATCH_BYTES = 16 << 20
+GPU_BATCH_BYTES = 1 << 30
+# The rotations a batch keeps for the same combinations' svm (solve_many's ``rotations``), at most this many bytes
+KEPT_BYTES = 1 << 30
+
+
+def batch_limit(device_type: str) -> int:
+    """The bytes a batch of problems may hold on a device of this type (``cpu``, ``cuda``)."""
+    return GPU_BATCH_BYTES if device_type == "cuda" else BATCH_BYTES
 
 # L-BFGS's pairs kept per lane. On 45,000 x 1,792 (benchmarks/sweep.py --large, four C) 50 took 212
 # evaluations and 34.7 s against 370 and 60.7 s with 20 (path.solve_path, cold: 47.9 s); on the
@@ -189,30 +201,43 @@ def solve_many(problems: list, y, Cs, n_classes: int, max_iter: int = 1000, tol:
                rotations: list | None = None) -> list:
     """For each problem of ``problems`` (a list of tap blocks (n, d_t) on the same rows, fused side by side),
     one multinomial logistic regression (sum d_t + 1, k) per C, in the order of ``Cs``: scikit-learn's
-    objective, solved for every problem and C at once, in batches of at most ``BATCH_BYTES``. A block
+    objective, solved for every problem and C at once, in batches of at most :func:`batch_limit`. A block
     shared by several problems (a tap in many pairs) is squared once.
 
     ``rotations``, a list: each problem's rotation ``(Z, S, back)`` is appended to it for the same
     combination's svm (``solvers.solve_path(rotated=)``) where it went through the rows' Gram matrix
-    (fewer rows than features) and those kept stay within ``BATCH_BYTES``; None where not."""
+    (fewer rows than features) and those a batch keeps stay within ``KEPT_BYTES``; None where not."""
     grams: dict = {}
-    out, batch, size, kept_bytes = [], [], 0, 0
-    for i, blocks in enumerate(problems):
-        batch.append(blocks)
-        size += _batch_bytes(blocks, len(Cs), n_classes)
-        if i + 1 == len(problems) or size + _batch_bytes(problems[i + 1], len(Cs), n_classes) > BATCH_BYTES:
-            def rotated(blocks):
-                nonlocal kept_bytes
-                Z, S, back = _rotated(blocks, grams)
-                if rotations is not None:
-                    kept = len(Z) < sum(b.shape[1] for b in blocks) and kept_bytes + _bytes(Z) <= BATCH_BYTES
-                    kept_bytes += _bytes(Z) if kept else 0
-                    rotations.append((Z, S, back) if kept else None)
-                return Z, S, back
+    out = []
+    sizes = [_batch_bytes(blocks, len(Cs), n_classes) for blocks in problems]
+    for part in partition(sizes, batch_limit(y.device.type if hasattr(y, "device") else "cpu")):
+        batch, kept_bytes = [problems[i] for i in part], 0
 
-            out += _solve_batch(batch, rotated, y, Cs, n_classes, max_iter, tol)
-            batch, size = [], 0
+        def rotated(blocks):
+            nonlocal kept_bytes
+            Z, S, back = _rotated(blocks, grams)
+            if rotations is not None:
+                kept = len(Z) < sum(b.shape[1] for b in blocks) and kept_bytes + _bytes(Z) <= KEPT_BYTES
+                kept_bytes += _bytes(Z) if kept else 0
+                rotations.append((Z, S, back) if kept else None)
+            return Z, S, back
+
+        out += _solve_batch(batch, rotated, y, Cs, n_classes, max_iter, tol)
     return out
+
+
+def partition(sizes: list[int], limit: int) -> list[list[int]]:
+    """The batches :func:`solve_many` solves problems of ``sizes`` bytes in (:func:`problem_bytes`), in order: each
+    as many problems as fit in ``limit`` bytes (:func:`batch_limit`; at least one). A problem's numbers depend on its batch (its stacked
+    products' shapes and padding), so a sweep split across processes gives each whole batches."""
+    out, batch, size = [], [], 0
+    for i, bytes_ in enumerate(sizes):
+        if batch and size + bytes_ > limit:
+            out.append(batch)
+            batch, size = [], 0
+        batch.append(i)
+        size += bytes_
+    return out + ([batch] if batch else [])
 
 
 # Solutions of this process's last solves, by problem (:func:`_key`), on their rotated features: a sweep's kept run
@@ -243,12 +268,15 @@ def _bytes(Z) -> int:
 
 
 def _batch_bytes(blocks, G: int, k: int) -> int:
-    """What one problem adds to a batch: its rotated features (rows x columns), the two L-BFGS histories
-    and the few copies of weights and gradients of its G lanes (columns x k each), its scores (rows x
-    G x k, a few copies)."""
-    n = len(blocks[0])
-    width = min(n, sum(b.shape[1] for b in blocks)) + 1
-    return (n * width + (2 * HISTORY + 8) * G * k * width + 6 * n * G * k) * blocks[0].element_size()
+    return problem_bytes(len(blocks[0]), [b.shape[1] for b in blocks], G, k, blocks[0].element_size())
+
+
+def problem_bytes(n: int, widths: list[int], G: int, k: int, itemsize: int = 4) -> int:
+    """What one problem (``n`` rows of taps ``widths`` wide, G C's, k classes) adds to a batch: its rotated features
+    (rows x columns), the two L-BFGS histories and the few copies of weights and gradients of its G lanes (columns x
+    k each), its scores (rows x G x k, a few copies)."""
+    width = min(n, sum(widths)) + 1
+    return (n * width + (2 * HISTORY + 8) * G * k * width + 6 * n * G * k) * itemsize
 
 
 def _rotated(blocks: list, grams: dict):

@@ -29,12 +29,13 @@ def presolve(head: str, problems: list, y, n_classes: int, options: HeadOptions,
     (:func:`probe`'s ``rotated``), or None."""
     started = time.perf_counter()
     kept = [] if rotations else None
-    solutions = solve_many(problems, y, _grid(head, options), n_classes, rotations=kept)
+    solutions = solve_many(problems, y, grid_of(head, options), n_classes, rotations=kept)
     share = (time.perf_counter() - started) / max(len(problems), 1)
     return [((s, share), kept[i] if rotations else None) for i, s in enumerate(solutions)]
 
 
-def _grid(head: str, options: HeadOptions) -> list:
+def grid_of(head: str, options: HeadOptions) -> list:
+    """The C's a linear head tries."""
     return list(options.grid.get("C", C_GRID if head == "logreg" else SVM_C_GRID))
 
 
@@ -52,7 +53,7 @@ def probe(head: str, X: dict, y: dict, n_classes: int, options: HeadOptions, sol
         started -= solved[1]
     way = HEADS.lookup(head).sweep
     if way in ("batched", "path"):
-        Cs = _grid(head, options)
+        Cs = grid_of(head, options)
         if solved is not None:
             solutions = solved[0]
         elif way == "batched":

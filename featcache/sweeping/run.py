@@ -48,7 +48,8 @@ from featcache.requests import request_hash
 from featcache.runs.records import load_record
 from featcache.sweeping import pairs
 from featcache.sweeping.config import SweepConfig, all_taps, combinations, logits_taps
-from featcache.sweeping.probes import batched, presolve, probe
+from featcache.solvers.lanes import batch_limit, partition, problem_bytes
+from featcache.sweeping.probes import batched, grid_of, presolve, probe
 from featcache.sweeping.moments import ScoreBlocks
 from featcache.sweeping.scorers import SCORERS, scored
 from featcache.sweeping.tables import (
@@ -141,17 +142,19 @@ def _located(cfg: SweepConfig, r) -> tuple[dict, Path]:
 
 
 def _spread(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool, r) -> int:
-    """The evaluations of ``todo`` not ``done``; under torchrun each rank takes every ``world``-th combination (all of
-    its heads, seeds and draws: its rotation and Gram are made once) into its own rows file, and rank 0 folds those
-    into rows.jsonl once every rank has finished. Returns the evaluations computed (by every rank)."""
+    """The evaluations of ``todo`` not ``done``; under torchrun each rank takes every ``world``-th unit (:func:`_units`:
+    what one process computes together, so the rows are its) into its own rows file, and rank 0 folds those into
+    rows.jsonl once every rank has finished. Returns the evaluations computed (by every rank)."""
     if r.world == 1:
         return _evaluate(cfg, paths, folder, todo, done, log, progress)
     started = time.perf_counter()
     pending = [job for job in todo if row_key(job) not in done]
-    mine = set(torchrun.share(list(dict.fromkeys(tuple(job["refs"]) for job in pending)), r))
+    units = _all_units(cfg, paths, pending)
+    unit_of = {row_key(job): i for i, unit in enumerate(units) for job in unit}
+    mine = [job for i in torchrun.share(list(range(len(units))), r) for job in units[i]]
     spent = {"reading": 0.0, "heads": 0.0}
-    count = _evaluate(cfg, paths, folder, [job for job in pending if tuple(job["refs"]) in mine], done, log, progress,
-                      timed=False, rows=torchrun.rows_file(folder, r), spent=spent)
+    count = _evaluate(cfg, paths, folder, mine, done, log, progress, timed=False, rows=torchrun.rows_file(folder, r),
+                      spent=spent, unit_of=unit_of)
     ranks = torchrun.gather(r, (count, spent))  # also the barrier: every rank has finished its rows
     count = sum(c for c, _ in ranks)
     if r.main:
@@ -162,6 +165,28 @@ def _spread(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done:
             f"reading and standardising {most['reading']:.1f} s, the heads and scores {most['heads']:.1f} s; merging "
             f"{time.perf_counter() - merging:.1f} s)")
     return count
+
+
+def _all_units(cfg: SweepConfig, paths: dict, pending: list[dict]) -> list[list[dict]]:
+    """Every unit (:func:`_units`) of ``pending``, replicate by replicate and draw by draw as :func:`_evaluate` takes
+    them, from the caches' labels and tap widths alone (before any rank reads its taps)."""
+    import torch
+
+    with FeatureCache(next(iter(paths.values()))) as cache:
+        labels, official, n_classes = cache.labels("train"), cache.official_val("train"), len(cache.classes)
+    widths = {}
+    for ref in dict.fromkeys(ref for job in pending for ref in job["refs"]):
+        with FeatureCache(paths[ref.backbone]) as cache:
+            widths[ref] = cache.taps("train")[ref.tap][1]
+    splits = _splits(cfg, labels, official)
+    units = []
+    for seed, fold in cfg.replicates():
+        fit_rows = splits[(seed, fold)][0]
+        jobs = [job for job in pending if (job["seed"], job.get("fold")) == (seed, fold)]
+        for draw, group in _grouped(jobs, lambda job: (job["shots"], job["repeat"])).items():
+            n = len(_draw(labels[fit_rows], draw[0], seed, draw[1])) if draw[0] else len(fit_rows)
+            units += _units(group, n, widths, n_classes, cfg.options, torch.device(cfg.options.device).type)
+    return units
 
 
 def _quiet(message: str) -> None:
@@ -209,10 +234,12 @@ def _load(cfg: SweepConfig, paths: dict, log, jobs: list[dict] | None = None):
 
 
 def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], done: set, log, progress: bool,
-              data=None, timed: bool = True, rows: Path | None = None, spent: dict | None = None) -> int:
+              data=None, timed: bool = True, rows: Path | None = None, spent: dict | None = None,
+              unit_of: dict | None = None) -> int:
     """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl (or ``rows``) as it finishes; returns
     how many. ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took and where
-    it went; ``spent``: add the seconds reading (and standardising) the taps and fitting the heads to it."""
+    it went; ``spent``: add the seconds reading (and standardising) the taps and fitting the heads to it;
+    ``unit_of``: each job's unit (:func:`_units`), where the caller split a group's units among processes."""
     import torch
     from tqdm.auto import tqdm
 
@@ -250,34 +277,13 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     rows = _draw(labels["train"][fit_rows], draw[0], seed, draw[1])
                     parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
                     labels_of["fit"] = y["fit"][rows]
-                solved, rotations = _presolved(group, parts["fit"], labels_of["fit"], n_classes, options, bar)
-                blocks = ScoreBlocks.of([job["refs"] for job in group if job.get("kind") == "score"
-                                         and SCORERS.lookup(job["head"]).from_moments],
-                                        parts["fit"], labels_of["fit"], n_classes)
-                refs, fused, stats = None, None, None
-                for job in group:
-                    if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
-                        refs = job["refs"]
-                        fused = fused_parts(parts, refs)
-                        stats = None  # its block of the Gram, decomposed once for all its scores
-                    if job.get("kind") == "score" and SCORERS.lookup(job["head"]).reads_logits:  # the logits as stored
-                        raw = torch.as_tensor(data.taps[("train", refs[0])][fit_rows])
-                        result = scored(job["head"], raw, y["fit"], n_classes)
-                    elif job.get("kind") == "score":
-                        if stats is None and blocks is not None:
-                            stats = blocks.take(refs)
-                        result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
-                    else:
-                        result = probe(job["head"], fused, labels_of, n_classes, options,
-                                       solved=solved.get(row_key(job)), rotated=rotations.get(tuple(refs)),
-                                       every=fold is not None)
-                    out.write(json.dumps({**public(job), "width": int(fused["fit"].shape[1]), **result}, default=str)
-                              + "\n")
-                    out.flush()
-                    done.add(row_key(job))
-                    count += 1
-                    bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
-                    bar.update()
+                if unit_of is None:
+                    units = _units(group, len(labels_of["fit"]), {r: b.shape[1] for r, b in parts["fit"].items()},
+                                   n_classes, options, device.type)
+                else:
+                    units = list(_grouped(group, lambda job: unit_of[row_key(job)]).values())
+                for unit in units:
+                    count += _unit(unit, parts, labels_of, data, fit_rows, y, n_classes, options, fold, out, done, bar)
     total = time.perf_counter() - began
     if spent is not None:
         spent["reading"], spent["heads"] = spent["reading"] + reading, spent["heads"] + total - reading
@@ -285,6 +291,68 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
         log(f"{count} evaluations in {total:.1f} s (reading and standardising the taps {reading:.1f} s, the heads "
             f"and scores {total - reading:.1f} s)")
     return count
+
+
+def _unit(unit: list[dict], parts: dict, labels_of: dict, data, fit_rows, y: dict, n_classes: int, options, fold,
+          out, done: set, bar) -> int:
+    """Evaluate one unit's jobs (:func:`_units`) and append their rows; returns how many."""
+    import torch
+
+    solved, rotations = _presolved(unit, parts["fit"], labels_of["fit"], n_classes, options, bar)
+    blocks = ScoreBlocks.of([job["refs"] for job in unit if job.get("kind") == "score"
+                             and SCORERS.lookup(job["head"]).from_moments], parts["fit"], labels_of["fit"], n_classes)
+    refs, fused, stats = None, None, None
+    for job in unit:
+        if job["refs"] != refs:  # jobs come grouped by combination: concatenate its taps once
+            refs = job["refs"]
+            fused = fused_parts(parts, refs)
+            stats = None  # its block of the Gram, decomposed once for all its scores
+        if job.get("kind") == "score" and SCORERS.lookup(job["head"]).reads_logits:  # the logits as stored
+            raw = torch.as_tensor(data.taps[("train", refs[0])][fit_rows])
+            result = scored(job["head"], raw, y["fit"], n_classes)
+        elif job.get("kind") == "score":
+            if stats is None and blocks is not None:
+                stats = blocks.take(refs)
+            result = scored(job["head"], fused["fit"], labels_of["fit"], n_classes, stats)
+        else:
+            result = probe(job["head"], fused, labels_of, n_classes, options, solved=solved.get(row_key(job)),
+                           rotated=rotations.get(tuple(refs)), every=fold is not None)
+        out.write(json.dumps({**public(job), "width": int(fused["fit"].shape[1]), **result}, default=str) + "\n")
+        out.flush()
+        done.add(row_key(job))
+        bar.set_postfix_str(f"{job['head']} {'+'.join(map(str, refs))}"[:60], refresh=False)
+        bar.update()
+    return len(unit)
+
+
+def _units(group: list[dict], n: int, widths: dict, n_classes: int, options, device_type: str) -> list[list[dict]]:
+    """A group's jobs (one replicate and draw) in the units they are computed in, whose numbers depend on nothing
+    outside them: the scores together (one Gram of their taps); the combinations each batch of the batched logreg
+    solves together (:func:`~featcache.solvers.lanes.partition`: a problem's numbers depend on its batch), with
+    all their other heads (an svm reuses its combination's rotation); every other combination alone. One process
+    computes them in turn; under torchrun each rank takes whole units, so its rows are one process's."""
+    scores = [job for job in group if job.get("kind") == "score"]
+    probes = [job for job in group if job.get("kind") != "score"]
+    units, placed = [], set()
+    for head in batched():
+        jobs = [job for job in probes if job["head"] == head]
+        sizes = [problem_bytes(n, [widths[r] for r in job["refs"]], len(grid_of(head, options)), n_classes)
+                 for job in jobs]
+        for part in partition(sizes, batch_limit(device_type)):
+            combos = {tuple(jobs[i]["refs"]) for i in part} - placed
+            placed |= combos
+            units.append([job for job in probes if tuple(job["refs"]) in combos])
+    units += list(_grouped([job for job in probes if tuple(job["refs"]) not in placed],
+                           lambda job: tuple(job["refs"])).values())
+    return [unit for unit in [scores, *units] if unit]
+
+
+def _grouped(jobs: list[dict], key) -> dict:
+    """``jobs`` by ``key(job)``, each group in the jobs' order, the groups in order of first appearance."""
+    out: dict = {}
+    for job in jobs:
+        out.setdefault(key(job), []).append(job)
+    return out
 
 
 def _splits(cfg: SweepConfig, labels, official) -> dict:
