@@ -10,8 +10,9 @@ user's command would (``featcache ...`` in a fresh process, so each pays its imp
 
 Printed per command: seconds each way, the ratio (N processes / one), and how far the tables differ (every column
 but the seconds, ``fit_s`` and ``images_per_s``): ``equal`` bit for bit, else the largest relative difference of a
-number (a process with fewer threads sums some products in another order: the rank side extracts its own caches,
-whose float rounding then differs in the last bits).
+number. The sweep's table is compared with a third, untimed run: one process with the ranks' threads (a BLAS
+product's rounding can change with its threads); the rank side extracts its own caches, whose float rounding with
+fewer threads then differs in the last bits.
 
     python benchmarks/torchrun_scale.py                                     # the default case, 2 processes
     python benchmarks/torchrun_scale.py --images 600 --rank-models resnet18,mobilenet_v2   # a quick look
@@ -92,7 +93,9 @@ def main():
     sweep = ["sweep", *common, *sweep_of, *heads, "--keep", "0", "--cache-dir", str(work / "cache")]
     one = run([*featcache, *sweep, "--runs-dir", str(work / "sweep-1")], cores)
     many = run([*torchrun, *sweep, "--runs-dir", str(work / "sweep-n")], share)
-    same = difference(table(work / "sweep-1"), table(work / "sweep-n"))
+    if share != cores:  # the table compared with one process of the ranks' threads (thread counts round differently)
+        run([*featcache, *sweep, "--runs-dir", str(work / "sweep-1-alike")], share)
+    same = difference(table(work / ("sweep-1-alike" if share != cores else "sweep-1")), table(work / "sweep-n"))
     print(f"{'sweep ' + args.backbones + ' pairs, ' + args.heads:<40} {one:>11.1f} {many:>14.1f} {many / one:>6.2f} "
           f"{same:>7}")
     models = [a for m in args.rank_models.split(",") for a in ("--backbone", m)]

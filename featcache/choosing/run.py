@@ -44,6 +44,7 @@ from featcache.files import atomic_write, lock
 from featcache.fuse.heads import C_GRID
 from featcache.sweeping.knn import KS
 from featcache.sweeping.pairs import pair_cka
+from featcache.sweeping.probes import batched
 
 FIRST_C = (0.1, 1.0)
 FINE_C = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -224,8 +225,12 @@ def _shared(r, items: list, work) -> dict:
 
 
 def _evaluated(r, candidates: list, heads: list[str], *args) -> dict:
-    """:func:`~featcache.choosing.probes.evaluate`, each rank its share of the candidates (all their heads), the
-    results merged on every rank, in one process's order."""
+    """:func:`~featcache.choosing.probes.evaluate`, the results on every rank in one process's order. k-NN alone: each
+    rank its share of the candidates (a candidate's k-NN depends on nothing else). With the batched logreg, rank 0
+    evaluates them all and hands the results on: a logreg's numbers depend on the batch it is solved in, and a
+    round's folds batch its candidates each their own way, so no share of them gives one process's numbers."""
+    if any(head in batched() for head in heads):
+        return torchrun.agree(r, torchrun.on_main(r, lambda: evaluate(candidates, heads, *args)))
     merged = {}
     for part in torchrun.gather(r, evaluate(mine, heads, *args) if (mine := torchrun.share(candidates, r)) else {}):
         merged.update(part)
