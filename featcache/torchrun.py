@@ -162,7 +162,9 @@ def rank_files(folder: Path, name: str = "rows.jsonl") -> list[Path]:
     """The rank rows files a torchrun job left in ``folder`` (of any world size: one killed and started again with
     another is read too), in a fixed order."""
     path = Path(folder) / name
-    return sorted(p for p in Path(folder).glob(f"{path.stem}.rank*of*{path.suffix}") if p.is_file())
+    # regular files only: a link planted in a shared folder (to /dev/zero, to a file elsewhere) is not read
+    return sorted(p for p in Path(folder).glob(f"{path.stem}.rank*of*{path.suffix}")
+                  if p.is_file() and not p.is_symlink())
 
 
 def fold(folder: Path, lines_of, order: dict, name: str = "rows.jsonl") -> int:

@@ -132,3 +132,11 @@ def test_a_two_rank_choice_decides_what_one_process_decides(tmp_path):
     assert abs(two["recommended"]["test_accuracy"] - one["recommended"]["test_accuracy"]) < 1e-9
     pd.testing.assert_frame_equal(two_table.drop(columns="images_per_s", errors="ignore"),
                                   one_table.drop(columns="images_per_s", errors="ignore"))
+
+
+def test_a_rank_rows_file_that_is_a_link_is_neither_read_nor_folded(tmp_path):
+    from featcache.torchrun import rank_files
+
+    (tmp_path / "rows.rank0of2.jsonl").write_text("{}\n")
+    (tmp_path / "rows.rank1of2.jsonl").symlink_to("/dev/zero")
+    assert rank_files(tmp_path) == [tmp_path / "rows.rank0of2.jsonl"]
