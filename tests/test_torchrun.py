@@ -140,3 +140,22 @@ def test_a_rank_rows_file_that_is_a_link_is_neither_read_nor_folded(tmp_path):
     (tmp_path / "rows.rank0of2.jsonl").write_text("{}\n")
     (tmp_path / "rows.rank1of2.jsonl").symlink_to("/dev/zero")
     assert rank_files(tmp_path) == [tmp_path / "rows.rank0of2.jsonl"]
+
+
+def test_a_rows_file_that_is_a_link_is_refused_in_one_line_and_its_target_left_alone(tmp_path):
+    """A shared sweep or ranking folder whose rows.jsonl links elsewhere: resuming would read /dev/zero without end
+    or append rows to the link's target; both refuse it instead."""
+    from featcache.data.safe import UnsafeFile
+    from featcache.ranking.run import read_rows as ranking_rows
+    from featcache.sweeping.tables import finished
+
+    outside = tmp_path / "outside.txt"
+    outside.write_text("mine\n")
+    for target in (outside, "/dev/zero"):
+        folder = tmp_path / f"folder-{len(str(target))}"
+        folder.mkdir()
+        (folder / "rows.jsonl").symlink_to(target)
+        for read in (finished, ranking_rows):
+            with pytest.raises(UnsafeFile, match="it is a link, which featcache never writes there"):
+                read(folder)
+    assert outside.read_text() == "mine\n"

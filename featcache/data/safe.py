@@ -62,6 +62,16 @@ def _check(info, path, what: str, limit: int) -> None:
                          f"of {human_bytes(limit)} for one {what}")
 
 
+def read_own(path, what: str, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a file featcache writes and appends to in its own folders (a sweep's or a ranking's rows): a
+    link there is refused in one line (appending through it would write outside the folder), anything else as
+    :func:`read_regular`."""
+    if os.path.islink(path):
+        raise UnsafeFile(f"cannot use {what} {_short(path)}: it is a link, which featcache never writes there; "
+                         f"remove it")
+    return read_regular(path, what, limit)
+
+
 def read_regular(path, what: str = "file", limit: int = MAX_FILE_BYTES) -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes. The file is opened without blocking (a FIFO
     that appeared after a check still cannot hang the read), checked on its own descriptor, and read no

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 from featcache import torchrun
 from featcache.backbones.spec import LOGITS
 from featcache.backbones.weights import offline_weights
+from featcache.data.safe import read_own
 from featcache.errors import BudgetError, DataError, FeatcacheError, NothingWorked
 from featcache.extraction.reader import FeatureCache
 from featcache.extraction.request import FeatureFields
@@ -66,8 +68,8 @@ def read_rows(folder: Path) -> dict[str, dict]:
 def _good_lines(path: Path) -> list[tuple[str, str]]:
     """(model, line) of every row this code wrote in a rows file, in file order."""
     good = []
-    if path.exists():
-        for line in path.read_text(errors="replace").splitlines():
+    if os.path.lexists(path):
+        for line in read_own(path, "ranking rows file").decode("utf-8", errors="replace").splitlines():
             with contextlib.suppress(ValueError, RecursionError):
                 row = json.loads(line)
                 if _well_formed(row):

@@ -12,12 +12,14 @@ ranks on validation accuracy alone.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from featcache import torchrun
+from featcache.data.safe import read_own
 from featcache.files import atomic_write
 from featcache.sweeping.scorers import SCORERS
 
@@ -51,9 +53,9 @@ def finished(folder: Path) -> set[str]:
 
 def _good_lines(path: Path) -> list[tuple[str, str]]:
     """(key, line) of every complete row of one rows file, which is rewritten without the others."""
-    if not path.exists():
+    if not os.path.lexists(path):
         return []
-    text = path.read_bytes().decode("utf-8", errors="replace")  # a damaged file's bytes make bad lines, not a crash
+    text = read_own(path, "sweep rows file").decode("utf-8", errors="replace")  # damaged bytes: bad lines, no crash
     good = []
     for line in text.splitlines():
         try:
@@ -105,7 +107,8 @@ def interval(values) -> float:
 
 def read_rows(folder: Path) -> list[dict]:
     """Every evaluation in the folder's rows.jsonl."""
-    return [json.loads(line) for line in (folder / "rows.jsonl").read_text().splitlines() if line.strip()]
+    text = read_own(folder / "rows.jsonl", "sweep rows file").decode("utf-8", errors="replace")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def tables(rows: list[dict], keys: list | None = None):
