@@ -97,8 +97,9 @@ def main():
         print(json.dumps(score(Path(args.one[0]), None if args.one[1] == "none" else args.one[1])))
         return
     work = args.work or Path(tempfile.mkdtemp(prefix="featcache-imagenet-shaped-"))
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown CPU") if Path("/proc/cpuinfo").exists() else "unknown CPU"
+    from extract_throughput import cpu_name
+
+    cpu = cpu_name()
     print(f"ImageNet-shaped caches: resnet50's taps ({', '.join(f'{t} {d}' for t, d in TAPS.items())}), "
           f"{args.classes} classes, float16; {cpu}; scores {', '.join(SCORES)}")
     print(f"{'train rows':>10} {'way':<14} {'write s':>8} {'score s':>8} {'s / 1k rows':>11} {'peak RSS GB':>11} "

@@ -156,59 +156,51 @@ def choose(request, log=print, progress: bool = True):
         if mine:
             three.update(_evaluated(r, mine, [head], data, folds3, device, {"logreg": FINE_C, "knn": KS}))
     spent += len(finalists) * request.cv
-    settled = torchrun.on_main(r, lambda: _settle(request, ranking, folder, screen, data, refs, ok, survivors, knn,
-                                                    one, first_acc, kept, second, pairs, two, finalists, three, speed,
-                                                    params, cka, spent, started, cramped, failed, second_cost, log))
+
+    def settle():  # rank 0: the decision from round 3's paired predictions, test scored once, the choice's folder
+        correct = np.stack([three[e]["predicted"] == data.y for e in finalists])
+        chance = float(np.bincount(data.y).max() / len(data.y))
+        verdict = decide(correct, np.array([_speed(c, speed) for c, _ in finalists]),
+                         np.array([_params(c, params) for c, _ in finalists], dtype=float), chance, request.seed)
+        best = finalists[verdict.recommended]
+        test_accuracy = scored_on_test(best, three[best]["chosen"], data, device)
+        probe_seconds = time.perf_counter() - started
+
+        trust_rows = trust(_screen_values(request, ok, survivors, knn, params),
+                           np.array([first_acc[ref] for ref in survivors]), set(request.score))
+        funnel = [
+            {"round": "screen", "candidates": len(refs), "kept": len(survivors), "fits": 0,
+             "how": f"{', '.join(request.score)} and k-NN accuracy on every tap; the best of each, in turn"},
+            {"round": "probe", "candidates": len(survivors), "kept": len(kept), "fits": len(survivors),
+             "how": f"logreg, C 0.1 and 1, on the held-out share; the best {len(kept)} kept"},
+            {"round": "confirm", "candidates": len(second), "kept": len(finalists), "fits": len(second) * second_cost,
+             "how": f"logreg (C {', '.join(f'{c:g}' for c in C_GRID)}) and k-NN (k 10, 20) on {CONFIRM_FOLDS} folds; "
+                    f"the best {len(second) - len(pairs)} taps and {len(pairs)} fused pair(s) of them; the better "
+                    f"half of (candidate, head) kept"},
+            {"round": "decide", "candidates": len(finalists), "kept": len(verdict.tied),
+             "fits": len(finalists) * request.cv,
+             "how": f"logreg (7 C) and k-NN (k {', '.join(map(str, KS))}) on {request.cv} folds, every training image "
+                    f"predicted once; tied: McNemar p >= 0.05 against the best"},
+        ]
+        candidates = _candidate_table(one, knn, two, finalists, three, verdict, speed, params, cka)
+        answer = _answer(request, ranking, folder, finalists, three, verdict, test_accuracy, speed, params, chance,
+                         data, spent, probe_seconds, cramped, failed, len(refs), cka)
+        answer["screen"] = screen
+        folder.mkdir(parents=True, exist_ok=True)
+        with lock(folder.parent / f".{folder.name}.lock"):
+            atomic_write(folder / "candidates.csv", pd.DataFrame(candidates).to_csv(index=False))
+            atomic_write(folder / "trust.csv", pd.DataFrame(trust_rows).to_csv(index=False))
+            atomic_write(folder / "funnel.csv", pd.DataFrame(funnel).to_csv(index=False))
+            atomic_write(folder / "answer.json", json.dumps(answer, indent=1, default=str))  # paths as text
+        choice = Choice.load(folder)
+        for line in choice.lines():
+            log(line)
+        return choice
+
+    settled = torchrun.on_main(r, settle)
     if settled is None:  # another rank: rank 0 wrote the choice
         return Choice.load(folder)
     return settled
-
-
-def _settle(request, ranking, folder, screen, data, refs, ok, survivors, knn, one, first_acc, kept, second, pairs,
-            two, finalists, three, speed, params, cka, spent, started, cramped, failed, second_cost, log):
-    """The decision from round 3's paired predictions, the recommendation scored on test, the choice's folder."""
-    import pandas as pd
-
-    from featcache.choosing.answer import Choice
-
-    device = _device(request.device)
-    correct = np.stack([three[e]["predicted"] == data.y for e in finalists])
-    chance = float(np.bincount(data.y).max() / len(data.y))
-    verdict = decide(correct, np.array([_speed(c, speed) for c, _ in finalists]),
-                     np.array([_params(c, params) for c, _ in finalists], dtype=float), chance, request.seed)
-    best = finalists[verdict.recommended]
-    test_accuracy = scored_on_test(best, three[best]["chosen"], data, device)
-    probe_seconds = time.perf_counter() - started
-
-    trust_rows = trust(_screen_values(request, ok, survivors, knn, params),
-                       np.array([first_acc[r] for r in survivors]), set(request.score))
-    funnel = [
-        {"round": "screen", "candidates": len(refs), "kept": len(survivors), "fits": 0,
-         "how": f"{', '.join(request.score)} and k-NN accuracy on every tap; the best of each, in turn"},
-        {"round": "probe", "candidates": len(survivors), "kept": len(kept), "fits": len(survivors),
-         "how": f"logreg, C 0.1 and 1, on the held-out share; the best {len(kept)} kept"},
-        {"round": "confirm", "candidates": len(second), "kept": len(finalists), "fits": len(second) * second_cost,
-         "how": f"logreg (C {', '.join(f'{c:g}' for c in C_GRID)}) and k-NN (k 10, 20) on {CONFIRM_FOLDS} folds; "
-                f"the best {len(second) - len(pairs)} taps and {len(pairs)} fused pair(s) of them; the better "
-                f"half of (candidate, head) kept"},
-        {"round": "decide", "candidates": len(finalists), "kept": len(verdict.tied), "fits": len(finalists) * request.cv,
-         "how": f"logreg (7 C) and k-NN (k {', '.join(map(str, KS))}) on {request.cv} folds, every training image "
-                f"predicted once; tied: McNemar p >= 0.05 against the best"},
-    ]
-    candidates = _candidate_table(one, knn, two, finalists, three, verdict, speed, params, cka)
-    answer = _answer(request, ranking, folder, finalists, three, verdict, test_accuracy, speed, params, chance,
-                     data, spent, probe_seconds, cramped, failed, len(refs), cka)
-    answer["screen"] = screen
-    folder.mkdir(parents=True, exist_ok=True)
-    with lock(folder.parent / f".{folder.name}.lock"):
-        atomic_write(folder / "candidates.csv", pd.DataFrame(candidates).to_csv(index=False))
-        atomic_write(folder / "trust.csv", pd.DataFrame(trust_rows).to_csv(index=False))
-        atomic_write(folder / "funnel.csv", pd.DataFrame(funnel).to_csv(index=False))
-        atomic_write(folder / "answer.json", json.dumps(answer, indent=1, default=str))  # paths as text
-    choice = Choice.load(folder)
-    for line in choice.lines():
-        log(line)
-    return choice
 
 
 def _quiet(message: str) -> None:

@@ -122,8 +122,8 @@ def rank(request, log=print, progress: bool = True) -> Path:
     r = torchrun.current()
     torchrun.init(r)
     log, progress = (log, progress) if r.main else (_quiet, False)  # rank 0 speaks for the job
-    models, folder = torchrun.together(r, lambda: _checked(request))  # a rank that cannot resolve fails every rank
-    request = request.config()
+    request = torchrun.together(r, request.config)  # a rank whose request or patterns fail fails every rank
+    models, folder = torchrun.together(r, lambda: _checked(request))
     torchrun.same(r, folder.name, "ranking (its folder, named by the request and the data)")
     folder.mkdir(parents=True, exist_ok=True)
     waiting = lambda: log(f"waiting for another featcache rank writing {folder} ...")  # noqa: E731
@@ -166,8 +166,8 @@ def _finish(request, folder: Path, models: list[str], order: dict, log) -> list[
 
 
 def _checked(request) -> tuple[list[str], Path]:
-    """The models the patterns match and the ranking's folder, after every check of the request."""
-    request = request.config()
+    """The models the patterns match and the ranking's folder, after every check of the request (made by its
+    config)."""
     models = resolve(request.backbone, request.pretrained_only)
     if len(models) > request.max_models:
         raise FeatcacheError(f"--backbone {' '.join(request.backbone)} matches {len(models)} models, more than "

@@ -239,7 +239,8 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     """Every job of ``todo`` not ``done``, appended to the folder's rows.jsonl (or ``rows``) as it finishes; returns
     how many. ``data``: the taps, where the caller loaded them already; ``timed``: say how long it took and where
     it went; ``spent``: add the seconds reading (and standardising) the taps and fitting the heads to it;
-    ``unit_of``: each job's unit (:func:`_units`), where the caller split a group's units among processes."""
+    ``unit_of``: each job's unit (:func:`_units`), where the caller split the units among processes (default: every
+    unit of ``todo``)."""
     import torch
     from tqdm.auto import tqdm
 
@@ -248,6 +249,9 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
     began = time.perf_counter()
     data = data if data is not None else _load(cfg, paths, log, [job for job in todo if row_key(job) not in done])
     reading = time.perf_counter() - began  # and standardising, below
+    if unit_of is None:  # one process: every unit in turn
+        units = _all_units(cfg, paths, [job for job in todo if row_key(job) not in done])
+        unit_of = {row_key(job): i for i, unit in enumerate(units) for job in unit}
     labels = data.labels
     n_classes = len(data.classes)
     device = torch.device(cfg.options.device)
@@ -277,12 +281,7 @@ def _evaluate(cfg: SweepConfig, paths: dict, folder: Path, todo: list[dict], don
                     rows = _draw(labels["train"][fit_rows], draw[0], seed, draw[1])
                     parts["fit"] = {ref: block[rows] for ref, block in X["fit"].items()}
                     labels_of["fit"] = y["fit"][rows]
-                if unit_of is None:
-                    units = _units(group, len(labels_of["fit"]), {r: b.shape[1] for r, b in parts["fit"].items()},
-                                   n_classes, options, device.type)
-                else:
-                    units = list(_grouped(group, lambda job: unit_of[row_key(job)]).values())
-                for unit in units:
+                for unit in _grouped(group, lambda job: unit_of[row_key(job)]).values():
                     count += _unit(unit, parts, labels_of, data, fit_rows, y, n_classes, options, fold, out, done, bar)
     total = time.perf_counter() - began
     if spent is not None:

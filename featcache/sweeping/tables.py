@@ -42,13 +42,10 @@ def row_key(job: dict) -> str:
 
 
 def finished(folder: Path) -> set[str]:
-    """Keys of the evaluations already in rows.jsonl, and in the rows files of a torchrun job's ranks that were not
-    folded into it yet (a killed rank's rows count as done). A line cut short by an interruption is dropped from
-    its file, so that the rows appended next start on a line of their own."""
-    done: set[str] = set()
-    for path in [folder / "rows.jsonl", *torchrun.rank_files(folder)]:
-        done |= {key for key, _ in _good_lines(path)}
-    return done
+    """Keys of the evaluations already in rows.jsonl (a killed torchrun job's rank files are folded into it first:
+    :func:`fold_ranks`). A line cut short by an interruption is dropped from the file, so that the rows appended
+    next start on a line of their own."""
+    return {key for key, _ in _good_lines(folder / "rows.jsonl")}
 
 
 def _good_lines(path: Path) -> list[tuple[str, str]]:
